@@ -1,0 +1,5 @@
+import sys
+
+from flexspeed.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,54 @@
+"""The ``flexspeed`` command. Each subcommand lives in its own module under ``flexspeed.cli``
+with ``add_parser(subparsers)`` and ``run(args) -> int``; this file only dispatches, and imports
+a subcommand's module only when that subcommand runs (so ``flexspeed --help`` is fast)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["main", "SUBCOMMANDS"]
+
+# name -> (module, one-line help). Order is the order shown in --help.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "check-config": ("flexspeed.cli.check_config", "validate a ds_config.json for a world size, without starting processes"),
+    "report": ("flexspeed.cli.report", "print versions, backends, devices and which features are available"),
+}
+
+
+class _Lazy:
+    """Stand-in for a subcommand parser until it is selected."""
+
+
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flexspeed",
+        description="flexspeed: configuration-driven large-model training and inference on PyTorch.",
+    )
+    from flexspeed import __version__
+
+    parser.add_argument("--version", action="version", version=f"flexspeed {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        if name == selected:
+            importlib.import_module(module_name).add_parser(sub, name, help_text)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(selected if selected in SUBCOMMANDS else None)
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

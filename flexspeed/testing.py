@@ -1,0 +1,129 @@
+"""Spawn harness for multi-process tests and benchmarks: N ranks on 127.0.0.1 with gloo.
+
+``run_ranks(fn, world_size=2, args=(...))`` starts ``world_size`` fresh processes, sets the
+torchrun-style environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+``MASTER_PORT``), initialises a gloo process group, calls ``fn(rank, world_size, *args)`` and
+returns the list of per-rank return values (which must be picklable). Every group has a
+timeout: a hung or crashed rank terminates the whole group and raises ``RanksFailed`` with the
+failing rank's traceback, so a test can never hang CI.
+"""
+
+from __future__ import annotations
+
+import os
+import queue as queue_mod
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch.multiprocessing as mp
+
+__all__ = ["run_ranks", "free_port", "RanksFailed"]
+
+
+class RanksFailed(RuntimeError):
+    """One or more ranks raised, crashed or timed out."""
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, env: dict,
+            threads: int, init_pg: bool, out: Any) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GROUP_RANK="0", **env,
+    )
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    try:
+        if init_pg:
+            from datetime import timedelta
+
+            dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                                    init_method=f"tcp://127.0.0.1:{port}", timeout=timedelta(seconds=120))
+        result = fn(rank, world_size, *args)
+        out.put((rank, True, result))
+    except BaseException:  # report everything, including SystemExit from a test helper
+        out.put((rank, False, traceback.format_exc()))
+    finally:
+        if init_pg and dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+
+
+def run_ranks(fn: Callable, world_size: int = 2, args: tuple = (), *, timeout: float = 240.0,
+              env: dict[str, str] | None = None, threads: int = 1, init_process_group: bool = True) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks; return their results.
+
+    Args:
+        fn: a module-level (picklable) function.
+        world_size: number of ranks (2-4 in tests).
+        args: extra positional arguments, picklable.
+        timeout: seconds for the whole group; past it every rank is killed.
+        env: extra environment variables for the ranks.
+        threads: torch intra-op threads per rank.
+        init_process_group: start gloo before calling ``fn`` (set False when ``fn`` does it,
+            e.g. through ``flexspeed.init_distributed``; the env vars are set either way).
+    Returns:
+        the per-rank return values, indexed by rank.
+    Raises:
+        RanksFailed: a rank raised, died, or the group ran past ``timeout``.
+    """
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, tuple(args), dict(env or {}), threads,
+                                          init_process_group, out), daemon=True)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) + len(errors) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                errors.append(f"timed out after {timeout:.0f}s with ranks {sorted(set(range(world_size)) - set(results))} unfinished")
+                break
+            try:
+                rank, ok, payload = out.get(timeout=min(remaining, 1.0))
+            except queue_mod.Empty:
+                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0) and i not in results]
+                if dead:
+                    # give a dying rank a moment to report its traceback
+                    try:
+                        rank, ok, payload = out.get(timeout=2.0)
+                    except queue_mod.Empty:
+                        errors.append(f"rank(s) {dead} exited with codes {[procs[i].exitcode for i in dead]} without a report")
+                        break
+                else:
+                    continue
+            if ok:
+                results[rank] = payload
+            else:
+                errors.append(f"rank {rank} failed:\n{payload}")
+                break  # peers are likely blocked in a collective; stop the group
+    finally:
+        for p in procs:
+            p.join(timeout=5 if not errors else 0.5)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+    if errors:
+        raise RanksFailed("\n".join(errors))
+    return [results[r] for r in range(world_size)]
