@@ -1,0 +1,76 @@
+"""The training dataloader: a ``DistributedSampler`` over the data-parallel ranks with the
+configured micro-batch size, deterministic for a seed, and resumable (epoch and offset)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+
+__all__ = ["FlexDataLoader"]
+
+
+class FlexDataLoader:
+    """Iterates one epoch per ``iter()``; the sampler's epoch advances each time, as DeepSpeed's does.
+
+    ``state_dict()`` records the epoch and the number of micro-batches consumed in it, so a
+    resumed run skips exactly those (same data-parallel size). With a different data-parallel
+    size the sampler reshuffles the epoch for the new rank count, and flexspeed resumes at the
+    same *global sample* offset: ``offset * old_dp / new_dp`` micro-batches, rounded down.
+    """
+
+    def __init__(self, dataset: Dataset, *, batch_size: int, dp_rank: int, dp_world_size: int,
+                 collate_fn: Callable | None = None, drop_last: bool = False, seed: int = 0,
+                 shuffle: bool = True, num_workers: int = 0, pin_memory: bool = False) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.dp_world_size = dp_world_size
+        if isinstance(dataset, IterableDataset):
+            self.sampler = None
+            self.loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, drop_last=drop_last,
+                                     num_workers=num_workers, pin_memory=pin_memory)
+        else:
+            self.sampler = DistributedSampler(dataset, num_replicas=dp_world_size, rank=dp_rank, shuffle=shuffle,
+                                              seed=seed, drop_last=drop_last)
+            self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, collate_fn=collate_fn,
+                                     drop_last=drop_last, num_workers=num_workers, pin_memory=pin_memory)
+        self.epoch = 0
+        self.offset = 0  # micro-batches consumed in the current epoch
+        self._skip = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.sampler is not None:
+            self.sampler.set_epoch(self.epoch)
+        skip, self._skip = self._skip, 0
+        self.offset = skip
+        it = iter(self.loader)
+        for _ in range(skip):
+            next(it, None)
+        for batch in it:
+            self.offset += 1
+            yield batch
+        self.epoch += 1
+        self.offset = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset, "dp_world_size": self.dp_world_size,
+                "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        offset = int(state["offset"])
+        old_dp = int(state.get("dp_world_size", self.dp_world_size))
+        old_bs = int(state.get("batch_size", self.batch_size))
+        samples = offset * old_dp * old_bs  # global samples consumed this epoch
+        self._skip = samples // (self.dp_world_size * self.batch_size)
+        self.offset = self._skip
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's global generator (and CUDA's) on this rank."""
+    torch.manual_seed(seed)

@@ -1,0 +1,236 @@
+"""The data-parallel training engine: it replaces the model in a PyTorch training loop.
+
+``loss = engine(batch)`` runs the forward under the configured precision; ``engine.backward(loss)``
+scales the loss (gradient accumulation, fp16 loss scale) and backpropagates with gradient
+synchronisation only on accumulation boundaries; ``engine.step()`` unscales, checks overflow,
+clips to the global norm, steps the optimizer and the scheduler - only on boundaries, and not at
+all after an fp16 overflow. Sharding lives in the ``ZeroStrategy``; precision in ``precision.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from flexspeed.runtime.precision import LossScaler, PrecisionPolicy, clip_grads_, global_grad_norm, unscale_and_check_
+from flexspeed.runtime.zero import ZeroStrategy
+
+__all__ = ["TrainingEngine"]
+
+log = logging.getLogger("flexspeed")
+
+
+class TrainingEngine(nn.Module):
+    """DeepSpeed-compatible training engine (``DeepSpeedEngine``'s public methods and counters)."""
+
+    def __init__(self, *, strategy: ZeroStrategy, config: Any, optimizer: torch.optim.Optimizer | None,
+                 lr_scheduler: Any = None, training_dataloader: Any = None, precision: PrecisionPolicy,
+                 loss_scaler: LossScaler | None, device: torch.device, launch_env: Any = None) -> None:
+        super().__init__()
+        self._strategy = strategy
+        self.module = strategy.module  # registered as a submodule: engine.parameters() works
+        self._config = config
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.training_dataloader = training_dataloader
+        self.precision = precision
+        self.loss_scaler = loss_scaler
+        self.device = device
+        self.launch_env = launch_env
+        self.global_steps = 0
+        self.global_samples = 0
+        self.micro_steps = 0
+        self.skipped_steps = 0
+        self._global_grad_norm: float | None = None
+        self._last_loss: float | None = None
+        self._window_start = time.perf_counter()
+        self._window_samples = 0
+        self._dp_world_size = dist.get_world_size(strategy.group) if dist.is_initialized() else 1
+        self._dp_rank = dist.get_rank(strategy.group) if dist.is_initialized() else 0
+
+    # ---- configuration queries (DeepSpeed names) -------------------------------------------------
+    @property
+    def config(self) -> Any:
+        return self._config
+
+    def train_batch_size(self) -> int:
+        return self._config.train_batch_size
+
+    def train_micro_batch_size_per_gpu(self) -> int:
+        return self._config.train_micro_batch_size_per_gpu
+
+    def gradient_accumulation_steps(self) -> int:
+        return self._config.gradient_accumulation_steps
+
+    def gradient_clipping(self) -> float:
+        return float(self._config.gradient_clipping or 0.0)
+
+    def zero_optimization_stage(self) -> int:
+        return self._strategy.stage
+
+    def fp16_enabled(self) -> bool:
+        return self.precision.mode == "fp16"
+
+    def bf16_enabled(self) -> bool:
+        return self.precision.mode == "bf16"
+
+    @property
+    def dp_world_size(self) -> int:
+        return self._dp_world_size
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if dist.is_initialized() else 1
+
+    @property
+    def global_rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    @property
+    def local_rank(self) -> int:
+        return self.launch_env.local_rank if self.launch_env is not None else 0
+
+    @property
+    def loss_scale(self) -> float:
+        return self.loss_scaler.loss_scale if self.loss_scaler is not None else 1.0
+
+    @property
+    def cur_scale(self) -> float:
+        return self.loss_scale
+
+    def dynamic_loss_scale(self) -> bool:
+        return self.loss_scaler is not None and self.loss_scaler.dynamic
+
+    def get_lr(self) -> list[float]:
+        """Learning rate of each optimizer param group."""
+        if self.optimizer is None:
+            return []
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def get_global_grad_norm(self) -> float | None:
+        """Global gradient norm of the last optimizer step (before clipping), across all shards."""
+        return self._global_grad_norm
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        """True on the micro-step whose ``step()`` will update the weights."""
+        return (self.micro_steps + 1) % self.gradient_accumulation_steps() == 0
+
+    # ---- the training loop ----------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the model under the configured precision; arguments pass through unchanged."""
+        if self.module.training:
+            self._strategy.set_requires_gradient_sync(self.is_gradient_accumulation_boundary())
+        with self.precision.autocast():
+            return self._strategy.model(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
+        """Backpropagate ``loss`` (scaled by 1/accumulation steps and the fp16 loss scale)."""
+        if self.optimizer is None:
+            raise RuntimeError(
+                "engine.backward() needs an optimizer, and this engine was built without one (forward/eval "
+                "only). Fix: pass optimizer=... to flexspeed.initialize() or add an 'optimizer' section to the "
+                "config")
+        if not torch.is_tensor(loss) or loss.dim() != 0:
+            raise ValueError(f"engine.backward(loss) expects a scalar tensor, got {type(loss).__name__} "
+                             f"{tuple(loss.shape) if torch.is_tensor(loss) else ''}: reduce the loss (e.g. .mean())")
+        self._last_loss = float(loss.detach())
+        self._strategy.set_requires_gradient_sync(self.is_gradient_accumulation_boundary())
+        scaled = loss.float()
+        if scale_wrt_gas and self.gradient_accumulation_steps() > 1:
+            scaled = scaled / self.gradient_accumulation_steps()
+        if self.loss_scaler is not None:
+            scaled = self.loss_scaler.scale(scaled)
+        scaled.backward(retain_graph=retain_graph)
+        return loss
+
+    def step(self, lr_kwargs: dict | None = None) -> None:
+        """End a micro-step; on an accumulation boundary, update the weights and the schedule."""
+        if self.optimizer is None:
+            raise RuntimeError("engine.step() needs an optimizer; this engine is forward/eval only (see backward)")
+        boundary = self.is_gradient_accumulation_boundary()
+        if boundary:
+            self._take_model_step(lr_kwargs)
+        self.micro_steps += 1
+        samples = self.train_micro_batch_size_per_gpu() * self._dp_world_size
+        self.global_samples += samples
+        self._window_samples += samples
+        if boundary:
+            self._maybe_print()
+
+    def _take_model_step(self, lr_kwargs: dict | None) -> None:
+        params = self._strategy.grad_params()
+        overflow = False
+        if self.loss_scaler is not None:
+            overflow = unscale_and_check_(params, 1.0 / self.loss_scaler.loss_scale, self._strategy.grad_group())
+            self.loss_scaler.update_scale(overflow)
+        if overflow:
+            self.skipped_steps += 1
+            self._global_grad_norm = float("inf")
+            log.warning("flexspeed: fp16 gradient overflow at step %d; skipped, loss scale -> %s",
+                        self.global_steps, self.loss_scaler.loss_scale)
+        else:
+            clip = self.gradient_clipping()
+            norm = global_grad_norm(params)
+            self._global_grad_norm = float(norm)
+            if clip > 0:
+                clip_grads_(params, clip, norm)
+            self.optimizer.step()
+            self._strategy.after_step()
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step(**(lr_kwargs or {}))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_steps += 1
+
+    def zero_grad(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Disable gradient synchronisation inside the block (accumulate locally)."""
+        self._strategy.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self._strategy.set_requires_gradient_sync(True)
+
+    def _maybe_print(self) -> None:
+        every = int(getattr(self._config, "steps_per_print", 0) or 0)
+        if every <= 0 or self.global_steps % every != 0 or self.global_rank != 0:
+            return
+        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+        lr = ", ".join(f"{x:.3e}" for x in self.get_lr())
+        print(f"[flexspeed] step={self.global_steps} loss={self._last_loss:.4f} lr=[{lr}] "
+              f"samples/s={self._window_samples / elapsed:.1f} skipped={self.skipped_steps}", flush=True)
+        self._window_start, self._window_samples = time.perf_counter(), 0
+
+    # ---- state -----------------------------------------------------------------------------------
+    def memory_breakdown(self) -> dict[str, int]:
+        """This rank's bytes of parameters, gradients and optimizer states."""
+        return self._strategy.memory_breakdown(self.optimizer)
+
+    def module_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def save_checkpoint(self, save_dir: str, tag: str | None = None, client_state: dict | None = None,
+                        save_latest: bool = True, exclude_frozen_parameters: bool = False) -> bool:
+        from flexspeed.runtime.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, save_dir, tag=tag, client_state=client_state or {}, save_latest=save_latest,
+                               exclude_frozen_parameters=exclude_frozen_parameters)
+
+    def load_checkpoint(self, load_dir: str, tag: str | None = None, load_module_strict: bool = True,
+                        load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
+                        load_module_only: bool = False) -> tuple[str | None, dict | None]:
+        from flexspeed.runtime.checkpoint import load_checkpoint
+
+        return load_checkpoint(self, load_dir, tag=tag, load_module_strict=load_module_strict,
+                               load_optimizer_states=load_optimizer_states,
+                               load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only)

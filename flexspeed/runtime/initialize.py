@@ -1,0 +1,195 @@
+"""``flexspeed.initialize``: config -> distributed context -> engine, top to bottom.
+
+1. load the config sources and merge them (conflicts are errors naming both values)
+2. start (or join) the process group
+3. resolve the config (batch triad, "auto") against the real world size
+4. dispatch on the model type: ``PipelineModule`` -> pipeline engine, else the data-parallel one
+5. precision policy and loss scaler; ZeRO strategy (wraps/shards the module)
+6. optimizer and scheduler (client object, client callable, or config section - never two)
+7. dataloader; the engine
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from flexspeed.config.errors import ConfigError
+
+__all__ = ["initialize"]
+
+
+def _hidden_size(model: nn.Module) -> int | None:
+    """The model's hidden size for "auto" bucket sizes, from common attribute names."""
+    for owner in (model, getattr(model, "config", None)):
+        for name in ("hidden_size", "n_embd", "d_model", "dim"):
+            value = getattr(owner, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def _is_pipeline_module(model: nn.Module) -> bool:
+    try:
+        from flexspeed.pipe import PipelineModule  # light: the module classes only
+    except ImportError:
+        return False
+    return isinstance(model, PipelineModule)
+
+
+def _norm_opt_name(name: str) -> str:
+    return name.lower().replace("_", "")
+
+
+def _check_client_vs_config(kind: str, client: Any, section: Any) -> None:
+    """An optimizer/scheduler given both as an object and in the config must agree, else error."""
+    if client is None or section is None:
+        return
+    cls = type(client).__name__
+    cfg_type = section.type
+    same_type = _norm_opt_name(cls) == _norm_opt_name(cfg_type) or (
+        kind == "optimizer" and _norm_opt_name(cfg_type) == "adam" and cls == "AdamW")
+    diffs: list[str] = []
+    if kind == "optimizer" and same_type and callable(client) is False:
+        defaults = client.defaults
+        for key, value in (section.params or {}).items():
+            if key in defaults:
+                have = tuple(defaults[key]) if isinstance(defaults[key], (list, tuple)) else defaults[key]
+                want = tuple(value) if isinstance(value, (list, tuple)) else value
+                if have != want:
+                    diffs.append(f"{kind}.params.{key}: config {value!r} vs client object {defaults[key]!r}")
+    if not same_type or diffs or kind == "scheduler" and section.params:
+        detail = "; ".join(diffs) or f"config {kind}.type={cfg_type!r} vs client object {cls}"
+        raise ConfigError(
+            f"the {kind} is given twice, as an object passed to initialize() and in the config, and they "
+            f"differ ({detail}). Fix: remove the '{kind}' section from the config, or stop passing {kind}=...",
+            key=kind)
+
+
+def _build_optimizer(strategy: Any, cfg: Any, client: Any, model_parameters: Iterable | None) -> Any:
+    from flexspeed.runtime.optimizers import build_optimizer
+
+    allow = bool(getattr(cfg, "zero_allow_untested_optimizer", False))
+    if isinstance(client, torch.optim.Optimizer):
+        return strategy.build_optimizer(client, None, allow)
+    if callable(client):
+        return strategy.build_optimizer(None, client, allow)
+    if cfg.optimizer is None:
+        return None
+    groups = list(model_parameters) if model_parameters is not None else None
+
+    def factory(params: list) -> torch.optim.Optimizer:
+        # keep the user's param groups (e.g. no weight decay on biases) when they gave them
+        use = groups if groups and isinstance(groups[0], dict) and strategy.stage < 2 else params
+        if groups and not isinstance(groups[0], dict) and strategy.stage < 2:
+            use = groups
+        return build_optimizer(cfg.optimizer.type, dict(cfg.optimizer.params or {}), use)
+
+    return strategy.build_optimizer(None, factory, allow)
+
+
+def _build_scheduler(cfg: Any, client: Any, optimizer: Any) -> Any:
+    if client is not None:
+        if callable(client) and not hasattr(client, "step"):
+            return client(optimizer)
+        return client
+    if cfg.scheduler is None or optimizer is None:
+        return None
+    from flexspeed.runtime.schedulers import build_scheduler
+
+    return build_scheduler(cfg.scheduler.type, dict(cfg.scheduler.params or {}), optimizer)
+
+
+def initialize(args: argparse.Namespace | None = None, model: nn.Module | None = None,
+               optimizer: torch.optim.Optimizer | Callable | None = None, model_parameters: Iterable | None = None,
+               training_data: torch.utils.data.Dataset | None = None, lr_scheduler: Any = None,
+               distributed_port: int = 29500, mpu: Any = None, dist_init_required: bool | None = None,
+               collate_fn: Callable | None = None, config: str | dict | None = None,
+               config_params: dict | None = None) -> tuple[Any, Any, Any, Any]:
+    """Build the engine for ``model`` from a DeepSpeed-format config (DeepSpeed's signature).
+
+    Args:
+        args: argparse namespace; ``args.deepspeed_config`` is a config source.
+        model: the ``nn.Module`` to train (a ``flexspeed.pipe.PipelineModule`` gets the pipeline engine).
+        optimizer: a ``torch.optim.Optimizer``, or a callable ``params -> Optimizer``; else built from config.
+        model_parameters: parameters (or param groups) for the config optimizer; default ``model.parameters()``.
+        training_data: a ``Dataset``; if given, a distributed dataloader is returned.
+        lr_scheduler: a scheduler object, or a callable ``optimizer -> scheduler``; else from config.
+        distributed_port: rendezvous port when the launcher gives none.
+        mpu: Megatron-style model-parallel unit; not supported (flexspeed builds topology on DeviceMesh).
+        dist_init_required: ``False`` means torch.distributed is already initialised by the caller.
+        collate_fn: batch collation for the dataloader.
+        config: a path (JSON/HJSON), a dict, or a base64 JSON string.
+        config_params: a dict, DeepSpeed's alias of ``config``; both may be given if they agree.
+    Returns:
+        ``(engine, optimizer, dataloader, lr_scheduler)``.
+    """
+    from flexspeed.config import build_config, load_config
+    from flexspeed.distributed import default_device, init_distributed
+    from flexspeed.runtime.data import FlexDataLoader
+    from flexspeed.runtime.engine import TrainingEngine
+    from flexspeed.runtime.precision import LossScaler, PrecisionPolicy
+    from flexspeed.runtime.zero import apply_zero
+
+    if model is None:
+        raise ValueError("flexspeed.initialize() needs model=<nn.Module>")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if mpu is not None:
+        raise ValueError("mpu= (Megatron model-parallel unit) is not supported: flexspeed builds its topology on "
+                         "DeviceMesh. Use a flexspeed.pipe.PipelineModule for pipeline parallelism, or "
+                         "flexspeed.init_inference(tensor_parallel=...) for tensor parallelism")
+    raw = load_config(config=config, config_params=config_params, args=args)
+    env = init_distributed(distributed_port=distributed_port, dist_init_required=dist_init_required)
+
+    if _is_pipeline_module(model):
+        from flexspeed.pipe.engine import build_pipeline_engine
+
+        stages = int(model.num_stages)
+        if env.world_size % stages:
+            raise ConfigError(f"world size {env.world_size} (from {env.source}) is not a multiple of the "
+                              f"PipelineModule's num_stages={stages}. Fix: launch a multiple of {stages} processes",
+                              key="pipeline")
+        cfg = build_config(config=raw, world_size=env.world_size // stages,
+                           world_size_source=f"{env.source} / {stages} pipeline stages = data-parallel size",
+                           hidden_size=_hidden_size(model))
+        return build_pipeline_engine(model=model, config=cfg, optimizer=optimizer, model_parameters=model_parameters,
+                                     lr_scheduler=lr_scheduler, training_data=training_data, collate_fn=collate_fn)
+
+    cfg = build_config(config=raw, world_size=env.world_size, world_size_source=env.source,
+                       hidden_size=_hidden_size(model))
+    _check_client_vs_config("optimizer", optimizer if isinstance(optimizer, torch.optim.Optimizer) else None,
+                            cfg.optimizer)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and cfg.optimizer is not None:
+        raise ConfigError("the optimizer is given twice: a callable passed to initialize() and the config's "
+                          f"'optimizer' section (type {cfg.optimizer.type!r}). Fix: keep only one", key="optimizer")
+    _check_client_vs_config("scheduler", lr_scheduler if hasattr(lr_scheduler, "step") else None, cfg.scheduler)
+
+    device = default_device()
+    precision = PrecisionPolicy(mode=cfg.precision, device_type=device.type)
+    scaler = None
+    if cfg.precision == "fp16":
+        f = cfg.fp16
+        scaler = LossScaler(loss_scale=float(f.loss_scale), initial_scale_power=int(f.initial_scale_power),
+                            loss_scale_window=int(f.loss_scale_window), hysteresis=int(f.hysteresis),
+                            consecutive_hysteresis=bool(f.consecutive_hysteresis),
+                            min_loss_scale=float(f.min_loss_scale))
+    if not any(p.is_meta for p in model.parameters()):
+        model = model.to(device)
+    strategy = apply_zero(model, config=cfg, device=device)
+    opt = _build_optimizer(strategy, cfg, optimizer, model_parameters)
+    sched = _build_scheduler(cfg, lr_scheduler, opt)
+
+    loader = None
+    if training_data is not None:
+        loader = FlexDataLoader(training_data, batch_size=cfg.train_micro_batch_size_per_gpu,
+                                dp_rank=env.rank, dp_world_size=env.world_size, collate_fn=collate_fn,
+                                drop_last=bool(cfg.dataloader_drop_last))
+    engine = TrainingEngine(strategy=strategy, config=cfg, optimizer=opt, lr_scheduler=sched,
+                            training_dataloader=loader, precision=precision, loss_scaler=scaler, device=device,
+                            launch_env=env)
+    return engine, opt, loader, sched

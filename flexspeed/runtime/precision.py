@@ -1,0 +1,162 @@
+"""Mixed precision: the compute-dtype policy, DeepSpeed's dynamic loss scaler, and the
+gradient post-processing every engine shares (unscale + overflow check + global-norm clip).
+
+flexspeed keeps fp32 master weights and runs 16-bit compute under ``torch.autocast``, so
+gradients are produced, accumulated and reduced in fp32 at every ZeRO stage (DeepSpeed's stage 0
+accumulates bf16 gradients and its loss drifts). Sharded gradients (DTensors) are handled: the
+overflow flag and the norm are reduced across the ranks that hold the shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["PrecisionPolicy", "LossScaler", "unscale_and_check_", "global_grad_norm", "clip_grads_"]
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """What to compute in. ``mode`` is "fp32", "bf16" or "fp16"; master weights stay fp32."""
+
+    mode: str = "fp32"
+    device_type: str = "cpu"
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return _DTYPES[self.mode]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The forward-pass context: autocast to the compute dtype, or nothing for fp32."""
+        if self.mode == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.compute_dtype)
+
+
+class LossScaler:
+    """DeepSpeed's loss scaler semantics: static when ``loss_scale > 0``, else dynamic.
+
+    Dynamic: start at ``2**initial_scale_power``; an overflow costs one unit of hysteresis and,
+    once hysteresis is spent, halves the scale (not below ``min_loss_scale``); every
+    ``loss_scale_window`` clean steps since the last overflow double it. With
+    ``consecutive_hysteresis`` a clean step refills the hysteresis.
+    """
+
+    def __init__(self, *, loss_scale: float = 0.0, initial_scale_power: int = 16, loss_scale_window: int = 1000,
+                 hysteresis: int = 2, consecutive_hysteresis: bool = False, min_loss_scale: float = 1.0,
+                 scale_factor: float = 2.0) -> None:
+        self.dynamic = loss_scale == 0
+        self.cur_scale = float(2 ** initial_scale_power) if self.dynamic else float(loss_scale)
+        self.scale_window = loss_scale_window
+        self.min_scale = min_loss_scale
+        self.delayed_shift = hysteresis
+        self.cur_hysteresis = hysteresis
+        self.consecutive_hysteresis = consecutive_hysteresis
+        self.scale_factor = scale_factor
+        self.cur_iter = 0
+        self.last_overflow_iter = -1
+
+    @property
+    def loss_scale(self) -> float:
+        return self.cur_scale
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.cur_scale
+
+    def update_scale(self, overflow: bool) -> None:
+        """Advance one optimizer step, given whether its gradients overflowed."""
+        if self.dynamic:
+            if overflow:
+                if self.delayed_shift == 1 or self.cur_hysteresis == 1:
+                    self.cur_scale = max(self.cur_scale / self.scale_factor, self.min_scale)
+                else:
+                    self.cur_hysteresis -= 1
+                self.last_overflow_iter = self.cur_iter
+            else:
+                if self.consecutive_hysteresis:
+                    self.cur_hysteresis = self.delayed_shift
+                if (self.cur_iter - self.last_overflow_iter) % self.scale_window == 0:
+                    if not self.consecutive_hysteresis:
+                        self.cur_hysteresis = self.delayed_shift
+                    self.cur_scale *= self.scale_factor
+        self.cur_iter += 1
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("dynamic", "cur_scale", "scale_window", "min_scale", "delayed_shift",
+                                              "cur_hysteresis", "consecutive_hysteresis", "scale_factor",
+                                              "cur_iter", "last_overflow_iter")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The locally held part of a (possibly DTensor) tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _grads(params: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    return (p.grad for p in params if p.grad is not None)
+
+
+def unscale_and_check_(params: Iterable[torch.Tensor], inv_scale: float,
+                       group: dist.ProcessGroup | None = None) -> bool:
+    """Multiply gradients by ``inv_scale`` in place and report whether any is inf/NaN on any rank.
+
+    ``group`` is the set of ranks whose gradients differ (the shard group for sharded gradients);
+    the flag is max-reduced over it so every rank takes the same skip decision.
+    """
+    grads = [_local(g) for g in _grads(params)]
+    device = grads[0].device if grads else torch.device("cpu")
+    found_inf = torch.zeros(1, device=device)
+    by_dtype: dict[tuple, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault((g.device, g.dtype), []).append(g)
+    inv = torch.full((1,), inv_scale, device=device)
+    for (dev, _), group_grads in by_dtype.items():
+        torch._amp_foreach_non_finite_check_and_unscale_(group_grads, found_inf.to(dev), inv.to(dev))
+        # (the op writes into found_inf only when devices match; recheck when they differ)
+        if dev != device:
+            found_inf += float(any(not torch.isfinite(g).all() for g in group_grads))
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=group)
+    return bool(found_inf.item() > 0)
+
+
+def global_grad_norm(params: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """The L2 (or ``norm_type``) norm of all gradients as one vector, across shards.
+
+    DTensor gradients (FSDP2) are reduced by DTensor itself; plain tensors are assumed replicated
+    (DDP / ZeRO-1 all-reduce them) and need no communication.
+    """
+    grads = list(_grads(params))
+    if not grads:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=norm_type, foreach=True)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return norm.float()
+
+
+def clip_grads_(params: Iterable[torch.Tensor], max_norm: float, norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Scale gradients so their global norm is at most ``max_norm``; return the norm before clipping."""
+    params = [p for p in params if p.grad is not None]
+    if norm is None:
+        norm = global_grad_norm(params)
+    if max_norm > 0 and math.isfinite(float(norm)):
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        grads = [_local(p.grad) for p in params]
+        by_dev: dict[torch.device, list[torch.Tensor]] = {}
+        for g in grads:
+            by_dev.setdefault(g.device, []).append(g)
+        for dev, gs in by_dev.items():
+            torch._foreach_mul_(gs, coef.to(dev))
+    return norm
