@@ -75,7 +75,7 @@ def _flexspeed(steps: int, batches, world: int) -> float:
     model = GPT()
     cfg = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GAS,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "gradient_clipping": 1.0,
-           "zero_optimization": {"stage": 0}, "steps_per_print": 0}
+           "zero_optimization": {"stage": 0}, "steps_per_print": 1000}
     engine, *_ = flexspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     t0 = time.process_time()
     i = 0

@@ -11,6 +11,7 @@ failing rank's traceback, so a test can never hang CI.
 from __future__ import annotations
 
 import os
+import pickle
 import queue as queue_mod
 import socket
 import time
@@ -51,7 +52,8 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, en
             dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                     init_method=f"tcp://127.0.0.1:{port}", timeout=timedelta(seconds=120))
         result = fn(rank, world_size, *args)
-        out.put((rank, True, result))
+        # plain pickle bytes: torch's queue would pass tensors as shared-memory fds, which die with the rank
+        out.put((rank, True, pickle.dumps(result)))
     except BaseException:  # report everything, including SystemExit from a test helper
         out.put((rank, False, traceback.format_exc()))
     finally:
@@ -113,7 +115,7 @@ def run_ranks(fn: Callable, world_size: int = 2, args: tuple = (), *, timeout: f
                 else:
                     continue
             if ok:
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break  # peers are likely blocked in a collective; stop the group

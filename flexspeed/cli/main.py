@@ -14,6 +14,7 @@ __all__ = ["main", "SUBCOMMANDS"]
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "check-config": ("flexspeed.cli.check_config", "validate a ds_config.json for a world size, without starting processes"),
     "report": ("flexspeed.cli.report", "print versions, backends, devices and which features are available"),
+    "export": ("flexspeed.cli.export", "write a checkpoint's consolidated weights as one safetensors/pt file"),
 }
 
 

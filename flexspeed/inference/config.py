@@ -112,7 +112,8 @@ def canonical_dtype(value: Any) -> DtypeName | None:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, arbitrary_types_allowed=True,
+                              use_attribute_docstrings=True)
 
 
 class InferenceTPConfig(_Section):
@@ -192,7 +193,7 @@ class InferenceConfig(_Section):
         for block, names in v.items():
             if not (isinstance(block, (type, str))):
                 raise ValueError(f"key {block!r} must be a module class or a class name")
-            names = (names,) if isinstance(names, str) else tuple(names)
+            names = (names,) if isinstance(names, str) else tuple(names) if isinstance(names, (list, tuple)) else ()
             if not names or not all(isinstance(n, str) and n for n in names):
                 raise ValueError(f"value for {getattr(block, '__name__', block)} must be a tuple of child "
                                  f"names like ('attn.c_proj', 'mlp.c_proj'), got {v[block]!r}")
@@ -239,12 +240,14 @@ def _as_dict(value: Any, where: str) -> dict:
 def _canonicalise(src: Mapping[str, Any], origin: str) -> dict:
     """Aliases -> canonical keys, dtypes -> names, sections -> dicts; conflicts inside one source."""
     out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}  # canonical path -> how the source spelled it first
 
     def put(section: dict, key: str, value: Any, path: str, given_as: str) -> None:
         if key in section and not _equal(section[key], value):
-            raise ConfigError(f"{origin} sets it twice with different values: {section[key]!r} and "
-                              f"{value!r} (as {given_as!r}); keep one", key=path)
+            raise ConfigError(f"{origin} sets it twice with different values: {section[key]!r} (as "
+                              f"{spelled[path]!r}) and {value!r} (as {given_as!r}); keep one", key=path)
         section[key] = value
+        spelled.setdefault(path, given_as)
 
     for raw_key, value in src.items():
         key = _ALIASES[""].get(raw_key, raw_key)
@@ -264,11 +267,11 @@ def _canonicalise(src: Mapping[str, Any], origin: str) -> dict:
             section: dict[str, Any] = {}
             for sub_key, sub_value in value.items():
                 canon = _ALIASES.get(key, {}).get(sub_key, sub_key)
-                put(section, canon, sub_value, f"{key}.{canon}", sub_key)
+                put(section, canon, sub_value, f"{key}.{canon}", f"{raw_key}.{sub_key}")
             value = section
             if key in out:  # e.g. mp_size came first
                 for sub_key, sub_value in value.items():
-                    put(out[key], sub_key, sub_value, f"{key}.{sub_key}", raw_key)
+                    put(out[key], sub_key, sub_value, f"{key}.{sub_key}", f"{raw_key}.{sub_key}")
                 continue
         put(out, key, value, key, raw_key)
     return out
@@ -368,10 +371,24 @@ def resolve_inference_config(config: Any = None, **kwargs: Any) -> InferenceConf
         cfg = InferenceConfig.model_validate(merged)
     except ValidationError as e:
         err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{err['msg']} (got {err.get('input')!r})", key=key or None) from None
+        key = _loc_to_key(err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{msg} (got {err.get('input')!r})", key=key or None) from None
     _check_semantics(cfg)
     return cfg
+
+
+def _loc_to_key(loc: tuple) -> str:
+    """Pydantic's error location as a dotted config key (union branch tags dropped)."""
+    parts: list[str] = []
+    model: type[BaseModel] | None = InferenceConfig
+    for p in loc:
+        if model is None or not isinstance(p, str) or p not in model.model_fields:
+            break
+        parts.append(p)
+        ann = model.model_fields[p].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return ".".join(parts)
 
 
 def _check_semantics(cfg: InferenceConfig) -> None:

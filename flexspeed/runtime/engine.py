@@ -148,6 +148,7 @@ class TrainingEngine(nn.Module):
         if self.loss_scaler is not None:
             scaled = self.loss_scaler.scale(scaled)
         scaled.backward(retain_graph=retain_graph)
+        self._strategy.after_backward()
         return loss
 
     def step(self, lr_kwargs: dict | None = None) -> None:
@@ -209,6 +210,8 @@ class TrainingEngine(nn.Module):
         lr = ", ".join(f"{x:.3e}" for x in self.get_lr())
         print(f"[flexspeed] step={self.global_steps} loss={self._last_loss:.4f} lr=[{lr}] "
               f"samples/s={self._window_samples / elapsed:.1f} skipped={self.skipped_steps}", flush=True)
+        if getattr(self._config, "memory_breakdown", False):
+            print(self._strategy.memory_report(self.optimizer), flush=True)
         self._window_start, self._window_samples = time.perf_counter(), 0
 
     # ---- state -----------------------------------------------------------------------------------

@@ -84,9 +84,8 @@ def _build_optimizer(strategy: Any, cfg: Any, client: Any, model_parameters: Ite
 
     def factory(params: list) -> torch.optim.Optimizer:
         # keep the user's param groups (e.g. no weight decay on biases) when they gave them
-        use = groups if groups and isinstance(groups[0], dict) and strategy.stage < 2 else params
-        if groups and not isinstance(groups[0], dict) and strategy.stage < 2:
-            use = groups
+        # (re-pointed at the sharded parameters when ZeRO replaced them)
+        use = strategy.map_params(groups) if groups else params
         return build_optimizer(cfg.optimizer.type, dict(cfg.optimizer.params or {}), use)
 
     return strategy.build_optimizer(None, factory, allow)

@@ -140,10 +140,16 @@ def global_grad_norm(params: Iterable[torch.Tensor], norm_type: float = 2.0) -> 
     grads = list(_grads(params))
     if not grads:
         return torch.zeros(())
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=norm_type, foreach=True)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return norm.float()
+    # DTensor shards and whole (replicated) tensors cannot share one foreach call (ZeRO-3 keeps
+    # small parameters whole): one norm per kind, then the norm of those norms.
+    parts = []
+    for kind in ([g for g in grads if hasattr(g, "full_tensor")], [g for g in grads if not hasattr(g, "full_tensor")]):
+        if kind:
+            norm = torch.nn.utils.get_total_norm(kind, norm_type=norm_type, foreach=True)
+            parts.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if len(parts) == 1:
+        return parts[0].float()
+    return torch.nn.utils.get_total_norm([n.to(parts[0].device) for n in parts], norm_type=norm_type).float()
 
 
 def clip_grads_(params: Iterable[torch.Tensor], max_norm: float, norm: torch.Tensor | None = None) -> torch.Tensor:

@@ -82,7 +82,8 @@ def _check_value(type_name: str, name: str, value: Any) -> None:
         if not _is_number(value):
             raise ConfigError(f"{type_name} needs a number, got {value!r}.", key=key)
         if name in ("warmup_min_ratio", "cos_min_ratio") and not 0.0 <= value <= 1.0:
-            raise ConfigError(f"is a fraction of the optimizer's lr and must be in [0, 1], got {value!r}.", key=key)
+            raise ConfigError(f"is a fraction of the optimizer's lr and must be in [0, 1], got {value!r}.",
+                              key=key)
     elif name in _BOOLS:
         if not isinstance(value, bool):
             raise ConfigError(f"{type_name} needs true or false, got {value!r}.", key=key)
@@ -92,8 +93,8 @@ def _check_value(type_name: str, name: str, value: Any) -> None:
         if value < _INTS[name]:
             raise ConfigError(f"must be >= {_INTS[name]}, got {value!r}.", key=key)
     elif name == "warmup_type" and value not in _WARMUP_TYPES:
-        raise ConfigError(f"must be one of {list(_WARMUP_TYPES)}, got {value!r}.{did_you_mean(str(value), _WARMUP_TYPES)}",
-                          key=key)
+        hint = did_you_mean(str(value), _WARMUP_TYPES)
+        raise ConfigError(f"must be one of {list(_WARMUP_TYPES)}, got {value!r}.{hint}", key=key)
 
 
 def _accepted(fn: Callable) -> tuple[list[str], list[str]]:
@@ -176,7 +177,8 @@ def validate_scheduler_params(type_name: str, params: Mapping[str, Any] | None) 
         if _is_number(total) and _is_number(warmup) and total < warmup:
             src = "" if "warmup_num_steps" in params else ", the default"
             raise ConfigError(f"total_num_steps ({total}) is below warmup_num_steps ({warmup}{src}); raise "
-                              f"total_num_steps or lower warmup_num_steps.", key="scheduler.params.total_num_steps")
+                              f"total_num_steps or lower warmup_num_steps.",
+                              key="scheduler.params.total_num_steps")
 
 
 # -- the DeepSpeed schedulers -------------------------------------------------------------------
@@ -287,6 +289,7 @@ class WarmupLR(_IterationScheduler):
 
     lr(i) = min + (max - min) * gamma(i), gamma(i) = log(i+1)/log(N) ("log") or i/N ("linear")
     during warmup and 1 after. ``warmup_min_lr``/``warmup_max_lr`` may be lists, one per group.
+    ``warmup_num_steps: 0`` means no warmup (DeepSpeed silently raises it to 2).
     """
 
     def __init__(self, optimizer: Any, warmup_min_lr: float | list[float] = 0.0,
@@ -517,7 +520,8 @@ def build_scheduler(type_name: str, params: Mapping[str, Any] | None, optimizer:
     for key, value in params.items():
         if isinstance(value, str) and value == "auto":
             raise ConfigError(f"is still \"auto\"; it must be resolved from the optimizer or training "
-                              f"length before the scheduler is built. Give a value.", key=f"scheduler.params.{key}")
+                              f"length before the scheduler is built. Give a value.",
+                              key=f"scheduler.params.{key}")
     if is_ds:
         return cls(optimizer, **params)
     try:

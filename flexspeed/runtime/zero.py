@@ -1,33 +1,60 @@
 """ZeRO stages as strategies over PyTorch's own data-parallel machinery.
 
-``apply_zero(stage=..., ...)`` wraps the user's module and returns a ``ZeroStrategy``: the
-module to call, the parameters whose gradients the engine post-processes, how to switch gradient
-synchronisation off for non-boundary micro-steps, how to build the optimizer over the (possibly
-re-registered) parameters, and a per-rank memory breakdown. The engine knows nothing else about
-sharding.
+``apply_zero(module, config=..., device=...)`` wraps the user's module and returns a
+``ZeroStrategy``: the module to call, the parameters whose gradients the engine post-processes,
+how to switch gradient synchronisation off for non-boundary micro-steps, how to build the
+optimizer over the (possibly re-registered) parameters, and a per-rank memory breakdown. The
+engine knows nothing else about sharding.
 
 - stage 0: ``DistributedDataParallel`` (plain module at world size 1).
+- stage 1: DDP all-reduces gradients; each rank keeps optimizer state for, and updates, only
+  its own partition of the parameters, then every owner broadcasts what it updated
+  (:class:`ShardedOptimizerDP`). The optimizer object stays the caller's own.
+- stages 2 and 3: FSDP2 ``fully_shard`` (see :mod:`flexspeed.runtime.fsdp`).
+
+Gradients are produced, accumulated and reduced in fp32 at every stage (flexspeed computes in
+16 bits under autocast over fp32 master weights). ``data_types.grad_accum_dtype`` "bf16"/"fp16"
+reproduces 16-bit accumulation numerics by rounding the accumulated gradient after every
+micro-step; it does not save memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from flexspeed.config.errors import ConfigError
 
-__all__ = ["ZeroStrategy", "DataParallel", "apply_zero", "OptimizerFactory", "tensor_bytes"]
+__all__ = ["ZeroStrategy", "DataParallel", "ShardedOptimizerDP", "ZeroSettings", "apply_zero", "OptimizerFactory",
+           "tensor_bytes", "partition_params", "check_shardable", "warn_once"]
+
+log = logging.getLogger("flexspeed")
 
 OptimizerFactory = Callable[[list], torch.optim.Optimizer]
 
-_COMM_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, None: None}
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_COMM_DTYPES = {**_DTYPES, None: None}
+_warned: set[str] = set()
 
 
-def tensor_bytes(tensors) -> int:
+def warn_once(message: str, notes: list[str] | None = None) -> None:
+    """Emit ``message`` as a UserWarning once per process, and record it in ``notes``."""
+    if notes is not None and message not in notes:
+        notes.append(message)
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     """Bytes this rank holds for ``tensors`` (the local shard of a DTensor)."""
     total = 0
     for t in tensors:
@@ -36,6 +63,111 @@ def tensor_bytes(tensors) -> int:
         local = t.to_local() if hasattr(t, "to_local") else t
         total += local.numel() * local.element_size()
     return total
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _world(group: dist.ProcessGroup | None) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def _rank(group: dist.ProcessGroup | None) -> int:
+    return dist.get_rank(group) if dist.is_initialized() else 0
+
+
+def _unique_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    seen: set[int] = set()
+    out = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def check_shardable(optimizer: torch.optim.Optimizer, stage: int, allow_untested: bool) -> None:
+    """Refuse an optimizer the sharded stages cannot drive, unless ``zero_allow_untested_optimizer``.
+
+    Sharding needs per-parameter state keyed by the parameter, an independent update per tensor,
+    and parameters without a gradient skipped: torch.optim's optimizers and flexspeed's own.
+    """
+    if stage < 1 or allow_untested:
+        return
+    from flexspeed.runtime.optimizers import is_supported_for_zero
+
+    if is_supported_for_zero(optimizer):
+        return
+    cls = type(optimizer)
+    raise ConfigError(
+        f"zero_optimization.stage={stage} shards the optimizer, and {cls.__module__}.{cls.__qualname__} is not one "
+        "flexspeed has tested sharded (torch.optim's optimizers except LBFGS/SparseAdam, and flexspeed's own: they "
+        "keep state per parameter, update each tensor independently and skip parameters without a gradient). "
+        "Fix: use one of those, or set \"zero_allow_untested_optimizer\": true if this optimizer has those "
+        "properties", key="zero_allow_untested_optimizer")
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    """Everything ``apply_zero`` reads from the config, read in one place."""
+
+    stage: int = 0
+    comm_dtype: torch.dtype | None = None  # communication_data_type; None = the gradient's dtype (fp32)
+    predivide: float = 1.0  # gradient_predivide_factor when prescale_gradients is on
+    bucket_cap_mb: float | None = None  # stages 0/1: DDP bucket, from an explicit reduce_bucket_size
+    reduce_bucket_size_set: bool = False
+    grad_accum_dtype: torch.dtype | None = None  # None: exact fp32 accumulation
+    offload_optimizer: str = "none"
+    offload_param: str = "none"
+    pin_memory: bool = False
+    persistence_threshold: int = 100_000  # stage 3: parameters with fewer elements stay whole
+    prefetch_bucket_size: int | None = None  # stage 3, only when set explicitly
+    allow_untested: bool = False
+
+    @classmethod
+    def from_config(cls, config: Any) -> ZeroSettings:
+        """Read a ``FlexConfig`` (or anything with the same attribute names)."""
+        zc = config.zero_optimization
+        explicit = {name for name in ("reduce_bucket_size", "stage3_prefetch_bucket_size") if _non_default(zc, name)}
+        stage = int(zc.stage)
+        offload_opt = getattr(zc, "offload_optimizer", None)
+        offload_par = getattr(zc, "offload_param", None)
+        bucket = getattr(zc, "reduce_bucket_size", None)
+        bucket_mb = bucket * 4 / 2**20 if "reduce_bucket_size" in explicit and _is_number(bucket) else None
+        threshold = getattr(zc, "stage3_param_persistence_threshold", 100_000)
+        prefetch = getattr(zc, "stage3_prefetch_bucket_size", None)
+        data_types = getattr(config, "data_types", None)
+        accum = _DTYPES.get(getattr(data_types, "grad_accum_dtype", None) or "fp32")
+        return cls(
+            stage=stage,
+            comm_dtype=_COMM_DTYPES.get(getattr(config, "communication_data_type", None)),
+            predivide=float(getattr(config, "gradient_predivide_factor", 1.0) or 1.0)
+            if getattr(config, "prescale_gradients", False) else 1.0,
+            bucket_cap_mb=bucket_mb,
+            reduce_bucket_size_set="reduce_bucket_size" in explicit,
+            grad_accum_dtype=None if accum == torch.float32 else accum,
+            offload_optimizer=str(getattr(offload_opt, "device", "none") or "none"),
+            offload_param=str(getattr(offload_par, "device", "none") or "none"),
+            pin_memory=bool(getattr(offload_opt, "pin_memory", False) or getattr(offload_par, "pin_memory", False)),
+            persistence_threshold=int(threshold) if _is_number(threshold) else 100_000,
+            prefetch_bucket_size=int(prefetch) if "stage3_prefetch_bucket_size" in explicit and _is_number(prefetch)
+            else None,
+            allow_untested=bool(getattr(config, "zero_allow_untested_optimizer", False)),
+        )
+
+
+def _non_default(section: Any, name: str) -> bool:
+    """Whether ``section.name`` differs from its schema default (resolved configs set every field)."""
+    fields = getattr(type(section), "model_fields", {})
+    if name in fields:
+        return getattr(section, name, None) != fields[name].default
+    return name in getattr(section, "model_fields_set", set())
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -47,16 +179,31 @@ class ZeroStrategy:
     model: nn.Module  # what forward calls
     group: dist.ProcessGroup | None = None  # data-parallel group (None = world)
     notes: list[str] = field(default_factory=list)
+    grad_accum_dtype: torch.dtype | None = None  # round accumulated gradients to this dtype (None = exact)
 
     def set_requires_gradient_sync(self, enabled: bool) -> None:
         """Turn gradient reduction on (boundary micro-step) or off (accumulating)."""
+
+    def after_backward(self) -> None:
+        """Hook after every ``backward``: finish reductions the wrapper does not do, round gradients."""
+        if self.grad_accum_dtype is not None:
+            self._round_grads(self.grad_accum_dtype)
 
     def build_optimizer(self, client: torch.optim.Optimizer | None, factory: OptimizerFactory | None,
                         allow_untested: bool = False) -> torch.optim.Optimizer | None:
         """The optimizer over this strategy's parameters: ``client`` as is, or ``factory(params)``."""
         if client is not None:
+            check_shardable(client, self.stage, allow_untested)
             return client
-        return factory(list(self.module.parameters())) if factory is not None else None
+        if factory is None:
+            return None
+        optimizer = factory(list(self.module.parameters()))
+        check_shardable(optimizer, self.stage, allow_untested)
+        return optimizer
+
+    def map_params(self, params: Iterable) -> list:
+        """``params`` (tensors or param-group dicts) re-pointed at the parameters the module holds now."""
+        return list(params)
 
     def grad_params(self) -> list[torch.Tensor]:
         """Parameters whose gradients the engine unscales, checks and clips."""
@@ -70,14 +217,31 @@ class ZeroStrategy:
         """Hook after the optimizer step (e.g. re-broadcast updated partitions)."""
 
     def memory_breakdown(self, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
-        """Per-rank bytes of parameters, gradients and optimizer state."""
+        """Per-rank bytes of parameters (local shards), gradients and optimizer state, right now.
+
+        ``gathered_parameters`` counts full copies a sharded stage holds at this moment for compute
+        (stage 2 from forward to the end of backward; stage 3 one block at a time).
+        """
         params = list(self.module.parameters())
         opt_bytes = 0
         if optimizer is not None:
             for state in optimizer.state.values():
                 opt_bytes += tensor_bytes(v for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
         return {"parameters": tensor_bytes(params), "gradients": tensor_bytes(p.grad for p in params),
-                "optimizer_states": opt_bytes}
+                "optimizer_states": opt_bytes, "gathered_parameters": 0}
+
+    def memory_report(self, optimizer: torch.optim.Optimizer | None) -> str:
+        """One log line of :meth:`memory_breakdown` in MiB (for ``"memory_breakdown": true``)."""
+        mb = self.memory_breakdown(optimizer)
+        parts = ", ".join(f"{k}={v / 2**20:.2f}MiB" for k, v in mb.items())
+        return f"[flexspeed] rank {_rank(None)} ZeRO-{self.stage} model states: {parts}"
+
+    @torch.no_grad()
+    def _round_grads(self, dtype: torch.dtype) -> None:
+        for p in self.grad_params():
+            if p.grad is not None:
+                g = _local(p.grad)
+                g.copy_(g.to(dtype))
 
 
 def _comm_hook(comm_dtype: torch.dtype | None, predivide: float):
@@ -105,9 +269,9 @@ class DataParallel(ZeroStrategy):
 
     def __init__(self, module: nn.Module, *, device: torch.device, group: dist.ProcessGroup | None = None,
                  comm_dtype: torch.dtype | None = None, predivide: float = 1.0,
-                 bucket_cap_mb: float | None = None, find_unused_parameters: bool = False) -> None:
-        world = dist.get_world_size(group) if dist.is_initialized() else 1
-        if world > 1:
+                 bucket_cap_mb: float | None = None, find_unused_parameters: bool = False,
+                 grad_accum_dtype: torch.dtype | None = None) -> None:
+        if _world(group) > 1:
             kwargs = {"bucket_cap_mb": bucket_cap_mb} if bucket_cap_mb else {}
             model = nn.parallel.DistributedDataParallel(
                 module, device_ids=[device.index] if device.type == "cuda" else None, process_group=group,
@@ -116,26 +280,146 @@ class DataParallel(ZeroStrategy):
                 model.register_comm_hook(group or dist.group.WORLD, _comm_hook(comm_dtype, predivide))
         else:
             model = module
-        super().__init__(stage=0, module=module, model=model, group=group)
+        super().__init__(stage=0, module=module, model=model, group=group, grad_accum_dtype=grad_accum_dtype)
 
     def set_requires_gradient_sync(self, enabled: bool) -> None:
         if isinstance(self.model, nn.parallel.DistributedDataParallel):
             self.model.require_backward_grad_sync = enabled
 
 
-def apply_zero(module: nn.Module, *, config, device: torch.device,
-               group: dist.ProcessGroup | None = None) -> ZeroStrategy:
-    """Wrap ``module`` for ``config.zero_optimization.stage`` and return the strategy."""
-    zc = config.zero_optimization
-    stage = int(zc.stage)
-    comm_dtype = _COMM_DTYPES.get(getattr(config, "communication_data_type", None))
-    predivide = float(config.gradient_predivide_factor or 1.0) if config.prescale_gradients else 1.0
-    if stage == 0:
-        bucket = None
-        if "reduce_bucket_size" in zc.model_fields_set and isinstance(zc.reduce_bucket_size, (int, float)):
-            bucket = zc.reduce_bucket_size * 4 / 2**20  # elements (fp32) -> MB
-        return DataParallel(module, device=device, group=group, comm_dtype=comm_dtype, predivide=predivide,
-                            bucket_cap_mb=bucket)
-    raise NotImplementedError(
-        f"zero_optimization.stage={stage} is not implemented yet in this build; use stage 0 "
-        "(ZeRO stages 1-3 land with the ZeRO issue)")
+def partition_params(params: list[torch.Tensor], world: int) -> list[int]:
+    """The owning rank of each parameter: largest first onto the least-loaded rank (by bytes).
+
+    Deterministic (ties go to the lower index and rank), so every rank computes the same map.
+    """
+    loads = [0] * world
+    owners = [0] * len(params)
+    for i in sorted(range(len(params)), key=lambda i: (-params[i].numel(), i)):
+        r = min(range(world), key=lambda r: (loads[r], r))
+        owners[i] = r
+        loads[r] += params[i].numel() * params[i].element_size()
+    return owners
+
+
+class ShardedOptimizerDP(DataParallel):
+    """Stage 1: DDP gradients, optimizer state sharded by parameter, updates broadcast by owners.
+
+    The optimizer is the caller's own object with all its param groups (schedulers and
+    ``get_lr`` see every group). Two optimizer step hooks make it sharded: before the step, the
+    gradients of parameters another rank owns are dropped, so the optimizer neither creates state
+    for them nor updates them (torch.optim and flexspeed's optimizers skip parameters without a
+    gradient); after the step, every owner broadcasts its updated parameters in one flat buffer
+    per dtype. Each owner runs exactly the update a single process would, so fp32 results match
+    a single-process run bit for bit.
+    """
+
+    def __init__(self, module: nn.Module, **kwargs: Any) -> None:
+        super().__init__(module, **kwargs)
+        self.stage = 1
+        self._layout: list[tuple[int, list[torch.Tensor]]] = []  # (owner rank, same-dtype tensors)
+        self._foreign: list[torch.Tensor] = []
+
+    def build_optimizer(self, client: torch.optim.Optimizer | None, factory: OptimizerFactory | None,
+                        allow_untested: bool = False) -> torch.optim.Optimizer | None:
+        optimizer = super().build_optimizer(client, factory, allow_untested)
+        if optimizer is not None and _world(self.group) > 1:
+            self._shard(optimizer)
+        return optimizer
+
+    def _shard(self, optimizer: torch.optim.Optimizer) -> None:
+        world, rank = _world(self.group), _rank(self.group)
+        params = _unique_params(optimizer)
+        owners = partition_params(params, world)
+        self._foreign = [p for p, r in zip(params, owners) if r != rank]
+        foreign_ids = {id(p) for p in self._foreign}
+        for p in list(optimizer.state):  # state made at construction (e.g. Adagrad's sums)
+            if id(p) in foreign_ids:
+                del optimizer.state[p]
+        self._layout = []
+        for r in range(world):
+            by_kind: dict[tuple, list[torch.Tensor]] = {}
+            for p, owner in zip(params, owners):
+                if owner == r:
+                    by_kind.setdefault((p.device, p.dtype), []).append(p)
+            self._layout += [(r, tensors) for tensors in by_kind.values()]
+        optimizer.register_step_pre_hook(self._drop_foreign_grads)
+        optimizer.register_step_post_hook(self._broadcast_updates)
+
+    def _drop_foreign_grads(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for p in self._foreign:
+            p.grad = None
+
+    @torch.no_grad()
+    def _broadcast_updates(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        rank = _rank(self.group)
+        pending = []
+        for owner, tensors in self._layout:
+            if owner == rank:
+                flat = _flatten_dense_tensors([t.detach() for t in tensors])
+            else:
+                flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=tensors[0].device)
+            src = dist.get_global_rank(self.group, owner) if self.group is not None else owner
+            work = dist.broadcast(flat, src=src, group=self.group, async_op=True)
+            pending.append((owner, tensors, flat, work))
+        for owner, tensors, flat, work in pending:
+            work.wait()
+            if owner != rank:
+                for t, new in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+                    t.copy_(new)
+
+
+def _check_offload(settings: ZeroSettings, device: torch.device, notes: list[str]) -> None:
+    """nvme is refused; cpu offload at stage 1, or anywhere on a CPU-only run, is explained."""
+    for key, where in (("offload_optimizer", settings.offload_optimizer), ("offload_param", settings.offload_param)):
+        if where == "nvme":
+            raise ConfigError(f'zero_optimization.{key}.device="nvme" is not supported yet by flexspeed. Fix: use '
+                              '"cpu" (or "none")', key=f"zero_optimization.{key}.device")
+        if where == "cpu" and key == "offload_param" and settings.stage < 3:
+            raise ConfigError(f'zero_optimization.offload_param.device="cpu" needs stage 3, but stage is '
+                              f'{settings.stage}. Fix: set "stage": 3 or remove offload_param',
+                              key="zero_optimization.offload_param")
+    wants = settings.offload_optimizer == "cpu" or settings.offload_param == "cpu"
+    if not wants:
+        return
+    if device.type == "cpu":
+        warn_once("zero_optimization offload to \"cpu\" has no effect here: parameters, gradients and optimizer "
+                  "state already live in CPU memory", notes)
+    elif settings.stage < 2:
+        raise ConfigError(f'zero_optimization.offload_optimizer.device="cpu" on {device.type} is supported at '
+                          f'stages 2 and 3 (FSDP2 CPUOffloadPolicy), and stage is {settings.stage}. Fix: set '
+                          '"stage": 2', key="zero_optimization.offload_optimizer")
+
+
+def apply_zero(module: nn.Module, *, config: Any, device: torch.device, group: dist.ProcessGroup | None = None,
+               accumulate_unsharded: bool = False) -> ZeroStrategy:
+    """Wrap ``module`` for ``config.zero_optimization.stage`` and return the strategy.
+
+    Args:
+        module: the model, on ``device`` - or on the meta device when built under ``flexspeed.zero.Init``
+            (it is materialised here: as local shards at stages 2-3, whole at stages 0-1).
+        config: the validated ``FlexConfig``.
+        device: the device this rank computes on.
+        group: the data-parallel process group (default: the world).
+        accumulate_unsharded: stages 2-3 only: skip the gradient reduce-scatter on non-boundary
+            micro-steps and accumulate full gradients locally (less communication, a full gradient's
+            memory). Default: reduce every micro-step and accumulate the shard, as DeepSpeed does.
+    Returns:
+        the ``ZeroStrategy`` the engine drives.
+    """
+    settings = ZeroSettings.from_config(config)
+    notes: list[str] = []
+    _check_offload(settings, device, notes)
+    if settings.stage >= 2:
+        from flexspeed.runtime.fsdp import FullyShardedDP
+
+        return FullyShardedDP(module, stage=settings.stage, device=device, group=group, settings=settings,
+                              notes=notes, accumulate_unsharded=accumulate_unsharded)
+    if any(p.is_meta for p in module.parameters()):
+        from flexspeed.zero import materialize_module
+
+        materialize_module(module, device)
+    cls = DataParallel if settings.stage == 0 else ShardedOptimizerDP
+    strategy = cls(module, device=device, group=group, comm_dtype=settings.comm_dtype, predivide=settings.predivide,
+                   bucket_cap_mb=settings.bucket_cap_mb, grad_accum_dtype=settings.grad_accum_dtype)
+    strategy.notes.extend(notes)
+    return strategy

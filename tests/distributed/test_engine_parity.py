@@ -7,7 +7,7 @@ import torch
 from flexspeed.testing import run_ranks
 from tests.distributed._parity import global_batches, make_dataset, make_model, reference_run
 
-MICRO, STEPS, LR, CLIP = 4, 4, 1e-2, 0.5
+MICRO, STEPS, LR, CLIP = 4, 4, 1e-3, 0.5
 
 
 def _config(gas: int, world: int) -> dict:
@@ -18,7 +18,7 @@ def _config(gas: int, world: int) -> dict:
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0}},
         "gradient_clipping": CLIP,
         "zero_optimization": {"stage": 0},
-        "steps_per_print": 0,
+        "steps_per_print": 1000,
     }
 
 

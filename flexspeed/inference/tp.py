@@ -1,0 +1,527 @@
+"""Automatic tensor parallelism for models built from ``nn.Linear`` (and HF ``Conv1D``).
+
+Megatron-style splitting, found from the module tree instead of a per-architecture policy:
+inside an attention or MLP module, the layers that read the replicated hidden state are
+*column-parallel* (each rank keeps a contiguous block of output features, i.e. whole heads),
+and the layer that writes back to the residual stream is *row-parallel* (each rank keeps the
+matching block of input features; the partial outputs are summed by one all-reduce). Nothing
+else changes: embeddings, norms and ``lm_head`` stay replicated, and the module tree, names and
+classes are kept, so later passes (quantization, kernel injection, layer-by-layer streaming)
+see ordinary ``nn.Linear`` modules holding ordinary (local) tensors.
+
+Why local tensors plus an explicit all-reduce instead of DTensor's ``parallelize_module``:
+the result is exact on gloo/CPU, every parameter stays a plain tensor that quantization can
+replace, and checkpoint slices can be loaded straight into it. The TP group still comes from
+a :class:`~torch.distributed.device_mesh.DeviceMesh` (see ``engine.py``).
+
+Detection rules (auto mode): for every module, its Linear children named like
+``q_proj k_proj v_proj c_attn query_key_value qkv_proj Wqkv qkv gate_proj up_proj gate_up_proj
+fc1 c_fc dense_h_to_4h w1 w3 fc_in`` are column-parallel and those named like ``o_proj out_proj
+c_proj dense fc2 down_proj dense_4h_to_h w2 fc_out`` are row-parallel, but only when the module
+has both kinds and a row layer's input width matches a column output. With an
+``injection_policy`` only the named block classes are split: the listed children are
+row-parallel and every other Linear inside the block is column-parallel.
+
+Full-width shapes: after sharding, an attention module must compute with its local heads.
+Attributes that hold the head count or the attention width (``n_head``, ``num_heads``,
+``num_attention_heads``, ``num_key_value_heads``, ``embed_dim``, ``n_embd``, ``hidden_size``,
+``split_size``, ``all_head_size``) are divided by ``tp_size``; ``head_dim`` stays. Modules
+that record their head size (``head_dim``/``head_size``/``attention_head_size``, as HF models
+do) derive every shape from it and need nothing more. A nanoGPT-style module derives the head
+size from its *input* width (``B, T, C = x.shape; hs = C // n_head``) and reshapes its output to
+``(B, T, C)``; for those a forward pre-hook hands the module a narrowed view ``x[..., :C/tp]``
+(so ``C``, ``hs`` and the final ``view`` are the per-rank values) while a pre-hook on each of its
+column-parallel children swaps the full input back in, so the projections still read all of
+``x``. See docs/inference.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from flexspeed.config.errors import ConfigError
+
+__all__ = [
+    "COLUMN_NAMES",
+    "ROW_NAMES",
+    "Placement",
+    "AttentionShard",
+    "TensorParallelPlan",
+    "plan_tensor_parallel",
+    "shard_module",
+    "apply_tensor_parallel",
+    "is_linear",
+    "take",
+]
+
+COLUMN_NAMES = frozenset({
+    "q_proj", "k_proj", "v_proj", "c_attn", "query_key_value", "qkv_proj", "Wqkv", "qkv",
+    "gate_proj", "up_proj", "gate_up_proj", "fc1", "c_fc", "dense_h_to_4h", "w1", "w3", "fc_in",
+})
+ROW_NAMES = frozenset({"o_proj", "out_proj", "c_proj", "dense", "fc2", "down_proj", "dense_4h_to_h", "w2", "fc_out"})
+_QKV_NAMES = frozenset({"q_proj", "k_proj", "v_proj", "c_attn", "query_key_value", "qkv_proj", "Wqkv", "qkv",
+                        "query", "key", "value", "q", "k", "v"})
+_BLOCK_QKV = frozenset({"c_attn", "qkv_proj", "Wqkv", "qkv"})  # weight rows are [q | k | v]
+_FUSED_GATE_UP = frozenset({"gate_up_proj"})  # weight rows are [gate | up]
+_HEAD_ATTRS = ("num_heads", "n_head", "num_attention_heads", "n_heads")
+_KV_HEAD_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "n_kv_head")
+_HEAD_SIZE_ATTRS = ("head_dim", "head_size", "attention_head_size")
+_WIDTH_ATTRS = ("embed_dim", "n_embd", "hidden_size", "split_size", "all_head_size", "inner_dim")
+_TP_KEY = "tensor_parallel.tp_size"
+
+
+def is_linear(module: nn.Module) -> bool:
+    """``nn.Linear`` or an HF ``Conv1D`` (a Linear with a transposed ``(in, out)`` weight)."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear-like module."""
+    w = module.weight
+    return (w.shape[0], w.shape[1]) if _is_conv1d(module) else (w.shape[1], w.shape[0])
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How one parameter is split over the TP ranks.
+
+    ``kind="shard"``: along ``dim`` the tensor is a concatenation of fused ``pieces`` (one piece
+    for a plain layer; ``(q, k, v)`` widths for a fused qkv); every piece is cut into ``tp``
+    equal parts and rank ``r`` keeps part ``r`` of each, concatenated. ``kind="rank0"``: the
+    bias of a row-parallel layer; rank 0 keeps it, the others hold zeros, so the all-reduce
+    adds it exactly once.
+    """
+
+    kind: Literal["shard", "rank0"]
+    dim: int = 0
+    pieces: tuple[int, ...] = ()
+
+    def ranges(self, rank: int, tp: int) -> list[tuple[int, int]]:
+        """``[(start, stop), ...]`` along ``dim`` that ``rank`` keeps."""
+        out, offset = [], 0
+        for size in self.pieces:
+            step = size // tp
+            out.append((offset + rank * step, offset + (rank + 1) * step))
+            offset += size
+        return out
+
+    def local_shape(self, full: torch.Size | tuple[int, ...], tp: int) -> tuple[int, ...]:
+        if self.kind == "rank0":
+            return tuple(full)
+        shape = list(full)
+        shape[self.dim] = sum(p // tp for p in self.pieces)
+        return tuple(shape)
+
+
+@dataclass
+class AttentionShard:
+    """Head bookkeeping of one attention module."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    narrow_input: bool
+    """True for modules that derive shapes from their input width (nanoGPT style)."""
+    full_width: int
+    """Width of the hidden state the module receives."""
+    attrs: dict[str, int] = field(default_factory=dict)
+    """Attribute -> per-rank value set by :func:`shard_module`."""
+    config_attrs: dict[str, int] = field(default_factory=dict)
+    """Head counts set on the module's own copy of an HF ``config`` (some forwards read them there)."""
+    alibi_arg: int | None = None
+    """Position of an ``alibi`` argument (BLOOM) whose per-head slices must follow the heads, else None."""
+
+
+@dataclass
+class TensorParallelPlan:
+    """What to split and how; independent of the rank (see :meth:`Placement.ranges`)."""
+
+    tp_size: int
+    column: list[str] = field(default_factory=list)
+    row: list[str] = field(default_factory=list)
+    params: dict[str, Placement] = field(default_factory=dict)
+    attention: dict[str, AttentionShard] = field(default_factory=dict)
+    _handles: list[Any] = field(default_factory=list, repr=False)
+
+    def describe(self) -> str:
+        """A short human-readable summary (for logs)."""
+        heads = {n: f"{a.heads}/{a.kv_heads} heads" for n, a in list(self.attention.items())[:2]}
+        return (f"tp_size={self.tp_size}: {len(self.column)} column-parallel, {len(self.row)} row-parallel "
+                f"layers, {len(self.attention)} attention modules {heads}")
+
+    def attach(self, model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+        """(Re)register the forward hooks on whatever modules now live at the planned names.
+
+        Idempotent: call again after a pass that replaced modules (e.g. quantization).
+        """
+        self.detach()
+        for name in self.row:
+            mod = _get(model, name, "row-parallel layer")
+            self._handles.append(mod.register_forward_hook(_all_reduce_hook(group)))
+        rank = dist.get_rank(group) if self.attention else 0
+        for name, att in self.attention.items():
+            module = _get(model, name, "attention module")
+            if att.alibi_arg is not None:
+                hook = _AlibiSlice(att.alibi_arg, att.heads, att.heads // self.tp_size, rank)
+                self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            if not att.narrow_input:
+                continue
+            state = _NarrowState(full=att.full_width, local=att.full_width // self.tp_size)
+            self._handles.append(module.register_forward_pre_hook(state.narrow, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(state.clear))
+            for col in self.column:
+                if col.rpartition(".")[0] == name:
+                    child = _get(model, col, "column-parallel layer")
+                    self._handles.append(child.register_forward_pre_hook(state.widen))
+
+    def detach(self) -> None:
+        """Remove the hooks this plan registered."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def _get(model: nn.Module, name: str, what: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise RuntimeError(f"the {what} {name!r} planned for tensor parallelism is no longer in the model; "
+                           "a later pass replaced it (kernel injection with tp_size > 1?)") from None
+
+
+def _all_reduce_hook(group: dist.ProcessGroup | None):
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        out = output[0] if isinstance(output, tuple) else output
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return output
+    return hook
+
+
+@dataclass
+class _AlibiSlice:
+    """Keeps this rank's heads of a ``(B * H, 1, T)`` ALiBi bias computed for all heads."""
+
+    position: int
+    heads: int
+    local: int
+    rank: int
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        in_kwargs = "alibi" in kwargs
+        alibi = kwargs["alibi"] if in_kwargs else args[self.position] if len(args) > self.position else None
+        if not isinstance(alibi, torch.Tensor) or alibi.shape[0] % self.heads:
+            return args, kwargs
+        rest = alibi.shape[1:]
+        mine = alibi.view(-1, self.heads, *rest)[:, self.rank * self.local:(self.rank + 1) * self.local]
+        mine = mine.reshape(-1, *rest)  # (B * H/tp, 1, T)
+        if in_kwargs:
+            return args, {**kwargs, "alibi": mine}
+        return args[:self.position] + (mine,) + args[self.position + 1:], kwargs
+
+
+@dataclass
+class _NarrowState:
+    """Per attention module: the full input, and the narrowed view handed to its forward."""
+
+    full: int
+    local: int
+    x: torch.Tensor | None = None
+    view: torch.Tensor | None = None
+
+    def narrow(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor) and a.dim() >= 2 and a.shape[-1] == self.full:
+                self.x, self.view = a, a[..., : self.local]  # (B, T, C) -> (B, T, C/tp), no copy
+                return args[:i] + (self.view,) + args[i + 1:], kwargs
+        for k, a in kwargs.items():
+            if isinstance(a, torch.Tensor) and a.dim() >= 2 and a.shape[-1] == self.full:
+                self.x, self.view = a, a[..., : self.local]
+                return args, {**kwargs, k: self.view}
+        return args, kwargs
+
+    def widen(self, module: nn.Module, args: tuple) -> tuple | None:
+        if self.view is None or not args:
+            return None
+        if args[0] is self.view:
+            return (self.x,) + tuple(args[1:])  # the projection reads the whole hidden state
+        if isinstance(args[0], torch.Tensor) and args[0].shape[-1] == self.local:
+            raise RuntimeError(
+                f"tensor parallelism: {type(module).__name__} received a transformed copy of the narrowed "
+                "attention input; the attention module changes its input before projecting it. Give the "
+                "attention module a `head_dim` attribute and make it reshape with it, or pass injection_policy.")
+        return None
+
+    def clear(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.x = self.view = None
+
+
+# ----------------------------------------------------------------------------------------- planning
+
+def _policy_matches(module: nn.Module, policy: Mapping[Any, tuple[str, ...]]) -> tuple[str, ...] | None:
+    for block, rows in policy.items():
+        if (isinstance(block, type) and type(module) is block) or (
+                isinstance(block, str) and block in (type(module).__name__, type(module).__qualname__)):
+            return rows
+    return None
+
+
+def _find_layers(model: nn.Module, policy: Mapping[Any, tuple[str, ...]] | None) -> tuple[list[str], list[str]]:
+    """(column fqns, row fqns) by name (auto) or by ``injection_policy``."""
+    cols: list[str] = []
+    rows: list[str] = []
+    if policy:
+        matched = set()
+        for bname, block in model.named_modules():
+            row_names = _policy_matches(block, policy)
+            if row_names is None:
+                continue
+            matched.add(type(block).__name__)
+            prefix = f"{bname}." if bname else ""
+            linears = [n for n, m in block.named_modules() if n and is_linear(m)]
+            for r in row_names:
+                if r not in linears:
+                    raise ConfigError(
+                        f"{type(block).__name__} has no Linear child {r!r}; its Linear children are {linears}",
+                        key="injection_policy")
+            rows += [prefix + r for r in row_names]
+            cols += [prefix + n for n in linears if n not in row_names]
+        wanted = {b if isinstance(b, str) else b.__name__ for b in policy}
+        if not matched:
+            raise ConfigError(f"no module of the classes {sorted(wanted)} is in the model; check the class "
+                              "names", key="injection_policy")
+        return cols, rows
+    for pname, parent in model.named_modules():
+        prefix = f"{pname}." if pname else ""
+        lin = {n: c for n, c in parent.named_children() if is_linear(c)}
+        c = [n for n in lin if n in COLUMN_NAMES]
+        r = [n for n in lin if n in ROW_NAMES]
+        if not c or not r:
+            continue
+        widths = {_features(lin[n])[1] for n in c}
+        widths |= {w // k for n in c for k in (2, 3) for w in [_features(lin[n])[1]] if w % k == 0}
+        if not all(_features(lin[n])[0] in widths for n in r):
+            warnings.warn(f"tensor parallelism: {pname or type(model).__name__} has column-like {c} and row-like "
+                          f"{r} layers whose widths do not match; left replicated", stacklevel=3)
+            continue
+        cols += [prefix + n for n in c]
+        rows += [prefix + n for n in r]
+    return cols, rows
+
+
+def _int_attr(module: nn.Module, names: Iterable[str]) -> tuple[str, int] | None:
+    for n in names:
+        v = getattr(module, n, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return n, v
+    return None
+
+
+def _attention_shard(name: str, module: nn.Module, children: dict[str, nn.Module], tp: int) -> AttentionShard:
+    """Head counts of one attention module, validated against ``tp``."""
+    hd_attr = _int_attr(module, _HEAD_SIZE_ATTRS)
+    h_attr = _int_attr(module, _HEAD_ATTRS)
+    kv_attr = _int_attr(module, _KV_HEAD_ATTRS)
+    cfg = getattr(module, "config", None)
+    q = next((children[n] for n in ("q_proj", "query", "q") if n in children), None)
+    k = next((children[n] for n in ("k_proj", "key", "k") if n in children), None)
+    hd = hd_attr[1] if hd_attr else None
+    heads = h_attr[1] if h_attr else (_features(q)[1] // hd if q is not None and hd else None)
+    heads = heads or getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
+    if not heads:
+        raise ConfigError(f"cannot tell how many heads {name} ({type(module).__name__}) has: it has none of the "
+                          f"attributes {_HEAD_ATTRS} or {_HEAD_SIZE_ATTRS}; add one, or set tp_size=1",
+                          key=_TP_KEY)
+    kv = kv_attr[1] if kv_attr else (_features(k)[1] // hd if k is not None and hd else None)
+    kv = kv or getattr(cfg, "num_key_value_heads", None) or heads
+    in_width = _features(next(iter(children.values())))[0]
+    if hd is None:
+        if q is not None:
+            hd = _features(q)[1] // heads
+        else:
+            fused = next((c for n, c in children.items() if n in _BLOCK_QKV | {"query_key_value"}), None)
+            if fused is None:
+                raise ConfigError(f"cannot tell the head size of {name} ({type(module).__name__}); give it a "
+                                  "head_dim attribute, or set tp_size=1", key=_TP_KEY)
+            hd = _features(fused)[1] // (heads + 2 * kv)
+    if heads % tp or kv % tp:
+        what = f"{heads} attention heads" + (f" and {kv} key/value heads" if kv != heads else "")
+        ok = [t for t in range(1, heads + 1) if heads % t == 0 and kv % t == 0]
+        raise ConfigError(f"tp_size={tp} must divide the {what} of {name} ({type(module).__name__}); "
+                          f"use one of {ok}", key=_TP_KEY)
+    attrs: dict[str, int] = {}
+    for a in _HEAD_ATTRS:
+        if getattr(module, a, None) == heads and not isinstance(getattr(module, a), bool):
+            attrs[a] = heads // tp
+    for a in _KV_HEAD_ATTRS:
+        if getattr(module, a, None) == kv and not isinstance(getattr(module, a), bool):
+            attrs[a] = kv // tp
+    for a in _WIDTH_ATTRS:
+        if getattr(module, a, None) == heads * hd and not isinstance(getattr(module, a), bool):
+            attrs[a] = heads * hd // tp
+    cfg_attrs = {a: n // tp for a, n in (("num_attention_heads", heads), ("num_key_value_heads", kv))
+                 if getattr(cfg, a, None) == n}
+    return AttentionShard(heads=heads, kv_heads=kv, head_dim=hd, narrow_input=hd_attr is None,
+                          full_width=in_width, attrs=attrs, config_attrs=cfg_attrs, alibi_arg=_alibi_arg(module))
+
+
+def _alibi_arg(module: nn.Module) -> int | None:
+    try:
+        params = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params.index("alibi") if "alibi" in params else None
+
+
+def _pieces(leaf: str, out: int, att: AttentionShard | None) -> tuple[int, ...]:
+    if leaf in _BLOCK_QKV and att is not None:
+        q, kv = att.heads * att.head_dim, att.kv_heads * att.head_dim
+        if q + 2 * kv == out:
+            return (q, kv, kv)
+    if leaf in _BLOCK_QKV and out % 3 == 0:
+        return (out // 3,) * 3
+    if leaf in _FUSED_GATE_UP and out % 2 == 0:
+        return (out // 2, out // 2)
+    return (out,)  # plain, or query_key_value whose rows are already grouped per head
+
+
+def plan_tensor_parallel(model: nn.Module, tp_size: int,
+                         injection_policy: Mapping[Any, tuple[str, ...]] | None = None) -> TensorParallelPlan:
+    """Decide which layers to split and how, from the module structure alone (works on meta).
+
+    Args:
+        model: the model (any device, including meta).
+        tp_size: number of TP ranks.
+        injection_policy: optional ``{block class or name: (row-parallel child names)}``.
+    Returns:
+        the plan (empty for ``tp_size == 1``).
+    Raises:
+        ConfigError: ``tp_size`` does not divide the heads or a split width, no layer can be
+            split, or the policy names something absent.
+    """
+    plan = TensorParallelPlan(tp_size=tp_size)
+    if tp_size == 1:
+        return plan
+    cols, rows = _find_layers(model, injection_policy)
+    if not rows:
+        raise ConfigError(f"found no Linear layers to split for tp_size={tp_size} in {type(model).__name__}: "
+                          "none is named like q_proj/c_attn/fc1 (column) with o_proj/c_proj/fc2 (row) in the "
+                          "same module. Pass injection_policy={BlockClass: ('attn.out', 'mlp.fc_out')}",
+                          key=_TP_KEY)
+    modules = dict(model.named_modules())
+    by_parent: dict[str, dict[str, nn.Module]] = {}
+    for c in cols:
+        parent, _, leaf = c.rpartition(".")
+        by_parent.setdefault(parent, {})[leaf] = modules[c]
+    for parent, children in by_parent.items():
+        if any(leaf in _QKV_NAMES for leaf in children):
+            plan.attention[parent] = _attention_shard(parent or type(model).__name__, modules[parent],
+                                                      children, tp_size)
+    for c in cols:
+        parent, _, leaf = c.rpartition(".")
+        mod = modules[c]
+        pieces = _pieces(leaf, _features(mod)[1], plan.attention.get(parent))
+        _check_divisible(c, pieces, tp_size)
+        plan.params[f"{c}.weight"] = Placement("shard", 1 if _is_conv1d(mod) else 0, pieces)
+        if getattr(mod, "bias", None) is not None:
+            plan.params[f"{c}.bias"] = Placement("shard", 0, pieces)
+    for r in rows:
+        mod = modules[r]
+        width = _features(mod)[0]
+        _check_divisible(r, (width,), tp_size)
+        plan.params[f"{r}.weight"] = Placement("shard", 0 if _is_conv1d(mod) else 1, (width,))
+        if getattr(mod, "bias", None) is not None:
+            plan.params[f"{r}.bias"] = Placement("rank0")
+    plan.column, plan.row = cols, rows
+    return plan
+
+
+def _check_divisible(name: str, pieces: tuple[int, ...], tp: int) -> None:
+    bad = [p for p in pieces if p % tp]
+    if bad:
+        raise ConfigError(f"tp_size={tp} does not divide the width {bad[0]} of {name}; choose a tp_size that "
+                          "divides it", key=_TP_KEY)
+
+
+# ----------------------------------------------------------------------------------------- sharding
+
+def take(tensor: torch.Tensor, placement: Placement, rank: int, tp: int) -> torch.Tensor:
+    """This rank's part of a full ``tensor`` (a new tensor; meta stays meta)."""
+    if placement.kind == "rank0":
+        return tensor.clone() if rank == 0 else torch.zeros_like(tensor)
+    if tensor.is_meta:
+        return torch.empty(placement.local_shape(tensor.shape, tp), dtype=tensor.dtype, device="meta")
+    parts = [tensor.narrow(placement.dim, a, b - a) for a, b in placement.ranges(rank, tp)]
+    return torch.cat(parts, dim=placement.dim).contiguous()
+
+
+def shard_module(model: nn.Module, plan: TensorParallelPlan, rank: int) -> None:
+    """Replace the planned parameters by this rank's parts and fix the per-rank attributes.
+
+    Safe on a meta model (parameters become meta tensors of the local shape, to be filled by
+    :func:`flexspeed.inference.loading.load_checkpoint`).
+    """
+    if plan.tp_size == 1:
+        return
+    if getattr(model, "_flexspeed_tp_size", 1) != 1:
+        raise RuntimeError("this model is already split for tensor parallelism; build a fresh one")
+    replaced: dict[int, nn.Parameter] = {}
+    for fqn, placement in plan.params.items():
+        owner_name, _, pname = fqn.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        old = owner._parameters[pname]
+        assert old is not None, fqn
+        if id(old) not in replaced:
+            replaced[id(old)] = nn.Parameter(take(old.data, placement, rank, plan.tp_size),
+                                             requires_grad=old.requires_grad)
+        owner._parameters[pname] = replaced[id(old)]
+    for name in plan.column + plan.row:
+        mod = model.get_submodule(name)
+        n_in, n_out = _features(mod)
+        if _is_conv1d(mod):
+            mod.nx, mod.nf = n_in, n_out
+        else:
+            mod.in_features, mod.out_features = n_in, n_out
+    for name, att in plan.attention.items():
+        mod = model.get_submodule(name)
+        for attr, value in att.attrs.items():
+            setattr(mod, attr, value)
+        if att.config_attrs:  # a private copy: the shared config keeps describing the whole model
+            mod.config = copy.copy(mod.config)
+            for attr, value in att.config_attrs.items():
+                setattr(mod.config, attr, value)
+    model._flexspeed_tp_size = plan.tp_size
+
+
+def apply_tensor_parallel(model: nn.Module, tp_size: int, *, rank: int | None = None,
+                          group: dist.ProcessGroup | None = None,
+                          injection_policy: Mapping[Any, tuple[str, ...]] | None = None) -> TensorParallelPlan:
+    """Plan, shard and hook ``model`` in place for ``tp_size`` ranks of ``group``.
+
+    Args:
+        model: a model holding its full weights (all ranks hold the same values).
+        tp_size: TP degree; must equal the size of ``group``.
+        rank: this process's rank in ``group`` (default: from ``group``).
+        group: the TP process group (default: the world).
+        injection_policy: optional ``{block class: (row-parallel child names)}``.
+    Returns:
+        the plan (its :meth:`TensorParallelPlan.attach` re-hooks replaced modules).
+    """
+    plan = plan_tensor_parallel(model, tp_size, injection_policy)
+    if tp_size > 1:
+        rank = dist.get_rank(group) if rank is None else rank
+        shard_module(model, plan, rank)
+        plan.attach(model, group)
+    return plan

@@ -1,0 +1,518 @@
+"""Training checkpoints: resumable at any world size and ZeRO stage, atomic, and safe to load.
+
+Layout of one checkpoint (``save_dir/<tag>/``)::
+
+    save_dir/
+      latest                     text: the newest complete tag (replaced atomically)
+      global_step100/
+        state/                   torch.distributed.checkpoint (DCP): tensors only -
+          .metadata                model.<fqn> and optim.state.<fqn>.<key>, resharded on load
+          __<rank>_0.distcp
+        engine_state.pt          rank 0: counters, scheduler, loss scaler, dataloader position,
+                                 optimizer param groups (torch.save, read with weights_only=True)
+        client_state.pt          rank 0: the ``client_state`` dict (same rules)
+        rng/rank<r>.pt           every rank: torch CPU (+CUDA), python ``random``, numpy states
+        flexspeed_checkpoint.json  written last: format version, world size, stage, precision
+
+Atomicity: every rank writes into ``save_dir/.flexspeed-tmp-<tag>-<nonce>``; after a barrier rank
+0 renames it to ``<tag>`` and then replaces ``latest`` (write-temp + ``os.replace``). A save that
+dies half-way leaves only the hidden temporary directory (removed by the next save), and
+``latest`` still names the previous complete tag.
+
+Safety: nothing is unpickled beyond what ``torch.load(weights_only=True)`` allows; DCP's own
+pickled ``.metadata`` goes through a restricted unpickler (see :mod:`flexspeed.runtime.checkpoint_io`).
+``client_state`` and the engine state are checked at save time to load back under those rules.
+
+Changing the world size or ZeRO stage between save and load: model and optimizer tensors are
+resharded by DCP; counters, scheduler and loss scaler are global; the dataloader resumes at the
+same global sample offset (see ``FlexDataLoader``); rank ``r`` takes the RNG state saved by rank
+``r % saved_world_size``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.metadata import Metadata
+
+from flexspeed.runtime.checkpoint_io import (
+    CLIENT_FILE,
+    ENGINE_FILE,
+    FORMAT_VERSION,
+    MANIFEST,
+    RNG_DIR,
+    STATE_DIR,
+    TMP_PREFIX,
+    CheckpointError,
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    UnsafeCheckpointError,
+    commit_tag,
+    find_unsafe,
+    read_latest,
+    read_manifest,
+    read_metadata,
+    remove_stale_temporaries,
+    resolve_tag_dir,
+    safe_torch_load,
+    serialize_checked,
+    validate_tag,
+    write_atomic,
+)
+
+__all__ = [
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "validate_tag",
+    "read_latest",
+    "consolidate",
+    "save_16bit_model",
+    "FORMAT_VERSION",
+]
+
+log = logging.getLogger("flexspeed")
+
+
+# ---- collective helpers ---------------------------------------------------------------------------
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    rank, world = _rank_world()
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _tag_validation_mode(engine: Any) -> str:
+    ckpt = getattr(getattr(engine, "config", None), "checkpoint", None)
+    return str(getattr(ckpt, "tag_validation", "Warn") or "Warn").capitalize()
+
+
+def _agree(tag: str, error: str, mode: str) -> tuple[str, str]:
+    """One all-gather: every rank's tag and local error. Returns (rank 0's tag, nonce)."""
+    rank, _ = _rank_world()
+    nonce = f"{time.time_ns():x}{os.getpid():x}"
+    gathered = _all_gather((tag, nonce, error))
+    errors = [f"rank {r}: {e}" for r, (_, _, e) in enumerate(gathered) if e]
+    if errors:
+        raise ValueError("save_checkpoint failed before writing anything:\n" + "\n".join(errors))
+    tags = [t for t, _, _ in gathered]
+    if len(set(tags)) > 1 and mode != "Ignore":
+        msg = (f"save_checkpoint: ranks passed different tags {dict(enumerate(tags))}. Fix: pass the same tag on "
+               "every rank (e.g. derived from engine.global_steps)")
+        if mode == "Fail":
+            raise ValueError(msg + " [checkpoint.tag_validation='Fail']")
+        if rank == 0:
+            warnings.warn(msg + f"; saving under rank 0's tag {tags[0]!r} [checkpoint.tag_validation='Warn']",
+                          stacklevel=3)
+    return tags[0], gathered[0][1]
+
+
+# ---- the pieces of a checkpoint -------------------------------------------------------------------
+def _rng_state() -> dict:
+    state: dict[str, Any] = {"torch_cpu": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    try:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = {"name": str(name), "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    except ImportError:
+        pass
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["torch_cuda"])
+    if "numpy" in state:
+        try:
+            import numpy as np
+        except ImportError:
+            return
+        s = state["numpy"]
+        np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"],
+                             s["cached_gaussian"]))
+
+
+def _scalar_to_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, bool):
+        return torch.tensor(value)
+    if isinstance(value, int):
+        return torch.tensor(value, dtype=torch.int64)
+    if isinstance(value, float):
+        return torch.tensor(value, dtype=torch.float64)
+    return None
+
+
+def _tensor_tree(optim_state: dict) -> dict:
+    """Optimizer per-parameter state with tensor leaves only (numbers become 0-dim tensors)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for fqn, entry in optim_state.items():
+        leaves = {}
+        for key, value in entry.items():
+            t = value if torch.is_tensor(value) else _scalar_to_tensor(value)
+            if t is not None:
+                leaves[str(key)] = t
+        if leaves:
+            out[str(fqn)] = leaves
+    return out
+
+
+def _zero1_optimizer(optim: Any) -> bool:
+    try:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(optim, ZeroRedundancyOptimizer)
+
+
+def _fqn_param_groups(module: torch.nn.Module, optim: torch.optim.Optimizer) -> list[dict]:
+    names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+    return [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+            for g in optim.param_groups]
+
+
+def _state_dicts(engine: Any, *, with_optimizer: bool, exclude_frozen: bool = False,
+                 for_load: bool = False) -> tuple[dict, dict | None]:
+    """(model state, optimizer state ``{"state": {fqn: {...}}, "param_groups": [...]}``), sharded, by FQN.
+
+    With ``for_load`` the optimizer state is allocated if it is empty (it is the load target).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    opts = StateDictOptions(full_state_dict=False, ignore_frozen_params=exclude_frozen)
+    module, optim = engine.module, engine.optimizer
+    if not with_optimizer or optim is None:
+        return get_model_state_dict(module, options=opts), None
+    zero1 = _zero1_optimizer(optim)
+    local = optim.optim if zero1 else optim
+    if not local.state and not for_load:
+        # nothing stepped yet: torch's get_state_dict would initialise the state (a step at lr 0),
+        # which would change the run being saved; save the hyperparameters and no state instead
+        return get_model_state_dict(module, options=opts), {"state": {},
+                                                             "param_groups": _fqn_param_groups(module, optim)}
+    if zero1:
+        # each rank owns whole parameters: its local optimizer's state (the live tensors), by FQN
+        if not local.state:
+            from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+            _init_optim_state(optim)  # a zero-gradient step at lr 0 on every rank: allocates the state
+        names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+        state = {names[id(p)]: s for p, s in local.state.items()}
+        return get_model_state_dict(module, options=opts), {"state": state,
+                                                             "param_groups": _fqn_param_groups(module, optim)}
+    return get_state_dict(module, optim, options=opts)
+
+
+def _engine_state(engine: Any, optim_sd: dict | None, excluded: list[str]) -> dict:
+    loader = getattr(engine, "training_dataloader", None)
+    sched = getattr(engine, "lr_scheduler", None)
+    scaler = getattr(engine, "loss_scaler", None)
+    return {
+        "format_version": FORMAT_VERSION,
+        "counters": {k: int(getattr(engine, k, 0)) for k in ("global_steps", "global_samples", "micro_steps",
+                                                             "skipped_steps")},
+        "gradient_accumulation_steps": int(engine.gradient_accumulation_steps()),
+        "lr_scheduler": sched.state_dict() if sched is not None and hasattr(sched, "state_dict") else None,
+        "loss_scaler": scaler.state_dict() if scaler is not None else None,
+        "dataloader": loader.state_dict() if loader is not None and hasattr(loader, "state_dict") else None,
+        "optimizer_param_groups": optim_sd["param_groups"] if optim_sd is not None else None,
+        "excluded_model_keys": excluded,
+    }
+
+
+def _manifest(engine: Any, tag: str, world: int, has_optimizer: bool) -> dict:
+    from flexspeed import __version__
+
+    strategy = getattr(engine, "_strategy", None)
+    return {"format": "flexspeed-checkpoint", "format_version": FORMAT_VERSION, "tag": tag,
+            "created_unix": time.time(), "flexspeed": __version__, "torch": torch.__version__,
+            "world_size": world, "dp_world_size": int(getattr(engine, "dp_world_size", world)),
+            "zero_stage": int(getattr(strategy, "stage", 0)),
+            "precision": getattr(getattr(engine, "precision", None), "mode", "fp32"),
+            "global_steps": int(getattr(engine, "global_steps", 0)), "has_optimizer_state": has_optimizer,
+            "files": {"tensors": f"{STATE_DIR}/ (torch.distributed.checkpoint)", "engine": ENGINE_FILE,
+                      "client_state": CLIENT_FILE, "rng": f"{RNG_DIR}/rank<r>.pt"}}
+
+
+# ---- save -----------------------------------------------------------------------------------------
+def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: Any = None, client_state: dict | None = None,
+                    save_latest: bool = True, exclude_frozen_parameters: bool = False) -> bool:
+    """Save everything needed to resume ``engine`` exactly; every rank must call it.
+
+    Args:
+        engine: the ``TrainingEngine``.
+        save_dir: directory holding the tags and the ``latest`` file (created if needed).
+        tag: the checkpoint's name (default ``global_step<N>``); see :func:`validate_tag`.
+        client_state: extra state returned by ``load_checkpoint``: tensors, numbers, strings,
+            lists, tuples and dicts (anything ``torch.load(weights_only=True)`` reads back).
+        save_latest: point ``save_dir/latest`` at this tag once it is complete.
+        exclude_frozen_parameters: leave out parameters with ``requires_grad=False``.
+    Returns:
+        ``True`` once the tag is complete and visible on every rank.
+    """
+    rank, world = _rank_world()
+    tag = f"global_step{int(engine.global_steps)}" if tag is None else tag
+    error, client_bytes = "", b""
+    try:
+        tag = validate_tag(tag)
+        client_bytes = serialize_checked(dict(client_state or {}), "client_state",
+                                          "Fix: keep client_state to tensors, numbers, strings, lists, tuples "
+                                          "and dicts (convert other objects, e.g. with vars() or str())")
+    except ValueError as e:
+        error = str(e)
+    tag, nonce = _agree(str(tag), error, _tag_validation_mode(engine))
+    save_dir = os.path.abspath(os.fspath(save_dir))
+    tmp = os.path.join(save_dir, f"{TMP_PREFIX}{tag}-{nonce}")
+    if rank == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        remove_stale_temporaries(save_dir)
+        os.makedirs(os.path.join(tmp, RNG_DIR))
+    gas = int(engine.gradient_accumulation_steps())
+    if rank == 0 and gas > 1 and int(engine.micro_steps) % gas:
+        log.warning("flexspeed: saving checkpoint %r between accumulation boundaries (micro step %d, %d per "
+                    "step): the gradients accumulated so far are not saved", tag, engine.micro_steps, gas)
+    _barrier()
+    try:
+        _write_tag(engine, tmp, tag, world, rank, client_bytes, exclude_frozen_parameters)
+        _barrier()
+        if rank == 0:
+            commit_tag(save_dir, tmp, tag, nonce, save_latest)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _barrier()
+    if rank == 0:
+        log.info("flexspeed: saved checkpoint %s", os.path.join(save_dir, tag))
+    return True
+
+
+def _write_tag(engine: Any, tmp: str, tag: str, world: int, rank: int, client_bytes: bytes,
+               exclude_frozen: bool) -> None:
+    model_sd, optim_sd = _state_dicts(engine, with_optimizer=True, exclude_frozen=exclude_frozen)
+    excluded = []
+    if exclude_frozen:
+        excluded = [n for n, p in engine.module.named_parameters() if not p.requires_grad]
+    tensors: dict[str, Any] = {"model": model_sd}
+    if optim_sd is not None:
+        tensors["optim"] = {"state": _tensor_tree(optim_sd["state"])}
+    dcp.save(tensors, storage_writer=FileSystemWriter(os.path.join(tmp, STATE_DIR)), no_dist=world == 1)
+    with open(os.path.join(tmp, RNG_DIR, f"rank{rank}.pt"), "wb") as f:
+        torch.save(_rng_state(), f)
+        f.flush()
+        os.fsync(f.fileno())
+    if rank == 0:
+        engine_bytes = serialize_checked(
+            _engine_state(engine, optim_sd, excluded), "the engine state (scheduler, loss scaler, dataloader, "
+            "optimizer param groups)", "Fix: use schedulers/optimizers whose state_dict() holds only tensors, "
+            "numbers, strings and containers")
+        for name, data in ((ENGINE_FILE, engine_bytes), (CLIENT_FILE, client_bytes)):
+            write_atomic(os.path.join(tmp, name), data)
+        manifest = _manifest(engine, tag, world, optim_sd is not None)
+        write_atomic(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=2).encode())
+
+
+# ---- load -----------------------------------------------------------------------------------------
+def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: Any = None, load_module_strict: bool = True,
+                    load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
+                    load_module_only: bool = False) -> tuple[str | None, dict | None]:
+    """Restore ``engine`` from a checkpoint saved at any world size and ZeRO stage; every rank calls it.
+
+    Args:
+        engine: the ``TrainingEngine`` (built the same way as the one that saved, any world size/stage).
+        load_dir: the ``save_dir`` given to ``save_checkpoint``.
+        tag: which tag; ``None`` reads ``load_dir/latest``.
+        load_module_strict: every model key must match (else missing keys keep their current values).
+        load_optimizer_states: restore the optimizer's per-parameter state and hyperparameters.
+        load_lr_scheduler_states: restore the scheduler.
+        load_module_only: restore the model weights only (no optimizer, scheduler, counters, RNG or data
+            position), e.g. to fine-tune from a trained checkpoint.
+    Returns:
+        ``(path of the loaded tag, client_state)``, or ``(None, None)`` when ``tag`` is None and there
+        is no ``latest`` file.
+    """
+    load_dir = os.path.abspath(os.fspath(load_dir))
+    if tag is None:
+        tag = read_latest(load_dir)
+        if tag is None:
+            warnings.warn(f"flexspeed: no 'latest' file in {load_dir}, so there is no checkpoint to load; "
+                          "returning (None, None). Fix: pass tag=... to load a specific checkpoint", stacklevel=2)
+            return None, None
+    path = resolve_tag_dir(load_dir, validate_tag(tag))
+    manifest = read_manifest(path)
+    meta = safe_torch_load(os.path.join(path, ENGINE_FILE))
+    want_optim = bool(load_optimizer_states and not load_module_only and engine.optimizer is not None)
+    if want_optim and not manifest.get("has_optimizer_state", False):
+        warnings.warn(f"checkpoint {path} holds no optimizer state; the optimizer keeps its current state",
+                      stacklevel=2)
+        want_optim = False
+    _load_tensors(engine, path, meta, strict=load_module_strict, with_optimizer=want_optim)
+    if not load_module_only:
+        _restore_engine(engine, meta, manifest, load_lr_scheduler_states=load_lr_scheduler_states)
+        _restore_rng(path, manifest)
+    client_state = safe_torch_load(os.path.join(path, CLIENT_FILE))
+    _barrier()
+    return path, client_state
+
+
+def _load_tensors(engine: Any, path: str, meta: dict, *, strict: bool, with_optimizer: bool) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+
+    state_dir = os.path.join(path, STATE_DIR)
+    metadata = read_metadata(state_dir)
+    model_sd, optim_sd = _state_dicts(engine, with_optimizer=with_optimizer, for_load=True)
+    _check_model_keys(model_sd, metadata, set(meta.get("excluded_model_keys") or ()), strict, path)
+    target: dict[str, Any] = {"model": model_sd}
+    optim_tensors = None
+    if optim_sd is not None:
+        optim_tensors = _tensor_tree(optim_sd["state"])
+        available = {k for k in metadata.state_dict_metadata if k.startswith("optim.state.")}
+        # parameters with no saved state (never stepped) must end up with none, as in the saving run
+        optim_tensors = {fqn: {k: v for k, v in leaves.items() if f"optim.state.{fqn}.{k}" in available}
+                         for fqn, leaves in optim_tensors.items()}
+        optim_tensors = {fqn: leaves for fqn, leaves in optim_tensors.items() if leaves}
+        target["optim"] = {"state": optim_tensors}
+    _, world = _rank_world()
+    try:
+        dcp.load(target, storage_reader=SafeFileSystemReader(state_dir),
+                 planner=SafeLoadPlanner(allow_partial_load=True), no_dist=world == 1)
+    except UnsafeCheckpointError:
+        raise
+    except Exception as e:  # DCP wraps per-rank failures; surface a refused pickle as such
+        unsafe = find_unsafe(e)
+        if unsafe is not None:
+            raise unsafe from e
+        raise CheckpointError(f"loading the tensors of {path} failed: {e}") from e
+    model_sd = target["model"]
+    if optim_sd is None or _zero1_optimizer(engine.optimizer):
+        set_model_state_dict(engine.module, model_sd, options=StateDictOptions(strict=False))
+    if optim_sd is None:
+        return
+    optim_sd = _merge_optim(optim_sd, target["optim"]["state"], meta.get("optimizer_param_groups"))
+    if _zero1_optimizer(engine.optimizer):  # DCP loaded into the live state tensors in place
+        _finish_zero1_load(engine.optimizer, engine.module, optim_sd)
+        return
+    set_state_dict(engine.module, optimizers=engine.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(strict=False))
+
+
+def _check_model_keys(model_sd: dict, metadata: Metadata, excluded: set[str], strict: bool, path: str) -> None:
+    saved = {k[len("model."):] for k, v in metadata.state_dict_metadata.items() if k.startswith("model.")}
+    missing = sorted(set(model_sd) - saved - excluded)
+    unexpected = sorted(saved - set(model_sd))
+    if strict and (missing or unexpected):
+        raise CheckpointError(f"the model does not match checkpoint {path}: missing keys {missing[:10]}"
+                              f"{'...' if len(missing) > 10 else ''}, unexpected keys {unexpected[:10]}"
+                              f"{'...' if len(unexpected) > 10 else ''}. Fix: build the same model, or pass "
+                              "load_module_strict=False to keep current values for missing keys")
+    if missing:
+        log.warning("flexspeed: %d model keys are not in the checkpoint and keep their values: %s", len(missing),
+                    missing[:10])
+
+
+def _merge_optim(template: dict, loaded_state: dict, saved_groups: list | None) -> dict:
+    """The optimizer state dict to set: loaded tensors (numbers restored) and the saved hyperparameters."""
+    state: dict[str, dict] = {}
+    for fqn, leaves in loaded_state.items():
+        entry = dict(template["state"].get(fqn, {}))
+        for key, value in leaves.items():
+            before = entry.get(key)
+            entry[key] = value if torch.is_tensor(before) or before is None else type(before)(value.item())
+        state[fqn] = entry
+    groups = template["param_groups"]
+    if saved_groups is not None:
+        if [sorted(g["params"]) for g in saved_groups] == [sorted(g["params"]) for g in groups]:
+            by_first = {tuple(sorted(g["params"])): g for g in saved_groups}
+            groups = [{**by_first[tuple(sorted(g["params"]))], "params": g["params"]} for g in groups]
+        else:
+            warnings.warn(f"flexspeed: the optimizer's parameter groups differ from the checkpoint's (saved "
+                          f"{len(saved_groups)} groups, now {len(groups)}); per-parameter state is restored, "
+                          "hyperparameters (lr, betas, ...) stay as configured now", stacklevel=4)
+    return {"state": state, "param_groups": groups}
+
+
+def _finish_zero1_load(optim: Any, module: torch.nn.Module, optim_sd: dict) -> None:
+    """ZeroRedundancyOptimizer: drop state the checkpoint did not have; copy the hyperparameters."""
+    names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+    for param in list(optim.optim.state):
+        if names[id(param)] not in optim_sd["state"]:
+            del optim.optim.state[param]
+    for live, saved in zip(optim.param_groups, optim_sd["param_groups"]):
+        live.update({k: v for k, v in saved.items() if k != "params"})
+    for live, saved in zip(optim.optim.param_groups, optim_sd["param_groups"]):
+        if len(optim.optim.param_groups) == len(optim.param_groups):
+            live.update({k: v for k, v in saved.items() if k != "params"})
+
+
+def _restore_engine(engine: Any, meta: dict, manifest: dict, *, load_lr_scheduler_states: bool) -> None:
+    counters = meta["counters"]
+    for key, value in counters.items():
+        setattr(engine, key, int(value))
+    gas_now, gas_saved = int(engine.gradient_accumulation_steps()), int(meta["gradient_accumulation_steps"])
+    if gas_now != gas_saved:  # keep accumulation boundaries aligned with optimizer steps
+        engine.micro_steps = int(counters["global_steps"]) * gas_now
+    sched = getattr(engine, "lr_scheduler", None)
+    if load_lr_scheduler_states and sched is not None and meta.get("lr_scheduler") is not None:
+        sched.load_state_dict(meta["lr_scheduler"])
+    scaler = getattr(engine, "loss_scaler", None)
+    if scaler is not None and meta.get("loss_scaler") is not None:
+        scaler.load_state_dict(meta["loss_scaler"])
+    loader = getattr(engine, "training_dataloader", None)
+    if loader is not None and meta.get("dataloader") is not None and hasattr(loader, "load_state_dict"):
+        loader.load_state_dict(meta["dataloader"])
+
+
+def _restore_rng(path: str, manifest: dict) -> None:
+    """Rank r takes the RNG state saved by rank ``r % saved_world_size``."""
+    rank, _ = _rank_world()
+    saved_world = int(manifest.get("world_size", 1))
+    _set_rng_state(safe_torch_load(os.path.join(path, RNG_DIR, f"rank{rank % saved_world}.pt")))
+
+
+# ---- export (implemented in flexspeed.runtime.export) -----------------------------------------------
+def consolidate(ckpt_dir: str | os.PathLike, tag: str | None = None, dtype: Any = None) -> dict[str, torch.Tensor]:
+    """The full model state dict of a checkpoint, in one process; see :func:`flexspeed.runtime.export.consolidate`."""
+    from flexspeed.runtime.export import consolidate as _consolidate
+
+    return _consolidate(ckpt_dir, tag=tag, dtype=dtype)
+
+
+def save_16bit_model(engine: Any, save_dir: str | os.PathLike, save_filename: str = "pytorch_model.bin",
+                     exclude_frozen_parameters: bool = False, dtype: Any = None) -> bool:
+    """Gather the full weights in 16 bits and write them from rank 0; see :mod:`flexspeed.runtime.export`."""
+    from flexspeed.runtime.export import save_16bit_model as _save
+
+    return _save(engine, save_dir, save_filename, exclude_frozen_parameters=exclude_frozen_parameters, dtype=dtype)
+
+

@@ -1,0 +1,282 @@
+"""Checkpoint files on disk: layout names, tag rules, atomic writes and safe reading.
+
+The training-level logic (what goes into a checkpoint and how it is restored) lives in
+:mod:`flexspeed.runtime.checkpoint`; this module only knows files.
+
+Safety: torch 2.13's ``torch.distributed.checkpoint`` reads its ``.metadata`` file with a plain
+``pickle.load`` and loads pickled non-tensor items with ``torch.load(weights_only=False)``. Here
+the metadata goes through an unpickler restricted to DCP's own metadata dataclasses and torch
+value types, pickled non-tensor items are refused (flexspeed never writes any), tensor data keeps
+DCP's ``weights_only=True``, and every other file is read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import re
+import shutil
+import warnings
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+__all__ = [
+    "FORMAT_VERSION", "MANIFEST", "STATE_DIR", "ENGINE_FILE", "CLIENT_FILE", "RNG_DIR", "LATEST",
+    "CheckpointError", "UnsafeCheckpointError", "validate_tag", "read_latest", "resolve_tag_dir",
+    "read_manifest", "read_metadata", "safe_torch_load", "SafeFileSystemReader", "SafeLoadPlanner",
+    "write_atomic", "serialize_checked", "commit_tag", "remove_stale_temporaries", "find_unsafe",
+    "TMP_PREFIX",
+]
+
+FORMAT_VERSION = 1
+MANIFEST = "flexspeed_checkpoint.json"
+STATE_DIR = "state"
+ENGINE_FILE = "engine_state.pt"
+CLIENT_FILE = "client_state.pt"
+RNG_DIR = "rng"
+LATEST = "latest"
+TMP_PREFIX = ".flexspeed-tmp-"
+_OLD_PREFIX = ".flexspeed-old-"
+_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,127}")
+_TAG_RULE = ("a tag names one directory inside save_dir: 1-128 characters of letters, digits, '_', '-', '.', "
+             "'+' or '=', starting with a letter, digit or '_', without '..' and not 'latest'")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, or does not fit the engine it is loaded into."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file holds a pickled object that flexspeed refuses to unpickle."""
+
+
+# ---- tags and the latest pointer ------------------------------------------------------------------
+def validate_tag(tag: Any, *, what: str = "tag") -> str:
+    """Return ``tag`` as a string if it is a safe directory name, else raise ``ValueError``."""
+    text = str(tag) if isinstance(tag, int) and not isinstance(tag, bool) else tag
+    if not isinstance(text, str) or not _TAG_RE.fullmatch(text) or ".." in text or text == LATEST:
+        raise ValueError(f"checkpoint {what} {tag!r} is not allowed: {_TAG_RULE}. "
+                         f"Fix: pass e.g. tag='global_step100' (or tag=None for global_step<N>)")
+    return text
+
+
+def read_latest(ckpt_dir: str | os.PathLike) -> str | None:
+    """The tag named by ``ckpt_dir/latest`` (validated), or ``None`` if there is no such file."""
+    path = os.path.join(os.fspath(ckpt_dir), LATEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return validate_tag(f.read().strip(), what=f"tag in {path}")
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new content, never a mix."""
+    tmp = f"{path}.flexspeed-tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---- safe reading ---------------------------------------------------------------------------------
+_DCP_META_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "slice"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata``: only DCP's metadata dataclasses and torch value types."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _DCP_META_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                         torch.memory_format)):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a checkpoint's metadata")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader with its ``.metadata`` pickle restricted and unsafe data refused."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")
+        name = ".metadata" if rank is None else f"__{rank}.metadata"
+        path = os.path.join(os.fspath(self.path), name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path} is missing: {os.fspath(self.path)} is not a complete "
+                                  "torch.distributed.checkpoint directory")
+        with open(path, "rb") as f:
+            try:
+                metadata = _MetadataUnpickler(f).load()
+            except (pickle.UnpicklingError, AttributeError, EOFError, TypeError, ValueError) as e:
+                raise UnsafeCheckpointError(_unsafe_message(path, e)) from e
+        if not isinstance(metadata, Metadata):
+            raise UnsafeCheckpointError(_unsafe_message(path, f"it holds a {type(metadata).__name__}, "
+                                                              "not DCP Metadata"))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    def read_data(self, plan: Any, planner: Any) -> Any:
+        try:
+            return super().read_data(plan, planner)
+        except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a data file
+            raise UnsafeCheckpointError(_unsafe_message(os.fspath(self.path), e)) from e
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, refusing pickled non-tensor items (DCP loads them with weights_only=False)."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        raise UnsafeCheckpointError(
+            f"checkpoint item {read_item.dest_index.fqn!r} is a pickled Python object; flexspeed stores only "
+            "tensors with torch.distributed.checkpoint and refuses to unpickle anything else there. Fix: load "
+            "a checkpoint written by flexspeed, or convert this one with a trusted tool")
+
+
+def _unsafe_message(path: str, err: Any) -> str:
+    return (f"refusing to load {path}: it holds a pickled object outside the allow-list ({err}). flexspeed "
+            "checkpoints never need one, so the file was tampered with or was not written by flexspeed. Fix: "
+            "use a checkpoint from a trusted source; only if you trust this file, load it yourself with "
+            "torch.load(..., weights_only=False)")
+
+
+def safe_torch_load(path: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU, with a clear error for refused pickles."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file {path} is missing: the checkpoint is incomplete or was not "
+                              "written by flexspeed")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(_unsafe_message(path, e)) from e
+
+
+def read_metadata(state_dir: str) -> Metadata:
+    """The DCP metadata of ``state_dir``, read with the restricted unpickler."""
+    return SafeFileSystemReader(state_dir).read_metadata()
+
+
+def serialize_checked(obj: Any, what: str, fix: str) -> bytes:
+    """``torch.save`` bytes of ``obj``, verified to load back under ``weights_only=True``."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getvalue()
+    try:
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{what} cannot be stored safely: it holds an object that torch.load(weights_only=True) "
+                         f"refuses ({str(e).splitlines()[-1] if str(e) else e}). {fix}") from None
+    return data
+
+
+def commit_tag(save_dir: str, tmp: str, tag: str, nonce: str, save_latest: bool) -> None:
+    """Rank 0: make the finished temporary directory the tag, then move ``latest`` to it."""
+    final = os.path.join(save_dir, tag)
+    old = None
+    if os.path.lexists(final):  # re-saving a tag: keep the old copy until the new one is in place
+        old = os.path.join(save_dir, f"{_OLD_PREFIX}{tag}-{nonce}")
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(save_dir)
+    if save_latest:
+        write_atomic(os.path.join(save_dir, LATEST), tag.encode())
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temporaries(save_dir: str) -> None:
+    """Delete what interrupted saves left behind (hidden ``.flexspeed-tmp-*`` directories)."""
+    for name in os.listdir(save_dir):
+        if name.startswith(TMP_PREFIX):
+            path = os.path.join(save_dir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                try:
+                    os.remove(path)
+                except OSError:
+                    pass
+
+
+def resolve_tag_dir(load_dir: str, tag: str) -> str:
+    """``load_dir/tag``; if a re-save of that tag was interrupted mid-swap, the kept old copy."""
+    path = os.path.join(load_dir, tag)
+    if os.path.isdir(path):
+        return path
+    olds = sorted(n for n in os.listdir(load_dir) if n.startswith(f"{_OLD_PREFIX}{tag}-")) \
+        if os.path.isdir(load_dir) else []
+    for name in reversed(olds):
+        candidate = os.path.join(load_dir, name)
+        if os.path.isfile(os.path.join(candidate, MANIFEST)):
+            warnings.warn(f"checkpoint tag {tag!r} was being replaced when a save stopped; loading the previous "
+                          f"copy {candidate}", stacklevel=3)
+            return candidate
+    tags = sorted(n for n in os.listdir(load_dir) if os.path.isfile(os.path.join(load_dir, n, MANIFEST))) \
+        if os.path.isdir(load_dir) else []
+    raise CheckpointError(f"checkpoint tag {tag!r} not found in {load_dir} (complete tags there: {tags or 'none'}). "
+                          "Fix: pass one of those tags, or tag=None to load the one named in 'latest'")
+
+
+def read_manifest(path: str) -> dict:
+    """The JSON manifest of the tag directory ``path`` (it is written last, so it marks completeness)."""
+    file = os.path.join(path, MANIFEST)
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{path} has no {MANIFEST}: it is not a complete flexspeed checkpoint (a save was "
+                              "interrupted, or another tool wrote it)")
+    with open(file, encoding="utf-8") as f:
+        manifest = json.load(f)
+    version = manifest.get("format_version")
+    if manifest.get("format") != "flexspeed-checkpoint" or not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{file} describes format {manifest.get('format')!r} version {version!r}; this "
+                              f"flexspeed reads 'flexspeed-checkpoint' up to version {FORMAT_VERSION}. Fix: upgrade "
+                              "flexspeed")
+    return manifest
+
+
+def find_unsafe(err: BaseException) -> UnsafeCheckpointError | None:
+    seen = 0
+    stack: list[Any] = [err]
+    while stack and seen < 50:
+        e = stack.pop()
+        seen += 1
+        if isinstance(e, UnsafeCheckpointError):
+            return e
+        if isinstance(e, BaseException):
+            stack += [e.__cause__, e.__context__]
+            failures = getattr(e, "failures", None)
+            if isinstance(failures, dict):
+                stack += list(failures.values())
+    return None
+

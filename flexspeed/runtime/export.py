@@ -1,0 +1,191 @@
+"""Export consolidated model weights: from a checkpoint on disk, or from a live engine.
+
+- :func:`consolidate` reads a flexspeed checkpoint in one process, with no process group and
+  none of the processes that wrote it, and returns the full model state dict (DeepSpeed's
+  ``zero_to_fp32`` equivalent, at any world size and ZeRO stage the checkpoint was saved with).
+- :func:`save_16bit_model` gathers the full weights of a running engine at any stage and writes
+  them from rank 0 (``engine.save_16bit_model``).
+- :func:`write_state_dict` writes a state dict as safetensors or a ``torch.save`` file, atomically.
+
+Everything written here loads with ``load_state_dict`` into the plain model, and with
+``torch.load(weights_only=True)`` or ``safetensors.torch.load_file``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from flexspeed.runtime.checkpoint_io import (
+    STATE_DIR,
+    CheckpointError,
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    UnsafeCheckpointError,
+    find_unsafe,
+    read_latest,
+    read_manifest,
+    read_metadata,
+    resolve_tag_dir,
+    validate_tag,
+    write_atomic,
+)
+
+__all__ = ["consolidate", "save_16bit_model", "write_state_dict", "resolve_dtype", "DTYPES"]
+
+log = logging.getLogger("flexspeed")
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"fp32"|"bf16"|"fp16"`` (or the torch dtype, or ``None`` to keep the saved dtypes)."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str):
+        key = _DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
+        if key in DTYPES:
+            return DTYPES[key]
+    raise ValueError(f"dtype={dtype!r} is not supported for export. Fix: use one of {sorted(DTYPES)} "
+                     "(or torch.float32/bfloat16/float16), or None to keep the checkpoint's dtypes")
+
+
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Floating-point tensors to ``dtype``; integer/bool buffers keep theirs."""
+    if dtype is None:
+        return state
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _tag_path(ckpt_dir: str, tag: str | None) -> str:
+    if tag is None:
+        tag = read_latest(ckpt_dir)
+        if tag is None:
+            raise CheckpointError(f"{ckpt_dir} has no 'latest' file. Fix: pass tag=... (--tag) naming one of its "
+                                  "checkpoint directories, or point at the directory given to save_checkpoint")
+    return resolve_tag_dir(ckpt_dir, validate_tag(tag))
+
+
+def consolidate(ckpt_dir: str | os.PathLike, tag: str | None = None,
+                dtype: str | torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The full (unsharded) model state dict of a flexspeed checkpoint, read in this process.
+
+    Works without a process group and at any world size / ZeRO stage the checkpoint was saved
+    with; only the model's tensors are read (no optimizer state). Nothing is unpickled beyond
+    DCP's metadata (restricted) and ``weights_only=True`` tensor data.
+
+    Args:
+        ckpt_dir: the ``save_dir`` of ``save_checkpoint`` (holding ``latest`` and the tags).
+        tag: which tag; ``None`` reads ``ckpt_dir/latest``.
+        dtype: cast floating-point tensors to ``"fp32"``, ``"bf16"`` or ``"fp16"``; ``None`` keeps
+            the saved dtypes (fp32 master weights).
+    Returns:
+        ``{fqn: tensor}`` on CPU, loadable with ``model.load_state_dict``.
+    """
+    target_dtype = resolve_dtype(dtype)
+    path = _tag_path(os.path.abspath(os.fspath(ckpt_dir)), tag)
+    read_manifest(path)
+    state_dir = os.path.join(path, STATE_DIR)
+    metadata = read_metadata(state_dir)
+    model: dict[str, torch.Tensor] = {}
+    for key, md in metadata.state_dict_metadata.items():
+        if key.startswith("model.") and isinstance(md, TensorStorageMetadata):
+            model[key[len("model."):]] = torch.empty(md.size, dtype=md.properties.dtype)
+    if not model:
+        raise CheckpointError(f"{state_dir} holds no model tensors: it is not a flexspeed training checkpoint")
+    try:
+        dcp.load({"model": model}, storage_reader=SafeFileSystemReader(state_dir), planner=SafeLoadPlanner(),
+                 no_dist=True)
+    except UnsafeCheckpointError:
+        raise
+    except Exception as e:
+        unsafe = find_unsafe(e)
+        if unsafe is not None:
+            raise unsafe from e
+        raise CheckpointError(f"reading the model tensors of {path} failed: {e}") from e
+    return _cast(model, target_dtype)
+
+
+def write_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, fmt: str | None = None) -> str:
+    """Write ``state`` to ``path`` atomically as safetensors or ``torch.save``; returns the path.
+
+    ``fmt`` is ``"safetensors"`` or ``"pt"``; ``None`` picks by the file extension
+    (``.safetensors`` -> safetensors, anything else -> ``torch.save``).
+    """
+    path = os.path.abspath(os.fspath(path))
+    fmt = fmt or ("safetensors" if path.endswith(".safetensors") else "pt")
+    if fmt not in ("safetensors", "pt"):
+        raise ValueError(f"format={fmt!r} is not supported. Fix: use 'safetensors' or 'pt'")
+    # separate, contiguous storage per key: tied weights are written twice (safetensors forbids sharing)
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    if fmt == "safetensors":
+        from safetensors.torch import save as st_save
+
+        data = st_save(state, metadata={"format": "pt", "writer": "flexspeed"})
+    else:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    write_atomic(path, data)
+    return path
+
+
+def _stage3_gather_allowed(engine: Any) -> bool:
+    zc = getattr(getattr(engine, "config", None), "zero_optimization", None)
+    return bool(getattr(zc, "stage3_gather_16bit_weights_on_model_save", False))
+
+
+def save_16bit_model(engine: Any, save_dir: str | os.PathLike, save_filename: str = "pytorch_model.bin",
+                     exclude_frozen_parameters: bool = False, dtype: str | torch.dtype | None = None) -> bool:
+    """Gather the full weights at any ZeRO stage and write them in 16 bits from rank 0 (every rank calls).
+
+    Args:
+        engine: the ``TrainingEngine``.
+        save_dir: output directory (created on rank 0).
+        save_filename: file name; ``*.safetensors`` writes safetensors, anything else ``torch.save``.
+        exclude_frozen_parameters: leave out parameters with ``requires_grad=False``.
+        dtype: ``None`` -> bf16 when the engine computes in bf16, else fp16 (as the name says);
+            or ``"fp16"``/``"bf16"``/``"fp32"``.
+    Returns:
+        ``True`` when written; ``False`` (with a warning, nothing written) at ZeRO stage 3 when
+        ``zero_optimization.stage3_gather_16bit_weights_on_model_save`` is false, as in DeepSpeed.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    name = os.fspath(save_filename)
+    if not name or os.path.basename(name) != name or name in (".", ".."):
+        raise ValueError(f"save_filename={save_filename!r} must be a plain file name inside save_dir. "
+                         "Fix: pass e.g. 'pytorch_model.bin' or 'model.safetensors'")
+    stage = int(getattr(getattr(engine, "_strategy", None), "stage", 0))
+    if stage == 3 and not _stage3_gather_allowed(engine):
+        warnings.warn("save_16bit_model: nothing saved, because ZeRO stage 3 needs "
+                      "zero_optimization.stage3_gather_16bit_weights_on_model_save=true to gather full weights. "
+                      "Fix: set it, or save a checkpoint and run `flexspeed export` on it (no gathering needed)",
+                      stacklevel=2)
+        return False
+    if dtype is None:
+        mode = getattr(getattr(engine, "precision", None), "mode", "fp32")
+        target = torch.bfloat16 if mode == "bf16" else torch.float16
+    else:
+        target = resolve_dtype(dtype)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=exclude_frozen_parameters)
+    state = get_model_state_dict(engine.module, options=opts)  # collective at stage 3; full on rank 0
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if rank == 0:
+        path = write_state_dict(_cast(state, target), os.path.join(os.fspath(save_dir), name))
+        log.info("flexspeed: saved %s weights to %s", str(target).replace("torch.", ""), path)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    return True

@@ -1,0 +1,277 @@
+"""ZeRO stages 2 and 3 on FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+- stage 2: ``reshard_after_forward=False``: each block's full parameters are gathered once per
+  micro-step in forward and kept through backward; gradients and optimizer state are sharded.
+- stage 3: ``reshard_after_forward=True`` on every repeated block (children of an
+  ``nn.ModuleList``, or the classes named in a Hugging Face model's ``_no_split_modules``), so
+  at most a block or two is whole at a time; the root keeps FSDP2's default (gathered from its
+  forward to its backward). Parameters with fewer than ``stage3_param_persistence_threshold``
+  elements stay whole on every rank (FSDP2 ``ignored_params``); their gradients are all-reduced
+  here, once per accumulation boundary.
+
+Gradients are reduce-scattered on every micro-step and accumulated as fp32 shards (DeepSpeed's
+behaviour: a full gradient never outlives one block's backward). ``communication_data_type``
+maps to ``MixedPrecisionPolicy(reduce_dtype=...)``: the wire format only, the result is cast
+back to fp32 before it is accumulated. FSDP2 replaces the parameters with DTensors, so the
+optimizer is built afterwards; a client optimizer made on the old parameters is re-pointed in
+place (same object, same groups and hyperparameters, state re-sharded).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from flexspeed.config.errors import ConfigError
+from flexspeed.runtime.zero import OptimizerFactory, ZeroSettings, ZeroStrategy, check_shardable, warn_once
+
+__all__ = ["FullyShardedDP", "find_blocks", "persistent_params"]
+
+
+def find_blocks(module: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to shard one by one, outermost only, in forward (registration) order.
+
+    A Hugging Face model's ``_no_split_modules`` class names win; otherwise every child of an
+    ``nn.ModuleList`` that holds parameters (``transformer.h``, ``model.layers``, ...).
+    """
+    split_names = set(getattr(module, "_no_split_modules", None) or [])
+    found: list[tuple[str, nn.Module]] = []
+    for name, m in module.named_modules():
+        if m is module:
+            continue
+        if split_names:
+            if type(m).__name__ in split_names:
+                found.append((name, m))
+        elif isinstance(m, nn.ModuleList):
+            found += [(f"{name}.{i}", child) for i, child in enumerate(m)]
+    names = [n for n, _ in found]
+    blocks = []
+    for name, m in found:
+        nested = any(name.startswith(other + ".") for other in names if other != name)
+        if not nested and any(True for _ in m.parameters()):
+            blocks.append(m)
+    return blocks
+
+
+def persistent_params(module: nn.Module, threshold: int) -> list[nn.Parameter]:
+    """Parameters with fewer than ``threshold`` elements: kept whole on every rank at stage 3."""
+    return [p for p in module.parameters() if p.numel() < threshold]
+
+
+def _dp_mesh(device: torch.device, group: dist.ProcessGroup | None):
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+    if not dist.is_initialized():
+        raise RuntimeError("ZeRO stages 2-3 need torch.distributed initialised (a one-process group is fine). "
+                           "Fix: call flexspeed.init_distributed() first, or use flexspeed.initialize()")
+    if group is None:
+        return init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
+    return DeviceMesh.from_group(group, device.type, mesh_dim_names=("dp",))
+
+
+class FullyShardedDP(ZeroStrategy):
+    """ZeRO stage 2 or 3 as FSDP2 over a 1-D data-parallel mesh (any world size, 1 included)."""
+
+    def __init__(self, module: nn.Module, *, stage: int, device: torch.device, group: dist.ProcessGroup | None,
+                 settings: ZeroSettings, notes: list[str] | None = None, accumulate_unsharded: bool = False) -> None:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        super().__init__(stage=stage, module=module, model=module, group=group, notes=list(notes or []),
+                         grad_accum_dtype=settings.grad_accum_dtype)
+        self.mesh = _dp_mesh(device, group)
+        self._world = self.mesh.size()
+        self._comm_dtype = settings.comm_dtype
+        self._accumulate_unsharded = accumulate_unsharded
+        self._sync = True
+        self._explain_ignored_knobs(settings)
+        meta = any(p.is_meta for p in module.parameters())
+        self._persistent = persistent_params(module, settings.persistence_threshold) if stage == 3 else []
+        offload = OffloadPolicy()
+        if "cpu" in (settings.offload_optimizer, settings.offload_param) and device.type != "cpu":
+            offload = CPUOffloadPolicy(pin_memory=settings.pin_memory)
+            if settings.offload_param != "cpu":
+                self.notes.append("offload_optimizer=cpu runs the optimizer step on CPU through FSDP2's "
+                                  "CPUOffloadPolicy, which keeps the parameter and gradient shards in CPU memory too")
+        before = list(module.named_parameters(remove_duplicate=False))
+        kwargs: dict[str, Any] = dict(mesh=self.mesh, offload_policy=offload,
+                                      mp_policy=MixedPrecisionPolicy(reduce_dtype=settings.comm_dtype),
+                                      ignored_params=set(self._persistent) or None)
+        self.blocks = find_blocks(module)
+        for block in self.blocks:
+            fully_shard(block, reshard_after_forward=stage == 3, **kwargs)
+        fully_shard(module, reshard_after_forward=None if stage == 3 else False, **kwargs)
+        if meta:
+            from flexspeed.zero import materialize_module
+
+            materialize_module(module, device)
+        after = dict(module.named_parameters(remove_duplicate=False))
+        self._param_map = {id(p): after[name] for name, p in before}
+        self._persistent = [self._param_map.get(id(p), p) for p in self._persistent]
+        if settings.prefetch_bucket_size is not None and stage == 3:
+            self._set_prefetch(settings.prefetch_bucket_size)
+
+    # ---- configuration ---------------------------------------------------------------------------
+    def _explain_ignored_knobs(self, settings: ZeroSettings) -> None:
+        if settings.reduce_bucket_size_set:
+            warn_once("zero_optimization.reduce_bucket_size is ignored at stages 2-3: FSDP2 reduce-scatters "
+                      "the gradients of one block (one fully_shard unit) per collective", self.notes)
+        if settings.predivide != 1.0:
+            warn_once("gradient_predivide_factor is ignored at stages 2-3: FSDP2 divides by the world size "
+                      "itself (same mean gradient; only the rounding point differs)", self.notes)
+
+    def _set_prefetch(self, bucket_elements: int) -> None:
+        """Map ``stage3_prefetch_bucket_size`` onto FSDP2 explicit prefetch of the next k blocks."""
+        if len(self.blocks) < 2:
+            return
+        block_numel = max(sum(p.numel() for p in b.parameters()) for b in self.blocks)
+        k = min(bucket_elements // max(block_numel, 1), len(self.blocks) - 1)
+        self.prefetch_blocks = k
+        if k < 1:
+            self.notes.append(f"stage3_prefetch_bucket_size={bucket_elements} is smaller than one block "
+                              f"({block_numel} elements): FSDP2's default prefetch (one block in backward) is kept")
+            return
+        for i, block in enumerate(self.blocks):
+            block.set_modules_to_forward_prefetch(self.blocks[i + 1:i + 1 + k])
+            block.set_modules_to_backward_prefetch(self.blocks[max(0, i - k):i][::-1])
+        self.notes.append(f"stage3_prefetch_bucket_size={bucket_elements}: prefetching {k} block(s) ahead")
+
+    # ---- the engine's interface ------------------------------------------------------------------
+    def set_requires_gradient_sync(self, enabled: bool) -> None:
+        self._sync = enabled
+        if self._accumulate_unsharded:
+            self.module.set_requires_gradient_sync(enabled)
+
+    def after_backward(self) -> None:
+        if self._sync and self._persistent and self._world > 1:
+            self._all_reduce_persistent()
+        super().after_backward()
+
+    def grad_group(self) -> dist.ProcessGroup | None:
+        return self.mesh.get_group()
+
+    @torch.no_grad()
+    def _all_reduce_persistent(self) -> None:
+        """Average the gradients of the whole (persistent) parameters across ranks, one collective."""
+        params = [p for p in self._persistent if p.requires_grad]
+        if not params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = _flatten_dense_tensors(grads)
+        wire = flat.to(self._comm_dtype) if self._comm_dtype not in (None, flat.dtype) else flat
+        wire.div_(self._world)
+        dist.all_reduce(wire, group=self.mesh.get_group())
+        for p, new in zip(params, _unflatten_dense_tensors(wire, grads)):
+            if p.grad is None:
+                p.grad = new.to(p.dtype).clone()
+            else:
+                p.grad.copy_(new)
+
+    # ---- the optimizer ---------------------------------------------------------------------------
+    def map_params(self, params: Any) -> list:
+        out = []
+        for item in params:
+            if isinstance(item, dict):
+                out.append({**item, "params": [self._map_one(p) for p in _as_list(item["params"])]})
+            else:
+                out.append(self._map_one(item))
+        return out
+
+    def _map_one(self, p: torch.Tensor) -> torch.Tensor:
+        new = self._param_map.get(id(p))
+        if new is not None:
+            return new
+        if id(p) in self._current_ids():
+            return p
+        raise ConfigError(
+            f"the optimizer (or model_parameters) holds a tensor of shape {tuple(p.shape)} that is not a parameter "
+            "of the model, so ZeRO cannot shard it. Fix: build the optimizer over model.parameters() (or groups of "
+            "them)", key="zero_optimization.stage")
+
+    def _current_ids(self) -> set[int]:
+        return {id(q) for q in self.module.parameters()}
+
+    def build_optimizer(self, client: torch.optim.Optimizer | None, factory: OptimizerFactory | None,
+                        allow_untested: bool = False) -> torch.optim.Optimizer | None:
+        if client is not None:
+            check_shardable(client, self.stage, allow_untested)
+            optimizer = self._repoint(client)
+        elif factory is not None:
+            optimizer = factory(list(self.module.parameters()))
+            check_shardable(optimizer, self.stage, allow_untested)
+        else:
+            return None
+        _no_foreach_across_kinds(optimizer)
+        return optimizer
+
+    def _repoint(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Re-point ``optimizer`` (made on the pre-sharding parameters) at the sharded ones, in place.
+
+        Param groups keep their order and hyperparameters; state tensors shaped like their
+        parameter (e.g. Adagrad's sums, made at construction) are sharded like it.
+        """
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        new_state: dict[torch.Tensor, dict] = defaultdict(dict)
+        mapped = {}
+        for group in optimizer.param_groups:
+            group["params"] = [mapped.setdefault(id(p), self._map_one(p)) for p in group["params"]]
+        for old, state in optimizer.state.items():
+            new = mapped.get(id(old), old)
+            for key, value in state.items():
+                if isinstance(new, DTensor) and torch.is_tensor(value) and value.shape == new.shape and value.dim():
+                    value = distribute_tensor(value.to(new.device), new.device_mesh, new.placements,
+                                              src_data_rank=None)
+                new_state[new][key] = value
+        optimizer.state = new_state
+        return optimizer
+
+    # ---- memory ----------------------------------------------------------------------------------
+    def memory_breakdown(self, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
+        out = super().memory_breakdown(optimizer)
+        out["gathered_parameters"] = self._gathered_bytes()
+        return out
+
+    def _gathered_bytes(self) -> int:
+        """Bytes of full parameters FSDP2 holds gathered right now (its internal state; 0 if unreadable)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        try:
+            from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
+        except ImportError:  # a future torch moved it: report what we can
+            return 0
+        total = 0
+        for m in self.module.modules():
+            if not isinstance(m, FSDPModule):
+                continue
+            for group in getattr(m._get_fsdp_state(), "_fsdp_param_groups", []):
+                for fp in group.fsdp_params:
+                    if fp.sharded_state == ShardedState.UNSHARDED and hasattr(fp, "_unsharded_param"):
+                        t = fp._unsharded_param
+                        total += t.numel() * t.element_size()
+        return total
+
+
+def _as_list(params: Any) -> list:
+    return [params] if torch.is_tensor(params) else list(params)
+
+
+def _no_foreach_across_kinds(optimizer: torch.optim.Optimizer) -> None:
+    """Turn off torch's multi-tensor path in groups that mix DTensor shards and whole parameters.
+
+    ``torch._foreach_*`` kernels refuse lists mixing DTensor and plain tensors; stage 3 with a
+    persistence threshold puts both kinds in one group. The per-tensor path is equivalent.
+    """
+    from torch.distributed.tensor import DTensor
+
+    for group in optimizer.param_groups:
+        kinds = {isinstance(p, DTensor) for p in group["params"]}
+        if len(kinds) > 1:
+            if group.get("foreach") is not False and "foreach" in group:
+                group["foreach"] = False
+            if group.get("fused"):
+                group["fused"] = False

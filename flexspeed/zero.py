@@ -1,0 +1,229 @@
+"""``flexspeed.zero``: build a model larger than one rank's memory, and gather sharded parameters.
+
+``with flexspeed.zero.Init(): model = MyModel()`` builds the module with every parameter on
+the meta device (no storage). ``flexspeed.initialize()`` then shards it (ZeRO stages 2-3),
+allocates only this rank's shards and fills them, so the peak during construction is about one
+shard plus the largest single module.
+
+How weights are filled, deterministically: the CPU random state is captured when ``Init`` is
+entered (or ``torch.manual_seed(seed)`` when ``seed=`` is given), then every module that owns
+parameters, in ``named_modules()`` order, has its ``reset_parameters()`` run on a temporary full
+copy of its own parameters (then ``param_init_fn(module)`` if given), and each rank keeps its
+slice. The weights therefore do not depend on the world size, and equal the eagerly built
+model's whenever that model's initialisation is its layers' ``reset_parameters`` in
+construction order (``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``, ...). Custom
+initialisation done in a constructor (``self.apply(self._init_weights)``) runs on meta tensors
+and has no effect: pass it as ``param_init_fn``. Buffers are built normally (they are small).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from flexspeed.runtime.zero import warn_once
+
+__all__ = ["Init", "GatheredParameters", "InitRecord", "materialize_module"]
+
+
+@dataclass(frozen=True)
+class InitRecord:
+    """How to fill the parameters of modules built under one ``Init`` context."""
+
+    rng_state: torch.Tensor
+    seed: int | None = None
+    param_init_fn: Callable[[nn.Module], None] | None = None
+    group: dist.ProcessGroup | None = None
+
+
+_RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ACTIVE: list[Init] = []
+
+
+class Init:
+    """Context manager: modules built inside get meta-device parameters, materialised sharded later.
+
+    DeepSpeed's signature; flexspeed's extensions are keyword-only.
+
+    Args:
+        module: an already-built module to treat as if built here (accepted; it is sharded by
+            ``initialize()`` either way, and its memory is already spent).
+        data_parallel_group: the group ``initialize()`` should shard over (default: the world).
+        mem_efficient_linear: accepted for compatibility; no effect.
+        remote_device: ``None``/"cpu"; "nvme" is not supported yet.
+        pin_memory: accepted for compatibility; no effect (see ``offload_param.pin_memory``).
+        config_dict_or_path, config: accepted for compatibility; the config given to ``initialize()``
+            decides the stage.
+        enabled: ``False`` makes this a no-op (modules are built normally).
+        dtype: must be ``None`` or ``torch.float32``: flexspeed keeps fp32 master weights and computes in
+            16 bits under autocast (a 16-bit dtype is ignored with a warning).
+        mpu: not supported (must be ``None``).
+        seed: seed the parameter fill with ``torch.manual_seed(seed)`` instead of the random state
+            at entry.
+        param_init_fn: ``fn(module)`` run after ``reset_parameters()`` for every module owning
+            parameters, on full temporary tensors of that module's own (non-recursive) parameters.
+    """
+
+    def __init__(self, module: nn.Module | None = None, data_parallel_group: dist.ProcessGroup | None = None,
+                 mem_efficient_linear: bool = True, remote_device: str | None = None, pin_memory: bool = False,
+                 config_dict_or_path: Any = None, config: Any = None, enabled: bool = True,
+                 dtype: torch.dtype | None = None, mpu: Any = None, *, seed: int | None = None,
+                 param_init_fn: Callable[[nn.Module], None] | None = None) -> None:
+        if mpu is not None:
+            raise ValueError("zero.Init(mpu=...) is not supported: flexspeed builds its topology on DeviceMesh. "
+                             "Fix: drop mpu= (pass data_parallel_group= if you shard over a subgroup)")
+        if remote_device not in (None, "cpu", "none"):
+            raise ValueError(f"zero.Init(remote_device={remote_device!r}) is not supported yet. Fix: use None or "
+                             "\"cpu\" (offload is configured by zero_optimization.offload_param)")
+        if dtype not in (None, torch.float32):
+            warn_once(f"zero.Init(dtype={dtype}) is ignored: flexspeed keeps fp32 master weights and computes in "
+                      "16 bits under autocast (set \"bf16\"/\"fp16\" in the config)")
+        self.enabled = enabled
+        self.seed = seed
+        self.param_init_fn = param_init_fn
+        self.group = data_parallel_group
+        self._hook: Any = None
+        self._record: InitRecord | None = None
+        if module is not None and enabled:
+            _RECORDS[module] = InitRecord(torch.get_rng_state(), seed, param_init_fn, data_parallel_group)
+
+    def __enter__(self) -> Init:
+        if not self.enabled or _ACTIVE:  # nested contexts: the outermost one records
+            _ACTIVE.append(self)
+            return self
+        self._record = InitRecord(torch.get_rng_state(), self.seed, self.param_init_fn, self.group)
+        self._hook = nn.modules.module.register_module_parameter_registration_hook(self._on_parameter)
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _ACTIVE.pop()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _on_parameter(self, module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
+        # Each parameter is created for real by its constructor (torch.empty: no pages touched) and
+        # replaced here by a meta tensor, so buffers and other constructor-made tensors stay correct.
+        if param is None:
+            return None
+        _RECORDS[module] = self._record
+        if param.is_meta:
+            return None
+        return nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+
+
+def _find_record(module: nn.Module) -> InitRecord | None:
+    for m in module.modules():
+        record = _RECORDS.get(m)
+        if record is not None:
+            return record
+    return None
+
+
+def _fill_from_full(dst: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's part of ``full`` into ``dst`` (a DTensor shard or a whole tensor)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(dst, DTensor):
+        local = distribute_tensor(full.to(dst.device), dst.device_mesh, dst.placements, src_data_rank=None)
+        dst.to_local().copy_(local.to_local())
+    else:
+        dst.copy_(full)
+
+
+def _init_module(module: nn.Module, name: str, param_init_fn: Callable[[nn.Module], None] | None) -> None:
+    """Run ``module``'s initialisers on full CPU copies of its own parameters; keep this rank's part."""
+    own = {n: p for n, p in module._parameters.items() if p is not None}
+    reset = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
+    if reset is None and param_init_fn is None:
+        raise ValueError(
+            f"module {name or '<root>'} ({type(module).__name__}) owns parameters {sorted(own)} built under "
+            "zero.Init but has no reset_parameters() to fill them. Fix: add reset_parameters() to the class, or "
+            "pass zero.Init(param_init_fn=fn) with fn(module) initialising them")
+    temps = {n: nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+             for n, p in own.items()}
+    module._parameters.update(temps)
+    try:
+        with torch.no_grad():
+            if reset is not None:
+                reset()
+            if param_init_fn is not None:
+                param_init_fn(module)
+    finally:
+        module._parameters.update(own)
+    with torch.no_grad():
+        for n, p in own.items():
+            _fill_from_full(p, temps[n].detach())
+
+
+def materialize_module(module: nn.Module, device: torch.device, record: InitRecord | None = None) -> None:
+    """Allocate the meta parameters of ``module`` on ``device`` (only local shards) and fill them.
+
+    Called by ``apply_zero`` after sharding; see the module docstring for how values are chosen.
+    Buffers and non-meta parameters are moved to ``device`` unchanged.
+    """
+    record = record or _find_record(module)
+    module._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t.to(device))
+    with torch.random.fork_rng(devices=[]):
+        if record is not None:
+            torch.set_rng_state(record.rng_state)
+            if record.seed is not None:
+                torch.manual_seed(record.seed)
+        init_fn = record.param_init_fn if record is not None else None
+        for name, m in module.named_modules():
+            if any(p is not None for p in m._parameters.values()):
+                _init_module(m, name, init_fn)
+
+
+class GatheredParameters:
+    """Context manager giving full copies of (possibly sharded) parameters.
+
+    ``with GatheredParameters(params, modifier_rank=0) as full:`` - ``full`` is a list of whole
+    tensors, one per parameter (the parameter itself when it is not sharded). Read them anywhere;
+    to change weights, write into ``full`` on ``modifier_rank``: on exit its values are broadcast
+    and every rank keeps its shard. Unlike DeepSpeed, a sharded parameter object does not itself
+    turn whole inside the block (FSDP2 keeps it a DTensor): use the yielded tensors.
+
+    Args:
+        params: a parameter or an iterable of them.
+        modifier_rank: the rank whose changes are kept; ``None`` = read-only (changes are dropped).
+        fwd_module: accepted for compatibility; no effect.
+        enabled: ``False`` yields the parameters unchanged and does nothing on exit.
+    """
+
+    def __init__(self, params: torch.Tensor | Iterable[torch.Tensor], modifier_rank: int | None = None,
+                 fwd_module: nn.Module | None = None, enabled: bool = True) -> None:
+        self.params = [params] if torch.is_tensor(params) else [p for p in params if p is not None]
+        self.modifier_rank = modifier_rank
+        self.enabled = enabled
+        self.full: list[torch.Tensor] = []
+
+    def __enter__(self) -> list[torch.Tensor]:
+        from torch.distributed.tensor import DTensor
+
+        if not self.enabled:
+            return self.params
+        with torch.no_grad():
+            self.full = [p.full_tensor().detach() if isinstance(p, DTensor) else p.data for p in self.params]
+        return self.full
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if not self.enabled or self.modifier_rank is None or exc_type is not None:
+            return
+        from torch.distributed.tensor import DTensor
+
+        with torch.no_grad():
+            for p, full in zip(self.params, self.full):
+                group = p.device_mesh.get_group() if isinstance(p, DTensor) else None
+                if dist.is_initialized() and dist.get_world_size(group) > 1:
+                    src = dist.get_global_rank(group, self.modifier_rank) if group is not None else self.modifier_rank
+                    dist.broadcast(full, src=src, group=group)
+                if isinstance(p, DTensor):
+                    _fill_from_full(p, full)
