@@ -3,8 +3,9 @@
     python examples/train_gpt.py --deepspeed --deepspeed_config examples/ds_config_zero0.json
     torchrun --standalone --nproc-per-node 2 examples/train_gpt.py --deepspeed --deepspeed_config examples/ds_config_zero0.json
 
-It trains the small GPT of flexspeed.models on a synthetic next-token task (copy a random
-prefix) and prints the loss; the loss falls well below ln(vocab) when learning works.
+It trains the small GPT of flexspeed.models on a synthetic next-token task (arithmetic
+sequences modulo the vocabulary) and prints the loss; it falls far below ln(vocab) = 4.16 when
+learning works.
 """
 
 import argparse
@@ -16,13 +17,14 @@ import flexspeed as deepspeed
 from flexspeed.models import GPT, GPTConfig
 
 
-class CopyTask(Dataset):
-    """Sequences whose second half repeats the first: predictable after the midpoint."""
+class StrideTask(Dataset):
+    """x[t+1] = (x[t] + s) mod vocab, random start and stride s in {1, 2}: predictable from two tokens."""
 
     def __init__(self, n: int = 2048, seq: int = 32, vocab: int = 64, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
-        half = torch.randint(1, vocab, (n, seq // 2 + 1), generator=g)
-        self.data = torch.cat([half, half], dim=1)[:, : seq + 1]
+        start = torch.randint(0, vocab, (n, 1), generator=g)
+        stride = torch.randint(1, 3, (n, 1), generator=g)
+        self.data = (start + stride * torch.arange(seq + 1)) % vocab
 
     def __len__(self) -> int:
         return len(self.data)
@@ -41,7 +43,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=64))
     engine, optimizer, loader, scheduler = deepspeed.initialize(
-        args=args, model=model, model_parameters=model.parameters(), training_data=CopyTask())
+        args=args, model=model, model_parameters=model.parameters(), training_data=StrideTask())
 
     step, losses = 0, []
     while step < args.steps:

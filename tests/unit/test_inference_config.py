@@ -275,6 +275,5 @@ def test_int8_quantizes_after_loading():
         want = model(x)
         engine = flexspeed.init_inference(model, dtype="int8")
         got = engine(x)
-    assert not isinstance(engine.module.transformer.h[0].mlp.c_fc, torch.nn.Linear) or \
-        type(engine.module.transformer.h[0].mlp.c_fc) is not torch.nn.Linear
+    assert type(engine.module.transformer.h[0].mlp.c_fc) is not torch.nn.Linear  # replaced by a low-bit module
     torch.testing.assert_close(got, want, rtol=0.1, atol=0.1)
