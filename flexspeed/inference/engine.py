@@ -103,7 +103,7 @@ def _to_device(obj: Any, device: torch.device) -> Any:
 def _stream_from_host(model: nn.Module, device: torch.device) -> list[Any]:
     """Keep parameters in host memory; move each module's own weights to ``device`` for its call.
 
-    Buffers (small: masks, rotary tables) move once.
+    Buffers move once (masks, rotary tables; quantized weights are buffers too, and small).
     """
     handles = []
     for mod in model.modules():
@@ -172,21 +172,17 @@ class InferenceEngine(nn.Module):
             model.to(cfg.compute_dtype)
         for p in model.parameters():
             p.requires_grad_(False)
-        self._place(model)
+        on_host = self._config.keep_module_on_host and self.device.type != "cpu"
+        if not on_host:
+            model.to(self.device)  # before quantization, so low-bit layouts are chosen for the device
         if self.plan is not None:
             self.plan.attach(model, self.tp_group)
         model = self._inject_and_quantize(model)
         if self.plan is not None:
             self.plan.attach(model, self.tp_group)  # modules may have been replaced
-        return model
-
-    def _place(self, model: nn.Module) -> None:
-        if self.device.type == "cpu":
-            return
-        if self._config.keep_module_on_host:
+        if on_host:  # after the passes that replace modules, so every final module is covered
             self._host_handles = _stream_from_host(model, self.device)
-        else:
-            model.to(self.device)
+        return model
 
     def _inject_and_quantize(self, model: nn.Module) -> nn.Module:
         cfg = self._config

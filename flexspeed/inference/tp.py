@@ -119,6 +119,7 @@ class Placement:
         return out
 
     def local_shape(self, full: torch.Size | tuple[int, ...], tp: int) -> tuple[int, ...]:
+        """Shape of one rank's part of a tensor of shape ``full``."""
         if self.kind == "rank0":
             return tuple(full)
         shape = list(full)
@@ -143,6 +144,8 @@ class AttentionShard:
     """Head counts set on the module's own copy of an HF ``config`` (some forwards read them there)."""
     alibi_arg: int | None = None
     """Position of an ``alibi`` argument (BLOOM) whose per-head slices must follow the heads, else None."""
+    module_type: str = ""
+    """Class name of the module planned (hooks are attached only while it is still that module)."""
 
 
 @dataclass
@@ -172,8 +175,13 @@ class TensorParallelPlan:
             mod = _get(model, name, "row-parallel layer")
             self._handles.append(mod.register_forward_hook(_all_reduce_hook(group)))
         rank = dist.get_rank(group) if self.attention else 0
+        modules = dict(model.named_modules())
         for name, att in self.attention.items():
-            module = _get(model, name, "attention module")
+            # Shape fixes only concern the original attention module; a fused replacement (kernel
+            # injection) reads its heads from the sharded weights and needs none.
+            module = modules.get(name)
+            if module is None or type(module).__name__ != att.module_type:
+                continue
             if att.alibi_arg is not None:
                 hook = _AlibiSlice(att.alibi_arg, att.heads, att.heads // self.tp_size, rank)
                 self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
@@ -183,9 +191,8 @@ class TensorParallelPlan:
             self._handles.append(module.register_forward_pre_hook(state.narrow, with_kwargs=True))
             self._handles.append(module.register_forward_hook(state.clear))
             for col in self.column:
-                if col.rpartition(".")[0] == name:
-                    child = _get(model, col, "column-parallel layer")
-                    self._handles.append(child.register_forward_pre_hook(state.widen))
+                if col.rpartition(".")[0] == name and col in modules:
+                    self._handles.append(modules[col].register_forward_pre_hook(state.widen))
 
     def detach(self) -> None:
         """Remove the hooks this plan registered."""
@@ -374,7 +381,8 @@ def _attention_shard(name: str, module: nn.Module, children: dict[str, nn.Module
     cfg_attrs = {a: n // tp for a, n in (("num_attention_heads", heads), ("num_key_value_heads", kv))
                  if getattr(cfg, a, None) == n}
     return AttentionShard(heads=heads, kv_heads=kv, head_dim=hd, narrow_input=hd_attr is None,
-                          full_width=in_width, attrs=attrs, config_attrs=cfg_attrs, alibi_arg=_alibi_arg(module))
+                          full_width=in_width, attrs=attrs, config_attrs=cfg_attrs, alibi_arg=_alibi_arg(module),
+                          module_type=type(module).__name__)
 
 
 def _alibi_arg(module: nn.Module) -> int | None:

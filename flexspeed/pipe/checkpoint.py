@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -208,9 +209,11 @@ def export_sequential_state_dict(checkpoint_dir: str, tag: str | None = None,
     available = FileSystemReader(path).read_metadata().state_dict_metadata
     state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in available.items()
              if k.startswith("module.") and isinstance(m, TensorStorageMetadata)}
-    dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(), no_dist=True)
+    with warnings.catch_warnings():  # one process on purpose; DCP warns that no group exists
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(), no_dist=True)
     out = {k[len("module."):]: v for k, v in state.items()}
-    out = dict(sorted(out.items(), key=lambda kv: (int(kv[0].partition(".")[0]), kv[0])))
+    out = dict(sorted(out.items(), key=lambda kv: int(kv[0].partition(".")[0])))  # stable: keeps param order
     if output_file is not None:
         torch.save(out, output_file)
     return out

@@ -405,6 +405,12 @@ class PipelineModule(nn.Module):
         self._ensure_built()
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+    def __getattr__(self, name: str) -> Any:
+        # layers are attributes named by their index ("0", "5"): build on first such access
+        if name.isdigit() and self.__dict__.get("_built") is False and not self.__dict__.get("_building"):
+            self._ensure_built()
+        return super().__getattr__(name)
+
     def _apply(self, fn: Callable, recurse: bool = True) -> PipelineModule:
         self._ensure_built()
         return super()._apply(fn, recurse)
@@ -452,6 +458,7 @@ class PipelineModule(nn.Module):
         return dict(sorted(merged.items(), key=lambda kv: _sort_key(kv[0])))
 
 
-def _sort_key(fqn: str) -> tuple[int, str]:
-    head, _, rest = fqn.partition(".")
-    return (int(head), rest) if head.isdigit() else (1 << 30, fqn)
+def _sort_key(fqn: str) -> int:
+    """Layer index of a key; sorting by it is stable, so each layer keeps its parameter order."""
+    head = fqn.partition(".")[0]
+    return int(head) if head.isdigit() else 1 << 30

@@ -60,6 +60,7 @@ from flexspeed.runtime.checkpoint_io import (
     UnsafeCheckpointError,
     commit_tag,
     find_unsafe,
+    quiet_single_process,
     read_latest,
     read_manifest,
     read_metadata,
@@ -188,14 +189,6 @@ def _tensor_tree(optim_state: dict) -> dict:
     return out
 
 
-def _zero1_optimizer(optim: Any) -> bool:
-    try:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(optim, ZeroRedundancyOptimizer)
-
-
 def _fqn_param_groups(module: torch.nn.Module, optim: torch.optim.Optimizer) -> list[dict]:
     names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
     return [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
@@ -214,22 +207,10 @@ def _state_dicts(engine: Any, *, with_optimizer: bool, exclude_frozen: bool = Fa
     module, optim = engine.module, engine.optimizer
     if not with_optimizer or optim is None:
         return get_model_state_dict(module, options=opts), None
-    zero1 = _zero1_optimizer(optim)
-    local = optim.optim if zero1 else optim
-    if not local.state and not for_load:
+    if not optim.state and not for_load:
         # nothing stepped yet: torch's get_state_dict would initialise the state (a step at lr 0),
         # which would change the run being saved; save the hyperparameters and no state instead
         return get_model_state_dict(module, options=opts), {"state": {},
-                                                             "param_groups": _fqn_param_groups(module, optim)}
-    if zero1:
-        # each rank owns whole parameters: its local optimizer's state (the live tensors), by FQN
-        if not local.state:
-            from torch.distributed.checkpoint.state_dict import _init_optim_state
-
-            _init_optim_state(optim)  # a zero-gradient step at lr 0 on every rank: allocates the state
-        names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
-        state = {names[id(p)]: s for p, s in local.state.items()}
-        return get_model_state_dict(module, options=opts), {"state": state,
                                                              "param_groups": _fqn_param_groups(module, optim)}
     return get_state_dict(module, optim, options=opts)
 
@@ -327,7 +308,8 @@ def _write_tag(engine: Any, tmp: str, tag: str, world: int, rank: int, client_by
     tensors: dict[str, Any] = {"model": model_sd}
     if optim_sd is not None:
         tensors["optim"] = {"state": _tensor_tree(optim_sd["state"])}
-    dcp.save(tensors, storage_writer=FileSystemWriter(os.path.join(tmp, STATE_DIR)), no_dist=world == 1)
+    with quiet_single_process():
+        dcp.save(tensors, storage_writer=FileSystemWriter(os.path.join(tmp, STATE_DIR)), no_dist=world == 1)
     with open(os.path.join(tmp, RNG_DIR, f"rank{rank}.pt"), "wb") as f:
         torch.save(_rng_state(), f)
         f.flush()
@@ -405,8 +387,9 @@ def _load_tensors(engine: Any, path: str, meta: dict, *, strict: bool, with_opti
         target["optim"] = {"state": optim_tensors}
     _, world = _rank_world()
     try:
-        dcp.load(target, storage_reader=SafeFileSystemReader(state_dir),
-                 planner=SafeLoadPlanner(allow_partial_load=True), no_dist=world == 1)
+        with quiet_single_process():
+            dcp.load(target, storage_reader=SafeFileSystemReader(state_dir),
+                     planner=SafeLoadPlanner(allow_partial_load=True), no_dist=world == 1)
     except UnsafeCheckpointError:
         raise
     except Exception as e:  # DCP wraps per-rank failures; surface a refused pickle as such
@@ -415,14 +398,10 @@ def _load_tensors(engine: Any, path: str, meta: dict, *, strict: bool, with_opti
             raise unsafe from e
         raise CheckpointError(f"loading the tensors of {path} failed: {e}") from e
     model_sd = target["model"]
-    if optim_sd is None or _zero1_optimizer(engine.optimizer):
-        set_model_state_dict(engine.module, model_sd, options=StateDictOptions(strict=False))
     if optim_sd is None:
+        set_model_state_dict(engine.module, model_sd, options=StateDictOptions(strict=False))
         return
     optim_sd = _merge_optim(optim_sd, target["optim"]["state"], meta.get("optimizer_param_groups"))
-    if _zero1_optimizer(engine.optimizer):  # DCP loaded into the live state tensors in place
-        _finish_zero1_load(engine.optimizer, engine.module, optim_sd)
-        return
     set_state_dict(engine.module, optimizers=engine.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
                    options=StateDictOptions(strict=False))
 
@@ -460,19 +439,6 @@ def _merge_optim(template: dict, loaded_state: dict, saved_groups: list | None) 
                           f"{len(saved_groups)} groups, now {len(groups)}); per-parameter state is restored, "
                           "hyperparameters (lr, betas, ...) stay as configured now", stacklevel=4)
     return {"state": state, "param_groups": groups}
-
-
-def _finish_zero1_load(optim: Any, module: torch.nn.Module, optim_sd: dict) -> None:
-    """ZeroRedundancyOptimizer: drop state the checkpoint did not have; copy the hyperparameters."""
-    names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
-    for param in list(optim.optim.state):
-        if names[id(param)] not in optim_sd["state"]:
-            del optim.optim.state[param]
-    for live, saved in zip(optim.param_groups, optim_sd["param_groups"]):
-        live.update({k: v for k, v in saved.items() if k != "params"})
-    for live, saved in zip(optim.optim.param_groups, optim_sd["param_groups"]):
-        if len(optim.optim.param_groups) == len(optim.param_groups):
-            live.update({k: v for k, v in saved.items() if k != "params"})
 
 
 def _restore_engine(engine: Any, meta: dict, manifest: dict, *, load_lr_scheduler_states: bool) -> None:

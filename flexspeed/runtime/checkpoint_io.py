@@ -12,6 +12,7 @@ DCP's ``weights_only=True``, and every other file is read with ``torch.load(weig
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -19,6 +20,7 @@ import pickle
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -31,7 +33,7 @@ __all__ = [
     "CheckpointError", "UnsafeCheckpointError", "validate_tag", "read_latest", "resolve_tag_dir",
     "read_manifest", "read_metadata", "safe_torch_load", "SafeFileSystemReader", "SafeLoadPlanner",
     "write_atomic", "serialize_checked", "commit_tag", "remove_stale_temporaries", "find_unsafe",
-    "TMP_PREFIX",
+    "TMP_PREFIX", "quiet_single_process",
 ]
 
 FORMAT_VERSION = 1
@@ -280,3 +282,11 @@ def find_unsafe(err: BaseException) -> UnsafeCheckpointError | None:
                 stack += list(failures.values())
     return None
 
+
+
+@contextlib.contextmanager
+def quiet_single_process() -> Iterator[None]:
+    """Silence DCP's warning that it runs in one process: flexspeed asks for that on purpose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        yield

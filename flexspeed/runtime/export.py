@@ -31,6 +31,7 @@ from flexspeed.runtime.checkpoint_io import (
     SafeLoadPlanner,
     UnsafeCheckpointError,
     find_unsafe,
+    quiet_single_process,
     read_latest,
     read_manifest,
     read_metadata,
@@ -103,8 +104,9 @@ def consolidate(ckpt_dir: str | os.PathLike, tag: str | None = None,
     if not model:
         raise CheckpointError(f"{state_dir} holds no model tensors: it is not a flexspeed training checkpoint")
     try:
-        dcp.load({"model": model}, storage_reader=SafeFileSystemReader(state_dir), planner=SafeLoadPlanner(),
-                 no_dist=True)
+        with quiet_single_process():
+            dcp.load({"model": model}, storage_reader=SafeFileSystemReader(state_dir), planner=SafeLoadPlanner(),
+                     no_dist=True)
     except UnsafeCheckpointError:
         raise
     except Exception as e:

@@ -88,7 +88,7 @@ def _check_value(type_name: str, name: str, value: Any) -> None:
         if not isinstance(value, bool):
             raise ConfigError(f"{type_name} needs true or false, got {value!r}.", key=key)
     elif name in _INTS:
-        if not _is_number(value) or not math.isfinite(value) or float(value) != int(value):
+        if not _is_number(value) or abs(value) > 2**53 or not math.isfinite(value) or float(value) != int(value):
             raise ConfigError(f"{type_name} needs a whole number, got {value!r}.", key=key)
         if value < _INTS[name]:
             raise ConfigError(f"must be >= {_INTS[name]}, got {value!r}.", key=key)

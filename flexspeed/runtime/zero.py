@@ -247,7 +247,9 @@ class ZeroStrategy:
 def _comm_hook(comm_dtype: torch.dtype | None, predivide: float):
     """A DDP hook that reduces in ``comm_dtype`` and divides by ``predivide`` before the sum."""
 
-    def hook(group: dist.ProcessGroup, bucket: dist.GradBucket) -> torch.futures.Future:
+    # No annotations on ``hook``: DDP checks them against the real classes, and this module's
+    # ``from __future__ import annotations`` would turn them into strings.
+    def hook(group, bucket):  # (ProcessGroup, GradBucket) -> Future[Tensor]
         buf = bucket.buffer()
         world = dist.get_world_size(group)
         send = buf.to(comm_dtype) if comm_dtype is not None and comm_dtype != buf.dtype else buf

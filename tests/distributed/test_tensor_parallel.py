@@ -124,6 +124,14 @@ def _grid(rank: int, world: int, ckpt_dir: str) -> dict:
     res["err_world"] = _error(lambda: flexspeed.init_inference(build("gpt"), tensor_parallel={"tp_size": 4}))
     res["is_engine"] = isinstance(engine, InferenceEngine)
 
+    try:  # kernel injection belongs to a sibling module; its fused blocks must keep the TP hooks working
+        import flexspeed.inference.kernels  # noqa: F401
+    except ImportError:
+        res["inject"] = "skipped"
+    else:
+        res["inject"] = {n: _parity(build(n), x, tensor_parallel={"tp_size": 2}, replace_with_kernel_inject=True)
+                         for n in ("gpt", "llama")}
+
     try:  # quantization belongs to a sibling module; under TP it must quantize the shards
         import flexspeed.inference.quant  # noqa: F401
     except ImportError:
@@ -182,6 +190,14 @@ def test_bad_tp_sizes(grid):
     assert "1 key/value heads" in res["err_kv"]
     assert "exceeds the 2 processes" in res["err_world"]
     assert res["is_engine"]
+
+
+def test_kernel_injection_under_tp(grid):
+    if grid[0]["inject"] == "skipped":
+        pytest.skip("flexspeed.inference.kernels not there yet")
+    for res in grid:
+        for name, r in res["inject"].items():
+            assert r["diff"] <= 1e-5, (name, r)
 
 
 def test_int8_under_tp(grid):

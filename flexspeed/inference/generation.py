@@ -1,0 +1,294 @@
+"""Autoregressive generation with a KV cache, left-padded batches, greedy or sampled decoding.
+
+``generate(model, input_ids, attention_mask=None, max_new_tokens=20, ...)`` returns the prompt
+followed by the new tokens, ``(B, T_prompt + new)``, and picks the fastest correct path:
+
+1. **fused runner** (kernel-injected models, see ``kernels.inject_kernels``; flexspeed's GPT also
+   un-injected, through a runner that wraps its own modules): preallocated static KV cache
+   written in place, one layer at a time.
+2. **Hugging Face cache API** (any HF causal LM): the model's ``forward`` with a
+   ``DynamicCache``, ``attention_mask`` and ``position_ids``.
+3. **recompute** (any other module ``model(ids) -> logits``, or ``use_cache=False``): the whole
+   sequence is run again for every new token. Correct but O(T^2); rows with padding are run one
+   at a time on their unpadded tokens, since such a module takes no mask.
+
+Batches are **left-padded**: ``attention_mask`` has zeros on the left; position ids are
+``cumsum(mask) - 1`` (pads get 0), as HF does, so greedy output equals HF ``generate``.
+Decoding follows HF's order: repetition penalty, ``min_new_tokens`` (eos suppressed), then for
+sampling temperature, top-k, top-p. A row that emits an eos token is finished: it emits
+``pad_token_id`` afterwards; generation stops early when every row is finished.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = ["generate", "resolve_special_tokens"]
+
+
+def _attr(model: nn.Module, name: str):
+    for src in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        value = getattr(src, name, None) if src is not None else None
+        if value is not None:
+            return value
+    return None
+
+
+def resolve_special_tokens(model: nn.Module, eos_token_id: int | Sequence[int] | None,
+                           pad_token_id: int | None) -> tuple[list[int], int | None]:
+    """Eos ids and pad id: the arguments, else the model's generation config, else its config.
+
+    As HF does, a missing pad id falls back to the first eos id.
+    """
+    eos = eos_token_id if eos_token_id is not None else _attr(model, "eos_token_id")
+    eos_list = [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    pad = pad_token_id if pad_token_id is not None else _attr(model, "pad_token_id")
+    if pad is None and eos_list:
+        pad = eos_list[0]
+    return eos_list, (None if pad is None else int(pad))
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model, "can_generate") and hasattr(model, "get_input_embeddings")
+
+
+def _logits_of(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    return out[0]
+
+
+class _Sampler:
+    """Turns the next-token logits of each step into tokens (HF's processor order)."""
+
+    def __init__(self, *, do_sample: bool, temperature: float, top_k: int | None, top_p: float,
+                 repetition_penalty: float, min_new_tokens: int, eos: list[int],
+                 generator: torch.Generator | None) -> None:
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature={temperature} must be > 0 when do_sample=True; use do_sample=False "
+                             "for greedy decoding")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p={top_p} must be in (0, 1]; use 1.0 to disable nucleus sampling")
+        if top_k is not None and top_k < 0:
+            raise ValueError(f"top_k={top_k} must be >= 0; use 0 or None to disable top-k")
+        if repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0; use 1.0 to disable it")
+        self.do_sample, self.temperature, self.top_k, self.top_p = do_sample, temperature, top_k or 0, top_p
+        self.penalty, self.min_new, self.eos, self.generator = repetition_penalty, min_new_tokens, eos, generator
+
+    def __call__(self, logits: torch.Tensor, seq: torch.Tensor, n_done: int) -> torch.Tensor:
+        """``logits`` (B, V) float32, ``seq`` (B, T) tokens so far -> next tokens (B,)."""
+        if self.penalty != 1.0:
+            picked = logits.gather(1, seq)  # (B, T)
+            logits = logits.scatter(1, seq, torch.where(picked < 0, picked * self.penalty, picked / self.penalty))
+        if n_done < self.min_new and self.eos:
+            logits[:, self.eos] = float("-inf")
+        if not self.do_sample:
+            return logits.argmax(dim=-1)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        if 0 < self.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, self.top_k, dim=-1).values[:, -1:]  # (B, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
+            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            drop = cum <= 1 - self.top_p
+            drop[:, -1] = False  # always keep the most likely token
+            logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        probs = logits.softmax(dim=-1)  # (B, V)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+
+
+def _prepare_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad: int | None,
+                  eos: list[int]) -> torch.Tensor:
+    if attention_mask is None:
+        # HF's inference: padding is recognisable only if the pad id differs from eos
+        if pad is not None and pad not in eos and bool((input_ids == pad).any()):
+            attention_mask = (input_ids != pad).long()
+        else:
+            return torch.ones_like(input_ids, dtype=torch.long)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+                         f"{tuple(input_ids.shape)}; pass one mask entry per token")
+    mask = attention_mask.long()
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("attention_mask has zeros after ones (right padding); pad prompts on the left "
+                         "(tokenizer.padding_side = 'left')")
+    if bool((mask.sum(dim=1) == 0).any()):
+        raise ValueError("a row of attention_mask is all zeros (an empty prompt); give every row at least one token")
+    return mask
+
+
+def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             max_new_tokens: int | None = None, *, do_sample: bool = False, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
+             pad_token_id: int | None = None, min_new_tokens: int = 0, max_length: int | None = None,
+             repetition_penalty: float = 1.0, num_return_sequences: int = 1, use_cache: bool = True,
+             generator: torch.Generator | int | None = None) -> torch.Tensor:
+    """Generate tokens after ``input_ids``.
+
+    Args:
+        model: a kernel-injected model, an HF causal LM, or any ``model(ids) -> logits`` module.
+        input_ids: (B, T) prompt tokens, left-padded.
+        attention_mask: (B, T), 1 for tokens and 0 for (left) padding; inferred from the pad id
+            as HF does when omitted.
+        max_new_tokens: tokens to add (default 20, or ``max_length - T`` when ``max_length`` is given).
+        do_sample: sample (else greedy).
+        temperature, top_k, top_p: sampling filters (top_k 0/None and top_p 1.0 disable them).
+        eos_token_id: id(s) that finish a row (default: the model's generation config).
+        pad_token_id: id emitted by finished rows (default: the model's, else the first eos).
+        min_new_tokens: eos is suppressed until this many tokens are generated.
+        max_length: cap on prompt + new tokens (``max_new_tokens`` wins if both are given).
+        repetition_penalty: HF's (CTRL) penalty on tokens already in the sequence.
+        num_return_sequences: samples per prompt (rows are repeated; needs ``do_sample``).
+        use_cache: ``False`` recomputes the whole sequence each step (for checking).
+        generator: ``torch.Generator`` or an int seed for sampling.
+    Returns:
+        (B * num_return_sequences, T + n) token ids, ``n <= max_new_tokens`` (fewer when every
+        row finished early).
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+    B, T = input_ids.shape
+    if max_new_tokens is None:
+        max_new_tokens = (max_length - T) if max_length is not None else 20
+        if max_new_tokens < 0:
+            raise ValueError(f"max_length={max_length} is shorter than the prompt ({T} tokens); raise it or "
+                             "pass max_new_tokens")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if num_return_sequences < 1 or (num_return_sequences > 1 and not do_sample):
+        raise ValueError(f"num_return_sequences={num_return_sequences} needs do_sample=True (greedy decoding "
+                         "returns one sequence per prompt)")
+    if isinstance(generator, int):
+        generator = torch.Generator(device=input_ids.device).manual_seed(generator)
+    eos, pad = resolve_special_tokens(model, eos_token_id, pad_token_id)
+    mask = _prepare_mask(input_ids, attention_mask, pad, eos)
+    if num_return_sequences > 1:
+        input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
+        mask = mask.repeat_interleave(num_return_sequences, dim=0)
+        B = input_ids.shape[0]
+    sampler = _Sampler(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                       repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens, eos=eos,
+                       generator=generator)
+    seq = torch.full((B, T + max_new_tokens), pad if pad is not None else 0, dtype=torch.long,
+                     device=input_ids.device)  # (B, T + new), filled in place
+    seq[:, :T] = input_ids
+    if max_new_tokens == 0:
+        return seq
+    step = _stepper(model, input_ids, mask, max_new_tokens, use_cache)
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    eos_t = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
+    with torch.inference_mode():
+        logits = step(None)
+        for i in range(max_new_tokens):
+            nxt = sampler(logits.float(), seq[:, :T + i], i)  # (B,)
+            if pad is not None and eos:
+                nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+            seq[:, T + i] = nxt
+            if eos:
+                finished |= torch.isin(nxt, eos_t)
+                if bool(finished.all()):
+                    return seq[:, :T + i + 1]
+            if i + 1 < max_new_tokens:
+                logits = step(nxt)
+    return seq
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(dim=1) - 1).clamp_(min=0)  # (B, T); pads get 0, as HF
+
+
+def _stepper(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new: int, use_cache: bool):
+    """A closure: ``step(None)`` runs the prompt, ``step(tokens)`` one new token; both -> (B, V) logits."""
+    from flexspeed.inference.kernels import build_runner, get_runner
+
+    runner = get_runner(model) or (build_runner(model) if use_cache else None)
+    if runner is not None and use_cache:
+        return _runner_stepper(runner, ids, mask, max_new)
+    if _is_hf(model):
+        return _hf_stepper(model, ids, mask, max_new, use_cache)
+    return _recompute_stepper(model, ids, mask, max_new)
+
+
+def _runner_stepper(runner, ids: torch.Tensor, mask: torch.Tensor, max_new: int):
+    B, T = ids.shape
+    longest = int(mask.sum(dim=1).max())
+    if runner.max_positions is not None and longest + max_new > runner.max_positions:
+        raise ValueError(f"prompt ({longest} tokens) plus max_new_tokens={max_new} exceeds the model's "
+                         f"{runner.max_positions} positions; generate fewer tokens or shorten the prompt")
+    cache = runner.new_cache(B, T + max_new)
+    key_mask = None
+    if not bool(mask.all()):
+        key_mask = torch.ones(B, T + max_new, dtype=torch.bool, device=ids.device)  # (B, T_max)
+        key_mask[:, :T] = mask.bool()
+    pos = _positions(mask)
+    state = {"start": 0, "pos": pos[:, -1:]}
+
+    def step(tokens: torch.Tensor | None) -> torch.Tensor:
+        if tokens is None:
+            logits = runner(ids, pos, cache, 0, key_mask)
+            state["start"] = T
+        else:
+            state["pos"] = state["pos"] + 1  # (B, 1)
+            logits = runner(tokens[:, None], state["pos"], cache, state["start"], key_mask)
+            state["start"] += 1
+        return logits[:, -1]  # (B, V)
+
+    return step
+
+
+def _hf_stepper(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new: int, use_cache: bool):
+    import inspect
+
+    from transformers import DynamicCache
+
+    B, T = ids.shape
+    full_mask = torch.ones(B, T + max_new, dtype=mask.dtype, device=ids.device)
+    full_mask[:, :T] = mask
+    full_ids = torch.zeros(B, T + max_new, dtype=ids.dtype, device=ids.device)
+    full_ids[:, :T] = ids
+    pos_all = torch.zeros(B, T + max_new, dtype=torch.long, device=ids.device)
+    pos_all[:, :T] = _positions(mask)
+    pos_all[:, T:] = pos_all[:, T - 1:T] + torch.arange(1, max_new + 1, device=ids.device)
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    cache = DynamicCache(config=model.config) if use_cache else None
+    state = {"len": T}
+
+    def step(tokens: torch.Tensor | None) -> torch.Tensor:
+        n = state["len"]
+        if tokens is not None:
+            full_ids[:, n] = tokens
+            n = state["len"] = n + 1
+        lo = 0 if (tokens is None or not use_cache) else n - 1
+        out = model(input_ids=full_ids[:, lo:n], attention_mask=full_mask[:, :n].contiguous(),
+                    position_ids=pos_all[:, lo:n], past_key_values=cache, use_cache=use_cache, **keep)
+        return _logits_of(out)[:, -1]
+
+    return step
+
+
+def _recompute_stepper(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new: int):
+    B, T = ids.shape
+    full = torch.zeros(B, T + max_new, dtype=ids.dtype, device=ids.device)
+    full[:, :T] = ids
+    starts = (T - mask.sum(dim=1)).tolist()  # first real token of each row
+    state = {"len": T}
+
+    def step(tokens: torch.Tensor | None) -> torch.Tensor:
+        if tokens is not None:
+            full[:, state["len"]] = tokens
+            state["len"] += 1
+        n = state["len"]
+        if all(s == 0 for s in starts):
+            return _logits_of(model(full[:, :n]))[:, -1]
+        rows = [_logits_of(model(full[b:b + 1, s:n]))[:, -1] for b, s in enumerate(starts)]
+        return torch.cat(rows)
+
+    return step

@@ -1,0 +1,478 @@
+"""Kernel injection: fused decoder layers over a preallocated KV cache, and the runner that drives them.
+
+``inject_kernels(model)`` swaps every decoder block of a recognised model, in place, for a
+:class:`FusedDecoderLayer`: one matmul for q, k and v (OPT's and Llama's three projections are
+concatenated; GPT-2's ``Conv1D`` becomes an ``nn.Linear``), one for Llama's gate and up
+projections, ``F.scaled_dot_product_attention`` (grouped-query attention included), and the
+model's own norms and activations. Recognised: flexspeed's :class:`~flexspeed.models.gpt.GPT`,
+HF ``GPT2LMHeadModel``, ``OPTForCausalLM`` and ``LlamaForCausalLM``.
+
+A fused layer has two entry points:
+
+- ``forward(...)`` takes the arguments the host model passes to its blocks (a bare hidden state
+  for the GPT; HF's ``attention_mask``/``past_key_values``/``position_embeddings`` keywords),
+  so the model's own ``forward`` and even HF's ``generate`` keep working, with the same logits.
+- ``step(x, ctx, k_cache, v_cache)`` reads and writes one layer's slice of a :class:`KVCache`:
+  static ``(B, H_kv, T_max, head_dim)`` buffers written in place, never concatenated.
+
+The :class:`FusedRunner` (``get_runner(model)``; kept outside the module tree) owns the order
+embeddings -> layers -> final norm -> ``lm_head`` and the cache, one layer at a time, so a later
+pass can stream weights per layer. ``flexspeed.inference.generation.generate`` uses it.
+
+Names are kept where tensor parallelism and quantization look for them: the row-parallel
+projections stay at their original paths (``self_attn.o_proj``, ``mlp.c_proj``, ``fc2``, ...) and
+every projection is called as a module, so TP hooks and ``QuantLinear`` swaps apply. Heads per
+layer are read from the (possibly sharded) weight shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from flexspeed.config.errors import ConfigError
+
+__all__ = ["inject_kernels", "get_runner", "build_runner", "FusedDecoderLayer", "FusedRunner", "KVCache",
+           "StepContext"]
+
+_KEY = "replace_with_kernel_inject"
+_SUPPORTED = "flexspeed GPT, HF GPT2LMHeadModel, OPTForCausalLM, LlamaForCausalLM"
+
+
+@dataclass
+class KVCache:
+    """Per-layer key/value buffers ``(B, H_kv, T_max, head_dim)``, preallocated, written in place."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2] if self.k else 0
+
+
+@dataclass
+class StepContext:
+    """What every layer of one forward step shares (built once per step by the runner)."""
+
+    start: int
+    """Cache position of the first new token."""
+    mask: torch.Tensor | None = None
+    """Boolean ``(B, 1, T, start + T)``, True where a query may attend; ``None`` with ``is_causal``."""
+    is_causal: bool = False
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    """Rotary ``(cos, sin)``, each ``(B, T, head_dim)``, for Llama."""
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class FusedDecoderLayer(nn.Module):
+    """One decoder block with fused projections; subclasses name the parts as the host does.
+
+    Attributes:
+        head_dim, scale: attention head size and softmax scale.
+        pre_norm: norms before attention/MLP (GPT, Llama, most OPT) or after (OPT-350m).
+        gated: MLP is ``down(act(gate) * up)`` with ``[gate | up]`` fused, else ``down(act(up))``.
+        host: call convention of ``forward`` (``"gpt"``, ``"hf"``, ``"hf_gpt2"``).
+        layer_idx: index of the layer (HF caches are indexed by it).
+    """
+
+    def __init__(self, *, head_dim: int, scale: float, act: Callable[[torch.Tensor], torch.Tensor],
+                 pre_norm: bool = True, gated: bool = False, host: str = "hf", layer_idx: int = 0) -> None:
+        super().__init__()
+        self.head_dim, self.scale, self.act = head_dim, scale, act
+        self.pre_norm, self.gated, self.host, self.layer_idx = pre_norm, gated, host, layer_idx
+
+    def parts(self) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module, nn.Module, nn.Module]:
+        """(norm1, qkv, out, norm2, up, down), looked up on each call (quantization may swap them)."""
+        raise NotImplementedError
+
+    def _heads(self, qkv: nn.Module) -> tuple[int, int]:
+        """(query heads, key/value heads) of this rank, from the fused projection's width."""
+        return self.n_heads, self.n_kv_heads
+
+    # -------------------------------------------------------------------- compute
+
+    def _qkv(self, qkv: nn.Module, h: torch.Tensor, rope: tuple | None) -> tuple[torch.Tensor, ...]:
+        B, T, _ = h.shape  # (B, T, C)
+        hq, hkv = self.n_heads, self.n_kv_heads
+        q, k, v = qkv(h).split([hq * self.head_dim, hkv * self.head_dim, hkv * self.head_dim], dim=-1)
+        q = q.view(B, T, hq, self.head_dim).transpose(1, 2)  # (B, Hq, T, hd)
+        k = k.view(B, T, hkv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, hkv, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)  # (B, 1, T, hd)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return q, k, v
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool, out: nn.Module) -> torch.Tensor:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
+                                           enable_gqa=q.shape[1] != k.shape[1])  # (B, Hq, T, hd)
+        B, _, T, _ = y.shape
+        return out(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
+
+    def _mlp(self, up: nn.Module, down: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            gate, val = up(h).chunk(2, dim=-1)  # 2 x (B, T, F)
+            return down(self.act(gate) * val)
+        return down(self.act(up(h)))
+
+    def _block(self, x: torch.Tensor, attention: Callable[[nn.Module, nn.Module, torch.Tensor], torch.Tensor]
+               ) -> torch.Tensor:
+        norm1, qkv, out, norm2, up, down = self.parts()
+        if self.pre_norm:
+            x = x + attention(qkv, out, norm1(x))
+            return x + self._mlp(up, down, norm2(x))
+        x = norm1(x + attention(qkv, out, x))
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # OPT's post-norm MLP runs on (B*T, C)
+        return norm2(x + self._mlp(up, down, x)).view(shape)
+
+    def step(self, x: torch.Tensor, ctx: StepContext, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """Run the block on new tokens ``x`` (B, T, C), writing their keys/values at ``ctx.start``."""
+        end = ctx.start + x.shape[1]
+
+        def attention(qkv: nn.Module, out: nn.Module, h: torch.Tensor) -> torch.Tensor:
+            q, k, v = self._qkv(qkv, h, ctx.rope)
+            k_cache[:, :, ctx.start:end] = k  # in place: the cache is never reallocated
+            v_cache[:, :, ctx.start:end] = v
+            return self._attend(q, k_cache[:, :, :end], v_cache[:, :, :end], ctx.mask, ctx.is_causal, out)
+
+        return self._block(x, attention)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        """The host model's block call (see the class docstring); returns the new hidden state."""
+        if self.host == "gpt":
+            return self._block(hidden_states, lambda qkv, out, h: self._attend(
+                *self._qkv(qkv, h, None), None, h.shape[1] > 1, out))
+        if self.host == "hf_gpt2":  # GPT2Model passes these positionally
+            kwargs.update(zip(("past_key_values", "attention_mask", "encoder_hidden_states"), args))
+        if kwargs.get("encoder_hidden_states") is not None:
+            raise ConfigError("cross-attention is not supported by the fused layers; "
+                              f"set {_KEY}=False for encoder-decoder use", key=_KEY)
+        cache, mask = kwargs.get("past_key_values"), kwargs.get("attention_mask")
+        rope = kwargs.get("position_embeddings")
+
+        def attention(qkv: nn.Module, out: nn.Module, h: torch.Tensor) -> torch.Tensor:
+            q, k, v = self._qkv(qkv, h, rope)
+            if cache is not None:
+                k, v = cache.update(k, v, self.layer_idx)
+            return self._attend(q, k, v, mask, mask is None and q.shape[2] > 1, out)
+
+        return self._block(hidden_states, attention)
+
+
+def _container(**children: nn.Module) -> nn.Module:
+    box = nn.Module()
+    for name, child in children.items():
+        box.add_module(name, child)
+    return box
+
+
+class _GPTLayer(FusedDecoderLayer):
+    """flexspeed GPT and HF GPT-2: ``ln_1, attn.{c_attn, c_proj}, ln_2, mlp.{c_fc, c_proj}``."""
+
+    def __init__(self, ln_1: nn.Module, c_attn: nn.Module, c_proj: nn.Module, ln_2: nn.Module, c_fc: nn.Module,
+                 mlp_proj: nn.Module, **kw) -> None:
+        super().__init__(**kw)
+        self.ln_1, self.attn, self.ln_2 = ln_1, _container(c_attn=c_attn, c_proj=c_proj), ln_2
+        self.mlp = _container(c_fc=c_fc, c_proj=mlp_proj)
+        self.n_heads = self.n_kv_heads = c_attn.weight.shape[0] // 3 // self.head_dim
+
+    def parts(self):
+        return self.ln_1, self.attn.c_attn, self.attn.c_proj, self.ln_2, self.mlp.c_fc, self.mlp.c_proj
+
+
+class _OPTLayer(FusedDecoderLayer):
+    """OPT: ``self_attn_layer_norm, self_attn.{qkv, out_proj}, final_layer_norm, fc1, fc2``."""
+
+    def __init__(self, norm1: nn.Module, qkv: nn.Module, out_proj: nn.Module, norm2: nn.Module, fc1: nn.Module,
+                 fc2: nn.Module, **kw) -> None:
+        super().__init__(**kw)
+        self.self_attn_layer_norm, self.final_layer_norm = norm1, norm2
+        self.self_attn = _container(qkv=qkv, out_proj=out_proj)
+        self.fc1, self.fc2 = fc1, fc2
+        self.n_heads = self.n_kv_heads = qkv.weight.shape[0] // 3 // self.head_dim
+
+    def parts(self):
+        a = self.self_attn
+        return self.self_attn_layer_norm, a.qkv, a.out_proj, self.final_layer_norm, self.fc1, self.fc2
+
+
+class _LlamaLayer(FusedDecoderLayer):
+    """Llama: ``input_layernorm, self_attn.{qkv, o_proj}, post_attention_layernorm, mlp.{gate_up, down_proj}``."""
+
+    def __init__(self, norm1: nn.Module, qkv: nn.Module, o_proj: nn.Module, norm2: nn.Module, gate_up: nn.Module,
+                 down: nn.Module, n_heads: int, n_kv_heads: int, **kw) -> None:
+        super().__init__(gated=True, **kw)
+        self.input_layernorm, self.post_attention_layernorm = norm1, norm2
+        self.self_attn = _container(qkv=qkv, o_proj=o_proj)
+        self.mlp = _container(gate_up=gate_up, down_proj=down)
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+
+    def parts(self):
+        a, m = self.self_attn, self.mlp
+        return self.input_layernorm, a.qkv, a.o_proj, self.post_attention_layernorm, m.gate_up, m.down_proj
+
+
+# ------------------------------------------------------------------------------ weight fusion
+
+def _as_linear(module: nn.Module) -> nn.Linear:
+    """``nn.Linear`` as is; HF ``Conv1D`` (weight ``(in, out)``) converted to one."""
+    if isinstance(module, nn.Linear):
+        return module
+    if type(module).__name__ == "Conv1D":
+        w = module.weight.detach()  # (in, out)
+        lin = nn.Linear(w.shape[0], w.shape[1], bias=module.bias is not None, dtype=w.dtype, device=w.device)
+        with torch.no_grad():
+            lin.weight.copy_(w.t())
+            if module.bias is not None:
+                lin.bias.copy_(module.bias.detach())
+        lin.requires_grad_(module.weight.requires_grad)
+        return lin
+    raise ConfigError(f"found a {type(module).__name__} where an nn.Linear projection was expected; inject "
+                      "kernels before quantizing (init_inference does) or set "
+                      f"{_KEY}=False", key=_KEY)
+
+
+def _cat_linears(*mods: nn.Module) -> nn.Linear:
+    """One ``nn.Linear`` computing the given projections side by side (outputs concatenated)."""
+    lins = [_as_linear(m) for m in mods]
+    w0 = lins[0].weight
+    has_bias = any(m.bias is not None for m in lins)
+    fused = nn.Linear(w0.shape[1], sum(m.weight.shape[0] for m in lins), bias=has_bias, dtype=w0.dtype,
+                      device=w0.device)
+    with torch.no_grad():
+        torch.cat([m.weight for m in lins], out=fused.weight)
+        if has_bias:
+            torch.cat([m.bias if m.bias is not None else torch.zeros(m.weight.shape[0], dtype=w0.dtype,
+                                                                     device=w0.device) for m in lins], out=fused.bias)
+    fused.requires_grad_(w0.requires_grad)
+    return fused
+
+
+# ------------------------------------------------------------------------------ architectures
+
+@dataclass
+class _Arch:
+    name: str
+    layers_path: str
+    embed: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+    final_paths: tuple[str, ...]
+    build: Callable[[nn.Module, nn.Module, int], FusedDecoderLayer]
+    rope: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple] | None = None
+    max_positions: int | None = None
+    head_path: str = "lm_head"
+    copies: bool = True
+    """Building the fused layers copies weights (else they share the block's modules)."""
+
+
+def _gpt_layer(model: nn.Module, block: nn.Module, idx: int) -> FusedDecoderLayer:
+    hd = model.config.n_embd // model.config.n_head
+    return _GPTLayer(block.ln_1, block.attn.c_attn, block.attn.c_proj, block.ln_2, block.mlp.c_fc,
+                     block.mlp.c_proj, head_dim=hd, scale=1 / math.sqrt(hd), act=F.gelu, host="gpt", layer_idx=idx)
+
+
+def _gpt2_layer(model: nn.Module, block: nn.Module, idx: int) -> FusedDecoderLayer:
+    if hasattr(block, "crossattention"):
+        raise ConfigError("GPT-2 with cross-attention (add_cross_attention=True) is not supported by the "
+                          f"fused layers; set {_KEY}=False", key=_KEY)
+    cfg, attn = model.config, block.attn
+    hd = cfg.n_embd // cfg.n_head
+    scale = getattr(attn, "scaling", (1 / math.sqrt(hd) if cfg.scale_attn_weights else 1.0))
+    return _GPTLayer(block.ln_1, _as_linear(attn.c_attn), _as_linear(attn.c_proj), block.ln_2,
+                     _as_linear(block.mlp.c_fc), _as_linear(block.mlp.c_proj), head_dim=hd, scale=scale,
+                     act=block.mlp.act, host="hf_gpt2", layer_idx=idx)
+
+
+def _opt_layer(model: nn.Module, block: nn.Module, idx: int) -> FusedDecoderLayer:
+    a = block.self_attn
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    return _OPTLayer(block.self_attn_layer_norm, _cat_linears(a.q_proj, a.k_proj, a.v_proj), a.out_proj,
+                     block.final_layer_norm, block.fc1, block.fc2, head_dim=hd, scale=a.scaling,
+                     act=block.activation_fn, pre_norm=block.do_layer_norm_before, layer_idx=idx)
+
+
+def _llama_layer(model: nn.Module, block: nn.Module, idx: int) -> FusedDecoderLayer:
+    a, m = block.self_attn, block.mlp
+    hd = a.head_dim
+    return _LlamaLayer(block.input_layernorm, _cat_linears(a.q_proj, a.k_proj, a.v_proj), a.o_proj,
+                       block.post_attention_layernorm, _cat_linears(m.gate_proj, m.up_proj), m.down_proj,
+                       n_heads=a.q_proj.weight.shape[0] // hd, n_kv_heads=a.k_proj.weight.shape[0] // hd,
+                       head_dim=hd, scale=a.scaling, act=m.act_fn, layer_idx=idx)
+
+
+def _opt_embed(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    dec = model.model.decoder
+    x = dec.embed_tokens(ids)  # (B, T, C_emb)
+    if dec.project_in is not None:
+        x = dec.project_in(x)
+    table = dec.embed_positions
+    return x + F.embedding(pos + getattr(table, "offset", 2), table.weight)  # (B, T, C)
+
+
+def _detect(model: nn.Module) -> _Arch | None:
+    from flexspeed.models.gpt import GPT
+
+    if isinstance(model, GPT):
+        return _Arch("gpt", "transformer.h", lambda m, ids, pos: m.transformer.wte(ids) + m.transformer.wpe(pos),
+                     ("transformer.ln_f",), _gpt_layer, max_positions=model.config.block_size, copies=False)
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if not hasattr(model, "lm_head"):
+        return None
+    if kind == "gpt2":
+        return _Arch("gpt2", "transformer.h", lambda m, ids, pos: m.transformer.wte(ids) + m.transformer.wpe(pos),
+                     ("transformer.ln_f",), _gpt2_layer, max_positions=model.config.n_positions)
+    if kind == "opt":
+        return _Arch("opt", "model.decoder.layers", _opt_embed,
+                     ("model.decoder.final_layer_norm", "model.decoder.project_out"), _opt_layer,
+                     max_positions=model.config.max_position_embeddings)
+    if kind == "llama":
+        return _Arch("llama", "model.layers", lambda m, ids, pos: m.model.embed_tokens(ids), ("model.norm",),
+                     _llama_layer, rope=lambda m, x, pos: m.model.rotary_emb(x, pos))
+    return None
+
+
+# ------------------------------------------------------------------------------ runner
+
+@dataclass
+class FusedRunner:
+    """Embeddings -> fused layers -> final norm -> ``lm_head``, over a :class:`KVCache`.
+
+    Modules are looked up by path on every call, so passes that replace them (quantization)
+    need no re-wiring. ``layers`` may be given explicitly (a runner that shadows an un-injected
+    model keeps its own fused wrappers around the model's modules).
+    """
+
+    root: nn.Module
+    arch: _Arch
+    own_layers: list[FusedDecoderLayer] | None = None
+    _dtype: torch.dtype | None = field(default=None, repr=False)
+
+    @property
+    def layers(self) -> list[FusedDecoderLayer]:
+        return self.own_layers if self.own_layers is not None else list(self.root.get_submodule(self.arch.layers_path))
+
+    @property
+    def max_positions(self) -> int | None:
+        return self.arch.max_positions
+
+    def _module(self, path: str) -> nn.Module | None:
+        try:
+            return self.root.get_submodule(path)
+        except AttributeError:
+            return None
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """Zeroed per-layer buffers for ``batch`` rows of up to ``max_len`` tokens.
+
+        The dtype defaults to the one given at injection, else the model's floating dtype.
+        """
+        ref = next((t for t in self.root.parameters() if t.is_floating_point()), None)
+        if ref is None:
+            ref = next((t for t in self.root.buffers() if t.is_floating_point()), torch.empty(0))
+        dt = dtype or self._dtype or ref.dtype
+        ks, vs = [], []
+        for layer in self.layers:
+            shape = (batch, layer.n_kv_heads, max_len, layer.head_dim)
+            ks.append(torch.zeros(shape, dtype=dt, device=ref.device))
+            vs.append(torch.zeros(shape, dtype=dt, device=ref.device))
+        return KVCache(ks, vs)
+
+    def context(self, x: torch.Tensor, pos: torch.Tensor, start: int, key_mask: torch.Tensor | None) -> StepContext:
+        """Mask and rotary tables for new tokens at cache positions ``start:start+T``.
+
+        Args:
+            x: embedded tokens (B, T, C) (dtype/device for the rotary tables).
+            pos: position ids (B, T).
+            key_mask: (B, >= start+T) bool, False for padding; ``None`` if there is none.
+        """
+        T, end = x.shape[1], start + x.shape[1]
+        rope = self.arch.rope(self.root, x, pos) if self.arch.rope is not None else None
+        if key_mask is None and (start == 0 or T == 1):
+            return StepContext(start, None, T > 1, rope)
+        causal = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)  # (T, end)
+        mask = causal[None, None] if key_mask is None else causal[None, None] & key_mask[:, None, None, :end]
+        return StepContext(start, mask, False, rope)  # mask: (B, 1, T, end)
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, start: int,
+                key_mask: torch.Tensor | None = None, last_only: bool = True) -> torch.Tensor:
+        """Logits for tokens ``ids`` (B, T) at cache positions ``start:start+T``.
+
+        Returns:
+            (B, 1, V) logits of the last token with ``last_only``, else (B, T, V).
+        """
+        x = self.arch.embed(self.root, ids, pos)  # (B, T, C)
+        ctx = self.context(x, pos, start, key_mask)
+        for i, layer in enumerate(self.layers):
+            x = layer.step(x, ctx, cache.k[i], cache.v[i])
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C): the head reads only what generation needs
+        for path in self.arch.final_paths:
+            mod = self._module(path)
+            if mod is not None:
+                x = mod(x)
+        return self.root.get_submodule(self.arch.head_path)(x)  # (B, T or 1, V)
+
+    __call__ = forward
+
+
+def get_runner(model: nn.Module) -> FusedRunner | None:
+    """The runner of a kernel-injected model, or ``None``."""
+    return getattr(model, "_flexspeed_runner", None)
+
+
+def build_runner(model: nn.Module) -> FusedRunner | None:
+    """A runner for an un-injected model whose fused layers need no weight copies (flexspeed GPT).
+
+    The model is not modified; the runner's layers wrap the model's own modules. ``None`` for
+    other models (inject them, or generate through their own cache API).
+    """
+    arch = _detect(model)
+    if arch is None or arch.copies:
+        return None
+    blocks = model.get_submodule(arch.layers_path)
+    return FusedRunner(model, arch, [arch.build(model, b, i) for i, b in enumerate(blocks)])
+
+
+def inject_kernels(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Swap the decoder blocks of ``module`` for fused ones, in place, and attach a runner.
+
+    Args:
+        module: flexspeed ``GPT``, HF ``GPT2LMHeadModel``, ``OPTForCausalLM`` or ``LlamaForCausalLM``
+            (possibly tensor-parallel sharded; not yet quantized). Injecting twice is a no-op.
+        dtype: compute dtype; the model is cast to it if its weights differ.
+    Returns:
+        ``module``, whose ``forward`` gives the same logits as before and whose
+        :func:`get_runner` drives the preallocated KV cache.
+    Raises:
+        ConfigError: the architecture is not recognised (key ``replace_with_kernel_inject``).
+    """
+    if get_runner(module) is not None:
+        return module
+    arch = _detect(module)
+    if arch is None:
+        raise ConfigError(f"replace_with_kernel_inject=True but {type(module).__name__} is not a recognised "
+                          f"architecture (supported: {_SUPPORTED}); set replace_with_kernel_inject=False to run "
+                          "the model's own blocks", key=_KEY)
+    current = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    if dtype is not None and current is not None and current != dtype:
+        module.to(dtype)
+    blocks = module.get_submodule(arch.layers_path)
+    with torch.no_grad():
+        for i in range(len(blocks)):
+            fused = arch.build(module, blocks[i], i)
+            fused.train(blocks[i].training)
+            blocks[i] = fused  # the old block (and its unfused weights) is released here
+    object.__setattr__(module, "_flexspeed_runner", FusedRunner(module, arch, None, dtype))
+    return module
