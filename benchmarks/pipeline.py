@@ -98,6 +98,7 @@ def main() -> None:
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     steps = 3 if args.quick else 5
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows = []
     for p in (2, 4):
         counts = [p, 4 * p] if args.quick else [p, 2 * p, 4 * p, 8 * p]
@@ -115,7 +116,11 @@ def main() -> None:
 
     print(f"\nModel: {LAYERS} x Linear({HIDDEN},{HIDDEN})+Tanh split uniformly over the stages; micro-batch "
           f"{MICRO} rows; fp32, 1 thread per rank, {cores} CPU core(s); gloo on localhost; medians of {steps} steps.")
-    print("t = slowest stage's forward+backward for one micro-batch, timed alone before each step. ideal = m*t (no bubble). "
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"1-minute load average {load_before:.1f} before, {load_after:.1f} after (other processes compete for the "
+          f"cores when it exceeds {cores}).")
+    print("t = slowest stage's forward+backward for one micro-batch, timed alone before each step. "
+          "ideal = m*t (no bubble). "
           "bubble(meas) = 1 - ideal/step; theory = (p-1)/(m+p-1).")
     print("predicted = max((m+p-1)*t, p*m*t/min(cores,p)): the bubble bound, or the CPU bound when ranks "
           "outnumber cores (then all stages cannot compute at once, and the measured idle fraction")

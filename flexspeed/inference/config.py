@@ -225,8 +225,8 @@ def training_keys() -> frozenset[str]:
 
         keys = set(FlexConfig.model_fields)
     except Exception:
-        keys = set(_FALLBACK_TRAINING_KEYS)
-    return frozenset(keys - set(InferenceConfig.model_fields))
+        keys = set()
+    return frozenset((keys | set(_FALLBACK_TRAINING_KEYS)) - set(InferenceConfig.model_fields))
 
 
 def _as_dict(value: Any, where: str) -> dict:

@@ -236,8 +236,8 @@ class PipelineEngine(nn.Module):
                 raise ValueError(f"data_iter ran out after {i} of the {self.micro_batches} micro-batches a "
                                  "train_batch() needs; use a repeating iterator") from None
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                raise TypeError("each pipeline batch must be a pair (inputs, labels); got "
-                                f"{type(batch).__name__}{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}")
+                length = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+                raise TypeError(f"each pipeline batch must be a pair (inputs, labels); got {type(batch).__name__}{length}")
             inputs.append(_as_tuple(batch[0], "inputs"))
             lab = _as_tuple(batch[1], "labels")
             if len(lab) != 1:
@@ -247,7 +247,8 @@ class PipelineEngine(nn.Module):
         for i in range(len(inputs)):
             got = (tuple(tuple(t.shape) for t in inputs[i]), tuple(labels[i].shape))
             if got != shapes or (self._shapes is not None and got != self._shapes):
-                raise ValueError(f"micro-batch {i} has shapes {got} but the pipeline runs with {self._shapes or shapes}; "
+                raise ValueError(f"micro-batch {i} has shapes {got} but the pipeline runs with "
+                                 f"{self._shapes or shapes}; "
                                  "every micro-batch must have the same shapes (activation buffers are sized once). "
                                  "Fix: drop the last incomplete batch and pad sequences to a fixed length")
         self._shapes = shapes
@@ -456,7 +457,8 @@ def _apply_config(module: PipelineModule, config: Any) -> None:
         for sm in module.__dict__["_stage_modules"]:
             sm.checkpoint_interval = interval
     module.configure(virtual_stages=int(pipe.virtual_stages))
-    validate_schedule(pipe.schedule, module.num_stages, int(pipe.virtual_stages), int(config.gradient_accumulation_steps))
+    validate_schedule(pipe.schedule, module.num_stages, int(pipe.virtual_stages),
+                      int(config.gradient_accumulation_steps))
 
 
 def _build_optimizer(module: PipelineModule, config: Any, client: Any, model_parameters: Iterable | None) -> Any:

@@ -167,7 +167,8 @@ class PipelineModule(nn.Module):
                  activation_checkpoint_func: Callable | None = None, virtual_stages: int | None = None) -> None:
         super().__init__()
         if not isinstance(layers, (list, tuple)) or not layers:
-            raise ValueError(f"PipelineModule(layers=...) needs a non-empty list of layers, got {type(layers).__name__}")
+            raise ValueError("PipelineModule(layers=...) needs a non-empty list of layers, got "
+                             f"{type(layers).__name__}")
         if activation_checkpoint_interval < 0:
             raise ValueError(f"activation_checkpoint_interval={activation_checkpoint_interval} must be >= 0 (0 = off)")
         if virtual_stages is not None and virtual_stages < 1:
@@ -202,7 +203,8 @@ class PipelineModule(nn.Module):
             name = layer.typename.__name__ + (f"[tied:{layer.key}]" if isinstance(layer, TiedLayerSpec) else "")
             return _Entry(index, layer, name, count)
         if isinstance(layer, nn.Module):
-            return _Entry(index, layer, type(layer).__name__, sum(p.numel() for p in layer.parameters() if p.requires_grad))
+            count = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+            return _Entry(index, layer, type(layer).__name__, count)
         if callable(layer):
             return _Entry(index, layer, getattr(layer, "__name__", type(layer).__name__), 0)
         raise TypeError(f"layers[{index}] = {layer!r} is not a LayerSpec, nn.Module or callable")
@@ -410,6 +412,12 @@ class PipelineModule(nn.Module):
         if name.isdigit() and self.__dict__.get("_built") is False and not self.__dict__.get("_building"):
             self._ensure_built()
         return super().__getattr__(name)
+
+    def train(self, mode: bool = True) -> PipelineModule:
+        super().train(mode)
+        for sm in self.__dict__["_stage_modules"]:  # not children: set their own flag too
+            sm.train(mode)
+        return self
 
     def _apply(self, fn: Callable, recurse: bool = True) -> PipelineModule:
         self._ensure_built()

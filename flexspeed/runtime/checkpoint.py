@@ -43,6 +43,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata
 
@@ -392,7 +393,7 @@ def _load_tensors(engine: Any, path: str, meta: dict, *, strict: bool, with_opti
                      planner=SafeLoadPlanner(allow_partial_load=True), no_dist=world == 1)
     except UnsafeCheckpointError:
         raise
-    except Exception as e:  # DCP wraps per-rank failures; surface a refused pickle as such
+    except (Exception, CheckpointException) as e:  # DCP wraps per-rank failures in a BaseException
         unsafe = find_unsafe(e)
         if unsafe is not None:
             raise unsafe from e

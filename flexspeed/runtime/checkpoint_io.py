@@ -168,7 +168,14 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 
 def _unsafe_message(path: str, err: Any) -> str:
-    return (f"refusing to load {path}: it holds a pickled object outside the allow-list ({err}). flexspeed "
+    text = str(err)
+    for line in text.splitlines():  # torch's weights_only message: keep the line naming the global
+        if "Unsupported global" in line or "Unsupported operand" in line:
+            text = line.replace("WeightsUnpickler error: ", "").split(". Please use")[0]
+            break
+    else:
+        text = text.splitlines()[0] if text else type(err).__name__
+    return (f"refusing to load {path}: it holds a pickled object outside the allow-list ({text}). flexspeed "
             "checkpoints never need one, so the file was tampered with or was not written by flexspeed. Fix: "
             "use a checkpoint from a trusted source; only if you trust this file, load it yourself with "
             "torch.load(..., weights_only=False)")
@@ -268,20 +275,22 @@ def read_manifest(path: str) -> dict:
 
 
 def find_unsafe(err: BaseException) -> UnsafeCheckpointError | None:
-    seen = 0
+    """The ``UnsafeCheckpointError`` behind ``err`` (DCP wraps per-rank failures), if any."""
     stack: list[Any] = [err]
-    while stack and seen < 50:
+    for _ in range(100):
+        if not stack:
+            break
         e = stack.pop()
-        seen += 1
         if isinstance(e, UnsafeCheckpointError):
             return e
-        if isinstance(e, BaseException):
-            stack += [e.__cause__, e.__context__]
+        if isinstance(e, tuple):  # DCP's CheckpointException.failures: rank -> (exception, traceback)
+            stack += [x for x in e if isinstance(x, BaseException)]
+        elif isinstance(e, BaseException):
+            stack += [x for x in (e.__cause__, e.__context__) if x is not None]
             failures = getattr(e, "failures", None)
             if isinstance(failures, dict):
                 stack += list(failures.values())
     return None
-
 
 
 @contextlib.contextmanager

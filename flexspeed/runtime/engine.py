@@ -189,6 +189,12 @@ class TrainingEngine(nn.Module):
         self.optimizer.zero_grad(set_to_none=True)
         self.global_steps += 1
 
+    def train(self, mode: bool = True) -> TrainingEngine:
+        """Set train/eval mode on the module and on its data-parallel wrapper."""
+        super().train(mode)
+        self._strategy.model.train(mode)
+        return self
+
     def zero_grad(self) -> None:
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)

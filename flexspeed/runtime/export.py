@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from flexspeed.runtime.checkpoint_io import (
@@ -109,7 +110,7 @@ def consolidate(ckpt_dir: str | os.PathLike, tag: str | None = None,
                      no_dist=True)
     except UnsafeCheckpointError:
         raise
-    except Exception as e:
+    except (Exception, CheckpointException) as e:  # DCP wraps per-rank failures in a BaseException
         unsafe = find_unsafe(e)
         if unsafe is not None:
             raise unsafe from e

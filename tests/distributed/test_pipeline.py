@@ -180,6 +180,13 @@ def world2(rank: int, world: int, directory: str) -> dict | None:
     loss, logits = engine.eval_batch(iter(batches), return_logits=True)
     per_mb = engine.eval_batch(iter(batches), reduce_output=None)
     after = float(engine.train_batch(iter(micro_batches("mlp", STEPS, 1, 0))))  # train again after eval
+    refused = []
+    for call in (lambda: engine(batches[0][0]), lambda: engine.backward(None), lambda: engine.step()):
+        try:
+            call()
+        except RuntimeError as err:
+            refused.append(str(err))
+    out["refused"] = refused
     out["eval"] = {"loss": float(loss), "per_mb": [float(x) for x in per_mb], "after": after,
                    "logits": None if logits is None else logits.detach().clone(), "last": engine.is_last_stage()}
     # the engine's own loader (initialize(training_data=...)), pulled by train_batch()
@@ -202,7 +209,11 @@ def world4(rank: int, world: int, directory: str) -> dict | None:
     out["zero1"] = run_case("mlp", "1f1b", 1, 2, zero=1)
     # checkpoint: 2 stages x 2 replicas with ZeRO-1 -> 4 stages x 1 replica
     out["ckpt"] = ckpt_roundtrip(dict(kind="mlp", schedule="1f1b", virtual=1, pp=2, zero=1),
-                                 dict(kind="mlp", schedule="1f1b", virtual=1, pp=4), directory)
+                                 dict(kind="mlp", schedule="1f1b", virtual=1, pp=4), os.path.join(directory, "mlp"))
+    # tied weights: interleaved 2 x 2 chunks x 2 replicas -> 4 stages, the tie now spans ranks 0 and 3
+    out["ckpt_tied"] = ckpt_roundtrip(dict(kind="tied", schedule="interleaved_1f1b", virtual=2, pp=2),
+                                      dict(kind="tied", schedule="1f1b", virtual=1, pp=4),
+                                      os.path.join(directory, "tied"))
     return out if rank == 0 else None
 
 
@@ -275,6 +286,7 @@ def test_world2_two_stages_match_reference(tmp_path, refs):
     ev = res["eval"]
     assert abs(ev["loss"] - sum(mb_losses) / GAS) < 1e-5
     torch.testing.assert_close(torch.tensor(ev["per_mb"]), torch.tensor(mb_losses), rtol=0, atol=1e-5)
+    assert len(res["refused"]) == 3 and all("train_batch" in m for m in res["refused"])
     assert ev["logits"] is None and not ev["last"]  # rank 0 is the first stage: no logits there
     torch.testing.assert_close(last["logits"], logits, rtol=0, atol=1e-5)  # the last stage has them all
     ref4, _ = reference("mlp", [1] * (STEPS + 1))
@@ -313,13 +325,14 @@ def test_world4_two_stages_two_replicas_match_reference(tmp_path, refs):
     z = res["zero1"]
     assert_matches(z, losses, states[-1], what="zero1")
     assert 0 < z["opt_states"] < z["params"]  # this replica holds optimizer state for its shard only
-    _check_ckpt(res["ckpt"], [2] * STEPS + [1], str(tmp_path))
+    _check_ckpt(res["ckpt"], [2] * STEPS + [1], os.path.join(tmp_path, "mlp"))
+    _check_ckpt(res["ckpt_tied"], [2] * STEPS + [1], os.path.join(tmp_path, "tied"), kind="tied")
 
 
-def _check_ckpt(ck: dict, dps: list[int], directory: str) -> None:
+def _check_ckpt(ck: dict, dps: list[int], directory: str, kind: str = "mlp") -> None:
     from flexspeed.pipe import export_sequential_state_dict
 
-    losses, states = reference("mlp", dps)
+    losses, states = reference(kind, dps)
     assert ck["client"] == {"note": "hi"} and ck["steps"] == STEPS + 1
     assert ck["path"] == os.path.join(directory, f"global_step{STEPS}")
     for k, v in ck["saved"].items():
@@ -333,5 +346,5 @@ def _check_ckpt(ck: dict, dps: list[int], directory: str) -> None:
     assert [int(k.split(".")[0]) for k in exported] == sorted(int(k.split(".")[0]) for k in exported)
     for k, v in states[STEPS - 1].items():
         torch.testing.assert_close(exported[k], v, rtol=0, atol=1e-5)
-    model = reference_model("mlp")
-    model.load_state_dict(exported)  # a plain nn.Sequential takes it as is
+    if kind == "mlp":
+        reference_model("mlp").load_state_dict(exported)  # a plain nn.Sequential takes it as is
