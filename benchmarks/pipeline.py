@@ -1,15 +1,18 @@
 """Pipeline step time against the bubble that theory predicts, for 2 and 4 stages.
 
-For p stages and m micro-batches, a synchronous schedule (GPipe, 1F1B) idles a fraction
-(p - 1) / (m + p - 1) of each step, so a step takes (m + p - 1) * t, where t is one stage's
-forward + backward time for one micro-batch. This script measures t (each stage alone, no
-communication), the real ``train_batch`` time, and reports the measured idle fraction
-1 - m * t / step next to the theoretical one.
+For p stages and m micro-batches a synchronous schedule (GPipe, 1F1B) keeps every stage idle
+for a fraction (p - 1) / (m + p - 1) of the step: each stage computes m forward+backward units
+in a step of (m + p - 1) units. This script times real ``train_batch`` calls and, inside them,
+every stage's compute (``forward_one_chunk`` / ``backward_one_chunk`` of its
+``PipelineStage``, so waiting for a neighbour does not count). The measured idle fraction of a
+stage is 1 - compute / schedule time; the table shows its mean over the stages next to theory.
 
-When the ranks outnumber the CPU cores (4 stages on a 2-core machine), the stages cannot all
-compute at once: a step then also takes at least (total work) / cores = p * m * t / cores. The
-table prints both bounds and predicts the larger; its "limit" column says which one binds.
-The per-layer work is a dense matmul chain (no sleeps), so oversubscription shows honestly.
+The bubble model assumes a core per stage. With more stages than cores (4 stages on a 2-core
+machine) the stages cannot all compute at once: a step needs at least p * m * t / cores of wall
+time for its p * m units of work t, so each stage idles at least 1 - cores / p of the step. The
+prediction is the larger of the two, max((p - 1) / (m + p - 1), 1 - cores / p). Other processes
+on a shared machine lower the effective core count the same way (the load average is printed).
+The per-layer work is a dense matmul chain (no sleeps), so all of this shows honestly.
 
 Run: python benchmarks/pipeline.py [--quick]
 """
@@ -26,7 +29,7 @@ import torch.nn as nn
 
 from flexspeed.testing import run_ranks
 
-HIDDEN, LAYERS, MICRO = 512, 8, 32
+HIDDEN, LAYERS, MICRO = 1024, 8, 64
 
 
 def _layers() -> list:
@@ -42,18 +45,28 @@ def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return nn.functional.mse_loss(out, target)
 
 
-def _stage_time(engine, reps: int) -> float:
-    """Median seconds for this rank's stage to run forward + backward on one micro-batch, alone."""
-    stage = engine.module.stage_modules[0]
-    x = torch.randn(MICRO, HIDDEN, requires_grad=True)
-    times = []
-    for _ in range(reps + 1):
+def _timed(obj: object, name: str, cell: list[float], slot: int) -> None:
+    """Replace ``obj.name`` by a wrapper that adds its run time to ``cell[slot]``."""
+    original = getattr(obj, name)
+
+    def timed(*args, **kwargs):
         t0 = time.perf_counter()
-        out = stage(x)
-        out.backward(torch.ones_like(out))
-        times.append(time.perf_counter() - t0)
-    engine.zero_grad()
-    return statistics.median(times[1:])
+        try:
+            return original(*args, **kwargs)
+        finally:
+            cell[slot] += time.perf_counter() - t0
+
+    setattr(obj, name, timed)
+
+
+def _instrument(engine) -> list[float]:
+    """Seconds this rank spends [computing (its stages' forward/backward), in the schedule] per step."""
+    cell = [0.0, 0.0]
+    for stage in engine.stages:
+        _timed(stage, "forward_one_chunk", cell, 0)
+        _timed(stage, "backward_one_chunk", cell, 0)
+    _timed(engine._schedule, "step", cell, 1)
+    return cell
 
 
 def _rank(rank: int, world: int, micro_counts: list[int], steps: int) -> list[dict]:
@@ -67,29 +80,54 @@ def _rank(rank: int, world: int, micro_counts: list[int], steps: int) -> list[di
         model = PipelineModule(_layers(), num_stages=world, loss_fn=_loss, partition_method="uniform")
         cfg = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": m,
                "optimizer": {"type": "SGD", "params": {"lr": 1e-4}}, "steps_per_print": 10**9,
-               "pipeline": {"schedule": "1f1b" if m >= world else "gpipe"}}
+               "pipeline": {"schedule": "1f1b"}}
         engine, *_ = flexspeed.initialize(model=model, config=cfg)
+        busy = _instrument(engine)
         batches = [(torch.randn(MICRO, HIDDEN), torch.randn(MICRO, HIDDEN)) for _ in range(m)]
-        step_times, stage_times = [], []
-        for step in range(steps + 2):
-            # the stage time is re-measured before every step (one rank at a time, so each
-            # measures an otherwise idle machine): step and stage see the same background load
-            t_stage = torch.zeros(())
-            for r in range(world):
-                dist.barrier()
-                if r == rank:
-                    t_stage = torch.tensor(_stage_time(engine, reps=3))
-            dist.all_reduce(t_stage, op=dist.ReduceOp.MAX)
+        rows = []
+        for step in range(steps + 1):
+            busy[0] = busy[1] = 0.0
             dist.barrier()
             t0 = time.perf_counter()
             engine.train_batch(iter(batches))
-            elapsed = torch.tensor(time.perf_counter() - t0)
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            if step >= 2:
-                step_times.append(float(elapsed))
-                stage_times.append(float(t_stage))
-        results.append({"m": m, "step": statistics.median(step_times), "t": statistics.median(stage_times)})
+            elapsed = time.perf_counter() - t0
+            mine = torch.tensor([elapsed, busy[1], busy[0]])
+            every = [torch.zeros(3) for _ in range(world)]
+            dist.all_gather(every, mine)
+            if step >= 1:  # the first step also infers shapes and allocates buffers
+                step_t = max(float(e[0]) for e in every)
+                pipe_t = max(float(e[1]) for e in every)
+                idle = statistics.mean(1 - float(e[2]) / pipe_t for e in every)
+                rows.append((step_t, pipe_t, statistics.mean(float(e[2]) for e in every), idle))
+        step_t, pipe_t, busy_t, idle = (statistics.median(col) for col in zip(*rows))
+        results.append({"m": m, "step": step_t, "pipe": pipe_t, "busy": busy_t, "idle": idle})
     return results
+
+
+def _table(rows: list[dict], cores: int, steps: int, loads: tuple[float, float]) -> None:
+    print(f"\nModel: {LAYERS} x (Linear({HIDDEN},{HIDDEN}) + Tanh) split uniformly over the stages; micro-batch "
+          f"{MICRO} rows; fp32; SGD; 1 thread per rank; schedule 1f1b; gloo on localhost; {cores} CPU core(s); "
+          f"medians of {steps} steps.")
+    print(f"1-minute load average {loads[0]:.1f} before, {loads[1]:.1f} after: above {cores}, other processes take "
+          "cores from the ranks and raise the idle fraction the way the floor does.")
+    print("step = train_batch; schedule = its pipeline part (without gradient reduction and optimizer step); "
+          "compute = a stage's forward+backward time in it (mean over stages);")
+    print("idle(meas) = 1 - compute/schedule, mean over stages; theory = (p-1)/(m+p-1).")
+    print(f"floor = 1 - cores/p: with more stages than the {cores} cores, stages wait for a core, so no schedule idles "
+          "less; pred = max(theory, floor).")
+    print()
+    header = (f"{'stages':>6} {'micro':>5} {'step ms':>9} {'schedule ms':>11} {'compute ms':>10} {'per-mb ms':>9} "
+              f"{'idle(meas)':>10} {'theory':>7} {'floor':>6} {'pred':>6} {'meas/pred':>9}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        p, m = r["p"], r["m"]
+        theory = (p - 1) / (m + p - 1)
+        floor = max(0.0, 1 - cores / p)
+        pred = max(theory, floor)
+        print(f"{p:>6} {m:>5} {r['step'] * 1e3:>9.1f} {r['pipe'] * 1e3:>11.1f} {r['busy'] * 1e3:>10.1f} "
+              f"{r['busy'] / m * 1e3:>9.2f} "
+              f"{r['idle']:>10.3f} {theory:>7.3f} {floor:>6.3f} {pred:>6.3f} {r['idle'] / pred:>9.2f}")
 
 
 def main() -> None:
@@ -104,35 +142,10 @@ def main() -> None:
         counts = [p, 4 * p] if args.quick else [p, 2 * p, 4 * p, 8 * p]
         started = time.perf_counter()
         for r in run_ranks(_rank, world_size=p, args=(counts, steps), timeout=900)[0]:
-            m, t, step = r["m"], r["t"], r["step"]
-            theory = (p - 1) / (m + p - 1)
-            bubble_bound = (m + p - 1) * t
-            cpu_bound = p * m * t / min(cores, p)
-            predicted = max(bubble_bound, cpu_bound)
-            rows.append((p, m, "1f1b" if m >= p else "gpipe", step * 1e3, t * 1e3, m * t * 1e3,
-                         1 - m * t / step, theory, predicted * 1e3, step / predicted,
-                         "bubble" if bubble_bound >= cpu_bound else f"cores({cores})"))
+            rows.append({"p": p, **r})
         print(f"measured {p} stages in {time.perf_counter() - started:.0f}s", flush=True)
-
-    print(f"\nModel: {LAYERS} x Linear({HIDDEN},{HIDDEN})+Tanh split uniformly over the stages; micro-batch "
-          f"{MICRO} rows; fp32, 1 thread per rank, {cores} CPU core(s); gloo on localhost; medians of {steps} steps.")
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"1-minute load average {load_before:.1f} before, {load_after:.1f} after (other processes compete for the "
-          f"cores when it exceeds {cores}).")
-    print("t = slowest stage's forward+backward for one micro-batch, timed alone before each step. "
-          "ideal = m*t (no bubble). "
-          "bubble(meas) = 1 - ideal/step; theory = (p-1)/(m+p-1).")
-    print("predicted = max((m+p-1)*t, p*m*t/min(cores,p)): the bubble bound, or the CPU bound when ranks "
-          "outnumber cores (then all stages cannot compute at once, and the measured idle fraction")
-    print("includes time spent waiting for a core, so it exceeds the theoretical bubble by design).\n")
-    header = (f"{'stages':>6} {'micro':>5} {'sched':>6} {'step ms':>9} {'t ms':>7} {'ideal ms':>9} "
-              f"{'bubble(meas)':>12} {'theory':>7} {'pred ms':>9} {'meas/pred':>9} {'limit':>9}")
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        p, m, sched, step, t, ideal, meas, theory, pred, ratio, limit = row
-        print(f"{p:>6} {m:>5} {sched:>6} {step:>9.1f} {t:>7.2f} {ideal:>9.1f} {meas:>12.3f} {theory:>7.3f} "
-              f"{pred:>9.1f} {ratio:>9.2f} {limit:>9}")
+    _table(rows, cores, steps, (load_before, load_after))
 
 
 if __name__ == "__main__":

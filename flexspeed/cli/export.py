@@ -19,7 +19,8 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=help_text)
-    p.add_argument("ckpt_dir", help="the directory given to save_checkpoint (holds 'latest' and the tags)")
+    p.add_argument("ckpt_dir", help="the directory given to save_checkpoint (holds 'latest' and the tags), "
+                                    "or one tag's directory")
     p.add_argument("out", help="output file (or a directory: the file is named after the format)")
     p.add_argument("--tag", default=None, help="checkpoint tag to export (default: the one named in 'latest')")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],

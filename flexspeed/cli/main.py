@@ -15,6 +15,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "check-config": ("flexspeed.cli.check_config", "validate a ds_config.json for a world size, without starting processes"),
     "report": ("flexspeed.cli.report", "print versions, backends, devices and which features are available"),
     "export": ("flexspeed.cli.export", "write a checkpoint's consolidated weights as one safetensors/pt file"),
+    "launch": ("flexspeed.cli.launch", "start a script on N processes per node (torchrun's agent; hostfile, Slurm)"),
+    "demo": ("flexspeed.cli.demo", "train a small GPT on addition with ZeRO-2 + bf16 on 2 processes, then test it"),
+    "plot": ("flexspeed.cli.plot", "draw the loss and lr curves of a csv_monitor run as a PNG"),
 }
 
 

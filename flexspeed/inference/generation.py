@@ -80,12 +80,18 @@ class _Sampler:
             raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0; use 1.0 to disable it")
         self.do_sample, self.temperature, self.top_k, self.top_p = do_sample, temperature, top_k or 0, top_p
         self.penalty, self.min_new, self.eos, self.generator = repetition_penalty, min_new_tokens, eos, generator
+        self.padding: torch.Tensor | None = None
+        """(B, >= T) True at left-padding positions (excluded from the repetition penalty, as HF)."""
 
     def __call__(self, logits: torch.Tensor, seq: torch.Tensor, n_done: int) -> torch.Tensor:
         """``logits`` (B, V) float32, ``seq`` (B, T) tokens so far -> next tokens (B,)."""
-        if self.penalty != 1.0:
-            picked = logits.gather(1, seq)  # (B, T)
-            logits = logits.scatter(1, seq, torch.where(picked < 0, picked * self.penalty, picked / self.penalty))
+        if self.penalty != 1.0:  # left padding is not "already generated": route it to a dummy column
+            vocab = logits.shape[-1]
+            ids = seq if self.padding is None else seq.masked_fill(self.padding[:, :seq.shape[1]], vocab)
+            padded = torch.nn.functional.pad(logits, (0, 1))  # (B, V + 1)
+            picked = padded.gather(1, ids)  # (B, T)
+            penalised = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
+            logits = padded.scatter(1, ids, penalised)[:, :vocab]
         if n_done < self.min_new and self.eos:
             logits[:, self.eos] = float("-inf")
         if not self.do_sample:
@@ -180,6 +186,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     seq = torch.full((B, T + max_new_tokens), pad if pad is not None else 0, dtype=torch.long,
                      device=input_ids.device)  # (B, T + new), filled in place
     seq[:, :T] = input_ids
+    if not bool(mask.all()):
+        sampler.padding = torch.zeros_like(seq, dtype=torch.bool)
+        sampler.padding[:, :T] = mask == 0
     if max_new_tokens == 0:
         return seq
     step = _stepper(model, input_ids, mask, max_new_tokens, use_cache)

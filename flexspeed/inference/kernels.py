@@ -27,7 +27,9 @@ layer are read from the (possibly sharded) weight shapes.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -69,6 +71,38 @@ class StepContext:
     """Rotary ``(cos, sin)``, each ``(B, T, head_dim)``, for Llama."""
 
 
+def _proj(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``mod(x)``; under ``torch.compile`` a one-row ``nn.Linear`` becomes a fused row-dot reduction.
+
+    For one row, Inductor's generated reduction streams the weight at close to memory bandwidth,
+    where the BLAS GEMV it would otherwise call reaches about half of it.
+    """
+    if torch.compiler.is_compiling() and type(mod) is nn.Linear and x.numel() == x.shape[-1]:
+        y = (mod.weight.float() * x.reshape(1, -1).float()).sum(-1).to(x.dtype)  # (N,)
+        if mod.bias is not None:
+            y = y + mod.bias
+        return y.view(*x.shape[:-1], -1)
+    return mod(x)
+
+
+def _static_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """One query per row over the whole static cache, masked; written for Inductor to fuse.
+
+    Args:
+        q: (B, Hq, 1, hd); k, v: (B, Hkv, T_max, hd); valid: (B, T_max) bool.
+    Returns:
+        (B, Hq, 1, hd) in q's dtype (fp32 accumulation).
+    """
+    B, hq, _, hd = q.shape
+    hkv = k.shape[1]
+    qf = q.float().view(B, hkv, hq // hkv, 1, hd)  # (B, Hkv, G, 1, hd)
+    s = (qf * k.float()[:, :, None]).sum(-1) * scale  # (B, Hkv, G, T_max)
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    y = (s.softmax(-1)[..., None] * v.float()[:, :, None]).sum(-2)  # (B, Hkv, G, hd)
+    return y.view(B, hq, 1, hd).to(q.dtype)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -105,7 +139,7 @@ class FusedDecoderLayer(nn.Module):
     def _qkv(self, qkv: nn.Module, h: torch.Tensor, rope: tuple | None) -> tuple[torch.Tensor, ...]:
         B, T, _ = h.shape  # (B, T, C)
         hq, hkv = self.n_heads, self.n_kv_heads
-        q, k, v = qkv(h).split([hq * self.head_dim, hkv * self.head_dim, hkv * self.head_dim], dim=-1)
+        q, k, v = _proj(qkv, h).split([hq * self.head_dim, hkv * self.head_dim, hkv * self.head_dim], dim=-1)
         q = q.view(B, T, hq, self.head_dim).transpose(1, 2)  # (B, Hq, T, hd)
         k = k.view(B, T, hkv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.view(B, T, hkv, self.head_dim).transpose(1, 2)
@@ -115,17 +149,20 @@ class FusedDecoderLayer(nn.Module):
         return q, k, v
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                is_causal: bool, out: nn.Module) -> torch.Tensor:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
-                                           enable_gqa=q.shape[1] != k.shape[1])  # (B, Hq, T, hd)
+                is_causal: bool, out: nn.Module, valid: torch.Tensor | None = None) -> torch.Tensor:
+        if valid is not None:  # static-shape decode (compiled)
+            y = _static_attention(q, k, v, valid, self.scale)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
+                                               enable_gqa=q.shape[1] != k.shape[1])  # (B, Hq, T, hd)
         B, _, T, _ = y.shape
-        return out(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
+        return _proj(out, y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
     def _mlp(self, up: nn.Module, down: nn.Module, h: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            gate, val = up(h).chunk(2, dim=-1)  # 2 x (B, T, F)
-            return down(self.act(gate) * val)
-        return down(self.act(up(h)))
+            gate, val = _proj(up, h).chunk(2, dim=-1)  # 2 x (B, T, F)
+            return _proj(down, self.act(gate) * val)
+        return _proj(down, self.act(_proj(up, h)))
 
     def _block(self, x: torch.Tensor, attention: Callable[[nn.Module, nn.Module, torch.Tensor], torch.Tensor]
                ) -> torch.Tensor:
@@ -147,6 +184,21 @@ class FusedDecoderLayer(nn.Module):
             k_cache[:, :, ctx.start:end] = k  # in place: the cache is never reallocated
             v_cache[:, :, ctx.start:end] = v
             return self._attend(q, k_cache[:, :, :end], v_cache[:, :, :end], ctx.mask, ctx.is_causal, out)
+
+        return self._block(x, attention)
+
+    def static_step(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, index: torch.Tensor,
+                    valid: torch.Tensor, rope: tuple | None = None) -> torch.Tensor:
+        """One new token per row (B, 1, C) with static shapes, for ``torch.compile``.
+
+        The position ``index`` (a (1,) tensor) and the key mask ``valid`` (B, T_max) are tensors, so
+        one compiled graph serves every step and every layer of the same shape.
+        """
+        def attention(qkv: nn.Module, out: nn.Module, h: torch.Tensor) -> torch.Tensor:
+            q, k, v = self._qkv(qkv, h, rope)
+            k_cache.index_copy_(2, index, k)  # in place
+            v_cache.index_copy_(2, index, v)
+            return self._attend(q, k_cache, v_cache, None, False, out, valid)
 
         return self._block(x, attention)
 
@@ -358,6 +410,8 @@ class FusedRunner:
     arch: _Arch
     own_layers: list[FusedDecoderLayer] | None = None
     _dtype: torch.dtype | None = field(default=None, repr=False)
+    compile_decode: bool = False
+    """Run single-token steps through ``torch.compile`` (static shapes; falls back to eager on failure)."""
 
     @property
     def layers(self) -> list[FusedDecoderLayer]:
@@ -413,18 +467,53 @@ class FusedRunner:
             (B, 1, V) logits of the last token with ``last_only``, else (B, T, V).
         """
         x = self.arch.embed(self.root, ids, pos)  # (B, T, C)
+        if ids.shape[1] == 1 and self.compile_decode and self._compiled_ok():
+            try:
+                return self._static_forward(x, pos, cache, start, key_mask)
+            except Exception as exc:  # an op without a compiled form, no C++ compiler, ...
+                warnings.warn(f"compiled decode failed ({type(exc).__name__}: {exc}); running eagerly", stacklevel=2)
+                self.compile_decode = False
         ctx = self.context(x, pos, start, key_mask)
         for i, layer in enumerate(self.layers):
             x = layer.step(x, ctx, cache.k[i], cache.v[i])
         if last_only:
             x = x[:, -1:]  # (B, 1, C): the head reads only what generation needs
+        return self._head(x)
+
+    __call__ = forward
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
         for path in self.arch.final_paths:
             mod = self._module(path)
             if mod is not None:
-                x = mod(x)
-        return self.root.get_submodule(self.arch.head_path)(x)  # (B, T or 1, V)
+                x = _proj(mod, x)
+        return _proj(self.root.get_submodule(self.arch.head_path), x)  # (B, T, V)
 
-    __call__ = forward
+    def _compiled_ok(self) -> bool:
+        # TP all-reduce hooks run inside the layers; keep them out of Dynamo's graphs
+        return getattr(self.root, "_flexspeed_tp_size", 1) == 1
+
+    def _static_forward(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, start: int,
+                        key_mask: torch.Tensor | None) -> torch.Tensor:
+        B, t_max = x.shape[0], cache.max_len
+        valid = torch.arange(t_max, device=x.device).expand(B, t_max) <= start  # (B, T_max)
+        if key_mask is not None:
+            valid = valid & key_mask[:, :t_max]
+        index = torch.tensor([start], device=x.device)
+        rope = self.arch.rope(self.root, x, pos) if self.arch.rope is not None else None
+        step, head = _compiled()
+        for i, layer in enumerate(self.layers):
+            x = step(layer, x, cache.k[i], cache.v[i], index, valid, rope)
+        return head(self, x)
+
+
+@functools.cache
+def _compiled() -> tuple[Callable, Callable]:
+    """The compiled layer step and head, shared by every runner (Dynamo caches per shape)."""
+    def step(layer, x, k, v, index, valid, rope):
+        return layer.static_step(x, k, v, index, valid, rope)
+
+    return torch.compile(step, dynamic=False), torch.compile(FusedRunner._head, dynamic=False)
 
 
 def get_runner(model: nn.Module) -> FusedRunner | None:
@@ -445,13 +534,16 @@ def build_runner(model: nn.Module) -> FusedRunner | None:
     return FusedRunner(model, arch, [arch.build(model, b, i) for i, b in enumerate(blocks)])
 
 
-def inject_kernels(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+def inject_kernels(module: nn.Module, dtype: torch.dtype | None = None, *, compile_decode: bool = False) -> nn.Module:
     """Swap the decoder blocks of ``module`` for fused ones, in place, and attach a runner.
 
     Args:
         module: flexspeed ``GPT``, HF ``GPT2LMHeadModel``, ``OPTForCausalLM`` or ``LlamaForCausalLM``
             (possibly tensor-parallel sharded; not yet quantized). Injecting twice is a no-op.
         dtype: compute dtype; the model is cast to it if its weights differ.
+        compile_decode: run single-token steps through ``torch.compile`` (off by default: the first
+            step compiles for a few seconds to a minute; also settable as
+            ``get_runner(model).compile_decode``).
     Returns:
         ``module``, whose ``forward`` gives the same logits as before and whose
         :func:`get_runner` drives the preallocated KV cache.
@@ -474,5 +566,5 @@ def inject_kernels(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Mo
             fused = arch.build(module, blocks[i], i)
             fused.train(blocks[i].training)
             blocks[i] = fused  # the old block (and its unfused weights) is released here
-    object.__setattr__(module, "_flexspeed_runner", FusedRunner(module, arch, None, dtype))
+    object.__setattr__(module, "_flexspeed_runner", FusedRunner(module, arch, None, dtype, compile_decode))
     return module

@@ -191,8 +191,12 @@ def _tensor_tree(optim_state: dict) -> dict:
 
 
 def _fqn_param_groups(module: torch.nn.Module, optim: torch.optim.Optimizer) -> list[dict]:
-    names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
-    return [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+    """The optimizer's param groups with each parameter named by its (first) FQN in ``module``."""
+    names: dict[int, str] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), name)
+    return [{**{k: v for k, v in g.items() if k != "params"},
+             "params": [names.get(id(p), f"<unnamed {i}>") for i, p in enumerate(g["params"])]}
             for g in optim.param_groups]
 
 
@@ -210,13 +214,22 @@ def _state_dicts(engine: Any, *, with_optimizer: bool, exclude_frozen: bool = Fa
         return get_model_state_dict(module, options=opts), None
     if not optim.state and not for_load:
         # nothing stepped yet: torch's get_state_dict would initialise the state (a step at lr 0),
-        # which would change the run being saved; save the hyperparameters and no state instead
-        return get_model_state_dict(module, options=opts), {"state": {},
-                                                             "param_groups": _fqn_param_groups(module, optim)}
-    return get_state_dict(module, optim, options=opts)
+        # which would change the run being saved; there is no state to save
+        return get_model_state_dict(module, options=opts), {"state": {}, "param_groups": []}
+    # torch allocates an empty optimizer's state with a zero-gradient step, but skips it when any
+    # gradient exists (e.g. a load after a backward): hide the gradients from it for the moment
+    stashed = [(p, p.grad) for g in optim.param_groups for p in g["params"] if p.grad is not None] \
+        if for_load and not optim.state else []
+    for p, _ in stashed:
+        p.grad = None
+    try:
+        return get_state_dict(module, optim, options=opts)
+    finally:
+        for p, grad in stashed:
+            p.grad = grad
 
 
-def _engine_state(engine: Any, optim_sd: dict | None, excluded: list[str]) -> dict:
+def _engine_state(engine: Any, excluded: list[str]) -> dict:
     loader = getattr(engine, "training_dataloader", None)
     sched = getattr(engine, "lr_scheduler", None)
     scaler = getattr(engine, "loss_scaler", None)
@@ -228,7 +241,8 @@ def _engine_state(engine: Any, optim_sd: dict | None, excluded: list[str]) -> di
         "lr_scheduler": sched.state_dict() if sched is not None and hasattr(sched, "state_dict") else None,
         "loss_scaler": scaler.state_dict() if scaler is not None else None,
         "dataloader": loader.state_dict() if loader is not None and hasattr(loader, "state_dict") else None,
-        "optimizer_param_groups": optim_sd["param_groups"] if optim_sd is not None else None,
+        "optimizer_param_groups": (_fqn_param_groups(engine.module, engine.optimizer)
+                                   if engine.optimizer is not None else None),
         "excluded_model_keys": excluded,
     }
 
@@ -265,12 +279,19 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: Any = None, c
     """
     rank, world = _rank_world()
     tag = f"global_step{int(engine.global_steps)}" if tag is None else tag
-    error, client_bytes = "", b""
-    try:
+    excluded = [n for n, p in engine.module.named_parameters() if not p.requires_grad] \
+        if exclude_frozen_parameters else []
+    error, client_bytes, engine_bytes = "", b"", b""
+    try:  # everything a user can get wrong is found here, before any rank writes
         tag = validate_tag(tag)
         client_bytes = serialize_checked(dict(client_state or {}), "client_state",
-                                          "Fix: keep client_state to tensors, numbers, strings, lists, tuples "
-                                          "and dicts (convert other objects, e.g. with vars() or str())")
+                                         "Fix: keep client_state to tensors, numbers, strings, lists, tuples "
+                                         "and dicts (convert other objects, e.g. with vars() or str())")
+        if rank == 0:
+            engine_bytes = serialize_checked(
+                _engine_state(engine, excluded), "the engine state (scheduler, loss scaler, dataloader, "
+                "optimizer param groups)", "Fix: use schedulers/optimizers whose state_dict() holds only tensors, "
+                "numbers, strings and containers")
     except ValueError as e:
         error = str(e)
     tag, nonce = _agree(str(tag), error, _tag_validation_mode(engine))
@@ -286,7 +307,8 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: Any = None, c
                     "step): the gradients accumulated so far are not saved", tag, engine.micro_steps, gas)
     _barrier()
     try:
-        _write_tag(engine, tmp, tag, world, rank, client_bytes, exclude_frozen_parameters)
+        _write_tag(engine, tmp, tag, world, rank, {ENGINE_FILE: engine_bytes, CLIENT_FILE: client_bytes},
+                   exclude_frozen_parameters)
         _barrier()
         if rank == 0:
             commit_tag(save_dir, tmp, tag, nonce, save_latest)
@@ -300,12 +322,10 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: Any = None, c
     return True
 
 
-def _write_tag(engine: Any, tmp: str, tag: str, world: int, rank: int, client_bytes: bytes,
+def _write_tag(engine: Any, tmp: str, tag: str, world: int, rank: int, rank0_files: dict[str, bytes],
                exclude_frozen: bool) -> None:
+    """Every rank: its tensors (DCP) and RNG state; rank 0 also the engine files, then the manifest."""
     model_sd, optim_sd = _state_dicts(engine, with_optimizer=True, exclude_frozen=exclude_frozen)
-    excluded = []
-    if exclude_frozen:
-        excluded = [n for n, p in engine.module.named_parameters() if not p.requires_grad]
     tensors: dict[str, Any] = {"model": model_sd}
     if optim_sd is not None:
         tensors["optim"] = {"state": _tensor_tree(optim_sd["state"])}
@@ -316,11 +336,7 @@ def _write_tag(engine: Any, tmp: str, tag: str, world: int, rank: int, client_by
         f.flush()
         os.fsync(f.fileno())
     if rank == 0:
-        engine_bytes = serialize_checked(
-            _engine_state(engine, optim_sd, excluded), "the engine state (scheduler, loss scaler, dataloader, "
-            "optimizer param groups)", "Fix: use schedulers/optimizers whose state_dict() holds only tensors, "
-            "numbers, strings and containers")
-        for name, data in ((ENGINE_FILE, engine_bytes), (CLIENT_FILE, client_bytes)):
+        for name, data in rank0_files.items():
             write_atomic(os.path.join(tmp, name), data)
         manifest = _manifest(engine, tag, world, optim_sd is not None)
         write_atomic(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=2).encode())
@@ -362,7 +378,7 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: Any = None, l
         want_optim = False
     _load_tensors(engine, path, meta, strict=load_module_strict, with_optimizer=want_optim)
     if not load_module_only:
-        _restore_engine(engine, meta, manifest, load_lr_scheduler_states=load_lr_scheduler_states)
+        _restore_engine(engine, meta, load_lr_scheduler_states=load_lr_scheduler_states)
         _restore_rng(path, manifest)
     client_state = safe_torch_load(os.path.join(path, CLIENT_FILE))
     _barrier()
@@ -402,7 +418,8 @@ def _load_tensors(engine: Any, path: str, meta: dict, *, strict: bool, with_opti
     if optim_sd is None:
         set_model_state_dict(engine.module, model_sd, options=StateDictOptions(strict=False))
         return
-    optim_sd = _merge_optim(optim_sd, target["optim"]["state"], meta.get("optimizer_param_groups"))
+    optim_sd = _merge_optim(optim_sd, target["optim"]["state"], meta.get("optimizer_param_groups"),
+                            _fqn_param_groups(engine.module, engine.optimizer))
     set_state_dict(engine.module, optimizers=engine.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
                    options=StateDictOptions(strict=False))
 
@@ -421,8 +438,12 @@ def _check_model_keys(model_sd: dict, metadata: Metadata, excluded: set[str], st
                     missing[:10])
 
 
-def _merge_optim(template: dict, loaded_state: dict, saved_groups: list | None) -> dict:
-    """The optimizer state dict to set: loaded tensors (numbers restored) and the saved hyperparameters."""
+def _merge_optim(template: dict, loaded_state: dict, saved_groups: list | None, current_groups: list) -> dict:
+    """The optimizer state dict to set: loaded tensors (numbers restored) and the saved hyperparameters.
+
+    ``template`` is torch's state dict of the live optimizer; ``saved_groups``/``current_groups``
+    are param groups named by :func:`_fqn_param_groups`, compared to match groups by their members.
+    """
     state: dict[str, dict] = {}
     for fqn, leaves in loaded_state.items():
         entry = dict(template["state"].get(fqn, {}))
@@ -431,18 +452,19 @@ def _merge_optim(template: dict, loaded_state: dict, saved_groups: list | None) 
             entry[key] = value if torch.is_tensor(before) or before is None else type(before)(value.item())
         state[fqn] = entry
     groups = template["param_groups"]
-    if saved_groups is not None:
-        if [sorted(g["params"]) for g in saved_groups] == [sorted(g["params"]) for g in groups]:
-            by_first = {tuple(sorted(g["params"])): g for g in saved_groups}
-            groups = [{**by_first[tuple(sorted(g["params"]))], "params": g["params"]} for g in groups]
+    if saved_groups:
+        if [sorted(g["params"]) for g in saved_groups] == [sorted(g["params"]) for g in current_groups] \
+                and len(groups) == len(saved_groups):
+            groups = [{**{k: v for k, v in saved.items() if k != "params"}, "params": live["params"]}
+                      for saved, live in zip(saved_groups, groups)]
         else:
             warnings.warn(f"flexspeed: the optimizer's parameter groups differ from the checkpoint's (saved "
-                          f"{len(saved_groups)} groups, now {len(groups)}); per-parameter state is restored, "
-                          "hyperparameters (lr, betas, ...) stay as configured now", stacklevel=4)
+                          f"{len(saved_groups)} groups, now {len(current_groups)}); per-parameter state is "
+                          "restored, hyperparameters (lr, betas, ...) stay as configured now", stacklevel=4)
     return {"state": state, "param_groups": groups}
 
 
-def _restore_engine(engine: Any, meta: dict, manifest: dict, *, load_lr_scheduler_states: bool) -> None:
+def _restore_engine(engine: Any, meta: dict, *, load_lr_scheduler_states: bool) -> None:
     counters = meta["counters"]
     for key, value in counters.items():
         setattr(engine, key, int(value))

@@ -110,6 +110,7 @@ _DCP_META_CLASSES = {
     "torch.serialization": {"_get_layout"},
     "torch": {"Size"},
     "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+    "pathlib._local": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},  # Python 3.13+
     "collections": {"OrderedDict"},
     "builtins": {"set", "frozenset", "slice"},
 }

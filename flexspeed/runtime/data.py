@@ -25,17 +25,21 @@ class FlexDataLoader:
                  collate_fn: Callable | None = None, drop_last: bool = False, seed: int = 0,
                  shuffle: bool = True, num_workers: int = 0, pin_memory: bool = False) -> None:
         self.dataset = dataset
+        # A private generator: a fresh iter(DataLoader) otherwise draws from the global torch RNG, which
+        # would shift dropout masks between a resumed and an uninterrupted run.
+        generator = torch.Generator().manual_seed(seed)
         self.batch_size = batch_size
         self.dp_world_size = dp_world_size
         if isinstance(dataset, IterableDataset):
             self.sampler = None
             self.loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, drop_last=drop_last,
-                                     num_workers=num_workers, pin_memory=pin_memory)
+                                     num_workers=num_workers, pin_memory=pin_memory, generator=generator)
         else:
             self.sampler = DistributedSampler(dataset, num_replicas=dp_world_size, rank=dp_rank, shuffle=shuffle,
                                               seed=seed, drop_last=drop_last)
             self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, collate_fn=collate_fn,
-                                     drop_last=drop_last, num_workers=num_workers, pin_memory=pin_memory)
+                                     drop_last=drop_last, num_workers=num_workers, pin_memory=pin_memory,
+                                     generator=generator)
         self.epoch = 0
         self.offset = 0  # micro-batches consumed in the current epoch
         self._skip = 0

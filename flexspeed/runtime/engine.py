@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from flexspeed.runtime.monitor import build_monitor
 from flexspeed.runtime.precision import LossScaler, PrecisionPolicy, clip_grads_, global_grad_norm, unscale_and_check_
 from flexspeed.runtime.zero import ZeroStrategy
 
@@ -50,10 +50,10 @@ class TrainingEngine(nn.Module):
         self.skipped_steps = 0
         self._global_grad_norm: float | None = None
         self._last_loss: float | None = None
-        self._window_start = time.perf_counter()
-        self._window_samples = 0
         self._dp_world_size = dist.get_world_size(strategy.group) if dist.is_initialized() else 1
         self._dp_rank = dist.get_rank(strategy.group) if dist.is_initialized() else 0
+        # log line, timers, scalar writers, FLOPs profile, progress bar (see flexspeed.runtime.monitor)
+        self.monitor = build_monitor(config, rank=self.global_rank, device=device)
 
     # ---- configuration queries (DeepSpeed names) -------------------------------------------------
     @property
@@ -127,6 +127,14 @@ class TrainingEngine(nn.Module):
         """Run the model under the configured precision; arguments pass through unchanged."""
         if self.module.training:
             self._strategy.set_requires_gradient_sync(self.is_gradient_accumulation_boundary())
+        mon = self.monitor
+        if mon.active and self.module.training:
+            mon.forward_begin(self.global_steps, self.module, args, kwargs)
+            try:
+                with self.precision.autocast():
+                    return self._strategy.model(*args, **kwargs)
+            finally:
+                mon.forward_end()
         with self.precision.autocast():
             return self._strategy.model(*args, **kwargs)
 
@@ -141,6 +149,11 @@ class TrainingEngine(nn.Module):
             raise ValueError(f"engine.backward(loss) expects a scalar tensor, got {type(loss).__name__} "
                              f"{tuple(loss.shape) if torch.is_tensor(loss) else ''}: reduce the loss (e.g. .mean())")
         self._last_loss = float(loss.detach())
+        mon = self.monitor
+        if mon.active:
+            mon.add_loss(self._last_loss)
+        if mon.timing:
+            mon.timers.start("backward")
         self._strategy.set_requires_gradient_sync(self.is_gradient_accumulation_boundary())
         scaled = loss.float()
         if scale_wrt_gas and self.gradient_accumulation_steps() > 1:
@@ -149,6 +162,8 @@ class TrainingEngine(nn.Module):
             scaled = self.loss_scaler.scale(scaled)
         scaled.backward(retain_graph=retain_graph)
         self._strategy.after_backward()
+        if mon.timing:
+            mon.timers.stop("backward")
         return loss
 
     def step(self, lr_kwargs: dict | None = None) -> None:
@@ -157,11 +172,14 @@ class TrainingEngine(nn.Module):
             raise RuntimeError("engine.step() needs an optimizer; this engine is forward/eval only (see backward)")
         boundary = self.is_gradient_accumulation_boundary()
         if boundary:
-            self._take_model_step(lr_kwargs)
+            if self.monitor.timing:
+                with self.monitor.timers.time("step"):
+                    self._take_model_step(lr_kwargs)
+            else:
+                self._take_model_step(lr_kwargs)
         self.micro_steps += 1
         samples = self.train_micro_batch_size_per_gpu() * self._dp_world_size
         self.global_samples += samples
-        self._window_samples += samples
         if boundary:
             self._maybe_print()
 
@@ -209,16 +227,28 @@ class TrainingEngine(nn.Module):
             self._strategy.set_requires_gradient_sync(True)
 
     def _maybe_print(self) -> None:
+        # scalars to csv/tensorboard/wandb, the progress bar, and the steps_per_print line (rank 0)
+        self.monitor.on_step(self)
         every = int(getattr(self._config, "steps_per_print", 0) or 0)
         if every <= 0 or self.global_steps % every != 0 or self.global_rank != 0:
             return
-        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
-        lr = ", ".join(f"{x:.3e}" for x in self.get_lr())
-        print(f"[flexspeed] step={self.global_steps} loss={self._last_loss:.4f} lr=[{lr}] "
-              f"samples/s={self._window_samples / elapsed:.1f} skipped={self.skipped_steps}", flush=True)
         if getattr(self._config, "memory_breakdown", False):
             print(self._strategy.memory_report(self.optimizer), flush=True)
-        self._window_start, self._window_samples = time.perf_counter(), 0
+
+    def progress(self, total_steps: int, desc: str = "train", initial: int | None = None,
+                 disable: bool | None = None) -> Any:
+        """A tqdm progress bar over optimizer steps on rank 0 (loss, lr, tokens/s), advanced by ``step()``.
+
+        Args:
+            total_steps: length of the bar in optimizer steps.
+            desc: its label.
+            initial: steps already done (default: ``global_steps``, e.g. after a resume).
+            disable: ``None``: tqdm's choice (off when stderr is not a terminal); ``True``/``False`` force it.
+        Returns:
+            the :class:`~flexspeed.runtime.monitor.ProgressBar`; close it (or use ``with``) when done.
+        """
+        return self.monitor.progress(total_steps, desc=desc,
+                                     initial=self.global_steps if initial is None else initial, disable=disable)
 
     # ---- state -----------------------------------------------------------------------------------
     def memory_breakdown(self) -> dict[str, int]:
@@ -243,3 +273,12 @@ class TrainingEngine(nn.Module):
         return load_checkpoint(self, load_dir, tag=tag, load_module_strict=load_module_strict,
                                load_optimizer_states=load_optimizer_states,
                                load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only)
+
+    def save_16bit_model(self, save_dir: str, save_filename: str = "pytorch_model.bin",
+                         exclude_frozen_parameters: bool = False) -> bool:
+        """Gather the full weights at any stage and write them in 16 bits from rank 0 (DeepSpeed's name)."""
+        from flexspeed.runtime.checkpoint import save_16bit_model
+
+        return save_16bit_model(self, save_dir, save_filename, exclude_frozen_parameters=exclude_frozen_parameters)
+
+    save_fp16_model = save_16bit_model

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import warnings
 from typing import Any
@@ -26,6 +27,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from flexspeed.runtime.checkpoint_io import (
+    MANIFEST,
     STATE_DIR,
     CheckpointError,
     SafeFileSystemReader,
@@ -69,6 +71,8 @@ def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str
 
 
 def _tag_path(ckpt_dir: str, tag: str | None) -> str:
+    if tag is None and os.path.isfile(os.path.join(ckpt_dir, MANIFEST)):
+        return ckpt_dir  # the tag directory itself
     if tag is None:
         tag = read_latest(ckpt_dir)
         if tag is None:
@@ -86,7 +90,8 @@ def consolidate(ckpt_dir: str | os.PathLike, tag: str | None = None,
     DCP's metadata (restricted) and ``weights_only=True`` tensor data.
 
     Args:
-        ckpt_dir: the ``save_dir`` of ``save_checkpoint`` (holding ``latest`` and the tags).
+        ckpt_dir: the ``save_dir`` of ``save_checkpoint`` (holding ``latest`` and the tags), or
+            one tag's directory.
         tag: which tag; ``None`` reads ``ckpt_dir/latest``.
         dtype: cast floating-point tensors to ``"fp32"``, ``"bf16"`` or ``"fp16"``; ``None`` keeps
             the saved dtypes (fp32 master weights).
@@ -98,12 +103,12 @@ def consolidate(ckpt_dir: str | os.PathLike, tag: str | None = None,
     read_manifest(path)
     state_dir = os.path.join(path, STATE_DIR)
     metadata = read_metadata(state_dir)
-    model: dict[str, torch.Tensor] = {}
-    for key, md in metadata.state_dict_metadata.items():
-        if key.startswith("model.") and isinstance(md, TensorStorageMetadata):
-            model[key[len("model."):]] = torch.empty(md.size, dtype=md.properties.dtype)
-    if not model:
+    shapes = {key[len("model."):]: md for key, md in metadata.state_dict_metadata.items()
+              if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
+    if not shapes:
         raise CheckpointError(f"{state_dir} holds no model tensors: it is not a flexspeed training checkpoint")
+    _check_sizes(state_dir, shapes)
+    model = {fqn: torch.empty(md.size, dtype=md.properties.dtype) for fqn, md in shapes.items()}
     try:
         with quiet_single_process():
             dcp.load({"model": model}, storage_reader=SafeFileSystemReader(state_dir), planner=SafeLoadPlanner(),
@@ -116,6 +121,20 @@ def consolidate(ckpt_dir: str | os.PathLike, tag: str | None = None,
             raise unsafe from e
         raise CheckpointError(f"reading the model tensors of {path} failed: {e}") from e
     return _cast(model, target_dtype)
+
+
+def _check_sizes(state_dir: str, shapes: dict[str, TensorStorageMetadata]) -> None:
+    """Refuse metadata that claims more tensor bytes than the data files hold (stored uncompressed).
+
+    Runs before anything is allocated: a tampered ``.metadata`` cannot make this process allocate
+    far more memory than the files could fill, and truncated files are caught early.
+    """
+    claimed = sum(math.prod(md.size) * md.properties.dtype.itemsize for md in shapes.values())
+    on_disk = sum(os.path.getsize(os.path.join(state_dir, f)) for f in os.listdir(state_dir)
+                  if f.endswith(".distcp"))
+    if claimed > on_disk:
+        raise CheckpointError(f"{state_dir}/.metadata describes {claimed:,} bytes of model tensors but its data files "
+                              f"hold {on_disk:,} bytes: the checkpoint is truncated or was tampered with")
 
 
 def write_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, fmt: str | None = None) -> str:

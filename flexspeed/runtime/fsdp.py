@@ -58,9 +58,15 @@ def find_blocks(module: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def persistent_params(module: nn.Module, threshold: int) -> list[nn.Parameter]:
-    """Parameters with fewer than ``threshold`` elements: kept whole on every rank at stage 3."""
-    return [p for p in module.parameters() if p.numel() < threshold]
+def persistent_params(module: nn.Module, threshold: int, cap: int = 2**63 - 1) -> list[nn.Parameter]:
+    """Parameters kept whole on every rank at stage 3: fewer than ``threshold`` elements each, in
+    registration order until ``cap`` elements in total (``stage3_model_persistence_threshold``)."""
+    out, total = [], 0
+    for p in module.parameters():
+        if p.numel() < threshold and total + p.numel() <= cap:
+            out.append(p)
+            total += p.numel()
+    return out
 
 
 def _dp_mesh(device: torch.device, group: dist.ProcessGroup | None):
@@ -78,7 +84,7 @@ class FullyShardedDP(ZeroStrategy):
     """ZeRO stage 2 or 3 as FSDP2 over a 1-D data-parallel mesh (any world size, 1 included)."""
 
     def __init__(self, module: nn.Module, *, stage: int, device: torch.device, group: dist.ProcessGroup | None,
-                 settings: ZeroSettings, notes: list[str] | None = None, accumulate_unsharded: bool = False) -> None:
+                 settings: ZeroSettings, notes: list[str] | None = None) -> None:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         super().__init__(stage=stage, module=module, model=module, group=group, notes=list(notes or []),
@@ -86,11 +92,11 @@ class FullyShardedDP(ZeroStrategy):
         self.mesh = _dp_mesh(device, group)
         self._world = self.mesh.size()
         self._comm_dtype = settings.comm_dtype
-        self._accumulate_unsharded = accumulate_unsharded
         self._sync = True
         self._explain_ignored_knobs(settings)
         meta = any(p.is_meta for p in module.parameters())
-        self._persistent = persistent_params(module, settings.persistence_threshold) if stage == 3 else []
+        self._persistent = persistent_params(module, settings.persistence_threshold,
+                                              settings.persistence_cap) if stage == 3 else []
         offload = OffloadPolicy()
         if "cpu" in (settings.offload_optimizer, settings.offload_param) and device.type != "cpu":
             offload = CPUOffloadPolicy(pin_memory=settings.pin_memory)
@@ -142,9 +148,9 @@ class FullyShardedDP(ZeroStrategy):
 
     # ---- the engine's interface ------------------------------------------------------------------
     def set_requires_gradient_sync(self, enabled: bool) -> None:
+        # FSDP2 keeps reducing every micro-step (see the module docstring); only the persistent
+        # parameters, reduced here, accumulate locally until the boundary.
         self._sync = enabled
-        if self._accumulate_unsharded:
-            self.module.set_requires_gradient_sync(enabled)
 
     def after_backward(self) -> None:
         if self._sync and self._persistent and self._world > 1:
@@ -156,20 +162,27 @@ class FullyShardedDP(ZeroStrategy):
 
     @torch.no_grad()
     def _all_reduce_persistent(self) -> None:
-        """Average the gradients of the whole (persistent) parameters across ranks, one collective."""
+        """Average the gradients of the whole (persistent) parameters across ranks, one collective.
+
+        A parameter no rank produced a gradient for keeps ``grad=None`` (as in one process, so the
+        optimizer skips it); one used anywhere gets the average, counting absent ones as zero.
+        """
         params = [p for p in self._persistent if p.requires_grad]
         if not params:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = _flatten_dense_tensors(grads)
+        present = torch.tensor([float(p.grad is not None) for p in params], dtype=grads[0].dtype,
+                               device=grads[0].device)
+        flat = _flatten_dense_tensors(grads + [present])
         wire = flat.to(self._comm_dtype) if self._comm_dtype not in (None, flat.dtype) else flat
         wire.div_(self._world)
         dist.all_reduce(wire, group=self.mesh.get_group())
-        for p, new in zip(params, _unflatten_dense_tensors(wire, grads)):
-            if p.grad is None:
-                p.grad = new.to(p.dtype).clone()
-            else:
+        *averaged, used = _unflatten_dense_tensors(wire, grads + [present])
+        for p, new, any_rank in zip(params, averaged, used.tolist()):
+            if p.grad is not None:
                 p.grad.copy_(new)
+            elif any_rank > 0:
+                p.grad = new.to(p.dtype).clone()
 
     # ---- the optimizer ---------------------------------------------------------------------------
     def map_params(self, params: Any) -> list:
@@ -232,28 +245,43 @@ class FullyShardedDP(ZeroStrategy):
 
     # ---- memory ----------------------------------------------------------------------------------
     def memory_breakdown(self, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
-        out = super().memory_breakdown(optimizer)
-        out["gathered_parameters"] = self._gathered_bytes()
-        return out
+        """Local shards (and whole persistent parameters), plus the full copies gathered right now.
 
-    def _gathered_bytes(self) -> int:
-        """Bytes of full parameters FSDP2 holds gathered right now (its internal state; 0 if unreadable)."""
+        Between forward and backward (stage 2) the module's attributes are the gathered full
+        tensors, so the shards are read from FSDP2's own records rather than ``module.parameters()``.
+        """
+        fsdp_params = self._fsdp_params()
+        if fsdp_params is None:  # FSDP2 internals moved in a future torch: count what the module shows
+            return super().memory_breakdown(optimizer)
+        from flexspeed.runtime.zero import tensor_bytes
+
+        shards = [fp.sharded_param for fp in fsdp_params] + list(self._persistent)
+        opt_bytes = 0
+        if optimizer is not None:
+            for state in optimizer.state.values():
+                opt_bytes += tensor_bytes(v for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+        gathered = 0
+        for fp in fsdp_params:
+            if fp.sharded_state.name == "UNSHARDED" and hasattr(fp, "_unsharded_param"):
+                gathered += fp._unsharded_param.numel() * fp._unsharded_param.element_size()
+        return {"parameters": tensor_bytes(shards), "gradients": tensor_bytes(p.grad for p in shards),
+                "optimizer_states": opt_bytes, "gathered_parameters": gathered}
+
+    def _fsdp_params(self) -> list | None:
+        """FSDP2's per-parameter records (``FSDPParam``), or None if this torch does not expose them."""
         from torch.distributed.fsdp import FSDPModule
 
+        out = []
         try:
-            from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
-        except ImportError:  # a future torch moved it: report what we can
-            return 0
-        total = 0
-        for m in self.module.modules():
-            if not isinstance(m, FSDPModule):
-                continue
-            for group in getattr(m._get_fsdp_state(), "_fsdp_param_groups", []):
-                for fp in group.fsdp_params:
-                    if fp.sharded_state == ShardedState.UNSHARDED and hasattr(fp, "_unsharded_param"):
-                        t = fp._unsharded_param
-                        total += t.numel() * t.element_size()
-        return total
+            for m in self.module.modules():
+                if isinstance(m, FSDPModule):
+                    for group in m._get_fsdp_state()._fsdp_param_groups:
+                        out += group.fsdp_params
+            for fp in out:
+                fp.sharded_param, fp.sharded_state  # noqa: B018 - probe the attributes used above
+        except AttributeError:
+            return None
+        return out
 
 
 def _as_list(params: Any) -> list:

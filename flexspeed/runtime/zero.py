@@ -20,7 +20,6 @@ micro-step; it does not save memory.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -35,8 +34,6 @@ from flexspeed.config.errors import ConfigError
 
 __all__ = ["ZeroStrategy", "DataParallel", "ShardedOptimizerDP", "ZeroSettings", "apply_zero", "OptimizerFactory",
            "tensor_bytes", "partition_params", "check_shardable", "warn_once"]
-
-log = logging.getLogger("flexspeed")
 
 OptimizerFactory = Callable[[list], torch.optim.Optimizer]
 
@@ -116,14 +113,15 @@ class ZeroSettings:
     stage: int = 0
     comm_dtype: torch.dtype | None = None  # communication_data_type; None = the gradient's dtype (fp32)
     predivide: float = 1.0  # gradient_predivide_factor when prescale_gradients is on
-    bucket_cap_mb: float | None = None  # stages 0/1: DDP bucket, from an explicit reduce_bucket_size
+    bucket_cap_mb: float | None = None  # stages 0/1: DDP bucket, from a non-default reduce_bucket_size
     reduce_bucket_size_set: bool = False
     grad_accum_dtype: torch.dtype | None = None  # None: exact fp32 accumulation
     offload_optimizer: str = "none"
     offload_param: str = "none"
     pin_memory: bool = False
     persistence_threshold: int = 100_000  # stage 3: parameters with fewer elements stay whole
-    prefetch_bucket_size: int | None = None  # stage 3, only when set explicitly
+    persistence_cap: int = 2**63 - 1  # stage 3: most elements kept whole in total
+    prefetch_bucket_size: int | None = None  # stage 3, only when not the default
     allow_untested: bool = False
 
     @classmethod
@@ -137,6 +135,7 @@ class ZeroSettings:
         bucket = getattr(zc, "reduce_bucket_size", None)
         bucket_mb = bucket * 4 / 2**20 if "reduce_bucket_size" in explicit and _is_number(bucket) else None
         threshold = getattr(zc, "stage3_param_persistence_threshold", 100_000)
+        cap = getattr(zc, "stage3_model_persistence_threshold", 2**63 - 1)
         prefetch = getattr(zc, "stage3_prefetch_bucket_size", None)
         data_types = getattr(config, "data_types", None)
         accum = _DTYPES.get(getattr(data_types, "grad_accum_dtype", None) or "fp32")
@@ -152,6 +151,7 @@ class ZeroSettings:
             offload_param=str(getattr(offload_par, "device", "none") or "none"),
             pin_memory=bool(getattr(offload_opt, "pin_memory", False) or getattr(offload_par, "pin_memory", False)),
             persistence_threshold=int(threshold) if _is_number(threshold) else 100_000,
+            persistence_cap=int(cap) if _is_number(cap) else 2**63 - 1,
             prefetch_bucket_size=int(prefetch) if "stage3_prefetch_bucket_size" in explicit and _is_number(prefetch)
             else None,
             allow_untested=bool(getattr(config, "zero_allow_untested_optimizer", False)),
@@ -392,8 +392,8 @@ def _check_offload(settings: ZeroSettings, device: torch.device, notes: list[str
                           '"stage": 2', key="zero_optimization.offload_optimizer")
 
 
-def apply_zero(module: nn.Module, *, config: Any, device: torch.device, group: dist.ProcessGroup | None = None,
-               accumulate_unsharded: bool = False) -> ZeroStrategy:
+def apply_zero(module: nn.Module, *, config: Any, device: torch.device,
+               group: dist.ProcessGroup | None = None) -> ZeroStrategy:
     """Wrap ``module`` for ``config.zero_optimization.stage`` and return the strategy.
 
     Args:
@@ -402,9 +402,6 @@ def apply_zero(module: nn.Module, *, config: Any, device: torch.device, group: d
         config: the validated ``FlexConfig``.
         device: the device this rank computes on.
         group: the data-parallel process group (default: the world).
-        accumulate_unsharded: stages 2-3 only: skip the gradient reduce-scatter on non-boundary
-            micro-steps and accumulate full gradients locally (less communication, a full gradient's
-            memory). Default: reduce every micro-step and accumulate the shard, as DeepSpeed does.
     Returns:
         the ``ZeroStrategy`` the engine drives.
     """
@@ -415,7 +412,7 @@ def apply_zero(module: nn.Module, *, config: Any, device: torch.device, group: d
         from flexspeed.runtime.fsdp import FullyShardedDP
 
         return FullyShardedDP(module, stage=settings.stage, device=device, group=group, settings=settings,
-                              notes=notes, accumulate_unsharded=accumulate_unsharded)
+                              notes=notes)
     if any(p.is_meta for p in module.parameters()):
         from flexspeed.zero import materialize_module
 

@@ -71,8 +71,11 @@ def eval_loss(model, seed: int = 7) -> float:
         return float(model(x, y))
 
 
-def build_local(seed: int = 0, **extra):
-    """(engine, loader) at world size 1 in this process, with no process group (stage 0)."""
+def build_local(seed: int = 0, make_optimizer=None, model=None, **extra):
+    """(engine, loader) at world size 1 in this process, with no process group (stage 0).
+
+    ``make_optimizer(params)`` replaces the default AdamW; ``model`` replaces the tiny GPT.
+    """
     from flexspeed.config import build_config
     from flexspeed.runtime.data import FlexDataLoader
     from flexspeed.runtime.engine import TrainingEngine
@@ -82,9 +85,11 @@ def build_local(seed: int = 0, **extra):
 
     cfg = build_config(config=ckpt_config(1, 0, **extra), world_size=1, world_size_source="checkpoint unit test")
     cpu = torch.device("cpu")
-    model = make_model(seed=seed)
+    model = make_model(seed=seed) if model is None else model
     strategy = apply_zero(model, config=cfg, device=cpu)
-    optimizer = strategy.build_optimizer(torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01), None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    client = make_optimizer(params) if make_optimizer else torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
+    optimizer = strategy.build_optimizer(client, None)
     scheduler = build_scheduler(cfg.scheduler.type, dict(cfg.scheduler.params or {}), optimizer)
     loader = FlexDataLoader(make_dataset(), batch_size=cfg.train_micro_batch_size_per_gpu, dp_rank=0, dp_world_size=1)
     engine = TrainingEngine(strategy=strategy, config=cfg, optimizer=optimizer, lr_scheduler=scheduler,

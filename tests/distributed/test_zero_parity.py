@@ -227,8 +227,34 @@ def comm_dtype_run(stage: int, rank: int, world: int, key: str) -> dict:
     return {"state": full_state(engine.module), "representable": representable}
 
 
+def knobs_run(rank: int, world: int) -> dict:
+    """Stage 3 with the bucket knobs set: prefetch is mapped, reduce_bucket_size explained."""
+    import warnings
+
+    import flexspeed
+
+    model = make_model()
+    cfg = zero_config(stage=3, precision="fp32", gas=1, micro=4, world=world,
+                      stage3_prefetch_bucket_size=10**9, reduce_bucket_size=1000)
+    cfg["memory_breakdown"] = True
+    cfg["steps_per_print"] = 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine, _, loader, _ = flexspeed.initialize(model=model, model_parameters=model.parameters(),
+                                                   training_data=make_dataset(), config=cfg)
+    x, y = next(iter(loader))
+    engine.backward(engine(x, y))
+    engine.step()
+    strategy = engine._strategy
+    blocks = strategy.blocks
+    return {"prefetch": getattr(strategy, "prefetch_blocks", None), "n_blocks": len(blocks),
+            "warned": [str(w.message) for w in caught if "reduce_bucket_size" in str(w.message)],
+            "notes": list(strategy.notes), "report": strategy.memory_report(engine.optimizer)}
+
+
 def _features(rank: int, world: int) -> dict:
     return {
+        "knobs": knobs_run(rank, world),
         "overflow": [overflow_run(s, rank, world) for s in (0, 1, 2, 3)],
         "client": [client_optimizer_run(s, rank, world) for s in (1, 2, 3)],
         "comm": [comm_dtype_run(s, rank, world, k) for s in (0, 1, 2, 3)
@@ -323,3 +349,17 @@ def test_communication_and_accumulation_dtypes_are_applied(world2):
             torch.testing.assert_close(r1["state"][k], v, rtol=0, atol=0)
         if key == "grad_accum_dtype":
             assert r0["representable"] and r1["representable"], stage
+
+
+def test_zero_stages_world1_match_single_process():
+    cases = [{"stage": s, "precision": "fp32", "gas": 2, "micro": 4} for s in (1, 2, 3)]
+    results = run_ranks(_grid, world_size=1, args=(cases,), timeout=240)
+    _check(results, cases, world=1)
+
+
+def test_bucket_knobs_map_to_fsdp2_prefetch_or_are_explained(world2):
+    knobs = world2[0]["knobs"]
+    assert knobs["n_blocks"] == 2 and knobs["prefetch"] == 1, knobs
+    assert any("prefetching 1 block" in n for n in knobs["notes"]), knobs["notes"]
+    assert any("reduce_bucket_size is ignored" in n for n in knobs["notes"]), knobs["notes"]
+    assert "ZeRO-3 model states: parameters=" in knobs["report"], knobs["report"]

@@ -252,6 +252,8 @@ def test_consolidate_and_cli_export_load_into_the_plain_model(saved, tmp_path):
 def test_export_dtypes_and_errors(saved, tmp_path, capsys):
     from flexspeed.cli.main import main
 
+    tag_dir = os.path.join(saved.root, f"global_step{N_BEFORE}")
+    assert torch.equal(consolidate(tag_dir)["lm_head.weight"], consolidate(saved.root)["lm_head.weight"])
     half = consolidate(saved.root, dtype="bf16")
     assert {v.dtype for v in half.values() if v.is_floating_point()} == {torch.bfloat16}
     with pytest.raises(ValueError, match="dtype='int8' is not supported"):
@@ -292,3 +294,112 @@ def test_save_16bit_model_stage3_needs_the_gather_flag(tmp_path):
 def test_write_state_dict_rejects_unknown_format(tmp_path):
     with pytest.raises(ValueError, match="format='npz'"):
         write_state_dict({"a": torch.ones(1)}, str(tmp_path / "x"), "npz")
+
+
+# ---- edge cases of what is saved ------------------------------------------------------------------
+class _CountingSGD(torch.optim.SGD):
+    """SGD that keeps a Python int and a None in its per-parameter state."""
+
+    def step(self, closure=None):
+        out = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    st = self.state[p]
+                    st["count"] = int(st.get("count", 0)) + 1
+                    st["unused"] = None
+        return out
+
+
+def test_python_numbers_in_optimizer_state_round_trip(tmp_path):
+    def make(params):
+        return _CountingSGD(params, lr=0.1, momentum=0.9)
+
+    engine, loader = build_local(make_optimizer=make)
+    train(engine, iter(loader), 2)
+    engine.save_checkpoint(str(tmp_path))
+    other, _ = build_local(seed=3, make_optimizer=make)
+    other.load_checkpoint(str(tmp_path))
+    for p, q in zip(engine.module.parameters(), other.module.parameters()):
+        a, b = engine.optimizer.state[p], other.optimizer.state[q]
+        assert b["count"] == a["count"] == 2 and isinstance(b["count"], int)
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+
+
+def test_save_before_any_step_leaves_the_optimizer_alone(tmp_path):
+    engine, loader = build_local()
+    engine.save_checkpoint(str(tmp_path), tag="start")
+    assert not engine.optimizer.state  # torch's get_state_dict would have run a step at lr 0
+    other, _ = build_local(seed=3)
+    other.load_checkpoint(str(tmp_path))
+    assert not other.optimizer.state
+    a = train(engine, iter(loader), 2)
+    b = train(other, iter(other.training_dataloader), 2)
+    assert a == b
+
+
+def test_loss_scaler_and_hyperparameters_round_trip(tmp_path):
+    from flexspeed.runtime.precision import LossScaler
+
+    engine, loader = build_local()
+    engine.loss_scaler = LossScaler(initial_scale_power=8, loss_scale_window=2)
+    train(engine, iter(loader), 3)
+    engine.optimizer.param_groups[0]["weight_decay"] = 0.123
+    engine.save_checkpoint(str(tmp_path))
+    other, _ = build_local(seed=3)
+    other.loss_scaler = LossScaler()
+    other.load_checkpoint(str(tmp_path))
+    assert other.loss_scaler.state_dict() == engine.loss_scaler.state_dict()
+    assert other.optimizer.param_groups[0]["weight_decay"] == 0.123
+    assert other.get_lr() == engine.get_lr()
+
+
+def test_exclude_frozen_parameters_and_strict_loading(tmp_path):
+    model = make_model()
+    model.transformer.wpe.weight.requires_grad_(False)
+    engine, loader = build_local(model=model)
+    train(engine, iter(loader), 1)
+    engine.save_checkpoint(str(tmp_path), exclude_frozen_parameters=True)
+    assert "transformer.wpe.weight" not in consolidate(str(tmp_path))
+    frozen_again = make_model(seed=3)
+    frozen_again.transformer.wpe.weight.requires_grad_(False)
+    other, _ = build_local(model=frozen_again)
+    other.load_checkpoint(str(tmp_path))  # strict, yet the excluded key may be absent
+    assert torch.equal(other.module.transformer.h[0].mlp.c_fc.weight, engine.module.transformer.h[0].mlp.c_fc.weight)
+
+    bigger = make_model(seed=3, n_layer=3)
+    third, _ = build_local(model=bigger)
+    with pytest.raises(CheckpointError, match=r"missing keys \['transformer.h.2.*load_module_strict=False"):
+        third.load_checkpoint(str(tmp_path), load_module_only=True)
+    third.load_checkpoint(str(tmp_path), load_module_strict=False, load_module_only=True)
+    assert torch.equal(third.module.transformer.h[1].attn.c_attn.weight,
+                       engine.module.transformer.h[1].attn.c_attn.weight)
+
+
+def test_metadata_claiming_huge_tensors_is_refused(copy):
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    state_dir = os.path.join(copy, f"global_step{N_BEFORE}", "state")
+    md = read_metadata(state_dir)
+    key = next(k for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
+               and k.startswith("model."))
+    md.state_dict_metadata[key].size = torch.Size([1 << 20, 1 << 12])  # 16 GiB of fp32
+    with open(os.path.join(state_dir, ".metadata"), "wb") as f:
+        pickle.dump(md, f)
+    with pytest.raises(CheckpointError, match="truncated or was tampered with"):
+        consolidate(copy)
+
+
+def test_save_latest_false_and_load_after_a_backward(saved, tmp_path):
+    root = str(tmp_path)
+    shutil.copytree(saved.root, root, dirs_exist_ok=True)
+    engine, loader = build_local()
+    train(engine, iter(loader), 1)
+    engine.save_checkpoint(root, tag="side", save_latest=False)
+    assert read_latest(root) == f"global_step{N_BEFORE}"
+    fresh, fresh_loader = build_local(seed=3)
+    x, y = next(iter(fresh_loader))
+    fresh.backward(fresh(x, y))  # gradients exist, optimizer state does not yet
+    fresh.load_checkpoint(root)
+    assert len(fresh.optimizer.state) == len(list(fresh.module.parameters()))
+    assert all(p.grad is not None for p in fresh.module.parameters())

@@ -58,3 +58,12 @@ def test_resume_changed_world_size_keeps_global_sample_offset():
     loader = FlexDataLoader(_ds(), batch_size=4, dp_rank=0, dp_world_size=4)
     loader.load_state_dict(state)
     assert loader.offset == 1 and loader.epoch == 1  # 16 / (4 ranks * 4) = 1 micro-batch
+
+
+def test_iterating_does_not_touch_the_global_rng():
+    loader = FlexDataLoader(_ds(), batch_size=4, dp_rank=0, dp_world_size=1)
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    _ids(loader)
+    assert torch.equal(torch.rand(1), expected)

@@ -1,0 +1,191 @@
+"""How long do checkpoints take, and how large are they, per ZeRO stage and world size?
+
+For each world size (one spawned gloo group each, one thread per rank) and each ZeRO stage:
+build the engine (GPT of shared/ANCHORS.md: 4 layers, d_model 256, vocab 1024, 3.7M
+parameters; AdamW), take one optimizer step so the optimizer state exists, then
+
+- save: ``engine.save_checkpoint`` (all ranks, wall time of the slowest), median of ``--reps``;
+- load: ``engine.load_checkpoint`` into a fresh engine at the same world size and stage;
+- bytes on disk of one tag, against the 12 bytes/parameter of fp32 weights + Adam's two moments;
+- raw PyTorch baseline (same group): rank 0 ``torch.save`` of the full model + optimizer state
+  dicts, and ``torch.load(weights_only=True)`` + ``load_state_dict`` of it on every rank (what a
+  hand-written DDP loop does; it does not reshard).
+
+Then, in this process: ``consolidate`` (what ``flexspeed export`` does) of the world-2 stage-3
+checkpoint, and a reshard load (saved at world 2 stage 2, loaded at world 1 stage 0).
+
+    python benchmarks/checkpoint.py [--worlds 1 2 4] [--stages 0 1 2 3] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+MICRO, SEQ, VOCAB = 4, 128, 1024
+
+
+def _config(world: int, stage: int) -> dict:
+    return {"train_batch_size": MICRO * world, "train_micro_batch_size_per_gpu": MICRO,
+            "gradient_accumulation_steps": 1,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+            "zero_optimization": {"stage": stage}, "steps_per_print": 10_000}
+
+
+def _engine(world: int, stage: int):
+    import torch
+
+    import flexspeed
+    from flexspeed.models import GPT
+
+    torch.manual_seed(0)
+    model = GPT()
+    engine, *_ = flexspeed.initialize(model=model, model_parameters=model.parameters(), config=_config(world, stage))
+    return engine
+
+
+def _step(engine) -> None:
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, VOCAB, (MICRO, SEQ + 1), generator=g)
+    engine.backward(engine(x[:, :-1], x[:, 1:]))
+    engine.step()
+
+
+def _timed(fn) -> float:
+    """Wall seconds of ``fn`` on the slowest rank."""
+    import torch
+    import torch.distributed as dist
+
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    took = torch.tensor(time.perf_counter() - t0, dtype=torch.float64)
+    dist.all_reduce(took, op=dist.ReduceOp.MAX)
+    return float(took)
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def _raw_torch(engine, root: str, reps: int) -> tuple[float, float, int]:
+    """Rank-0 torch.save of full state dicts, then every rank loads it (the hand-written baseline)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    path = os.path.join(root, "raw.pt")
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    saves, loads = [], []
+    for _ in range(reps):
+        def save() -> None:
+            msd, osd = get_state_dict(engine.module, engine.optimizer, options=opts)
+            if dist.get_rank() == 0:
+                torch.save({"model": msd, "optim": osd}, path)
+
+        def load() -> None:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            set_state_dict(engine.module, engine.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"], options=StateDictOptions(full_state_dict=True))
+
+        saves.append(_timed(save))
+        loads.append(_timed(load))
+    return statistics.median(saves), statistics.median(loads), os.path.getsize(path)
+
+
+def _group(rank: int, world: int, root: str, stages: list, reps: int) -> list:
+    rows = []
+    for stage in stages:
+        engine = _engine(world, stage)
+        _step(engine)
+        save_dir = os.path.join(root, f"w{world}s{stage}")
+        saves = [_timed(lambda i=i: engine.save_checkpoint(save_dir, tag=f"t{i}")) for i in range(reps)]
+        fresh = _engine(world, stage)
+        loads = [_timed(lambda: fresh.load_checkpoint(save_dir)) for _ in range(reps)]
+        raw_save, raw_load, raw_bytes = _raw_torch(engine, save_dir, reps) if stage == 0 else (None, None, None)
+        if rank == 0:
+            rows.append({"world": world, "stage": stage, "save_s": statistics.median(saves),
+                         "load_s": statistics.median(loads), "bytes": _dir_bytes(os.path.join(save_dir, "t0")),
+                         "raw_save_s": raw_save, "raw_load_s": raw_load, "raw_bytes": raw_bytes})
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+
+    from flexspeed.models import GPT
+    from flexspeed.testing import run_ranks
+
+    n_params = sum(p.numel() for p in GPT().parameters())
+    root = tempfile.mkdtemp(prefix="flexspeed-ckpt-bench-")
+    rows: list[dict] = []
+    try:
+        for world in args.worlds:
+            print(f"world {world}: stages {args.stages} ...", flush=True)
+            rows += run_ranks(_group, world_size=world, args=(root, args.stages, args.reps), timeout=900)[0]
+        extra = _single_process(root, args)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    _print_table(rows, extra, n_params, args.reps)
+    return 0
+
+
+def _single_process(root: str, args: argparse.Namespace) -> list[str]:
+    """consolidate() and a reshard load, in this process (no process group for consolidate)."""
+    from flexspeed.runtime.export import consolidate
+
+    lines = []
+    src = os.path.join(root, "w2s3")
+    if 2 in args.worlds and 3 in args.stages:
+        times = []
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            state = consolidate(src, tag="t0")
+            times.append(time.perf_counter() - t0)
+        lines.append(f"consolidate (flexspeed export) of the world-2 stage-3 checkpoint: "
+                     f"{statistics.median(times):.3f} s, {len(state)} tensors, no process group")
+    if 2 in args.worlds and 2 in args.stages:
+        from flexspeed.testing import run_ranks
+
+        took = run_ranks(_reshard_load, world_size=1, args=(os.path.join(root, "w2s2"),), timeout=300)[0]
+        lines.append(f"reshard load (saved world 2 stage 2 -> loaded world 1 stage 0): {took:.3f} s")
+    return lines
+
+
+def _reshard_load(rank: int, world: int, path: str) -> float:
+    engine = _engine(world, 0)
+    return _timed(lambda: engine.load_checkpoint(path, tag="t0"))
+
+
+def _print_table(rows: list[dict], extra: list[str], n_params: int, reps: int) -> None:
+    print()
+    print(f"GPT {n_params / 1e6:.2f}M parameters, AdamW, fp32; medians of {reps}; wall seconds of the slowest rank; "
+          f"12 B/param = fp32 weights + Adam's two moments")
+    print()
+    print("| world | stage | save s | load s | MB on disk | B/param | torch.save s (rank 0) | torch.load s | "
+          "torch.save MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        raw = ("-", "-", "-") if r["raw_save_s"] is None else (
+            f"{r['raw_save_s']:.3f}", f"{r['raw_load_s']:.3f}", f"{r['raw_bytes'] / 1e6:.1f}")
+        print(f"| {r['world']} | {r['stage']} | {r['save_s']:.3f} | {r['load_s']:.3f} | {r['bytes'] / 1e6:.1f} | "
+              f"{r['bytes'] / n_params:.1f} | {raw[0]} | {raw[1]} | {raw[2]} |")
+    for line in extra:
+        print(line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Generation throughput: flexspeed configurations against HF ``generate``, side by side.
+
+Random-weight models of OPT-125M shape (12 layers, hidden 768, ffn 3072, 12 heads, vocab 50272)
+and GPT-2 shape (12 layers, 768, 12 heads, vocab 50257); batch 1 and 16, prompt 128, 32 new
+tokens (eos suppressed so every run makes all 32), 2 threads. Every configuration is warmed up,
+then the repetitions go round-robin over the configurations so machine noise hits them all;
+medians are reported. Configurations:
+
+- ``HF fp32`` / ``HF bf16``: ``model.generate(do_sample=False)``.
+- ``fs fp32`` / ``fs bf16``: ``flexspeed.init_inference(dtype=...)`` + ``engine.generate`` (the
+  HF cache API driven by flexspeed's loop).
+- ``inject fp32`` / ``inject bf16``: ``replace_with_kernel_inject=True`` (fused layers, static KV cache).
+- ``inject bf16 int8`` / ``int4``: plus weight quantization (int4: group 64).
+- ``inject bf16 compiled`` (``--compile``): decode step under ``torch.compile``.
+- ``tp2 inject bf16``: tensor parallel over 2 ranks (gloo, 1 thread each), via ``run_ranks``.
+
+Columns: tok/s = batch x new / wall time of one ``generate`` call; ``vs HF`` against HF in the same
+compute dtype; ``weights MB`` resident; ``read MB`` = weight bytes read per decode step (every
+Linear/norm weight plus ``lm_head``; embeddings read one row per token and are left out);
+``floor ms`` = read bytes / measured read bandwidth (``Tensor.sum`` over 512 MB); ``decode ms`` =
+(full call - prompt-only call) / (new - 1); ``x floor`` = decode ms / floor ms.
+
+    python benchmarks/generate.py [--quick] [--models opt,gpt2] [--batches 1,16] [--reps 3] [--compile] [--no-tp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+SHAPES = {
+    "opt": dict(layers=12, hidden=768, ffn=3072, heads=12, vocab=50272),
+    "gpt2": dict(layers=12, hidden=768, ffn=3072, heads=12, vocab=50257),
+}
+QUICK = dict(layers=2, hidden=64, ffn=256, heads=4, vocab=512)
+
+
+def build(name: str, shape: dict) -> nn.Module:
+    """An HF model of the given shape, random weights (seeded), fp32, eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if name == "opt":
+        cfg = tf.OPTConfig(num_hidden_layers=shape["layers"], hidden_size=shape["hidden"], ffn_dim=shape["ffn"],
+                           num_attention_heads=shape["heads"], vocab_size=shape["vocab"],
+                           word_embed_proj_dim=shape["hidden"], max_position_embeddings=2048)
+        return tf.OPTForCausalLM(cfg).eval()
+    cfg = tf.GPT2Config(n_layer=shape["layers"], n_embd=shape["hidden"], n_inner=shape["ffn"], n_head=shape["heads"],
+                        vocab_size=shape["vocab"], n_positions=1024, bos_token_id=0, eos_token_id=0)
+    return tf.GPT2LMHeadModel(cfg).eval()
+
+
+def read_bandwidth(mb: int = 512) -> float:
+    """Memory read bandwidth in bytes/s: best of 5 sums over an ``mb`` MB fp32 tensor."""
+    x = torch.ones(mb * 2**20 // 4)
+    x.sum()
+    best = min(_timed(lambda: x.sum()) for _ in range(5))
+    return x.numel() * 4 / best
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _unique_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t is not None and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def weight_bytes(model: nn.Module) -> tuple[int, int]:
+    """(resident bytes of all parameters and buffers, bytes read per decode step)."""
+    resident = _unique_bytes(list(model.parameters()) + list(model.buffers()))
+    read = []
+    for mod in model.modules():
+        kind = type(mod).__name__
+        if isinstance(mod, nn.Linear) or kind in ("Conv1D", "QuantLinear") or "Norm" in kind:
+            read += list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False))
+    return resident, _unique_bytes(read)
+
+
+def configurations(name: str, shape: dict, compile_decode: bool) -> list[tuple[str, str, nn.Module, Callable]]:
+    """(label, dtype for the HF ratio, model, ``run(ids, new)``) for every configuration."""
+    import flexspeed
+
+    base = build(name, shape)
+    hf16 = copy.deepcopy(base).to(torch.bfloat16)
+
+    def hf(model):
+        return lambda ids, new: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                               min_new_tokens=new, do_sample=False, pad_token_id=0)
+
+    def fs(**kw):
+        engine = flexspeed.init_inference(copy.deepcopy(base), **kw)
+        return engine.module, lambda ids, new: engine.generate(ids, max_new_tokens=new, min_new_tokens=new)
+
+    out = [("HF fp32", "fp32", base, hf(base)), ("HF bf16", "bf16", hf16, hf(hf16))]
+    specs = [("fs fp32", "fp32", dict(dtype="fp32")), ("fs bf16", "bf16", dict(dtype="bf16")),
+             ("inject fp32", "fp32", dict(dtype="fp32", replace_with_kernel_inject=True)),
+             ("inject bf16", "bf16", dict(dtype="bf16", replace_with_kernel_inject=True))]
+    for bits in (8, 4):
+        specs.append((f"inject bf16 int{bits}", "bf16", dict(dtype="bf16", replace_with_kernel_inject=True,
+                                                              quant={"enabled": True, "weight": {"num_bits": bits}})))
+    for label, dt, kw in specs:
+        out.append((label, dt, *fs(**kw)))
+    if compile_decode:
+        from flexspeed.inference.kernels import get_runner
+
+        model, run = fs(dtype="bf16", replace_with_kernel_inject=True)
+        get_runner(model).compile_decode = True
+        out.append(("inject bf16 compiled", "bf16", model, run))
+    return out
+
+
+def measure(configs, batch: int, prompt: int, new: int, reps: int, vocab: int) -> dict[str, tuple[float, float]]:
+    """{label: (median full-call seconds, median prompt-only seconds)}, round-robin over configs."""
+    ids = torch.randint(1, vocab, (batch, prompt), generator=torch.Generator().manual_seed(batch))
+    full: dict[str, list[float]] = {c[0]: [] for c in configs}
+    pre: dict[str, list[float]] = {c[0]: [] for c in configs}
+    with torch.inference_mode():
+        for _, _, _, run in configs:  # warm-up (and compilation)
+            run(ids, 2)
+        for _ in range(reps):
+            for label, _, _, run in configs:
+                full[label].append(_timed(lambda: run(ids, new)))
+                pre[label].append(_timed(lambda: run(ids, 1)))
+    return {k: (statistics.median(full[k]), statistics.median(pre[k])) for k in full}
+
+
+def _tp_worker(rank: int, world: int, name: str, shape: dict, batch: int, prompt: int, new: int,
+               reps: int) -> tuple[float, float]:
+    import flexspeed
+
+    warnings.filterwarnings("ignore")
+    engine = flexspeed.init_inference(build(name, shape), dtype="bf16", replace_with_kernel_inject=True,
+                                      tensor_parallel={"tp_size": world})
+    ids = torch.randint(1, shape["vocab"], (batch, prompt), generator=torch.Generator().manual_seed(batch))
+    with torch.inference_mode():
+        engine.generate(ids, max_new_tokens=2, min_new_tokens=2)
+        full = [_timed(lambda: engine.generate(ids, max_new_tokens=new, min_new_tokens=new)) for _ in range(reps)]
+        pre = [_timed(lambda: engine.generate(ids, max_new_tokens=1)) for _ in range(reps)]
+    return statistics.median(full), statistics.median(pre)
+
+
+def measure_tp(name: str, shape: dict, batch: int, prompt: int, new: int, reps: int) -> tuple[float, float] | str:
+    """Median (full, prompt-only) seconds at tp 2, or the reason it could not run."""
+    try:
+        from flexspeed.testing import run_ranks
+
+        return run_ranks(_tp_worker, 2, args=(name, shape, batch, prompt, new, reps), threads=1, timeout=900)[0]
+    except Exception as exc:  # report, don't abort the table
+        return f"n/a ({type(exc).__name__}: {str(exc).splitlines()[-1][:80] if str(exc) else ''})"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny shapes, one repetition (smoke test)")
+    p.add_argument("--models", default="opt,gpt2")
+    p.add_argument("--batches", default=None, help="comma list (default 1,16; quick: 1,2)")
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--prompt", type=int, default=None)
+    p.add_argument("--new", type=int, default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="add a torch.compile'd decode configuration")
+    p.add_argument("--no-tp", action="store_true", help="skip the tensor-parallel row")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        sys.exit("benchmarks/generate.py needs transformers (pip install flexspeed[bench])")
+    torch.set_num_threads(args.threads)
+    quick = args.quick
+    batches = [int(b) for b in (args.batches or ("1,2" if quick else "1,16")).split(",")]
+    reps = args.reps or (1 if quick else 3)
+    prompt, new = args.prompt or (16 if quick else 128), args.new or (8 if quick else 32)
+    bw = read_bandwidth(64 if quick else 512)
+    print(f"read bandwidth {bw / 1e9:.1f} GB/s, {args.threads} threads, prompt {prompt}, {new} new tokens, "
+          f"median of {reps}", flush=True)
+    rows = []
+    for name in args.models.split(","):
+        shape = QUICK if quick else SHAPES[name]
+        configs = configurations(name, shape, args.compile)
+        sizes = {label: weight_bytes(model) for label, _, model, _ in configs}
+        for batch in batches:
+            times = measure(configs, batch, prompt, new, reps, shape["vocab"])
+            if not args.no_tp and not quick:
+                tp = measure_tp(name, shape, batch, prompt, new, reps)
+                times["tp2 inject bf16"] = tp
+                sizes["tp2 inject bf16"] = (sizes["inject bf16"][0] // 2, sizes["inject bf16"][1] // 2)
+            hf_rate = {dt: batch * new / times[f"HF {dt}"][0] for dt in ("fp32", "bf16")}
+            for label, value in times.items():
+                dt = "fp32" if "fp32" in label else "bf16"
+                resident, read = sizes[label]
+                row = dict(model=name, config=label, batch=batch, weights_mb=resident / 2**20, read_mb=read / 2**20,
+                           floor_ms=read / bw * 1e3)
+                if isinstance(value, str):
+                    row.update(note=value)
+                else:
+                    full, pre = value
+                    decode = (full - pre) / max(1, new - 1)
+                    row.update(tok_s=batch * new / full, vs_hf=batch * new / full / hf_rate[dt], decode_ms=decode * 1e3,
+                               x_floor=decode * 1e3 / row["floor_ms"], prefill_s=pre)
+                rows.append(row)
+            print(f"  {name} batch {batch} done", flush=True)
+    _print_table(rows)
+    return rows
+
+
+def _print_table(rows: list[dict]) -> None:
+    head = (f"{'model':6} {'config':22} {'batch':>5} {'tok/s':>8} {'vs HF':>6} {'weights MB':>10} {'read MB':>8} "
+            f"{'floor ms':>8} {'decode ms':>9} {'x floor':>7} {'prefill s':>9}")
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        if "note" in r:
+            print(f"{r['model']:6} {r['config']:22} {r['batch']:>5} {r['note']}")
+            continue
+        print(f"{r['model']:6} {r['config']:22} {r['batch']:>5} {r['tok_s']:>8.1f} {r['vs_hf']:>6.2f} "
+              f"{r['weights_mb']:>10.1f} {r['read_mb']:>8.1f} {r['floor_ms']:>8.2f} {r['decode_ms']:>9.2f} "
+              f"{r['x_floor']:>7.2f} {r['prefill_s']:>9.3f}")
+
+
+if __name__ == "__main__":
+    main()
