@@ -10,8 +10,8 @@ stage is 1 - compute / schedule time; the table shows its mean over the stages n
 The bubble model assumes a core per stage. With more stages than cores (4 stages on a 2-core
 machine) the stages cannot all compute at once: a step needs at least p * m * t / cores of wall
 time for its p * m units of work t, so each stage idles at least 1 - cores / p of the step. The
-prediction is the larger of the two, max((p - 1) / (m + p - 1), 1 - cores / p). Other processes
-on a shared machine lower the effective core count the same way (the load average is printed).
+prediction is max((p - 1) / (m + p - 1), 1 - cores / p). Other processes on a shared machine
+take cores away the same way and raise every row's idle fraction; the load average is printed.
 The per-layer work is a dense matmul chain (no sleeps), so all of this shows honestly.
 
 Run: python benchmarks/pipeline.py [--quick]
@@ -111,12 +111,15 @@ def _table(rows: list[dict], cores: int, steps: int, loads: tuple[float, float])
     print(f"1-minute load average {loads[0]:.1f} before, {loads[1]:.1f} after: above {cores}, other processes take "
           "cores from the ranks and raise the idle fraction the way the floor does.")
     print("step = train_batch; schedule = its pipeline part (without gradient reduction and optimizer step); "
-          "compute = a stage's forward+backward time in it (mean over stages);")
-    print("idle(meas) = 1 - compute/schedule, mean over stages; theory = (p-1)/(m+p-1).")
-    print(f"floor = 1 - cores/p: with more stages than the {cores} cores, stages wait for a core, so no schedule idles "
-          "less; pred = max(theory, floor).")
+          "per-mb = a stage's forward+backward time per micro-batch in it (mean over stages);")
+    print("idle(meas) = 1 - compute/schedule, mean over stages (time waiting for a neighbour or a core); "
+          "theory = (p-1)/(m+p-1).")
+    print(f"floor = 1 - cores/p for more stages than the {cores} cores: stages that cannot all compute at once idle at "
+          "least that much whatever the micro-batch count; pred = max(theory, floor).")
+    print(f"Rows with at most {cores} stages test the bubble model; rows with more are oversubscribed and test the "
+          "floor (the bubble shows only where it exceeds it).")
     print()
-    header = (f"{'stages':>6} {'micro':>5} {'step ms':>9} {'schedule ms':>11} {'compute ms':>10} {'per-mb ms':>9} "
+    header = (f"{'stages':>6} {'micro':>5} {'step ms':>9} {'schedule ms':>11} {'per-mb ms':>9} "
               f"{'idle(meas)':>10} {'theory':>7} {'floor':>6} {'pred':>6} {'meas/pred':>9}")
     print(header)
     print("-" * len(header))
@@ -125,8 +128,7 @@ def _table(rows: list[dict], cores: int, steps: int, loads: tuple[float, float])
         theory = (p - 1) / (m + p - 1)
         floor = max(0.0, 1 - cores / p)
         pred = max(theory, floor)
-        print(f"{p:>6} {m:>5} {r['step'] * 1e3:>9.1f} {r['pipe'] * 1e3:>11.1f} {r['busy'] * 1e3:>10.1f} "
-              f"{r['busy'] / m * 1e3:>9.2f} "
+        print(f"{p:>6} {m:>5} {r['step'] * 1e3:>9.1f} {r['pipe'] * 1e3:>11.1f} {r['busy'] / m * 1e3:>9.2f} "
               f"{r['idle']:>10.3f} {theory:>7.3f} {floor:>6.3f} {pred:>6.3f} {r['idle'] / pred:>9.2f}")
 
 

@@ -213,11 +213,24 @@ def local_rank_flag(script: str, module: bool = False) -> str | None:
 def torchrun_argv(*, nnodes: int, nproc_per_node: int, node_rank: int, master_addr: str, master_port: int,
                   max_restarts: int, rdzv_timeout: int | None, script: str, script_args: list[str],
                   module: bool = False, local_rank: str | None = None) -> list[str]:
-    """The ``torch.distributed.run`` arguments that run ``script`` as described (static rendezvous)."""
-    argv = [f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}", f"--node-rank={node_rank}",
-            f"--master-addr={master_addr}", f"--master-port={master_port}", f"--max-restarts={max_restarts}"]
-    if rdzv_timeout:
-        argv.append(f"--rdzv-conf=timeout={rdzv_timeout}")
+    """The ``torch.distributed.run`` arguments that run ``script`` as described.
+
+    Without restarts: the static rendezvous at ``master_addr:master_port``, which keeps the
+    node ranks as given. With ``max_restarts > 0``: the c10d rendezvous at the same address
+    (node 0 hosts it; node ranks are then assigned in the order nodes join), because the static
+    rendezvous hands every restarted group the same store, where the new workers can read the
+    addresses of the dead ones and fail to connect. :func:`run` also sets
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` then, so each restart gets a fresh worker store.
+    """
+    argv = [f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}", f"--max-restarts={max_restarts}"]
+    if max_restarts > 0:
+        conf = f"is_host={int(node_rank == 0)}" + (f",join_timeout={rdzv_timeout}" if rdzv_timeout else "")
+        argv += ["--rdzv-backend=c10d", f"--rdzv-endpoint={master_addr}:{master_port}",
+                 f"--rdzv-id=flexspeed-{master_port}", f"--rdzv-conf={conf}"]
+    else:
+        argv += [f"--node-rank={node_rank}", f"--master-addr={master_addr}", f"--master-port={master_port}"]
+        if rdzv_timeout:
+            argv.append(f"--rdzv-conf=timeout={rdzv_timeout}")
     if local_rank:
         # the shim at the bottom of this file adds --local_rank=$LOCAL_RANK and runs the script
         shim = ["--module"] if module else []
@@ -353,12 +366,14 @@ def run(args: argparse.Namespace) -> int:
                          master_addr=plan.master_addr, master_port=plan.master_port, max_restarts=args.max_restarts,
                          rdzv_timeout=args.rdzv_timeout, script=args.script, script_args=list(args.script_args),
                          module=args.module, local_rank=flag)
-    env_prefix = f"CUDA_VISIBLE_DEVICES={plan.visible} " if plan.visible is not None else ""
+    env = {"CUDA_VISIBLE_DEVICES": plan.visible} if plan.visible is not None else {}
+    if args.max_restarts > 0:
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # a fresh worker store per restart (see torchrun_argv)
     if args.dry_run:
-        print(env_prefix + shlex.join([sys.executable, "-m", "torch.distributed.run", *argv]))
+        prefix = "".join(f"{k}={v} " for k, v in env.items())
+        print(prefix + shlex.join([sys.executable, "-m", "torch.distributed.run", *argv]))
         return 0
-    if plan.visible is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = plan.visible
+    os.environ.update(env)
     return _run_elastic(argv)
 
 

@@ -190,6 +190,9 @@ class QuantLinear(nn.Module):
         if num_bits == 8:
             self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
             self.register_buffer("qparams", torch.zeros(out_features, dtype=torch.int32, device=device))
+            # the scales in bf16 for the CPU kernel, kept ready (as bits) so no cast runs per call
+            self.register_buffer("kernel_scales", torch.zeros(out_features, dtype=torch.int16, device=device),
+                                 persistent=False)
         else:
             self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
             self.register_buffer("qparams", torch.zeros(in_features // group_size, out_features, 2,
@@ -234,6 +237,7 @@ class QuantLinear(nn.Module):
                 scale = torch.where(scale > 0, scale, torch.ones_like(scale))
                 self.qweight[r0:r1] = torch.round(chunk / scale[:, None]).clamp_(-127, 127).to(torch.int8)
                 self.qparams[r0:r1] = scale.view(torch.int32)
+                self.kernel_scales[r0:r1] = scale.to(torch.bfloat16).view(torch.int16)
                 continue
             n, g = r1 - r0, self.group_size
             grouped = chunk.view(n, -1, g)  # (n, K/g, g)
@@ -317,7 +321,7 @@ class QuantLinear(nn.Module):
     def _kernel_mm(self, x2: torch.Tensor) -> torch.Tensor:
         xb = x2.to(torch.bfloat16).contiguous()  # (M, K); the CPU kernels are fast in bf16 only
         if self.num_bits == 8:
-            y = torch._weight_int8pack_mm(xb, self.qweight, self.scales.to(torch.bfloat16))
+            y = torch._weight_int8pack_mm(xb, self.qweight, self.kernel_scales.view(torch.bfloat16))
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.qweight, self.group_size, self.scales)
         return y.to(x2.dtype)  # (M, N)
@@ -345,6 +349,8 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.num_bits == 8:
+            self.kernel_scales.copy_(self.scales.to(torch.bfloat16).view(torch.int16))
         if self.num_bits == 4 and self.layout != "plain" and prefix + "qweight" in state_dict:
             vals = _unpack_plain(self.qweight).to(torch.int32)
             self.qweight.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(vals, 1))

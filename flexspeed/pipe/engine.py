@@ -237,7 +237,8 @@ class PipelineEngine(nn.Module):
                                  "train_batch() needs; use a repeating iterator") from None
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 length = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
-                raise TypeError(f"each pipeline batch must be a pair (inputs, labels); got {type(batch).__name__}{length}")
+                raise TypeError("each pipeline batch must be a pair (inputs, labels); got "
+                                f"{type(batch).__name__}{length}")
             inputs.append(_as_tuple(batch[0], "inputs"))
             lab = _as_tuple(batch[1], "labels")
             if len(lab) != 1:
