@@ -303,7 +303,8 @@ def _plan(args: argparse.Namespace) -> _Plan:
         master = args.master_addr or ("127.0.0.1" if len(nodes) == 1 and is_local_host(first) else first)
         port = args.master_port or (_free_port() if len(nodes) == 1 else 29500)
         slots = nodes[first]
-        visible = ",".join(map(str, slots)) if slots != list(range(len(slots))) or args.include or args.exclude else None
+        restricted = slots != list(range(len(slots))) or args.include or args.exclude
+        visible = ",".join(map(str, slots)) if restricted else None
         return _Plan(nodes, len(nodes), 0, len(slots), master, port, visible)
     slurm = slurm_settings() if args.nnodes is None else None
     if slurm is not None:

@@ -66,7 +66,7 @@ def evaluate(task: AdditionTask, weights: str, *, dtype: str = "fp32", kernel_in
         with torch.no_grad():
             out = engine.generate(prompts, max_new_tokens=task.answer_len, do_sample=False)  # (B, prompt + answer)
         answers = out[:, task.prompt_len:task.prompt_len + task.answer_len].tolist()
-        for qid, tokens in zip(chunk.tolist(), answers):
+        for qid, tokens in zip(chunk.tolist(), answers, strict=True):
             a, b = task.operands(qid)
             got = task.decode_answer(tokens) if len(tokens) == task.answer_len else None
             correct += int(got == a + b)

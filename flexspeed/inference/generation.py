@@ -136,7 +136,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
              top_k: int | None = None, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
              pad_token_id: int | None = None, min_new_tokens: int = 0, max_length: int | None = None,
              repetition_penalty: float = 1.0, num_return_sequences: int = 1, use_cache: bool = True,
-             generator: torch.Generator | int | None = None) -> torch.Tensor:
+             generator: torch.Generator | int | None = None, **unsupported) -> torch.Tensor:
     """Generate tokens after ``input_ids``.
 
     Args:
@@ -158,7 +158,13 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     Returns:
         (B * num_return_sequences, T + n) token ids, ``n <= max_new_tokens`` (fewer when every
         row finished early).
+    Raises:
+        ValueError: an invalid or unsupported argument (beam search, for instance), named.
     """
+    if unsupported:
+        raise ValueError(f"generate() does not support {sorted(unsupported)}; it supports greedy and sampled "
+                         "decoding (do_sample, temperature, top_k, top_p, repetition_penalty, eos/pad/min/max "
+                         "lengths, num_return_sequences); use the model's own generate() for the others")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
     B, T = input_ids.shape

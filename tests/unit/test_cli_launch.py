@@ -10,6 +10,7 @@ import pytest
 from flexspeed.cli.launch import local_rank_flag, parse_hostfile, select_hosts, slurm_settings, torchrun_argv
 from flexspeed.cli.main import main
 
+
 @pytest.fixture(autouse=True)
 def _not_in_slurm(monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # the CLI tests below must not pick up a real job
