@@ -15,11 +15,13 @@ Side by side in one spawned group, alternating so machine noise hits both, per s
 FSDP2 runs reduce-scatter gradients on every micro-step in both columns (flexspeed's choice: a full
 gradient never outlives one block's backward). The metric is CPU-seconds per sample, summed over
 both ranks (``time.process_time`` of each rank process, so gloo's threads count too), median of
-``--reps``; ``ratio`` = raw / flexspeed (>= 0.95 is the target). A DeepSpeed column appears only if
-``import deepspeed`` works; the DeepSpeed figures from ANCHORS.md (measured on this machine kind
-with 30 steps) are printed for reference.
+``--reps``, flexspeed and raw alternating which goes first; ``ratio`` = raw / flexspeed (>= 0.95
+is the target). A measured DeepSpeed column (same API, same config) appears only if
+``import deepspeed`` works; the DeepSpeed figures from ANCHORS.md (this machine kind, 30 steps)
+are printed for reference.
 
     python benchmarks/train_throughput.py [--steps 10] [--warmup 2] [--reps 3] [--precision fp32 bf16]
+                                          [--stages 0 1 2 3]
 """
 
 from __future__ import annotations
@@ -98,12 +100,15 @@ def _raw(stage: int, precision: str, steps: int, warmup: int, batches) -> tuple[
     return time.process_time() - t0, loss_value
 
 
-def _flex(stage: int, precision: str, steps: int, warmup: int, batches) -> tuple[float, float]:
+def _engine(lib: str, stage: int, precision: str, steps: int, warmup: int, batches) -> tuple[float, float]:
+    """flexspeed, or DeepSpeed through the same API (``lib`` is the module name)."""
+    import importlib
+
     import torch
 
-    import flexspeed
     from flexspeed.models import GPT
 
+    library = importlib.import_module(lib)
     torch.manual_seed(0)
     model = GPT()
     cfg = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GAS,
@@ -112,7 +117,7 @@ def _flex(stage: int, precision: str, steps: int, warmup: int, batches) -> tuple
            "steps_per_print": 1000}
     if precision == "bf16":
         cfg["bf16"] = {"enabled": True}
-    engine, *_ = flexspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    engine, *_ = library.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     i, loss_value, t0 = 0, float("nan"), 0.0
     for step in range(warmup + steps):
         if step == warmup:
@@ -128,17 +133,29 @@ def _flex(stage: int, precision: str, steps: int, warmup: int, batches) -> tuple
 
 
 def _rank_main(rank: int, world: int, steps: int, warmup: int, reps: int, precisions: list[str],
-               with_deepspeed: bool) -> dict:
+               stages: list[int], names: list[str]) -> dict:
+    import functools
+
     batches = _batches(rank, 8)
     out: dict = {}
-    for _ in range(reps):
+    for rep in range(reps):
         for precision in precisions:
-            for stage in (0, 1, 2, 3):
-                for name, fn in (("flexspeed", _flex), ("raw", _raw)):
+            for stage in stages:
+                runners = {"flexspeed": functools.partial(_engine, "flexspeed"), "raw": _raw,
+                           "deepspeed": functools.partial(_engine, "deepspeed")}
+                order = names if rep % 2 == 0 else names[::-1]  # alternate who goes first
+                for name, fn in ((n, runners[n]) for n in order):
                     _hwm_reset()
                     cpu, loss = fn(stage, precision, steps, warmup, batches)
                     out.setdefault((precision, stage, name), []).append((cpu, loss, _hwm_mb()))
     return out
+
+
+def _summary(runs: list[list[tuple]], reps: int, samples: int) -> tuple[float, float, float]:
+    """(CPU-s per sample, both ranks, median over reps; last loss, mean over ranks; max RSS HWM MB)."""
+    cpu = statistics.median(sum(rank_runs[k][0] for rank_runs in runs) for k in range(reps))
+    loss = statistics.mean(rank_runs[-1][1] for rank_runs in runs)
+    return cpu / samples, loss, max(rank_runs[-1][2] for rank_runs in runs)
 
 
 def main() -> None:
@@ -147,40 +164,39 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3], choices=[0, 1, 2, 3])
     args = parser.parse_args()
+    names = ["flexspeed", "raw"]
     try:
         import deepspeed  # noqa: F401
 
-        with_deepspeed = True
+        names.append("deepspeed")
     except ImportError:
-        with_deepspeed = False
+        pass
     from flexspeed.testing import run_ranks
 
     world = 2
     per_rank = run_ranks(_rank_main, world_size=world, timeout=3600, env={"OMP_NUM_THREADS": "1"},
-                         args=(args.steps, args.warmup, args.reps, args.precision, with_deepspeed))
+                         args=(args.steps, args.warmup, args.reps, args.precision, args.stages, names))
     samples = args.steps * MICRO * GAS * world
     print(f"\nCPU-seconds per sample, both ranks, median of {args.reps} (steps={args.steps} after "
           f"{args.warmup} warm-up; {MICRO}x{GAS}x{world} = {MICRO * GAS * world} samples per step)")
-    print("| precision | stage | flexspeed | raw PyTorch | ratio raw/flexspeed | loss flexspeed / raw "
-          "| peak RSS per rank MB (flex / raw) | DeepSpeed (ANCHORS, 30 steps) |")
-    print("|---|---|---|---|---|---|---|---|")
+    ds_head = " DeepSpeed (measured) |" if "deepspeed" in names else ""
+    print(f"| precision | stage | flexspeed | raw PyTorch | ratio raw/flexspeed | loss flexspeed / raw "
+          f"| RSS high-water mark per rank MB (flex / raw) |{ds_head} DeepSpeed (ANCHORS, 30 steps) |")
+    print("|---" * (9 if ds_head else 8) + "|")
     for precision in args.precision:
-        for stage in (0, 1, 2, 3):
-            cols = {}
-            for name in ("flexspeed", "raw"):
-                runs = [r[(precision, stage, name)] for r in per_rank]  # [rank][rep] -> (cpu, loss, hwm)
-                cpu = statistics.median(sum(rank_runs[k][0] for rank_runs in runs) for k in range(args.reps))
-                loss = statistics.mean(rank_runs[-1][1] for rank_runs in runs)
-                hwm = max(rank_runs[-1][2] for rank_runs in runs)
-                cols[name] = (cpu / samples, loss, hwm)
+        for stage in args.stages:
+            cols = {name: _summary([r[(precision, stage, name)] for r in per_rank], args.reps, samples)
+                    for name in names}
             (f_cps, f_loss, f_mb), (r_cps, r_loss, r_mb) = cols["flexspeed"], cols["raw"]
-            anchor = ANCHOR_DEEPSPEED.get((precision, stage))
+            ds = f" {cols['deepspeed'][0]:.4f} |" if "deepspeed" in cols else ""
+            anchor = ANCHOR_DEEPSPEED.get((precision, stage), "-")
             print(f"| {precision} | {stage} | {f_cps:.4f} | {r_cps:.4f} | {r_cps / f_cps:.3f} | "
-                  f"{f_loss:.4f} / {r_loss:.4f} | {f_mb:.0f} / {r_mb:.0f} | "
-                  f"{anchor if anchor is not None else '-'} |")
-    if not with_deepspeed:
+                  f"{f_loss:.4f} / {r_loss:.4f} | {f_mb:.0f} / {r_mb:.0f} |{ds} {anchor} |")
+    if "deepspeed" not in names:
         print("(deepspeed is not installed: no measured DeepSpeed column)")
+    print("RSS high-water mark: reset before each run; includes the process's baseline (imports, earlier runs).")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ __all__ = ["add_parser", "run", "prepare_config"]
 
 _EPILOG = """\
 examples:
-  flexspeed demo                          # 2 processes, 600 steps, about 2 minutes on 2 CPU cores
+  flexspeed demo                          # 2 processes, 600 steps: 1-2 minutes on 2 CPU cores
   flexspeed demo --steps 200 --out /tmp/quick
   flexspeed demo --config my_ds_config.json --nproc 4
 
@@ -103,6 +103,10 @@ def _train(args: argparse.Namespace, config_path: str) -> int:
            str(args.digits), "--seed", str(args.seed), "--deepspeed_config", config_path]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    gpus = _visible_gpus()
+    if 0 < gpus < args.nproc:  # NCCL needs one GPU per process; the demo is small enough for the CPU
+        print(f"[demo] {gpus} GPU(s) for {_procs(args.nproc)}: training on the CPU (gloo)", flush=True)
+        env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # its own group: a timeout stops every rank
     try:
         return proc.wait(timeout=args.timeout)
@@ -121,6 +125,16 @@ def _train(args: argparse.Namespace, config_path: str) -> int:
         raise
 
 
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _procs(n: int) -> str:
+    return f"{n} process{'es' if n != 1 else ''}"
+
+
 def _report(task: AdditionTask, result: EvalResult, train: dict, timings: dict, png: str | None) -> None:
     print("\n[demo] held-out questions (the model never saw them):")
     for question, got, truth in result.examples:
@@ -130,7 +144,7 @@ def _report(task: AdditionTask, result: EvalResult, train: dict, timings: dict, 
     print(f"[demo] accuracy: {result.correct}/{result.total} = {100 * result.accuracy:.1f}% exact match on held-out "
           f"questions (chance: {chance:.2g}%)")
     print(f"[demo] loss {train['first_loss']:.3f} -> {train['final_loss']:.3f} in {train['steps']} steps on "
-          f"{train['world_size']} processes (ZeRO stage {train['zero_stage']}, {'bf16' if train['bf16'] else 'fp32'})")
+          f"{_procs(train['world_size'])} (ZeRO stage {train['zero_stage']}, {'bf16' if train['bf16'] else 'fp32'})")
     if png:
         print(f"[demo] loss curve: {png}")
     print(f"[demo] checkpoint: {train['checkpoint']}")
@@ -155,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     config_path = os.path.join(args.out, "ds_config.json")
     with open(config_path, "w") as f:
         json.dump(cfg, f, indent=2)
-    print(f"[demo] training a GPT on {args.digits}-digit addition: {args.nproc} processes, {args.steps} steps, "
+    print(f"[demo] training a GPT on {args.digits}-digit addition: {_procs(args.nproc)}, {args.steps} steps, "
           f"config {args.config or 'built-in (examples/ds_config_demo.json)'} -> {config_path}", flush=True)
     code = _train(args, config_path)
     train_job_s = time.perf_counter() - start

@@ -12,7 +12,8 @@ __all__ = ["main", "SUBCOMMANDS"]
 
 # name -> (module, one-line help). Order is the order shown in --help.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "check-config": ("flexspeed.cli.check_config", "validate a ds_config.json for a world size, without starting processes"),
+    "check-config": ("flexspeed.cli.check_config",
+                     "validate a ds_config.json for a world size, without starting processes"),
     "report": ("flexspeed.cli.report", "print versions, backends, devices and which features are available"),
     "export": ("flexspeed.cli.export", "write a checkpoint's consolidated weights as one safetensors/pt file"),
     "launch": ("flexspeed.cli.launch", "start a script on N processes per node (torchrun's agent; hostfile, Slurm)"),
@@ -21,14 +22,21 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class _Lazy:
-    """Stand-in for a subcommand parser until it is selected."""
+_EPILOG = """examples:
+  flexspeed demo                                        train a GPT on 2 processes, then generate
+  flexspeed launch --nproc-per-node 2 train.py --deepspeed_config ds.json
+  flexspeed check-config ds_config.json --world-size 8  validate a config, print the resolved batch triad
+  flexspeed export ckpt/ model.safetensors              consolidate a sharded checkpoint
+  flexspeed report                                      versions, backends, available features
+
+'flexspeed COMMAND --help' describes each command."""
 
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flexspeed",
         description="flexspeed: configuration-driven large-model training and inference on PyTorch.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     from flexspeed import __version__
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import typing
 import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -27,6 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from flexspeed.config.errors import ConfigError, did_you_mean
+from flexspeed.inference.offload.policy import OffloadPolicy
 
 __all__ = [
     "InferenceConfig",
@@ -176,6 +178,8 @@ class InferenceConfig(_Section):
     """Deprecated DeepSpeed knob; only "auto" is meaningful."""
     use_triton: bool = False
     """Triton kernels; not supported (must stay False)."""
+    offload: OffloadPolicy | None = None
+    """Offloaded generation (FlexLLMGen's policy: weights/cache/activations on device, CPU, disk); ``None``: in memory."""
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -260,7 +264,9 @@ def _canonicalise(src: Mapping[str, Any], origin: str) -> dict:
             value = canonical_dtype(value)
         elif key in ("checkpoint", "base_dir") and isinstance(value, os.PathLike):
             value = os.fspath(value)
-        elif key in ("tensor_parallel", "quant"):
+        elif key == "offload" and value is None:
+            pass
+        elif key in ("tensor_parallel", "quant", "offload"):
             value = _as_dict(value, key)
             if key == "quant" and "weight" in value:
                 value["weight"] = _as_dict(value["weight"], "quant.weight")
@@ -300,14 +306,22 @@ def _merge(a: dict, b: dict, path: str = "") -> dict:
     return out
 
 
+def _section_model(ann: Any) -> type[BaseModel] | None:
+    """The config section class of a field annotation (``Section`` or ``Section | None``)."""
+    for cand in (ann, *typing.get_args(ann)):
+        if isinstance(cand, type) and issubclass(cand, BaseModel):
+            return cand
+    return None
+
+
 def _check_keys(data: Mapping[str, Any], model: type[BaseModel], path: str = "") -> None:
     fields = model.model_fields
     for key, value in data.items():
         full = f"{path}{key}"
         if key in fields:
-            ann = fields[key].annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel) and isinstance(value, Mapping):
-                _check_keys(value, ann, full + ".")
+            section = _section_model(fields[key].annotation)
+            if section is not None and isinstance(value, Mapping):
+                _check_keys(value, section, full + ".")
             continue
         if not path and key in _UNSUPPORTED:
             raise ConfigError(f"is a DeepSpeed inference option flexspeed does not support: {_UNSUPPORTED[key]}",
@@ -386,8 +400,7 @@ def _loc_to_key(loc: tuple) -> str:
         if model is None or not isinstance(p, str) or p not in model.model_fields:
             break
         parts.append(p)
-        ann = model.model_fields[p].annotation
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        model = _section_model(model.model_fields[p].annotation)
     return ".".join(parts)
 
 

@@ -151,7 +151,14 @@ class InferenceEngine(nn.Module):
         self.load_report: LoadReport | None = None
         self._host_handles: list[Any] = []
         self._graphs: dict[Any, tuple[Any, Any, Any]] = {}
-        self.module = self._prepare(model)
+        self.offload: Any = None
+        if config.offload is not None:  # weights stay in the policy's tiers; the runner computes
+            from flexspeed.inference.offload.runner import build_offload_runner
+
+            self.offload = build_offload_runner(model.eval(), config, self.device)
+            self.module = model
+        else:
+            self.module = self._prepare(model)
 
     # -------------------------------------------------------------------------------- preparation
 
@@ -228,6 +235,8 @@ class InferenceEngine(nn.Module):
         """Run the model on ``args``/``kwargs`` (moved to the engine's device); return its output."""
         if self.device.type != "cpu":
             args, kwargs = _to_device(args, self.device), _to_device(kwargs, self.device)
+        if self.offload is not None:
+            return self.offload.logits(*args, **kwargs)
         if self._config.enable_cuda_graph:
             return self._graph_call(args, kwargs)
         return self.module(*args, **kwargs)

@@ -362,6 +362,19 @@ def _llama_layer(model: nn.Module, block: nn.Module, idx: int) -> FusedDecoderLa
                        head_dim=hd, scale=a.scaling, act=m.act_fn, layer_idx=idx)
 
 
+# module-level (not lambdas) so that an injected model still pickles
+def _learned_pos_embed(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    return model.transformer.wte(ids) + model.transformer.wpe(pos)  # (B, T, C)
+
+
+def _llama_embed(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    return model.model.embed_tokens(ids)  # (B, T, C)
+
+
+def _llama_rope(model: nn.Module, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return model.model.rotary_emb(x, pos)  # 2 x (B, T, hd)
+
+
 def _opt_embed(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     dec = model.model.decoder
     x = dec.embed_tokens(ids)  # (B, T, C_emb)
@@ -375,21 +388,20 @@ def _detect(model: nn.Module) -> _Arch | None:
     from flexspeed.models.gpt import GPT
 
     if isinstance(model, GPT):
-        return _Arch("gpt", "transformer.h", lambda m, ids, pos: m.transformer.wte(ids) + m.transformer.wpe(pos),
+        return _Arch("gpt", "transformer.h", _learned_pos_embed,
                      ("transformer.ln_f",), _gpt_layer, max_positions=model.config.block_size, copies=False)
     kind = getattr(getattr(model, "config", None), "model_type", None)
     if not hasattr(model, "lm_head"):
         return None
     if kind == "gpt2":
-        return _Arch("gpt2", "transformer.h", lambda m, ids, pos: m.transformer.wte(ids) + m.transformer.wpe(pos),
+        return _Arch("gpt2", "transformer.h", _learned_pos_embed,
                      ("transformer.ln_f",), _gpt2_layer, max_positions=model.config.n_positions)
     if kind == "opt":
         return _Arch("opt", "model.decoder.layers", _opt_embed,
                      ("model.decoder.final_layer_norm", "model.decoder.project_out"), _opt_layer,
                      max_positions=model.config.max_position_embeddings)
     if kind == "llama":
-        return _Arch("llama", "model.layers", lambda m, ids, pos: m.model.embed_tokens(ids), ("model.norm",),
-                     _llama_layer, rope=lambda m, x, pos: m.model.rotary_emb(x, pos))
+        return _Arch("llama", "model.layers", _llama_embed, ("model.norm",), _llama_layer, rope=_llama_rope)
     return None
 
 

@@ -208,6 +208,7 @@ class ProgressBar:
 
     def close(self) -> None:
         self._bar.close()
+        self.enabled = False  # later steps and log lines go to plain prints
 
     def __enter__(self) -> ProgressBar:
         return self
@@ -292,7 +293,7 @@ class Monitor:
             events += [(f"Train/Samples/elapsed_time_ms_{name}", ms, samples) for name, ms in times.items()]
             for writer in self.writers:
                 writer.write_events(events)
-        if self.bar is not None:
+        if self.bar is not None and self.bar.enabled:
             t0, _, tok0 = self._window
             rate = (self._tokens - tok0) * engine.dp_world_size / max(time.perf_counter() - t0, 1e-9)
             self.bar.update(1, loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}" if lrs else "-", tok_s=f"{rate:,.0f}")

@@ -4,6 +4,7 @@ chance; the loss plot and the results file are written."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -42,8 +43,11 @@ def test_demo_learns_addition(tmp_path):
     assert results["train"]["final_loss"] < results["train"]["first_loss"] - 1.0
     ckpt = out / "checkpoint"
     assert (ckpt / "latest").is_file() and (out / "model" / "pytorch_model.bin").is_file()
-    png = (out / "loss.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    if importlib.util.find_spec("matplotlib") is not None:  # an optional extra; the demo says so without it
+        png = (out / "loss.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    else:
+        assert "no loss plot" in log, log
     rows = (out / "monitor" / "addition" / "Train_Samples_train_loss.csv").read_text().splitlines()
     assert rows[0] == "step,train_loss" and len(rows) == STEPS + 1 and rows[-1].startswith(f"{STEPS * 128},")
     cfg = json.loads((out / "ds_config.json").read_text())

@@ -262,8 +262,9 @@ def _features(rank: int, world: int) -> dict:
     }
 
 
-GRID_W2 = _cases((0, 1, 2, 3), micro=4) + [
-    {"stage": 3, "precision": "fp32", "gas": 2, "micro": 4, "zero": {"stage3_param_persistence_threshold": 0}}]
+GRID_W2 = _cases((0, 1, 2, 3), micro=4) + [  # stage 3 with nothing whole, and with everything whole
+    {"stage": 3, "precision": "fp32", "gas": 2, "micro": 4, "zero": {"stage3_param_persistence_threshold": 0}},
+    {"stage": 3, "precision": "fp32", "gas": 2, "micro": 4, "zero": {"stage3_param_persistence_threshold": 10**9}}]
 
 
 def _world2(rank: int, world: int) -> dict:

@@ -203,3 +203,18 @@ def test_helpers():
         pass
     timers.stop("never-started")
     assert set(timers.take()) == {"a"} and timers.take() == {}
+
+
+def test_training_continues_after_the_bar_closes(capsys):
+    model = _gpt()
+    engine, *_ = flexspeed.initialize(model=model, model_parameters=model.parameters(), config={
+        "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+        "steps_per_print": 1})
+    x = torch.randint(0, 16, (2, 8))
+    with engine.progress(1, disable=False):
+        engine.backward(engine(x, x))
+        engine.step()
+    engine.backward(engine(x, x))
+    engine.step()
+    out = capsys.readouterr().out
+    assert "[flexspeed] step=2 loss=" in out, out

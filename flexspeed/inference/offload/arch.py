@@ -133,7 +133,7 @@ class Arch:
         if not isinstance(weight, torch.Tensor):  # a compressed matrix (QuantLinear shell)
             y = weight(x)
             return y if bias is None else y + bias
-        if self.opts.get("conv1d"):
+        if name in self.opts.get("conv1d", ()):
             y = x @ weight  # GPT-2 Conv1D: weight (in, out)
             return y if bias is None else y + bias
         return F.linear(x, weight, bias)
@@ -345,7 +345,8 @@ def _gpt_like(cfg: Any, family: str) -> Arch:
             raise NotImplementedError("add_cross_attention=True (GPT-2 with cross-attention) is not supported by the "
                                       "offload runner; use a decoder-only GPT-2")
         opts = dict(norm="layer", eps=float(_get(cfg, "layer_norm_epsilon", 1e-5)),
-                    act=_act(_get(cfg, "activation_function", "gelu_new"), "activation_function"), conv1d=True,
+                    act=_act(_get(cfg, "activation_function", "gelu_new"), "activation_function"),
+                    conv1d=frozenset({"qkv", "o", "fc1", "fc2"}),
                     scale=(hd ** -0.5) if _get(cfg, "scale_attn_weights", True) else 1.0,
                     inverse_layer_scale=bool(_get(cfg, "scale_attn_by_inverse_layer_idx", False)))
         return Arch("gpt2", L, c, heads, heads, hd, vocab, max_pos, layers, _get(cfg, "eos_token_id", 50256),

@@ -20,15 +20,18 @@ import ctypes
 import json
 import mmap
 import os
+import shutil
 import struct
+import tempfile
 import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from flexspeed.config.errors import ConfigError
 
-__all__ = ["FileSpan", "safetensors_spans", "MappedFile", "DirectFile", "AlignedBuffer", "tensor_bytes",
+__all__ = ["private_dir", "FileSpan", "safetensors_spans", "MappedFile", "DirectFile", "AlignedBuffer", "tensor_bytes",
            "write_tensor", "ALIGN", "ST_DTYPES"]
 
 ALIGN = 4096
@@ -82,6 +85,18 @@ def safetensors_spans(path: str) -> dict[str, FileSpan]:
         begin, end = meta["data_offsets"]
         out[key] = FileSpan(path, base + begin, end - begin, ST_DTYPES[meta["dtype"]], tuple(meta["shape"]))
     return out
+
+
+def private_dir(owner: object, parent: str | None, prefix: str) -> str:
+    """A new directory under ``parent`` (the system temp dir if ``None``), removed when ``owner`` is collected.
+
+    Every store gets its own directory, so two runners never write the same files.
+    """
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    weakref.finalize(owner, shutil.rmtree, path, True)
+    return path
 
 
 def _page_range(addr: int, nbytes: int) -> tuple[int, int]:

@@ -1,0 +1,477 @@
+"""The tiered weight store: per-tensor placement, loading straight from checkpoints, layer fetches.
+
+Building a :class:`WeightStore` walks the architecture's layers (embedding, decoder layers, head)
+and places each layer's tensors by the policy's weight percentages (see ``policy.py``). Then,
+one tensor at a time, so that peak memory is the resident part plus one tensor:
+
+- ``gpu``/``cpu`` tier: read into memory in the compute dtype (the compute device for ``gpu``;
+  host memory, pinned with ``pin_weight``, for ``cpu``; on a CPU-only machine both are RAM);
+- ``disk`` tier, tensor in a safetensors file already in the compute dtype: nothing is copied,
+  the store records ``(file, offset, nbytes, dtype, shape)`` and reads it in place;
+- ``disk`` tier otherwise (another dtype, a tensor of an in-memory model, or compressed): the
+  bytes are written once to ``weights-NNN.bin`` (one file per layer, 4096-aligned) in a directory
+  of this store's own under ``offload_dir``,
+  and read from there.
+
+With ``compress_weight`` every weight matrix (and the token embedding, which doubles as the
+tied LM head) is stored int4 with quant.py's format (group 64, asymmetric, two values per byte)
+and computed through :class:`~flexspeed.inference.quant.QuantLinear`.
+
+``fetch(j)`` returns layer ``j``'s tensors ready to compute with; ``release`` gives back what the
+fetch took (mapped pages, read buffers). Disk reads go through the page cache as zero-copy
+views of a file mapping (default) or, with ``direct_io``, through :class:`~.files.DirectFile`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import types
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from flexspeed.config.errors import ConfigError
+from flexspeed.inference.offload.arch import Arch, TensorSpec
+from flexspeed.inference.offload.files import (ALIGN, AlignedBuffer, DirectFile, FileSpan, MappedFile, private_dir,
+                                               safetensors_spans, write_tensor)
+from flexspeed.inference.offload.policy import OffloadPolicy, place_by_size
+
+__all__ = ["TensorSource", "WeightStore", "Fetched"]
+
+_GROUP = 64  # int4 group size (FlexLLMGen's and quant.py's default)
+_MERGE_GAP = 1 << 20  # spans closer than this are read as one request
+
+
+class TensorSource:
+    """Checkpoint tensors by key: file spans (safetensors, read lazily) or in-memory tensors."""
+
+    def __init__(self, spans: Mapping[str, FileSpan] | None = None, tensors: Mapping[str, torch.Tensor] | None = None,
+                 origin: str = "checkpoint") -> None:
+        self.spans = dict(spans or {})
+        self.tensors = dict(tensors or {})
+        self.origin = origin
+
+    @classmethod
+    def from_files(cls, files: list[str]) -> TensorSource:
+        """Safetensors files by header; ``.pt``/``.bin`` files memory-mapped through ``torch.load``."""
+        spans: dict[str, FileSpan] = {}
+        tensors: dict[str, torch.Tensor] = {}
+        for path in files:
+            if path.endswith(".safetensors"):
+                spans.update(safetensors_spans(path))
+                continue
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if isinstance(sd, Mapping) and len(sd) <= 3 and any(isinstance(sd.get(k), Mapping) for k in ("module", "state_dict", "model")):
+                sd = next(sd[k] for k in ("module", "state_dict", "model") if isinstance(sd.get(k), Mapping))
+            tensors.update({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)})
+        return cls(spans, tensors, origin=", ".join(os.path.basename(f) for f in files))
+
+    @classmethod
+    def from_module(cls, model: torch.nn.Module) -> TensorSource:
+        """A module's parameters and persistent buffers, under every name (tied ones too)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for mname, mod in model.named_modules(remove_duplicate=False):
+            prefix = f"{mname}." if mname else ""
+            for n, p in mod._parameters.items():
+                if p is not None:
+                    tensors[prefix + n] = p.detach()
+            for n, b in mod._buffers.items():
+                if b is not None and n not in mod._non_persistent_buffers_set:
+                    tensors[prefix + n] = b
+        meta = [k for k, t in tensors.items() if t.is_meta]
+        if meta:
+            raise ConfigError(f"tensors such as {meta[:3]} are on the meta device and no checkpoint was given; pass "
+                              "checkpoint=<safetensors folder> (offloading loads it straight into the tiers) or build "
+                              "the model with real weights", key="checkpoint")
+        return cls(tensors=tensors, origin=f"{type(model).__name__} in memory")
+
+    def resolve(self, key: str) -> str:
+        """The stored key for an architecture key (``model.``/``transformer.`` prefixes optional).
+
+        Raises:
+            ConfigError: not found; the message shows keys that are there.
+        """
+        have = self.spans.keys() | self.tensors.keys()
+        head, _, rest = key.partition(".")
+        for cand in (key, rest, f"model.{key}", f"{head}.model.{rest}"):
+            if cand and cand in have:
+                return cand
+        raise ConfigError(f"tensor {key!r} is not in {self.origin} (it has e.g. {sorted(have)[:4]}); the config does "
+                          "not describe these weights", key="checkpoint")
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.spans[key].shape) if key in self.spans else tuple(self.tensors[key].shape)
+
+
+@dataclass
+class _Entry:
+    spec: TensorSpec
+    tier: str
+    parts: dict[str, torch.Tensor | FileSpan]
+    """``{"data": ...}``, or ``{"qweight": ..., "qparams": ...}`` for an int4 matrix."""
+    quant: tuple[int, int, str, int] | None = None
+    """(in_features, out_features, layout, block) of an int4 matrix."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes if isinstance(p, FileSpan) else p.numel() * p.element_size() for p in self.parts.values())
+
+
+@dataclass
+class Fetched:
+    """One layer's tensors, ready to compute with, and what to give back afterwards."""
+
+    layer: int
+    weights: dict[str, Any]
+    drops: list[tuple[MappedFile, int, int]] = field(default_factory=list)
+    buffers: list[AlignedBuffer] = field(default_factory=list)
+    event: Any = None
+
+    def ready(self) -> dict[str, Any]:
+        """Wait for device copies (accelerators) and return the weights."""
+        if self.event is not None:
+            stream = torch.cuda.current_stream()
+            stream.wait_event(self.event)
+            for w in self.weights.values():
+                if isinstance(w, torch.Tensor) and w.is_cuda:
+                    w.record_stream(stream)
+        return self.weights
+
+
+class _RowTable:
+    """A disk-tier embedding table read row by row (true-disk mode): lookups never read the whole table."""
+
+    def __init__(self, reader: DirectFile, span: FileSpan, device: torch.device) -> None:
+        self.reader, self.span, self.device = reader, span, device
+        self.row_bytes = span.nbytes // span.shape[0]
+
+    def gather_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        uniq, inverse = torch.unique(ids.cpu(), return_inverse=True)
+        if len(uniq) <= 256:
+            raw = torch.empty(len(uniq), self.row_bytes, dtype=torch.uint8)
+            self.reader.read_rows(self.span, uniq.tolist(), self.row_bytes, raw)
+            rows = raw.view(self.span.dtype)[inverse]
+        else:  # many rows: one sequential read of the table beats thousands of small ones
+            buf = AlignedBuffer(DirectFile.superset_bytes([(self.span.offset, self.span.nbytes)]))
+            (at,) = self.reader.read_runs([(self.span.offset, self.span.nbytes)], buf)
+            table = buf.tensor[at:at + self.span.nbytes].view(self.span.dtype).view(self.span.shape)
+            rows = table[ids.cpu().reshape(-1)]
+        return rows.to(device=self.device, dtype=dtype)
+
+
+class _HostTable:
+    """A table in host memory looked up for an accelerator: gather on the host, move the rows."""
+
+    def __init__(self, table: Any, device: torch.device) -> None:
+        self.table, self.device = table, device
+
+    def gather_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        ids = ids.cpu()
+        rows = self.table.gather_rows(ids, dtype) if hasattr(self.table, "gather_rows") else self.table[ids]
+        return rows.to(device=self.device, dtype=dtype, non_blocking=True)
+
+
+class _BufferPool:
+    def __init__(self) -> None:
+        self._free: list[AlignedBuffer] = []
+        self._lock = threading.Lock()
+
+    def get(self, nbytes: int) -> AlignedBuffer:
+        with self._lock:
+            fits = [b for b in self._free if b.nbytes >= nbytes]
+            if fits:
+                best = min(fits, key=lambda b: b.nbytes)
+                self._free.remove(best)
+                return best
+        return AlignedBuffer(max(nbytes, 1 << 20))
+
+    def put(self, buf: AlignedBuffer) -> None:
+        with self._lock:
+            self._free.append(buf)
+
+
+def _merge(spans: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for off, n in sorted(spans):
+        if out and off <= out[-1][0] + out[-1][1] + gap:
+            out[-1][1] = max(out[-1][1], off + n - out[-1][0])
+        else:
+            out.append([off, n])
+    return [(a, b) for a, b in out]
+
+
+class WeightStore:
+    """Weights placed by an :class:`OffloadPolicy`; see the module docstring."""
+
+    def __init__(self, arch: Arch, source: TensorSource, policy: OffloadPolicy, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.arch, self.policy, self.device, self.dtype = arch, policy, device, dtype
+        self.mode = "direct" if policy.direct_io else "mmap"
+        self._dir: str | None = None
+        self._mapped: dict[str, MappedFile] = {}
+        self._direct: dict[str, DirectFile] = {}
+        self._pool = _BufferPool()
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._warned: set[str] = set()
+        self.entries: dict[str, _Entry] = {}
+        self.layer_keys: list[list[tuple[str, str]]] = []  # per layer: (logical name, entry key)
+        self._load_all(source)
+
+    # ------------------------------------------------------------------ loading
+
+    def _stored_nbytes(self, spec: TensorSpec) -> int:
+        n = 1
+        for s in spec.shape:
+            n *= s
+        if self._compressible(spec, warn=False):
+            return n // 2 + (n // _GROUP) * 4
+        return n * self.dtype.itemsize
+
+    def _compressible(self, spec: TensorSpec, warn: bool = True) -> bool:
+        if not (self.policy.compress_weight and spec.matrix):
+            return False
+        in_features = spec.shape[0] if spec.kind == "conv1d" else spec.shape[1]
+        if in_features % _GROUP:
+            if warn and "group" not in self._warned:
+                self._warned.add("group")
+                warnings.warn(f"offload.compress_weight: {spec.key} has {in_features} input features, not a multiple "
+                              f"of the group size {_GROUP}; such matrices stay uncompressed", stacklevel=4)
+            return False
+        return True
+
+    def _load_all(self, source: TensorSource) -> None:
+        percents = self.policy.percents("w")
+        for j, layer in enumerate(self.arch.layers):
+            names: list[tuple[str, str]] = []
+            own: list[tuple[TensorSpec, str]] = []
+            for spec in layer.tensors:
+                key = source.resolve(spec.key)
+                got = source.shape(key)
+                if got != spec.shape:
+                    raise ConfigError(f"checkpoint tensor {key!r} has shape {got} but the model config implies "
+                                      f"{spec.shape}; the config does not match these weights", key="checkpoint")
+                names.append((spec.name, key))
+                if key not in self.entries and all(key != k for _, k in own):  # tied: placed where first seen
+                    own.append((spec, key))
+            tiers = place_by_size([self._stored_nbytes(s) for s, _ in own], percents)
+            fd = None
+            try:
+                for (spec, key), tier in zip(own, tiers):
+                    self.entries[key], fd = self._load_one(spec, key, tier, source, j, fd)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+            self.layer_keys.append(names)
+
+    def _materialize(self, source: TensorSource, key: str) -> torch.Tensor:
+        if key in source.tensors:
+            return source.tensors[key]
+        span = source.spans[key]
+        mapped = self._map(span.path)
+        t = mapped.view(span).clone()
+        mapped.drop(span.offset, span.nbytes)
+        if self.mode == "direct":
+            fd = os.open(span.path, os.O_RDONLY)
+            os.posix_fadvise(fd, span.offset, span.nbytes, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        return t
+
+    def _offload_file(self, layer: int) -> str:
+        if self._dir is None:
+            self._dir = private_dir(self, self.policy.resolved_offload_dir(), "flexspeed-offload-")
+        return os.path.join(self._dir, f"weights-{layer:03d}.bin")
+
+    def _write(self, t: torch.Tensor, layer: int, fd: int | None) -> tuple[FileSpan, int]:
+        path = self._offload_file(layer)
+        if fd is None:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        end = os.fstat(fd).st_size
+        offset = -(-end // ALIGN) * ALIGN
+        write_tensor(fd, t, offset)
+        if self.mode == "direct":  # keep the page cache honest in true-disk mode
+            os.fsync(fd)
+            os.posix_fadvise(fd, offset, t.numel() * t.element_size(), os.POSIX_FADV_DONTNEED)
+        return FileSpan(path, offset, t.numel() * t.element_size(), t.dtype, tuple(t.shape)), fd
+
+    def _home(self, t: torch.Tensor, tier: str) -> torch.Tensor:
+        if tier == "gpu":
+            return t.to(self.device)
+        if self.device.type == "cuda" and self.policy.pin_weight:
+            return t.pin_memory()
+        return t
+
+    def _load_one(self, spec: TensorSpec, key: str, tier: str, source: TensorSource, layer: int,
+                  fd: int | None) -> tuple[_Entry, int | None]:
+        if self._compressible(spec):
+            from flexspeed.inference.quant import QuantLinear
+
+            w = self._materialize(source, key).to(torch.float32)
+            w = w.t() if spec.kind == "conv1d" else w  # (out, in)
+            q = QuantLinear.from_linear(types.SimpleNamespace(weight=w, bias=None), num_bits=4, group_size=_GROUP)
+            meta = (q.in_features, q.out_features, q.layout, q.block)
+            parts: dict[str, Any] = {"qweight": q.qweight, "qparams": q.qparams}
+            if tier == "disk":
+                for name in list(parts):
+                    parts[name], fd = self._write(parts[name], layer, fd)
+            else:
+                parts = {n: self._home(p, tier) for n, p in parts.items()}
+            return _Entry(spec, tier, parts, meta), fd
+        if tier != "disk":  # an in-memory model's tensor is kept as is when dtype and device already fit
+            t = self._materialize(source, key)
+            t = t.to(self.dtype) if t.is_floating_point() else t
+            return _Entry(spec, tier, {"data": self._home(t.contiguous(), tier)}), fd
+        span = source.spans.get(key)
+        if span is not None and (span.dtype == self.dtype or not span.dtype.is_floating_point) \
+                and span.offset % max(1, span.dtype.itemsize) == 0:
+            return _Entry(spec, tier, {"data": span}), fd  # read in place from the checkpoint
+        t = self._materialize(source, key)
+        t = t.to(self.dtype) if t.is_floating_point() else t
+        span, fd = self._write(t, layer, fd)
+        return _Entry(spec, tier, {"data": span}), fd
+
+    # ------------------------------------------------------------------ files
+
+    def _map(self, path: str) -> MappedFile:
+        if path not in self._mapped:
+            self._mapped[path] = MappedFile(path)
+        return self._mapped[path]
+
+    def _direct_file(self, path: str) -> DirectFile:
+        if path not in self._direct:
+            self._direct[path] = DirectFile(path)
+        return self._direct[path]
+
+    # ------------------------------------------------------------------ fetching
+
+    def fetch(self, j: int) -> Fetched:
+        """Layer ``j``'s tensors (disk parts read, device copies queued); thread-safe per layer."""
+        out = Fetched(j, {})
+        rows_only = self.arch.layers[j].kind == "embed"
+        disk: list[tuple[str, str, FileSpan]] = []
+        for name, key in self.layer_keys[j]:
+            e = self.entries[key]
+            for part, p in e.parts.items():
+                if isinstance(p, FileSpan):
+                    disk.append((key, part, p))
+        lazy = {(k, p) for k, p, _ in disk if rows_only and self.entries[k].quant is None}
+        loaded = self._read_mmap(disk, lazy, out) if self.mode == "mmap" else self._read_direct(disk, lazy, out)
+        for name, key in self.layer_keys[j]:
+            e = self.entries[key]
+            parts = {part: loaded.get((key, part), p) for part, p in e.parts.items()}
+            out.weights[name] = self._assemble(e, parts, out)
+        if self._copy_stream is not None and any(isinstance(w, torch.Tensor) and w.is_cuda for w in out.weights.values()):
+            out.event = torch.cuda.Event()
+            out.event.record(self._copy_stream)
+        return out
+
+    def _read_mmap(self, disk: list, lazy: set, out: Fetched) -> dict[tuple[str, str], Any]:
+        loaded: dict[tuple[str, str], Any] = {}
+        by_file: dict[str, list[tuple[int, int]]] = {}
+        for key, part, span in disk:
+            mapped = self._map(span.path)
+            loaded[(key, part)] = mapped.view(span)
+            out.drops.append((mapped, span.offset, span.nbytes))
+            if (key, part) not in lazy:  # an embedding read by rows is faulted in row by row
+                by_file.setdefault(span.path, []).append((span.offset, span.nbytes))
+        for path, spans in by_file.items():
+            for off, n in _merge(spans, 64 << 10):
+                self._mapped[path].populate(off, n)
+        return loaded
+
+    def _read_direct(self, disk: list, lazy: set, out: Fetched) -> dict[tuple[str, str], Any]:
+        loaded: dict[tuple[str, str], Any] = {}
+        by_file: dict[str, list[tuple[str, str, FileSpan]]] = {}
+        for key, part, span in disk:
+            if (key, part) in lazy:
+                loaded[(key, part)] = _RowTable(self._direct_file(span.path), span, self.device)
+            else:
+                by_file.setdefault(span.path, []).append((key, part, span))
+        for path, items in by_file.items():
+            runs = _merge([(s.offset, s.nbytes) for _, _, s in items], _MERGE_GAP)
+            buf = self._pool.get(DirectFile.superset_bytes(runs))
+            out.buffers.append(buf)
+            where = self._direct_file(path).read_runs(runs, buf)
+            for key, part, s in items:
+                i = max(r for r in range(len(runs)) if runs[r][0] <= s.offset)
+                at = where[i] + (s.offset - runs[i][0])
+                loaded[(key, part)] = buf.tensor[at:at + s.nbytes].view(s.dtype).view(s.shape)
+        return loaded
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu" or t.device == self.device:
+            return t
+        with torch.cuda.stream(self._copy_stream):
+            return t.to(self.device, non_blocking=True)
+
+    def _assemble(self, e: _Entry, parts: dict[str, Any], out: Fetched) -> Any:
+        if e.quant is None:
+            t = parts["data"]
+            if not isinstance(t, torch.Tensor):  # a row table (true-disk embedding)
+                return t
+            if e.spec.kind == "embedding" and e.tier == "disk" and self.device.type != "cpu":
+                return _HostTable(t, self.device)
+            return self._to_device(t)
+        from flexspeed.inference.quant import QuantLinear
+
+        k, n, layout, block = e.quant
+        shell = QuantLinear(k, n, num_bits=4, group_size=_GROUP, bias=False, dtype=self.dtype, device="meta",
+                            layout=layout, block=block)
+        shell._buffers["qweight"] = self._to_device(parts["qweight"])
+        shell._buffers["qparams"] = self._to_device(parts["qparams"])
+        return shell
+
+    def release(self, fetched: Fetched) -> None:
+        """Give back a fetch: unmap its pages, return its read buffers."""
+        if fetched.event is not None:
+            fetched.event.synchronize()
+        for mapped, off, n in fetched.drops:
+            mapped.drop(off, n)
+        for buf in fetched.buffers:
+            self._pool.put(buf)
+        fetched.weights.clear()
+        fetched.drops.clear()
+        fetched.buffers.clear()
+
+    # ------------------------------------------------------------------ reporting
+
+    def tier_bytes(self) -> dict[str, int]:
+        """Stored weight bytes per tier (tied tensors counted once)."""
+        out = {"gpu": 0, "cpu": 0, "disk": 0}
+        for e in self.entries.values():
+            out[e.tier] += e.nbytes
+        return out
+
+    @property
+    def resident_fraction(self) -> float:
+        """Share of stored weight bytes held in memory (gpu + cpu tiers)."""
+        b = self.tier_bytes()
+        total = sum(b.values())
+        return (b["gpu"] + b["cpu"]) / total if total else 1.0
+
+    @property
+    def read_method(self) -> str:
+        """How disk-tier bytes are read: ``page cache (mmap)``, ``O_DIRECT`` or ``fadvise``."""
+        if self.mode == "mmap":
+            return "page cache (mmap)"
+        methods = sorted({d.method for d in self._direct.values()})
+        return "+".join(methods) or "O_DIRECT"
+
+    def disk_stats(self) -> tuple[int, float]:
+        """(bytes read with direct I/O, seconds spent in those reads)."""
+        return (sum(d.bytes_read for d in self._direct.values()), sum(d.read_seconds for d in self._direct.values()))
+
+    def close(self) -> None:
+        """Close files and remove the files this store wrote."""
+        for m in self._mapped.values():
+            m.close()
+        for d in self._direct.values():
+            d.close()
+        self._mapped.clear()
+        self._direct.clear()
+        if self._dir is not None:  # this store's own directory under offload_dir
+            shutil.rmtree(self._dir, ignore_errors=True)
