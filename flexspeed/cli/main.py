@@ -12,13 +12,13 @@ __all__ = ["main", "SUBCOMMANDS"]
 
 # name -> (module, one-line help). Order is the order shown in --help.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("flexspeed.cli.demo", "train a small GPT on addition with ZeRO-2 + bf16 on 2 processes, then test it"),
+    "launch": ("flexspeed.cli.launch", "start a script on N processes per node (torchrun's agent; hostfile, Slurm)"),
     "check-config": ("flexspeed.cli.check_config",
                      "validate a ds_config.json for a world size, without starting processes"),
-    "report": ("flexspeed.cli.report", "print versions, backends, devices and which features are available"),
     "export": ("flexspeed.cli.export", "write a checkpoint's consolidated weights as one safetensors/pt file"),
-    "launch": ("flexspeed.cli.launch", "start a script on N processes per node (torchrun's agent; hostfile, Slurm)"),
-    "demo": ("flexspeed.cli.demo", "train a small GPT on addition with ZeRO-2 + bf16 on 2 processes, then test it"),
     "plot": ("flexspeed.cli.plot", "draw the loss and lr curves of a csv_monitor run as a PNG"),
+    "report": ("flexspeed.cli.report", "print versions, backends, devices and which features are available"),
 }
 
 

@@ -13,17 +13,21 @@ __all__ = ["add_parser", "run", "collect"]
 # feature -> (module that provides it, how to enable it)
 FEATURES = {
     "config (DeepSpeed JSON schema)": "flexspeed.config",
-    "training engine (ZeRO stage 0)": "flexspeed.runtime.engine",
-    "ZeRO stages 1-3 / FSDP2": "torch.distributed.fsdp",
+    "training engine (ZeRO stage 0, DDP)": "flexspeed.runtime.engine",
+    "ZeRO stages 1-3 (FSDP2)": "flexspeed.runtime.fsdp",
     "pipeline parallelism": "flexspeed.pipe.engine",
     "checkpoints (torch.distributed.checkpoint)": "flexspeed.runtime.checkpoint",
     "inference engine": "flexspeed.inference.engine",
     "tensor parallelism (inference)": "flexspeed.inference.tp",
     "weight quantization (int8/int4)": "flexspeed.inference.quant",
+    "fused kernels (kernel injection)": "flexspeed.inference.kernels",
+    "offloaded generation": "flexspeed.inference.offload",
     "HF safetensors loading": "safetensors",
     "HF transformers models": "transformers",
     "HJSON configs": "hjson",
-    "TensorBoard monitor": "torch.utils.tensorboard",
+    "TensorBoard monitor": "tensorboard",
+    "wandb monitor": "wandb",
+    "plots (matplotlib)": "matplotlib",
 }
 
 
