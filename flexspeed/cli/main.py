@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                      "validate a ds_config.json for a world size, without starting processes"),
     "export": ("flexspeed.cli.export", "write a checkpoint's consolidated weights as one safetensors/pt file"),
     "plot": ("flexspeed.cli.plot", "draw the loss and lr curves of a csv_monitor run as a PNG"),
+    "generate": ("flexspeed.cli.generate", "offloaded high-throughput generation from a model folder (FlexLLMGen's policy)"),
     "report": ("flexspeed.cli.report", "print versions, backends, devices and which features are available"),
 }
 

@@ -43,7 +43,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata
 
@@ -56,11 +55,9 @@ from flexspeed.runtime.checkpoint_io import (
     STATE_DIR,
     TMP_PREFIX,
     CheckpointError,
-    SafeFileSystemReader,
-    SafeLoadPlanner,
     UnsafeCheckpointError,
     commit_tag,
-    find_unsafe,
+    safe_dcp_load,
     quiet_single_process,
     read_latest,
     read_manifest,
@@ -403,17 +400,8 @@ def _load_tensors(engine: Any, path: str, meta: dict, *, strict: bool, with_opti
         optim_tensors = {fqn: leaves for fqn, leaves in optim_tensors.items() if leaves}
         target["optim"] = {"state": optim_tensors}
     _, world = _rank_world()
-    try:
-        with quiet_single_process():
-            dcp.load(target, storage_reader=SafeFileSystemReader(state_dir),
-                     planner=SafeLoadPlanner(allow_partial_load=True), no_dist=world == 1)
-    except UnsafeCheckpointError:
-        raise
-    except (Exception, CheckpointException) as e:  # DCP wraps per-rank failures in a BaseException
-        unsafe = find_unsafe(e)
-        if unsafe is not None:
-            raise unsafe from e
-        raise CheckpointError(f"loading the tensors of {path} failed: {e}") from e
+    safe_dcp_load(target, state_dir, what=f"loading the tensors of {path}", no_dist=world == 1,
+                  allow_partial_load=True)
     model_sd = target["model"]
     if optim_sd is None:
         set_model_state_dict(engine.module, model_sd, options=StateDictOptions(strict=False))

@@ -300,3 +300,25 @@ def quiet_single_process() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
         yield
+
+
+def safe_dcp_load(target: dict, state_dir: str, *, what: str, no_dist: bool, allow_partial_load: bool = False) -> None:
+    """``dcp.load`` of ``target`` from ``state_dir`` through the safe reader and planner.
+
+    A refused pickle surfaces as ``UnsafeCheckpointError`` (also when DCP wrapped it in a per-rank
+    failure); any other failure becomes a ``CheckpointError`` that says what was being read.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with quiet_single_process():
+            dcp.load(target, storage_reader=SafeFileSystemReader(state_dir),
+                     planner=SafeLoadPlanner(allow_partial_load=allow_partial_load), no_dist=no_dist)
+    except UnsafeCheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:  # DCP wraps per-rank failures in a BaseException
+        unsafe = find_unsafe(e)
+        if unsafe is not None:
+            raise unsafe from e
+        raise CheckpointError(f"{what} failed: {e}") from e

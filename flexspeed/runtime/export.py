@@ -22,22 +22,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from flexspeed.runtime.checkpoint_io import (
     MANIFEST,
     STATE_DIR,
     CheckpointError,
-    SafeFileSystemReader,
-    SafeLoadPlanner,
-    UnsafeCheckpointError,
-    find_unsafe,
-    quiet_single_process,
     read_latest,
     read_manifest,
     read_metadata,
+    safe_dcp_load,
     resolve_tag_dir,
     validate_tag,
     write_atomic,
@@ -109,17 +103,7 @@ def consolidate(ckpt_dir: str | os.PathLike, tag: str | None = None,
         raise CheckpointError(f"{state_dir} holds no model tensors: it is not a flexspeed training checkpoint")
     _check_sizes(state_dir, shapes)
     model = {fqn: torch.empty(md.size, dtype=md.properties.dtype) for fqn, md in shapes.items()}
-    try:
-        with quiet_single_process():
-            dcp.load({"model": model}, storage_reader=SafeFileSystemReader(state_dir), planner=SafeLoadPlanner(),
-                     no_dist=True)
-    except UnsafeCheckpointError:
-        raise
-    except (Exception, CheckpointException) as e:  # DCP wraps per-rank failures in a BaseException
-        unsafe = find_unsafe(e)
-        if unsafe is not None:
-            raise unsafe from e
-        raise CheckpointError(f"reading the model tensors of {path} failed: {e}") from e
+    safe_dcp_load({"model": model}, state_dir, what=f"reading the model tensors of {path}", no_dist=True)
     return _cast(model, target_dtype)
 
 

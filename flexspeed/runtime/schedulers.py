@@ -519,8 +519,8 @@ def build_scheduler(type_name: str, params: Mapping[str, Any] | None, optimizer:
     name, cls, is_ds = _resolve(type_name)
     for key, value in params.items():
         if isinstance(value, str) and value == "auto":
-            raise ConfigError(f"is still \"auto\"; it must be resolved from the optimizer or training "
-                              f"length before the scheduler is built. Give a value.",
+            raise ConfigError("is still \"auto\"; it must be resolved from the optimizer or training "
+                              "length before the scheduler is built. Give a value.",
                               key=f"scheduler.params.{key}")
     if is_ds:
         return cls(optimizer, **params)

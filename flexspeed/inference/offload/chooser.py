@@ -7,15 +7,16 @@ when given), matmul throughput in the compute dtype, and, with CUDA, host-to-dev
 :func:`estimate` prices one generation (a prompt step, then one step per new token) under a
 policy. Per layer and step, compute is ``max(flops / matmul rate, weight bytes / memory
 bandwidth)`` (a decode step streams every weight once per block, whatever the micro-batch
-count) and I/O is ``disk bytes / disk bandwidth`` plus, with an accelerator, cpu-tier bytes over
-the host link; with ``overlap`` a layer costs the larger of the two, else their sum. Disk reads
-are priced warm while the page cache can hold the disk-tier bytes next to the budget, cold
-beyond that, and always cold with ``direct_io``. Memory counts resident weights, two layers in
+count; small micro-batches run matmuls below the probed rate and pay a dispatch overhead each)
+and I/O is ``disk bytes / cold disk bandwidth`` plus, with an accelerator, cpu-tier bytes over
+the host link; with ``overlap`` a layer costs the larger of the two, else their sum. Disk-tier
+bytes the page cache can hold next to the budget are mapped, not read, and cost only the
+compute's own stream; the rest is read cold, and all of it is with ``direct_io``. Memory counts resident weights, two layers in
 flight, the resident KV cache, one micro-batch's activations and the logits.
 
 :func:`choose_policy` searches the weight and cache percentages and, unless fixed, the
 micro-batch size and block size, and returns the fastest policy that fits the budget (ties go
-to the one using less memory). It never turns compression on by itself: compression changes
+to the one using less memory, within 1%). It never turns compression on by itself: compression changes
 the output, so it is the caller's choice.
 """
 
@@ -26,7 +27,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,9 +35,11 @@ import torch
 from flexspeed.inference.offload.arch import Arch
 from flexspeed.inference.offload.policy import OffloadPolicy, place_by_size
 
-__all__ = ["MachineProfile", "probe_machine", "estimate", "choose_policy", "available_memory"]
+__all__ = ["MachineProfile", "probe_machine", "estimate", "choose_policy", "replace_policy", "available_memory"]
 
 _INT4_BYTES = 0.5 + 4 / 64  # packed values plus a bf16 (scale, offset) pair per group of 64
+_PROBE_ROWS, _HALF_ROWS = 512, 64  # matmul rate at M rows ~ M / (M + 64) of the peak (probed at M = 512)
+_CALL_OVERHEAD_S = 3e-4  # per layer and micro-batch: Python and kernel dispatch
 
 
 @dataclass(frozen=True)
@@ -151,79 +154,81 @@ def probe_machine(path: str | None = None, dtype: torch.dtype = torch.bfloat16, 
 
 # ------------------------------------------------------------------------------ cost model
 
-def _layer_bytes(arch: Arch, elem: int, compress: bool) -> list[list[int]]:
-    out = []
-    for layer in arch.layers:
-        sizes = []
-        for t in layer.tensors:
-            n = math.prod(t.shape)
-            sizes.append(int(n * _INT4_BYTES) if compress and t.matrix else n * elem)
-        out.append(sizes)
-    return out
-
-
-def _split(sizes: list[int], percents: tuple[float, float, float]) -> tuple[int, int, int]:
+@functools.lru_cache(maxsize=4096)
+def _split(sizes: tuple[int, ...], percents: tuple[float, float, float]) -> tuple[int, int, int]:
+    """(gpu, cpu, disk) bytes of one layer whose tensors have ``sizes``."""
     tiers = place_by_size(sizes, percents)
-    return tuple(sum(s for s, t in zip(sizes, tiers) if t == name) for name in ("gpu", "cpu", "disk"))  # type: ignore[return-value]
+    return (sum(s for s, t in zip(sizes, tiers) if t == "gpu"), sum(s for s, t in zip(sizes, tiers) if t == "cpu"),
+            sum(s for s, t in zip(sizes, tiers) if t == "disk"))
+
+
+def _layer_sizes(arch: Arch, elem: int, compress: bool) -> list[tuple[int, ...]]:
+    return [tuple(int(math.prod(t.shape) * (_INT4_BYTES if compress and t.matrix else elem)) for t in layer.tensors)
+            for layer in arch.layers]
 
 
 def estimate(arch: Arch, policy: OffloadPolicy, profile: MachineProfile, *, batch: int, prompt_len: int,
              gen_len: int, dtype: torch.dtype = torch.bfloat16, mem_budget: int | None = None) -> dict[str, float]:
     """Predicted seconds, tokens/s and memory of one ``generate`` call under ``policy``.
 
+    Decode steps are priced at the mean context length. On an accelerator ``memory_bytes`` is
+    device memory (host memory is taken as ample); on a CPU-only machine it is RAM.
+
     Returns:
         ``{"prefill_s", "decode_s", "total_s", "tokens_per_s", "memory_bytes", "weight_resident_bytes",
         "disk_bytes_per_step"}``.
     """
-    elem = dtype.itemsize
-    layers = _layer_bytes(arch, elem, policy.compress_weight)
-    splits = [_split(s, policy.percents("w")) for s in layers]
-    seen_tied = arch.layers[0].tensors[0].key == arch.layers[-1].tensors[-1].key
+    elem, accel = dtype.itemsize, profile.device != "cpu"
+    sizes = _layer_sizes(arch, elem, policy.compress_weight)
+    splits = [_split(s, policy.percents("w")) for s in sizes]
     disk_total = sum(d for _, _, d in splits)
-    page_cache = max(0, available_memory() - (mem_budget or 0))
-    warm_share = 0.0 if policy.direct_io else min(1.0, page_cache / disk_total) if disk_total else 1.0
-    disk_bw = 1 / (warm_share / profile.mem_read_bw + (1 - warm_share) / profile.disk_cold_bw)
+    page_cache = max(0, available_memory() - (0 if accel else mem_budget or 0))
+    # page-cache hits cost no more than the compute's own stream over the mapped bytes; misses read cold
+    cold = 1.0 if policy.direct_io else (1.0 - min(1.0, page_cache / disk_total) if disk_total else 0.0)
     kv_tok = arch.kv_bytes_per_token(elem) / max(1, arch.n_layers)  # one layer, one token
     if policy.compress_cache:
-        kv_tok = kv_tok * 0.5 / elem * (1 + 4 / 64 * 2)
-    cache_mem_share = (policy.cache_gpu_percent + policy.cache_cpu_percent) / 100
-    F = profile.matmul_flops * (0.7 if policy.compress_weight else 1.0)  # dequantizing costs time
+        kv_tok *= (0.5 + 4 / 64) / elem  # int4 values plus a float16 pair per group of 64
+    cache_gpu, cache_cpu, cache_disk = (p / 100 for p in policy.percents("cache"))
+    flop_rate = profile.matmul_flops * (0.7 if policy.compress_weight else 1.0)  # dequantizing costs time
+
+    mb = policy.gpu_batch_size or math.ceil(batch / policy.num_gpu_batches)
+    n_micro = math.ceil(batch / mb)
 
     def step(rows: int, ctx: int) -> float:
+        m = rows // n_micro  # matmul rows per micro-batch: small ones run below the probed rate
+        rate = flop_rate * (m / (m + _HALF_ROWS)) / (_PROBE_ROWS / (_PROBE_ROWS + _HALF_ROWS))
         total = 0.0
         for j, (gpu, cpu, disk) in enumerate(splits):
-            kind = arch.layers[j].kind
-            if kind == "embed":
+            layer = arch.layers[j]
+            if layer.kind == "embed":
                 continue  # row lookups: negligible
-            params = sum(math.prod(t.shape) for t in arch.layers[j].tensors)
-            if kind == "head":
-                params = math.prod(arch.layers[j].tensors[-1].shape)
-                disk = disk if not seen_tied else sum(layers[j])
-            flops = 2 * params * rows
-            weight_bytes = gpu + cpu + disk
-            kv_read = 0.0
-            if kind == "decoder":
+            params = math.prod(layer.tensors[-1].shape) if layer.kind == "head" else \
+                sum(math.prod(t.shape) for t in layer.tensors)
+            flops, kv = 2 * params * rows, 0.0
+            if layer.kind == "decoder":
                 flops += 4 * rows * ctx * arch.n_heads * arch.head_dim
-                kv_read = batch * ctx * kv_tok
-            compute = max(flops / F, (weight_bytes + kv_read * cache_mem_share) / profile.mem_read_bw)
-            io = disk / disk_bw + kv_read * (1 - cache_mem_share) / profile.disk_cold_bw
-            if profile.h2d_bw:
-                io += cpu / profile.h2d_bw
+                kv = batch * ctx * kv_tok
+            compute = max(flops / rate, (gpu + cpu + disk + kv * (cache_gpu + cache_cpu)) / profile.mem_read_bw)
+            compute += n_micro * _CALL_OVERHEAD_S
+            if not accel:  # cache rows read from and written to files are copied by the same cores
+                compute += 2 * kv * cache_disk / profile.mem_copy_bw
+            io = disk * cold / profile.disk_cold_bw + kv * cache_disk / profile.disk_cold_bw
+            if accel:
+                io += (cpu + kv * cache_cpu) / profile.h2d_bw
             total += max(compute, io) if policy.overlap else compute + io
         return total
 
     prefill = step(batch * prompt_len, prompt_len)
-    decode = sum(step(batch, prompt_len + i) for i in range(1, gen_len)) if gen_len > 1 else 0.0
-    resident = sum(g + c for g, c, _ in splits)
-    mb = policy.gpu_batch_size or math.ceil(batch / policy.num_gpu_batches)
-    in_flight = 2 * max(d for _, _, d in splits[1:-1]) if arch.n_layers else 0
-    ffn = max(t.shape[0] for t in arch.layers[1].tensors if t.kind in ("linear", "conv1d")) if arch.n_layers else 0
-    acts = mb * prompt_len * (4 * arch.hidden + 2 * ffn) * elem + batch * arch.vocab * 4
-    kv = batch * (prompt_len + gen_len) * kv_tok * arch.n_layers * cache_mem_share
+    decode = (gen_len - 1) * step(batch, prompt_len + gen_len // 2)
+    weights = sum(g if accel else g + c for g, c, _ in splits)
+    in_flight = 2 * max(sum(s) - (g if accel else g + c) for s, (g, c, _) in zip(sizes, splits))
+    widest = max((max(t.shape) for t in arch.layers[1].tensors if t.kind in ("linear", "conv1d")), default=arch.hidden)
+    acts = mb * prompt_len * (4 * arch.hidden + 2 * widest) * elem + batch * arch.vocab * 4
+    kv_mem = batch * (prompt_len + gen_len) * kv_tok * arch.n_layers * (cache_gpu if accel else cache_gpu + cache_cpu)
     total = prefill + decode
     return {"prefill_s": prefill, "decode_s": decode, "total_s": total,
             "tokens_per_s": batch * gen_len / total if total else math.inf,
-            "memory_bytes": resident + in_flight + kv + acts, "weight_resident_bytes": resident,
+            "memory_bytes": weights + in_flight + kv_mem + acts, "weight_resident_bytes": weights,
             "disk_bytes_per_step": disk_total}
 
 
@@ -237,14 +242,19 @@ def choose_policy(arch: Arch, mem_budget: int, profile: MachineProfile, *, promp
                   dtype: torch.dtype = torch.bfloat16) -> tuple[OffloadPolicy, dict[str, float]]:
     """The fastest policy whose estimated memory fits ``mem_budget`` bytes.
 
+    Candidates within 1% of the best throughput count as equal; the one needing the least memory
+    wins among them.
+
     Args:
         arch: the model.
-        mem_budget: bytes the weights, KV cache and working buffers may hold in memory.
+        mem_budget: bytes the weights, KV cache and working buffers may hold (RAM on a CPU-only
+            machine, device memory with an accelerator).
         profile: measured rates (:func:`probe_machine`).
         prompt_len, gen_len: the workload.
         base: flags kept as given (compression, direct_io, overlap, offload_dir).
         gpu_batch_size, num_gpu_batches: fix these instead of searching them.
-        max_batch: largest effective batch (micro-batch x block) considered.
+        max_batch: largest effective batch (micro-batch x block) searched.
+        dtype: the compute dtype.
     Returns:
         (policy, its :func:`estimate`).
     Raises:
@@ -254,8 +264,8 @@ def choose_policy(arch: Arch, mem_budget: int, profile: MachineProfile, *, promp
     base = base or OffloadPolicy()
     accel = profile.device != "cpu"
     gbs_list = [gpu_batch_size] if gpu_batch_size else _pow2(max_batch)
-    ngb_list = [num_gpu_batches] if num_gpu_batches else _pow2(max(1, max_batch // min(gbs_list)))
-    best: tuple[float, float, OffloadPolicy, dict[str, float]] | None = None
+    ngb_list = [num_gpu_batches] if num_gpu_batches else _pow2(max_batch)
+    found: list[tuple[float, float, OffloadPolicy, dict[str, float]]] = []
     smallest = math.inf
     for gbs in gbs_list:
         for ngb in ngb_list:
@@ -263,29 +273,23 @@ def choose_policy(arch: Arch, mem_budget: int, profile: MachineProfile, *, promp
                 continue
             for w in range(0, 101, 5):
                 for cache in (100, 75, 50, 25, 0):
-                    pct = dict(w_gpu_percent=float(w), w_cpu_percent=0.0, cache_gpu_percent=float(cache),
-                               cache_cpu_percent=0.0)
-                    if accel:  # device memory is the budget; the rest of the resident share goes to host memory
-                        pct.update(w_cpu_percent=0.0, cache_cpu_percent=float(100 - cache))
-                    pol = replace_policy(base, gpu_batch_size=gbs, num_gpu_batches=ngb, **pct)
+                    rest_w, rest_c = (100.0 - w, 100.0 - cache) if accel else (0.0, 0.0)  # accelerators: rest on host
+                    pol = replace_policy(base, gpu_batch_size=gbs, num_gpu_batches=ngb, w_gpu_percent=float(w),
+                                         w_cpu_percent=rest_w, cache_gpu_percent=float(cache), cache_cpu_percent=rest_c)
                     est = estimate(arch, pol, profile, batch=gbs * ngb, prompt_len=prompt_len, gen_len=gen_len,
                                    dtype=dtype, mem_budget=mem_budget)
                     smallest = min(smallest, est["memory_bytes"])
-                    if est["memory_bytes"] > mem_budget:
-                        continue
-                    key = (round(est["tokens_per_s"], 2), -est["memory_bytes"])
-                    if best is None or key > (best[0], best[1]):
-                        best = (key[0], key[1], pol, est)
-    if best is None:
+                    if est["memory_bytes"] <= mem_budget:
+                        found.append((est["tokens_per_s"], est["memory_bytes"], pol, est))
+    if not found:
         raise ValueError(f"mem_budget={mem_budget / 2**30:.2f} GiB is too small for this model even with every weight "
                          f"on disk; the smallest configuration needs about {smallest / 2**30:.2f} GiB (raise "
                          "--mem-budget, lower --gpu-batch-size or --prompt-len, or add --compress-weight)")
-    return best[2], best[3]
+    top = max(f[0] for f in found)
+    _, _, pol, est = min((f for f in found if f[0] >= 0.99 * top), key=lambda f: (f[1], -f[0]))
+    return pol, est
 
 
 def replace_policy(policy: OffloadPolicy, **changes: Any) -> OffloadPolicy:
     """A copy of a frozen policy with some fields changed (validated again)."""
     return OffloadPolicy(**{**policy.model_dump(), **changes})
-
-
-_ = replace  # dataclasses.replace is kept for MachineProfile users
