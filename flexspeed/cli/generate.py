@@ -135,11 +135,12 @@ def run(args: argparse.Namespace) -> int:
           f"{100 * summary['resident_fraction']:.0f}% resident, disk reads via {summary['read_method']}", flush=True)
     batch = (policy.gpu_batch_size or 1) * policy.num_gpu_batches
     gen = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, arch.vocab, (batch, args.prompt_len), generator=gen)
+    ids = torch.randint(min(3, arch.vocab - 1), arch.vocab, (batch, args.prompt_len), generator=gen)  # no special ids
     with tqdm(total=args.gen_len, desc="generate", unit="tok", file=sys.stderr) as bar:
         runner.on_step = lambda _dt: bar.update(1)
         t0 = time.perf_counter()
-        engine.generate(ids, max_new_tokens=args.gen_len, min_new_tokens=args.gen_len)
+        engine.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.gen_len,
+                        min_new_tokens=args.gen_len)
         wall = time.perf_counter() - t0
     runner.on_step = None
     prefill = runner.call_seconds[0] if runner.call_seconds else 0.0

@@ -282,12 +282,16 @@ def choose_policy(arch: Arch, mem_budget: int, profile: MachineProfile, *, promp
                     if est["memory_bytes"] <= mem_budget:
                         found.append((est["tokens_per_s"], est["memory_bytes"], pol, est))
     if not found:
-        raise ValueError(f"mem_budget={mem_budget / 2**30:.2f} GiB is too small for this model even with every weight "
-                         f"on disk; the smallest configuration needs about {smallest / 2**30:.2f} GiB (raise "
+        raise ValueError(f"mem_budget={_size(mem_budget)} is too small for this model even with every weight "
+                         f"on disk; the smallest configuration needs about {_size(smallest)} (raise "
                          "--mem-budget, lower --gpu-batch-size or --prompt-len, or add --compress-weight)")
     top = max(f[0] for f in found)
     _, _, pol, est = min((f for f in found if f[0] >= 0.99 * top), key=lambda f: (f[1], -f[0]))
     return pol, est
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def replace_policy(policy: OffloadPolicy, **changes: Any) -> OffloadPolicy:

@@ -153,6 +153,10 @@ class MappedFile:
         if not self._populate_ok:
             self._advise(offset, nbytes, _MADV_WILLNEED)
 
+    def prefetch(self, offset: int, nbytes: int) -> None:
+        """Start reading these bytes into the page cache, without mapping them (no resident-set cost)."""
+        self._advise(offset, nbytes, _MADV_WILLNEED)
+
     def drop(self, offset: int, nbytes: int) -> None:
         """Unmap these bytes' pages from this process (the page cache may keep them)."""
         self._advise(offset, nbytes, _MADV_DONTNEED)

@@ -28,6 +28,7 @@ import os
 import shutil
 import threading
 import types
+from concurrent.futures import ThreadPoolExecutor
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ __all__ = ["TensorSource", "WeightStore", "Fetched"]
 
 _GROUP = 64  # int4 group size (FlexLLMGen's and quant.py's default)
 _MERGE_GAP = 1 << 20  # spans closer than this are read as one request
+_STREAM_MIN = 64 << 20  # disk-tier matrices at least this large are multiplied chunk by chunk
+_STREAM_CHUNK = 16 << 20  # bytes per chunk
 
 
 class TensorSource:
@@ -176,6 +179,57 @@ class _HostTable:
         return rows.to(device=self.device, dtype=dtype, non_blocking=True)
 
 
+class _StreamedMatrix:
+    """A large disk-tier weight (out, in) multiplied a chunk of output rows at a time.
+
+    Only one or two chunks are mapped or buffered at once, so an LM head of hundreds of MB adds
+    little to the resident set. Page-cache mode maps a chunk, multiplies, unmaps it (the whole
+    matrix was handed to kernel readahead at fetch time); true-disk mode reads chunk ``i + 1`` on
+    a helper thread while chunk ``i`` multiplies.
+    """
+
+    def __init__(self, store: WeightStore, span: FileSpan) -> None:
+        self.store, self.span = store, span
+        n, k = span.shape
+        self.rows = max(1, store.stream_chunk // (k * span.dtype.itemsize))
+
+    def _chunks(self) -> list[tuple[int, int, int, int]]:
+        n, k = self.span.shape
+        row_bytes = k * self.span.dtype.itemsize
+        return [(r0, min(r0 + self.rows, n), self.span.offset + r0 * row_bytes, (min(r0 + self.rows, n) - r0) * row_bytes)
+                for r0 in range(0, n, self.rows)]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n, k = self.span.shape
+        x2 = x.reshape(-1, k)  # (M, K)
+        out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)  # (M, N)
+        dev = self.store.device
+        if self.store.mode == "mmap":
+            mapped = self.store._map(self.span.path)
+            for r0, r1, off, nb in self._chunks():
+                w = mapped.view(FileSpan(self.span.path, off, nb, self.span.dtype, (r1 - r0, k)))
+                out[:, r0:r1] = torch.nn.functional.linear(x2, w.to(dev, non_blocking=True))
+                mapped.drop(off, nb)
+            return out.view(*x.shape[:-1], n)
+        reader = self.store._direct_file(self.span.path)
+        chunks = self._chunks()
+
+        def read(i: int) -> tuple[AlignedBuffer, int]:
+            _, _, off, nb = chunks[i]
+            buf = self.store._pool.get(DirectFile.superset_bytes([(off, nb)]))
+            return buf, reader.read_runs([(off, nb)], buf)[0]
+
+        nxt = self.store._streamer.submit(read, 0)
+        for i, (r0, r1, _, nb) in enumerate(chunks):
+            buf, at = nxt.result()
+            if i + 1 < len(chunks):
+                nxt = self.store._streamer.submit(read, i + 1)
+            w = buf.tensor[at:at + nb].view(self.span.dtype).view(r1 - r0, k)
+            out[:, r0:r1] = torch.nn.functional.linear(x2, w.to(dev))
+            self.store._pool.put(buf)
+        return out.view(*x.shape[:-1], n)
+
+
 class _BufferPool:
     def __init__(self) -> None:
         self._free: list[AlignedBuffer] = []
@@ -218,6 +272,12 @@ class WeightStore:
         self._pool = _BufferPool()
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._warned: set[str] = set()
+        self._streamer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexspeed-stream")
+        self.map_ahead = True
+        """Page-cache mode: map the next layer's pages ahead (else only start readahead; pages fault in)."""
+        self.stream_min, self.stream_chunk = _STREAM_MIN, _STREAM_CHUNK
+        """Disk-tier matrices of at least ``stream_min`` bytes are multiplied ``stream_chunk`` bytes at a time."""
+        """Page-cache mode: map the next layer's pages ahead (else only start readahead; pages fault in)."""
         self.entries: dict[str, _Entry] = {}
         self.layer_keys: list[list[tuple[str, str]]] = []  # per layer: (logical name, entry key)
         self._load_all(source)
@@ -353,14 +413,27 @@ class WeightStore:
         out = Fetched(j, {})
         rows_only = self.arch.layers[j].kind == "embed"
         disk: list[tuple[str, str, FileSpan]] = []
+        streamed: dict[str, _StreamedMatrix] = {}
+        lazy: set[tuple[str, str]] = set()
         for name, key in self.layer_keys[j]:
             e = self.entries[key]
+            data = e.parts.get("data")
+            if isinstance(data, FileSpan) and rows_only:
+                lazy.add((key, "data"))  # embedding lookups touch rows only
+            elif isinstance(data, FileSpan) and data.nbytes >= self.stream_min and name.endswith(".w") \
+                    and e.spec.shape == data.shape and len(data.shape) == 2 and name not in self.arch.opts.get("conv1d", ()):
+                streamed[name] = _StreamedMatrix(self, data)
+                if self.mode == "mmap":  # readahead into the page cache; chunks are mapped while multiplying
+                    self._map(data.path).prefetch(data.offset, data.nbytes)
+                continue
             for part, p in e.parts.items():
                 if isinstance(p, FileSpan):
                     disk.append((key, part, p))
-        lazy = {(k, p) for k, p, _ in disk if rows_only and self.entries[k].quant is None}
         loaded = self._read_mmap(disk, lazy, out) if self.mode == "mmap" else self._read_direct(disk, lazy, out)
         for name, key in self.layer_keys[j]:
+            if name in streamed:
+                out.weights[name] = streamed[name]
+                continue
             e = self.entries[key]
             parts = {part: loaded.get((key, part), p) for part, p in e.parts.items()}
             out.weights[name] = self._assemble(e, parts, out)
@@ -380,7 +453,10 @@ class WeightStore:
                 by_file.setdefault(span.path, []).append((span.offset, span.nbytes))
         for path, spans in by_file.items():
             for off, n in _merge(spans, 64 << 10):
-                self._mapped[path].populate(off, n)
+                if self.map_ahead:
+                    self._mapped[path].populate(off, n)
+                else:
+                    self._mapped[path].prefetch(off, n)
         return loaded
 
     def _read_direct(self, disk: list, lazy: set, out: Fetched) -> dict[tuple[str, str], Any]:
@@ -467,6 +543,7 @@ class WeightStore:
 
     def close(self) -> None:
         """Close files and remove the files this store wrote."""
+        self._streamer.shutdown(wait=True)
         for m in self._mapped.values():
             m.close()
         for d in self._direct.values():
