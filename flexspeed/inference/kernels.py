@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flexspeed.config.errors import ConfigError
+from flexspeed.inference.packed import PackedLinear, can_pack
 
 __all__ = ["inject_kernels", "get_runner", "build_runner", "FusedDecoderLayer", "FusedRunner", "KVCache",
            "StepContext"]
@@ -535,6 +536,18 @@ def _compiled() -> tuple[Callable, Callable]:
     return torch.compile(step, dynamic=False), torch.compile(FusedRunner._head, dynamic=False)
 
 
+def _set_child(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, new)
+
+
+def _pack_linears(layer: nn.Module) -> None:
+    """Swap the plain ``nn.Linear`` projections of a fused layer for oneDNN-packed ones (CPU)."""
+    for name, mod in list(layer.named_modules()):
+        if type(mod) is nn.Linear and can_pack(mod.weight):
+            _set_child(layer, name, PackedLinear(mod))
+
+
 def get_runner(model: nn.Module) -> FusedRunner | None:
     """The runner of a kernel-injected model, or ``None``."""
     return getattr(model, "_flexspeed_runner", None)
@@ -584,6 +597,11 @@ def inject_kernels(module: nn.Module, dtype: torch.dtype | None = None, *, compi
         for i in range(len(blocks)):
             fused = arch.build(module, blocks[i], i)
             fused.train(blocks[i].training)
+            _pack_linears(fused)
             blocks[i] = fused  # the old block (and its unfused weights) is released here
+        head = module.get_submodule(arch.head_path)
+        tied = any(getattr(m, "weight", None) is head.weight for m in module.modules() if isinstance(m, nn.Embedding))
+        if type(head) is nn.Linear and not tied and can_pack(head.weight):  # a tied head stays shared
+            _set_child(module, arch.head_path, PackedLinear(head))
     object.__setattr__(module, "_flexspeed_runner", FusedRunner(module, arch, None, dtype, compile_decode))
     return module

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from flexspeed.config.errors import ConfigError
 from flexspeed.inference.kernels import FusedDecoderLayer, get_runner, inject_kernels
+from flexspeed.inference.packed import PackedLinear
 from flexspeed.models.gpt import GPT
 
 tf = pytest.importorskip("transformers")
@@ -104,9 +105,26 @@ def test_names_kept_for_tensor_parallel_and_quantization() -> None:
     for model, path in ((opt, "model.decoder.layers.0.self_attn.out_proj"), (opt, "model.decoder.layers.1.fc2"),
                         (llama, "model.layers.0.self_attn.o_proj"), (llama, "model.layers.0.mlp.down_proj"),
                         (gpt2, "transformer.h.0.attn.c_proj"), (gpt2, "transformer.h.0.mlp.c_proj")):
-        assert isinstance(model.get_submodule(path), nn.Linear), path
+        assert isinstance(model.get_submodule(path), (nn.Linear, PackedLinear)), path
     assert llama.model.layers[0].self_attn.qkv.out_features == 64 + 2 * 32  # q + GQA k, v
     assert llama.model.layers[0].mlp.gate_up.out_features == 2 * 128
+    assert isinstance(llama.lm_head, PackedLinear) and type(opt.lm_head) is nn.Linear  # OPT's head is tied
+
+
+def test_packed_linear_round_trips() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 48).to(torch.bfloat16)
+    packed = PackedLinear(lin)
+    x = torch.randn(3, 5, 32, dtype=torch.bfloat16)
+    torch.testing.assert_close(packed(x), lin(x), rtol=1e-2, atol=1e-2)
+    assert torch.equal(packed.weight, lin.weight)
+    clone = copy.deepcopy(packed)
+    assert clone.packed == packed.packed and torch.equal(clone.weight, lin.weight)
+    other = PackedLinear(nn.Linear(32, 48).to(torch.bfloat16))
+    other.load_state_dict(packed.state_dict())
+    assert torch.equal(other.weight, lin.weight) and set(packed.state_dict()) == {"weight", "bias"}
+    as32 = copy.deepcopy(packed).float()
+    assert as32.weight.dtype == torch.float32 and as32(x.float()).dtype == torch.float32
 
 
 def test_unrecognised_model_names_the_setting() -> None:

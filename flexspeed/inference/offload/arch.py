@@ -296,7 +296,8 @@ def _inv_freq(cfg: Any, hd: int) -> torch.Tensor:
 def _llama(cfg: Any) -> Arch:
     c, L = _get(cfg, "hidden_size", 4096), _get(cfg, "num_hidden_layers", 32)
     heads = _get(cfg, "num_attention_heads", 32)
-    kv, ffn, vocab = _get(cfg, "num_key_value_heads", heads), _get(cfg, "intermediate_size", 11008), _get(cfg, "vocab_size", 32000)
+    kv, ffn = _get(cfg, "num_key_value_heads", heads), _get(cfg, "intermediate_size", 11008)
+    vocab = _get(cfg, "vocab_size", 32000)
     hd = _get(cfg, "head_dim", c // heads)
     abias, mbias = bool(_get(cfg, "attention_bias", False)), bool(_get(cfg, "mlp_bias", False))
     tied = bool(_get(cfg, "tie_word_embeddings", False))
@@ -304,8 +305,9 @@ def _llama(cfg: Any) -> Arch:
     for i in range(L):
         p = f"model.layers.{i}"
         specs = _norm_specs("ln1", f"{p}.input_layernorm", c, bias=False)
-        specs += _lin("q", f"{p}.self_attn.q_proj", heads * hd, c, abias) + _lin("k", f"{p}.self_attn.k_proj", kv * hd, c, abias)
-        specs += _lin("v", f"{p}.self_attn.v_proj", kv * hd, c, abias) + _lin("o", f"{p}.self_attn.o_proj", c, heads * hd, abias)
+        a = f"{p}.self_attn"
+        specs += _lin("q", f"{a}.q_proj", heads * hd, c, abias) + _lin("k", f"{a}.k_proj", kv * hd, c, abias)
+        specs += _lin("v", f"{a}.v_proj", kv * hd, c, abias) + _lin("o", f"{a}.o_proj", c, heads * hd, abias)
         specs += _norm_specs("ln2", f"{p}.post_attention_layernorm", c, bias=False)
         specs += _lin("gate", f"{p}.mlp.gate_proj", ffn, c, mbias) + _lin("up", f"{p}.mlp.up_proj", ffn, c, mbias)
         specs += _lin("down", f"{p}.mlp.down_proj", c, ffn, mbias)
@@ -313,8 +315,8 @@ def _llama(cfg: Any) -> Arch:
     head = [_t("lnf.w", "model.norm.weight", (c,)),
             _t("lm.w", "model.embed_tokens.weight" if tied else "lm_head.weight", (vocab, c), "linear")]
     layers.append(LayerSpec("head", L, tuple(head)))
-    opts = dict(norm="rms", eps=float(_get(cfg, "rms_norm_eps", 1e-6)), act=_act(_get(cfg, "hidden_act", "silu"), "hidden_act"),
-                gated=True, inv_freq=_inv_freq(cfg, hd), scale=hd ** -0.5)
+    opts = dict(norm="rms", eps=float(_get(cfg, "rms_norm_eps", 1e-6)), gated=True, inv_freq=_inv_freq(cfg, hd),
+                act=_act(_get(cfg, "hidden_act", "silu"), "hidden_act"), scale=hd ** -0.5)
     return Arch("llama", L, c, heads, kv, hd, vocab, None, layers, _get(cfg, "eos_token_id", 2),
                 _get(cfg, "pad_token_id", None), opts)
 

@@ -125,7 +125,6 @@ def _probe(path: str | None, dtype: torch.dtype, device: str, file_bytes: int) -
     y = torch.empty_like(x)
     read = x.numel() * 4 / _best(lambda: x.sum())
     copy = 2 * x.numel() * 4 / _best(lambda: y.copy_(x))
-    del x, y
     dev = torch.device(device)
     a = torch.randn(512, 2048, dtype=dtype, device=dev)
     b = torch.randn(2048, 2048, dtype=dtype, device=dev)

@@ -199,8 +199,8 @@ def _check_compat(config: Any) -> None:
                           "(offloading streams one copy of the weights) or drop offload", key="offload")
     if config.quantize_bits is not None:
         key = "dtype" if config.dtype == "int8" else "quant.enabled"
-        raise ConfigError(f"{key} quantizes weights in memory, but offload stores them itself; use "
-                          "offload={'compress_weight': True} (int4, group 64) and drop the quantization setting", key=key)
+        raise ConfigError(f"{key} quantizes weights in memory, but offload stores them itself; use offload="
+                          "{'compress_weight': True} (int4, group 64) and drop the quantization setting", key=key)
     if config.enable_cuda_graph:
         raise ConfigError("enable_cuda_graph=True cannot capture offloaded generation (its reads change every "
                           "step); set enable_cuda_graph=False", key="enable_cuda_graph")

@@ -121,8 +121,8 @@ class BlockSchedule:
                         cache_fut = self._load_cache(cache, d + 1, 0, start)
                     ctx, scale, cpu = ctxs[k], self.arch.scale(d), self.policy.cpu_cache_compute
 
-                    def att(q: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, work: Any = work,
-                            ctx: StepCtx = ctx) -> torch.Tensor:
+                    def att(q: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, work: Any = work, ctx: StepCtx = ctx,
+                            scale: float = scale, cpu: bool = cpu) -> torch.Tensor:
                         return attend(work, q, kk, vv, ctx.start, ctx.mask, ctx.is_causal, scale, cpu)
 
                     acts.put(k, self.arch.layer(w, acts.get(k), ctx, d, att))

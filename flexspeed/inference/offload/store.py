@@ -69,8 +69,9 @@ class TensorSource:
                 spans.update(safetensors_spans(path))
                 continue
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            if isinstance(sd, Mapping) and len(sd) <= 3 and any(isinstance(sd.get(k), Mapping) for k in ("module", "state_dict", "model")):
-                sd = next(sd[k] for k in ("module", "state_dict", "model") if isinstance(sd.get(k), Mapping))
+            wrapped = [k for k in ("module", "state_dict", "model") if isinstance(sd, Mapping) and isinstance(sd.get(k), Mapping)]
+            if wrapped and len(sd) <= 3:  # {"module": state_dict} and similar wrappers
+                sd = sd[wrapped[0]]
             tensors.update({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)})
         return cls(spans, tensors, origin=", ".join(os.path.basename(f) for f in files))
 
@@ -196,8 +197,11 @@ class _StreamedMatrix:
     def _chunks(self) -> list[tuple[int, int, int, int]]:
         n, k = self.span.shape
         row_bytes = k * self.span.dtype.itemsize
-        return [(r0, min(r0 + self.rows, n), self.span.offset + r0 * row_bytes, (min(r0 + self.rows, n) - r0) * row_bytes)
-                for r0 in range(0, n, self.rows)]
+        out = []
+        for r0 in range(0, n, self.rows):
+            r1 = min(r0 + self.rows, n)
+            out.append((r0, r1, self.span.offset + r0 * row_bytes, (r1 - r0) * row_bytes))
+        return out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.span.shape
@@ -420,8 +424,8 @@ class WeightStore:
             data = e.parts.get("data")
             if isinstance(data, FileSpan) and rows_only:
                 lazy.add((key, "data"))  # embedding lookups touch rows only
-            elif isinstance(data, FileSpan) and data.nbytes >= self.stream_min and name.endswith(".w") \
-                    and e.spec.shape == data.shape and len(data.shape) == 2 and name not in self.arch.opts.get("conv1d", ()):
+            elif isinstance(data, FileSpan) and data.nbytes >= self.stream_min and len(data.shape) == 2 \
+                    and name.endswith(".w") and name not in self.arch.opts.get("conv1d", ()):
                 streamed[name] = _StreamedMatrix(self, data)
                 if self.mode == "mmap":  # readahead into the page cache; chunks are mapped while multiplying
                     self._map(data.path).prefetch(data.offset, data.nbytes)
@@ -437,7 +441,8 @@ class WeightStore:
             e = self.entries[key]
             parts = {part: loaded.get((key, part), p) for part, p in e.parts.items()}
             out.weights[name] = self._assemble(e, parts, out)
-        if self._copy_stream is not None and any(isinstance(w, torch.Tensor) and w.is_cuda for w in out.weights.values()):
+        on_device = any(isinstance(w, torch.Tensor) and w.is_cuda for w in out.weights.values())
+        if self._copy_stream is not None and on_device:
             out.event = torch.cuda.Event()
             out.event.record(self._copy_stream)
         return out
