@@ -94,7 +94,7 @@ def ensure_model(folder: str, shape: dict) -> str:
     print(f"writing {path} ({offset / 2**30:.2f} GiB, once)", file=sys.stderr, flush=True)
     with open(path + ".part", "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
-        for key, shp, init in specs:
+        for _, shp, init in specs:
             t = {"ones": torch.ones, "zeros": torch.zeros}.get(init)
             t = t(shp) if t else torch.randn(shp, generator=gen) * 0.02
             f.write(t.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
@@ -222,7 +222,8 @@ def _fmt_row(r: dict, w_bytes: int, kv_tok: int) -> str:
     kv = r["batch"] * (PROMPT + NEW) * kv_tok
     ratio = r["peak_rss"] / (w_bytes + kv)
     disk = f"{r['disk_gbps']:.2f}" if r.get("disk_gbps") else "-"
-    return (f"| {r['label']:<20} | {r['batch']:>5} | {r['warm_tps']:>8.2f} | {r['cold_tps']:>8.2f} | {r['load_s']:>6.1f} "
+    return (f"| {r['label']:<20} | {r['batch']:>5} | {r['warm_tps']:>8.2f} | {r['cold_tps']:>8.2f} "
+            f"| {r['load_s']:>6.1f} "
             f"| {r['peak_rss'] / 2**30:>6.2f} | {100 * r['resident']:>5.1f}% | {ratio:>6.2f} | {disk:>5} |")
 
 
@@ -272,7 +273,8 @@ def main() -> None:
     print(f"\nOPT {'quick' if args.quick else '1.3B'} shape, bf16 weights {w_bytes / 2**30:.2f} GiB, prompt {PROMPT}, "
           f"{NEW} new tokens, {args.threads} threads, warm = median of {args.reps} (1 for batch >= 128), load average "
           f"{os.getloadavg()[0]:.1f}\n")
-    print("| contender            | batch | warm tok/s | cold tok/s | load s | peak RSS GiB | resident | RSS/(W+KV) | disk GB/s |")
+    print("| contender            | batch | warm tok/s | cold tok/s | load s | peak RSS GiB | resident | RSS/(W+KV) "
+          "| disk GB/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(_fmt_row(r, w_bytes, kv_tok))
@@ -295,12 +297,12 @@ def _targets(results: list[dict], w_bytes: int, kv_tok: int) -> None:
     print("\ntargets:")
     print(f"- disk-offloaded batch 32: {fs32:.2f} tok/s = {fs32 / acc_tps:.2f}x HF Accelerate ({acc_tps:.2f}"
           f"{'' if acc else ', ANCHORS'}); target >= 1.5x")
-    print(f"- best block configuration: {best:.2f} tok/s vs HF in RAM batch 32 {hf_tps:.2f}{'' if hf else ' (ANCHORS)'}; "
-          "target >= 1.0x")
+    print(f"- best block configuration: {best:.2f} tok/s vs HF in RAM batch 32 {hf_tps:.2f}"
+          f"{'' if hf else ' (ANCHORS)'}; target >= 1.0x")
     if b8:
         kv = 8 * (PROMPT + NEW) * kv_tok
-        print(f"- batch 8 peak RSS {b8['peak_rss'] / 2**30:.2f} GiB = {b8['peak_rss'] / (w_bytes + kv):.0%} of weights + "
-              "KV; target < 40%")
+        print(f"- batch 8 peak RSS {b8['peak_rss'] / 2**30:.2f} GiB = {b8['peak_rss'] / (w_bytes + kv):.0%} of "
+              "weights + KV; target < 40%")
     print(f"- true-disk batch 8: {td:.2f} tok/s = {td / ANCHOR['ds_nvme_b8']:.2f}x DeepSpeed NVMe "
           f"({ANCHOR['ds_nvme_b8']}, ANCHORS); target >= 2x")
 

@@ -34,10 +34,12 @@ On a machine without an accelerator the "gpu" and "cpu" tiers are both RAM.
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=help_text, epilog=_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model folder (config.json + safetensors)")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="Hugging Face model folder (config.json + safetensors)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--percent", nargs=6, type=float, metavar="P",
-                     help="six percentages: w_gpu w_cpu cache_gpu cache_cpu act_gpu act_cpu (default 100 0 100 0 100 0)")
+                     help="six percentages: w_gpu w_cpu cache_gpu cache_cpu act_gpu act_cpu "
+                          "(default 100 0 100 0 100 0)")
     how.add_argument("--mem-budget", default=None, metavar="SIZE",
                      help="memory for weights, KV cache and buffers (e.g. 4GB); the policy is chosen for it")
     p.add_argument("--gpu-batch-size", type=int, default=None, help="rows per micro-batch (default 4; searched "

@@ -11,8 +11,9 @@ count; small micro-batches run matmuls below the probed rate and pay a dispatch 
 and I/O is ``disk bytes / cold disk bandwidth`` plus, with an accelerator, cpu-tier bytes over
 the host link; with ``overlap`` a layer costs the larger of the two, else their sum. Disk-tier
 bytes the page cache can hold next to the budget are mapped, not read, and cost only the
-compute's own stream; the rest is read cold, and all of it is with ``direct_io``. Memory counts resident weights, two layers in
-flight, the resident KV cache, one micro-batch's activations and the logits.
+compute's own stream; the rest is read cold, and all of it is with ``direct_io``. Memory counts
+resident weights, two layers in flight, the resident KV cache, one micro-batch's activations and
+the logits.
 
 :func:`choose_policy` searches the weight and cache percentages and, unless fixed, the
 micro-batch size and block size, and returns the fastest policy that fits the budget (ties go

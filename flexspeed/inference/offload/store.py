@@ -69,7 +69,8 @@ class TensorSource:
                 spans.update(safetensors_spans(path))
                 continue
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            wrapped = [k for k in ("module", "state_dict", "model") if isinstance(sd, Mapping) and isinstance(sd.get(k), Mapping)]
+            wrapped = [k for k in ("module", "state_dict", "model")
+                       if isinstance(sd, Mapping) and isinstance(sd.get(k), Mapping)]
             if wrapped and len(sd) <= 3:  # {"module": state_dict} and similar wrappers
                 sd = sd[wrapped[0]]
             tensors.update({k: v for k, v in sd.items() if isinstance(v, torch.Tensor)})
@@ -440,7 +441,7 @@ class WeightStore:
                 continue
             e = self.entries[key]
             parts = {part: loaded.get((key, part), p) for part, p in e.parts.items()}
-            out.weights[name] = self._assemble(e, parts, out)
+            out.weights[name] = self._assemble(e, parts, rows_only)
         on_device = any(isinstance(w, torch.Tensor) and w.is_cuda for w in out.weights.values())
         if self._copy_stream is not None and on_device:
             out.event = torch.cuda.Event()
@@ -489,12 +490,12 @@ class WeightStore:
         with torch.cuda.stream(self._copy_stream):
             return t.to(self.device, non_blocking=True)
 
-    def _assemble(self, e: _Entry, parts: dict[str, Any], out: Fetched) -> Any:
+    def _assemble(self, e: _Entry, parts: dict[str, Any], rows_only: bool) -> Any:
         if e.quant is None:
             t = parts["data"]
             if not isinstance(t, torch.Tensor):  # a row table (true-disk embedding)
                 return t
-            if e.spec.kind == "embedding" and e.tier == "disk" and self.device.type != "cpu":
+            if rows_only and t.device != self.device:  # look rows up where the table is, move only them
                 return _HostTable(t, self.device)
             return self._to_device(t)
         from flexspeed.inference.quant import QuantLinear
