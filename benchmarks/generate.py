@@ -25,16 +25,23 @@ Linear/norm weight plus ``lm_head``; embeddings read one row per token and are l
 
 from __future__ import annotations
 
-import argparse
-import copy
-import statistics
-import sys
-import time
-import warnings
-from collections.abc import Callable
+import os
 
-import torch
-import torch.nn as nn
+# On a shared 2-core VM, OpenMP threads that spin while waiting stall every parallel region by a
+# scheduler time slice (~8 ms) whenever another process holds the other core; passive waiting
+# avoids that. Set before torch loads (it applies to HF and flexspeed alike); override by exporting it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 
 SHAPES = {
     "opt": dict(layers=12, hidden=768, ffn=3072, heads=12, vocab=50272),
@@ -82,14 +89,18 @@ def _unique_bytes(tensors) -> int:
 
 
 def weight_bytes(model: nn.Module) -> tuple[int, int]:
-    """(resident bytes of all parameters and buffers, bytes read per decode step)."""
-    resident = _unique_bytes(list(model.parameters()) + list(model.buffers()))
+    """(resident bytes of all weights, bytes read per decode step).
+
+    oneDNN-packed weights (``PackedLinear``) live outside the parameters; they are added.
+    """
+    packed = sum(m.weight_bytes() for m in model.modules() if type(m).__name__ == "PackedLinear")
+    resident = _unique_bytes(list(model.parameters()) + list(model.buffers())) + packed
     read = []
     for mod in model.modules():
         kind = type(mod).__name__
-        if isinstance(mod, nn.Linear) or kind in ("Conv1D", "QuantLinear") or "Norm" in kind:
+        if isinstance(mod, nn.Linear) or kind in ("Conv1D", "QuantLinear", "PackedLinear") or "Norm" in kind:
             read += list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False))
-    return resident, _unique_bytes(read)
+    return resident, _unique_bytes(read) + packed
 
 
 def configurations(name: str, shape: dict, compile_decode: bool) -> list[tuple[str, str, nn.Module, Callable]]:
@@ -191,7 +202,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     prompt, new = args.prompt or (16 if quick else 128), args.new or (8 if quick else 32)
     bw = read_bandwidth(64 if quick else 512)
     print(f"read bandwidth {bw / 1e9:.1f} GB/s, {args.threads} threads, prompt {prompt}, {new} new tokens, "
-          f"median of {reps}", flush=True)
+          f"median of {reps}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
     rows = []
     for name in args.models.split(","):
         shape = QUICK if quick else SHAPES[name]

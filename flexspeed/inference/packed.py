@@ -49,6 +49,9 @@ class PackedLinear(nn.Module):
     re-packs, or stores the weight plainly where packing does not apply (CUDA, fp16).
     """
 
+    tied_embedding: str | None = None
+    """Qualified name of the embedding this layer's weight was tied to before packing (``lm_head``)."""
+
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features

@@ -108,7 +108,10 @@ def test_names_kept_for_tensor_parallel_and_quantization() -> None:
         assert isinstance(model.get_submodule(path), (nn.Linear, PackedLinear)), path
     assert llama.model.layers[0].self_attn.qkv.out_features == 64 + 2 * 32  # q + GQA k, v
     assert llama.model.layers[0].mlp.gate_up.out_features == 2 * 128
-    assert isinstance(llama.lm_head, PackedLinear) and type(opt.lm_head) is nn.Linear  # OPT's head is tied
+    assert isinstance(llama.lm_head, PackedLinear) and llama.lm_head.tied_embedding is None
+    assert opt.lm_head.tied_embedding == "model.decoder.embed_tokens"  # a packed copy of OPT's tied head
+    kept = inject_kernels(build("opt"), pack_tied_head=False)
+    assert kept.lm_head.weight is kept.model.decoder.embed_tokens.weight
 
 
 def test_packed_linear_round_trips() -> None:
@@ -154,3 +157,21 @@ def test_bf16_injected_close_to_bf16_reference() -> None:
         got, ref = logits(model, ids, mask).float(), logits(ref_model, ids, mask).float()
     valid = mask.bool()
     assert ((got - ref)[valid].norm() / ref[valid].norm()) < 2e-2
+
+
+def test_compiled_decode_matches_eager() -> None:
+    """The static-shape decode step under torch.compile (GQA, RoPE, left padding, rounded cache)."""
+    import warnings
+
+    from flexspeed.inference.generation import generate
+
+    model = inject_kernels(build("llama"))
+    ids, mask = padded_batch()
+    eager = generate(model, ids, mask, max_new_tokens=5, eos_token_id=None)
+    runner = get_runner(model)
+    runner.compile_decode = True
+    with warnings.catch_warnings(record=True) as log:
+        warnings.simplefilter("always")
+        compiled = generate(model, ids, mask, max_new_tokens=5, eos_token_id=None)
+    assert runner.compile_decode, [str(w.message) for w in log]  # no fallback to eager
+    assert torch.equal(compiled, eager)

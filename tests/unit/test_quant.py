@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from flexspeed.config.errors import ConfigError
+from flexspeed.inference.kernels import inject_kernels
 from flexspeed.inference.quant import QuantEmbedding, QuantLinear, int4_kernel_layout, quantize_linears
 from flexspeed.models.gpt import GPT
 
@@ -110,6 +111,9 @@ def test_model_pass_ties_conv1d_and_exclude() -> None:
     kept = quantize_linears(copy.deepcopy(opt), 4, exclude=["lm_head", "*.fc2"])
     assert isinstance(kept.lm_head, nn.Linear) and isinstance(kept.model.decoder.embed_tokens, nn.Embedding)
     assert isinstance(kept.model.decoder.layers[0].fc2, nn.Linear)
+    injected = quantize_linears(inject_kernels(copy.deepcopy(opt)), 8)  # injection packed a copy of the head
+    assert injected.model.decoder.embed_tokens.source is injected.lm_head  # ... quantization re-ties them
+    assert rel(injected(ids).logits, ref) < 0.03
     gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=128, n_positions=32)).eval()
     ref2 = gpt2(ids).logits
     q2 = quantize_linears(copy.deepcopy(gpt2), 8)
