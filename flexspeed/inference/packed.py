@@ -36,6 +36,18 @@ def _packing_works() -> bool:
         return False
 
 
+@torch.library.custom_op("flexspeed::packed_linear", mutates_args=())
+def _packed_linear_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The packed product as an opaque op: Inductor then hands it realised inputs (its own lowering of
+    ``mkldnn._linear_pointwise`` rejects a fused elementwise producer, e.g. an RMSNorm)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+
+
+@_packed_linear_op.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
 def can_pack(weight: torch.Tensor) -> bool:
     """A CPU fp32/bf16 weight on a build with oneDNN's packed linear."""
     return weight.device.type == "cpu" and weight.dtype in _PACKABLE and _packing_works()
@@ -72,6 +84,8 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed and x.dtype == self._w.dtype and x.device.type == "cpu":
+            if torch.compiler.is_compiling():
+                return _packed_linear_op(x, self._w, self.bias)
             return torch.ops.mkldnn._linear_pointwise(x, self._w, self.bias, "none", [], "")
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 

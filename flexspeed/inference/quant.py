@@ -190,6 +190,8 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.num_bits, self.group_size = num_bits, group_size if num_bits == 4 else in_features
         self.layout, self.block = layout, block
+        # the int4 CPU kernel needs a multiple of 16 output rows: pad with zero rows (GPT-2's vocab)
+        self.rows = out_features if layout == "plain" else -(-out_features // 16) * 16
         self.kernel = "auto"
         # crossovers measured on OPT-125M shapes (bf16, torch 2.13 CPU): above them dequantizing
         # into a dense GEMM wins, as the kernels are GEMV-shaped
@@ -203,8 +205,8 @@ class QuantLinear(nn.Module):
             self.register_buffer("kernel_scales", torch.zeros(out_features, dtype=torch.int16, device=device),
                                  persistent=False)
         else:
-            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
-            self.register_buffer("qparams", torch.zeros(in_features // group_size, out_features, 2,
+            self.register_buffer("qweight", torch.zeros(self.rows, in_features // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("qparams", torch.zeros(in_features // group_size, self.rows, 2,
                                                         dtype=torch.int16, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
@@ -223,7 +225,7 @@ class QuantLinear(nn.Module):
         w = _dense_weight(linear)  # (N, K)
         n, k = w.shape
         layout, block = "plain", 0
-        if num_bits == 4 and w.device.type == "cpu" and n % 16 == 0 and group_size in _KERNEL_GROUPS:
+        if num_bits == 4 and w.device.type == "cpu" and group_size in _KERNEL_GROUPS:
             found = int4_kernel_layout()
             if found is not None:
                 layout, block = found
@@ -238,8 +240,10 @@ class QuantLinear(nn.Module):
     @torch.no_grad()
     def _quantize_from(self, w: torch.Tensor) -> None:
         rows = max(64, (1 << 22) // max(1, self.in_features) // 64 * 64)  # bound the fp32 temporaries
-        for r0 in range(0, self.out_features, rows):
-            r1 = min(r0 + rows, self.out_features)
+        if self.rows > w.shape[0]:
+            w = torch.cat([w, w.new_zeros(self.rows - w.shape[0], w.shape[1])])  # quantizes to exact zeros
+        for r0 in range(0, self.rows, rows):
+            r1 = min(r0 + rows, self.rows)
             chunk = w[r0:r1].float()  # (n, K)
             if self.num_bits == 8:
                 scale = chunk.abs().amax(dim=1) / 127
@@ -283,15 +287,15 @@ class QuantLinear(nn.Module):
         """Output-row ranges for the dequantizing path (aligned to the packer's blocks)."""
         align = self.block or 1
         step = max(align, _CHUNK_ELEMS // self.in_features // align * align)
-        end = (self.out_features // align) * align
+        end = (self.rows // align) * align
         chunks = [(r, min(r + step, end)) for r in range(0, end, step)]
-        return chunks + ([(end, self.out_features)] if end < self.out_features else [])
+        return chunks + ([(end, self.rows)] if end < self.rows else [])
 
     def _values(self, r0: int, r1: int) -> torch.Tensor:
         """int4 values 0..15 of output rows ``r0:r1``, ``(r1 - r0, K)`` uint8."""
         if self.layout == "plain":
             return _unpack_plain(self.qweight[r0:r1])
-        return _unpack_blocked(self.qweight, self.out_features, self.in_features, r0, r1, self.layout, self.block)
+        return _unpack_blocked(self.qweight, self.rows, self.in_features, r0, r1, self.layout, self.block)
 
     def _dequant(self, vals: torch.Tensor, rows: slice | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Low-bit values of some rows -> weights ``(R, K)`` in ``dtype``."""
@@ -308,7 +312,7 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The whole ``(N, K)`` weight (for tests and inspection; allocates it)."""
-        return torch.cat([self.dequantize_rows(r0, r1, dtype) for r0, r1 in self._row_chunks()])
+        return torch.cat([self.dequantize_rows(r0, r1, dtype) for r0, r1 in self._row_chunks()])[:self.out_features]
 
     def gather_rows(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Weights of arbitrary output rows ``(R,)`` -> ``(R, K)`` (embedding lookups)."""
@@ -317,7 +321,7 @@ class QuantLinear(nn.Module):
         elif self.layout == "plain":
             vals = _gather_plain(self.qweight, rows)
         else:
-            vals = _gather_blocked(self.qweight, self.out_features, self.in_features, rows, self.layout, self.block)
+            vals = _gather_blocked(self.qweight, self.rows, self.in_features, rows, self.layout, self.block)
         return self._dequant(vals, rows, dtype)
 
     # ---------------------------------------------------------------- compute
@@ -336,7 +340,7 @@ class QuantLinear(nn.Module):
         return y.to(x2.dtype)  # (M, N)
 
     def _dequant_mm(self, x2: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(x2.shape[0], self.out_features, dtype=x2.dtype, device=x2.device)  # (M, N)
+        out = torch.empty(x2.shape[0], self.rows, dtype=x2.dtype, device=x2.device)  # (M, N padded)
         for r0, r1 in self._row_chunks():
             out[:, r0:r1] = x2 @ self.dequantize_rows(r0, r1, x2.dtype).t()
         return out
@@ -344,6 +348,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         y = self._kernel_mm(x2) if self._use_kernel(x2) else self._dequant_mm(x2)
+        if self.rows != self.out_features:
+            y = y[:, :self.out_features]  # drop the padding rows
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)
@@ -352,17 +358,30 @@ class QuantLinear(nn.Module):
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.num_bits == 4 and self.layout != "plain":  # save the machine-independent order
-            vals = torch.cat([self._values(r0, r1) for r0, r1 in self._row_chunks()])
+        if self.num_bits == 4 and self.layout != "plain":  # save the machine-independent order, unpadded
+            vals = torch.cat([self._values(r0, r1) for r0, r1 in self._row_chunks()])[:self.out_features]
             destination[prefix + "qweight"] = _pack_plain(vals)
+            destination[prefix + "qparams"] = self.qparams[:, :self.out_features].clone()
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        keys = (prefix + "qweight", prefix + "qparams")
+        blocked = self.num_bits == 4 and self.layout != "plain" and all(k in state_dict for k in keys)
+        own = {k: v for k, v in state_dict.items() if k not in keys} if blocked else state_dict
+        super()._load_from_state_dict(own, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if blocked:  # plain order, unpadded -> this machine's kernel order, padded
+            for k in keys:
+                if k in missing_keys:
+                    missing_keys.remove(k)
+            vals = _unpack_plain(state_dict[keys[0]]).to(torch.int32)  # (N, K)
+            n = vals.shape[0]
+            if n < self.rows:
+                vals = torch.cat([vals, vals.new_zeros(self.rows - n, vals.shape[1])])
+            self.qweight.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(vals.contiguous(), 1))
+            self.qparams.zero_()
+            self.qparams[:, :n] = state_dict[keys[1]]
         if self.num_bits == 8:
             self.kernel_scales.copy_(self.scales.to(torch.bfloat16).view(torch.int16))
-        if self.num_bits == 4 and self.layout != "plain" and prefix + "qweight" in state_dict:
-            vals = _unpack_plain(self.qweight).to(torch.int32)
-            self.qweight.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(vals, 1))
 
 
 class QuantEmbedding(nn.Module):

@@ -36,26 +36,35 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("n", [96, 24])  # 96: full + partial blocks in the kernel order; 24: plain order
-def test_roundtrip_bounds_and_paths(bits: int, n: int) -> None:
+@pytest.mark.parametrize("n,group", [(96, 64), (50, 64), (24, 16)])
+def test_roundtrip_bounds_and_paths(bits: int, n: int, group: int) -> None:
+    """96 rows: full and partial blocks of the kernel's byte order; 50: padded to 64 rows for the
+    kernel; group 16: a group size the kernel rejects, so the plain order and dequantizing path."""
     lin = linear(n, 128)
-    q = QuantLinear.from_linear(lin, bits, group_size=64)
+    q = QuantLinear.from_linear(lin, bits, group_size=group)
+    if bits == 4 and int4_kernel_layout() is not None:
+        assert (q.layout == "plain") == (group == 16)
+        assert q.rows == (n if group == 16 else -(-n // 16) * 16)
     w, deq = lin.weight.detach(), q.dequantize()
+    assert deq.shape == w.shape
     if bits == 8:  # symmetric: error at most half a step of the row's scale
         step = w.abs().amax(1, keepdim=True) / 127
-    else:  # asymmetric per group of 64, scale and offset rounded to bf16
-        g = w.view(n, -1, 64)
-        step = ((g.amax(-1) - g.amin(-1)) / 15).repeat_interleave(64, 1)
+    else:  # asymmetric per group, scale and offset rounded to bf16
+        g = w.view(n, -1, group)
+        step = ((g.amax(-1) - g.amin(-1)) / 15).repeat_interleave(group, 1)
     assert ((deq - w).abs() <= step * 0.5 * 1.02 + 1e-6).all()
     x = torch.randn(5, 128)
     exact = x @ deq.t() + lin.bias.detach()
     q.kernel = "dequant"
     torch.testing.assert_close(q(x), exact, rtol=1e-5, atol=1e-5)
     q.kernel = "auto"  # 5 rows -> low-bit CPU kernel where the layout allows; bf16 activations
-    assert rel(q(x), exact) < 1e-2
+    assert q(x).shape == (5, n) and rel(q(x), exact) < 1e-2
     assert rel(q(x), lin(x)) < (1e-2 if bits == 8 else 0.12)
     rows = torch.tensor([0, n - 1, n // 2, 3, n - 2])
     torch.testing.assert_close(q.gather_rows(rows, torch.float32), deq[rows], rtol=0, atol=0)
+    back = QuantLinear(128, n, bits, group, layout=q.layout, block=q.block)
+    back.load_state_dict(q.state_dict())
+    torch.testing.assert_close(back.dequantize(), deq, rtol=0, atol=0)
 
 
 def test_storage_is_low_bit() -> None:

@@ -282,7 +282,6 @@ class WeightStore:
         """Page-cache mode: map the next layer's pages ahead (else only start readahead; pages fault in)."""
         self.stream_min, self.stream_chunk = _STREAM_MIN, _STREAM_CHUNK
         """Disk-tier matrices of at least ``stream_min`` bytes are multiplied ``stream_chunk`` bytes at a time."""
-        """Page-cache mode: map the next layer's pages ahead (else only start readahead; pages fault in)."""
         self.entries: dict[str, _Entry] = {}
         self.layer_keys: list[list[tuple[str, str]]] = []  # per layer: (logical name, entry key)
         self._load_all(source)
@@ -333,12 +332,16 @@ class WeightStore:
                     os.close(fd)
             self.layer_keys.append(names)
 
-    def _materialize(self, source: TensorSource, key: str) -> torch.Tensor:
+    def _materialize(self, source: TensorSource, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor in memory (floating ones in ``dtype``, default the compute dtype), copied once."""
+        dtype = dtype or self.dtype
         if key in source.tensors:
-            return source.tensors[key]
+            t = source.tensors[key]
+            return t.to(dtype) if t.is_floating_point() else t
         span = source.spans[key]
         mapped = self._map(span.path)
-        t = mapped.view(span).clone()
+        view = mapped.view(span)
+        t = view.to(dtype) if view.is_floating_point() and view.dtype != dtype else view.clone()
         mapped.drop(span.offset, span.nbytes)
         if self.mode == "direct":
             fd = os.open(span.path, os.O_RDONLY)
@@ -375,7 +378,7 @@ class WeightStore:
         if self._compressible(spec):
             from flexspeed.inference.quant import QuantLinear
 
-            w = self._materialize(source, key).to(torch.float32)
+            w = self._materialize(source, key, torch.float32)
             w = w.t() if spec.kind == "conv1d" else w  # (out, in)
             q = QuantLinear.from_linear(types.SimpleNamespace(weight=w, bias=None), num_bits=4, group_size=_GROUP)
             meta = (q.in_features, q.out_features, q.layout, q.block)
@@ -388,15 +391,12 @@ class WeightStore:
             return _Entry(spec, tier, parts, meta), fd
         if tier != "disk":  # an in-memory model's tensor is kept as is when dtype and device already fit
             t = self._materialize(source, key)
-            t = t.to(self.dtype) if t.is_floating_point() else t
             return _Entry(spec, tier, {"data": self._home(t.contiguous(), tier)}), fd
         span = source.spans.get(key)
         if span is not None and (span.dtype == self.dtype or not span.dtype.is_floating_point) \
                 and span.offset % max(1, span.dtype.itemsize) == 0:
             return _Entry(spec, tier, {"data": span}), fd  # read in place from the checkpoint
-        t = self._materialize(source, key)
-        t = t.to(self.dtype) if t.is_floating_point() else t
-        span, fd = self._write(t, layer, fd)
+        span, fd = self._write(self._materialize(source, key), layer, fd)
         return _Entry(spec, tier, {"data": span}), fd
 
     # ------------------------------------------------------------------ files
