@@ -171,7 +171,8 @@ class InferenceConfig(_Section):
     keep_module_on_host: bool = False
     """With CUDA, keep the weights in host memory and move each layer's weights only for its compute."""
     return_tuple: bool = True
-    """Kernel-injected blocks return a tuple (as the HF blocks they replace) rather than a tensor."""
+    """DeepSpeed's switch for what injected blocks return; flexspeed's fused blocks always return what the
+    host model's layer loop expects, so only ``True`` (the default) is accepted with kernel injection."""
     enable_cuda_graph: bool = False
     """Capture the forward in a CUDA graph (CUDA only)."""
     replace_method: Literal["auto", ""] = "auto"

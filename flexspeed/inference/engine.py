@@ -194,12 +194,14 @@ class InferenceEngine(nn.Module):
     def _inject_and_quantize(self, model: nn.Module) -> nn.Module:
         cfg = self._config
         if cfg.replace_with_kernel_inject:
-            import inspect
-
             from flexspeed.inference.kernels import inject_kernels
 
-            extra = {"return_tuple": cfg.return_tuple} if "return_tuple" in inspect.signature(inject_kernels).parameters else {}
-            model = inject_kernels(model, cfg.compute_dtype or _model_dtype(model), **extra)
+            if not cfg.return_tuple:
+                raise ConfigError("return_tuple=False is not supported with replace_with_kernel_inject=True: the "
+                                  "fused blocks return exactly what the host model's own layer loop expects (a "
+                                  "tensor in transformers 5 and the flexspeed GPT), so the model's forward and "
+                                  "generate keep working; remove return_tuple or set it to true", key="return_tuple")
+            model = inject_kernels(model, cfg.compute_dtype or _model_dtype(model))
         bits = cfg.quantize_bits
         if bits is not None:
             from flexspeed.inference.quant import quantize_linears

@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flexspeed.config.errors import ConfigError
+from flexspeed.inference.attention import StepContext, apply_rope, static_attention, step_context
 from flexspeed.inference.packed import PackedLinear, can_pack
 
 __all__ = ["inject_kernels", "get_runner", "build_runner", "FusedDecoderLayer", "FusedRunner", "KVCache",
@@ -59,19 +60,6 @@ class KVCache:
         return self.k[0].shape[2] if self.k else 0
 
 
-@dataclass
-class StepContext:
-    """What every layer of one forward step shares (built once per step by the runner)."""
-
-    start: int
-    """Cache position of the first new token."""
-    mask: torch.Tensor | None = None
-    """Boolean ``(B, 1, T, start + T)``, True where a query may attend; ``None`` with ``is_causal``."""
-    is_causal: bool = False
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None
-    """Rotary ``(cos, sin)``, each ``(B, T, head_dim)``, for Llama."""
-
-
 def _proj(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``mod(x)``; under ``torch.compile`` a one-row ``nn.Linear`` becomes a fused row-dot reduction.
 
@@ -84,30 +72,6 @@ def _proj(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
             y = y + mod.bias
         return y.view(*x.shape[:-1], -1)
     return mod(x)
-
-
-def _static_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-                      scale: float) -> torch.Tensor:
-    """One query per row over the whole static cache, masked; written for Inductor to fuse.
-
-    Args:
-        q: (B, Hq, 1, hd); k, v: (B, Hkv, T_max, hd); valid: (B, T_max) bool.
-    Returns:
-        (B, Hq, 1, hd) in q's dtype (fp32 accumulation).
-    """
-    B, hq, _, hd = q.shape
-    hkv = k.shape[1]
-    qf = q.float().view(B, hkv, hq // hkv, 1, hd)  # (B, Hkv, G, 1, hd)
-    s = (qf * k.float()[:, :, None]).sum(-1) * scale  # (B, Hkv, G, T_max)
-    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
-    y = (s.softmax(-1)[..., None] * v.float()[:, :, None]).sum(-2)  # (B, Hkv, G, hd)
-    return y.view(B, hq, 1, hd).to(q.dtype)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 class FusedDecoderLayer(nn.Module):
@@ -143,13 +107,13 @@ class FusedDecoderLayer(nn.Module):
         v = v.view(B, T, hkv, self.head_dim).transpose(1, 2)
         if rope is not None:
             cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)  # (B, 1, T, hd)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                 is_causal: bool, out: nn.Module, valid: torch.Tensor | None = None) -> torch.Tensor:
         if valid is not None:  # static-shape decode (compiled)
-            y = _static_attention(q, k, v, valid, self.scale)
+            y = static_attention(q, k, v, valid, self.scale)
         else:  # a cache kept in fp32 for a 16-bit model (see FusedRunner.cache_dtype): attend in fp32
             y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=is_causal,
                                                scale=self.scale, enable_gqa=q.shape[1] != k.shape[1])
@@ -472,13 +436,8 @@ class FusedRunner:
             pos: position ids (B, T).
             key_mask: (B, >= start+T) bool, False for padding; ``None`` if there is none.
         """
-        T, end = x.shape[1], start + x.shape[1]
         rope = self.arch.rope(self.root, x, pos) if self.arch.rope is not None else None
-        if key_mask is None and (start == 0 or T == 1):
-            return StepContext(start, None, T > 1, rope)
-        causal = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)  # (T, end)
-        mask = causal[None, None] if key_mask is None else causal[None, None] & key_mask[:, None, None, :end]
-        return StepContext(start, mask, False, rope)  # mask: (B, 1, T, end)
+        return step_context(x.shape[1], start, key_mask, x.device, rope)
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, start: int,
                 key_mask: torch.Tensor | None = None, last_only: bool = True) -> torch.Tensor:

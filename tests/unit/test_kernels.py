@@ -137,6 +137,16 @@ def test_unrecognised_model_names_the_setting() -> None:
     assert "Sequential" in str(err.value)
 
 
+def test_return_tuple_false_with_injection_is_a_config_error() -> None:
+    import flexspeed
+
+    with pytest.raises(ConfigError, match="return_tuple") as err:
+        flexspeed.init_inference(build("gpt"), replace_with_kernel_inject=True, return_tuple=False)
+    assert err.value.key == "return_tuple"
+    engine = flexspeed.init_inference(build("gpt"), replace_with_kernel_inject=True, return_tuple=True)
+    assert get_runner(engine.module) is not None
+
+
 def test_inject_is_idempotent_and_casts() -> None:
     model = inject_kernels(build("opt"), torch.bfloat16)
     layer = model.model.decoder.layers[0]

@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from flexspeed.config.errors import ConfigError
+from flexspeed.inference.attention import StepContext, apply_rope
 
-__all__ = ["TensorSpec", "LayerSpec", "Arch", "StepCtx", "arch_from_config", "config_of_module", "SUPPORTED"]
+__all__ = ["TensorSpec", "LayerSpec", "Arch", "arch_from_config", "config_of_module", "SUPPORTED"]
 
 SUPPORTED = "HF OPTForCausalLM, LlamaForCausalLM, GPT2LMHeadModel and flexspeed GPT"
 _KEY = "offload"
@@ -63,19 +64,6 @@ class LayerSpec:
     tensors: tuple[TensorSpec, ...]
 
 
-@dataclass
-class StepCtx:
-    """What every decoder layer of one micro-batch step shares."""
-
-    start: int
-    """Cache position of the first new token."""
-    mask: torch.Tensor | None = None
-    """Boolean (B, 1, T, start + T), True where a query may attend; ``None`` with ``is_causal`` or T == 1."""
-    is_causal: bool = False
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None
-    """Rotary (cos, sin), each (B, T, head_dim)."""
-
-
 def _get(cfg: Any, name: str, default: Any = None) -> Any:
     value = cfg.get(name, default) if isinstance(cfg, Mapping) else getattr(cfg, name, default)
     return default if value is None else value
@@ -92,11 +80,6 @@ def _act(name: str, key: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if name not in _ACTS:
         raise NotImplementedError(f"{key}={name!r} is not supported by the offload runner; supported: {sorted(_ACTS)}")
     return _ACTS[name]
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 @dataclass
@@ -166,7 +149,7 @@ class Arch:
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def layer(self, w: Mapping[str, Any], x: torch.Tensor, ctx: StepCtx, index: int,
+    def layer(self, w: Mapping[str, Any], x: torch.Tensor, ctx: StepContext, index: int,
               attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """One decoder layer on new tokens x (B, T, C); ``attend(q, k, v)`` -> (B, Hq, T, hd)."""
         B, T, _ = x.shape
@@ -182,7 +165,7 @@ class Arch:
             v = v.view(B, T, hkv, hd).transpose(1, 2)
             if ctx.rope is not None:
                 cos, sin = ctx.rope[0].unsqueeze(1), ctx.rope[1].unsqueeze(1)  # (B, 1, T, hd)
-                q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             y = attend(q, k, v)  # (B, Hq, T, hd)
             return self._linear(y.transpose(1, 2).reshape(B, T, hq * hd), w, "o")  # (B, T, C)
 

@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 
 from flexspeed.config.errors import ConfigError
-from flexspeed.inference.offload.arch import Arch, StepCtx, arch_from_config, config_of_module
+from flexspeed.inference.attention import StepContext, step_context
+from flexspeed.inference.offload.arch import Arch, arch_from_config, config_of_module
 from flexspeed.inference.offload.cache import OffloadKVCache
 from flexspeed.inference.offload.policy import OffloadPolicy
 from flexspeed.inference.offload.schedule import BlockSchedule
@@ -87,14 +88,8 @@ class OffloadRunner:
                               n_kv_heads=self.arch.n_kv_heads, head_dim=self.arch.head_dim, dtype=dtype or self.dtype,
                               device=self.device, policy=self.policy)
 
-    def _ctx(self, pos: torch.Tensor, key_mask: torch.Tensor | None, start: int, T: int) -> StepCtx:
-        rope = self.arch.rope(pos, self.dtype)
-        end = start + T
-        if key_mask is None and (start == 0 or T == 1):
-            return StepCtx(start, None, T > 1, rope)
-        causal = torch.ones(T, end, dtype=torch.bool, device=pos.device).tril(diagonal=start)  # (T, end)
-        mask = causal[None, None] if key_mask is None else causal[None, None] & key_mask[:, None, None, :end]
-        return StepCtx(start, mask, False, rope)  # mask: (mb, 1, T, end)
+    def _ctx(self, pos: torch.Tensor, key_mask: torch.Tensor | None, start: int, T: int) -> StepContext:
+        return step_context(T, start, key_mask, pos.device, self.arch.rope(pos, self.dtype))
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: OffloadKVCache, start: int,
                 key_mask: torch.Tensor | None = None, last_only: bool = True) -> torch.Tensor:

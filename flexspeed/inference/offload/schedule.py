@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from flexspeed.inference.offload.arch import Arch, StepCtx
+from flexspeed.inference.attention import StepContext
+from flexspeed.inference.offload.arch import Arch
 from flexspeed.inference.offload.cache import ActivationStore, OffloadKVCache, attend
 from flexspeed.inference.offload.policy import OffloadPolicy
 from flexspeed.inference.offload.store import Fetched, WeightStore
@@ -89,7 +90,7 @@ class BlockSchedule:
 
     # ------------------------------------------------------------------ one step
 
-    def step(self, ids: torch.Tensor, pos: torch.Tensor, rows: list[tuple[int, int]], ctxs: list[StepCtx],
+    def step(self, ids: torch.Tensor, pos: torch.Tensor, rows: list[tuple[int, int]], ctxs: list[StepContext],
              cache: OffloadKVCache, start: int, last_only: bool) -> torch.Tensor:
         """Logits (B, 1 or T, V) for tokens ids (B, T) at cache positions ``start:start+T``."""
         n_layers, L = len(self.arch.layers), self.arch.n_layers
@@ -121,7 +122,7 @@ class BlockSchedule:
                         cache_fut = self._load_cache(cache, d + 1, 0, start)
                     ctx, scale, cpu = ctxs[k], self.arch.scale(d), self.policy.cpu_cache_compute
 
-                    def att(q: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, work: Any = work, ctx: StepCtx = ctx,
+                    def att(q: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, work: Any = work, ctx: StepContext = ctx,
                             scale: float = scale, cpu: bool = cpu) -> torch.Tensor:
                         return attend(work, q, kk, vv, ctx.start, ctx.mask, ctx.is_causal, scale, cpu)
 

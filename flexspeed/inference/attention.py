@@ -1,0 +1,71 @@
+"""Attention pieces shared by the fused runner (``kernels.py``) and the offload runner.
+
+One step of a decoder over a preallocated KV cache needs the same three things whichever runner
+drives it: the mask of the new tokens against the cache (:func:`step_context`), rotary position
+embeddings (:func:`apply_rope`) and, for the compiled decode step, attention of one query over the
+whole static cache (:func:`static_attention`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["StepContext", "step_context", "apply_rope", "static_attention"]
+
+
+@dataclass
+class StepContext:
+    """What every layer of one forward step shares (built once per step by a runner)."""
+
+    start: int
+    """Cache position of the first new token."""
+    mask: torch.Tensor | None = None
+    """Boolean ``(B, 1, T, start + T)``, True where a query may attend; ``None`` with ``is_causal`` or T == 1."""
+    is_causal: bool = False
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    """Rotary ``(cos, sin)``, each ``(B, T, head_dim)`` (Llama); ``None`` otherwise."""
+
+
+def step_context(T: int, start: int, key_mask: torch.Tensor | None, device: torch.device,
+                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepContext:
+    """The mask of ``T`` new tokens written at cache positions ``start:start+T``.
+
+    Args:
+        key_mask: ``(B, >= start+T)`` bool, False at left padding; ``None`` when no row is padded.
+    Returns:
+        No mask when SDPA's own causal flag (prefill from 0) or nothing at all (one new token)
+        is exact; else a boolean ``(B or 1, 1, T, start+T)`` mask: causal within the new tokens,
+        everything cached before them, never a padded key.
+    """
+    if key_mask is None and (start == 0 or T == 1):
+        return StepContext(start, None, T > 1, rope)
+    end = start + T
+    causal = torch.ones(T, end, dtype=torch.bool, device=device).tril(diagonal=start)  # (T, end)
+    mask = causal[None, None] if key_mask is None else causal[None, None] & key_mask[:, None, None, :end]
+    return StepContext(start, mask, False, rope)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the rotate-half convention (HF Llama): ``x * cos + rotate_half(x) * sin``."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def static_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """One query per row over the whole static cache, masked; written for Inductor to fuse.
+
+    Args:
+        q: (B, Hq, 1, hd); k, v: (B, Hkv, T_max, hd); valid: (B, T_max) bool.
+    Returns:
+        (B, Hq, 1, hd) in q's dtype (fp32 accumulation).
+    """
+    B, hq, _, hd = q.shape
+    hkv = k.shape[1]
+    qf = q.float().view(B, hkv, hq // hkv, 1, hd)  # (B, Hkv, G, 1, hd)
+    s = (qf * k.float()[:, :, None]).sum(-1) * scale  # (B, Hkv, G, T_max)
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    y = (s.softmax(-1)[..., None] * v.float()[:, :, None]).sum(-2)  # (B, Hkv, G, hd)
+    return y.view(B, hq, 1, hd).to(q.dtype)
