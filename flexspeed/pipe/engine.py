@@ -17,8 +17,8 @@ the schedule's loss function, so gradients equal those of one big batch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -32,6 +32,7 @@ from flexspeed.pipe.module import PipelineModule
 from flexspeed.pipe.schedule import build_schedule, validate_schedule
 from flexspeed.pipe.sync import ZeroOneSharding, all_reduce_, broadcast_, grads_or_zeros
 from flexspeed.pipe.topology import build_pipe_mesh
+from flexspeed.runtime.monitor import build_monitor
 from flexspeed.runtime.precision import LossScaler, PrecisionPolicy, clip_grads_, unscale_and_check_
 
 __all__ = ["PipelineEngine", "build_pipeline_engine"]
@@ -76,7 +77,7 @@ class PipelineEngine(nn.Module):
         self._shapes: tuple | None = None
         self._loss_factor = 1.0
         self._compute_loss = True
-        self._window = (time.perf_counter(), 0)
+        self.monitor = build_monitor(config, rank=dist.get_rank(), device=device)
         self._setup_topology()
         self._setup_schedule()
         self.zero = None
@@ -270,19 +271,26 @@ class PipelineEngine(nn.Module):
             raise RuntimeError("train_batch() needs an optimizer: pass optimizer=... to flexspeed.initialize() or "
                                "add an 'optimizer' section to the config")
         self.module.train()
+        mon = self.monitor
         inputs, labels = self._next_microbatches(data_iter)
+        if mon.active and self._has_first and inputs:
+            mon.add_tokens(inputs[0].numel())  # this replica's tokens; the log line scales by dp
         scale = self.loss_scale
         self._loss_factor, self._compute_loss = scale / self.micro_batches, True
         losses: list[torch.Tensor] = []
-        self._schedule.step(*(inputs if self._has_first else ()), target=labels if self._has_last else None,
-                            losses=losses if self._has_last else None, return_outputs=False)
+        with _timed(mon, "pipeline"):  # forward and backward, interleaved by the schedule
+            self._schedule.step(*(inputs if self._has_first else ()), target=labels if self._has_last else None,
+                                losses=losses if self._has_last else None, return_outputs=False)
         local = torch.stack([x.detach() for x in losses]).sum() / scale if self._has_last else None
-        self._reduce_gradients()
-        self._take_model_step()
+        with _timed(mon, "step"):
+            self._reduce_gradients()
+            self._take_model_step()
         loss = self._broadcast_loss(local)
         self.global_steps += 1
         self.global_samples += self.train_batch_size()
-        self._maybe_print(loss)
+        if mon.active:
+            mon.add_loss(float(loss))
+        mon.on_step(self)
         return loss
 
     def _reduce_gradients(self) -> None:
@@ -379,19 +387,11 @@ class PipelineEngine(nn.Module):
         return (loss, out if self._has_last else None) if return_logits else loss
 
     # ---- logging, state -------------------------------------------------------------------------
-    def _maybe_print(self, loss: torch.Tensor) -> None:
-        every = int(getattr(self._config, "steps_per_print", 0) or 0)
-        start, samples = self._window
-        samples += self.train_batch_size()
-        self._window = (start, samples)
-        if every <= 0 or self.global_steps % every != 0:
-            return
-        if dist.get_rank() == 0:
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            lr = ", ".join(f"{x:.3e}" for x in self.get_lr())
-            print(f"[flexspeed] step={self.global_steps} loss={float(loss):.4f} lr=[{lr}] "
-                  f"samples/s={samples / elapsed:.1f} skipped={self.skipped_steps}", flush=True)
-        self._window = (time.perf_counter(), 0)
+    def progress(self, total_steps: int, desc: str = "train", initial: int | None = None,
+                 disable: bool | None = None) -> Any:
+        """A progress bar over ``train_batch()`` calls on rank 0 (loss, lr, tokens/s); see ``TrainingEngine.progress``."""
+        return self.monitor.progress(total_steps, desc=desc,
+                                     initial=self.global_steps if initial is None else initial, disable=disable)
 
     def module_state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's layers (keys ``"<layer index>.<param>"``)."""
@@ -416,6 +416,11 @@ class PipelineEngine(nn.Module):
                                         load_lr_scheduler_states=load_lr_scheduler_states and not load_module_only)
 
 
+def _timed(mon: Any, name: str) -> Any:
+    """The monitor's wall-clock timer ``name`` with ``wall_clock_breakdown``, else nothing."""
+    return mon.timers.time(name) if mon.timing else contextlib.nullcontext()
+
+
 def _repeat(loader: Iterable) -> Iterator:
     while True:
         yield from loader
@@ -430,6 +435,11 @@ def _loss_scaler(config: Any) -> LossScaler:
 
 def _apply_config(module: PipelineModule, config: Any) -> None:
     """Reconcile the ``pipeline`` config section with the module's own arguments."""
+    profiler = getattr(config, "flops_profiler", None)
+    if profiler is not None and profiler.enabled:
+        raise ConfigError("flops_profiler.enabled=true is not supported with a PipelineModule: each stage runs "
+                          "only part of the model inside the schedule; profile the layers as a plain nn.Module "
+                          "(no pipeline) or set flops_profiler.enabled to false", key="flops_profiler.enabled")
     pipe = config.pipeline
     stage = int(config.zero_optimization.stage)
     if stage >= 2:

@@ -267,6 +267,10 @@ class Monitor:
             self._profile_report = self._profiler.stop()
             self._profiler = None
 
+    def add_tokens(self, n: int) -> None:
+        """Count ``n`` tokens of this replica (rank 0), for engines without a forward hook (pipeline)."""
+        self._tokens += int(n)
+
     def add_loss(self, loss: float) -> None:
         """Record one micro-batch's loss (rank 0)."""
         self._losses.append(loss)

@@ -107,7 +107,7 @@ def micro_batches(kind: str, step: int, dp: int, dp_rank: int) -> list:
              y[(dp_rank * GAS + i) * MICRO:(dp_rank * GAS + i + 1) * MICRO]) for i in range(GAS)]
 
 
-def config(schedule: str, virtual: int, *, zero: int = 0, precision: str = "fp32") -> dict:
+def config(schedule: str, virtual: int, *, zero: int = 0, precision: str = "fp32", monitor: str | None = None) -> dict:
     cfg = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GAS,
            "optimizer": {"type": "Adam", "params": {"lr": LR}}, "gradient_clipping": CLIP,
            "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": LR,
@@ -118,6 +118,9 @@ def config(schedule: str, virtual: int, *, zero: int = 0, precision: str = "fp32
         cfg["bf16"] = {"enabled": True}
     if precision == "fp16":
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 8}
+    if monitor is not None:  # scalars to CSV, the log line every step, the wall-clock breakdown
+        cfg.update(csv_monitor={"enabled": True, "output_path": monitor, "job_name": "pipe"},
+                   wall_clock_breakdown=True, steps_per_print=1)
     return cfg
 
 
@@ -194,6 +197,10 @@ def world2(rank: int, world: int, directory: str) -> dict | None:
     engine, loader = make_engine("mlp", "gpipe", 1, 2, training_data=TensorDataset(x, y))
     out["loader"] = {"losses": [float(engine.train_batch()) for _ in range(STEPS)],
                      "state": engine.module.to_sequential_state_dict(), "is_loader": loader is not None}
+    # monitors: rank 0 writes the CSV scalars and prints the log line
+    engine, _ = make_engine("mlp", "1f1b", 1, 2, monitor=os.path.join(directory, "monitor"))
+    out["monitor"] = {"losses": train(engine, "mlp", range(STEPS), 1), "lr": engine.get_lr()}
+    engine.monitor.close()
     # checkpoint: 1f1b / parameters partition -> interleaved / uniform partition
     out["ckpt"] = ckpt_roundtrip(dict(kind="mlp", schedule="1f1b", virtual=1, pp=2),
                                  dict(kind="mlp", schedule="interleaved_1f1b", virtual=2, pp=2,
@@ -313,6 +320,24 @@ def test_world2_two_stages_match_reference(tmp_path, refs):
     assert res["loader"]["is_loader"]
     assert_matches(res["loader"], loader_losses, ref_state("mlp", model), what="engine loader")
     _check_ckpt(res["ckpt"], [1] * (STEPS + 1), str(tmp_path))
+    _check_monitor(res["monitor"], tmp_path / "monitor" / "pipe")
+
+
+def _check_monitor(got: dict, folder) -> None:
+    import csv
+
+    def column(name: str) -> list[tuple[int, float]]:
+        with open(folder / f"Train_Samples_{name}.csv") as f:
+            rows = list(csv.reader(f))[1:]
+        return [(int(step), float(value)) for step, value in rows]
+
+    samples = [(s + 1) * GAS * MICRO for s in range(STEPS)]
+    loss = column("train_loss")
+    assert [s for s, _ in loss] == samples
+    torch.testing.assert_close(torch.tensor([v for _, v in loss]), torch.tensor(got["losses"]), rtol=0, atol=1e-6)
+    assert [s for s, _ in column("lr")] == samples and column("lr")[-1][1] == pytest.approx(got["lr"][0])
+    for timer in ("pipeline", "step"):  # wall_clock_breakdown
+        assert all(ms > 0 for _, ms in column(f"elapsed_time_ms_{timer}"))
 
 
 def test_world4_two_stages_two_replicas_match_reference(tmp_path, refs):

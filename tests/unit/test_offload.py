@@ -154,6 +154,25 @@ def test_block_schedule_loads_each_layer_once_per_step(saved) -> None:
     assert runner.schedule.stats["steps"] == NEW
 
 
+@pytest.mark.parametrize("trim", [True, False])
+def test_host_heap_is_trimmed_after_every_step(saved, monkeypatch, trim: bool) -> None:
+    import sys
+
+    from flexspeed.inference.offload import runner as runner_module
+
+    if sys.platform == "linux" and os.path.exists("/lib/x86_64-linux-gnu/libc.so.6"):
+        assert runner_module.release_free_heap()  # glibc: malloc_trim is there and runs
+    calls = []
+    monkeypatch.setattr(runner_module, "release_free_heap", lambda: calls.append(1) or True)
+    model, folder = saved["opt"]
+    ids, mask = padded_batch()
+    engine = flexspeed.init_inference(OffloadedLM.from_pretrained(folder), checkpoint=folder,
+                                      offload={"w_gpu_percent": 10, "trim_host_memory": trim})
+    engine.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW)
+    engine.offload.close()
+    assert len(calls) == (engine.offload.schedule.stats["steps"] if trim else 0)
+
+
 def test_disk_tensors_are_read_in_place_from_the_checkpoint(saved, tmp_path) -> None:
     model, folder = saved["llama"]
     ckpt = os.path.join(folder, "model.safetensors")
@@ -289,3 +308,43 @@ def test_placement_by_cumulative_size_and_percent_parsing() -> None:
     assert parse_bytes("4GB") == 4 << 30 and parse_bytes("512MiB") == 512 << 20 and parse_bytes(1024) == 1024
     with pytest.raises(ValueError, match=r"--mem-budget='lots'"):
         parse_bytes("lots", "--mem-budget")
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_over_whole_buffer_equals_attention_over_the_prefix(padded: bool) -> None:
+    """The 16-bit decode step reads the full cache buffers in place, masking the unwritten tail."""
+    import torch.nn.functional as F
+
+    from flexspeed.inference.offload.cache import _decode_over_buffer
+
+    g = torch.Generator().manual_seed(0)
+    B, hq, hkv, t_max, hd, end = 3, 8, 2, 24, 16, 13
+    k_buf = torch.zeros(B, hkv, t_max, hd, dtype=torch.bfloat16)
+    v_buf = torch.zeros_like(k_buf)
+    k_buf[:, :, :end] = torch.randn(B, hkv, end, hd, generator=g).to(torch.bfloat16)
+    v_buf[:, :, :end] = torch.randn(B, hkv, end, hd, generator=g).to(torch.bfloat16)
+    q = torch.randn(B, hq, 1, hd, generator=g).to(torch.bfloat16)
+    mask = None
+    if padded:
+        mask = torch.ones(B, 1, 1, end, dtype=torch.bool)
+        mask[1, ..., :5] = False  # row 1 is left-padded
+    got = _decode_over_buffer(q, k_buf, v_buf, end, mask, 0.25)
+    want = F.scaled_dot_product_attention(q.float(), k_buf[:, :, :end].float(), v_buf[:, :, :end].float(),
+                                          attn_mask=mask, scale=0.25, enable_gqa=True)
+    assert got.shape == (B, hq, 1, hd) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)  # bf16 probabilities
+
+
+def test_bf16_decode_steps_agree_with_the_prefill_path(saved) -> None:
+    """bf16, GQA, left padding: each greedy token is the argmax of the full-sequence (prefill) logits."""
+    model, folder = saved["llama"]
+    ids, mask = padded_batch()
+    engine = flexspeed.init_inference(OffloadedLM.from_pretrained(folder), checkpoint=folder, dtype="bf16",
+                                      offload={"w_gpu_percent": 50})
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW)
+    full_mask = torch.cat([mask, torch.ones(mask.shape[0], NEW, dtype=mask.dtype)], dim=1)
+    logits = engine.offload.logits(out, full_mask)  # (B, T + NEW, V), one prefill pass
+    engine.offload.close()
+    T = ids.shape[1]
+    predicted = logits[:, T - 1:-1].float().argmax(-1)  # what each decode step should have picked
+    assert (predicted == out[:, T:]).float().mean() >= 0.9

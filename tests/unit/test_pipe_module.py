@@ -132,6 +132,10 @@ def test_engine_config_reconciliation():
     cfg.zero_optimization.stage = 2
     with pytest.raises(ConfigError, match=r"\[zero_optimization.stage\] zero_optimization.stage=2 cannot.*0 or 1"):
         _apply_config(PipelineModule(specs(), num_stages=1), cfg)
+    cfg = _cfg()
+    cfg.flops_profiler = SimpleNamespace(enabled=True)
+    with pytest.raises(ConfigError, match=r"\[flops_profiler.enabled\].*PipelineModule"):
+        _apply_config(PipelineModule(specs(), num_stages=1), cfg)
     with pytest.raises(ConfigError, match=r"\[pipeline.stages\].*stages=2.*num_stages=1"):
         _apply_config(PipelineModule(specs(), num_stages=1), _cfg(stages=2))
     with pytest.raises(ConfigError, match=r"\[gradient_accumulation_steps\]"):

@@ -65,6 +65,8 @@ class OffloadPolicy(BaseModel):
     """Directory for disk-tier files; ``None``: a temporary directory removed when the runner closes."""
     direct_io: bool = False
     """True-disk mode: disk reads bypass the page cache (O_DIRECT, else POSIX_FADV_DONTNEED after each read)."""
+    trim_host_memory: bool = True
+    """After every forward step, hand the C heap's free pages back to the OS (glibc ``malloc_trim``)."""
 
     @model_validator(mode="after")
     def _sums(self) -> OffloadPolicy:
