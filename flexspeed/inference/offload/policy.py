@@ -65,8 +65,8 @@ class OffloadPolicy(BaseModel):
     """Directory for disk-tier files; ``None``: a temporary directory removed when the runner closes."""
     direct_io: bool = False
     """True-disk mode: disk reads bypass the page cache (O_DIRECT, else POSIX_FADV_DONTNEED after each read)."""
-    trim_host_memory: bool = True
-    """After every forward step, hand the C heap's free pages back to the OS (glibc ``malloc_trim``)."""
+    manage_host_heap: bool = True
+    """On a CPU (glibc): serve large temporaries from the C heap and give its free pages back after every step."""
 
     @model_validator(mode="after")
     def _sums(self) -> OffloadPolicy:

@@ -19,8 +19,6 @@ when no model class is at hand (the ``flexspeed generate`` command uses it).
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import json
 import math
 import os
@@ -36,6 +34,7 @@ import torch.nn as nn
 from flexspeed.config.errors import ConfigError
 from flexspeed.inference.attention import StepContext, step_context
 from flexspeed.inference.offload.arch import Arch, arch_from_config, config_of_module
+from flexspeed.inference.offload import heap
 from flexspeed.inference.offload.cache import OffloadKVCache
 from flexspeed.inference.offload.policy import OffloadPolicy
 from flexspeed.inference.offload.schedule import BlockSchedule
@@ -50,31 +49,6 @@ def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, UserWarning, stacklevel=3)
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        fn = ctypes.CDLL(None).malloc_trim  # glibc only
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-    return fn
-
-
-def release_free_heap() -> bool:
-    """Give the C heap's free pages back to the OS; ``False`` where the C library cannot (not glibc).
-
-    Large temporaries of one step (prefill activations, oneDNN's weight reorders) are freed into
-    glibc's heap, which keeps their pages: over the decode steps, fragments of them raised the
-    peak RSS of an OPT-1.3B batch-8 run from 0.90 to 1.17 GiB. Trimming once per step keeps it at
-    0.93 GiB for no measurable time (a few milliseconds per step of hundreds).
-    """
-    fn = _malloc_trim()
-    if fn is None:
-        return False
-    fn(0)
-    return True
 
 
 class OffloadRunner:
@@ -92,6 +66,8 @@ class OffloadRunner:
                  dtype: torch.dtype) -> None:
         self.arch, self.store, self.policy, self.device, self.dtype = arch, store, policy, device, dtype
         self.schedule = BlockSchedule(arch, store, policy, device, dtype)
+        if policy.manage_host_heap and device.type == "cpu":
+            heap.serve_large_from_heap()
         self.on_step: Callable[[float], None] | None = None
         self.call_seconds: list[float] = []
 
@@ -133,8 +109,8 @@ class OffloadRunner:
         ctxs = [self._ctx(pos[r0:r1], None if key_mask is None else key_mask[r0:r1], start, T) for r0, r1 in rows]
         with torch.inference_mode():
             out = self.schedule.step(ids, pos, rows, ctxs, cache, start, last_only)
-        if self.policy.trim_host_memory and self.device.type == "cpu":
-            release_free_heap()
+        if self.policy.manage_host_heap and self.device.type == "cpu":
+            heap.release_free_heap()
         dt = time.perf_counter() - t0
         self.call_seconds.append(dt)
         if self.on_step is not None:
