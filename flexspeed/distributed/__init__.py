@@ -9,6 +9,7 @@ at all it starts a one-process group on an in-memory store, so ``python train.py
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import re
 import shutil
@@ -148,8 +149,7 @@ def init_distributed(dist_backend: str | None = None, auto_mpi_discovery: bool =
     # DeepSpeed-style scripts end without destroy_process_group(); a group still alive when the
     # interpreter tears down aborted ~1 run in 10 of a 2-rank gloo job ("terminate called without
     # an active exception" from a backend thread). Destroy the group we made before that.
-    _watch_for_crash()
-    atexit.register(_destroy_at_exit)
+    _install_exit_handler()
     if verbose and env.rank == 0:
         print(f"flexspeed: initialised {backend} with world size {env.world_size} from {env.source}", flush=True)
     return env
@@ -158,19 +158,19 @@ def init_distributed(dist_backend: str | None = None, auto_mpi_discovery: bool =
 _crashed = False
 
 
-def _watch_for_crash() -> None:
-    """Note an uncaught exception, so that exiting after it does not wait for the other ranks."""
+@functools.cache
+def _install_exit_handler() -> None:
+    """Once per process: destroy the group at exit, and note an uncaught exception first, so that
+    exiting after a crash does not wait for the other ranks."""
     previous = sys.excepthook
-    if getattr(previous, "_flexspeed", False):
-        return
 
     def hook(*args: object) -> None:
         global _crashed
         _crashed = True
         previous(*args)
 
-    hook._flexspeed = True  # type: ignore[attr-defined]
     sys.excepthook = hook
+    atexit.register(_destroy_at_exit)
 
 
 def _destroy_at_exit() -> None:

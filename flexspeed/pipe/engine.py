@@ -17,7 +17,6 @@ the schedule's loss function, so gradients equal those of one big batch.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -278,11 +277,11 @@ class PipelineEngine(nn.Module):
         scale = self.loss_scale
         self._loss_factor, self._compute_loss = scale / self.micro_batches, True
         losses: list[torch.Tensor] = []
-        with _timed(mon, "pipeline"):  # forward and backward, interleaved by the schedule
+        with mon.timed("pipeline"):  # forward and backward, interleaved by the schedule
             self._schedule.step(*(inputs if self._has_first else ()), target=labels if self._has_last else None,
                                 losses=losses if self._has_last else None, return_outputs=False)
         local = torch.stack([x.detach() for x in losses]).sum() / scale if self._has_last else None
-        with _timed(mon, "step"):
+        with mon.timed("step"):
             self._reduce_gradients()
             self._take_model_step()
         loss = self._broadcast_loss(local)
@@ -414,11 +413,6 @@ class PipelineEngine(nn.Module):
         return load_pipeline_checkpoint(self, load_dir, tag=tag, load_module_strict=load_module_strict,
                                         load_optimizer_states=load_optimizer_states and not load_module_only,
                                         load_lr_scheduler_states=load_lr_scheduler_states and not load_module_only)
-
-
-def _timed(mon: Any, name: str) -> Any:
-    """The monitor's wall-clock timer ``name`` with ``wall_clock_breakdown``, else nothing."""
-    return mon.timers.time(name) if mon.timing else contextlib.nullcontext()
 
 
 def _repeat(loader: Iterable) -> Iterator:

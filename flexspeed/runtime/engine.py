@@ -172,10 +172,7 @@ class TrainingEngine(nn.Module):
             raise RuntimeError("engine.step() needs an optimizer; this engine is forward/eval only (see backward)")
         boundary = self.is_gradient_accumulation_boundary()
         if boundary:
-            if self.monitor.timing:
-                with self.monitor.timers.time("step"):
-                    self._take_model_step(lr_kwargs)
-            else:
+            with self.monitor.timed("step"):
                 self._take_model_step(lr_kwargs)
         self.micro_steps += 1
         samples = self.train_micro_batch_size_per_gpu() * self._dp_world_size

@@ -29,6 +29,7 @@ What each config key does:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import csv
 import math
 import os
@@ -266,6 +267,10 @@ class Monitor:
         if self._profiler is not None:
             self._profile_report = self._profiler.stop()
             self._profiler = None
+
+    def timed(self, name: str) -> Any:
+        """Wall-clock timer ``name`` as a context manager with ``wall_clock_breakdown``, else a no-op."""
+        return self.timers.time(name) if self.timing else contextlib.nullcontext()
 
     def add_tokens(self, n: int) -> None:
         """Count ``n`` tokens of this replica (rank 0), for engines without a forward hook (pipeline)."""

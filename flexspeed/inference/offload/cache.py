@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from flexspeed.inference.attention import decode_attention
 from flexspeed.inference.offload.files import ALIGN, private_dir, tensor_bytes
 from flexspeed.inference.offload.policy import OffloadPolicy, place_by_size
 
@@ -238,8 +239,9 @@ def attend(work: _Work, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start
     if home != k.device:
         k, v = k.to(home), v.to(home)
     keys, values = work.update(start, k, v)  # (mb, Hkv, end, hd)
-    if q.shape[2] == 1 and home == q.device and _fast_decode(q, work):
-        return _decode_over_buffer(q, work.data["k"], work.data["v"], start + 1, mask, scale)
+    if q.shape[2] == 1 and home == q.device and "k" in work.data and _decodes_by_matmul(q):
+        # the whole contiguous buffers, read in place: a 16-bit CPU matmul copies a [:end] slice first
+        return decode_attention(q, work.data["k"], work.data["v"], start + 1, mask, scale)
     if home != q.device and cpu_compute:
         return _attention(q.to(home), keys, values, None if mask is None else mask.to(home), is_causal,
                           scale).to(q.device)
@@ -248,50 +250,26 @@ def attend(work: _Work, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start
     return _attention(q, keys, values, mask, is_causal, scale)
 
 
-def _fast_decode(q: torch.Tensor, work: _Work) -> bool:
-    return DECODE_MATMUL and q.dtype in (torch.bfloat16, torch.float16) and "k" in work.data
-
-
-def _decode_over_buffer(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, end: int,
-                        mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """One query per row over the whole ``(B, Hkv, T_max, hd)`` cache buffers, positions ``>= end`` masked.
-
-    The buffers are contiguous, so the two batched matmuls read them in place; a ``[:end]`` slice
-    is not, and a 16-bit CPU matmul first copies it (4x slower at batch 32, OPT-1.3B heads). The
-    unwritten tail is finite (the buffers start zeroed), so its zero weights stay exact.
-    """
-    B, hq, _, hd = q.shape
-    hkv, t_max = k_buf.shape[1], k_buf.shape[2]
-    s = torch.matmul(q.view(B, hkv, hq // hkv, hd), k_buf.transpose(-1, -2)).float() * scale  # (B, Hkv, G, T_max)
-    if end < t_max:
-        s[..., end:] = float("-inf")
-    if mask is not None:  # (B, 1, 1, end) keys that may be attended
-        s[..., :end].masked_fill_(~mask.view(B, 1, 1, -1), float("-inf"))
-    return torch.matmul(s.softmax(-1).to(v_buf.dtype), v_buf).view(B, hq, 1, hd)
-
-
 DECODE_MATMUL = True
 """Decode steps (one query per row) in 16-bit dtypes use two batched matmuls instead of SDPA."""
+
+
+def _decodes_by_matmul(q: torch.Tensor) -> bool:
+    return DECODE_MATMUL and q.dtype in (torch.bfloat16, torch.float16)
 
 
 def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
                scale: float) -> torch.Tensor:
     """q (B, Hq, T, hd) over keys/values (B, Hkv, S, hd) -> (B, Hq, T, hd).
 
-    One new token per row in bf16/fp16: ``softmax(q k^T) v`` as two batched matmuls with the
-    query heads of a group stacked, softmax in fp32. On CPU this is 2-3x faster than SDPA's
-    flash kernel, whose per-(row, head) blocks are too small to pay off at one query.
+    One new token per row in bf16/fp16: :func:`~flexspeed.inference.attention.decode_attention`
+    (two batched matmuls); on CPU 2-3x faster than SDPA's flash kernel, whose per-(row, head)
+    blocks are too small to pay off at one query.
     """
-    B, hq, T, hd = q.shape
-    hkv = keys.shape[1]
-    if T == 1 and DECODE_MATMUL and q.dtype in (torch.bfloat16, torch.float16):
-        s = torch.matmul(q.view(B, hkv, hq // hkv, hd), keys.transpose(-1, -2)).float() * scale  # (B, Hkv, G, S)
-        if mask is not None:
-            s = s.masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
-        y = torch.matmul(s.softmax(-1).to(values.dtype), values)  # (B, Hkv, G, hd)
-        return y.view(B, hq, 1, hd)
+    if q.shape[2] == 1 and _decodes_by_matmul(q):
+        return decode_attention(q, keys, values, keys.shape[2], mask, scale)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=is_causal, scale=scale,
-                                          enable_gqa=hq != hkv)
+                                          enable_gqa=q.shape[1] != keys.shape[1])
 
 
 class ActivationStore:

@@ -33,8 +33,8 @@ import torch.nn as nn
 
 from flexspeed.config.errors import ConfigError
 from flexspeed.inference.attention import StepContext, step_context
-from flexspeed.inference.offload.arch import Arch, arch_from_config, config_of_module
 from flexspeed.inference.offload import heap
+from flexspeed.inference.offload.arch import Arch, arch_from_config, config_of_module
 from flexspeed.inference.offload.cache import OffloadKVCache
 from flexspeed.inference.offload.policy import OffloadPolicy
 from flexspeed.inference.offload.schedule import BlockSchedule
@@ -66,7 +66,8 @@ class OffloadRunner:
                  dtype: torch.dtype) -> None:
         self.arch, self.store, self.policy, self.device, self.dtype = arch, store, policy, device, dtype
         self.schedule = BlockSchedule(arch, store, policy, device, dtype)
-        if policy.manage_host_heap and device.type == "cpu":
+        self._manage_heap = policy.manage_host_heap and device.type == "cpu"
+        if self._manage_heap:
             heap.serve_large_from_heap()
         self.on_step: Callable[[float], None] | None = None
         self.call_seconds: list[float] = []
@@ -109,7 +110,7 @@ class OffloadRunner:
         ctxs = [self._ctx(pos[r0:r1], None if key_mask is None else key_mask[r0:r1], start, T) for r0, r1 in rows]
         with torch.inference_mode():
             out = self.schedule.step(ids, pos, rows, ctxs, cache, start, last_only)
-        if self.policy.manage_host_heap and self.device.type == "cpu":
+        if self._manage_heap:
             heap.release_free_heap()
         dt = time.perf_counter() - t0
         self.call_seconds.append(dt)
