@@ -336,8 +336,8 @@ def _check_monitor(got: dict, folder) -> None:
     assert [s for s, _ in loss] == samples
     torch.testing.assert_close(torch.tensor([v for _, v in loss]), torch.tensor(got["losses"]), rtol=0, atol=1e-6)
     assert [s for s, _ in column("lr")] == samples and column("lr")[-1][1] == pytest.approx(got["lr"][0])
-    for timer in ("pipeline", "step"):  # wall_clock_breakdown
-        assert all(ms > 0 for _, ms in column(f"elapsed_time_ms_{timer}"))
+    for timer in ("pipeline", "step"):  # wall_clock_breakdown writes one row per step (values: benchmarks' business)
+        assert [s for s, _ in column(f"elapsed_time_ms_{timer}")] == samples
 
 
 def test_world4_two_stages_two_replicas_match_reference(tmp_path, refs):
