@@ -12,13 +12,18 @@ medians are reported. Configurations:
 - ``inject fp32`` / ``inject bf16``: ``replace_with_kernel_inject=True`` (fused layers, static KV cache).
 - ``inject bf16 int8`` / ``int4``: plus weight quantization (int4: group 64).
 - ``inject bf16 compiled`` (``--compile``): decode step under ``torch.compile``.
+- ``inject bf16 torch-only``: injection with the native decode kernel off (torch's kernels on
+  oneDNN-packed weights), to show what the kernel adds.
 - ``tp2 inject bf16``: tensor parallel over 2 ranks (gloo, 1 thread each), via ``run_ranks``.
 
 Columns: tok/s = batch x new / wall time of one ``generate`` call; ``vs HF`` against HF in the same
 compute dtype; ``weights MB`` resident; ``read MB`` = weight bytes read per decode step (every
 Linear/norm weight plus ``lm_head``; embeddings read one row per token and are left out);
-``floor ms`` = read bytes / measured read bandwidth (``Tensor.sum`` over 512 MB); ``decode ms`` =
-(full call - prompt-only call) / (new - 1); ``x floor`` = decode ms / floor ms.
+``GB/s`` = the read bandwidth the floor is taken against: the better of ``Tensor.sum`` over a fresh
+512 MB tensor and over the configuration's own weight bytes (see :func:`weights_bandwidth`; for
+tp 2 the single-process model's, as the two ranks share one memory bus and together read every
+weight once); ``floor ms`` = read bytes / that bandwidth; ``decode ms`` = (full call - prompt-only
+call) / (new - 1); ``x floor`` = decode ms / floor ms.
 
     python benchmarks/generate.py [--quick] [--models opt,gpt2] [--batches 1,16] [--reps 3] [--compile] [--no-tp]
 """
@@ -73,6 +78,30 @@ def read_bandwidth(mb: int = 512) -> float:
     return x.numel() * 4 / best
 
 
+def weights_bandwidth(model: nn.Module) -> float:
+    """Read bandwidth in bytes/s over the model's own weight bytes: ``Tensor.sum`` of every weight
+    of 1 MB or more (the bytes viewed as fp32, whatever their dtype), best of 5 passes.
+
+    On this VM the bandwidth of a fresh buffer varies between allocations (33-35 GB/s in one
+    process, 50-60 in another, measured the same day), so the floor is taken against the better
+    of this and :func:`read_bandwidth`: the weights' own pages, read by torch's own reduction.
+    """
+    seen, views = set(), []
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type != "cpu" or t.layout != torch.strided or not t.is_contiguous() or t.data_ptr() in seen:
+            continue
+        nbytes = t.numel() * t.element_size()
+        if nbytes >= 2**20 and nbytes % 4 == 0:
+            seen.add(t.data_ptr())
+            views.append(t.detach().reshape(-1).view(torch.uint8).view(torch.float32))
+    if not views:
+        return 0.0
+    total = sum(v.numel() * 4 for v in views)
+    for v in views:
+        v.sum()
+    return total / min(_timed(lambda: [v.sum() for v in views]) for _ in range(5))
+
+
 def _timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -95,6 +124,11 @@ def weight_bytes(model: nn.Module) -> tuple[int, int]:
     """
     packed = sum(m.weight_bytes() for m in model.modules() if type(m).__name__ == "PackedLinear")
     resident = _unique_bytes(list(model.parameters()) + list(model.buffers())) + packed
+    from flexspeed.inference.kernels import get_runner
+
+    runner = get_runner(model)
+    if runner is not None and runner.native_reason() is None:  # the native kernel's row-major int4 scales
+        resident += _unique_bytes(runner._native.keep)
     read = []
     for mod in model.modules():
         kind = type(mod).__name__
@@ -127,6 +161,12 @@ def configurations(name: str, shape: dict, compile_decode: bool) -> list[tuple[s
                                                               quant={"enabled": True, "weight": {"num_bits": bits}})))
     for label, dt, kw in specs:
         out.append((label, dt, *fs(**kw)))
+    from flexspeed.inference.kernels import inject_kernels
+
+    torch_kernels = flexspeed.init_inference(copy.deepcopy(base), dtype="bf16")  # torch's kernels, packed weights
+    inject_kernels(torch_kernels.module, torch.bfloat16, native=False)
+    out.append(("inject bf16 torch-only", "bf16", torch_kernels.module,
+                lambda ids, new: torch_kernels.generate(ids, max_new_tokens=new, min_new_tokens=new)))
     if compile_decode:
         from flexspeed.inference.kernels import get_runner
 
@@ -209,18 +249,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
         shape = QUICK if quick else SHAPES[name]
         configs = configurations(name, shape, args.compile)
         sizes = {label: weight_bytes(model) for label, _, model, _ in configs}
+        bws = {label: max(bw, weights_bandwidth(model)) for label, _, model, _ in configs}
+        print(f"  {name}: read bandwidth over each configuration's weights "
+              + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in bws.items()) + " GB/s", flush=True)
         for batch in batches:
             times = measure(configs, batch, prompt, new, reps, shape["vocab"])
             if not args.no_tp and not quick:
                 tp = measure_tp(name, shape, batch, prompt, new, reps)
                 times["tp2 inject bf16"] = tp
-                sizes["tp2 inject bf16"] = (sizes["inject bf16"][0] // 2, sizes["inject bf16"][1] // 2)
+                # two ranks on one machine share its memory bus: together they read every weight once
+                sizes["tp2 inject bf16"] = sizes["inject bf16"]
+                bws["tp2 inject bf16"] = bws["inject bf16"]
             hf_rate = {dt: batch * new / times[f"HF {dt}"][0] for dt in ("fp32", "bf16")}
             for label, value in times.items():
                 dt = "fp32" if "fp32" in label else "bf16"
                 resident, read = sizes[label]
                 row = dict(model=name, config=label, batch=batch, weights_mb=resident / 2**20, read_mb=read / 2**20,
-                           floor_ms=read / bw * 1e3)
+                           bw_gbs=bws[label] / 1e9, floor_ms=read / bws[label] * 1e3)
                 if isinstance(value, str):
                     row.update(note=value)
                 else:
@@ -236,14 +281,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def _print_table(rows: list[dict]) -> None:
     head = (f"{'model':6} {'config':22} {'batch':>5} {'tok/s':>8} {'vs HF':>6} {'weights MB':>10} {'read MB':>8} "
-            f"{'floor ms':>8} {'decode ms':>9} {'x floor':>7} {'prefill s':>9}")
+            f"{'GB/s':>5} {'floor ms':>8} {'decode ms':>9} {'x floor':>7} {'prefill s':>9}")
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         if "note" in r:
             print(f"{r['model']:6} {r['config']:22} {r['batch']:>5} {r['note']}")
             continue
         print(f"{r['model']:6} {r['config']:22} {r['batch']:>5} {r['tok_s']:>8.1f} {r['vs_hf']:>6.2f} "
-              f"{r['weights_mb']:>10.1f} {r['read_mb']:>8.1f} {r['floor_ms']:>8.2f} {r['decode_ms']:>9.2f} "
+              f"{r['weights_mb']:>10.1f} {r['read_mb']:>8.1f} {r['bw_gbs']:>5.1f} {r['floor_ms']:>8.2f} {r['decode_ms']:>9.2f} "
               f"{r['x_floor']:>7.2f} {r['prefill_s']:>9.3f}")
 
 

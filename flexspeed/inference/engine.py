@@ -187,6 +187,10 @@ class InferenceEngine(nn.Module):
         model = self._inject_and_quantize(model)
         if self.plan is not None:
             self.plan.attach(model, self.tp_group)  # modules may have been replaced
+            from flexspeed.inference.kernels import get_runner
+
+            if get_runner(model) is not None:  # the native decode step sums the ranks' partials itself
+                get_runner(model).tp_group = self.tp_group
         if on_host:  # after the passes that replace modules, so every final module is covered
             self._host_handles = _stream_from_host(model, self.device)
         return model
@@ -206,7 +210,13 @@ class InferenceEngine(nn.Module):
         if bits is not None:
             from flexspeed.inference.quant import quantize_linears
 
-            model = quantize_linears(model, num_bits=bits, group_size=cfg.quant.weight.group_size)
+            from flexspeed.inference.kernels import get_runner
+
+            runner = get_runner(model)
+            # an injected runner with the native decode kernel reads int4 in the plain order
+            plain = runner is not None and runner.native_decode and runner.native_available()
+            model = quantize_linears(model, num_bits=bits, group_size=cfg.quant.weight.group_size,
+                                     int4_layout="plain" if plain else "auto")
         return model
 
     # -------------------------------------------------------------------------------- properties

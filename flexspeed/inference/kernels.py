@@ -389,6 +389,13 @@ class FusedRunner:
     """Run single-token steps through ``torch.compile`` (static shapes; falls back to eager on failure)."""
     cache_dtype: torch.dtype | None = None
     """KV cache dtype; ``None`` picks one (see :meth:`new_cache`)."""
+    native_decode: bool = True
+    """Run single-token steps of up to :attr:`native_max_batch` rows through the native C kernel
+    (:mod:`flexspeed.inference.native`) where it is available and supports the model."""
+    native_max_batch: int = 16
+    tp_group: object | None = None
+    """The tensor-parallel process group of a sharded model (set by ``init_inference``)."""
+    _native: object | None = field(default=None, repr=False)
 
     @property
     def layers(self) -> list[FusedDecoderLayer]:
@@ -447,6 +454,9 @@ class FusedRunner:
             (B, 1, V) logits of the last token with ``last_only``, else (B, T, V).
         """
         x = self.arch.embed(self.root, ids, pos)  # (B, T, C)
+        if ids.shape[1] == 1 and self._native_ok(x, cache):
+            rope = self.arch.rope(self.root, x, pos) if self.arch.rope is not None else None
+            return self._native.forward(x, cache.k, cache.v, start, key_mask, rope)  # (B, 1, V)
         if ids.shape[1] == 1 and self.compile_decode and self._compiled_ok():
             try:
                 return self._static_forward(x, pos, cache, start, key_mask)
@@ -468,6 +478,34 @@ class FusedRunner:
             if mod is not None:
                 x = _proj(mod, x)
         return _proj(self.root.get_submodule(self.arch.head_path), x)  # (B, T, V)
+
+    def native_available(self) -> bool:
+        """The native decode kernel is built and this model lives on the CPU."""
+        from flexspeed.inference.native import library
+
+        ref = next(iter(self.root.parameters()), None)
+        if ref is None:
+            ref = next(iter(self.root.buffers()), torch.empty(0))
+        return ref.device.type == "cpu" and library() is not None
+
+    def native_reason(self) -> str | None:
+        """Why single-token steps do not run natively (``None``: they do, up to ``native_max_batch`` rows)."""
+        from flexspeed.inference.native import NativeDecoder
+
+        if not self.native_decode:
+            return "native_decode is off"
+        if self.compile_decode:
+            return "compile_decode is on"
+        if self._native is None:
+            self._native = NativeDecoder(self)
+        return self._native.unsupported()
+
+    def _native_ok(self, x: torch.Tensor, cache: KVCache) -> bool:
+        if not self.native_decode or self.compile_decode or x.device.type != "cpu" or x.shape[0] > self.native_max_batch:
+            return False
+        if not cache.k or cache.k[0].dtype != torch.float32 or not cache.k[0].is_contiguous():
+            return False
+        return self.native_reason() is None
 
     def _compiled_ok(self) -> bool:
         # TP all-reduce hooks run inside the layers; keep them out of Dynamo's graphs
@@ -545,7 +583,7 @@ def build_runner(model: nn.Module) -> FusedRunner | None:
 
 
 def inject_kernels(module: nn.Module, dtype: torch.dtype | None = None, *, compile_decode: bool = False,
-                   pack_tied_head: bool = True) -> nn.Module:
+                   pack_tied_head: bool = True, native: bool = True) -> nn.Module:
     """Swap the decoder blocks of ``module`` for fused ones, in place, and attach a runner.
 
     Args:
@@ -558,7 +596,10 @@ def inject_kernels(module: nn.Module, dtype: torch.dtype | None = None, *, compi
         pack_tied_head: give an ``lm_head`` tied to the input embedding (GPT-2, OPT) its own
             oneDNN-packed copy: the head's product runs 1.6-1.7x faster (bf16, 1 and 16 rows) for one
             more vocab x hidden matrix in memory (77 MB for OPT-125M in bf16), which weight
-            quantization gives back by re-tying them.
+            quantization gives back by re-tying them. Only when the native kernel is off.
+        native: run single-token steps through the native C kernel when it is available (see
+            :mod:`flexspeed.inference.native`); its weights stay plain. ``False`` keeps decoding on
+            torch's kernels, with oneDNN-packed weights.
     Returns:
         ``module``, whose ``forward`` gives the same logits as before and whose
         :func:`get_runner` drives the preallocated KV cache.
@@ -576,12 +617,17 @@ def inject_kernels(module: nn.Module, dtype: torch.dtype | None = None, *, compi
     if dtype is not None and current is not None and current != dtype:
         module.to(dtype)
     blocks = module.get_submodule(arch.layers_path)
+    runner = FusedRunner(module, arch, None, dtype, compile_decode, native_decode=native)
+    # the native kernel reads plain weights; oneDNN packing serves the torch path only
+    pack = not (native and runner.native_available())
     with torch.no_grad():
         for i in range(len(blocks)):
             fused = arch.build(module, blocks[i], i)
             fused.train(blocks[i].training)
-            _pack_linears(fused)
+            if pack:
+                _pack_linears(fused)
             blocks[i] = fused  # the old block (and its unfused weights) is released here
-        _pack_head(module, arch.head_path, pack_tied_head)
-    object.__setattr__(module, "_flexspeed_runner", FusedRunner(module, arch, None, dtype, compile_decode))
+        if pack:
+            _pack_head(module, arch.head_path, pack_tied_head)
+    object.__setattr__(module, "_flexspeed_runner", runner)
     return module

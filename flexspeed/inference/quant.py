@@ -213,7 +213,8 @@ class QuantLinear(nn.Module):
     # ---------------------------------------------------------------- construction
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, num_bits: int = 8, group_size: int = 64) -> QuantLinear:
+    def from_linear(cls, linear: nn.Module, num_bits: int = 8, group_size: int = 64,
+                    int4_layout: str = "auto") -> QuantLinear:
         """Quantize an ``nn.Linear`` or HF ``Conv1D`` (its weight is left untouched).
 
         Args:
@@ -221,11 +222,16 @@ class QuantLinear(nn.Module):
             num_bits: 8 or 4.
             group_size: input features per int4 group (must divide ``in_features``); ignored
                 for int8, which uses one scale per output channel.
+            int4_layout: ``"auto"`` (aten's blocked order where its CPU kernel exists) or
+                ``"plain"`` (two values per byte in column order: what flexspeed's native decode
+                kernel and the offload store read).
         """
         w = _dense_weight(linear)  # (N, K)
         n, k = w.shape
         layout, block = "plain", 0
-        if num_bits == 4 and w.device.type == "cpu" and group_size in _KERNEL_GROUPS:
+        if int4_layout not in ("auto", "plain"):
+            raise ValueError(f"int4_layout={int4_layout!r}: use 'auto' or 'plain'")
+        if num_bits == 4 and int4_layout == "auto" and w.device.type == "cpu" and group_size in _KERNEL_GROUPS:
             found = int4_kernel_layout()
             if found is not None:
                 layout, block = found
@@ -431,7 +437,7 @@ def _check_args(num_bits: int, group_size: int, in_features: int | None, where: 
 
 
 def quantize_linears(module: nn.Module, num_bits: int, group_size: int = 64, *,
-                     exclude: Iterable[str] = (), tied_embeddings: bool = True) -> nn.Module:
+                     exclude: Iterable[str] = (), tied_embeddings: bool = True, int4_layout: str = "auto") -> nn.Module:
     """Replace the Linear layers (``nn.Linear``, HF ``Conv1D``, ``PackedLinear``) by :class:`QuantLinear`, in place.
 
     Args:
@@ -442,6 +448,7 @@ def quantize_linears(module: nn.Module, num_bits: int, group_size: int = 64, *,
             ``"*.mlp.*"``).
         tied_embeddings: quantize a Linear whose weight is an embedding's, and make the embedding
             read the quantized rows (``False``: leave such Linears, usually ``lm_head``, alone).
+        int4_layout: see :meth:`QuantLinear.from_linear`.
     Returns:
         ``module`` (a bare Linear passed as ``module`` is returned as a new :class:`QuantLinear`).
     Raises:
@@ -449,7 +456,7 @@ def quantize_linears(module: nn.Module, num_bits: int, group_size: int = 64, *,
     """
     _check_args(num_bits, group_size, None, "the model")
     if _is_linear_like(module):
-        return QuantLinear.from_linear(module, num_bits, group_size)
+        return QuantLinear.from_linear(module, num_bits, group_size, int4_layout)
     patterns = list(exclude)
     embeddings = {id(m.weight): (n, m) for n, m in module.named_modules() if isinstance(m, nn.Embedding)}
     done: dict[int, QuantLinear] = {}
@@ -463,7 +470,7 @@ def quantize_linears(module: nn.Module, num_bits: int, group_size: int = 64, *,
         if id(lin) not in done:
             if num_bits == 4:
                 _check_args(num_bits, group_size, _dense_weight(lin).shape[1], repr(name))
-            done[id(lin)] = QuantLinear.from_linear(lin, num_bits, group_size)
+            done[id(lin)] = QuantLinear.from_linear(lin, num_bits, group_size, int4_layout)
         q = done[id(lin)]
         _set_submodule(module, name, q)
         if tied is not None:

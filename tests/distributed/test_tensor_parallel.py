@@ -155,6 +155,30 @@ def _grid(rank: int, world: int, ckpt_dir: str) -> dict:
             want = generate(ref, x[:, :8], max_new_tokens=6)
             got = engine.generate(x[:, :8], max_new_tokens=6)
         res["generate"] = bool(torch.equal(want, got))
+
+    from flexspeed.inference.kernels import get_runner
+    from flexspeed.inference.native import library
+
+    if library() is None:
+        res["native_tp"] = "skipped"
+    else:  # the native decode step: partial projections summed through shared memory, head rows split
+        res["native_tp"] = {}
+        for n in ("gpt2", "llama"):
+            engine = flexspeed.init_inference(build(n), tensor_parallel={"tp_size": 2}, replace_with_kernel_inject=True)
+            runner = get_runner(engine.module)
+            reason = runner.native_reason()
+            with torch.no_grad():
+                got = engine.generate(x[:, :8], max_new_tokens=6, min_new_tokens=6)
+                cache = runner.new_cache(2, 16)
+                pos = torch.arange(8).expand(2, 8)
+                runner(x[:2, :8], pos, cache, 0)
+                step_native = runner(x[:2, 8:9], pos[:, -1:] + 1, cache, 8)
+                runner.native_decode = False
+                want = engine.generate(x[:, :8], max_new_tokens=6, min_new_tokens=6)
+                step_torch = runner(x[:2, 8:9], pos[:, -1:] + 1, cache, 8)
+            res["native_tp"][n] = {"reason": reason, "equal": bool(torch.equal(got, want)),
+                                   "diff": (step_native.float() - step_torch.float()).abs().max().item(),
+                                   "scale": step_torch.abs().max().item()}
     return res
 
 
@@ -213,6 +237,16 @@ def test_generate_under_tp(grid):
     if grid[0]["generate"] == "skipped":
         pytest.skip("flexspeed.inference.generation not there yet")
     assert all(res["generate"] is True for res in grid)
+
+
+def test_native_decode_under_tp(grid):
+    if grid[0]["native_tp"] == "skipped":
+        pytest.skip("no C compiler: the native decode kernel is not available")
+    for res in grid:
+        for name, r in res["native_tp"].items():
+            assert r["reason"] is None, (name, r)
+            assert r["equal"], (name, r)  # greedy tokens as the torch path (gloo all-reduce hooks)
+            assert r["diff"] <= 1e-5 * max(1.0, r["scale"]), (name, r)  # fp32
 
 
 # ------------------------------------------------------------------------------ detection rules

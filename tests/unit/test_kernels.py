@@ -99,9 +99,10 @@ def test_hf_generate_still_works_after_injection() -> None:
 
 
 def test_names_kept_for_tensor_parallel_and_quantization() -> None:
-    opt = inject_kernels(build("opt"))
-    llama = inject_kernels(build("llama"))
-    gpt2 = inject_kernels(build("gpt2"))
+    # native=False: oneDNN packing applies to the torch decode path only (the native kernel reads plain weights)
+    opt = inject_kernels(build("opt"), native=False)
+    llama = inject_kernels(build("llama"), native=False)
+    gpt2 = inject_kernels(build("gpt2"), native=False)
     for model, path in ((opt, "model.decoder.layers.0.self_attn.out_proj"), (opt, "model.decoder.layers.1.fc2"),
                         (llama, "model.layers.0.self_attn.o_proj"), (llama, "model.layers.0.mlp.down_proj"),
                         (gpt2, "transformer.h.0.attn.c_proj"), (gpt2, "transformer.h.0.mlp.c_proj")):
@@ -110,7 +111,7 @@ def test_names_kept_for_tensor_parallel_and_quantization() -> None:
     assert llama.model.layers[0].mlp.gate_up.out_features == 2 * 128
     assert isinstance(llama.lm_head, PackedLinear) and llama.lm_head.tied_embedding is None
     assert opt.lm_head.tied_embedding == "model.decoder.embed_tokens"  # a packed copy of OPT's tied head
-    kept = inject_kernels(build("opt"), pack_tied_head=False)
+    kept = inject_kernels(build("opt"), pack_tied_head=False, native=False)
     assert kept.lm_head.weight is kept.model.decoder.embed_tokens.weight
 
 
