@@ -30,6 +30,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -246,13 +247,55 @@ def linear_struct(mod: nn.Module | None, what: str, keep: list | None = None) ->
         if mod.layout != "plain" or mod.in_features % 2:
             raise Unsupported(f"{what} holds int4 weights in aten's blocked order (quantize with the native "
                               "kernel loaded to get the plain order)")
-        if keep is None:
-            raise ValueError("linear_struct needs a keep list for int4 weights")
-        rows_major = mod.qparams.transpose(0, 1).contiguous()  # (N_padded, K/group, 2)
-        keep.append(rows_major)
+        rows_major = _rows_major_scales(mod)
+        if keep is not None:
+            keep.append(rows_major)
         return Linear(I4, mod.out_features, mod.in_features, mod.group_size, mod.qweight.data_ptr(),
                       rows_major.data_ptr(), bias_fmt, bias_ptr)
     raise Unsupported(f"{what} is a {type(mod).__name__} (the kernel reads nn.Linear and QuantLinear)")
+
+
+def _rows_major_scales(mod) -> torch.Tensor:
+    """An int4 ``QuantLinear``'s scales as ``(N_padded, K/group, 2)``, made once per ``qparams``
+    (cached on the module, outside its state; shared by every user of the kernel)."""
+    q = mod.qparams
+    key = (q.data_ptr(), q._version)
+    cached = mod.__dict__.get("_native_scales")
+    if cached is None or cached[0] != key:
+        cached = (key, q.transpose(0, 1).contiguous())
+        mod.__dict__["_native_scales"] = cached
+    return cached[1]
+
+
+_SCRATCH = threading.local()
+
+
+def quant_matmul(mod, x2: torch.Tensor) -> torch.Tensor | None:
+    """``x2 @ W.T + bias`` for a CPU ``QuantLinear`` (int8, or int4 in the plain order) and a few
+    rows ``x2`` (M, K), through the kernel's products; ``None`` where the kernel does not apply.
+
+    Serves the prompt's last-row ``lm_head`` and other small products on torch's path (aten has
+    no kernel for the plain int4 order, and its int8 kernel rounds the activations to bf16).
+    """
+    lib = library()
+    if lib is None or x2.device.type != "cpu":
+        return None
+    try:
+        lin = linear_struct(mod, "QuantLinear")
+    except Unsupported:
+        return None
+    M, K = x2.shape
+    x = x2.to(torch.float32).contiguous()
+    nt = torch.get_num_threads()
+    need = int(lib.fs_scratch_floats(None, 0, ctypes.byref(lin), M, K, 1, nt))
+    scratch = getattr(_SCRATCH, "buf", None)
+    if scratch is None or scratch.numel() < need:
+        scratch = _SCRATCH.buf = torch.empty(need)
+    y = torch.empty(M, lin.n)
+    step = Step(M, K, 0, 1, nt, 0, None, None, None, scratch.data_ptr())
+    if lib.fs_forward(None, 0, None, ctypes.byref(lin), x.data_ptr(), y.data_ptr(), ctypes.byref(step)) != 0:
+        return None
+    return y
 
 
 def norm_struct(mod: nn.Module, what: str) -> Norm:

@@ -48,6 +48,7 @@ _BITS_KEY = "quant.weight.num_bits"
 _GROUP_KEY = "quant.weight.group_size"
 _CHUNK_ELEMS = 1 << 20  # weights dequantized per chunk (4 MB in fp32): few, large elementwise ops
 _KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes aten's int4 CPU kernel accepts
+_NATIVE_ROWS = 16  # up to this many rows, "auto" uses flexspeed's native products (flexspeed.inference.native)
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -177,8 +178,9 @@ class QuantLinear(nn.Module):
     min`` with ``min = zero - 8 * scale``.
 
     Attributes:
-        kernel: ``"auto"`` (low-bit CPU kernel for up to ``kernel_max_rows`` rows, dequantizing
-            path otherwise), ``"kernel"`` or ``"dequant"`` to force one path.
+        kernel: ``"auto"`` (flexspeed's native products for up to 16 rows where they are built,
+            else aten's low-bit CPU kernel for up to ``kernel_max_rows`` rows, the dequantizing
+            path otherwise), ``"kernel"`` (aten's) or ``"dequant"`` to force one path.
         kernel_max_rows: largest row count sent to the low-bit kernel under ``"auto"``.
     """
 
@@ -353,6 +355,12 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if self.kernel == "auto" and x2.device.type == "cpu" and x2.shape[0] <= _NATIVE_ROWS:
+            from flexspeed.inference.native import quant_matmul
+
+            y = quant_matmul(self, x2)  # flexspeed's native products (bias included), where built
+            if y is not None:
+                return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         y = self._kernel_mm(x2) if self._use_kernel(x2) else self._dequant_mm(x2)
         if self.rows != self.out_features:
             y = y[:, :self.out_features]  # drop the padding rows

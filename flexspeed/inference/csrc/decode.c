@@ -358,26 +358,44 @@ static void i4_rows(const fs_linear *L, const float *prep, int M, float *y, int 
                 const int8_t *e8 = (const int8_t *)p, *o8 = e8 + half;
                 const float *sxg = p + K / 4 + 1, *gsum = sxg + ng;
                 const __m256i m4 = _mm256_set1_epi8(15);
-                __m256 h0 = _mm256_setzero_ps(), h1 = h0;
-#define G64(gg, f, c)                                                                                          \
+                __m256 h0 = _mm256_setzero_ps(), h1 = h0, h2 = h0, h3 = h0;
+                /* the row's scales, 16 groups per vector: lane = [scale | zero << 16] (bf16 pairs);
+                 * the per-group factors scale * sx_g go to a small buffer (broadcast loads below),
+                 * the offsets sum (zero - 8 scale) * sum(x_g) as vectors: no scalar float work.
+                 * Blocks of 64 groups (K up to 4096 in one block). */
+                float fac[64];
+                __m512 cv = _mm512_setzero_ps();
+                const uint32_t *pairs = (const uint32_t *)(SZ + (size_t)r * ng * 2);
+                for (int b0 = 0; b0 < ng; b0 += 64) {
+                    const int b1 = ng - b0 > 64 ? b0 + 64 : ng;
+                    for (int g0 = b0; g0 < b1; g0 += 16) {
+                        const __mmask16 mk = MASK16(b1 - g0);
+                        const __m512i v = _mm512_maskz_loadu_epi32(mk, pairs + g0);
+                        const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+                        const __m512 zc = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)));
+                        _mm512_mask_storeu_ps(fac + (g0 - b0), mk, _mm512_mul_ps(sc, _mm512_maskz_loadu_ps(mk, sxg + g0)));
+                        cv = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.f), sc, zc), _mm512_maskz_loadu_ps(mk, gsum + g0), cv);
+                    }
+#define G64(gg, f)                                                                                             \
     do {                                                                                                       \
         const __m256i b = _mm256_loadu_si256((const __m256i *)(w + (size_t)(gg) * 32));                       \
         __m256i a = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_and_si256(b, m4),                       \
                                         _mm256_loadu_si256((const __m256i *)(e8 + (gg) * 32)));                \
         a = _mm256_dpbusd_epi32(a, _mm256_and_si256(_mm256_srli_epi16(b, 4), m4),                              \
                                 _mm256_loadu_si256((const __m256i *)(o8 + (gg) * 32)));                        \
-        const uint16_t *sz = SZ + ((size_t)r * ng + (gg)) * 2;                                                 \
-        const float s = bf16_to_f32(sz[0]), z = bf16_to_f32(sz[1]);                                            \
-        f = _mm256_fmadd_ps(_mm256_set1_ps(s * sxg[gg]), _mm256_cvtepi32_ps(a), f);                            \
-        c += (z - 8.f * s) * gsum[gg];                                                                         \
+        f = _mm256_fmadd_ps(_mm256_broadcast_ss(fac + (gg) - b0), _mm256_cvtepi32_ps(a), f);                   \
     } while (0)
-                for (; g + 2 <= ng; g += 2) {
-                    G64(g, h0, c0);
-                    G64(g + 1, h1, c1);
-                }
-                if (g < ng) G64(g, h0, c0);
+                    for (g = b0; g + 4 <= b1; g += 4) {
+                        G64(g, h0);
+                        G64(g + 1, h1);
+                        G64(g + 2, h2);
+                        G64(g + 3, h3);
+                    }
+                    for (; g < b1; g++) G64(g, h0);
 #undef G64
-                y[(size_t)m * ldy + r] = hsum8(_mm256_add_ps(h0, h1)) + c0 + c1;
+                }
+                c0 = _mm512_reduce_add_ps(cv);
+                y[(size_t)m * ldy + r] = hsum8(_mm256_add_ps(_mm256_add_ps(h0, h1), _mm256_add_ps(h2, h3))) + c0 + c1;
                 continue;
             }
             for (; g < ng; g++) {
@@ -504,6 +522,69 @@ static inline float activate(int act, float v) {
     case FS_SILU: return v / (1.f + expf(-v));
     default: return v;
     }
+}
+
+#if FS_FAST
+/* exp for 16 lanes: 2^n * p(r), r = x - n ln2, degree-6 polynomial (relative error ~2e-7) */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 act16(int act, __m512 v) {
+    const __m512 one = _mm512_set1_ps(1.f), half = _mm512_set1_ps(0.5f);
+    switch (act) {
+    case FS_RELU: return _mm512_max_ps(v, _mm512_setzero_ps());
+    case FS_SILU: return _mm512_div_ps(v, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+    case FS_GELU_TANH: { /* tanh(u) = 1 - 2 / (exp(2u) + 1), u clamped where tanh is +-1 in fp32 */
+        __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.79788456080286536f),
+                                 _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), v), _mm512_mul_ps(v, v), v));
+        u = _mm512_min_ps(_mm512_max_ps(u, _mm512_set1_ps(-10.f)), _mm512_set1_ps(10.f));
+        const __m512 t = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(exp16(_mm512_add_ps(u, u)), one)));
+        return _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, t));
+    }
+    case FS_GELU: { /* erf by Abramowitz-Stegun 7.1.26 (absolute error 1.5e-7) */
+        const __m512 z = _mm512_mul_ps(v, _mm512_set1_ps(0.70710678118654752f));
+        const __m512 a = _mm512_abs_ps(z);
+        const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a, one));
+        __m512 p = _mm512_set1_ps(1.061405429f);
+        p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+        p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+        p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+        p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+        p = _mm512_mul_ps(p, t);
+        __m512 e = _mm512_fnmadd_ps(p, exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a))), one);
+        e = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(e), _mm512_and_si512(_mm512_castps_si512(z),
+                                                                                        _mm512_set1_epi32((int)0x80000000u))));
+        return _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, e));
+    }
+    default: return v;
+    }
+}
+#endif
+
+/* a[i] = act(a[i]) (* b[i] when gated), n values */
+static void activate_rows(int act, float *a, const float *b, int n) {
+    int i = 0;
+#if FS_FAST
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = act16(act, _mm512_loadu_ps(a + i));
+        if (b) v = _mm512_mul_ps(v, _mm512_loadu_ps(b + i));
+        _mm512_storeu_ps(a + i, v);
+    }
+#endif
+    for (; i < n; i++) a[i] = b ? activate(act, a[i]) * b[i] : activate(act, a[i]);
 }
 
 static size_t xs_floats(const fs_linear *L, int M) { return prep_floats(L) * (size_t)M; }
@@ -646,7 +727,7 @@ static int forward_impl(const fs_layer *layers, int n_layers, const fs_norm *fin
             if (l->gated) linear_rows(&l->up, h, B, C, xs, up, un, f + r0, f + r1);
             for (int m = 0; m < B; m++) {
                 float *um = up + (size_t)m * un;
-                for (int r = r0; r < r1; r++) um[r] = l->gated ? activate(l->act, um[r]) * um[f + r] : activate(l->act, um[r]);
+                activate_rows(l->act, um + r0, l->gated ? um + f + r0 : NULL, r1 - r0);
             }
             barrier_wait(&bar, nth, &sense);
 
