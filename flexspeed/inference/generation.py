@@ -80,6 +80,7 @@ class _Sampler:
             raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0; use 1.0 to disable it")
         self.do_sample, self.temperature, self.top_k, self.top_p = do_sample, temperature, top_k or 0, top_p
         self.penalty, self.min_new, self.eos, self.generator = repetition_penalty, min_new_tokens, eos, generator
+        self._eos_t: torch.Tensor | None = None
         self.padding: torch.Tensor | None = None
         """(B, >= T) True at left-padding positions (excluded from the repetition penalty, as HF)."""
 
@@ -93,8 +94,16 @@ class _Sampler:
             penalised = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
             logits = padded.scatter(1, ids, penalised)[:, :vocab]
         if n_done < self.min_new and self.eos:
-            logits[:, self.eos] = float("-inf")
+            if self._eos_t is None or self._eos_t.device != logits.device:
+                self._eos_t = torch.tensor(self.eos, dtype=torch.long, device=logits.device)
+            logits.index_fill_(1, self._eos_t, float("-inf"))
         if not self.do_sample:
+            if logits.device.type == "cpu":
+                from flexspeed.inference.native import argmax_rows
+
+                fast = argmax_rows(logits)
+                if fast is not None:
+                    return fast
             return logits.argmax(dim=-1)
         if self.temperature != 1.0:
             logits = logits / self.temperature
@@ -200,17 +209,27 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     step = _stepper(model, input_ids, mask, max_new_tokens, use_cache)
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     eos_t = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
+    on_cpu, eos_set, done = input_ids.device.type == "cpu", set(eos), [False] * B
     with torch.inference_mode():
         logits = step(None)
         for i in range(max_new_tokens):
             nxt = sampler(logits.float(), seq[:, :T + i], i)  # (B,)
-            if pad is not None and eos:
-                nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
-            seq[:, T + i] = nxt
-            if eos:
-                finished |= torch.isin(nxt, eos_t)
-                if bool(finished.all()):
-                    return seq[:, :T + i + 1]
+            if on_cpu:  # the bookkeeping in Python: a few us, where six small tensor ops cost ~40
+                if pad is not None and eos and any(done):
+                    nxt = torch.tensor([pad if d else v for v, d in zip(nxt.tolist(), done)], dtype=torch.long)
+                seq[:, T + i] = nxt
+                if eos:
+                    done = [d or v in eos_set for v, d in zip(nxt.tolist(), done)]
+                    if all(done):
+                        return seq[:, :T + i + 1]
+            else:
+                if pad is not None and eos:
+                    nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+                seq[:, T + i] = nxt
+                if eos:
+                    finished |= torch.isin(nxt, eos_t)
+                    if bool(finished.all()):
+                        return seq[:, :T + i + 1]
             if i + 1 < max_new_tokens:
                 logits = step(nxt)
     return seq

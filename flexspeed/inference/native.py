@@ -65,7 +65,7 @@ class Norm(ctypes.Structure):
 class Layer(ctypes.Structure):
     _fields_ = [("norm1", Norm), ("norm2", Norm), ("qkv", Linear), ("out", Linear), ("up", Linear), ("down", Linear),
                 ("act", _I), ("gated", _I), ("n_heads", _I), ("n_kv", _I), ("head_dim", _I),
-                ("scale", ctypes.c_float), ("kc", _P), ("vc", _P)]
+                ("scale", ctypes.c_float), ("kc", _P), ("vc", _P), ("kv_fmt", _I)]
 
 
 class Step(ctypes.Structure):
@@ -146,6 +146,10 @@ def library() -> ctypes.CDLL | None:
                                       ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.fs_scratch_floats.restype = ctypes.c_int64
     lib.fs_fast_path.restype = ctypes.c_int
+    lib.fs_rows.argtypes = [ctypes.POINTER(Linear), _P, ctypes.c_int64, _P]
+    lib.fs_rows.restype = ctypes.c_int
+    lib.fs_argmax.argtypes = [_P, ctypes.c_int64, ctypes.c_int64, _P]
+    lib.fs_argmax.restype = None
     lib.fs_layer_part.argtypes = [ctypes.POINTER(Layer), ctypes.c_int, _P, _P, ctypes.POINTER(Step)]
     lib.fs_layer_part.restype = ctypes.c_int
     lib.fs_shm_bytes.argtypes = [ctypes.c_int, ctypes.c_int64]
@@ -268,6 +272,35 @@ def _rows_major_scales(mod) -> torch.Tensor:
 
 
 _SCRATCH = threading.local()
+
+
+def gather_rows(mod, rows: torch.Tensor) -> torch.Tensor | None:
+    """Rows ``rows`` (R,) of a CPU ``QuantLinear``'s weight, dequantized to fp32 (R, K), or ``None``
+    without the kernel: the embedding lookup of a quantized tied head, one call per step."""
+    lib = library()
+    if lib is None or rows.device.type != "cpu":
+        return None
+    try:
+        lin = linear_struct(mod, "QuantLinear")
+    except Unsupported:
+        return None
+    ids = rows.reshape(-1).to(torch.long).contiguous()
+    out = torch.empty(ids.numel(), lin.k)
+    if lib.fs_rows(ctypes.byref(lin), ids.data_ptr(), ids.numel(), out.data_ptr()) != 0:
+        return None  # an id out of range: let torch raise its usual error
+    return out
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor | None:
+    """``logits.argmax(-1)`` for a contiguous CPU fp32 (B, V) tensor, or ``None`` without the kernel
+    (torch's CPU argmax takes ~50 us over 50k logits; this ~5 us)."""
+    lib = library()
+    if lib is None or logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 2:
+        return None
+    x = logits if logits.is_contiguous() else logits.contiguous()
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    lib.fs_argmax(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+    return out
 
 
 def quant_matmul(mod, x2: torch.Tensor) -> torch.Tensor | None:
@@ -458,7 +491,7 @@ class NativeDecoder:
                 key_mask: torch.Tensor | None, rope: tuple | None) -> torch.Tensor:
         """fp32 logits (B, 1, V) for embedded tokens ``x`` (B, 1, C) at cache position ``start``.
 
-        ``k``/``v``: the per-layer fp32 cache buffers (B, H_kv, T_max, hd), written at ``start``.
+        ``k``/``v``: the per-layer fp32 or bf16 cache buffers (B, H_kv, T_max, hd), written at ``start``.
         """
         B, _, C = x.shape
         t_max, nt = k[0].shape[2], torch.get_num_threads()
@@ -467,10 +500,13 @@ class NativeDecoder:
         held = self._cache_id
         if (held is None or len(held) != len(current) or held[0] != current[0]
                 or any(a is not b for a, b in zip(held[1:], current[1:]))):
-            if len(k) != len(self.layers) or any(t.dtype != torch.float32 or not t.is_contiguous() for t in (*k, *v)):
-                raise ValueError("the native decode step needs one contiguous fp32 key and value buffer per layer")
+            if len(k) != len(self.layers) or any(t.dtype not in (torch.float32, torch.bfloat16) or not t.is_contiguous()
+                                                  for t in (*k, *v)):
+                raise ValueError("the native decode step needs one contiguous fp32 or bf16 key and value buffer "
+                                 "per layer")
             for i, s in enumerate(self.layers):
                 s.kc, s.vc = k[i].data_ptr(), v[i].data_ptr()
+                s.kv_fmt = BF16 if k[i].dtype == torch.bfloat16 else F32
             need = self.lib.fs_scratch_floats(self.layers, len(self.layers), self.head, B, C, t_max, nt)
             if self._scratch.numel() < need:
                 self._scratch = torch.empty(need)

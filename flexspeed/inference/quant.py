@@ -324,6 +324,12 @@ class QuantLinear(nn.Module):
 
     def gather_rows(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Weights of arbitrary output rows ``(R,)`` -> ``(R, K)`` (embedding lookups)."""
+        if rows.device.type == "cpu" and rows.numel() <= _NATIVE_ROWS:
+            from flexspeed.inference.native import gather_rows
+
+            fast = gather_rows(self, rows)  # one call instead of a dozen small torch ops
+            if fast is not None:
+                return fast.to(dtype)
         if self.num_bits == 8:
             vals = self.qweight[rows]
         elif self.layout == "plain":

@@ -49,7 +49,8 @@ typedef struct {
     int32_t act, gated;
     int32_t n_heads, n_kv, head_dim;
     float scale;
-    float *kc, *vc;                /* (B, n_kv, t_max, head_dim) fp32 */
+    void *kc, *vc;                 /* (B, n_kv, t_max, head_dim), fp32 or bf16 (kv_fmt) */
+    int32_t kv_fmt;                /* FS_F32 or FS_BF16 */
 } fs_layer;
 
 typedef struct {
@@ -67,6 +68,13 @@ static inline float bf16_to_f32(uint16_t v) {
     float f;
     memcpy(&f, &u, 4);
     return f;
+}
+
+/* round to nearest even (finite values) */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
 static inline float param(const void *p, int fmt, int i) {
@@ -153,11 +161,6 @@ static inline void axpy_f32(float *y, float a, const float *x, int n) {
     for (; i < n; i++) y[i] += a * x[i];
 }
 
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
 
 static float absmax(const float *x, int n) {
     __m512 mx = _mm512_setzero_ps();
@@ -354,50 +357,6 @@ static void i4_rows(const fs_linear *L, const float *prep, int M, float *y, int 
             __m512 f0 = _mm512_setzero_ps(), f1 = f0;
             float c0 = 0.f, c1 = 0.f;
             int g = 0;
-            if (G == 64 && FS_I4_A8) { /* weights u8 x activations s8 per group (vpdpbusd): ~1 instruction per 32 weights */
-                const int8_t *e8 = (const int8_t *)p, *o8 = e8 + half;
-                const float *sxg = p + K / 4 + 1, *gsum = sxg + ng;
-                const __m256i m4 = _mm256_set1_epi8(15);
-                __m256 h0 = _mm256_setzero_ps(), h1 = h0, h2 = h0, h3 = h0;
-                /* the row's scales, 16 groups per vector: lane = [scale | zero << 16] (bf16 pairs);
-                 * the per-group factors scale * sx_g go to a small buffer (broadcast loads below),
-                 * the offsets sum (zero - 8 scale) * sum(x_g) as vectors: no scalar float work.
-                 * Blocks of 64 groups (K up to 4096 in one block). */
-                float fac[64];
-                __m512 cv = _mm512_setzero_ps();
-                const uint32_t *pairs = (const uint32_t *)(SZ + (size_t)r * ng * 2);
-                for (int b0 = 0; b0 < ng; b0 += 64) {
-                    const int b1 = ng - b0 > 64 ? b0 + 64 : ng;
-                    for (int g0 = b0; g0 < b1; g0 += 16) {
-                        const __mmask16 mk = MASK16(b1 - g0);
-                        const __m512i v = _mm512_maskz_loadu_epi32(mk, pairs + g0);
-                        const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-                        const __m512 zc = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)));
-                        _mm512_mask_storeu_ps(fac + (g0 - b0), mk, _mm512_mul_ps(sc, _mm512_maskz_loadu_ps(mk, sxg + g0)));
-                        cv = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.f), sc, zc), _mm512_maskz_loadu_ps(mk, gsum + g0), cv);
-                    }
-#define G64(gg, f)                                                                                             \
-    do {                                                                                                       \
-        const __m256i b = _mm256_loadu_si256((const __m256i *)(w + (size_t)(gg) * 32));                       \
-        __m256i a = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_and_si256(b, m4),                       \
-                                        _mm256_loadu_si256((const __m256i *)(e8 + (gg) * 32)));                \
-        a = _mm256_dpbusd_epi32(a, _mm256_and_si256(_mm256_srli_epi16(b, 4), m4),                              \
-                                _mm256_loadu_si256((const __m256i *)(o8 + (gg) * 32)));                        \
-        f = _mm256_fmadd_ps(_mm256_broadcast_ss(fac + (gg) - b0), _mm256_cvtepi32_ps(a), f);                   \
-    } while (0)
-                    for (g = b0; g + 4 <= b1; g += 4) {
-                        G64(g, h0);
-                        G64(g + 1, h1);
-                        G64(g + 2, h2);
-                        G64(g + 3, h3);
-                    }
-                    for (; g < b1; g++) G64(g, h0);
-#undef G64
-                }
-                c0 = _mm512_reduce_add_ps(cv);
-                y[(size_t)m * ldy + r] = hsum8(_mm256_add_ps(_mm256_add_ps(h0, h1), _mm256_add_ps(h2, h3))) + c0 + c1;
-                continue;
-            }
             for (; g < ng; g++) {
                 const uint8_t *wg = w + (size_t)g * hg;
                 __m512i acc = _mm512_setzero_si512();
@@ -418,6 +377,77 @@ static void i4_rows(const fs_linear *L, const float *prep, int M, float *y, int 
                 }
             }
             y[(size_t)m * ldy + r] = hsum(_mm512_add_ps(f0, f1)) * p[K + ng] + c0 + c1;
+        }
+    }
+}
+
+/* int4, group 64: weights u8 x activations s8 per group (vpdpbusd, ~1 instruction per 32
+ * weights). One row's partial sums stay a vector: the scale offsets (zero - 8 scale) * sum(x_g)
+ * are folded in as vectors too, and four rows are reduced together (a transposing hadd tree),
+ * which matters for short rows (K = 768: 384 bytes a row). */
+static inline __m256 i4a8_row(const uint8_t *w, const uint32_t *pairs, int ng, const int8_t *e8, const int8_t *o8,
+                              const float *sxg, const float *gsum) {
+    const __m256i m4 = _mm256_set1_epi8(15);
+    __m256 h0 = _mm256_setzero_ps(), h1 = h0, h2 = h0, h3 = h0;
+    __m512 cv = _mm512_setzero_ps();
+    float fac[64];
+    for (int b0 = 0; b0 < ng; b0 += 64) { /* blocks of 64 groups: K up to 4096 per block */
+        const int b1 = ng - b0 > 64 ? b0 + 64 : ng;
+        for (int g0 = b0; g0 < b1; g0 += 16) { /* lane = [scale | zero << 16], bf16 pairs */
+            const __mmask16 mk = MASK16(b1 - g0);
+            const __m512i v = _mm512_maskz_loadu_epi32(mk, pairs + g0);
+            const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            const __m512 zc = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)));
+            _mm512_mask_storeu_ps(fac + (g0 - b0), mk, _mm512_mul_ps(sc, _mm512_maskz_loadu_ps(mk, sxg + g0)));
+            cv = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.f), sc, zc), _mm512_maskz_loadu_ps(mk, gsum + g0), cv);
+        }
+#define G64(gg, f)                                                                                             \
+    do {                                                                                                       \
+        const __m256i b = _mm256_loadu_si256((const __m256i *)(w + (size_t)(gg) * 32));                       \
+        __m256i a = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_and_si256(b, m4),                       \
+                                        _mm256_loadu_si256((const __m256i *)(e8 + (gg) * 32)));                \
+        a = _mm256_dpbusd_epi32(a, _mm256_and_si256(_mm256_srli_epi16(b, 4), m4),                              \
+                                _mm256_loadu_si256((const __m256i *)(o8 + (gg) * 32)));                        \
+        f = _mm256_fmadd_ps(_mm256_broadcast_ss(fac + (gg) - b0), _mm256_cvtepi32_ps(a), f);                   \
+    } while (0)
+        int g = b0;
+        for (; g + 4 <= b1; g += 4) {
+            G64(g, h0);
+            G64(g + 1, h1);
+            G64(g + 2, h2);
+            G64(g + 3, h3);
+        }
+        for (; g < b1; g++) G64(g, h0);
+#undef G64
+    }
+    const __m256 c8 = _mm256_add_ps(_mm512_castps512_ps256(cv), _mm512_extractf32x8_ps(cv, 1));
+    return _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(h0, h1), _mm256_add_ps(h2, h3)), c8);
+}
+
+/* the lane sums of four vectors, as one 4-float vector */
+static inline __m128 sum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+static void i4a8_rows(const fs_linear *L, const float *prep, int M, float *y, int ldy, int r0, int r1) {
+    const int K = L->k, ng = K / 64, half = K / 2;
+    const size_t per = prep_floats(L);
+    const uint32_t *pairs = (const uint32_t *)L->scales; /* (n, ng) pairs: one row's scales are contiguous */
+    for (int r = r0; r < r1; r += 4) {
+        const int nr = r1 - r < 4 ? r1 - r : 4;
+        for (int m = 0; m < M; m++) {
+            const float *p = prep + (size_t)m * per;
+            const int8_t *e8 = (const int8_t *)p, *o8 = e8 + half;
+            const float *sxg = p + K / 4 + 1, *gsum = sxg + ng;
+            __m256 v[4];
+            for (int i = 0; i < 4; i++)
+                v[i] = i < nr ? i4a8_row((const uint8_t *)L->w + (size_t)(r + i) * half, pairs + (size_t)(r + i) * ng, ng,
+                                         e8, o8, sxg, gsum)
+                              : _mm256_setzero_ps();
+            float out[4];
+            _mm_storeu_ps(out, sum4(v[0], v[1], v[2], v[3]));
+            for (int i = 0; i < nr; i++) y[(size_t)m * ldy + r + i] = out[i];
         }
     }
 }
@@ -474,7 +504,10 @@ static void linear_rows(const fs_linear *L, const float *x, int M, int ldx, cons
     case FS_F32: f32_rows(L, x, M, ldx, y, ldy, r0, r1); break;
     case FS_BF16: bf16_rows(L, prep, M, y, ldy, r0, r1); break;
     case FS_I8: i8_rows(L, prep, M, y, ldy, r0, r1); break;
-    default: i4_rows(L, prep, M, y, ldy, r0, r1); break;
+    default:
+        if (L->group == 64 && FS_I4_A8) i4a8_rows(L, prep, M, y, ldy, r0, r1);
+        else i4_rows(L, prep, M, y, ldy, r0, r1);
+        break;
     }
 #else
     (void)prep;
@@ -574,6 +607,99 @@ static inline __m512 act16(int act, __m512 v) {
 }
 #endif
 
+/* sc[t] = scale * q . K[t] for t < n (rows of hd floats) */
+static void scores_f32(const float *q, const float *K, int hd, int n, float scale, float *sc) {
+    int t = 0;
+#if FS_FAST
+    if (hd % 16 == 0 && hd <= 256) {
+        __m512 qv[16];
+        for (int j = 0; j < hd / 16; j++) qv[j] = _mm512_loadu_ps(q + 16 * j);
+        for (; t + 4 <= n; t += 4) { /* four keys at once, reduced together */
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            const float *k0 = K + (size_t)t * hd;
+            for (int j = 0; j < hd / 16; j++) {
+                a0 = _mm512_fmadd_ps(qv[j], _mm512_loadu_ps(k0 + 16 * j), a0);
+                a1 = _mm512_fmadd_ps(qv[j], _mm512_loadu_ps(k0 + hd + 16 * j), a1);
+                a2 = _mm512_fmadd_ps(qv[j], _mm512_loadu_ps(k0 + 2 * hd + 16 * j), a2);
+                a3 = _mm512_fmadd_ps(qv[j], _mm512_loadu_ps(k0 + 3 * hd + 16 * j), a3);
+            }
+#define HALF8(a) _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1))
+            const __m128 s4 = sum4(HALF8(a0), HALF8(a1), HALF8(a2), HALF8(a3));
+#undef HALF8
+            _mm_storeu_ps(sc + t, _mm_mul_ps(s4, _mm_set1_ps(scale)));
+        }
+    }
+#endif
+    for (; t < n; t++) sc[t] = dot_f32(q, K + (size_t)t * hd, hd) * scale;
+}
+
+/* the same over a bf16 cache (half the bytes: at long contexts the cache rivals int4 weights) */
+static void scores_bf16(const float *q, const uint16_t *K, int hd, int n, float scale, float *sc) {
+    int t = 0;
+#if FS_FAST
+    if (hd % 16 == 0 && hd <= 256) {
+        __m512 qv[16];
+        for (int j = 0; j < hd / 16; j++) qv[j] = _mm512_loadu_ps(q + 16 * j);
+#define LD(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+        for (; t + 4 <= n; t += 4) {
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            const uint16_t *k0 = K + (size_t)t * hd;
+            for (int j = 0; j < hd / 16; j++) {
+                a0 = _mm512_fmadd_ps(qv[j], LD(k0 + 16 * j), a0);
+                a1 = _mm512_fmadd_ps(qv[j], LD(k0 + hd + 16 * j), a1);
+                a2 = _mm512_fmadd_ps(qv[j], LD(k0 + 2 * hd + 16 * j), a2);
+                a3 = _mm512_fmadd_ps(qv[j], LD(k0 + 3 * hd + 16 * j), a3);
+            }
+#define HALF8(a) _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1))
+            const __m128 s4 = sum4(HALF8(a0), HALF8(a1), HALF8(a2), HALF8(a3));
+#undef HALF8
+            _mm_storeu_ps(sc + t, _mm_mul_ps(s4, _mm_set1_ps(scale)));
+        }
+#undef LD
+    }
+#endif
+    for (; t < n; t++) {
+        float d = 0.f;
+        for (int j = 0; j < hd; j++) d += q[j] * bf16_to_f32(K[(size_t)t * hd + j]);
+        sc[t] = d * scale;
+    }
+}
+
+static void axpy_bf16(float *y, float a, const uint16_t *x, int n) {
+    int i = 0;
+#if FS_FAST
+    const __m512 av = _mm512_set1_ps(a);
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + i))), 16));
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, v, _mm512_loadu_ps(y + i)));
+    }
+#endif
+    for (; i < n; i++) y[i] += a * bf16_to_f32(x[i]);
+}
+
+/* sc[t] <- exp(sc[t] - mx) (0 for -inf), returns the sum */
+static float softmax_weights(float *sc, int n, float mx) {
+    float sum = 0.f;
+    int t = 0;
+#if FS_FAST
+    __m512 acc = _mm512_setzero_ps();
+    const __m512 m = _mm512_set1_ps(mx);
+    for (; t + 16 <= n; t += 16) {
+        const __m512 v = _mm512_loadu_ps(sc + t);
+        const __mmask16 live = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+        const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(v, m)));
+        _mm512_storeu_ps(sc + t, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    sum = _mm512_reduce_add_ps(acc);
+#endif
+    for (; t < n; t++) {
+        sc[t] = sc[t] == -INFINITY ? 0.f : expf(sc[t] - mx);
+        sum += sc[t];
+    }
+    return sum;
+}
+
 /* a[i] = act(a[i]) (* b[i] when gated), n values */
 static void activate_rows(int act, float *a, const float *b, int n) {
     int i = 0;
@@ -668,8 +794,16 @@ static int forward_impl(const fs_layer *layers, int n_layers, const fs_norm *fin
                 if (hh >= hq) {
                     const int kh = hh - hq;
                     const size_t at = (((size_t)b * hkv + kh) * st->t_max + st->start) * hd;
-                    memcpy(l->kc + at, v, sizeof(float) * hd);
-                    memcpy(l->vc + at, qkv + (size_t)b * qn + (size_t)(hq + hkv + kh) * hd, sizeof(float) * hd);
+                    const float *vv = qkv + (size_t)b * qn + (size_t)(hq + hkv + kh) * hd;
+                    if (l->kv_fmt == FS_BF16) {
+                        for (int d = 0; d < hd; d++) {
+                            ((uint16_t *)l->kc)[at + d] = f32_to_bf16(v[d]);
+                            ((uint16_t *)l->vc)[at + d] = f32_to_bf16(vv[d]);
+                        }
+                    } else {
+                        memcpy((float *)l->kc + at, v, sizeof(float) * hd);
+                        memcpy((float *)l->vc + at, vv, sizeof(float) * hd);
+                    }
                 }
             }
             barrier_wait(&bar, nth, &sense);
@@ -679,28 +813,27 @@ static int forward_impl(const fs_layer *layers, int n_layers, const fs_norm *fin
             for (int p = tid; p < B * hq; p += nth) {
                 const int b = p / hq, hh = p % hq, kh = hh / (hq / hkv);
                 const float *q = qkv + (size_t)b * qn + (size_t)hh * hd;
-                const float *K = l->kc + ((size_t)b * hkv + kh) * st->t_max * hd;
-                const float *V = l->vc + ((size_t)b * hkv + kh) * st->t_max * hd;
+                const size_t kv0 = ((size_t)b * hkv + kh) * st->t_max * hd;
+                const int kvb = l->kv_fmt == FS_BF16;
                 const uint8_t *ok = st->valid ? st->valid + (size_t)b * st->valid_stride : NULL;
                 float *sc = scores + (size_t)p * st->t_max, mx = -INFINITY;
+                if (kvb) scores_bf16(q, (const uint16_t *)l->kc + kv0, hd, T, l->scale, sc);
+                else scores_f32(q, (const float *)l->kc + kv0, hd, T, l->scale, sc);
                 for (int t = 0; t < T; t++) {
-                    if (ok && !ok[t]) {
-                        sc[t] = -INFINITY;
-                        continue;
-                    }
-                    sc[t] = dot_f32(q, K + (size_t)t * hd, hd) * l->scale;
-                    if (sc[t] > mx) mx = sc[t];
+                    if (ok && !ok[t]) sc[t] = -INFINITY;
+                    else if (sc[t] > mx) mx = sc[t];
                 }
-                float *o = att + (size_t)b * hq * hd + (size_t)hh * hd, sum = 0.f;
+                float *o = att + (size_t)b * hq * hd + (size_t)hh * hd;
                 for (int j = 0; j < hd; j++) o[j] = 0.f;
                 if (mx == -INFINITY) continue; /* every key masked: zeros (torch gives NaN) */
+                const float sum = softmax_weights(sc, T, mx); /* sc[t] <- exp(sc[t] - mx); masked keys 0 */
                 for (int t = 0; t < T; t++) {
-                    if (sc[t] == -INFINITY) continue;
-                    const float w = expf(sc[t] - mx);
-                    sum += w;
-                    axpy_f32(o, w, V + (size_t)t * hd, hd);
+                    if (sc[t] == 0.f) continue;
+                    if (kvb) axpy_bf16(o, sc[t], (const uint16_t *)l->vc + kv0 + (size_t)t * hd, hd);
+                    else axpy_f32(o, sc[t], (const float *)l->vc + kv0 + (size_t)t * hd, hd);
                 }
-                for (int j = 0; j < hd; j++) o[j] /= sum;
+                const float inv = 1.f / sum;
+                for (int j = 0; j < hd; j++) o[j] *= inv;
             }
             barrier_wait(&bar, nth, &sense);
 
@@ -810,6 +943,77 @@ int fs_shm_allreduce(void *seg, int rank, int world, int64_t cap, float *x, int6
         for (int j = 0; j < world; j++) acc += bufs[((size_t)j * 2 + parity) * cap + i];
         if (accum) accum[i] += acc;
         else x[i] = acc;
+    }
+    return 0;
+}
+
+/* out[r] = the index of the largest of x[r, 0:n] (the first on ties, as torch.argmax; NaN wins) */
+void fs_argmax(const float *x, int64_t rows, int64_t n, int64_t *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *v = x + r * n;
+        int64_t best = 0;
+        float bv = v[0];
+        int64_t i = 1;
+#if FS_FAST
+        if (n >= 32) { /* the maximum by vectors, then its first position */
+            __m512 m = _mm512_set1_ps(-INFINITY);
+            __mmask16 nan = 0;
+            for (i = 0; i + 16 <= n; i += 16) {
+                const __m512 a = _mm512_loadu_ps(v + i);
+                nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+                m = _mm512_max_ps(m, a);
+            }
+            float mx = _mm512_reduce_max_ps(m);
+            for (int64_t j = i; j < n; j++) {
+                if (v[j] != v[j]) nan = 1;
+                if (v[j] > mx) mx = v[j];
+            }
+            int64_t at = 0;
+            if (nan) {
+                while (v[at] == v[at]) at++;
+            } else {
+                while (v[at] != mx) at++;
+            }
+            out[r] = at;
+            continue;
+        }
+#endif
+        for (; i < n; i++) {
+            if (v[i] != v[i]) { best = i; break; }
+            if (v[i] > bv) { bv = v[i]; best = i; }
+        }
+        if (bv != bv) best = 0;
+        out[r] = best;
+    }
+}
+
+/* out[i, :] = row ids[i] of L's weight, dequantized to fp32 (embedding lookups in a tied head) */
+int fs_rows(const fs_linear *L, const int64_t *ids, int64_t n, float *out) {
+    const int K = L->k;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t r = ids[i];
+        if (r < 0 || r >= L->n) return -1;
+        float *o = out + i * K;
+        switch (L->fmt) {
+        case FS_F32: memcpy(o, (const float *)L->w + r * K, sizeof(float) * K); break;
+        case FS_BF16:
+            for (int k = 0; k < K; k++) o[k] = bf16_to_f32(((const uint16_t *)L->w)[r * K + k]);
+            break;
+        case FS_I8: {
+            const float sc = ((const float *)L->scales)[r];
+            for (int k = 0; k < K; k++) o[k] = ((const int8_t *)L->w)[r * K + k] * sc;
+            break;
+        }
+        default: {
+            const uint8_t *row = (const uint8_t *)L->w + r * (K / 2);
+            const uint16_t *sz = (const uint16_t *)L->scales + r * (K / L->group) * 2;
+            for (int k = 0; k < K; k++) {
+                const int q = (k & 1) ? row[k / 2] >> 4 : row[k / 2] & 15;
+                const uint16_t *g = sz + (k / L->group) * 2;
+                o[k] = (float)(q - 8) * bf16_to_f32(g[0]) + bf16_to_f32(g[1]);
+            }
+        }
+        }
     }
     return 0;
 }
