@@ -202,7 +202,7 @@ class _GPTLayer(FusedDecoderLayer):
         super().__init__(**kw)
         self.ln_1, self.attn, self.ln_2 = ln_1, _container(c_attn=c_attn, c_proj=c_proj), ln_2
         self.mlp = _container(c_fc=c_fc, c_proj=mlp_proj)
-        self.n_heads = self.n_kv_heads = c_attn.weight.shape[0] // 3 // self.head_dim
+        self.n_heads = self.n_kv_heads = _out_in(c_attn)[0] // 3 // self.head_dim
 
     def parts(self):
         return self.ln_1, self.attn.c_attn, self.attn.c_proj, self.ln_2, self.mlp.c_fc, self.mlp.c_proj
@@ -217,7 +217,7 @@ class _OPTLayer(FusedDecoderLayer):
         self.self_attn_layer_norm, self.final_layer_norm = norm1, norm2
         self.self_attn = _container(qkv=qkv, out_proj=out_proj)
         self.fc1, self.fc2 = fc1, fc2
-        self.n_heads = self.n_kv_heads = qkv.weight.shape[0] // 3 // self.head_dim
+        self.n_heads = self.n_kv_heads = _out_in(qkv)[0] // 3 // self.head_dim
 
     def parts(self):
         a = self.self_attn
@@ -260,6 +260,30 @@ def _as_linear(module: nn.Module) -> nn.Linear:
                       f"{_KEY}=False", key=_KEY)
 
 
+class ConcatLinear(nn.Module):
+    """Projections computed side by side over the *original* modules (no weight copy): the fused
+    q/k/v (or gate/up) of a runner that shadows an un-injected model. The native decode kernel
+    runs the parts as one product; torch's path concatenates their outputs."""
+
+    def __init__(self, *parts: nn.Module) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.in_features = _out_in(parts[0])[1]
+        self.out_features = sum(_out_in(m)[0] for m in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([_proj(m, x) for m in self.parts], dim=-1)
+
+
+def _out_in(mod: nn.Module) -> tuple[int, int]:
+    """(out, in) features of a Linear-like module (HF ``Conv1D`` stores its weight (in, out))."""
+    if type(mod).__name__ == "Conv1D":
+        return mod.weight.shape[1], mod.weight.shape[0]
+    if hasattr(mod, "out_features"):
+        return mod.out_features, mod.in_features
+    return mod.weight.shape[0], mod.weight.shape[1]
+
+
 def _cat_linears(*mods: nn.Module) -> nn.Linear:
     """One ``nn.Linear`` computing the given projections side by side (outputs concatenated)."""
     lins = [_as_linear(m) for m in mods]
@@ -298,31 +322,34 @@ def _gpt_layer(model: nn.Module, block: nn.Module, idx: int) -> FusedDecoderLaye
                      block.mlp.c_proj, head_dim=hd, scale=1 / math.sqrt(hd), act=F.gelu, host="gpt", layer_idx=idx)
 
 
-def _gpt2_layer(model: nn.Module, block: nn.Module, idx: int) -> FusedDecoderLayer:
+def _gpt2_layer(model: nn.Module, block: nn.Module, idx: int, shadow: bool = False) -> FusedDecoderLayer:
     if hasattr(block, "crossattention"):
         raise ConfigError("GPT-2 with cross-attention (add_cross_attention=True) is not supported by the "
                           f"fused layers; set {_KEY}=False", key=_KEY)
     cfg, attn = model.config, block.attn
     hd = cfg.n_embd // cfg.n_head
     scale = getattr(attn, "scaling", (1 / math.sqrt(hd) if cfg.scale_attn_weights else 1.0))
-    return _GPTLayer(block.ln_1, _as_linear(attn.c_attn), _as_linear(attn.c_proj), block.ln_2,
-                     _as_linear(block.mlp.c_fc), _as_linear(block.mlp.c_proj), head_dim=hd, scale=scale,
+    lin = (lambda m: m) if shadow else _as_linear  # a shadow keeps the Conv1D modules (read transposed)
+    return _GPTLayer(block.ln_1, lin(attn.c_attn), lin(attn.c_proj), block.ln_2,
+                     lin(block.mlp.c_fc), lin(block.mlp.c_proj), head_dim=hd, scale=scale,
                      act=block.mlp.act, host="hf_gpt2", layer_idx=idx)
 
 
-def _opt_layer(model: nn.Module, block: nn.Module, idx: int) -> FusedDecoderLayer:
+def _opt_layer(model: nn.Module, block: nn.Module, idx: int, shadow: bool = False) -> FusedDecoderLayer:
     a = block.self_attn
     hd = model.config.hidden_size // model.config.num_attention_heads
-    return _OPTLayer(block.self_attn_layer_norm, _cat_linears(a.q_proj, a.k_proj, a.v_proj), a.out_proj,
+    cat = ConcatLinear if shadow else _cat_linears
+    return _OPTLayer(block.self_attn_layer_norm, cat(a.q_proj, a.k_proj, a.v_proj), a.out_proj,
                      block.final_layer_norm, block.fc1, block.fc2, head_dim=hd, scale=a.scaling,
                      act=block.activation_fn, pre_norm=block.do_layer_norm_before, layer_idx=idx)
 
 
-def _llama_layer(model: nn.Module, block: nn.Module, idx: int) -> FusedDecoderLayer:
+def _llama_layer(model: nn.Module, block: nn.Module, idx: int, shadow: bool = False) -> FusedDecoderLayer:
     a, m = block.self_attn, block.mlp
     hd = a.head_dim
-    return _LlamaLayer(block.input_layernorm, _cat_linears(a.q_proj, a.k_proj, a.v_proj), a.o_proj,
-                       block.post_attention_layernorm, _cat_linears(m.gate_proj, m.up_proj), m.down_proj,
+    cat = ConcatLinear if shadow else _cat_linears
+    return _LlamaLayer(block.input_layernorm, cat(a.q_proj, a.k_proj, a.v_proj), a.o_proj,
+                       block.post_attention_layernorm, cat(m.gate_proj, m.up_proj), m.down_proj,
                        n_heads=a.q_proj.weight.shape[0] // hd, n_kv_heads=a.k_proj.weight.shape[0] // hd,
                        head_dim=hd, scale=a.scaling, act=m.act_fn, layer_idx=idx)
 
@@ -575,16 +602,31 @@ def get_runner(model: nn.Module) -> FusedRunner | None:
 
 
 def build_runner(model: nn.Module) -> FusedRunner | None:
-    """A runner for an un-injected model whose fused layers need no weight copies (flexspeed GPT).
+    """A runner for an un-injected model, over the model's own modules (nothing is copied).
 
-    The model is not modified; the runner's layers wrap the model's own modules. ``None`` for
-    other models (inject them, or generate through their own cache API).
+    flexspeed's GPT always gets one. HF GPT-2, OPT and Llama get a *shadow* runner when the native
+    decode kernel is built and the model is on the CPU: q/k/v (and gate/up) stay separate
+    modules read side by side (:class:`ConcatLinear`), GPT-2's ``Conv1D`` weights are read
+    transposed, and single-token steps run natively; the model is not modified. ``None``
+    otherwise (inject them, or generate through their own cache API).
     """
     arch = _detect(model)
-    if arch is None or arch.copies:
+    if arch is None:
         return None
     blocks = model.get_submodule(arch.layers_path)
-    return FusedRunner(model, arch, [arch.build(model, b, i) for i, b in enumerate(blocks)])
+    if not arch.copies:
+        return FusedRunner(model, arch, [arch.build(model, b, i) for i, b in enumerate(blocks)])
+    from flexspeed.inference.native import library
+
+    ref = next(iter(model.parameters()), None)
+    if library() is None or ref is None or ref.device.type != "cpu" or not ref.is_floating_point():
+        return None
+    try:
+        layers = [arch.build(model, b, i, shadow=True) for i, b in enumerate(blocks)]
+    except (ConfigError, AttributeError, TypeError):
+        return None
+    runner = FusedRunner(model, arch, layers, ref.dtype)
+    return runner if runner.native_reason() is None else None
 
 
 def inject_kernels(module: nn.Module, dtype: torch.dtype | None = None, *, compile_decode: bool = False,

@@ -55,7 +55,7 @@ _I = ctypes.c_int32
 
 class Linear(ctypes.Structure):
     _fields_ = [("fmt", _I), ("n", _I), ("k", _I), ("group", _I), ("w", _P), ("scales", _P), ("bias_fmt", _I),
-                ("bias", _P)]
+                ("bias", _P), ("trans", _I)]
 
 
 class Norm(ctypes.Structure):
@@ -65,7 +65,8 @@ class Norm(ctypes.Structure):
 class Layer(ctypes.Structure):
     _fields_ = [("norm1", Norm), ("norm2", Norm), ("qkv", Linear), ("out", Linear), ("up", Linear), ("down", Linear),
                 ("act", _I), ("gated", _I), ("n_heads", _I), ("n_kv", _I), ("head_dim", _I),
-                ("scale", ctypes.c_float), ("kc", _P), ("vc", _P), ("kv_fmt", _I)]
+                ("scale", ctypes.c_float), ("kc", _P), ("vc", _P), ("kv_fmt", _I), ("n_qkv_parts", _I),
+                ("n_up_parts", _I), ("qkv_parts", Linear * 3), ("up_parts", Linear * 2)]
 
 
 class Step(ctypes.Structure):
@@ -242,6 +243,9 @@ def linear_struct(mod: nn.Module | None, what: str, keep: list | None = None) ->
     if type(mod) is nn.Linear:
         w = mod.weight.detach()
         return Linear(_fmt(w, f"{what}.weight"), w.shape[0], w.shape[1], 0, w.data_ptr(), None, bias_fmt, bias_ptr)
+    if type(mod).__name__ == "Conv1D":  # HF GPT-2: weight (in, out), read transposed
+        w = mod.weight.detach()
+        return Linear(_fmt(w, f"{what}.weight"), w.shape[1], w.shape[0], 0, w.data_ptr(), None, bias_fmt, bias_ptr, 1)
     if isinstance(mod, QuantLinear):
         if mod.qweight.device.type != "cpu":
             raise Unsupported(f"{what} is not on the CPU")
@@ -331,6 +335,23 @@ def quant_matmul(mod, x2: torch.Tensor) -> torch.Tensor | None:
     return y
 
 
+def _maybe_parts(mod: nn.Module, what: str, keep: list, slots) -> tuple[Linear, int]:
+    """(the whole, number of parts): a ``ConcatLinear``'s parts go to ``slots``, the whole then only
+    describes them (total rows, their common format)."""
+    parts = getattr(mod, "parts", None)
+    if parts is None or type(mod).__name__ != "ConcatLinear":
+        return linear_struct(mod, what, keep), 0
+    if len(parts) > len(slots):
+        raise Unsupported(f"{what} has {len(parts)} parts (the kernel takes {len(slots)})")
+    structs = [linear_struct(m, f"{what}[{i}]", keep) for i, m in enumerate(parts)]
+    if len({(t.fmt, t.k, t.group) for t in structs}) != 1:
+        raise Unsupported(f"{what}: its parts differ in format or input size")
+    for i, t in enumerate(structs):
+        slots[i] = t
+    first = structs[0]
+    return Linear(first.fmt, sum(t.n for t in structs), first.k, first.group, None, None, F32, None), len(structs)
+
+
 def norm_struct(mod: nn.Module, what: str) -> Norm:
     w, b = getattr(mod, "weight", None), getattr(mod, "bias", None)
     if isinstance(mod, nn.LayerNorm):
@@ -408,8 +429,9 @@ class NativeDecoder:
             hq, hkv, hd = layer.n_heads, layer.n_kv_heads, layer.head_dim
             s = layers[i]
             s.norm1, s.norm2 = norm_struct(n1, f"{p} norm1"), norm_struct(n2, f"{p} norm2")
-            s.qkv, s.out = linear_struct(qkv, f"{p} qkv", keep), linear_struct(out, f"{p} out", keep)
-            s.up, s.down = linear_struct(up, f"{p} up", keep), linear_struct(down, f"{p} down", keep)
+            s.qkv, s.n_qkv_parts = _maybe_parts(qkv, f"{p} qkv", keep, s.qkv_parts)
+            s.up, s.n_up_parts = _maybe_parts(up, f"{p} up", keep, s.up_parts)
+            s.out, s.down = linear_struct(out, f"{p} out", keep), linear_struct(down, f"{p} down", keep)
             s.act, s.gated = _activation(layer.act), int(layer.gated)
             s.n_heads, s.n_kv, s.head_dim, s.scale = hq, hkv, hd, float(layer.scale)
             if hq % hkv or s.qkv.n != (hq + 2 * hkv) * hd or s.out.k != hq * hd:
@@ -445,7 +467,7 @@ class NativeDecoder:
         for name, mod in root.named_modules(remove_duplicate=False):
             paths.setdefault(id(mod), name)
         checks: dict[tuple[int, str], tuple] = {}
-        for mod in used:
+        for mod in [sub for m in used for sub in m.modules()]:  # a ConcatLinear's parts too
             path = paths.get(id(mod))
             if path:  # each step down from the root
                 parent = root
@@ -579,6 +601,8 @@ _ESIZE = {F32: 4.0, BF16: 2.0, I8: 1.0, I4: 0.5}
 
 def _row_slice(lin: Linear, r0: int, r1: int) -> Linear:
     """The struct of rows ``r0:r1`` of ``lin`` (pointers offset into the same memory)."""
+    if lin.trans:
+        raise Unsupported("a transposed (Conv1D) lm_head cannot be split by rows")
     out = Linear.from_buffer_copy(lin)
     out.n = r1 - r0
     out.w = lin.w + int(r0 * lin.k * _ESIZE[lin.fmt])

@@ -261,3 +261,46 @@ def test_disabled_and_failed_builds(monkeypatch, tmp_path) -> None:
         monkeypatch.undo()
         native.library.cache_clear()
     assert native.library() is not None
+
+
+@pytest.mark.parametrize("name", ["opt", "gpt2", "llama"])
+def test_unfused_model_decodes_natively_without_being_modified(name: str) -> None:
+    """Without kernel injection, generation shadows the model's own modules: q/k/v (and gate/up)
+    side by side, GPT-2's Conv1D read transposed; nothing is copied or replaced."""
+    from flexspeed.inference.kernels import FusedDecoderLayer, build_runner
+    from flexspeed.inference.generation import generate
+
+    model = build(name)
+    before = {n: p.data_ptr() for n, p in model.named_parameters()}
+    runner = build_runner(model)
+    assert runner is not None and runner.native_reason() is None
+    state = prefill_with(runner)
+    got = step_with(runner, True, state)
+    want = step_with(runner, False, state)
+    assert rel_err(got, want) <= 1e-5
+    ids = torch.randint(3, V, (2, 8), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8)
+    hf = model.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=1)
+    assert torch.equal(out, hf)
+    assert not any(isinstance(m, FusedDecoderLayer) for m in model.modules())
+    assert before == {n: p.data_ptr() for n, p in model.named_parameters()}
+
+
+def prefill_with(runner) -> tuple:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, V, (2, 10), generator=g)
+    pos = torch.arange(10).expand(2, 10)
+    with torch.inference_mode():
+        cache = runner.new_cache(2, 16)
+        runner(ids, pos, cache, 0)
+    return ids, pos, cache
+
+
+def step_with(runner, native_on: bool, state: tuple) -> torch.Tensor:
+    ids, pos, cache = state
+    runner.native_decode = native_on
+    cache = type(cache)([k.clone() for k in cache.k], [v.clone() for v in cache.v])
+    with torch.inference_mode():
+        return runner(ids[:, -1:], pos[:, -1:] + 1, cache, 10).float()

@@ -34,6 +34,7 @@ typedef struct {
     const void *scales;            /* int8: f32 (n); int4: bf16 (n, k/group, 2) = [scale, zero] per row and group */
     int32_t bias_fmt;              /* FS_F32 or FS_BF16 */
     const void *bias;              /* (n) or NULL */
+    int32_t trans;                 /* fp32/bf16 only: w stored (k, n) (HF GPT-2's Conv1D) */
 } fs_linear;
 
 typedef struct {
@@ -51,6 +52,10 @@ typedef struct {
     float scale;
     void *kc, *vc;                 /* (B, n_kv, t_max, head_dim), fp32 or bf16 (kv_fmt) */
     int32_t kv_fmt;                /* FS_F32 or FS_BF16 */
+    /* unfused models: qkv / up computed as up to 3 / 2 matrices side by side (qkv and up then only
+     * describe the whole: total rows, format, k, group); 0 = use qkv / up themselves */
+    int32_t n_qkv_parts, n_up_parts;
+    fs_linear qkv_parts[3], up_parts[2];
 } fs_layer;
 
 typedef struct {
@@ -495,10 +500,32 @@ static void portable_rows(const fs_linear *L, const float *x, int M, int ldx, fl
 }
 #endif
 
+static void axpy_bf16(float *y, float a, const uint16_t *x, int n);
+
+/* outputs [r0, r1) of y = x W for a weight stored (k, n): per input feature, an axpy of one
+ * weight row's slice into the outputs (each weight row slice read once for all M rows) */
+static void trans_rows(const fs_linear *L, const float *x, int M, int ldx, float *y, int ldy, int r0, int r1) {
+    const int K = L->k, N = L->n, n = r1 - r0;
+    for (int m = 0; m < M; m++) memset(y + (size_t)m * ldy + r0, 0, sizeof(float) * n);
+    for (int k = 0; k < K; k++) {
+        for (int m = 0; m < M; m++) {
+            const float a = x[(size_t)m * ldx + k];
+            float *ym = y + (size_t)m * ldy + r0;
+            if (L->fmt == FS_F32) axpy_f32(ym, a, (const float *)L->w + (size_t)k * N + r0, n);
+            else axpy_bf16(ym, a, (const uint16_t *)L->w + (size_t)k * N + r0, n);
+        }
+    }
+}
+
 /* rows [r0, r1) of y = x W^T (+ bias); prep: this thread's preparation of x */
 static void linear_rows(const fs_linear *L, const float *x, int M, int ldx, const float *prep, float *y, int ldy,
                         int r0, int r1) {
     if (r0 >= r1) return;
+    if (L->trans) {
+        (void)prep;
+        trans_rows(L, x, M, ldx, y, ldy, r0, r1);
+        goto bias;
+    }
 #if FS_FAST
     switch (L->fmt) {
     case FS_F32: f32_rows(L, x, M, ldx, y, ldy, r0, r1); break;
@@ -513,9 +540,25 @@ static void linear_rows(const fs_linear *L, const float *x, int M, int ldx, cons
     (void)prep;
     portable_rows(L, x, M, ldx, y, ldy, r0, r1);
 #endif
+bias:
     if (L->bias)
         for (int m = 0; m < M; m++)
             for (int r = r0; r < r1; r++) y[(size_t)m * ldy + r] += param(L->bias, L->bias_fmt, r);
+}
+
+/* rows [r0, r1) of the side-by-side outputs of parts (np > 0), or of whole (np == 0) */
+static void parts_rows(const fs_linear *whole, const fs_linear *parts, int np, const float *x, int M, int ldx,
+                       const float *prep, float *y, int ldy, int r0, int r1) {
+    if (np == 0) {
+        linear_rows(whole, x, M, ldx, prep, y, ldy, r0, r1);
+        return;
+    }
+    int off = 0;
+    for (int p = 0; p < np; p++) {
+        const int a = r0 > off ? r0 : off, b = r1 < off + parts[p].n ? r1 : off + parts[p].n;
+        if (a < b) linear_rows(&parts[p], x, M, ldx, prep, y + off, ldy, a - off, b - off);
+        off += parts[p].n;
+    }
 }
 
 static void norm_rows(const fs_norm *N, const float *x, float *h, int M, int C) {
@@ -775,7 +818,7 @@ static int forward_impl(const fs_layer *layers, int n_layers, const fs_norm *fin
             norm_rows(&l->norm1, x, h, B, C);
             prepare(&l->qkv, h, B, C, xs);
             split_rows(qn, tid, nth, &r0, &r1);
-            linear_rows(&l->qkv, h, B, C, xs, qkv, qn, r0, r1);
+            parts_rows(&l->qkv, l->qkv_parts, l->n_qkv_parts, h, B, C, xs, qkv, qn, r0, r1);
             barrier_wait(&bar, nth, &sense);
 
             /* rotary embedding and cache write, split over (row, head) */
@@ -856,8 +899,8 @@ static int forward_impl(const fs_layer *layers, int n_layers, const fs_norm *fin
             prepare(&l->up, h, B, C, xs);
             const int un = l->up.n, f = l->gated ? un / 2 : un;
             split_rows(f, tid, nth, &r0, &r1);
-            linear_rows(&l->up, h, B, C, xs, up, un, r0, r1);
-            if (l->gated) linear_rows(&l->up, h, B, C, xs, up, un, f + r0, f + r1);
+            parts_rows(&l->up, l->up_parts, l->n_up_parts, h, B, C, xs, up, un, r0, r1);
+            if (l->gated) parts_rows(&l->up, l->up_parts, l->n_up_parts, h, B, C, xs, up, un, f + r0, f + r1);
             for (int m = 0; m < B; m++) {
                 float *um = up + (size_t)m * un;
                 activate_rows(l->act, um + r0, l->gated ? um + f + r0 : NULL, r1 - r0);
