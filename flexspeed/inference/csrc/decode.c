@@ -502,19 +502,101 @@ static void portable_rows(const fs_linear *L, const float *x, int M, int ldx, fl
 
 static void axpy_bf16(float *y, float a, const uint16_t *x, int n);
 
-/* outputs [r0, r1) of y = x W for a weight stored (k, n): per input feature, an axpy of one
- * weight row's slice into the outputs (each weight row slice read once for all M rows) */
-static void trans_rows(const fs_linear *L, const float *x, int M, int ldx, float *y, int ldy, int r0, int r1) {
-    const int K = L->k, N = L->n, n = r1 - r0;
+/* outputs [r0, r1) of y = x W for a weight stored (k, n): four input features at a time, each a
+ * contiguous slice of a weight row, accumulated into the (L1-resident) outputs */
+static void trans_rows(const fs_linear *L, const float *x, int M, int ldx, float *y, int ldy, int r0, int r1,
+                       int kb, int ke) {
+    const int K = ke, N = L->n, n = r1 - r0;
+    const int bf = L->fmt == FS_BF16;
     for (int m = 0; m < M; m++) memset(y + (size_t)m * ldy + r0, 0, sizeof(float) * n);
-    for (int k = 0; k < K; k++) {
+    int k = kb;
+#if FS_FAST
+    if (bf && n % 16 == 0 && (K - kb) % 2 == 0) { /* bf16: pairs of input features through vdpbf16ps */
+        /* rows k, k+1 interleaved by unpacklo/hi hold outputs [0-3, 8-11] and [4-7, 12-15] of each
+         * 16-output block: the outputs are kept in that order until the end */
+        const uint16_t *W = (const uint16_t *)L->w;
+        for (; k + 4 <= K; k += 4) { /* two pairs per pass over the outputs: half the output traffic */
+            for (int m = 0; m < M; m++) {
+                const float *xm = x + (size_t)m * ldx + k;
+                const __m256bh p0 = (__m256bh)_mm256_set1_epi32((int)((uint32_t)f32_to_bf16(xm[0]) |
+                                                                       ((uint32_t)f32_to_bf16(xm[1]) << 16)));
+                const __m256bh p1 = (__m256bh)_mm256_set1_epi32((int)((uint32_t)f32_to_bf16(xm[2]) |
+                                                                       ((uint32_t)f32_to_bf16(xm[3]) << 16)));
+                float *ym = y + (size_t)m * ldy + r0;
+                const uint16_t *w0 = W + (size_t)k * N + r0, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
+                for (int j = 0; j < n; j += 16) {
+                    const __m256i a = _mm256_loadu_si256((const __m256i *)(w0 + j));
+                    const __m256i b = _mm256_loadu_si256((const __m256i *)(w1 + j));
+                    const __m256i c = _mm256_loadu_si256((const __m256i *)(w2 + j));
+                    const __m256i d = _mm256_loadu_si256((const __m256i *)(w3 + j));
+                    __m256 lo = _mm256_dpbf16_ps(_mm256_loadu_ps(ym + j), (__m256bh)_mm256_unpacklo_epi16(a, b), p0);
+                    __m256 hi = _mm256_dpbf16_ps(_mm256_loadu_ps(ym + j + 8), (__m256bh)_mm256_unpackhi_epi16(a, b), p0);
+                    lo = _mm256_dpbf16_ps(lo, (__m256bh)_mm256_unpacklo_epi16(c, d), p1);
+                    hi = _mm256_dpbf16_ps(hi, (__m256bh)_mm256_unpackhi_epi16(c, d), p1);
+                    _mm256_storeu_ps(ym + j, lo);
+                    _mm256_storeu_ps(ym + j + 8, hi);
+                }
+            }
+        }
+        for (; k + 2 <= K; k += 2) {
+            for (int m = 0; m < M; m++) {
+                const float *xm = x + (size_t)m * ldx + k;
+                const __m256bh xp = (__m256bh)_mm256_set1_epi32((int)((uint32_t)f32_to_bf16(xm[0]) |
+                                                                       ((uint32_t)f32_to_bf16(xm[1]) << 16)));
+                float *ym = y + (size_t)m * ldy + r0;
+                const uint16_t *w0 = W + (size_t)k * N + r0, *w1 = w0 + N;
+                for (int j = 0; j < n; j += 16) {
+                    const __m256i a = _mm256_loadu_si256((const __m256i *)(w0 + j));
+                    const __m256i b = _mm256_loadu_si256((const __m256i *)(w1 + j));
+                    _mm256_storeu_ps(ym + j, _mm256_dpbf16_ps(_mm256_loadu_ps(ym + j), (__m256bh)_mm256_unpacklo_epi16(a, b), xp));
+                    _mm256_storeu_ps(ym + j + 8, _mm256_dpbf16_ps(_mm256_loadu_ps(ym + j + 8), (__m256bh)_mm256_unpackhi_epi16(a, b), xp));
+                }
+            }
+        }
+        for (int m = 0; m < M; m++) { /* back to output order */
+            float *ym = y + (size_t)m * ldy + r0;
+            for (int j = 0; j < n; j += 16) {
+                const __m256 lo = _mm256_loadu_ps(ym + j), hi = _mm256_loadu_ps(ym + j + 8);
+                _mm256_storeu_ps(ym + j, _mm256_permute2f128_ps(lo, hi, 0x20));
+                _mm256_storeu_ps(ym + j + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+            }
+        }
+        return;
+    }
+#define LDW(kk, j) (bf ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128( \
+                         (const __m128i *)((const uint16_t *)L->w + (size_t)(kk) * N + r0 + (j)))), 16)) \
+                      : _mm256_loadu_ps((const float *)L->w + (size_t)(kk) * N + r0 + (j)))
+    for (; k + 4 <= K; k += 4) {
+        for (int m = 0; m < M; m++) {
+            const float *xm = x + (size_t)m * ldx + k;
+            const __m256 a0 = _mm256_set1_ps(xm[0]), a1 = _mm256_set1_ps(xm[1]), a2 = _mm256_set1_ps(xm[2]),
+                         a3 = _mm256_set1_ps(xm[3]);
+            float *ym = y + (size_t)m * ldy + r0;
+            int j = 0;
+            for (; j + 8 <= n; j += 8) {
+                __m256 acc = _mm256_loadu_ps(ym + j);
+                acc = _mm256_fmadd_ps(a0, LDW(k, j), acc);
+                acc = _mm256_fmadd_ps(a1, LDW(k + 1, j), acc);
+                acc = _mm256_fmadd_ps(a2, LDW(k + 2, j), acc);
+                acc = _mm256_fmadd_ps(a3, LDW(k + 3, j), acc);
+                _mm256_storeu_ps(ym + j, acc);
+            }
+            for (; j < n; j++)
+                for (int kk = 0; kk < 4; kk++) {
+                    const size_t at = (size_t)(k + kk) * N + r0 + j;
+                    ym[j] += xm[kk] * (bf ? bf16_to_f32(((const uint16_t *)L->w)[at]) : ((const float *)L->w)[at]);
+                }
+        }
+    }
+#undef LDW
+#endif
+    for (; k < K; k++)
         for (int m = 0; m < M; m++) {
             const float a = x[(size_t)m * ldx + k];
             float *ym = y + (size_t)m * ldy + r0;
-            if (L->fmt == FS_F32) axpy_f32(ym, a, (const float *)L->w + (size_t)k * N + r0, n);
+            if (!bf) axpy_f32(ym, a, (const float *)L->w + (size_t)k * N + r0, n);
             else axpy_bf16(ym, a, (const uint16_t *)L->w + (size_t)k * N + r0, n);
         }
-    }
 }
 
 /* rows [r0, r1) of y = x W^T (+ bias); prep: this thread's preparation of x */
@@ -523,7 +605,7 @@ static void linear_rows(const fs_linear *L, const float *x, int M, int ldx, cons
     if (r0 >= r1) return;
     if (L->trans) {
         (void)prep;
-        trans_rows(L, x, M, ldx, y, ldy, r0, r1);
+        trans_rows(L, x, M, ldx, y, ldy, r0, r1, 0, L->k);
         goto bias;
     }
 #if FS_FAST
@@ -544,6 +626,28 @@ bias:
     if (L->bias)
         for (int m = 0; m < M; m++)
             for (int r = r0; r < r1; r++) y[(size_t)m * ldy + r] += param(L->bias, L->bias_fmt, r);
+}
+
+/* y[:, 0:n) = x W (+ bias) for a transposed (k, n) weight, by all threads: each sums its share of
+ * the input features over whole weight rows (contiguous memory: splitting the outputs instead
+ * made each thread read half of every row, and the prefetchers fetched the other half too),
+ * then, after a barrier, each reduces its share of the outputs over the threads' partials.
+ * part: nth * M * n floats of shared scratch. Returns this thread's output range in r0, r1. */
+static void trans_mt(const fs_linear *L, const float *x, int M, int ldx, float *y, int ldy, float *part, int tid,
+                     int nth, fs_barrier *bar, int *sense, int *r0, int *r1) {
+    const int n = L->n;
+    int k0, k1;
+    split_rows(L->k, tid, nth, &k0, &k1);
+    float *mine = part + (size_t)tid * M * n;
+    trans_rows(L, x, M, ldx, mine, n, 0, n, k0, k1);
+    barrier_wait(bar, nth, sense);
+    split_rows(n, tid, nth, r0, r1);
+    for (int m = 0; m < M; m++)
+        for (int r = *r0; r < *r1; r++) {
+            float acc = L->bias ? param(L->bias, L->bias_fmt, r) : 0.f;
+            for (int t = 0; t < nth; t++) acc += part[((size_t)t * M + m) * n + r];
+            y[(size_t)m * ldy + r] = acc;
+        }
 }
 
 /* rows [r0, r1) of the side-by-side outputs of parts (np > 0), or of whole (np == 0) */
@@ -762,6 +866,15 @@ static size_t xs_floats(const fs_linear *L, int M) { return prep_floats(L) * (si
 
 static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
 
+/* partial sums of the transposed (Conv1D) products of a layer: threads x rows x widest output */
+static size_t trans_floats(const fs_layer *l, int B, int C, int nthreads) {
+    if (!(l->qkv.trans || l->out.trans || l->up.trans || l->down.trans)) return 0;
+    size_t w = (size_t)C;
+    if ((size_t)l->qkv.n > w) w = l->qkv.n;
+    if ((size_t)l->up.n > w) w = l->up.n;
+    return (size_t)(nthreads > 0 ? nthreads : 1) * B * w;
+}
+
 /* floats of scratch fs_forward needs for these layers (+ head), B rows, t_max keys, nthreads */
 int64_t fs_scratch_floats(const fs_layer *layers, int n_layers, const fs_linear *head, int B, int C, int t_max,
                           int nthreads) {
@@ -771,7 +884,7 @@ int64_t fs_scratch_floats(const fs_layer *layers, int n_layers, const fs_linear 
         const fs_layer *l = &layers[i];
         size_t qkv = (size_t)B * l->qkv.n, att = (size_t)B * l->n_heads * l->head_dim;
         size_t up = (size_t)B * l->up.n, scores = (size_t)B * l->n_heads * t_max;
-        shared = max_sz(shared, qkv + att + up + scores);
+        shared = max_sz(shared, qkv + att + up + scores + trans_floats(l, B, C, nthreads));
         prep = max_sz(prep, max_sz(max_sz(xs_floats(&l->qkv, B), xs_floats(&l->out, B)),
                                    max_sz(xs_floats(&l->up, B), xs_floats(&l->down, B))));
     }
@@ -792,7 +905,7 @@ static int forward_impl(const fs_layer *layers, int n_layers, const fs_norm *fin
         const fs_layer *l = &layers[i];
         if (l->qkv.k != C || l->out.n != C || l->down.n != C) return -1;
         size_t s = (size_t)B * (l->qkv.n + l->n_heads * l->head_dim + l->up.n + l->n_heads * st->t_max);
-        shared = max_sz(shared, s);
+        shared = max_sz(shared, s + trans_floats(l, B, C, nt));
         prep = max_sz(prep, max_sz(max_sz(xs_floats(&l->qkv, B), xs_floats(&l->out, B)),
                                    max_sz(xs_floats(&l->up, B), xs_floats(&l->down, B))));
     }
@@ -812,13 +925,18 @@ static int forward_impl(const fs_layer *layers, int n_layers, const fs_norm *fin
             const int hd = l->head_dim, hq = l->n_heads, hkv = l->n_kv, qn = l->qkv.n;
             float *qkv = base, *att = qkv + (size_t)B * qn, *up = att + (size_t)B * hq * hd;
             float *scores = up + (size_t)B * l->up.n;
+            float *tpart = scores + (size_t)B * hq * st->t_max; /* transposed products' partials */
 
             if (mode == 2) goto mlp;
             /* attention input: every thread norms the (few) rows itself: no barrier needed */
             norm_rows(&l->norm1, x, h, B, C);
             prepare(&l->qkv, h, B, C, xs);
-            split_rows(qn, tid, nth, &r0, &r1);
-            parts_rows(&l->qkv, l->qkv_parts, l->n_qkv_parts, h, B, C, xs, qkv, qn, r0, r1);
+            if (l->qkv.trans && !l->n_qkv_parts) {
+                trans_mt(&l->qkv, h, B, C, qkv, qn, tpart, tid, nth, &bar, &sense, &r0, &r1);
+            } else {
+                split_rows(qn, tid, nth, &r0, &r1);
+                parts_rows(&l->qkv, l->qkv_parts, l->n_qkv_parts, h, B, C, xs, qkv, qn, r0, r1);
+            }
             barrier_wait(&bar, nth, &sense);
 
             /* rotary embedding and cache write, split over (row, head) */
@@ -883,8 +1001,12 @@ static int forward_impl(const fs_layer *layers, int n_layers, const fs_norm *fin
             /* output projection + residual, split over output features */
             const int ad = hq * hd;
             prepare(&l->out, att, B, ad, xs);
-            split_rows(C, tid, nth, &r0, &r1);
-            linear_rows(&l->out, att, B, ad, xs, h, C, r0, r1); /* into h (private: the normed input is spent) */
+            if (l->out.trans) {
+                trans_mt(&l->out, att, B, ad, h, C, tpart, tid, nth, &bar, &sense, &r0, &r1);
+            } else {
+                split_rows(C, tid, nth, &r0, &r1);
+                linear_rows(&l->out, att, B, ad, xs, h, C, r0, r1); /* into h (private: the normed input is spent) */
+            }
             for (int m = 0; m < B; m++)
                 for (int r = r0; r < r1; r++) {
                     if (mode == 0) x[(size_t)m * C + r] += h[(size_t)m * C + r];
@@ -898,8 +1020,12 @@ static int forward_impl(const fs_layer *layers, int n_layers, const fs_norm *fin
             norm_rows(&l->norm2, x, h, B, C);
             prepare(&l->up, h, B, C, xs);
             const int un = l->up.n, f = l->gated ? un / 2 : un;
-            split_rows(f, tid, nth, &r0, &r1);
-            parts_rows(&l->up, l->up_parts, l->n_up_parts, h, B, C, xs, up, un, r0, r1);
+            if (l->up.trans && !l->n_up_parts && !l->gated) {
+                trans_mt(&l->up, h, B, C, up, un, tpart, tid, nth, &bar, &sense, &r0, &r1);
+            } else {
+                split_rows(f, tid, nth, &r0, &r1);
+                parts_rows(&l->up, l->up_parts, l->n_up_parts, h, B, C, xs, up, un, r0, r1);
+            }
             if (l->gated) parts_rows(&l->up, l->up_parts, l->n_up_parts, h, B, C, xs, up, un, f + r0, f + r1);
             for (int m = 0; m < B; m++) {
                 float *um = up + (size_t)m * un;
@@ -908,8 +1034,12 @@ static int forward_impl(const fs_layer *layers, int n_layers, const fs_norm *fin
             barrier_wait(&bar, nth, &sense);
 
             prepare(&l->down, up, B, un, xs);
-            split_rows(C, tid, nth, &r0, &r1);
-            linear_rows(&l->down, up, B, un, xs, h, C, r0, r1);
+            if (l->down.trans) {
+                trans_mt(&l->down, up, B, un, h, C, tpart, tid, nth, &bar, &sense, &r0, &r1);
+            } else {
+                split_rows(C, tid, nth, &r0, &r1);
+                linear_rows(&l->down, up, B, un, xs, h, C, r0, r1);
+            }
             for (int m = 0; m < B; m++)
                 for (int r = r0; r < r1; r++) {
                     if (mode == 0) x[(size_t)m * C + r] += h[(size_t)m * C + r];
