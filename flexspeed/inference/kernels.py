@@ -27,18 +27,17 @@ layer are read from the (possibly sharded) weight shapes.
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from flexspeed.config.errors import ConfigError
-from flexspeed.inference.attention import StepContext, apply_rope, static_attention, step_context
+from flexspeed.inference.attention import StepContext, apply_rope, static_attention
+from flexspeed.inference.fused import FusedRunner, KVCache, _proj
 from flexspeed.inference.packed import PackedLinear, can_pack
 
 __all__ = ["inject_kernels", "get_runner", "build_runner", "FusedDecoderLayer", "FusedRunner", "KVCache",
@@ -46,32 +45,6 @@ __all__ = ["inject_kernels", "get_runner", "build_runner", "FusedDecoderLayer", 
 
 _KEY = "replace_with_kernel_inject"
 _SUPPORTED = "flexspeed GPT, HF GPT2LMHeadModel, OPTForCausalLM, LlamaForCausalLM"
-
-
-@dataclass
-class KVCache:
-    """Per-layer key/value buffers ``(B, H_kv, T_max, head_dim)``, preallocated, written in place."""
-
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
-
-    @property
-    def max_len(self) -> int:
-        return self.k[0].shape[2] if self.k else 0
-
-
-def _proj(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``mod(x)``; under ``torch.compile`` a one-row ``nn.Linear`` becomes a fused row-dot reduction.
-
-    For one row, Inductor's generated reduction streams the weight at close to memory bandwidth,
-    where the BLAS GEMV it would otherwise call reaches about half of it.
-    """
-    if torch.compiler.is_compiling() and type(mod) is nn.Linear and x.numel() == x.shape[-1]:
-        y = (mod.weight.float() * x.reshape(1, -1).float()).sum(-1).to(x.dtype)  # (N,)
-        if mod.bias is not None:
-            y = y + mod.bias
-        return y.view(*x.shape[:-1], -1)
-    return mod(x)
 
 
 class FusedDecoderLayer(nn.Module):
@@ -395,176 +368,6 @@ def _detect(model: nn.Module) -> _Arch | None:
     if kind == "llama":
         return _Arch("llama", "model.layers", _llama_embed, ("model.norm",), _llama_layer, rope=_llama_rope)
     return None
-
-
-# ------------------------------------------------------------------------------ runner
-
-@dataclass
-class FusedRunner:
-    """Embeddings -> fused layers -> final norm -> ``lm_head``, over a :class:`KVCache`.
-
-    Modules are looked up by path on every call, so passes that replace them (quantization)
-    need no re-wiring. ``layers`` may be given explicitly (a runner that shadows an un-injected
-    model keeps its own fused wrappers around the model's modules).
-    """
-
-    root: nn.Module
-    arch: _Arch
-    own_layers: list[FusedDecoderLayer] | None = None
-    _dtype: torch.dtype | None = field(default=None, repr=False)
-    compile_decode: bool = False
-    """Run single-token steps through ``torch.compile`` (static shapes; falls back to eager on failure)."""
-    cache_dtype: torch.dtype | None = None
-    """KV cache dtype; ``None`` picks one (see :meth:`new_cache`)."""
-    native_decode: bool = True
-    """Run single-token steps of up to :attr:`native_max_batch` rows through the native C kernel
-    (:mod:`flexspeed.inference.native`) where it is available and supports the model."""
-    native_max_batch: int = 16
-    tp_group: object | None = None
-    """The tensor-parallel process group of a sharded model (set by ``init_inference``)."""
-    _native: object | None = field(default=None, repr=False)
-
-    @property
-    def layers(self) -> list[FusedDecoderLayer]:
-        return self.own_layers if self.own_layers is not None else list(self.root.get_submodule(self.arch.layers_path))
-
-    @property
-    def max_positions(self) -> int | None:
-        return self.arch.max_positions
-
-    def _module(self, path: str) -> nn.Module | None:
-        try:
-            return self.root.get_submodule(path)
-        except AttributeError:
-            return None
-
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        """Zeroed per-layer buffers for ``batch`` rows of up to ``max_len`` tokens.
-
-        The dtype defaults to :attr:`cache_dtype`: the compute dtype (given at injection, else the
-        model's), except that a 16-bit model on CPU whose steps run on torch keeps an fp32 cache:
-        torch 2.13's CPU attention for one query is 2-5x slower in bf16 than in fp32 (measured at
-        batch 1 and 16, OPT-125M heads), which outweighs reading twice the cache bytes. The native
-        decode kernel reads a bf16 cache at full speed, so a bf16 model whose steps it runs keeps
-        a bf16 cache (half the bytes: at 140 tokens, OPT-125M's fp32 cache is 10 MB a step, 15% of
-        its int4 weights).
-        """
-        ref = next((t for t in self.root.parameters() if t.is_floating_point()), None)
-        if ref is None:
-            ref = next((t for t in self.root.buffers() if t.is_floating_point()), torch.empty(0))
-        dt = dtype or self.cache_dtype or self._dtype or ref.dtype
-        if self.compile_decode:  # the compiled step is specialised on T_max: round it to limit recompiles
-            max_len = -(-max_len // 64) * 64
-        if dtype is None and self.cache_dtype is None and ref.device.type == "cpu" and dt in (torch.bfloat16,
-                                                                                                torch.float16):
-            native = (dt == torch.bfloat16 and self.native_decode and not self.compile_decode
-                      and batch <= self.native_max_batch and self.native_reason() is None)
-            dt = torch.bfloat16 if native else torch.float32
-        ks, vs = [], []
-        for layer in self.layers:
-            shape = (batch, layer.n_kv_heads, max_len, layer.head_dim)
-            ks.append(torch.zeros(shape, dtype=dt, device=ref.device))
-            vs.append(torch.zeros(shape, dtype=dt, device=ref.device))
-        return KVCache(ks, vs)
-
-    def context(self, x: torch.Tensor, pos: torch.Tensor, start: int, key_mask: torch.Tensor | None) -> StepContext:
-        """Mask and rotary tables for new tokens at cache positions ``start:start+T``.
-
-        Args:
-            x: embedded tokens (B, T, C) (dtype/device for the rotary tables).
-            pos: position ids (B, T).
-            key_mask: (B, >= start+T) bool, False for padding; ``None`` if there is none.
-        """
-        rope = self.arch.rope(self.root, x, pos) if self.arch.rope is not None else None
-        return step_context(x.shape[1], start, key_mask, x.device, rope)
-
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, start: int,
-                key_mask: torch.Tensor | None = None, last_only: bool = True) -> torch.Tensor:
-        """Logits for tokens ``ids`` (B, T) at cache positions ``start:start+T``.
-
-        Returns:
-            (B, 1, V) logits of the last token with ``last_only``, else (B, T, V).
-        """
-        x = self.arch.embed(self.root, ids, pos)  # (B, T, C)
-        if ids.shape[1] == 1 and self._native_ok(x, cache):
-            rope = self.arch.rope(self.root, x, pos) if self.arch.rope is not None else None
-            return self._native.forward(x, cache.k, cache.v, start, key_mask, rope)  # (B, 1, V)
-        if ids.shape[1] == 1 and self.compile_decode and self._compiled_ok():
-            try:
-                return self._static_forward(x, pos, cache, start, key_mask)
-            except Exception as exc:  # an op without a compiled form, no C++ compiler, ...
-                warnings.warn(f"compiled decode failed ({type(exc).__name__}: {exc}); running eagerly", stacklevel=2)
-                self.compile_decode = False
-        ctx = self.context(x, pos, start, key_mask)
-        for i, layer in enumerate(self.layers):
-            x = layer.step(x, ctx, cache.k[i], cache.v[i])
-        if last_only:
-            x = x[:, -1:]  # (B, 1, C): the head reads only what generation needs
-        return self._head(x)
-
-    __call__ = forward
-
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
-        for path in self.arch.final_paths:
-            mod = self._module(path)
-            if mod is not None:
-                x = _proj(mod, x)
-        return _proj(self.root.get_submodule(self.arch.head_path), x)  # (B, T, V)
-
-    def native_available(self) -> bool:
-        """The native decode kernel is built and this model lives on the CPU."""
-        from flexspeed.inference.native import library
-
-        ref = next(iter(self.root.parameters()), None)
-        if ref is None:
-            ref = next(iter(self.root.buffers()), torch.empty(0))
-        return ref.device.type == "cpu" and library() is not None
-
-    def native_reason(self) -> str | None:
-        """Why single-token steps do not run natively (``None``: they do, up to ``native_max_batch`` rows)."""
-        from flexspeed.inference.native import NativeDecoder
-
-        if not self.native_decode:
-            return "native_decode is off"
-        if self.compile_decode:
-            return "compile_decode is on"
-        if self._native is None:
-            self._native = NativeDecoder(self)
-        return self._native.unsupported()
-
-    def _native_ok(self, x: torch.Tensor, cache: KVCache) -> bool:
-        if not self.native_decode or self.compile_decode or x.device.type != "cpu" or x.shape[0] > self.native_max_batch:
-            return False
-        if not cache.k or cache.k[0].dtype not in (torch.float32, torch.bfloat16) or not cache.k[0].is_contiguous():
-            return False
-        return self.native_reason() is None
-
-    def _compiled_ok(self) -> bool:
-        # TP all-reduce hooks run inside the layers; keep them out of Dynamo's graphs
-        return getattr(self.root, "_flexspeed_tp_size", 1) == 1
-
-    def _static_forward(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, start: int,
-                        key_mask: torch.Tensor | None) -> torch.Tensor:
-        B, t_max = x.shape[0], cache.max_len
-        valid = (torch.arange(t_max, device=x.device) <= start).expand(B, t_max)  # (B, T_max)
-        if key_mask is not None:  # key_mask may be shorter than the rounded-up cache
-            n = min(t_max, key_mask.shape[1])
-            valid = torch.cat([valid[:, :n] & key_mask[:, :n], valid[:, n:]], dim=1)
-        index = torch.tensor([start], device=x.device)
-        rope = self.arch.rope(self.root, x, pos) if self.arch.rope is not None else None
-        step, head = _compiled()
-        for i, layer in enumerate(self.layers):
-            x = step(layer, x, cache.k[i], cache.v[i], index, valid, rope)
-        return head(self, x)
-
-
-@functools.cache
-def _compiled() -> tuple[Callable, Callable]:
-    """The compiled layer step and head, shared by every runner (Dynamo caches per shape)."""
-    def step(layer, x, k, v, index, valid, rope):
-        return layer.static_step(x, k, v, index, valid, rope)
-
-    return torch.compile(step, dynamic=False), torch.compile(FusedRunner._head, dynamic=False)
 
 
 def _set_child(root: nn.Module, path: str, new: nn.Module) -> None:

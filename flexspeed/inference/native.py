@@ -14,10 +14,8 @@ compiler and the CPU, and loaded with ``ctypes`` after torch, so that it shares 
 runtime. Without a compiler, or with ``FLEXSPEED_NATIVE=0``, :func:`library` is ``None`` and the
 fused runner keeps its torch path (with a one-time warning when a compile failed).
 
-:class:`NativeDecoder` maps a :class:`~flexspeed.inference.kernels.FusedRunner`'s modules onto
-the kernel's structs; :meth:`NativeDecoder.unsupported` says why a model cannot use it (a packed
-or blocked int4 weight, post-norm layers, tensor parallelism, ...), in which case the runner
-stays on torch.
+:class:`~flexspeed.inference.native_decoder.NativeDecoder` maps a fused runner's modules onto the
+kernel's structs (this module holds the build, the structs and the small entry points).
 """
 
 from __future__ import annotations
@@ -38,9 +36,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["library", "NativeDecoder"]
+__all__ = ["library", "linear_struct", "norm_struct", "quant_matmul", "gather_rows", "argmax_rows", "Unsupported"]
 
-_SRC = Path(__file__).parent / "csrc" / "decode.c"
+_SRC = Path(__file__).parent / "csrc" / "decode.c"  # includes the csrc/*.h beside it
 _FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 
 
@@ -119,7 +117,8 @@ def library() -> ctypes.CDLL | None:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    key = hashlib.sha256(_SRC.read_bytes() + " ".join([cc, version, *_flags(), _cpu_id()]).encode()).hexdigest()[:16]
+    sources = b"".join(p.read_bytes() for p in sorted(_SRC.parent.iterdir()) if p.suffix in (".c", ".h"))
+    key = hashlib.sha256(sources + " ".join([cc, version, *_flags(), _cpu_id()]).encode()).hexdigest()[:16]
     path = None
     for base in (_cache_dir(), Path(tempfile.gettempdir()) / "flexspeed-native"):
         candidate = base / f"decode-{key}.so"
@@ -160,56 +159,6 @@ def library() -> ctypes.CDLL | None:
     lib.fs_shm_allreduce.restype = ctypes.c_int
     return lib
 
-
-class ShmAllReduce:
-    """Sum fp32 vectors over the ranks of ``group``, all on this host, through shared memory.
-
-    gloo's all-reduce of a hidden state (3 KB) takes ~1.4 ms on loopback on the 2-core machine
-    (a send/recv round trip 0.16 ms), and a decode step of a 12-layer model needs 24 of them;
-    this takes microseconds. The segment is a file in ``/dev/shm`` (the temp directory where
-    there is none) that rank 0 creates, every rank maps, and rank 0 unlinks once all have. A rank
-    that stops answering for ``timeout`` seconds makes the others raise instead of hang.
-    Created collectively (every rank of ``group`` at the same point).
-    """
-
-    def __init__(self, lib: ctypes.CDLL, group, cap: int, timeout: float = 300.0) -> None:
-        import socket
-        import uuid
-
-        import torch.distributed as dist
-
-        self.lib, self.cap, self.timeout, self.call = lib, int(cap), float(timeout), 0
-        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
-        hosts: list = [None] * self.world
-        dist.all_gather_object(hosts, socket.gethostname(), group=group)
-        if len(set(hosts)) != 1:
-            raise Unsupported(f"the tensor-parallel ranks run on several hosts ({sorted(set(hosts))})")
-        base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-        name = [os.path.join(base, f"flexspeed-tp-{uuid.uuid4().hex}")] if self.rank == 0 else [None]
-        dist.broadcast_object_list(name, src=dist.get_global_rank(group, 0), group=group)
-        nbytes = int(lib.fs_shm_bytes(self.world, self.cap))
-        if self.rank == 0:
-            with open(name[0], "wb") as f:
-                f.truncate(nbytes)  # zeros: every sequence number starts at 0
-        dist.barrier(group=group)
-        self.segment = torch.from_file(name[0], shared=True, size=nbytes, dtype=torch.uint8)
-        dist.barrier(group=group)
-        if self.rank == 0:
-            os.unlink(name[0])
-
-    def __call__(self, x: torch.Tensor, accum: torch.Tensor | None = None) -> None:
-        """``x`` (contiguous fp32) <- its sum over the ranks; or ``accum += `` that sum."""
-        self.call += 1
-        rc = self.lib.fs_shm_allreduce(self.segment.data_ptr(), self.rank, self.world, self.cap, x.data_ptr(),
-                                       x.numel(), self.call, self.timeout,
-                                       accum.data_ptr() if accum is not None else None)
-        if rc == -1:
-            raise ValueError(f"{x.numel()} values exceed the shared segment's {self.cap}")
-        if rc != 0:
-            raise RuntimeError(f"tensor-parallel all-reduce: a rank did not answer within {self.timeout:.0f} s")
-
-
-# ------------------------------------------------------------------------------ module -> struct
 
 class Unsupported(Exception):
     """A module the kernel cannot run (the message says which and why)."""
@@ -384,232 +333,3 @@ def _activation(act) -> int:
         if isinstance(y, torch.Tensor) and y.shape == x.shape and torch.allclose(y.float(), ref, atol=1e-5, rtol=1e-5):
             return code
     raise Unsupported(f"activation {act!r} is not ReLU, GELU (erf or tanh) or SiLU")
-
-
-class NativeDecoder:
-    """Runs a :class:`FusedRunner`'s single-token steps through the C kernel.
-
-    Structs are rebuilt whenever a module or weight of the runner changed (quantization,
-    ``model.to``); the cache pointers are set per call.
-    """
-
-    def __init__(self, runner) -> None:
-        self.runner, self.lib = runner, library()
-        self._checks: list[tuple] | None = None
-        self._reason: str | None = None
-        self._cache_id: tuple | None = None
-        self._scratch = torch.empty(0)
-        self.keep: list[torch.Tensor] = []
-        self._shm: ShmAllReduce | None = None
-        self.tp_group = None
-
-    def __getstate__(self) -> dict:  # ctypes structs hold raw pointers: copies rebuild them
-        return {"runner": self.runner}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["runner"])
-
-    # ---------------------------------------------------------------- structs
-
-    def _modules(self) -> tuple[list, list, nn.Module]:
-        r = self.runner
-        finals = [r._module(p) for p in r.arch.final_paths]
-        return [layer.parts() for layer in r.layers], finals, r.root.get_submodule(r.arch.head_path)
-
-    def _build(self, parts: list, finals: list, head: nn.Module) -> None:
-        r = self.runner
-        if getattr(r.root, "_flexspeed_tp_size", 1) != 1 and getattr(r, "tp_group", None) is None:
-            raise Unsupported("the model is tensor-parallel but the runner has no tp_group (init_inference sets it)")
-        keep: list[torch.Tensor] = []
-        layers = (Layer * len(parts))()
-        for i, (layer, (n1, qkv, out, n2, up, down)) in enumerate(zip(r.layers, parts)):
-            if not layer.pre_norm:
-                raise Unsupported(f"layer {i} normalises after attention (post-norm)")
-            p = f"layer {i}"
-            hq, hkv, hd = layer.n_heads, layer.n_kv_heads, layer.head_dim
-            s = layers[i]
-            s.norm1, s.norm2 = norm_struct(n1, f"{p} norm1"), norm_struct(n2, f"{p} norm2")
-            s.qkv, s.n_qkv_parts = _maybe_parts(qkv, f"{p} qkv", keep, s.qkv_parts)
-            s.up, s.n_up_parts = _maybe_parts(up, f"{p} up", keep, s.up_parts)
-            s.out, s.down = linear_struct(out, f"{p} out", keep), linear_struct(down, f"{p} down", keep)
-            s.act, s.gated = _activation(layer.act), int(layer.gated)
-            s.n_heads, s.n_kv, s.head_dim, s.scale = hq, hkv, hd, float(layer.scale)
-            if hq % hkv or s.qkv.n != (hq + 2 * hkv) * hd or s.out.k != hq * hd:
-                raise Unsupported(f"{p}: projection shapes do not match {hq} heads, {hkv} kv heads of {hd}")
-            if s.down.k != (s.up.n // 2 if layer.gated else s.up.n):
-                raise Unsupported(f"{p}: the MLP's up and down projections do not match")
-        norms = [m for m in finals if m is not None]
-        if len(norms) != 1:
-            raise Unsupported("the model has a projection after its final norm (OPT project_out)")
-        self.layers, self.final = layers, norm_struct(norms[0], "final norm")
-        self.head = linear_struct(head, "lm_head", keep)
-        self.keep = keep
-        self.tp_group = getattr(r, "tp_group", None) if getattr(r.root, "_flexspeed_tp_size", 1) != 1 else None
-        if self.tp_group is not None:  # each rank computes its block of the (replicated) head's rows
-            import torch.distributed as dist
-
-            rank, world = dist.get_rank(self.tp_group), dist.get_world_size(self.tp_group)
-            per = -(-self.head.n // world)
-            r0, r1 = min(self.head.n, rank * per), min(self.head.n, (rank + 1) * per)
-            self.head_rows, self.head_per, self.n_vocab = (r0, r1), per, self.head.n
-            self.head = _row_slice(self.head, r0, r1)
-        self._final_p, self._head_p = ctypes.byref(self.final), ctypes.byref(self.head)
-        if any(s.qkv.k != self.head.k for s in layers):
-            raise Unsupported("layers and head disagree on the hidden size")
-
-    def _watch(self, used: list[nn.Module], pointers: set[int]) -> list[tuple]:
-        """What the structs depend on: every (dict, key, object) on the paths from the root to the
-        modules used and every tensor of those modules; for the modules in ``pointers`` (one
-        layer's and the head's: ``model.to`` swaps every ``param.data`` at once) the data
-        pointer too. About 300 identity checks for OPT-125M, some 15 us per step."""
-        root = self.runner.root
-        paths: dict[int, str] = {}
-        for name, mod in root.named_modules(remove_duplicate=False):
-            paths.setdefault(id(mod), name)
-        checks: dict[tuple[int, str], tuple] = {}
-        for mod in [sub for m in used for sub in m.modules()]:  # a ConcatLinear's parts too
-            path = paths.get(id(mod))
-            if path:  # each step down from the root
-                parent = root
-                for part in path.split("."):
-                    child = parent._modules[part]
-                    checks[(id(parent._modules), part)] = (parent._modules, part, child, None)
-                    parent = child
-            for d in (mod._parameters, mod._buffers):
-                for key, t in d.items():
-                    ptr = t.data_ptr() if t is not None and id(mod) in pointers else None
-                    checks[(id(d), key)] = (d, key, t, ptr)
-        return list(checks.values())
-
-    def _fresh(self) -> bool:
-        for d, key, obj, ptr in self._checks:
-            cur = d.get(key)
-            if cur is not obj or (ptr is not None and cur.data_ptr() != ptr):
-                return False
-        return True
-
-    def unsupported(self) -> str | None:
-        """Why this runner cannot use the kernel now, or ``None`` if it can."""
-        if self.lib is None:
-            return "the native kernel is not available (no C compiler, or FLEXSPEED_NATIVE=0)"
-        if self._checks is not None and self._fresh():
-            return self._reason
-        parts, finals, head = self._modules()
-        used = [m for p in parts for m in p] + [m for m in finals if m is not None] + [head]
-        pointers = {id(m) for m in [*(parts[0] if parts else ()), *finals, head] if m is not None}
-        self._checks, self._reason, self._cache_id = self._watch(used, pointers), None, None
-        if self.runner.own_layers is not None:  # wrappers outside the root's tree: watch them too
-            self._checks += [(layer.__dict__, "_modules", layer.__dict__["_modules"], None)
-                             for layer in self.runner.own_layers]
-        try:
-            self._build(parts, finals, head)
-        except Unsupported as exc:
-            self._reason = str(exc)
-        return self._reason
-
-    # ---------------------------------------------------------------- call
-
-    def forward(self, x: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], start: int,
-                key_mask: torch.Tensor | None, rope: tuple | None) -> torch.Tensor:
-        """fp32 logits (B, 1, V) for embedded tokens ``x`` (B, 1, C) at cache position ``start``.
-
-        ``k``/``v``: the per-layer fp32 or bf16 cache buffers (B, H_kv, T_max, hd), written at ``start``.
-        """
-        B, _, C = x.shape
-        t_max, nt = k[0].shape[2], torch.get_num_threads()
-        # the buffers themselves are held (not their addresses: a new cache may reuse some of them)
-        current = ((B, t_max, nt), *k, *v)
-        held = self._cache_id
-        if (held is None or len(held) != len(current) or held[0] != current[0]
-                or any(a is not b for a, b in zip(held[1:], current[1:]))):
-            if len(k) != len(self.layers) or any(t.dtype not in (torch.float32, torch.bfloat16) or not t.is_contiguous()
-                                                  for t in (*k, *v)):
-                raise ValueError("the native decode step needs one contiguous fp32 or bf16 key and value buffer "
-                                 "per layer")
-            for i, s in enumerate(self.layers):
-                s.kc, s.vc = k[i].data_ptr(), v[i].data_ptr()
-                s.kv_fmt = BF16 if k[i].dtype == torch.bfloat16 else F32
-            need = self.lib.fs_scratch_floats(self.layers, len(self.layers), self.head, B, C, t_max, nt)
-            if self._scratch.numel() < need:
-                self._scratch = torch.empty(need)
-            self._cache_id = current
-        h = x.reshape(B, C).to(torch.float32, copy=True)
-        if self.tp_group is not None:
-            return self._forward_tp(h, start, t_max, nt, key_mask, rope)
-        logits = torch.empty(B, self.head.n)
-        step, keep = self._step(B, C, start, t_max, nt, key_mask, rope)
-        rc = self.lib.fs_forward(self.layers, len(self.layers), self._final_p, self._head_p, h.data_ptr(),
-                                 logits.data_ptr(), ctypes.byref(step))
-        if rc != 0:
-            raise RuntimeError(f"native decode kernel rejected the shapes (code {rc})")
-        return logits.view(B, 1, -1)  # fp32: the sampler works in fp32 anyway
-
-    def _step(self, B: int, C: int, start: int, t_max: int, nt: int, key_mask: torch.Tensor | None,
-              rope: tuple | None) -> tuple[Step, list]:
-        """The per-call struct, and the tensors it points into (to be held until the call returns)."""
-        step, keep = Step(B, C, start, t_max, nt, 0, None, None, None, self._scratch.data_ptr()), []
-        if key_mask is not None:
-            valid = key_mask[:, :start + 1]
-            if not valid.is_contiguous():
-                valid = valid.contiguous()
-            keep.append(valid)
-            step.valid, step.valid_stride = valid.data_ptr(), valid.stride(0)
-        if rope is not None:
-            cos, sin = (t.reshape(B, -1).to(torch.float32).contiguous() for t in rope)
-            keep += [cos, sin]
-            step.cos, step.sin = cos.data_ptr(), sin.data_ptr()
-        return step, keep
-
-    def _forward_tp(self, h: torch.Tensor, start: int, t_max: int, nt: int, key_mask: torch.Tensor | None,
-                    rope: tuple | None) -> torch.Tensor:
-        """Tensor parallel: each half layer's partial projection is summed over the ranks through
-        shared memory and added to the residual stream; the head's row blocks are gathered the same
-        way (each rank fills its block of a zeroed full vector)."""
-        B, C = h.shape
-        vocab = self.head_per * dist_world(self.tp_group)
-        need = B * max(C, vocab)
-        if self._shm is None or self._shm.cap < need:
-            self._shm = ShmAllReduce(self.lib, self.tp_group, need)
-        step, keep = self._step(B, C, start, t_max, nt, key_mask, rope)
-        part = torch.empty(B, C)
-        for layer in self.layers:
-            for half in (0, 1):
-                rc = self.lib.fs_layer_part(ctypes.byref(layer), half, h.data_ptr(), part.data_ptr(), ctypes.byref(step))
-                if rc != 0:
-                    raise RuntimeError(f"native decode kernel rejected the shapes (code {rc})")
-                self._shm(part, accum=h)  # h += sum over ranks
-        mine = torch.empty(B, self.head.n)
-        rc = self.lib.fs_forward(None, 0, self._final_p, self._head_p, h.data_ptr(), mine.data_ptr(), ctypes.byref(step))
-        if rc != 0:
-            raise RuntimeError(f"native decode kernel rejected the shapes (code {rc})")
-        full = torch.zeros(B, vocab)
-        r0, r1 = self.head_rows
-        full[:, r0:r1] = mine
-        self._shm(full)
-        del keep
-        return full[:, :self.n_vocab].view(B, 1, -1)
-
-
-def dist_world(group) -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size(group)
-
-
-_ESIZE = {F32: 4.0, BF16: 2.0, I8: 1.0, I4: 0.5}
-
-
-def _row_slice(lin: Linear, r0: int, r1: int) -> Linear:
-    """The struct of rows ``r0:r1`` of ``lin`` (pointers offset into the same memory)."""
-    if lin.trans:
-        raise Unsupported("a transposed (Conv1D) lm_head cannot be split by rows")
-    out = Linear.from_buffer_copy(lin)
-    out.n = r1 - r0
-    out.w = lin.w + int(r0 * lin.k * _ESIZE[lin.fmt])
-    if lin.fmt == I8:
-        out.scales = lin.scales + r0 * 4
-    elif lin.fmt == I4:
-        out.scales = lin.scales + r0 * (lin.k // lin.group) * 4  # (n, K/group, 2) bf16
-    if lin.bias:
-        out.bias = lin.bias + r0 * (4 if lin.bias_fmt == F32 else 2)
-    return out
