@@ -20,10 +20,10 @@ medians are reported. Configurations:
 Columns: tok/s = batch x new / wall time of one ``generate`` call; ``vs HF`` against HF in the same
 compute dtype; ``weights MB`` resident; ``read MB`` = weight bytes read per decode step (every
 Linear/norm weight plus ``lm_head``; embeddings read one row per token and are left out);
-``GB/s`` = the read bandwidth the floor is taken against: the best ``Tensor.sum`` over three fresh
-512 MB tensors (see :func:`machine_bandwidth`); tp 2's floor is the single model's, as the two
-ranks share one memory bus and together read every weight once; ``floor ms`` = read bytes / that
-bandwidth; ``decode ms`` = (full call - prompt-only
+``GB/s`` = the read bandwidth the floor is taken against: the median of ``Tensor.sum`` samples
+over a 512 MB buffer taken between the timed calls (see :class:`BandwidthProbe`); tp 2's floor
+is the single model's, as the two ranks share one memory bus and together read every weight
+once; ``floor ms`` = read bytes / that bandwidth; ``decode ms`` = (full call - prompt-only
 call) / (new - 1); ``x floor`` = decode ms / floor ms.
 
     python benchmarks/generate.py [--quick] [--models opt,gpt2] [--batches 1,16] [--reps 3] [--compile] [--no-tp]
@@ -79,15 +79,27 @@ def read_bandwidth(mb: int = 512) -> float:
     return x.numel() * 4 / best
 
 
-def machine_bandwidth(mb: int = 512, buffers: int = 3) -> float:
-    """The best :func:`read_bandwidth` over ``buffers`` fresh allocations.
+class BandwidthProbe:
+    """Read bandwidth sampled *during* the run: best of 3 ``Tensor.sum`` over one 512 MB buffer,
+    once per repetition of the round-robin, beside the configurations it is the floor for.
 
-    On this VM one allocation reads at 31-35 GB/s and another at 45-60, the same day, so one
-    buffer can understate the machine; the best of several is the stricter floor. (A sum over a
-    model's own weights was tried too and read up to 80 GB/s for a 77 MB tensor: repeated passes
-    partly hit the 32 MB L3, which a decode step reading 100-500 MB does not.)
+    On this VM the whole machine's read bandwidth moves with its neighbours' load (the same
+    512 MB sum: 31-38 GB/s in one process, 62-68 GB/s in the next, minutes apart), so a
+    bandwidth measured once at start can belong to another state than the decode steps; the
+    floor uses the median of the samples taken between the timed calls.
     """
-    return max(read_bandwidth(mb) for _ in range(buffers))
+
+    def __init__(self, mb: int) -> None:
+        self.x = torch.ones(mb * 2**20 // 4)
+        self.x.sum()
+        self.samples: list[float] = []
+
+    def sample(self) -> None:
+        best = min(_timed(lambda: self.x.sum()) for _ in range(3))
+        self.samples.append(self.x.numel() * 4 / best)
+
+    def median(self) -> float:
+        return statistics.median(self.samples)
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -164,8 +176,10 @@ def configurations(name: str, shape: dict, compile_decode: bool) -> list[tuple[s
     return out
 
 
-def measure(configs, batch: int, prompt: int, new: int, reps: int, vocab: int) -> dict[str, tuple[float, float]]:
-    """{label: (median full-call seconds, median prompt-only seconds)}, round-robin over configs."""
+def measure(configs, batch: int, prompt: int, new: int, reps: int, vocab: int,
+            probe: BandwidthProbe | None = None) -> dict[str, tuple[float, float]]:
+    """{label: (median full-call seconds, median prompt-only seconds)}, round-robin over configs
+    (the bandwidth ``probe`` sampled before every configuration's calls)."""
     ids = torch.randint(1, vocab, (batch, prompt), generator=torch.Generator().manual_seed(batch))
     full: dict[str, list[float]] = {c[0]: [] for c in configs}
     pre: dict[str, list[float]] = {c[0]: [] for c in configs}
@@ -174,6 +188,8 @@ def measure(configs, batch: int, prompt: int, new: int, reps: int, vocab: int) -
             run(ids, 2)
         for _ in range(reps):
             for label, _, _, run in configs:
+                if probe is not None:
+                    probe.sample()
                 full[label].append(_timed(lambda: run(ids, new)))
                 pre[label].append(_timed(lambda: run(ids, 1)))
     return {k: (statistics.median(full[k]), statistics.median(pre[k])) for k in full}
@@ -228,8 +244,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     batches = [int(b) for b in (args.batches or ("1,2" if quick else "1,16")).split(",")]
     reps = args.reps or (1 if quick else 3)
     prompt, new = args.prompt or (16 if quick else 128), args.new or (8 if quick else 32)
-    bw = machine_bandwidth(64 if quick else 512, 1 if quick else 3)
-    print(f"read bandwidth {bw / 1e9:.1f} GB/s, {args.threads} threads, prompt {prompt}, {new} new tokens, "
+    bw = read_bandwidth(64 if quick else 512)
+    print(f"read bandwidth at start {bw / 1e9:.1f} GB/s, {args.threads} threads, prompt {prompt}, {new} new tokens, "
           f"median of {reps}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     rows = []
@@ -239,7 +255,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         sizes = {label: weight_bytes(model) for label, _, model, _ in configs}
         bws = {label: bw for label, _, _, _ in configs}
         for batch in batches:
-            times = measure(configs, batch, prompt, new, reps, shape["vocab"])
+            probe = BandwidthProbe(64 if quick else 512)
+            times = measure(configs, batch, prompt, new, reps, shape["vocab"], probe)
+            bw = probe.median()
+            bws = {label: bw for label in bws}
+            print(f"  {name} batch {batch}: read bandwidth during the run {min(probe.samples) / 1e9:.1f}-"
+                  f"{max(probe.samples) / 1e9:.1f} GB/s, median {bw / 1e9:.1f} ({len(probe.samples)} samples)",
+                  flush=True)
             if not args.no_tp and not quick:
                 tp = measure_tp(name, shape, batch, prompt, new, reps)
                 times["tp2 inject bf16"] = tp

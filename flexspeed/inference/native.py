@@ -148,6 +148,8 @@ def library() -> ctypes.CDLL | None:
     lib.fs_fast_path.restype = ctypes.c_int
     lib.fs_rows.argtypes = [ctypes.POINTER(Linear), _P, ctypes.c_int64, _P]
     lib.fs_rows.restype = ctypes.c_int
+    lib.fs_dequant_rows.argtypes = [ctypes.POINTER(Linear), ctypes.c_int, ctypes.c_int, _P, ctypes.c_int, ctypes.c_int]
+    lib.fs_dequant_rows.restype = ctypes.c_int
     lib.fs_argmax.argtypes = [_P, ctypes.c_int64, ctypes.c_int64, _P]
     lib.fs_argmax.restype = None
     lib.fs_layer_part.argtypes = [ctypes.POINTER(Layer), ctypes.c_int, _P, _P, ctypes.POINTER(Step)]
@@ -241,6 +243,24 @@ def gather_rows(mod, rows: torch.Tensor) -> torch.Tensor | None:
     out = torch.empty(ids.numel(), lin.k)
     if lib.fs_rows(ctypes.byref(lin), ids.data_ptr(), ids.numel(), out.data_ptr()) != 0:
         return None  # an id out of range: let torch raise its usual error
+    return out
+
+
+def dequant_rows(mod, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """Rows ``r0:r1`` of a CPU ``QuantLinear``'s weight in ``dtype`` (fp32 or bf16), dequantized by
+    the kernel on torch's threads (the prompt's path: ~10x the dozen torch ops it replaces), or
+    ``None`` without the kernel."""
+    lib = library()
+    if lib is None or dtype not in (torch.float32, torch.bfloat16) or mod.qweight.device.type != "cpu":
+        return None
+    try:
+        lin = linear_struct(mod, "QuantLinear")
+    except Unsupported:
+        return None
+    out = torch.empty(r1 - r0, lin.k, dtype=dtype)
+    if lib.fs_dequant_rows(ctypes.byref(lin), r0, r1, out.data_ptr(), int(dtype == torch.bfloat16),
+                           torch.get_num_threads()) != 0:
+        return None
     return out
 
 

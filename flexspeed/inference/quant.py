@@ -315,6 +315,12 @@ class QuantLinear(nn.Module):
 
     def dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Weights of output rows ``r0:r1`` (``r0`` on a chunk boundary for blocked int4)."""
+        if self.qweight.device.type == "cpu" and r1 <= self.out_features:
+            from flexspeed.inference.native import dequant_rows
+
+            fast = dequant_rows(self, r0, r1, dtype)  # flexspeed's native dequantization, where built
+            if fast is not None:
+                return fast
         vals = self.qweight[r0:r1] if self.num_bits == 8 else self._values(r0, r1)
         return self._dequant(vals, slice(r0, r1), dtype)
 

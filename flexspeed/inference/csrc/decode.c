@@ -361,3 +361,37 @@ int fs_rows(const fs_linear *L, const int64_t *ids, int64_t n, float *out) {
     }
     return 0;
 }
+
+/* out (r1 - r0, K) = rows r0:r1 of L's weight dequantized, fp32 (out_bf16 = 0) or bf16 (1), by
+ * nthreads: the prompt's products dequantize a chunk of rows at a time and run a dense GEMM */
+int fs_dequant_rows(const fs_linear *L, int r0, int r1, void *out, int out_bf16, int nthreads) {
+    const int K = L->k;
+    if (r0 < 0 || r1 > L->n || r0 > r1) return -1;
+#pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static)
+    for (int r = r0; r < r1; r++) {
+        float row[8192];
+        float *dst = out_bf16 ? row : (float *)out + (size_t)(r - r0) * K;
+        for (int k0 = 0; k0 < K; k0 += 8192) {
+            const int k1 = K - k0 > 8192 ? k0 + 8192 : K;
+            float *d = out_bf16 ? row : dst + k0;
+            if (L->fmt == FS_I8) {
+                const float sc = ((const float *)L->scales)[r];
+                const int8_t *w = (const int8_t *)L->w + (size_t)r * K;
+                for (int k = k0; k < k1; k++) d[k - k0] = w[k] * sc;
+            } else { /* int4, row-major scales */
+                const uint8_t *w = (const uint8_t *)L->w + (size_t)r * (K / 2);
+                const uint16_t *sz = (const uint16_t *)L->scales + (size_t)r * (K / L->group) * 2;
+                for (int k = k0; k < k1; k++) {
+                    const int q = (k & 1) ? w[k / 2] >> 4 : w[k / 2] & 15;
+                    const uint16_t *g = sz + (k / L->group) * 2;
+                    d[k - k0] = (float)(q - 8) * bf16_to_f32(g[0]) + bf16_to_f32(g[1]);
+                }
+            }
+            if (out_bf16) {
+                uint16_t *o = (uint16_t *)out + (size_t)(r - r0) * K + k0;
+                for (int k = k0; k < k1; k++) o[k - k0] = f32_to_bf16(row[k - k0]);
+            }
+        }
+    }
+    return 0;
+}
