@@ -229,16 +229,24 @@ def _rows_major_scales(mod) -> torch.Tensor:
 _SCRATCH = threading.local()
 
 
+def _quant_struct(mod, on_cpu: bool) -> tuple[ctypes.CDLL, Linear] | None:
+    """(the kernel, the struct of a ``QuantLinear``) when both apply, else ``None``."""
+    lib = library()
+    if lib is None or not on_cpu:
+        return None
+    try:
+        return lib, linear_struct(mod, "QuantLinear")
+    except Unsupported:
+        return None
+
+
 def gather_rows(mod, rows: torch.Tensor) -> torch.Tensor | None:
     """Rows ``rows`` (R,) of a CPU ``QuantLinear``'s weight, dequantized to fp32 (R, K), or ``None``
     without the kernel: the embedding lookup of a quantized tied head, one call per step."""
-    lib = library()
-    if lib is None or rows.device.type != "cpu":
+    found = _quant_struct(mod, rows.device.type == "cpu")
+    if found is None:
         return None
-    try:
-        lin = linear_struct(mod, "QuantLinear")
-    except Unsupported:
-        return None
+    lib, lin = found
     ids = rows.reshape(-1).to(torch.long).contiguous()
     out = torch.empty(ids.numel(), lin.k)
     if lib.fs_rows(ctypes.byref(lin), ids.data_ptr(), ids.numel(), out.data_ptr()) != 0:
@@ -250,13 +258,10 @@ def dequant_rows(mod, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor | No
     """Rows ``r0:r1`` of a CPU ``QuantLinear``'s weight in ``dtype`` (fp32 or bf16), dequantized by
     the kernel on torch's threads (the prompt's path: ~10x the dozen torch ops it replaces), or
     ``None`` without the kernel."""
-    lib = library()
-    if lib is None or dtype not in (torch.float32, torch.bfloat16) or mod.qweight.device.type != "cpu":
+    found = _quant_struct(mod, mod.qweight.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16))
+    if found is None:
         return None
-    try:
-        lin = linear_struct(mod, "QuantLinear")
-    except Unsupported:
-        return None
+    lib, lin = found
     out = torch.empty(r1 - r0, lin.k, dtype=dtype)
     if lib.fs_dequant_rows(ctypes.byref(lin), r0, r1, out.data_ptr(), int(dtype == torch.bfloat16),
                            torch.get_num_threads()) != 0:
@@ -283,13 +288,10 @@ def quant_matmul(mod, x2: torch.Tensor) -> torch.Tensor | None:
     Serves the prompt's last-row ``lm_head`` and other small products on torch's path (aten has
     no kernel for the plain int4 order, and its int8 kernel rounds the activations to bf16).
     """
-    lib = library()
-    if lib is None or x2.device.type != "cpu":
+    found = _quant_struct(mod, x2.device.type == "cpu")
+    if found is None:
         return None
-    try:
-        lin = linear_struct(mod, "QuantLinear")
-    except Unsupported:
-        return None
+    lib, lin = found
     M, K = x2.shape
     x = x2.to(torch.float32).contiguous()
     nt = torch.get_num_threads()

@@ -122,8 +122,8 @@ static void attend(const fs_layer *l, fs_ctx *c) {
         const size_t kv0 = ((size_t)b * hkv + kh) * st->t_max * hd;
         const uint8_t *ok = st->valid ? st->valid + (size_t)b * st->valid_stride : NULL;
         float *sc = c->scores + (size_t)p * st->t_max, mx = -INFINITY;
-        if (kvb) scores_bf16(q, (const uint16_t *)l->kc + kv0, hd, T, l->scale, sc);
-        else scores_f32(q, (const float *)l->kc + kv0, hd, T, l->scale, sc);
+        scores(q, kvb ? (const void *)((const uint16_t *)l->kc + kv0) : (const void *)((const float *)l->kc + kv0), kvb,
+               hd, T, l->scale, sc);
         for (int t = 0; t < T; t++) {
             if (ok && !ok[t]) sc[t] = -INFINITY;
             else if (sc[t] > mx) mx = sc[t];

@@ -90,8 +90,18 @@ static inline __m512 act16(int act, __m512 v) {
 }
 #endif
 
-/* sc[t] = scale * q . K[t] for t < n (rows of hd floats) */
-static void scores_f32(const float *q, const float *K, int hd, int n, float scale, float *sc) {
+#if FS_FAST
+/* 16 cache values at element i, fp32 or bf16 */
+static inline __m512 kv16(const void *K, size_t i, int bf) {
+    if (bf) return _mm512_castsi512_ps(_mm512_slli_epi32(
+                   _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)K + i))), 16));
+    return _mm512_loadu_ps((const float *)K + i);
+}
+#endif
+
+/* sc[t] = scale * q . K[t] for t < n (rows of hd values, fp32 or bf16: at long contexts the
+ * cache rivals int4 weights, and bf16 halves it) */
+static void scores(const float *q, const void *K, int bf, int hd, int n, float scale, float *sc) {
     int t = 0;
 #if FS_FAST
     if (hd % 16 == 0 && hd <= 256) {
@@ -99,51 +109,26 @@ static void scores_f32(const float *q, const float *K, int hd, int n, float scal
         for (int j = 0; j < hd / 16; j++) qv[j] = _mm512_loadu_ps(q + 16 * j);
         for (; t + 4 <= n; t += 4) { /* four keys at once, reduced together */
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            const float *k0 = K + (size_t)t * hd;
+            const size_t k0 = (size_t)t * hd;
             for (int j = 0; j < hd / 16; j++) {
-                a0 = _mm512_fmadd_ps(qv[j], _mm512_loadu_ps(k0 + 16 * j), a0);
-                a1 = _mm512_fmadd_ps(qv[j], _mm512_loadu_ps(k0 + hd + 16 * j), a1);
-                a2 = _mm512_fmadd_ps(qv[j], _mm512_loadu_ps(k0 + 2 * hd + 16 * j), a2);
-                a3 = _mm512_fmadd_ps(qv[j], _mm512_loadu_ps(k0 + 3 * hd + 16 * j), a3);
+                a0 = _mm512_fmadd_ps(qv[j], kv16(K, k0 + 16 * j, bf), a0);
+                a1 = _mm512_fmadd_ps(qv[j], kv16(K, k0 + hd + 16 * j, bf), a1);
+                a2 = _mm512_fmadd_ps(qv[j], kv16(K, k0 + 2 * hd + 16 * j, bf), a2);
+                a3 = _mm512_fmadd_ps(qv[j], kv16(K, k0 + 3 * hd + 16 * j, bf), a3);
             }
 #define HALF8(a) _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1))
             const __m128 s4 = sum4(HALF8(a0), HALF8(a1), HALF8(a2), HALF8(a3));
 #undef HALF8
             _mm_storeu_ps(sc + t, _mm_mul_ps(s4, _mm_set1_ps(scale)));
         }
-    }
-#endif
-    for (; t < n; t++) sc[t] = dot_f32(q, K + (size_t)t * hd, hd) * scale;
-}
-
-/* the same over a bf16 cache (half the bytes: at long contexts the cache rivals int4 weights) */
-static void scores_bf16(const float *q, const uint16_t *K, int hd, int n, float scale, float *sc) {
-    int t = 0;
-#if FS_FAST
-    if (hd % 16 == 0 && hd <= 256) {
-        __m512 qv[16];
-        for (int j = 0; j < hd / 16; j++) qv[j] = _mm512_loadu_ps(q + 16 * j);
-#define LD(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
-        for (; t + 4 <= n; t += 4) {
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            const uint16_t *k0 = K + (size_t)t * hd;
-            for (int j = 0; j < hd / 16; j++) {
-                a0 = _mm512_fmadd_ps(qv[j], LD(k0 + 16 * j), a0);
-                a1 = _mm512_fmadd_ps(qv[j], LD(k0 + hd + 16 * j), a1);
-                a2 = _mm512_fmadd_ps(qv[j], LD(k0 + 2 * hd + 16 * j), a2);
-                a3 = _mm512_fmadd_ps(qv[j], LD(k0 + 3 * hd + 16 * j), a3);
-            }
-#define HALF8(a) _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1))
-            const __m128 s4 = sum4(HALF8(a0), HALF8(a1), HALF8(a2), HALF8(a3));
-#undef HALF8
-            _mm_storeu_ps(sc + t, _mm_mul_ps(s4, _mm_set1_ps(scale)));
-        }
-#undef LD
     }
 #endif
     for (; t < n; t++) {
         float d = 0.f;
-        for (int j = 0; j < hd; j++) d += q[j] * bf16_to_f32(K[(size_t)t * hd + j]);
+        for (int j = 0; j < hd; j++) {
+            const size_t i = (size_t)t * hd + j;
+            d += q[j] * (bf ? bf16_to_f32(((const uint16_t *)K)[i]) : ((const float *)K)[i]);
+        }
         sc[t] = d * scale;
     }
 }
