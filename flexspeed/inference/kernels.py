@@ -148,7 +148,9 @@ class FusedDecoderLayer(nn.Module):
         if kwargs.get("encoder_hidden_states") is not None:
             raise ConfigError("cross-attention is not supported by the fused layers; "
                               f"set {_KEY}=False for encoder-decoder use", key=_KEY)
-        cache, mask = kwargs.get("past_key_values"), kwargs.get("attention_mask")
+        # transformers 5.24 renamed the blocks' ``past_key_values`` argument ``cache``
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        mask = kwargs.get("attention_mask")
         rope = kwargs.get("position_embeddings")
 
         def attention(qkv: nn.Module, out: nn.Module, h: torch.Tensor) -> torch.Tensor:
