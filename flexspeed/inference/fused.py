@@ -186,7 +186,16 @@ class FusedRunner:
             self._native = NativeDecoder(self)
         return self._native.unsupported()
 
+    def greedy(self, cache: KVCache, key_mask: torch.Tensor | None, seq: torch.Tensor, T: int, pos0: torch.Tensor,
+               min_new: int, eos: list[int], pad: int | None, done: list[bool]) -> int | None:
+        """The rest of a greedy generation in one native call (see :meth:`NativeDecoder.greedy`),
+        or ``None`` where single-token steps do not run natively."""
+        if not self._native_ok(seq, cache):
+            return None
+        return self._native.greedy(cache.k, cache.v, key_mask, seq, T, pos0, min_new, eos, pad, done)
+
     def _native_ok(self, x: torch.Tensor, cache: KVCache) -> bool:
+        """Single-token steps for ``x`` (B, ...) (its rows and device) run natively."""
         if not self.native_decode or self.compile_decode or x.device.type != "cpu" or x.shape[0] > self.native_max_batch:
             return False
         if not cache.k or cache.k[0].dtype not in (torch.float32, torch.bfloat16) or not cache.k[0].is_contiguous():

@@ -207,6 +207,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     if max_new_tokens == 0:
         return seq
     step = _stepper(model, input_ids, mask, max_new_tokens, use_cache)
+    # greedy decoding of a native-kernel model: everything after the first token in one C call
+    fast = getattr(step, "greedy", None) if not do_sample and repetition_penalty == 1.0 else None
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     eos_t = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
     on_cpu, eos_set, done = input_ids.device.type == "cpu", set(eos), [False] * B
@@ -230,6 +232,10 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
                     finished |= torch.isin(nxt, eos_t)
                     if bool(finished.all()):
                         return seq[:, :T + i + 1]
+            if i == 0 and fast is not None and max_new_tokens > 1:
+                made = fast(seq, min_new_tokens, eos, pad, done if on_cpu else finished.tolist())
+                if made is not None:
+                    return seq[:, :T + made] if made < max_new_tokens else seq
             if i + 1 < max_new_tokens:
                 logits = step(nxt)
     return seq
@@ -275,6 +281,14 @@ def _runner_stepper(runner, ids: torch.Tensor, mask: torch.Tensor, max_new: int)
             state["start"] += 1
         return logits[:, -1]  # (B, V)
 
+    def greedy(seq: torch.Tensor, min_new: int, eos: list[int], pad: int | None, done: list[bool]) -> int | None:
+        """After the first new token: the rest natively, or ``None``."""
+        if state["start"] != T:
+            return None
+        return runner.greedy(cache, key_mask, seq, T, state["pos"].reshape(-1) + 1, min_new, eos, pad, done)
+
+    if hasattr(runner, "greedy"):  # a fused runner (the offload runner has no native loop)
+        step.greedy = greedy
     return step
 
 

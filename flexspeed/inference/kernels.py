@@ -289,6 +289,9 @@ class _Arch:
     head_path: str = "lm_head"
     copies: bool = True
     """Building the fused layers copies weights (else they share the block's modules)."""
+    tables: Callable[[nn.Module], tuple[nn.Module, nn.Module | None, int]] | None = None
+    """(token table, learned position table or ``None``, position offset): what ``embed``
+    computes, as lookups the native greedy loop repeats; ``None`` if it cannot."""
 
 
 def _gpt_layer(model: nn.Module, block: nn.Module, idx: int) -> FusedDecoderLayer:
@@ -334,6 +337,19 @@ def _learned_pos_embed(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor) -
     return model.transformer.wte(ids) + model.transformer.wpe(pos)  # (B, T, C)
 
 
+def _learned_pos_tables(model: nn.Module) -> tuple[nn.Module, nn.Module, int]:
+    return model.transformer.wte, model.transformer.wpe, 0
+
+
+def _opt_tables(model: nn.Module) -> tuple[nn.Module, nn.Module, int]:
+    from flexspeed.inference.native import Unsupported
+
+    dec = model.model.decoder
+    if dec.project_in is not None:
+        raise Unsupported("OPT's project_in follows the token lookup")
+    return dec.embed_tokens, dec.embed_positions, getattr(dec.embed_positions, "offset", 2)
+
+
 def _llama_embed(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return model.model.embed_tokens(ids)  # (B, T, C)
 
@@ -356,19 +372,22 @@ def _detect(model: nn.Module) -> _Arch | None:
 
     if isinstance(model, GPT):
         return _Arch("gpt", "transformer.h", _learned_pos_embed,
-                     ("transformer.ln_f",), _gpt_layer, max_positions=model.config.block_size, copies=False)
+                     ("transformer.ln_f",), _gpt_layer, max_positions=model.config.block_size, copies=False,
+                     tables=_learned_pos_tables)
     kind = getattr(getattr(model, "config", None), "model_type", None)
     if not hasattr(model, "lm_head"):
         return None
     if kind == "gpt2":
         return _Arch("gpt2", "transformer.h", _learned_pos_embed,
-                     ("transformer.ln_f",), _gpt2_layer, max_positions=model.config.n_positions)
+                     ("transformer.ln_f",), _gpt2_layer, max_positions=model.config.n_positions,
+                     tables=_learned_pos_tables)
     if kind == "opt":
         return _Arch("opt", "model.decoder.layers", _opt_embed,
                      ("model.decoder.final_layer_norm", "model.decoder.project_out"), _opt_layer,
-                     max_positions=model.config.max_position_embeddings)
+                     max_positions=model.config.max_position_embeddings, tables=_opt_tables)
     if kind == "llama":
-        return _Arch("llama", "model.layers", _llama_embed, ("model.norm",), _llama_layer, rope=_llama_rope)
+        return _Arch("llama", "model.layers", _llama_embed, ("model.norm",), _llama_layer, rope=_llama_rope,
+                     tables=lambda m: (m.model.embed_tokens, None, 0))
     return None
 
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 __all__ = ["library", "linear_struct", "norm_struct", "quant_matmul", "gather_rows", "argmax_rows", "Unsupported"]
 
 _SRC = Path(__file__).parent / "csrc" / "decode.c"  # includes the csrc/*.h beside it
-_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+_FLAGS = ["-O3", "-fopenmp", "-pthread", "-shared", "-fPIC", "-std=gnu11"]
 
 
 def _flags() -> list[str]:
@@ -70,6 +70,15 @@ class Layer(ctypes.Structure):
 class Step(ctypes.Structure):
     _fields_ = [("B", _I), ("C", _I), ("start", _I), ("t_max", _I), ("nthreads", _I), ("valid_stride", _I),
                 ("valid", _P), ("cos", _P), ("sin", _P), ("scratch", _P)]
+
+
+class Embed(ctypes.Structure):
+    _fields_ = [("tok", Linear), ("pos", Linear), ("pos_offset", _I), ("round_bf16", _I)]
+
+
+class Gen(ctypes.Structure):
+    _fields_ = [("T", _I), ("max_new", _I), ("min_new", _I), ("n_eos", _I), ("pad", _I), ("eos", _P), ("seq", _P),
+                ("done", _P), ("pos0", _P), ("cos", _P), ("sin", _P), ("logits", _P), ("x", _P)]
 
 
 def _cache_dir() -> Path:
@@ -152,6 +161,11 @@ def library() -> ctypes.CDLL | None:
     lib.fs_dequant_rows.restype = ctypes.c_int
     lib.fs_argmax.argtypes = [_P, ctypes.c_int64, ctypes.c_int64, _P]
     lib.fs_argmax.restype = None
+    lib.fs_generate.argtypes = [ctypes.POINTER(Layer), ctypes.c_int, ctypes.POINTER(Norm), ctypes.POINTER(Linear),
+                                ctypes.POINTER(Embed), ctypes.POINTER(Step), ctypes.POINTER(Gen)]
+    lib.fs_generate.restype = ctypes.c_int
+    lib.fs_set_threads.argtypes = [ctypes.c_int]
+    lib.fs_set_threads.restype = ctypes.c_int
     lib.fs_layer_part.argtypes = [ctypes.POINTER(Layer), ctypes.c_int, _P, _P, ctypes.POINTER(Step)]
     lib.fs_layer_part.restype = ctypes.c_int
     lib.fs_shm_bytes.argtypes = [ctypes.c_int, ctypes.c_int64]
@@ -212,6 +226,28 @@ def linear_struct(mod: nn.Module | None, what: str, keep: list | None = None) ->
         return Linear(I4, mod.out_features, mod.in_features, mod.group_size, mod.qweight.data_ptr(),
                       rows_major.data_ptr(), bias_fmt, bias_ptr)
     raise Unsupported(f"{what} is a {type(mod).__name__} (the kernel reads nn.Linear and QuantLinear)")
+
+
+def table_struct(mod: nn.Module, what: str, keep: list) -> tuple[Linear, torch.dtype]:
+    """The kernel's view of an embedding table (``nn.Embedding`` or a ``QuantEmbedding`` tied to
+    an int8 / plain int4 head) and the dtype its lookups return."""
+    from flexspeed.inference.quant import QuantEmbedding
+
+    if isinstance(mod, QuantEmbedding):
+        return linear_struct(mod.source, what, keep), mod._dtype_probe.dtype
+    if isinstance(mod, nn.Embedding) and mod.max_norm is None:
+        w = mod.weight.detach()
+        return Linear(_fmt(w, f"{what}.weight"), w.shape[0], w.shape[1], 0, w.data_ptr(), None, F32, None), w.dtype
+    raise Unsupported(f"{what} is a {type(mod).__name__} (the kernel reads nn.Embedding and QuantEmbedding tables)")
+
+
+def embed_struct(tok: nn.Module, pos: nn.Module | None, offset: int, keep: list) -> tuple[Embed, torch.dtype]:
+    """The kernel's token (+ learned position) lookup, and the dtype the model's lookup returns."""
+    t, dtype = table_struct(tok, "token embedding", keep)
+    p, pdtype = (table_struct(pos, "position embedding", keep) if pos is not None else (Linear(), dtype))
+    if dtype not in (torch.float32, torch.bfloat16) or pdtype != dtype:
+        raise Unsupported(f"embedding lookups in {dtype} / {pdtype} (the kernel repeats fp32 and bf16 lookups)")
+    return Embed(t, p, int(offset), int(dtype == torch.bfloat16)), dtype
 
 
 def _rows_major_scales(mod) -> torch.Tensor:

@@ -202,6 +202,20 @@ class NativeDecoder:
         ``k``/``v``: the per-layer fp32 or bf16 cache buffers (B, H_kv, T_max, hd), written at ``start``.
         """
         B, _, C = x.shape
+        t_max, nt = self._bind(k, v, B, C)
+        h = x.reshape(B, C).to(torch.float32, copy=True)
+        if self.tp_group is not None:
+            return self._forward_tp(h, start, t_max, nt, key_mask, rope)
+        logits = torch.empty(B, self.head.n)
+        step, _held = self._step(B, C, start, t_max, nt, key_mask, rope)  # _held: what step points into
+        rc = self.lib.fs_forward(self.layers, len(self.layers), self._final_p, self._head_p, h.data_ptr(),
+                                 logits.data_ptr(), ctypes.byref(step))
+        if rc != 0:
+            raise RuntimeError(f"native decode kernel rejected the shapes (code {rc})")
+        return logits.view(B, 1, -1)  # fp32: the sampler works in fp32 anyway
+
+    def _bind(self, k: list[torch.Tensor], v: list[torch.Tensor], B: int, C: int) -> tuple[int, int]:
+        """Point the layer structs at the cache buffers and size the scratch; (T_max, threads)."""
         t_max, nt = k[0].shape[2], torch.get_num_threads()
         # the buffers themselves are held (not their addresses: a new cache may reuse some of them)
         current = ((B, t_max, nt), *k, *v)
@@ -219,16 +233,59 @@ class NativeDecoder:
             if self._scratch.numel() < need:
                 self._scratch = torch.empty(need)
             self._cache_id = current
-        h = x.reshape(B, C).to(torch.float32, copy=True)
-        if self.tp_group is not None:
-            return self._forward_tp(h, start, t_max, nt, key_mask, rope)
-        logits = torch.empty(B, self.head.n)
-        step, _held = self._step(B, C, start, t_max, nt, key_mask, rope)  # _held: what step points into
-        rc = self.lib.fs_forward(self.layers, len(self.layers), self._final_p, self._head_p, h.data_ptr(),
-                                 logits.data_ptr(), ctypes.byref(step))
-        if rc != 0:
-            raise RuntimeError(f"native decode kernel rejected the shapes (code {rc})")
-        return logits.view(B, 1, -1)  # fp32: the sampler works in fp32 anyway
+        return t_max, nt
+
+    def greedy(self, k: list[torch.Tensor], v: list[torch.Tensor], key_mask: torch.Tensor | None,
+               seq: torch.Tensor, T: int, pos0: torch.Tensor, min_new: int, eos: list[int], pad: int | None,
+               done: list[bool]) -> int | None:
+        """Greedy decoding of new tokens 1.. in one kernel call (``generate``'s loop, in C).
+
+        ``seq`` (B, T + max_new) int64 holds the prompt and, in column ``T``, the first new token
+        (chosen by the caller from the prompt's logits, which also filled the cache ``k``/``v``);
+        ``pos0`` (B,) its positions; ``done`` the rows that already emitted an eos. Writes the
+        new tokens into ``seq`` and returns how many new columns it holds, or ``None`` when the
+        model's embeddings are not lookups the kernel can repeat (the caller's loop goes on).
+        """
+        from flexspeed.inference.native import Gen, embed_struct
+
+        runner = self.runner
+        if self.tp_group is not None or runner.arch.tables is None or (pad is not None and pad < 0):
+            return None
+        keep: list[torch.Tensor] = []
+        try:
+            emb, dtype = embed_struct(*runner.arch.tables(runner.root), keep)
+        except Unsupported:
+            return None
+        B, width = seq.shape
+        C, max_new = emb.tok.k, width - T
+        if max_new < 2 or not seq.is_contiguous() or seq.dtype != torch.long or C != self.head.k:
+            return None
+        t_max, nt = self._bind(k, v, B, C)
+        pos0 = pos0.reshape(B).to(torch.long).contiguous()
+        cos = sin = None
+        if runner.arch.rope is not None:  # the model's own tables for every step, (max_new - 1, B, hd)
+            positions = pos0[:, None] + torch.arange(max_new - 1)
+            cos, sin = (t.to(torch.float32).transpose(0, 1).contiguous()
+                        for t in runner.arch.rope(runner.root, torch.empty(B, max_new - 1, 1, dtype=dtype), positions))
+        step, held = self._step(B, C, T, t_max, nt, key_mask, None)
+        if key_mask is not None:  # every column: the kernel reads keys 0..start of each step
+            valid = key_mask.contiguous()
+            held.append(valid)
+            step.valid, step.valid_stride = valid.data_ptr(), valid.stride(0)
+        eos_t = torch.tensor(eos or [0], dtype=torch.long)
+        done_t = torch.tensor(done, dtype=torch.uint8)
+        logits, x = torch.empty(B, self.head.n), torch.empty(B, C)
+        gen = Gen(T, max_new, min_new, len(eos), -1 if pad is None else pad, eos_t.data_ptr(), seq.data_ptr(),
+                  done_t.data_ptr(), pos0.data_ptr(), cos.data_ptr() if cos is not None else None,
+                  sin.data_ptr() if sin is not None else None, logits.data_ptr(), x.data_ptr())
+        made = self.lib.fs_generate(self.layers, len(self.layers), self._final_p, self._head_p, ctypes.byref(emb),
+                                    ctypes.byref(step), ctypes.byref(gen))
+        if made == -3:
+            raise IndexError("a token id or position is outside the model's embedding tables")
+        if made < 0:
+            raise RuntimeError(f"native decode kernel rejected the shapes (code {made})")
+        del keep, held
+        return int(made)
 
     def _step(self, B: int, C: int, start: int, t_max: int, nt: int, key_mask: torch.Tensor | None,
               rope: tuple | None) -> tuple[Step, list]:

@@ -304,3 +304,120 @@ def step_with(runner, native_on: bool, state: tuple) -> torch.Tensor:
     cache = type(cache)([k.clone() for k in cache.k], [v.clone() for v in cache.v])
     with torch.inference_mode():
         return runner(ids[:, -1:], pos[:, -1:] + 1, cache, 10).float()
+
+
+@pytest.mark.parametrize("k", [64, 128, 192, 1088])  # groups: 1, 2, 3 (a pair and a single), 17 (past 16)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_int4_product_is_exact_on_exactly_quantizable_activations(k: int, rows: int) -> None:
+    """Activations whose per-group int8 quantization is exact (integers up to 127 times a power
+    of two, with 127 in every group): the int4 product must then equal the dequantized fp32
+    product up to summation order, whatever the group count."""
+    torch.manual_seed(0)
+    lin = nn.Linear(k, 40).to(torch.bfloat16)
+    q = QuantLinear.from_linear(lin, 4, group_size=64, int4_layout="plain")
+    x = torch.randint(-127, 128, (rows, k)).float()
+    x[:, ::64] = 127.0
+    x *= 2.0 ** -7
+    got = native.quant_matmul(q, x)
+    assert got is not None
+    want = x @ q.dequantize().float().t() + lin.bias.detach().float()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def _generate_both(engine, monkeypatch, **kw) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """generate() with the native greedy loop, then with it disabled (Python's loop over native
+    steps); and the token counts the native loop returned."""
+    from flexspeed.inference.fused import FusedRunner
+
+    made: list = []
+    real = FusedRunner.greedy
+
+    def spy(self, *a, **k):
+        made.append(real(self, *a, **k))
+        return made[-1]
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, V, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    mask[2, :4] = 0
+    with monkeypatch.context() as m:
+        m.setattr(FusedRunner, "greedy", spy)
+        fast = engine.generate(ids, attention_mask=mask, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(FusedRunner, "greedy", lambda self, *a, **k: None)
+        slow = engine.generate(ids, attention_mask=mask, **kw)
+    return fast, slow, made
+
+
+@pytest.mark.parametrize("name", ["opt", "gpt2", "llama"])
+@pytest.mark.parametrize("dtype,bits", [("fp32", None), ("bf16", None), ("bf16", 4), ("fp32", 8)])
+def test_native_greedy_loop_equals_the_python_loop(name: str, dtype: str, bits: int | None, monkeypatch) -> None:
+    """The C loop (embedding lookups, rotary tables, argmax, left padding) gives the tokens of
+    Python's loop over the same native steps, for every weight format."""
+    engine = engine_for(name, dtype, bits)
+    fast, slow, made = _generate_both(engine, monkeypatch, max_new_tokens=12)
+    assert made == [12]
+    assert torch.equal(fast, slow)
+
+
+@pytest.mark.parametrize("min_new", [0, 6])
+def test_native_greedy_loop_eos_pad_and_min_new_tokens(min_new: int, monkeypatch) -> None:
+    engine = engine_for("gpt2", "fp32", None)
+    free, _, _ = _generate_both(engine, monkeypatch, max_new_tokens=12)
+    eos = int(free[0, 7 + 3])  # row 0's fourth new token
+    fast, slow, made = _generate_both(engine, monkeypatch, max_new_tokens=12, eos_token_id=eos, pad_token_id=V - 1,
+                                      min_new_tokens=min_new)
+    assert made and made[0] is not None
+    assert fast.shape == slow.shape and torch.equal(fast, slow)
+    assert bool((fast[:, 7:7 + min_new] != eos).all())
+    if not min_new:  # row 0 stops at its fourth token; pads follow
+        assert fast[0, 7 + 3] == eos and bool((fast[0, 7 + 4:] == V - 1).all())
+
+
+def test_native_greedy_loop_steps_aside(monkeypatch) -> None:
+    """Sampling, a repetition penalty and OPT's project_in keep Python's loop."""
+    engine = engine_for("opt", "fp32", None)
+    for kw in (dict(do_sample=True, generator=0), dict(repetition_penalty=1.3)):
+        _, _, made = _generate_both(engine, monkeypatch, max_new_tokens=5, **kw)
+        assert made == []
+    post = engine_for("opt_postln", "fp32", None)  # project_in: the lookups are not plain tables
+    runner = get_runner(post.module)
+    assert runner.arch.tables is not None
+    with pytest.raises(native.Unsupported, match="project_in"):
+        runner.arch.tables(runner.root)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_own_worker_threads_match_openmp_and_survive_fork() -> None:
+    """Under OMP_WAIT_POLICY=PASSIVE the kernel runs on its own spinning workers (fs_pool.h): the
+    tokens equal those of OpenMP's threads, and a forked child (which has no workers) starts its
+    own. (libgomp hangs in a forked child of a process that used it, so the OpenMP run does not
+    fork, and the child keeps torch on one thread.)"""
+    script = (
+        "import json, os, sys, torch; sys.path.insert(0, %r)\n"
+        "torch.set_num_threads(2)\n"
+        "from test_native import engine_for\n"
+        "e = engine_for('llama', 'bf16', 4)\n"
+        "ids = torch.randint(3, 97, (2, 6), generator=torch.Generator().manual_seed(0))\n"
+        "out = {'parent': e.generate(ids, max_new_tokens=8).tolist()}\n"
+        "if sys.argv[1] == 'openmp':\n"
+        "    print(json.dumps(out)); sys.exit(0)\n"
+        "r, w = os.pipe()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:  # libgomp is not fork-safe: torch runs on one thread, the kernel on two\n"
+        "    import faulthandler; faulthandler.dump_traceback_later(60, exit=True)  # never outlive the test\n"
+        "    torch.set_num_threads(1); torch.get_num_threads = lambda: 2\n"
+        "    os.write(w, json.dumps(e.generate(ids, max_new_tokens=8).tolist()).encode()); os._exit(0)\n"
+        "os.close(w); data = b''\n"
+        "while chunk := os.read(r, 65536): data += chunk\n"
+        "os.waitpid(pid, 0); out['child'] = json.loads(data)\n"
+        "print(json.dumps(out))\n" % os.path.dirname(__file__))
+    results = {}
+    for mode in ("pool", "openmp"):
+        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", FLEXSPEED_NATIVE_THREADS=mode)
+        res = subprocess.run([sys.executable, "-c", script, mode], env=env, capture_output=True, text=True,
+                             timeout=180)
+        assert res.returncode == 0, res.stderr[-3000:]
+        results[mode] = json.loads(res.stdout.strip().splitlines()[-1])
+    assert results["pool"]["parent"] == results["pool"]["child"] == results["openmp"]["parent"]

@@ -6,8 +6,9 @@
  * "plain" order) and are read once per call: the matrix-vector products stream them at close to
  * memory bandwidth (AVX-512 where the compiler targets it, portable C otherwise).
  *
- * Threads: one OpenMP parallel region per call (libgomp, the runtime torch already loaded);
- * phases are separated by a spinning barrier, as a sleeping one costs more than most phases.
+ * Threads: one job per call on the kernel's own workers (fs_pool.h: they spin briefly between
+ * calls, then sleep); phases are separated by a spinning barrier, as a sleeping one costs more
+ * than most phases.
  * Activations are fp32 throughout; results are written in fp32.
  *
  * Compiled at first use by flexspeed/inference/native.py (gcc -O3 -march=native -fopenmp).
@@ -15,6 +16,7 @@
 #include "fs_common.h"
 #include "fs_products.h"
 #include "fs_ops.h"
+#include "fs_pool.h"
 
 /* ------------------------------------------------------------------ entry points */
 
@@ -181,6 +183,49 @@ static void layer_mlp(const fs_layer *l, fs_ctx *c) {
     project_residual(&l->down, c->up, un, c);
 }
 
+typedef struct {
+    const fs_layer *layers;
+    int n_layers;
+    const fs_norm *final_norm;
+    const fs_linear *head;
+    float *x, *logits;
+    const fs_step *st;
+    int mode;
+    float *out;
+    fs_barrier *bar;
+    size_t shared, prep;
+} fs_call;
+
+/* one thread's share of a call */
+static void forward_job(void *arg, int tid, int nth) {
+    const fs_call *a = (const fs_call *)arg;
+    const fs_step *st = a->st;
+    const int B = st->B, C = st->C;
+    fs_ctx c = {.tid = tid, .nth = nth, .sense = 0, .B = B, .C = C, .mode = a->mode, .bar = a->bar, .st = st,
+                .x = a->x, .out = a->out};
+    float *priv = st->scratch + a->shared + (size_t)tid * ((size_t)B * C + a->prep);
+    c.h = priv;
+    c.xs = priv + (size_t)B * C;
+    for (int li = 0; li < a->n_layers; li++) {
+        const fs_layer *l = &a->layers[li];
+        c.qkv = st->scratch;
+        c.att = c.qkv + (size_t)B * l->qkv.n;
+        c.up = c.att + (size_t)B * l->n_heads * l->head_dim;
+        c.scores = c.up + (size_t)B * l->up.n;
+        c.tpart = c.scores + (size_t)B * l->n_heads * st->t_max; /* transposed products' partials */
+        if (a->mode != 2) layer_attention(l, &c);
+        if (a->mode != 1) layer_mlp(l, &c);
+    }
+    if (a->head) {
+        int r0, r1;
+        if (a->final_norm) norm_rows(a->final_norm, a->x, c.h, B, C);
+        else memcpy(c.h, a->x, sizeof(float) * B * C);
+        prepare(a->head, c.h, B, C, c.xs);
+        split_rows(a->head->n, tid, nth, &r0, &r1);
+        linear_rows(a->head, c.h, B, C, c.xs, a->logits, a->head->n, r0, r1);
+    }
+}
+
 /* x (B, C) fp32 in/out (the residual stream); logits (B, head->n) fp32 when head != NULL.
  * mode 0: whole layers, residual adds into x. mode 1 / 2: one layer's attention / MLP half only,
  * its projection written to out (B, C) and x left alone (tensor parallelism: the caller sums the
@@ -199,32 +244,12 @@ static int forward_impl(const fs_layer *layers, int n_layers, const fs_norm *fin
     }
     if (head && head->k != C) return -1;
     fs_barrier bar = {0, 0};
-
+    fs_call call = {layers, n_layers, final_norm, head, x, logits, st, mode, out, &bar, shared, prep};
+    if (fs_use_pool()) {
+        fs_pool_run(forward_job, &call, nt);
+    } else {
 #pragma omp parallel num_threads(nt)
-    {
-        fs_ctx c = {.tid = omp_get_thread_num(), .nth = omp_get_num_threads(), .sense = 0, .B = B, .C = C,
-                    .mode = mode, .bar = &bar, .st = st, .x = x, .out = out};
-        float *priv = st->scratch + shared + (size_t)c.tid * ((size_t)B * C + prep);
-        c.h = priv;
-        c.xs = priv + (size_t)B * C;
-        for (int li = 0; li < n_layers; li++) {
-            const fs_layer *l = &layers[li];
-            c.qkv = st->scratch;
-            c.att = c.qkv + (size_t)B * l->qkv.n;
-            c.up = c.att + (size_t)B * l->n_heads * l->head_dim;
-            c.scores = c.up + (size_t)B * l->up.n;
-            c.tpart = c.scores + (size_t)B * l->n_heads * st->t_max; /* transposed products' partials */
-            if (mode != 2) layer_attention(l, &c);
-            if (mode != 1) layer_mlp(l, &c);
-        }
-        if (head) {
-            int r0, r1;
-            if (final_norm) norm_rows(final_norm, x, c.h, B, C);
-            else memcpy(c.h, x, sizeof(float) * B * C);
-            prepare(head, c.h, B, C, c.xs);
-            split_rows(head->n, c.tid, c.nth, &r0, &r1);
-            linear_rows(head, c.h, B, C, c.xs, logits, head->n, r0, r1);
-        }
+        forward_job(&call, omp_get_thread_num(), omp_get_num_threads());
     }
     return 0;
 }
@@ -360,6 +385,78 @@ int fs_rows(const fs_linear *L, const int64_t *ids, int64_t n, float *out) {
         }
     }
     return 0;
+}
+
+/* x (B, C) = the embeddings of seq's column `col` at positions pos0 + j, as the model's own
+ * lookups compute them; -3 for an id or position out of range */
+static int embed_rows(const fs_embed *e, const fs_gen *g, int B, int C, int col, int j) {
+    const int64_t width = (int64_t)g->T + g->max_new;
+    for (int b = 0; b < B; b++) {
+        float *x = g->x + (size_t)b * C;
+        const int64_t id = g->seq[b * width + col];
+        if (fs_rows(&e->tok, &id, 1, x) != 0) return -3;
+        if (e->round_bf16)
+            for (int k = 0; k < C; k++) x[k] = bf16_to_f32(f32_to_bf16(x[k]));
+        if (e->pos.n > 0) {
+            const int64_t p = g->pos0[b] + j + e->pos_offset;
+            if (p < 0 || p >= e->pos.n) return -3;
+            for (int k = 0; k < C; k++) {
+                const float s = x[k] + param(e->pos.w, e->pos.fmt, (int)(p * C + k));
+                x[k] = e->round_bf16 ? bf16_to_f32(f32_to_bf16(s)) : s;
+            }
+        }
+    }
+    return 0;
+}
+
+/* Greedy decoding of new tokens 1 .. max_new - 1 (the caller chose token 0 from the prompt's
+ * logits and wrote it to seq[:, T]): each step embeds the previous token, runs the layers at
+ * cache position T + j, bars eos before min_new, takes the argmax, gives finished rows the pad
+ * id, and stops once every row has emitted an eos. Returns the number of new tokens in seq
+ * (<= max_new), or a negative code (-1 shapes, -3 an id or position out of range). The
+ * Python loop's semantics, without its per-token costs (~0.1-0.3 ms a token: every torch op
+ * after a step that streamed the weights through the caches runs cold). */
+int fs_generate(const fs_layer *layers, int n_layers, const fs_norm *final_norm, const fs_linear *head,
+                const fs_embed *emb, fs_step *st, fs_gen *g) {
+    const int B = st->B, C = st->C, V = head->n, hd = n_layers > 0 ? layers[0].head_dim : 0;
+    const int64_t width = (int64_t)g->T + g->max_new;
+    int64_t *next = malloc(sizeof(int64_t) * (size_t)B);
+    if (!next) return -4;
+    int made = g->max_new;
+    for (int j = 0; j + 1 < g->max_new; j++) {
+        int rc = embed_rows(emb, g, B, C, g->T + j, j);
+        if (rc == 0) {
+            st->start = g->T + j;
+            if (g->cos) {
+                st->cos = g->cos + (size_t)j * B * hd;
+                st->sin = g->sin + (size_t)j * B * hd;
+            }
+            rc = forward_impl(layers, n_layers, final_norm, head, g->x, g->logits, st, 0, NULL);
+        }
+        if (rc != 0) {
+            made = rc;
+            break;
+        }
+        if (j + 1 < g->min_new)
+            for (int b = 0; b < B; b++)
+                for (int e = 0; e < g->n_eos; e++)
+                    if (g->eos[e] >= 0 && g->eos[e] < V) g->logits[(size_t)b * V + g->eos[e]] = -INFINITY;
+        fs_argmax(g->logits, B, V, next);
+        int all = g->n_eos > 0;
+        for (int b = 0; b < B; b++) {
+            if (g->done[b] && g->pad >= 0) next[b] = g->pad;
+            g->seq[b * width + g->T + j + 1] = next[b];
+            for (int e = 0; e < g->n_eos; e++)
+                if (next[b] == g->eos[e]) g->done[b] = 1;
+            all &= g->done[b];
+        }
+        if (all) {
+            made = j + 2;
+            break;
+        }
+    }
+    free(next);
+    return made;
 }
 
 /* out (r1 - r0, K) = rows r0:r1 of L's weight dequantized, fp32 (out_bf16 = 0) or bf16 (1), by

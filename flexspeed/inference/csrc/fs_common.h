@@ -56,6 +56,25 @@ typedef struct {
     float *scratch;                /* fs_scratch_floats() floats */
 } fs_step;
 
+typedef struct {
+    fs_linear tok;                 /* token rows (V, C), any weight format */
+    fs_linear pos;                 /* learned position rows (P, C), or pos.n == 0 (none / rotary) */
+    int32_t pos_offset;            /* added to positions before the lookup (OPT: 2) */
+    int32_t round_bf16;            /* bf16 model: rows and their sum rounded to bf16, as torch's lookups */
+} fs_embed;
+
+typedef struct {                   /* greedy decoding from the second new token on (fs_generate) */
+    int32_t T, max_new, min_new;   /* prompt columns of seq; new tokens wanted; eos barred before min_new */
+    int32_t n_eos, pad;            /* eos ids; pad id for finished rows (< 0: none) */
+    const int64_t *eos;
+    int64_t *seq;                  /* (B, T + max_new): column T holds the first new token */
+    uint8_t *done;                 /* (B): 1 = the row has emitted an eos */
+    const int64_t *pos0;           /* (B): position of the first new token */
+    const float *cos, *sin;        /* rotary tables (max_new - 1, B, head_dim), or NULL */
+    float *logits;                 /* (B, V) scratch */
+    float *x;                      /* (B, C) scratch */
+} fs_gen;
+
 /* ------------------------------------------------------------------ helpers */
 
 static inline float bf16_to_f32(uint16_t v) {

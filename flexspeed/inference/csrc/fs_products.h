@@ -276,41 +276,48 @@ static void i4_rows(const fs_linear *L, const float *prep, int M, float *y, int 
  * which matters for short rows (K = 768: 384 bytes a row). */
 static inline __m256 i4a8_row(const uint8_t *w, const uint32_t *pairs, int ng, const int8_t *e8, const int8_t *o8,
                               const float *sxg, const float *gsum) {
-    const __m256i m4 = _mm256_set1_epi8(15);
-    __m256 h0 = _mm256_setzero_ps(), h1 = h0, h2 = h0, h3 = h0;
-    __m512 cv = _mm512_setzero_ps();
-    float fac[64];
-    for (int b0 = 0; b0 < ng; b0 += 64) { /* blocks of 64 groups: K up to 4096 per block */
-        const int b1 = ng - b0 > 64 ? b0 + 64 : ng;
-        for (int g0 = b0; g0 < b1; g0 += 16) { /* lane = [scale | zero << 16], bf16 pairs */
-            const __mmask16 mk = MASK16(b1 - g0);
-            const __m512i v = _mm512_maskz_loadu_epi32(mk, pairs + g0);
-            const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-            const __m512 zc = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)));
-            _mm512_mask_storeu_ps(fac + (g0 - b0), mk, _mm512_mul_ps(sc, _mm512_maskz_loadu_ps(mk, sxg + g0)));
-            cv = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.f), sc, zc), _mm512_maskz_loadu_ps(mk, gsum + g0), cv);
-        }
-#define G64(gg, f)                                                                                             \
+    const __m512i m4 = _mm512_set1_epi8(15);
+    const __m512i lohi = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 h0 = _mm512_setzero_ps(), h1 = h0, cv = h0;
+    __m256 t8 = _mm256_setzero_ps();
+#define G128(gg, f, fv) /* groups gg, gg + 1 (64 bytes) */                                                    \
     do {                                                                                                       \
-        const __m256i b = _mm256_loadu_si256((const __m256i *)(w + (size_t)(gg) * 32));                       \
-        __m256i a = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_and_si256(b, m4),                       \
-                                        _mm256_loadu_si256((const __m256i *)(e8 + (gg) * 32)));                \
-        a = _mm256_dpbusd_epi32(a, _mm256_and_si256(_mm256_srli_epi16(b, 4), m4),                              \
-                                _mm256_loadu_si256((const __m256i *)(o8 + (gg) * 32)));                        \
-        f = _mm256_fmadd_ps(_mm256_broadcast_ss(fac + (gg) - b0), _mm256_cvtepi32_ps(a), f);                   \
+        const __m512i b = _mm512_loadu_si512((const void *)(w + (size_t)(gg) * 32));                           \
+        __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b, m4),                       \
+                                        _mm512_loadu_si512((const void *)(e8 + (gg) * 32)));                   \
+        a = _mm512_dpbusd_epi32(a, _mm512_and_si512(_mm512_srli_epi16(b, 4), m4),                              \
+                                _mm512_loadu_si512((const void *)(o8 + (gg) * 32)));                           \
+        f = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_add_epi32(lohi, _mm512_set1_epi32((gg) & 15)), fv),   \
+                            _mm512_cvtepi32_ps(a), f);                                                         \
     } while (0)
-        int g = b0;
-        for (; g + 4 <= b1; g += 4) {
-            G64(g, h0);
-            G64(g + 1, h1);
-            G64(g + 2, h2);
-            G64(g + 3, h3);
+    for (int g0 = 0; g0 < ng; g0 += 16) { /* lane = [scale | zero << 16], bf16 pairs */
+        const int g1 = ng - g0 > 16 ? g0 + 16 : ng;
+        const __mmask16 mk = MASK16(g1 - g0);
+        const __m512i v = _mm512_maskz_loadu_epi32(mk, pairs + g0);
+        const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        const __m512 zc = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)));
+        const __m512 fv = _mm512_mul_ps(sc, _mm512_maskz_loadu_ps(mk, sxg + g0));
+        cv = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.f), sc, zc), _mm512_maskz_loadu_ps(mk, gsum + g0), cv);
+        int g = g0;
+        for (; g + 4 <= g1; g += 4) {
+            G128(g, h0, fv);
+            G128(g + 2, h1, fv);
         }
-        for (; g < b1; g++) G64(g, h0);
-#undef G64
+        for (; g + 2 <= g1; g += 2) G128(g, h0, fv);
+        if (g < g1) { /* odd group count: one 32-byte group */
+            const __m256i m4y = _mm256_set1_epi8(15);
+            const __m256i bb = _mm256_loadu_si256((const __m256i *)(w + (size_t)g * 32));
+            __m256i aa = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_and_si256(bb, m4y),
+                                             _mm256_loadu_si256((const __m256i *)(e8 + g * 32)));
+            aa = _mm256_dpbusd_epi32(aa, _mm256_and_si256(_mm256_srli_epi16(bb, 4), m4y),
+                                     _mm256_loadu_si256((const __m256i *)(o8 + g * 32)));
+            t8 = _mm256_fmadd_ps(_mm512_castps512_ps256(_mm512_permutexvar_ps(_mm512_set1_epi32(g & 15), fv)),
+                                 _mm256_cvtepi32_ps(aa), t8);
+        }
     }
-    const __m256 c8 = _mm256_add_ps(_mm512_castps512_ps256(cv), _mm512_extractf32x8_ps(cv, 1));
-    return _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(h0, h1), _mm256_add_ps(h2, h3)), c8);
+#undef G128
+    const __m512 h = _mm512_add_ps(_mm512_add_ps(h0, h1), cv);
+    return _mm256_add_ps(_mm256_add_ps(_mm512_castps512_ps256(h), _mm512_extractf32x8_ps(h, 1)), t8);
 }
 
 /* the lane sums of four vectors, as one 4-float vector */
