@@ -81,12 +81,13 @@ def read_bandwidth(mb: int = 512) -> float:
 
 class BandwidthProbe:
     """Read bandwidth sampled *during* the run: best of 3 ``Tensor.sum`` over one 512 MB buffer,
-    once per repetition of the round-robin, beside the configurations it is the floor for.
+    right before and right after each configuration's timed calls in every repetition.
 
     On this VM the whole machine's read bandwidth moves with its neighbours' load (the same
-    512 MB sum: 31-38 GB/s in one process, 62-68 GB/s in the next, minutes apart), so a
-    bandwidth measured once at start can belong to another state than the decode steps; the
-    floor uses the median of the samples taken between the timed calls.
+    512 MB sum: 31-38 GB/s in one process, 62-68 GB/s in the next, minutes apart; 29-70 GB/s
+    within one run), so a bandwidth measured once, or one median for all configurations, can
+    belong to another state than a configuration's decode steps; each configuration's floor
+    uses the median of the samples taken beside its own calls.
     """
 
     def __init__(self, mb: int) -> None:
@@ -94,9 +95,10 @@ class BandwidthProbe:
         self.x.sum()
         self.samples: list[float] = []
 
-    def sample(self) -> None:
+    def sample(self) -> float:
         best = min(_timed(lambda: self.x.sum()) for _ in range(3))
         self.samples.append(self.x.numel() * 4 / best)
+        return self.samples[-1]
 
     def median(self) -> float:
         return statistics.median(self.samples)
@@ -177,21 +179,28 @@ def configurations(name: str, shape: dict, compile_decode: bool) -> list[tuple[s
 
 
 def measure(configs, batch: int, prompt: int, new: int, reps: int, vocab: int,
-            probe: BandwidthProbe | None = None) -> dict[str, tuple[float, float]]:
-    """{label: (median full-call seconds, median prompt-only seconds)}, round-robin over configs
-    (the bandwidth ``probe`` sampled before every configuration's calls)."""
+            probe: BandwidthProbe | None = None, bandwidth: dict | None = None) -> dict[str, tuple[float, float]]:
+    """{label: (median full-call seconds, median prompt-only seconds)}, round-robin over configs.
+
+    The bandwidth ``probe`` is sampled right before and right after every configuration's calls;
+    ``bandwidth[label]`` gets the median of that configuration's own samples."""
     ids = torch.randint(1, vocab, (batch, prompt), generator=torch.Generator().manual_seed(batch))
     full: dict[str, list[float]] = {c[0]: [] for c in configs}
     pre: dict[str, list[float]] = {c[0]: [] for c in configs}
+    own: dict[str, list[float]] = {}
     with torch.inference_mode():
         for _, _, _, run in configs:  # warm-up (and compilation)
             run(ids, 2)
         for _ in range(reps):
             for label, _, _, run in configs:
                 if probe is not None:
-                    probe.sample()
+                    own.setdefault(label, []).append(probe.sample())
                 full[label].append(_timed(lambda: run(ids, new)))
                 pre[label].append(_timed(lambda: run(ids, 1)))
+                if probe is not None:
+                    own[label].append(probe.sample())
+    if bandwidth is not None:
+        bandwidth.update({k: statistics.median(v) for k, v in own.items()})
     return {k: (statistics.median(full[k]), statistics.median(pre[k])) for k in full}
 
 
@@ -256,18 +265,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
         bws = {label: bw for label, _, _, _ in configs}
         for batch in batches:
             probe = BandwidthProbe(64 if quick else 512)
-            times = measure(configs, batch, prompt, new, reps, shape["vocab"], probe)
+            own: dict[str, float] = {}
+            times = measure(configs, batch, prompt, new, reps, shape["vocab"], probe, own)
             bw = probe.median()
-            bws = {label: bw for label in bws}
+            bws = {label: own.get(label, bw) for label in bws}  # each configuration's floor from its own samples
             print(f"  {name} batch {batch}: read bandwidth during the run {min(probe.samples) / 1e9:.1f}-"
                   f"{max(probe.samples) / 1e9:.1f} GB/s, median {bw / 1e9:.1f} ({len(probe.samples)} samples)",
                   flush=True)
             if not args.no_tp and not quick:
+                before = probe.sample()
                 tp = measure_tp(name, shape, batch, prompt, new, reps)
                 times["tp2 inject bf16"] = tp
                 # two ranks on one machine share its memory bus: together they read every weight once
                 sizes["tp2 inject bf16"] = sizes["inject bf16"]
-                bws["tp2 inject bf16"] = bws["inject bf16"]
+                bws["tp2 inject bf16"] = (before + probe.sample()) / 2  # sampled beside the ranks' run
             hf_rate = {dt: batch * new / times[f"HF {dt}"][0] for dt in ("fp32", "bf16")}
             for label, value in times.items():
                 dt = "fp32" if "fp32" in label else "bf16"
