@@ -208,10 +208,10 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
         return seq
     step = _stepper(model, input_ids, mask, max_new_tokens, use_cache)
     # greedy decoding of a native-kernel model: everything after the first token in one C call
-    fast = getattr(step, "greedy", None) if not do_sample and repetition_penalty == 1.0 else None
+    on_cpu, eos_set, done = input_ids.device.type == "cpu", set(eos), [False] * B
+    fast = getattr(step, "greedy", None) if on_cpu and not do_sample and repetition_penalty == 1.0 else None
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     eos_t = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
-    on_cpu, eos_set, done = input_ids.device.type == "cpu", set(eos), [False] * B
     with torch.inference_mode():
         logits = step(None)
         for i in range(max_new_tokens):
@@ -233,7 +233,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
                     if bool(finished.all()):
                         return seq[:, :T + i + 1]
             if i == 0 and fast is not None and max_new_tokens > 1:
-                made = fast(seq, min_new_tokens, eos, pad, done if on_cpu else finished.tolist())
+                made = fast(seq, min_new_tokens, eos, pad, done)
                 if made is not None:
                     return seq[:, :T + made] if made < max_new_tokens else seq
             if i + 1 < max_new_tokens:

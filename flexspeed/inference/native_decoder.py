@@ -267,7 +267,7 @@ class NativeDecoder:
             positions = pos0[:, None] + torch.arange(max_new - 1)
             cos, sin = (t.to(torch.float32).transpose(0, 1).contiguous()
                         for t in runner.arch.rope(runner.root, torch.empty(B, max_new - 1, 1, dtype=dtype), positions))
-        step, held = self._step(B, C, T, t_max, nt, key_mask, None)
+        step, held = self._step(B, C, T, t_max, nt, None, None)
         if key_mask is not None:  # every column: the kernel reads keys 0..start of each step
             valid = key_mask.contiguous()
             held.append(valid)

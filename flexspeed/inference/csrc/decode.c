@@ -295,9 +295,7 @@ int fs_shm_allreduce(void *seg, int rank, int world, int64_t cap, float *x, int6
         long spins = 0;
         double since = 0.;
         while (__atomic_load_n(&seqs[j].seq, __ATOMIC_ACQUIRE) < call) {
-#if defined(__x86_64__) || defined(__i386__)
-            __builtin_ia32_pause();
-#endif
+            fs_pause();
             if (++spins <= 20000) continue;
             sched_yield(); /* the other rank is descheduled or slow: give the core back */
             if (spins % 1024 == 0) {

@@ -95,6 +95,13 @@ static inline float param(const void *p, int fmt, int i) {
     return fmt == FS_BF16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
+/* a spin-wait hint to the core */
+static inline void fs_pause(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
 typedef struct {
     volatile int count;
     volatile int sense;
@@ -109,9 +116,7 @@ static void barrier_wait(fs_barrier *b, int n, int *local) {
         return;
     }
     for (long spins = 0; __atomic_load_n(&b->sense, __ATOMIC_ACQUIRE) != *local; spins++) {
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-#endif
+        fs_pause();
         if (spins > 20000) sched_yield(); /* the other thread was descheduled: give the core back */
     }
 }

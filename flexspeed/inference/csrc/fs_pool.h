@@ -15,7 +15,6 @@
 #define FS_POOL_H
 #include <pthread.h>
 #include <stdlib.h>
-#include <time.h>
 #ifdef __linux__
 #include <linux/futex.h>
 #include <sys/syscall.h>
@@ -38,18 +37,6 @@ static struct {
     int nth, n_workers, atfork;
     pthread_mutex_t lock;
 } fs_pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
-
-static double fs_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static inline void fs_pause(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-}
 
 static void fs_futex_wait(volatile int *addr, int seen) {
 #ifdef __linux__
@@ -84,7 +71,7 @@ static void *fs_worker(void *p) {
             fs_pause();
             if (++spins < 2000) continue;
             sched_yield(); /* someone else wants this core: let them run */
-            const double t = fs_now();
+            const double t = omp_get_wtime();
             if (t0 == 0.) t0 = t;
             else if (t - t0 > FS_POOL_SPIN_S) { /* idle: sleep until the next job */
                 __atomic_add_fetch(&fs_pool.sleepers, 1, __ATOMIC_SEQ_CST);
