@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["library", "linear_struct", "norm_struct", "quant_matmul", "gather_rows", "argmax_rows", "Unsupported"]
+__all__ = ["library", "attention", "linear_struct", "norm_struct", "quant_matmul", "gather_rows", "argmax_rows", "Unsupported"]
 
 _SRC = Path(__file__).parent / "csrc" / "decode.c"  # includes the csrc/*.h beside it
 _FLAGS = ["-O3", "-fopenmp", "-pthread", "-shared", "-fPIC", "-std=gnu11"]
@@ -79,6 +79,16 @@ class Embed(ctypes.Structure):
 class Gen(ctypes.Structure):
     _fields_ = [("T", _I), ("max_new", _I), ("min_new", _I), ("n_eos", _I), ("pad", _I), ("eos", _P), ("seq", _P),
                 ("done", _P), ("pos0", _P), ("cos", _P), ("sin", _P), ("logits", _P), ("x", _P)]
+
+
+_L = ctypes.c_int64
+
+
+class Attn(ctypes.Structure):
+    _fields_ = [("B", _I), ("Hq", _I), ("Hkv", _I), ("T", _I), ("hd", _I), ("start", _I), ("causal", _I), ("fmt", _I),
+                ("nthreads", _I), ("scale", ctypes.c_float), ("q", _P), ("q_b", _L), ("q_h", _L), ("q_t", _L),
+                ("k", _P), ("k_b", _L), ("k_h", _L), ("k_t", _L), ("v", _P), ("v_b", _L), ("v_h", _L), ("v_t", _L),
+                ("out", _P), ("o_b", _L), ("o_h", _L), ("o_t", _L), ("mask", _P), ("m_b", _L), ("m_t", _L)]
 
 
 def _cache_dir() -> Path:
@@ -173,7 +183,53 @@ def library() -> ctypes.CDLL | None:
     lib.fs_shm_allreduce.argtypes = [_P, ctypes.c_int, ctypes.c_int, ctypes.c_int64, _P, ctypes.c_int64,
                                      ctypes.c_int64, ctypes.c_double, _P]
     lib.fs_shm_allreduce.restype = ctypes.c_int
+    lib.fs_attention.argtypes = [ctypes.POINTER(Attn)]
+    lib.fs_attention.restype = ctypes.c_int
     return lib
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, mask: torch.Tensor | None,
+              causal: bool, scale: float) -> torch.Tensor | None:
+    """``softmax(scale q k^T) v`` of T new queries over cache keys ``[0, start + T)``, in C.
+
+    Args:
+        q: (B, Hq, T, hd); k, v: (B, Hkv, >= start + T, hd), any strides but a contiguous last
+            dimension (a cache buffer is read in place); all fp32 or all bf16, on the CPU.
+        mask: bool (B or 1, 1, T, start + T), True where a query may attend, or ``None``.
+        causal: query i also sees only keys ``<= start + i``.
+    Returns:
+        (B, Hq, T, hd) in q's dtype, a view of a (B, T, Hq, hd) buffer (so the output projection's
+        reshape is free); a query with no key to attend to gets zeros. ``None`` where the kernel
+        does not apply (no kernel, another dtype or device, a strided last dimension).
+    """
+    lib = library()
+    if lib is None or q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if k.dtype != q.dtype or v.dtype != q.dtype or any(t.stride(-1) != 1 for t in (q, k, v)):
+        return None
+    B, hq, T, hd = q.shape
+    hkv = k.shape[1]
+    if k.shape[0] != B or v.shape[:2] != k.shape[:2] or k.shape[2] < start + T or v.shape[2] < start + T \
+            or hq % hkv or hd > 512:
+        return None
+    out = torch.empty(B, T, hq, hd, dtype=q.dtype)
+    a = Attn(B=B, Hq=hq, Hkv=hkv, T=T, hd=hd, start=start, causal=int(causal), fmt=BF16 if q.dtype == torch.bfloat16
+             else F32, nthreads=torch.get_num_threads(), scale=scale)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        setattr(a, name, t.data_ptr())
+        s = t.stride()
+        setattr(a, name + "_b", s[0]), setattr(a, name + "_h", s[1]), setattr(a, name + "_t", s[2])
+    a.out, a.o_b, a.o_h, a.o_t = out.data_ptr(), T * hq * hd, hd, hq * hd
+    if mask is not None:
+        m = mask.reshape(mask.shape[0], T, -1)
+        if m.dtype != torch.bool or m.shape[-1] != start + T or m.shape[0] not in (1, B):
+            return None
+        if m.stride(-1) != 1:
+            m = m.contiguous()
+        a.mask, a.m_b, a.m_t = m.data_ptr(), m.stride(0) if m.shape[0] > 1 else 0, m.stride(1)
+    if lib.fs_attention(ctypes.byref(a)) != 0:
+        return None
+    return out.transpose(1, 2)
 
 
 class Unsupported(Exception):

@@ -348,3 +348,44 @@ def test_bf16_decode_steps_agree_with_the_prefill_path(saved) -> None:
     T = ids.shape[1]
     predicted = logits[:, T - 1:-1].float().argmax(-1)  # what each decode step should have picked
     assert (predicted == out[:, T:]).float().mean() >= 0.9
+
+
+def test_page_cache_folios_are_made_huge_where_the_kernel_can(tmp_path) -> None:
+    """``MappedFile.ensure_huge`` answers one of its states and never changes the bytes; where it reports
+    2 MiB folios, an aligned window maps with one huge entry. A file read with small requests is re-read."""
+    from flexspeed.inference.offload.files import MappedFile
+
+    n = 24 << 20
+    data = torch.randint(0, 255, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    path = str(tmp_path / "w.bin")
+    with open(path, "wb") as f:
+        f.write(data.numpy().tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    while os.read(fd, 16 << 10):  # small requests: small folios where the kernel sizes them by request
+        pass
+    os.close(fd)
+    m = MappedFile(path)
+    try:
+        state = m.ensure_huge([(4096, n - 8192)], budget=1 << 30)
+        assert state in ("2M folios", "2M folios (re-read)", "small pages"), state
+        assert torch.equal(m.view(FileSpan(path, 0, n, torch.uint8, (n,))), data)
+        if state.startswith("2M"):
+            base = m.view(FileSpan(path, 0, 1, torch.uint8, (1,))).data_ptr()
+            off = -(-base // (2 << 20)) * (2 << 20) - base + (4 << 20)
+            m.populate(off, 2 << 20)
+            assert m.pmd_mapped_bytes() >= 2 << 20
+            m.drop(off, 2 << 20)
+        assert m.ensure_huge([(0, 100)], budget=1 << 30) == "n/a"  # no whole 2 MiB window to probe
+    finally:
+        m.close()
+
+
+def test_summary_reports_how_disk_tier_pages_are_cached(saved) -> None:
+    _, folder = saved["opt"]
+    eng = flexspeed.init_inference(OffloadedLM.from_pretrained(folder), checkpoint=folder,
+                                   offload={"w_gpu_percent": 10, "gpu_batch_size": 2})
+    pc = eng.offload.summary()["page_cache"]
+    assert pc and all(v in ("2M folios", "2M folios (re-read)", "small pages", "n/a") for v in pc.values())

@@ -17,6 +17,7 @@
 #include "fs_products.h"
 #include "fs_ops.h"
 #include "fs_pool.h"
+#include "fs_attention.h"
 
 /* ------------------------------------------------------------------ entry points */
 

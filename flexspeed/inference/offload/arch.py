@@ -69,10 +69,13 @@ def _get(cfg: Any, name: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-_ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"), "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+_ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {  # in place: applied to a product's fresh output
+    "relu": torch.relu_, "gelu": torch.ops.aten.gelu_, "silu": lambda x: F.silu(x, inplace=True),
+    "swish": lambda x: F.silu(x, inplace=True),
+    "gelu_new": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
+    "gelu_fast": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
 }
 
 
@@ -171,7 +174,7 @@ class Arch:
 
         act = self.opts["act"]
         if self.opts.get("gated"):
-            mlp = lambda h: self._linear(act(self._linear(h, w, "gate")) * self._linear(h, w, "up"), w, "down")  # noqa: E731
+            mlp = lambda h: self._linear(act(self._linear(h, w, "gate")).mul_(self._linear(h, w, "up")), w, "down")  # noqa: E731
         else:
             mlp = lambda h: self._linear(act(self._linear(h, w, "fc1")), w, "fc2")  # noqa: E731
         if self.opts.get("pre_norm", True):
@@ -336,7 +339,7 @@ def _gpt_like(cfg: Any, family: str) -> Arch:
                     inverse_layer_scale=bool(_get(cfg, "scale_attn_by_inverse_layer_idx", False)))
         return Arch("gpt2", L, c, heads, heads, hd, vocab, max_pos, layers, _get(cfg, "eos_token_id", 50256),
                     _get(cfg, "pad_token_id", None), opts)
-    opts = dict(norm="layer", eps=1e-5, act=F.gelu)
+    opts = dict(norm="layer", eps=1e-5, act=_ACTS["gelu"])
     return Arch("gpt", L, c, heads, heads, hd, vocab, max_pos, layers, None, None, opts)
 
 

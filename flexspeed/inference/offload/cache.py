@@ -239,6 +239,12 @@ def attend(work: _Work, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start
     if home != k.device:
         k, v = k.to(home), v.to(home)
     keys, values = work.update(start, k, v)  # (mb, Hkv, end, hd)
+    if NATIVE_ATTENTION and home == q.device and q.device.type == "cpu":
+        from flexspeed.inference.native import attention
+
+        out = attention(q, keys, values, start, mask, is_causal, scale)  # None where the kernel does not apply
+        if out is not None:
+            return out
     if q.shape[2] == 1 and home == q.device and "k" in work.data and _decodes_by_matmul(q):
         # the whole contiguous buffers, read in place: a 16-bit CPU matmul copies a [:end] slice first
         return decode_attention(q, work.data["k"], work.data["v"], start + 1, mask, scale)
@@ -249,6 +255,10 @@ def attend(work: _Work, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start
         keys, values = keys.to(q.device), values.to(q.device)
     return _attention(q, keys, values, mask, is_causal, scale)
 
+
+NATIVE_ATTENTION = True
+"""On the CPU, attention runs in the native kernel (``native.attention``: the cache read in place, fp32
+softmax, the prompt's keys converted once per (row, head)); off, or without a compiler, torch's."""
 
 DECODE_MATMUL = True
 """Decode steps (one query per row) in 16-bit dtypes use two batched matmuls instead of SDPA."""

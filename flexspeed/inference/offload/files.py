@@ -7,7 +7,12 @@
   zero-copy tensor view; ``populate`` asks the kernel to map the span's pages ahead of use
   (``MADV_POPULATE_READ``: from the page cache, or a read from disk when cold) and ``drop``
   unmaps them again (``MADV_DONTNEED``), so the process's resident set holds only the layers
-  in flight while the page cache keeps serving re-reads.
+  in flight while the page cache keeps serving re-reads. The mapping asks for huge pages
+  (``MADV_HUGEPAGE``): where the kernel keeps a file in 2 MiB page-cache folios (Linux >= 6.x
+  on ext4/XFS), one entry maps 2 MiB, and mapping then unmapping OPT-1.3B's 2.4 GB per pass
+  took 12 ms instead of 180 ms of CPU time (2-core reference machine). :meth:`MappedFile.ensure_huge`
+  re-reads spans cached in small folios (a file read earlier with small requests) so they come back
+  as 2 MiB folios.
 - :class:`DirectFile` is the true-disk path: reads bypass the page cache with ``O_DIRECT``
   (4096-aligned offsets and lengths into page-aligned anonymous buffers; the aligned superset
   of a span is read and sliced), or, where the filesystem refuses ``O_DIRECT``, ordinary reads
@@ -39,7 +44,8 @@ ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
     "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
-_MADV_DONTNEED, _MADV_WILLNEED, _MADV_POPULATE_READ = 4, 3, 22
+_MADV_DONTNEED, _MADV_WILLNEED, _MADV_HUGEPAGE, _MADV_POPULATE_READ = 4, 3, 14, 22
+_PMD = 2 << 20  # a huge page: one page-table entry maps this much of a large page-cache folio
 _READ_CHUNK = 8 << 20  # O_DIRECT request size (8 MiB measured best on the reference machine)
 
 _libc = ctypes.CDLL(None, use_errno=True)  # ctypes calls release the GIL: prefetch threads run freely
@@ -134,6 +140,8 @@ class MappedFile:
         self._mm = mmap.mmap(self._fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self._base = torch.frombuffer(self._mm, dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
         self._populate_ok = True
+        if size:
+            self._advise(0, size, _MADV_HUGEPAGE)  # refused (EINVAL) where the kernel has no huge pages: harmless
 
     def view(self, span: FileSpan) -> torch.Tensor:
         """The span as a tensor of its dtype and shape, sharing the mapping (no copy)."""
@@ -160,6 +168,71 @@ class MappedFile:
     def drop(self, offset: int, nbytes: int) -> None:
         """Unmap these bytes' pages from this process (the page cache may keep them)."""
         self._advise(offset, nbytes, _MADV_DONTNEED)
+
+    def pmd_mapped_bytes(self) -> int | None:
+        """Bytes of this mapping now mapped by huge-page entries (``/proc/self/smaps``); ``None`` if unknown."""
+        start = self._base.data_ptr()
+        try:
+            with open("/proc/self/smaps") as f:
+                inside = False
+                for line in f:
+                    head = line.split(None, 1)[0]
+                    if "-" in head and not head.endswith(":"):
+                        lo, hi = (int(x, 16) for x in head.split("-"))
+                        inside = lo <= start < hi
+                    elif inside and head == "FilePmdMapped:":
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            return None
+        return None
+
+    def ensure_huge(self, spans: list[tuple[int, int]], budget: int) -> str:
+        """Have these (offset, nbytes) ranges cached in 2 MiB folios, re-reading them if they are not.
+
+        A 2 MiB-aligned window inside the largest range is mapped as a probe. If the page cache
+        holds it in small folios, the ranges are dropped from the page cache
+        (``POSIX_FADV_DONTNEED``: clean pages no process maps) and read back through this huge-page
+        mapping, which reads ahead in 2 MiB folios; nothing is re-read when they exceed ``budget``
+        bytes (memory the page cache may use).
+
+        Returns:
+            ``"2M folios"``, ``"2M folios (re-read)"``, ``"small pages"`` (the kernel or the
+            filesystem keeps small folios), or ``"n/a"`` (no whole 2 MiB window to probe).
+        """
+        probe = None
+        for off, n in sorted(spans, key=lambda s: -s[1]):
+            lo = -(-(self._base.data_ptr() + off) // _PMD) * _PMD - self._base.data_ptr()
+            if lo + _PMD <= off + n:
+                probe = lo
+                break
+        if probe is None or not self._populate_ok:
+            return "n/a"
+
+        def huge() -> bool:
+            self.populate(probe, _PMD)
+            got = self.pmd_mapped_bytes()
+            self.drop(probe, _PMD)
+            return bool(got)
+
+        if huge():
+            return "2M folios"
+        if sum(n for _, n in spans) > budget:
+            return "small pages"
+        for off, n in spans:
+            os.posix_fadvise(self._fd, off, n, os.POSIX_FADV_DONTNEED)
+        # read back now, one aligned 2 MiB window at a time, each as one folio; the partial windows at
+        # the ranges' ends last (read first, their small folios' readahead would run into the next window)
+        base, pieces = self._base.data_ptr(), []
+        for off, n in spans:
+            at = off
+            while at < off + n:
+                end = min(off + n, ((base + at) // _PMD + 1) * _PMD - base)
+                pieces.append((end - at < _PMD, at, end - at))
+                at = end
+        for _, at, n in sorted(pieces):
+            self.populate(at, n)
+            self.drop(at, n)
+        return "2M folios (re-read)" if huge() else "small pages"
 
     def close(self) -> None:
         self._base = torch.empty(0, dtype=torch.uint8)

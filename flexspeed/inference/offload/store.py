@@ -254,6 +254,18 @@ class _BufferPool:
             self._free.append(buf)
 
 
+def _available_memory() -> int:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (0 where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def _merge(spans: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
     out: list[list[int]] = []
     for off, n in sorted(spans):
@@ -285,6 +297,10 @@ class WeightStore:
         self.entries: dict[str, _Entry] = {}
         self.layer_keys: list[list[tuple[str, str]]] = []  # per layer: (logical name, entry key)
         self._load_all(source)
+        self.page_cache: dict[str, str] = {}
+        """Page-cache mode: per file with disk-tier bytes, how its pages are cached (``MappedFile.ensure_huge``)."""
+        if self.mode == "mmap":
+            self._huge_folios()
 
     # ------------------------------------------------------------------ loading
 
@@ -400,6 +416,24 @@ class WeightStore:
         return _Entry(spec, tier, {"data": span}), fd
 
     # ------------------------------------------------------------------ files
+
+    def _huge_folios(self) -> None:
+        """Have the disk-tier bytes cached in 2 MiB folios, so each pass maps and unmaps them cheaply."""
+        by_file: dict[str, list[tuple[int, int]]] = {}
+        for e in self.entries.values():
+            if e.tier == "disk":
+                for p in e.parts.values():
+                    if isinstance(p, FileSpan):
+                        by_file.setdefault(p.path, []).append((p.offset, p.nbytes))
+        budget = _available_memory() // 2
+        for path, spans in by_file.items():
+            if self._dir is not None and path.startswith(self._dir):
+                fd = os.open(path, os.O_RDONLY)  # pages this store wrote: clean first, so they can be re-read
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+            self.page_cache[path] = self._map(path).ensure_huge(_merge(spans, _MERGE_GAP), budget)
 
     def _map(self, path: str) -> MappedFile:
         if path not in self._mapped:
