@@ -76,6 +76,18 @@ static void attn_store(const fs_attn *a, int b, int h, int i, const float *o, fl
     }
 }
 
+/* the query's softmax over sc[0, n) in place (barred keys 0); o zeroed; returns 1 / the sum, or 0
+ * when no key may be attended (the query's output is then stored as zeros) */
+static float attn_softmax(const fs_attn *a, int b, int h, int i, float *sc, int n, float *o) {
+    const float mx = attn_mask_max(a, b, i, sc, n);
+    for (int d = 0; d < a->hd; d++) o[d] = 0.f;
+    if (mx == -INFINITY) {
+        attn_store(a, b, h, i, o, 0.f);
+        return 0.f;
+    }
+    return 1.f / softmax_weights(sc, n, mx);
+}
+
 #if FS_FAST
 /* o[r * hd ...] = sum_j p[r * ps + j] * V row j, for NQ queries at once (hd % 64 == 0): each
  * value row is loaded once for all of them and the sums stay in registers. V rows: fp32 or bf16,
@@ -177,18 +189,13 @@ static void attn_direct(const fs_attn *a, int b, int kh, float *sc, float *o) {
                 for (int d = 0; d < hd; d++) s += q[d] * attn_load(a->k, bf, k0 + (int64_t)j * a->k_t + d);
                 sc[j] = s * a->scale;
             }
-            const float mx = attn_mask_max(a, b, i, sc, n);
-            for (int d = 0; d < hd; d++) o[d] = 0.f;
-            if (mx == -INFINITY) {
-                attn_store(a, b, h, i, o, 0.f);
-                continue;
-            }
-            const float sum = softmax_weights(sc, n, mx);
+            const float inv = attn_softmax(a, b, h, i, sc, n, o);
+            if (inv == 0.f) continue;
 #if FS_FAST
             if (hd % 64 == 0) {
                 attn_pv1(sc, 0, n, bf ? (const void *)((const uint16_t *)a->v + v0) : (const void *)((const float *)a->v + v0),
                          bf, a->v_t, hd, o);
-                attn_store(a, b, h, i, o, 1.f / sum);
+                attn_store(a, b, h, i, o, inv);
                 continue;
             }
 #endif
@@ -198,7 +205,7 @@ static void attn_direct(const fs_attn *a, int b, int kh, float *sc, float *o) {
                 if (bf) axpy_bf16(o, sc[j], (const uint16_t *)a->v + r, hd);
                 else axpy_f32(o, sc[j], (const float *)a->v + r, hd);
             }
-            attn_store(a, b, h, i, o, 1.f / sum);
+            attn_store(a, b, h, i, o, inv);
         }
     }
 }
@@ -259,16 +266,11 @@ static void attn_blocked(const fs_attn *a, int b, int kh, float *kt, float *vf, 
                 for (int d = 0; d < hd; d++) s += q[d] * kt[(size_t)d * sp + j];
                 sc[j] = s;
             }
-            const float mx = attn_mask_max(a, b, i, sc, n);
-            for (int d = 0; d < hd; d++) o[d] = 0.f;
-            if (mx == -INFINITY) {
-                attn_store(a, b, h, i, o, 0.f);
-                continue;
-            }
-            const float sum = softmax_weights(sc, n, mx);
+            const float inv = attn_softmax(a, b, h, i, sc, n, o);
+            if (inv == 0.f) continue;
             for (j = 0; j < n; j++)
                 if (sc[j] != 0.f) axpy_f32(o, sc[j], vf + (size_t)j * hd, hd);
-            attn_store(a, b, h, i, o, 1.f / sum);
+            attn_store(a, b, h, i, o, inv);
         }
     }
 }

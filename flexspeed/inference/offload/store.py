@@ -38,6 +38,7 @@ import torch
 
 from flexspeed.config.errors import ConfigError
 from flexspeed.inference.offload.arch import Arch, TensorSpec
+from flexspeed.inference.offload.chooser import available_memory
 from flexspeed.inference.offload.files import (ALIGN, AlignedBuffer, DirectFile, FileSpan, MappedFile, private_dir,
                                                safetensors_spans, write_tensor)
 from flexspeed.inference.offload.policy import OffloadPolicy, place_by_size
@@ -254,18 +255,6 @@ class _BufferPool:
             self._free.append(buf)
 
 
-def _available_memory() -> int:
-    """``MemAvailable`` of ``/proc/meminfo`` in bytes (0 where unknown)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
 def _merge(spans: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
     out: list[list[int]] = []
     for off, n in sorted(spans):
@@ -425,7 +414,7 @@ class WeightStore:
                 for p in e.parts.values():
                     if isinstance(p, FileSpan):
                         by_file.setdefault(p.path, []).append((p.offset, p.nbytes))
-        budget = _available_memory() // 2
+        budget = available_memory() // 2
         for path, spans in by_file.items():
             if self._dir is not None and path.startswith(self._dir):
                 fd = os.open(path, os.O_RDONLY)  # pages this store wrote: clean first, so they can be re-read
