@@ -143,6 +143,11 @@ class MappedFile:
         if size:
             self._advise(0, size, _MADV_HUGEPAGE)  # refused (EINVAL) where the kernel has no huge pages: harmless
 
+    @property
+    def fd(self) -> int:
+        """The file's read-only descriptor (for ``pread`` of small pieces without mapping them)."""
+        return self._fd
+
     def view(self, span: FileSpan) -> torch.Tensor:
         """The span as a tensor of its dtype and shape, sharing the mapping (no copy)."""
         raw = self._base[span.offset:span.offset + span.nbytes]

@@ -40,7 +40,7 @@ from flexspeed.config.errors import ConfigError
 from flexspeed.inference.offload.arch import Arch, TensorSpec
 from flexspeed.inference.offload.chooser import available_memory
 from flexspeed.inference.offload.files import (ALIGN, AlignedBuffer, DirectFile, FileSpan, MappedFile, private_dir,
-                                               safetensors_spans, write_tensor)
+                                               safetensors_spans, tensor_bytes, write_tensor)
 from flexspeed.inference.offload.policy import OffloadPolicy, place_by_size
 
 __all__ = ["TensorSource", "WeightStore", "Fetched"]
@@ -167,6 +167,32 @@ class _RowTable:
             (at,) = self.reader.read_runs([(self.span.offset, self.span.nbytes)], buf)
             table = buf.tensor[at:at + self.span.nbytes].view(self.span.dtype).view(self.span.shape)
             rows = table[ids.cpu().reshape(-1)]
+        return rows.to(device=self.device, dtype=dtype)
+
+
+class _PagedRowTable:
+    """A disk-tier embedding table looked up through the page cache, one ``pread`` per distinct row.
+
+    Faulting the rows in through the file mapping would map whole 2 MiB folios: a prompt's
+    scattered ids would map most of a 206 MB table into the resident set. Reads copy only the rows.
+    """
+
+    def __init__(self, fd: int, span: FileSpan, device: torch.device) -> None:
+        self.fd, self.span, self.device = fd, span, device
+        self.row_bytes = span.nbytes // span.shape[0]
+
+    def gather_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        uniq, inverse = torch.unique(ids.cpu(), return_inverse=True)
+        raw = torch.empty(len(uniq), self.row_bytes, dtype=torch.uint8)
+        mv = tensor_bytes(raw)
+        for i, r in enumerate(uniq.tolist()):
+            at, done = i * self.row_bytes, 0
+            while done < self.row_bytes:
+                got = os.preadv(self.fd, [mv[at + done:at + self.row_bytes]], self.span.offset + r * self.row_bytes + done)
+                if got <= 0:
+                    raise OSError(f"short read of row {r} of {self.span.path}")
+                done += got
+        rows = raw.view(self.span.dtype)[inverse]  # (len(ids), C)
         return rows.to(device=self.device, dtype=dtype)
 
 
@@ -476,9 +502,12 @@ class WeightStore:
         by_file: dict[str, list[tuple[int, int]]] = {}
         for key, part, span in disk:
             mapped = self._map(span.path)
+            if (key, part) in lazy and len(span.shape) == 2:  # an embedding: its rows are read, never mapped
+                loaded[(key, part)] = _PagedRowTable(mapped.fd, span, self.device)
+                continue
             loaded[(key, part)] = mapped.view(span)
             out.drops.append((mapped, span.offset, span.nbytes))
-            if (key, part) not in lazy:  # an embedding read by rows is faulted in row by row
+            if (key, part) not in lazy:
                 by_file.setdefault(span.path, []).append((span.offset, span.nbytes))
         for path, spans in by_file.items():
             for off, n in _merge(spans, 64 << 10):
