@@ -217,8 +217,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, mas
              else F32, nthreads=torch.get_num_threads(), scale=scale)
     for name, t in (("q", q), ("k", k), ("v", v)):
         setattr(a, name, t.data_ptr())
-        s = t.stride()
-        setattr(a, name + "_b", s[0]), setattr(a, name + "_h", s[1]), setattr(a, name + "_t", s[2])
+        for dim, stride in zip(("_b", "_h", "_t"), t.stride()):
+            setattr(a, name + dim, stride)
     a.out, a.o_b, a.o_h, a.o_t = out.data_ptr(), T * hq * hd, hd, hq * hd
     if mask is not None:
         m = mask.reshape(mask.shape[0], T, -1)

@@ -221,11 +221,11 @@ def test_bad_cache_is_rejected() -> None:
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 portable target")
-def test_portable_build_matches(tmp_path) -> None:
+def test_portable_build_matches(portable_build) -> None:
     """The plain-C path (no AVX-512), built for generic x86-64, is fp32 math on the stored weights:
     it matches the exact reference (dequantized weights, fp32) within 1e-5 for every format."""
     script = (
-        "import json, sys; sys.path.insert(0, %r)\n"
+        "import json\n"
         "from test_native import engine_for, prefill, step, reference, rel_err\n"
         "from flexspeed.inference import native\n"
         "assert native.library().fs_fast_path() == 0\n"
@@ -234,11 +234,8 @@ def test_portable_build_matches(tmp_path) -> None:
         "    m = engine_for('llama', dt, bits).module\n"
         "    state = prefill(m)\n"
         "    out[f'{dt}-{bits}'] = rel_err(step(m, True, state), step(reference(m), False, state))\n"
-        "print(json.dumps(out))\n" % os.path.dirname(__file__))
-    env = dict(os.environ, FLEXSPEED_NATIVE_MARCH="x86-64", FLEXSPEED_CACHE_DIR=str(tmp_path / "cache"))
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    errors = json.loads(res.stdout.strip().splitlines()[-1])
+        "print(json.dumps(out))\n")
+    errors = portable_build(script, os.path.dirname(__file__))
     assert errors and all(e <= 1e-5 for e in errors.values()), errors
 
 

@@ -10,11 +10,8 @@ views, and the portable (non-AVX-512) build.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -124,9 +121,9 @@ def test_offload_runner_logits_equal_with_and_without_the_kernel(monkeypatch) ->
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 portable target")
-def test_portable_build_matches(tmp_path) -> None:
+def test_portable_build_matches(portable_build) -> None:
     script = (
-        "import json, sys, torch; sys.path.insert(0, %r)\n"
+        "import json, torch\n"
         "from test_native_attention import CASES, make, reference, padding_mask\n"
         "from flexspeed.inference import native\n"
         "assert native.library().fs_fast_path() == 0\n"
@@ -136,9 +133,6 @@ def test_portable_build_matches(tmp_path) -> None:
         "    m = padding_mask(case[0], case[3], case[4])\n"
         "    out = native.attention(q, k, v, case[4], m, False, 0.2)\n"
         "    errs.append(float((out.double() - reference(q, k, v, case[4], m, False, 0.2)).abs().max()))\n"
-        "print(json.dumps(errs))\n" % os.path.dirname(__file__))
-    env = dict(os.environ, FLEXSPEED_NATIVE_MARCH="x86-64", FLEXSPEED_CACHE_DIR=str(tmp_path / "cache"))
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    errors = json.loads(res.stdout.strip().splitlines()[-1])
+        "print(json.dumps(errs))\n")
+    errors = portable_build(script, os.path.dirname(__file__))
     assert len(errors) == len(CASES) and max(errors) < 1e-5, errors

@@ -389,3 +389,22 @@ def test_summary_reports_how_disk_tier_pages_are_cached(saved) -> None:
                                    offload={"w_gpu_percent": 10, "gpu_batch_size": 2})
     pc = eng.offload.summary()["page_cache"]
     assert pc and all(v in ("2M folios", "2M folios (re-read)", "small pages", "n/a") for v in pc.values())
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_embedding_layer_matrices_are_not_row_tables(tmp_path, direct: bool) -> None:
+    """OPT's ``project_in`` sits in the embedding layer but is a matrix: only the tables are looked up by
+    rows. Over 256 distinct ids also take true-disk mode's whole-table read of the token rows."""
+    torch.manual_seed(0)
+    cfg = tf.OPTConfig(num_hidden_layers=2, hidden_size=64, ffn_dim=128, num_attention_heads=4, vocab_size=400,
+                       max_position_embeddings=64, word_embed_proj_dim=32, init_std=0.2)
+    model = tf.OPTForCausalLM(cfg).eval()
+    model.save_pretrained(str(tmp_path))
+    ids = torch.randint(3, 400, (300, 5), generator=torch.Generator().manual_seed(2))
+    assert len(ids.unique()) > 256
+    eng = flexspeed.init_inference(OffloadedLM.from_pretrained(str(tmp_path)), checkpoint=str(tmp_path), dtype="fp32",
+                                   offload={"w_gpu_percent": 0, "gpu_batch_size": 300, "direct_io": direct})
+    with torch.no_grad():
+        ref = model(ids).logits
+    assert (eng.offload.logits(ids) - ref).abs().max() < 1e-4
+    eng.offload.close()

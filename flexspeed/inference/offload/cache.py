@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from flexspeed.inference import native
 from flexspeed.inference.attention import decode_attention
 from flexspeed.inference.offload.files import ALIGN, private_dir, tensor_bytes
 from flexspeed.inference.offload.policy import OffloadPolicy, place_by_size
@@ -240,9 +241,7 @@ def attend(work: _Work, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start
         k, v = k.to(home), v.to(home)
     keys, values = work.update(start, k, v)  # (mb, Hkv, end, hd)
     if NATIVE_ATTENTION and home == q.device and q.device.type == "cpu":
-        from flexspeed.inference.native import attention
-
-        out = attention(q, keys, values, start, mask, is_causal, scale)  # None where the kernel does not apply
+        out = native.attention(q, keys, values, start, mask, is_causal, scale)  # None where the kernel does not apply
         if out is not None:
             return out
     if q.shape[2] == 1 and home == q.device and "k" in work.data and _decodes_by_matmul(q):

@@ -143,10 +143,17 @@ class MappedFile:
         if size:
             self._advise(0, size, _MADV_HUGEPAGE)  # refused (EINVAL) where the kernel has no huge pages: harmless
 
-    @property
-    def fd(self) -> int:
-        """The file's read-only descriptor (for ``pread`` of small pieces without mapping them)."""
-        return self._fd
+    def read_rows(self, span: FileSpan, rows: list[int], row_bytes: int, out: torch.Tensor) -> None:
+        """Rows of a 2-D span into ``out`` (len(rows), row_bytes) uint8 with ``pread`` (page cache),
+        without mapping them."""
+        mv = tensor_bytes(out)
+        for i, r in enumerate(rows):
+            at, done = i * row_bytes, 0
+            while done < row_bytes:
+                got = os.preadv(self._fd, [mv[at + done:at + row_bytes]], span.offset + r * row_bytes + done)
+                if got <= 0:
+                    raise OSError(f"short read of row {r} of {self.path!r}")
+                done += got
 
     def view(self, span: FileSpan) -> torch.Tensor:
         """The span as a tensor of its dtype and shape, sharing the mapping (no copy)."""
@@ -204,12 +211,13 @@ class MappedFile:
             ``"2M folios"``, ``"2M folios (re-read)"``, ``"small pages"`` (the kernel or the
             filesystem keeps small folios), or ``"n/a"`` (no whole 2 MiB window to probe).
         """
-        probe = None
-        for off, n in sorted(spans, key=lambda s: -s[1]):
-            lo = -(-(self._base.data_ptr() + off) // _PMD) * _PMD - self._base.data_ptr()
-            if lo + _PMD <= off + n:
-                probe = lo
-                break
+        base = self._base.data_ptr()
+
+        def align_up(at: int) -> int:  # the first offset >= at that maps to a 2 MiB boundary
+            return -(-(base + at) // _PMD) * _PMD - base
+
+        probe = next((align_up(off) for off, n in sorted(spans, key=lambda s: -s[1])
+                      if align_up(off) + _PMD <= off + n), None)
         if probe is None or not self._populate_ok:
             return "n/a"
 
@@ -227,11 +235,11 @@ class MappedFile:
             os.posix_fadvise(self._fd, off, n, os.POSIX_FADV_DONTNEED)
         # read back now, one aligned 2 MiB window at a time, each as one folio; the partial windows at
         # the ranges' ends last (read first, their small folios' readahead would run into the next window)
-        base, pieces = self._base.data_ptr(), []
+        pieces = []
         for off, n in spans:
             at = off
             while at < off + n:
-                end = min(off + n, ((base + at) // _PMD + 1) * _PMD - base)
+                end = min(off + n, align_up(at + 1))
                 pieces.append((end - at < _PMD, at, end - at))
                 at = end
         for _, at, n in sorted(pieces):
@@ -313,7 +321,13 @@ class DirectFile:
         return where
 
     def read_rows(self, span: FileSpan, rows: list[int], row_bytes: int, out: torch.Tensor) -> None:
-        """Rows of a 2-D span into ``out`` (len(rows), row_bytes) uint8, one aligned read each."""
+        """Rows of a 2-D span into ``out`` (len(rows), row_bytes) uint8: one aligned read each, or,
+        for many rows, one sequential read of the whole span (faster than thousands of small ones)."""
+        if len(rows) > 256:
+            buf = AlignedBuffer(self.superset_bytes([(span.offset, span.nbytes)]))
+            (at,) = self.read_runs([(span.offset, span.nbytes)], buf)
+            out.copy_(buf.tensor[at:at + span.nbytes].view(-1, row_bytes)[rows])
+            return
         buf = AlignedBuffer(2 * ALIGN + row_bytes)
         for i, r in enumerate(rows):
             (at,) = self.read_runs([(span.offset + r * row_bytes, row_bytes)], buf)

@@ -139,8 +139,8 @@ class OffloadRunner:
         tiers = self.store.tier_bytes()
         read, secs = self.store.disk_stats()
         return {"policy": self.policy.describe(), "weight_bytes": tiers,
-                "resident_fraction": self.store.resident_fraction, "read_method": self.store.read_method, "page_cache": dict(self.store.page_cache),
-                "direct_bytes_read": read, "direct_read_seconds": secs, **self.schedule.stats}
+                "resident_fraction": self.store.resident_fraction, "read_method": self.store.read_method,
+                "page_cache": dict(self.store.page_cache), "direct_bytes_read": read, "direct_read_seconds": secs, **self.schedule.stats}
 
     def reset_stats(self) -> None:
         self.call_seconds.clear()

@@ -40,7 +40,7 @@ from flexspeed.config.errors import ConfigError
 from flexspeed.inference.offload.arch import Arch, TensorSpec
 from flexspeed.inference.offload.chooser import available_memory
 from flexspeed.inference.offload.files import (ALIGN, AlignedBuffer, DirectFile, FileSpan, MappedFile, private_dir,
-                                               safetensors_spans, tensor_bytes, write_tensor)
+                                               safetensors_spans, write_tensor)
 from flexspeed.inference.offload.policy import OffloadPolicy, place_by_size
 
 __all__ = ["TensorSource", "WeightStore", "Fetched"]
@@ -150,50 +150,23 @@ class Fetched:
 
 
 class _RowTable:
-    """A disk-tier embedding table read row by row (true-disk mode): lookups never read the whole table."""
+    """A disk-tier embedding table looked up by rows, never mapped or read whole for a few ids.
 
-    def __init__(self, reader: DirectFile, span: FileSpan, device: torch.device) -> None:
+    ``reader`` is the file's :class:`~.files.MappedFile` (page-cache mode: one ``pread`` per row;
+    faulting rows in through the mapping would map whole 2 MiB folios, so a prompt's scattered
+    ids would put most of a 206 MB table into the resident set) or :class:`~.files.DirectFile`
+    (true-disk mode).
+    """
+
+    def __init__(self, reader: MappedFile | DirectFile, span: FileSpan, device: torch.device) -> None:
         self.reader, self.span, self.device = reader, span, device
         self.row_bytes = span.nbytes // span.shape[0]
 
     def gather_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         uniq, inverse = torch.unique(ids.cpu(), return_inverse=True)
-        if len(uniq) <= 256:
-            raw = torch.empty(len(uniq), self.row_bytes, dtype=torch.uint8)
-            self.reader.read_rows(self.span, uniq.tolist(), self.row_bytes, raw)
-            rows = raw.view(self.span.dtype)[inverse]
-        else:  # many rows: one sequential read of the table beats thousands of small ones
-            buf = AlignedBuffer(DirectFile.superset_bytes([(self.span.offset, self.span.nbytes)]))
-            (at,) = self.reader.read_runs([(self.span.offset, self.span.nbytes)], buf)
-            table = buf.tensor[at:at + self.span.nbytes].view(self.span.dtype).view(self.span.shape)
-            rows = table[ids.cpu().reshape(-1)]
-        return rows.to(device=self.device, dtype=dtype)
-
-
-class _PagedRowTable:
-    """A disk-tier embedding table looked up through the page cache, one ``pread`` per distinct row.
-
-    Faulting the rows in through the file mapping would map whole 2 MiB folios: a prompt's
-    scattered ids would map most of a 206 MB table into the resident set. Reads copy only the rows.
-    """
-
-    def __init__(self, fd: int, span: FileSpan, device: torch.device) -> None:
-        self.fd, self.span, self.device = fd, span, device
-        self.row_bytes = span.nbytes // span.shape[0]
-
-    def gather_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        uniq, inverse = torch.unique(ids.cpu(), return_inverse=True)
         raw = torch.empty(len(uniq), self.row_bytes, dtype=torch.uint8)
-        mv = tensor_bytes(raw)
-        for i, r in enumerate(uniq.tolist()):
-            at, done = i * self.row_bytes, 0
-            while done < self.row_bytes:
-                got = os.preadv(self.fd, [mv[at + done:at + self.row_bytes]], self.span.offset + r * self.row_bytes + done)
-                if got <= 0:
-                    raise OSError(f"short read of row {r} of {self.span.path}")
-                done += got
-        rows = raw.view(self.span.dtype)[inverse]  # (len(ids), C)
-        return rows.to(device=self.device, dtype=dtype)
+        self.reader.read_rows(self.span, uniq.tolist(), self.row_bytes, raw)
+        return raw.view(self.span.dtype)[inverse].to(device=self.device, dtype=dtype)  # (len(ids), C)
 
 
 class _HostTable:
@@ -465,14 +438,14 @@ class WeightStore:
     def fetch(self, j: int) -> Fetched:
         """Layer ``j``'s tensors (disk parts read, device copies queued); thread-safe per layer."""
         out = Fetched(j, {})
-        rows_only = self.arch.layers[j].kind == "embed"
+        lookups = self.arch.layers[j].kind == "embed"  # its tables are looked up by rows
         disk: list[tuple[str, str, FileSpan]] = []
         streamed: dict[str, _StreamedMatrix] = {}
         lazy: set[tuple[str, str]] = set()
         for name, key in self.layer_keys[j]:
             e = self.entries[key]
             data = e.parts.get("data")
-            if isinstance(data, FileSpan) and rows_only:
+            if isinstance(data, FileSpan) and lookups and e.spec.kind == "embedding":
                 lazy.add((key, "data"))  # embedding lookups touch rows only
             elif isinstance(data, FileSpan) and data.nbytes >= self.stream_min and len(data.shape) == 2 \
                     and name.endswith(".w") and name not in self.arch.opts.get("conv1d", ()):
@@ -490,7 +463,7 @@ class WeightStore:
                 continue
             e = self.entries[key]
             parts = {part: loaded.get((key, part), p) for part, p in e.parts.items()}
-            out.weights[name] = self._assemble(e, parts, rows_only)
+            out.weights[name] = self._assemble(e, parts, lookups and e.spec.kind == "embedding")
         on_device = any(isinstance(w, torch.Tensor) and w.is_cuda for w in out.weights.values())
         if self._copy_stream is not None and on_device:
             out.event = torch.cuda.Event()
@@ -502,13 +475,12 @@ class WeightStore:
         by_file: dict[str, list[tuple[int, int]]] = {}
         for key, part, span in disk:
             mapped = self._map(span.path)
-            if (key, part) in lazy and len(span.shape) == 2:  # an embedding: its rows are read, never mapped
-                loaded[(key, part)] = _PagedRowTable(mapped.fd, span, self.device)
+            if (key, part) in lazy:
+                loaded[(key, part)] = _RowTable(mapped, span, self.device)
                 continue
             loaded[(key, part)] = mapped.view(span)
             out.drops.append((mapped, span.offset, span.nbytes))
-            if (key, part) not in lazy:
-                by_file.setdefault(span.path, []).append((span.offset, span.nbytes))
+            by_file.setdefault(span.path, []).append((span.offset, span.nbytes))
         for path, spans in by_file.items():
             for off, n in _merge(spans, 64 << 10):
                 if self.map_ahead:
@@ -545,7 +517,7 @@ class WeightStore:
     def _assemble(self, e: _Entry, parts: dict[str, Any], rows_only: bool) -> Any:
         if e.quant is None:
             t = parts["data"]
-            if not isinstance(t, torch.Tensor):  # a row table (true-disk embedding)
+            if not isinstance(t, torch.Tensor):  # a row table (disk-tier embedding)
                 return t
             if rows_only and t.device != self.device:  # look rows up where the table is, move only them
                 return _HostTable(t, self.device)
