@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["StepContext", "step_context", "apply_rope", "static_attention", "decode_attention"]
+__all__ = ["StepContext", "step_context", "apply_rope", "static_attention", "decode_attention",
+           "masked_decode_attention"]
 
 
 @dataclass
@@ -70,6 +71,27 @@ def static_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
     y = (s.softmax(-1)[..., None] * v.float()[:, :, None]).sum(-2)  # (B, Hkv, G, hd)
     return y.view(B, hq, 1, hd).to(q.dtype)
+
+
+def masked_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    """One query per row over the whole ``(B, Hkv, T_max, hd)`` cache, keys chosen by a tensor mask.
+
+    :func:`decode_attention` with the end position folded into ``valid``, so every shape is static
+    and nothing is read on the host (a CUDA graph replays it for every step of a generation).
+
+    Args:
+        q: (B, Hq, 1, hd); valid: (B, T_max) bool, keys that may be attended.
+    Returns:
+        (B, Hq, 1, hd) in q's dtype.
+    """
+    B, hq, _, hd = q.shape
+    hkv = k.shape[1]
+    qk = q.to(k.dtype).reshape(B, hkv, hq // hkv, hd)  # (B, Hkv, G, hd): the query heads of a group stacked
+    s = torch.matmul(qk, k.transpose(-1, -2)).float() * scale  # (B, Hkv, G, T_max)
+    s = s.masked_fill(~valid.view(B, 1, 1, -1), float("-inf"))
+    y = torch.matmul(s.softmax(-1).to(v.dtype), v)  # (B, Hkv, G, hd)
+    return y.reshape(B, hq, 1, hd).to(q.dtype)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, mask: torch.Tensor | None,

@@ -76,7 +76,10 @@ class FusedRunner:
     native_max_batch: int = 16
     tp_group: object | None = None
     """The tensor-parallel process group of a sharded model (set by ``init_inference``)."""
+    cuda_graphs: bool = True
+    """On CUDA, single-token steps replay a captured graph (see :mod:`flexspeed.inference.graphs`)."""
     _native: object | None = field(default=None, repr=False)
+    _graphs: object | None = field(default=None, repr=False)
 
     @property
     def layers(self) -> list[FusedDecoderLayer]:
@@ -107,8 +110,10 @@ class FusedRunner:
         if ref is None:
             ref = next((t for t in self.root.buffers() if t.is_floating_point()), torch.empty(0))
         dt = dtype or self.cache_dtype or self._dtype or ref.dtype
-        if self.compile_decode:  # the compiled step is specialised on T_max: round it to limit recompiles
+        if self.compile_decode or self._graphs_ok(ref):  # static steps are specialised on T_max: round it up
             max_len = -(-max_len // 64) * 64
+        if self._graphs_ok(ref):  # the graphs are bound to their cache's buffers: reuse them across calls
+            return self._decode_graphs().cache(batch, max_len, dt, ref.device)
         if dtype is None and self.cache_dtype is None and ref.device.type == "cpu" and dt in (torch.bfloat16,
                                                                                                 torch.float16):
             native = (dt == torch.bfloat16 and self.native_decode and not self.compile_decode
@@ -139,6 +144,10 @@ class FusedRunner:
         Returns:
             (B, 1, V) logits of the last token with ``last_only``, else (B, T, V).
         """
+        if ids.shape[1] == 1 and self._graphs_ok(ids):
+            graphs = self._decode_graphs()
+            if graphs.owns(cache):
+                return graphs.step(ids, pos, cache, start, key_mask)
         x = self.arch.embed(self.root, ids, pos)  # (B, T, C)
         if ids.shape[1] == 1 and self._native_ok(x, cache):
             rope = self.arch.rope(self.root, x, pos) if self.arch.rope is not None else None
@@ -201,6 +210,36 @@ class FusedRunner:
         if not cache.k or cache.k[0].dtype not in (torch.float32, torch.bfloat16) or not cache.k[0].is_contiguous():
             return False
         return self.native_reason() is None
+
+    def _graphs_ok(self, ref: torch.Tensor) -> bool:
+        """Single-token steps of a model on CUDA replay graphs: on, not compiled, not tensor-parallel
+        (a graph would capture the TP hooks' collectives; kept out as for compiled steps)."""
+        return (self.cuda_graphs and ref.device.type == "cuda" and not self.compile_decode
+                and self._compiled_ok())
+
+    def _decode_graphs(self):
+        from flexspeed.inference.graphs import DecodeGraphs
+
+        if self._graphs is None:
+            self._graphs = DecodeGraphs(self)
+        return self._graphs
+
+    def static_body(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, index: torch.Tensor,
+                    key_mask: torch.Tensor) -> torch.Tensor:
+        """One new token per row with every shape static and every input a tensor (CUDA graphs).
+
+        Args:
+            ids, pos: (B, 1) token and position ids; index: (1,) the cache position written.
+            key_mask: (B, T_max) bool, False for padded keys.
+        Returns:
+            (B, 1, V) logits.
+        """
+        x = self.arch.embed(self.root, ids, pos)  # (B, 1, C)
+        valid = (torch.arange(cache.max_len, device=x.device) <= index) & key_mask  # (B, T_max)
+        rope = self.arch.rope(self.root, x, pos) if self.arch.rope is not None else None
+        for i, layer in enumerate(self.layers):
+            x = layer.static_step(x, cache.k[i], cache.v[i], index, valid, rope)
+        return self._head(x)
 
     def _compiled_ok(self) -> bool:
         # TP all-reduce hooks run inside the layers; keep them out of Dynamo's graphs

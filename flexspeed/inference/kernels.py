@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flexspeed.config.errors import ConfigError
-from flexspeed.inference.attention import StepContext, apply_rope, static_attention
+from flexspeed.inference.attention import StepContext, apply_rope, masked_decode_attention, static_attention
 from flexspeed.inference.fused import FusedRunner, KVCache, _proj
 from flexspeed.inference.packed import PackedLinear, can_pack
 
@@ -85,8 +85,9 @@ class FusedDecoderLayer(nn.Module):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                 is_causal: bool, out: nn.Module, valid: torch.Tensor | None = None) -> torch.Tensor:
-        if valid is not None:  # static-shape decode (compiled)
-            y = static_attention(q, k, v, valid, self.scale)
+        if valid is not None:  # static-shape decode: compiled (Inductor fuses the elementwise form) or a graph
+            attend = static_attention if torch.compiler.is_compiling() else masked_decode_attention
+            y = attend(q, k, v, valid, self.scale)
         else:  # a cache kept in fp32 for a 16-bit model (see FusedRunner.cache_dtype): attend in fp32
             y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=is_causal,
                                                scale=self.scale, enable_gqa=q.shape[1] != k.shape[1])
