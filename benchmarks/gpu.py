@@ -79,8 +79,13 @@ def peak_reset() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def peak_gib() -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+def peak_gib(base: int = 0) -> float | None:
+    """Peak device memory since the last :func:`peak_reset`, less ``base`` bytes (what was already held)."""
+    return (torch.cuda.max_memory_allocated() - base) / 2**30 if torch.cuda.is_available() else None
+
+
+def allocated() -> int:
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -175,7 +180,7 @@ def _init_single_process_group(lib: str) -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
     from flexspeed.testing import free_port
 
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    os.environ["MASTER_PORT"] = str(free_port())  # never the parent's: it still listens on its own
     if lib == "deepspeed":
         import deepspeed
 
@@ -195,12 +200,14 @@ def train_worker(names: list[str], stages: list[int], steps: int, warmup: int, q
     for stage in stages:
         steppers, peaks = {}, {}
         for name in names:
+            sync()
+            base = allocated()  # the other variants' states, still alive: not this one's
             peak_reset()
             fn = _raw_stepper(stage, shape, data) if name == "raw" else _engine_stepper(name, stage, shape, data)
             for _ in range(warmup):
                 fn()
             sync()
-            steppers[name], peaks[name] = fn, peak_gib()
+            steppers[name], peaks[name] = fn, peak_gib(base)
         for k in range(steps):
             for name in (names if k % 2 == 0 else names[::-1]):
                 sync()
@@ -388,14 +395,24 @@ def bench_offload(args: argparse.Namespace) -> list[dict]:
             contenders.insert(0, ("HF Accelerate cpu offload", hf_run))
     except ImportError:
         pass
+    tiers = engine.offload.summary()["weight_bytes"]
+    on_gpu = {"fs offload 20% on GPU": tiers.get("gpu", 0) if torch.cuda.is_available() else 0}
+    if acc_info is not None:
+        on_gpu["HF Accelerate cpu offload"] = sum(p.numel() * p.element_size() for p in hf.parameters()
+                                                  if p.device.type == "cuda")
     rows = []
     reps = 1 if args.quick else 2
     for batch in (1, 32):
         ids = torch.randint(3, shape["vocab"], (batch, PROMPT), generator=torch.Generator().manual_seed(7)).to(device())
         times: dict[str, list[float]] = {c[0]: [] for c in contenders}
+        transient: dict[str, float | None] = {}
         with torch.inference_mode():
-            for _, run in contenders:
+            for label, run in contenders:
+                sync()
+                base = allocated()
+                peak_reset()
                 run(ids)
+                transient[label] = peak_gib(base)  # what a call adds on the device: streamed weights, cache
             for _ in range(reps):
                 for label, run in contenders:
                     times[label].append(timed(lambda: run(ids)))
@@ -405,8 +422,8 @@ def bench_offload(args: argparse.Namespace) -> list[dict]:
             ref = ref or tps
             rows.append({"section": "offload", "batch": batch, "config": label, "tok_s": tps,
                          "vs_first": tps / ref, "weights_gb": w_bytes / 1e9, "gpu_budget": budget,
-                         "accelerate_cpu_modules": acc_info,
-                         "fs_resident": engine.offload.summary().get("resident_fraction")})
+                         "weights_on_gpu_gb": on_gpu[label] / 1e9, "call_peak_extra_gib": transient[label],
+                         "accelerate_cpu_modules": acc_info})
     engine.offload.close()
     return rows
 

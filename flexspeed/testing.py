@@ -37,10 +37,11 @@ def free_port() -> int:
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, env: dict,
             threads: int, init_pg: bool, out: Any) -> None:
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GROUP_RANK="0", **env,
-    )
+    os.environ.update({  # ``env`` may override these (e.g. LOCAL_RANK=0: several ranks sharing one GPU)
+        "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+        "GROUP_RANK": "0", **env,
+    })
     import torch
     import torch.distributed as dist
 

@@ -6,7 +6,7 @@
 # Writes to $OUT (default /tmp/gpu_check): env.txt (GPU, driver, versions), tests.log and junit.xml (the
 # tests/gpu tier), bench.log and bench.json (benchmarks/gpu.py), summary.txt. The tests run beside the
 # benchmarks (the tier is small kernels on a few cores; the benchmarks time side by side within their own
-# process). Packages the machine lacks (pydantic, hjson, deepspeed for the comparison) are installed from
+# process) unless SERIAL=1. Packages the machine lacks (pydantic, hjson, deepspeed for the comparison) are installed from
 # wheels in .whl/ when that folder exists (no network needed); the machine's own CUDA build of torch is used.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +50,8 @@ if [[ ",$SECTIONS," == *",tests,"* ]]; then
     echo "tests: exit $? after $(( $(date +%s) - T0 )) s" >> "$OUT/summary.txt" ) &
   pids+=($!)
 fi
+# SERIAL=1: the benchmarks start after the tests (clean timings; the run takes longer)
+[[ "${SERIAL:-0}" == 1 && ${#pids[@]} -gt 0 ]] && wait "${pids[@]}"
 BENCH=$(echo "$SECTIONS" | tr ',' '\n' | grep -v '^tests$' | paste -sd, -)
 if [[ -n "$BENCH" ]]; then
   ( timeout "$BENCH_LIMIT" python3 benchmarks/gpu.py --sections "$BENCH" --json "$OUT/bench.json" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1

@@ -48,8 +48,9 @@ class TrainingEngine(nn.Module):
         self.global_samples = 0
         self.micro_steps = 0
         self.skipped_steps = 0
-        self._global_grad_norm: float | None = None
-        self._last_loss: float | None = None
+        # kept as device tensors: reading them (a host sync per micro-step) would stall the launch queue
+        self._global_grad_norm: torch.Tensor | float | None = None
+        self._last_loss: torch.Tensor | None = None
         self._dp_world_size = dist.get_world_size(strategy.group) if dist.is_initialized() else 1
         self._dp_rank = dist.get_rank(strategy.group) if dist.is_initialized() else 0
         # log line, timers, scalar writers, FLOPs profile, progress bar (see flexspeed.runtime.monitor)
@@ -116,7 +117,7 @@ class TrainingEngine(nn.Module):
 
     def get_global_grad_norm(self) -> float | None:
         """Global gradient norm of the last optimizer step (before clipping), across all shards."""
-        return self._global_grad_norm
+        return None if self._global_grad_norm is None else float(self._global_grad_norm)
 
     def is_gradient_accumulation_boundary(self) -> bool:
         """True on the micro-step whose ``step()`` will update the weights."""
@@ -148,10 +149,10 @@ class TrainingEngine(nn.Module):
         if not torch.is_tensor(loss) or loss.dim() != 0:
             raise ValueError(f"engine.backward(loss) expects a scalar tensor, got {type(loss).__name__} "
                              f"{tuple(loss.shape) if torch.is_tensor(loss) else ''}: reduce the loss (e.g. .mean())")
-        self._last_loss = float(loss.detach())
+        self._last_loss = loss.detach()
         mon = self.monitor
         if mon.active:
-            mon.add_loss(self._last_loss)
+            mon.add_loss(float(self._last_loss))
         if mon.timing:
             mon.timers.start("backward")
         self._strategy.set_requires_gradient_sync(self.is_gradient_accumulation_boundary())
@@ -194,7 +195,7 @@ class TrainingEngine(nn.Module):
         else:
             clip = self.gradient_clipping()
             norm = global_grad_norm(params)
-            self._global_grad_norm = float(norm)
+            self._global_grad_norm = norm
             if clip > 0:
                 clip_grads_(params, clip, norm)
             self.optimizer.step()

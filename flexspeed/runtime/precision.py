@@ -10,7 +10,6 @@ overflow flag and the norm are reduced across the ranks that hold the shards.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -157,8 +156,10 @@ def clip_grads_(params: Iterable[torch.Tensor], max_norm: float, norm: torch.Ten
     params = [p for p in params if p.grad is not None]
     if norm is None:
         norm = global_grad_norm(params)
-    if max_norm > 0 and math.isfinite(float(norm)):
+    if max_norm > 0:
+        # a non-finite norm leaves the gradients as they are; decided on the device (no host sync)
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        coef = torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
         grads = [_local(p.grad) for p in params]
         by_dev: dict[torch.device, list[torch.Tensor]] = {}
         for g in grads:
