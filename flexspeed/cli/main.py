@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 __all__ = ["main", "SUBCOMMANDS"]
@@ -60,7 +61,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"flexspeed {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, ImportError, KeyError, RuntimeError) as exc:
+        # what a user's input or machine can cause: one line, never a traceback (FLEXSPEED_DEBUG=1 shows it)
+        if os.environ.get("FLEXSPEED_DEBUG") == "1":
+            raise
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"flexspeed {args.command}: error: {text} ({type(exc).__name__}; FLEXSPEED_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
