@@ -38,7 +38,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "comm": ("flexspeed.comm", None),
     "pipe": ("flexspeed.pipe", None),
     "zero": ("flexspeed.zero", None),
-    "checkpointing": ("flexspeed.runtime.activation_checkpointing", None),
+    "checkpointing": ("flexspeed.runtime.activation_checkpointing.checkpointing", None),
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only

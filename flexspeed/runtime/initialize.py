@@ -2,7 +2,9 @@
 
 1. load the config sources and merge them (conflicts are errors naming both values)
 2. start (or join) the process group
-3. resolve the config (batch triad, "auto") against the real world size
+3. resolve the config (batch triad, "auto") against the real world size; this also builds the
+   optimizer/scheduler sections over stand-in parameters (the checks ``flexspeed check-config``
+   makes, from the same code); configure ``flexspeed.checkpointing`` from the config
 4. dispatch on the model type: ``PipelineModule`` -> pipeline engine, else the data-parallel one
 5. precision policy and loss scaler; ZeRO strategy (wraps/shards the module)
 6. optimizer and scheduler (client object, client callable, or config section - never two)
@@ -131,6 +133,7 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     from flexspeed.distributed import default_device, init_distributed
     from flexspeed.runtime.data import FlexDataLoader
     from flexspeed.runtime.engine import TrainingEngine
+    from flexspeed.runtime.activation_checkpointing import checkpointing
     from flexspeed.runtime.precision import LossScaler, PrecisionPolicy
     from flexspeed.runtime.zero import apply_zero
 
@@ -156,11 +159,13 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
         cfg = build_config(config=raw, world_size=env.world_size // stages,
                            world_size_source=f"{env.source} / {stages} pipeline stages = data-parallel size",
                            hidden_size=_hidden_size(model))
+        checkpointing.configure_from_config(cfg)
         return build_pipeline_engine(model=model, config=cfg, optimizer=optimizer, model_parameters=model_parameters,
                                      lr_scheduler=lr_scheduler, training_data=training_data, collate_fn=collate_fn)
 
     cfg = build_config(config=raw, world_size=env.world_size, world_size_source=env.source,
                        hidden_size=_hidden_size(model))
+    checkpointing.configure_from_config(cfg)  # the model's flexspeed.checkpointing.checkpoint() calls
     _check_client_vs_config("optimizer", optimizer if isinstance(optimizer, torch.optim.Optimizer) else None,
                             cfg.optimizer)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and cfg.optimizer is not None:
