@@ -332,10 +332,12 @@ def _check_values(name: str, params: Mapping[str, Any], defaults: Mapping[str, A
             raise ConfigError("is still \"auto\"; it must be resolved before the optimizer is built. Give a "
                               "value.", key=where)
         if isinstance(default, bool) and not isinstance(value, bool):
-            raise ConfigError(f"{name} needs true or false, got {value!r}.", key=where)
+            raise ConfigError(f"{name} needs true or false, got {value!r}. Fix: set it to true or false "
+                              f"(default {str(default).lower()}).", key=where)
         numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
         if numeric and (isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor))):
-            raise ConfigError(f"{name} needs a number, got {value!r}.", key=where)
+            raise ConfigError(f"{name} needs a number, got {value!r}. Fix: set it to a number (default "
+                              f"{default}).", key=where)
         if isinstance(default, tuple) and isinstance(value, list):
             value = tuple(value)
         out[key] = value
