@@ -105,6 +105,27 @@ def _build_scheduler(cfg: Any, client: Any, optimizer: Any) -> Any:
     return build_scheduler(cfg.scheduler.type, dict(cfg.scheduler.params or {}), optimizer)
 
 
+def _initialize_pipeline(raw: dict, env: Any, *, model: nn.Module, **engine_args: Any) -> tuple[Any, Any, Any, Any]:
+    """``initialize()`` for a ``PipelineModule``: the batch triad over the data-parallel size, then the pipeline engine."""
+    from flexspeed.config import build_config
+    from flexspeed.pipe.engine import build_pipeline_engine
+    from flexspeed.runtime.activation_checkpointing import checkpointing
+    from flexspeed.utils.tensor_fragment import register_optimizer
+
+    stages = int(model.num_stages)
+    if env.world_size % stages:
+        raise ConfigError(f"world size {env.world_size} (from {env.source}) is not a multiple of the "
+                          f"PipelineModule's num_stages={stages}. Fix: launch a multiple of {stages} processes",
+                          key="pipeline")
+    cfg = build_config(config=raw, world_size=env.world_size // stages,
+                       world_size_source=f"{env.source} / {stages} pipeline stages = data-parallel size",
+                       hidden_size=_hidden_size(model))
+    checkpointing.configure_from_config(cfg)
+    engine, opt, loader, sched = build_pipeline_engine(model=model, config=cfg, **engine_args)
+    register_optimizer(opt, stage=engine.zero_optimization_stage(), group=engine.dp_group)
+    return engine, opt, loader, sched
+
+
 def initialize(args: argparse.Namespace | None = None, model: nn.Module | None = None,
                optimizer: torch.optim.Optimizer | Callable | None = None, model_parameters: Iterable | None = None,
                training_data: torch.utils.data.Dataset | None = None, lr_scheduler: Any = None,
@@ -136,6 +157,7 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     from flexspeed.runtime.activation_checkpointing import checkpointing
     from flexspeed.runtime.precision import LossScaler, PrecisionPolicy
     from flexspeed.runtime.zero import apply_zero
+    from flexspeed.utils.tensor_fragment import register_optimizer
 
     if model is None:
         raise ValueError("flexspeed.initialize() needs model=<nn.Module>")
@@ -149,19 +171,8 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     env = init_distributed(distributed_port=distributed_port, dist_init_required=dist_init_required)
 
     if _is_pipeline_module(model):
-        from flexspeed.pipe.engine import build_pipeline_engine
-
-        stages = int(model.num_stages)
-        if env.world_size % stages:
-            raise ConfigError(f"world size {env.world_size} (from {env.source}) is not a multiple of the "
-                              f"PipelineModule's num_stages={stages}. Fix: launch a multiple of {stages} processes",
-                              key="pipeline")
-        cfg = build_config(config=raw, world_size=env.world_size // stages,
-                           world_size_source=f"{env.source} / {stages} pipeline stages = data-parallel size",
-                           hidden_size=_hidden_size(model))
-        checkpointing.configure_from_config(cfg)
-        return build_pipeline_engine(model=model, config=cfg, optimizer=optimizer, model_parameters=model_parameters,
-                                     lr_scheduler=lr_scheduler, training_data=training_data, collate_fn=collate_fn)
+        return _initialize_pipeline(raw, env, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                                    lr_scheduler=lr_scheduler, training_data=training_data, collate_fn=collate_fn)
 
     cfg = build_config(config=raw, world_size=env.world_size, world_size_source=env.source,
                        hidden_size=_hidden_size(model))
@@ -196,4 +207,5 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     engine = TrainingEngine(strategy=strategy, config=cfg, optimizer=opt, lr_scheduler=sched,
                             training_dataloader=loader, precision=precision, loss_scaler=scaler, device=device,
                             launch_env=env)
+    register_optimizer(opt, stage=strategy.stage, group=strategy.group)  # flexspeed.utils.safe_get_full_*
     return engine, opt, loader, sched
