@@ -43,7 +43,6 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
 from flexspeed.accelerator import get_accelerator
-from flexspeed.config.errors import ConfigError
 
 __all__ = [
     "configure", "is_configured", "reset", "checkpoint", "non_reentrant_checkpoint", "CheckpointFunction",
