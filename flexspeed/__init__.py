@@ -26,6 +26,16 @@ __all__ = [
     "pipe",
     "zero",
     "checkpointing",
+    # DeepSpeed's other top-level names and the subpackages its scripts reach through `deepspeed.`
+    "utils",
+    "accelerator",
+    "ops",
+    "runtime",
+    "get_accelerator",
+    "logger",
+    "log_dist",
+    "DeepSpeedConfigError",
+    "PipelineModule",
 ]
 
 # attribute -> (module, name or None for the module itself)
@@ -38,7 +48,16 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "comm": ("flexspeed.comm", None),
     "pipe": ("flexspeed.pipe", None),
     "zero": ("flexspeed.zero", None),
-    "checkpointing": ("flexspeed.runtime.activation_checkpointing", None),
+    "checkpointing": ("flexspeed.runtime.activation_checkpointing.checkpointing", None),
+    "utils": ("flexspeed.utils", None),
+    "accelerator": ("flexspeed.accelerator", None),
+    "ops": ("flexspeed.ops", None),
+    "runtime": ("flexspeed.runtime", None),
+    "get_accelerator": ("flexspeed.accelerator", "get_accelerator"),
+    "logger": ("flexspeed.utils.logging", "logger"),
+    "log_dist": ("flexspeed.utils.logging", "log_dist"),
+    "DeepSpeedConfigError": ("flexspeed.config.errors", "ConfigError"),
+    "PipelineModule": ("flexspeed.pipe", "PipelineModule"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only

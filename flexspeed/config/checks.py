@@ -1,8 +1,11 @@
 """Cross-field checks: settings that are each valid but do not work together.
 
 Each check is a small function raising :class:`ConfigError` with the key, the values and the
-fix; :func:`check_compatibility` runs them in order. Checks that need resolved values (the
-scheduler's parameters may still say ``"auto"``) run only when ``resolved=True``.
+fix; :func:`check_compatibility` runs them in order. Checks that need resolved values run only
+when ``resolved=True``: :func:`check_runtime_sections` then builds the optimizer and scheduler
+over stand-in parameters with the functions ``initialize()`` uses (the optimizer's parameters
+may still say ``"auto"`` before resolution). ``resolve_config`` runs that pass, so
+``flexspeed check-config`` and ``initialize()`` reject a config identically.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from collections.abc import Callable
 
 from flexspeed.config.errors import ConfigError
 from flexspeed.config.schema import FlexConfig
+from flexspeed.config.sections import ActivationCheckpointingConfig
 from flexspeed.config.validate import format_value
 
-__all__ = ["check_compatibility", "validate_scheduler"]
+__all__ = ["check_compatibility", "check_activation_checkpointing", "check_runtime_sections"]
 
 
 def check_compatibility(cfg: FlexConfig, *, resolved: bool = False) -> None:
@@ -25,9 +29,10 @@ def check_compatibility(cfg: FlexConfig, *, resolved: bool = False) -> None:
         _check_scheduler_type,
         _check_sparse_gradients,
         _check_pipeline,
+        _check_activation_checkpointing,
     ]
     if resolved:
-        checks.append(validate_scheduler)
+        checks.append(check_runtime_sections)
     for check in checks:
         check(cfg)
 
@@ -120,13 +125,32 @@ def _check_pipeline(cfg: FlexConfig) -> None:
         )
 
 
-def validate_scheduler(cfg: FlexConfig) -> None:
-    """Check the scheduler's params with the runtime's own validator.
+def _check_activation_checkpointing(cfg: FlexConfig) -> None:
+    check_activation_checkpointing(cfg.activation_checkpointing)
 
-    Imported lazily: ``flexspeed.runtime.schedulers`` imports torch, ``flexspeed.config`` must not.
+
+def check_activation_checkpointing(section: ActivationCheckpointingConfig) -> None:
+    """Refuse the ``activation_checkpointing`` settings flexspeed cannot honour.
+
+    Used by the config checks and by ``flexspeed.checkpointing.configure()`` (whose keyword
+    arguments become the same section), so both say the same thing.
     """
-    if cfg.scheduler is None or cfg.scheduler.type is None:
-        return
-    from flexspeed.runtime.schedulers import validate_scheduler_params
+    if section.contiguous_memory_optimization:
+        raise ConfigError(
+            "is true, which asks DeepSpeed to copy checkpointed activations into one preallocated buffer (sized by "
+            "number_checkpoints, with partition_activations) to limit fragmentation; flexspeed checkpoints on "
+            "torch.utils.checkpoint and leaves the freed blocks to PyTorch's caching allocator, so it cannot "
+            'honour this. Fix: set "contiguous_memory_optimization": false (partition_activations, '
+            "cpu_checkpointing, synchronize_checkpoint_boundary and profile all work).",
+            key="activation_checkpointing.contiguous_memory_optimization",
+        )
 
-    validate_scheduler_params(cfg.scheduler.type, dict(cfg.scheduler.params))
+
+def check_runtime_sections(cfg: FlexConfig) -> None:
+    """Build the optimizer and scheduler sections as ``initialize()`` would, without a model.
+
+    Imported lazily: ``flexspeed.runtime`` imports torch, ``flexspeed.config`` must not.
+    """
+    from flexspeed.runtime.preflight import check_buildable
+
+    check_buildable(cfg)

@@ -9,7 +9,6 @@ one JSON file are errors too (``json.loads`` would silently keep the last one).
 from __future__ import annotations
 
 import base64
-import copy
 import binascii
 import json
 import os
@@ -62,22 +61,33 @@ def load_config(config: ConfigSource | None = None, config_params: ConfigSource 
     return merge_sources([(label, canonicalize(data)) for label, data in sources])
 
 
-def read_source(source: ConfigSource, *, label: str = "config",
-                path_only: bool = False) -> tuple[str, dict[str, Any]]:
-    """Read one source. Returns ``(description for messages, raw dict)``."""
+def read_source(source: ConfigSource, *, label: str = "config", path_only: bool = False,
+                how_to_pass: str = _HOW_TO_PASS) -> tuple[str, dict[str, Any]]:
+    """Read one source (training and inference configs alike).
+
+    Args:
+        source: a path to a JSON/HJSON file, a dict, or a base64-encoded JSON string.
+        label: what the caller calls it, for messages (``"config"``, ``"--deepspeed_config"``).
+        path_only: refuse base64 (command-line flags name files).
+        how_to_pass: the fix a message gives for a source of the wrong kind.
+    Returns:
+        ``(description for messages, raw dict)``.
+    Raises:
+        ConfigError: a missing or unreadable file, malformed JSON/HJSON, a duplicate key.
+    """
     if isinstance(source, Mapping):
         return f"{label} (dict)", dict(source)
     if not isinstance(source, (str, os.PathLike)):
         raise ConfigError(
             f"{label} must be a path, a dict or a base64-encoded JSON string, got "
-            f"{type(source).__name__}. {_HOW_TO_PASS}",
+            f"{type(source).__name__}. {how_to_pass}",
             key=None,
         )
     text = os.fspath(source)
     if os.path.isfile(text):
         return f"{label}={text!r}", _read_file(text)
     if os.path.isdir(text):
-        raise ConfigError(f"{label}={text!r} is a directory, not a config file. {_HOW_TO_PASS}")
+        raise ConfigError(f"{label}={text!r} is a directory, not a config file. {how_to_pass}")
     decoded = None if path_only or isinstance(source, os.PathLike) else _decode_base64(text)
     if decoded is None:
         raise ConfigError(
@@ -220,7 +230,11 @@ def _path(parts: list[Any]) -> str:
 
 
 def merge_sources(sources: list[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
-    """Deep-merge ``[(label, dict), ...]``; equal values agree, different values are an error."""
+    """Deep-merge ``[(label, dict), ...]``; equal values agree, different values are an error.
+
+    Nested dicts and lists are copied (the sources are not modified); other values, such as the
+    objects an inference config may hold (a process group, a dtype), are shared, not copied.
+    """
     merged: dict[str, Any] = {}
     owners: dict[str, str] = {}
     for label, data in sources:
@@ -231,9 +245,10 @@ def merge_sources(sources: list[tuple[str, Mapping[str, Any]]]) -> dict[str, Any
 def _merge_into(target: dict[str, Any], data: Mapping[str, Any], label: str,
                 owners: dict[str, str], path: str) -> None:
     for key, value in data.items():
-        full = f"{path}.{key}" if path else key
+        name = key.__name__ if isinstance(key, type) else str(key)  # inference keys may be classes
+        full = f"{path}.{name}" if path else name
         if key not in target:
-            target[key] = copy.deepcopy(value)
+            target[key] = _copy_containers(value)
             owners[full] = label
             continue
         current = target[key]
@@ -249,3 +264,12 @@ def _merge_into(target: dict[str, Any], data: Mapping[str, Any], label: str,
             f"{format_value(value)} in {label}. Fix: remove it from one of them or make them agree.",
             key=full,
         )
+
+
+def _copy_containers(value: Any) -> Any:
+    """A copy of nested dicts and lists; everything else is the same object."""
+    if isinstance(value, Mapping):
+        return {k: _copy_containers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_containers(v) for v in value]
+    return value

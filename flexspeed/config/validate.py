@@ -283,7 +283,9 @@ def _model_in(annotation: Any) -> type[Section] | None:
 
 
 def values_equal(a: Any, b: Any) -> bool:
-    """Deep equality of JSON-like values where ``true`` differs from ``1``."""
+    """Deep equality of JSON-like values where ``true`` differs from ``1`` (an object equals itself)."""
+    if a is b:
+        return True
     if isinstance(a, bool) or isinstance(b, bool):
         return type(a) is type(b) and a == b
     if isinstance(a, Mapping) and isinstance(b, Mapping):

@@ -1,14 +1,17 @@
 """The inference configuration: one typed model, and how a DeepSpeed-style source becomes it.
 
-``init_inference(model, config=None, **kwargs)`` accepts the config as a dict or a JSON path
-and lets keyword arguments add to it. :func:`resolve_inference_config` turns both into a
-validated, frozen :class:`InferenceConfig`:
+``init_inference(model, config=None, **kwargs)`` accepts the config as a dict, a JSON/HJSON
+path or base64-encoded JSON, and lets keyword arguments add to it. :func:`resolve_inference_config`
+turns both into a validated, frozen :class:`InferenceConfig`:
 
-1. each source is *canonicalised*: aliases (``kernel_inject``, ``tp``, ``mp_size``,
+1. the config is read by the training loader (:func:`flexspeed.config.loader.read_source`):
+   the same forms, duplicate-key and syntax errors (with line and column) as ``initialize()``;
+   then each source is *canonicalised*: aliases (``kernel_inject``, ``tp``, ``mp_size``,
    ``max_tokens``, ...) become their canonical key, dtypes become ``"fp32" | "fp16" | "bf16" |
    "int8"``, config objects become plain dicts;
-2. the two sources are merged recursively; a key present in both with *different* values is a
-   :class:`ConfigError` naming the full key path and both values (equal values are fine);
+2. the two sources are merged by the training loader's :func:`~flexspeed.config.loader.merge_sources`;
+   a key present in both with *different* values is a :class:`ConfigError` naming the full key
+   path, both values and both sources (equal values are fine);
 3. unknown keys are rejected with a suggestion, training keys are sent to
    ``flexspeed.initialize()``;
 4. pydantic validates types (strict: ``"2"`` is not an int) and every error is re-raised as a
@@ -17,7 +20,6 @@ validated, frozen :class:`InferenceConfig`:
 
 from __future__ import annotations
 
-import json
 import os
 import typing
 import warnings
@@ -28,6 +30,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from flexspeed.config.errors import ConfigError, did_you_mean
+from flexspeed.config.loader import merge_sources, read_source
+from flexspeed.config.schema import UNSUPPORTED_SECTIONS, FlexConfig
+from flexspeed.config.validate import values_equal
 from flexspeed.inference.offload.policy import OffloadPolicy
 
 __all__ = [
@@ -52,16 +57,6 @@ _TORCH_DTYPES: dict[torch.dtype, DtypeName] = {
     torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "int8",
 }
 _COMPUTE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-# Top-level keys of a training config (used when flexspeed.config.FlexConfig is not importable).
-_FALLBACK_TRAINING_KEYS: tuple[str, ...] = (
-    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-    "optimizer", "scheduler", "zero_optimization", "fp16", "bf16", "amp", "gradient_clipping",
-    "steps_per_print", "wall_clock_breakdown", "activation_checkpointing", "pipeline",
-    "data_types", "communication_data_type", "prescale_gradients", "gradient_predivide_factor",
-    "zero_allow_untested_optimizer", "tensorboard", "wandb", "csv_monitor", "flops_profiler",
-    "data_efficiency", "curriculum_learning", "compression_training", "elasticity", "seed",
-)
 
 # DeepSpeed inference keys flexspeed knows but does not implement, with the reason.
 _UNSUPPORTED: dict[str, str] = {
@@ -224,14 +219,9 @@ class InferenceConfig(_Section):
 
 
 def training_keys() -> frozenset[str]:
-    """Top-level keys of a training config that are not inference keys."""
-    try:  # another part of flexspeed owns the training schema; it may not exist yet
-        from flexspeed.config import FlexConfig  # type: ignore[attr-defined]
-
-        keys = set(FlexConfig.model_fields)
-    except Exception:
-        keys = set()
-    return frozenset((keys | set(_FALLBACK_TRAINING_KEYS)) - set(InferenceConfig.model_fields))
+    """Top-level keys of a training config (``ds_config.json``) that are not inference keys."""
+    keys = set(FlexConfig.model_fields) | set(FlexConfig.json_aliases) | set(UNSUPPORTED_SECTIONS)
+    return frozenset(keys - set(InferenceConfig.model_fields))
 
 
 def _as_dict(value: Any, where: str) -> dict:
@@ -248,7 +238,7 @@ def _canonicalise(src: Mapping[str, Any], origin: str) -> dict:
     spelled: dict[str, str] = {}  # canonical path -> how the source spelled it first
 
     def put(section: dict, key: str, value: Any, path: str, given_as: str) -> None:
-        if key in section and not _equal(section[key], value):
+        if key in section and not values_equal(section[key], value):
             raise ConfigError(f"{origin} sets it twice with different values: {section[key]!r} (as "
                               f"{spelled[path]!r}) and {value!r} (as {given_as!r}); keep one", key=path)
         section[key] = value
@@ -284,28 +274,6 @@ def _canonicalise(src: Mapping[str, Any], origin: str) -> dict:
     return out
 
 
-def _equal(a: Any, b: Any) -> bool:
-    try:
-        return bool(a == b)
-    except Exception:  # e.g. tensors; identical objects are still equal
-        return a is b
-
-
-def _merge(a: dict, b: dict, path: str = "") -> dict:
-    """Recursive union of ``a`` (from ``config``) and ``b`` (keyword arguments)."""
-    out = dict(a)
-    for key, value in b.items():
-        full = f"{path}{key}" if not isinstance(key, type) else f"{path}{key.__name__}"
-        if key not in out:
-            out[key] = value
-        elif isinstance(out[key], Mapping) and isinstance(value, Mapping):
-            out[key] = _merge(dict(out[key]), dict(value), full + ".")
-        elif not _equal(out[key], value):
-            raise ConfigError(
-                f"conflicting values: config has {out[key]!r}, keyword argument has {value!r}; "
-                "give the key once or make both equal", key=full)
-    return out
-
 
 def _section_model(ann: Any) -> type[BaseModel] | None:
     """The config section class of a field annotation (``Section`` or ``Section | None``)."""
@@ -335,28 +303,17 @@ def _check_keys(data: Mapping[str, Any], model: type[BaseModel], path: str = "")
                           f"Valid keys: {sorted(fields)}", key=full)
 
 
+_HOW_TO_PASS = ("Fix: pass config= a dict, a path to a JSON/HJSON file or base64-encoded JSON to "
+                "flexspeed.init_inference(), or give the keys as keyword arguments.")
+
+
 def _load_source(config: Any) -> dict:
+    """The raw dict of ``config``, read by the training loader (same forms, same errors)."""
     if config is None:
         return {}
     if isinstance(config, InferenceConfig):
         return config.model_dump(exclude_unset=True)
-    if isinstance(config, (str, os.PathLike)):
-        path = os.fspath(config)
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path!r} does not exist; pass a dict or an existing JSON path",
-                              key="config")
-        with open(path) as f:
-            try:
-                loaded = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"config file {path!r} is not valid JSON: {e}", key="config") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path!r} must hold a JSON object", key="config")
-        return loaded
-    if isinstance(config, Mapping):
-        return dict(config)
-    raise ConfigError(f"config must be a dict, a JSON file path or None, got {type(config).__name__}",
-                      key="config")
+    return read_source(config, label="config", how_to_pass=_HOW_TO_PASS)[1]
 
 
 def _drop_ignored(data: dict) -> dict:
@@ -380,7 +337,7 @@ def resolve_inference_config(config: Any = None, **kwargs: Any) -> InferenceConf
     """
     base = _drop_ignored(_canonicalise(_load_source(config), "config"))
     extra = _drop_ignored(_canonicalise(kwargs, "keyword arguments"))
-    merged = _merge(base, extra)
+    merged = merge_sources([("config", base), ("keyword arguments", extra)])
     _check_keys(merged, InferenceConfig)
     try:
         cfg = InferenceConfig.model_validate(merged)

@@ -241,6 +241,8 @@ def _engine_state(engine: Any, excluded: list[str]) -> dict:
         "optimizer_param_groups": (_fqn_param_groups(engine.module, engine.optimizer)
                                    if engine.optimizer is not None else None),
         "excluded_model_keys": excluded,
+        # read by export.consolidate(exclude_frozen_parameters=True) (DeepSpeed's zero_to_fp32 option)
+        "frozen_parameters": [n for n, p in engine.module.named_parameters() if not p.requires_grad],
     }
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
-__all__ = ["FlexDataLoader"]
+__all__ = ["FlexDataLoader", "RepeatingLoader"]
 
 
 class FlexDataLoader:
@@ -75,6 +75,24 @@ class FlexDataLoader:
         self.offset = self._skip
 
 
-def seed_everything(seed: int) -> None:
-    """Seed torch's global generator (and CUDA's) on this rank."""
-    torch.manual_seed(seed)
+class RepeatingLoader:
+    """Iterate ``loader`` forever, starting it again whenever it runs out (DeepSpeed's name).
+
+    The pipeline engine's ``train_batch(data_iter=...)`` pulls micro-batches with ``next()``;
+    wrapping the loader keeps it from ending mid-run. Each restart calls ``iter(loader)``, so a
+    :class:`FlexDataLoader` advances its sampler's epoch (a new shuffle) every time round.
+    """
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self.data_iter = iter(loader)
+
+    def __iter__(self) -> RepeatingLoader:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self.data_iter)
+        except StopIteration:
+            self.data_iter = iter(self.loader)
+            return next(self.data_iter)

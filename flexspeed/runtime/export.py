@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from flexspeed.runtime.checkpoint_io import (
+    ENGINE_FILE,
     MANIFEST,
     STATE_DIR,
     CheckpointError,
@@ -32,6 +33,7 @@ from flexspeed.runtime.checkpoint_io import (
     read_manifest,
     read_metadata,
     safe_dcp_load,
+    safe_torch_load,
     resolve_tag_dir,
     validate_tag,
     write_atomic,
@@ -75,8 +77,8 @@ def _tag_path(ckpt_dir: str, tag: str | None) -> str:
     return resolve_tag_dir(ckpt_dir, validate_tag(tag))
 
 
-def consolidate(ckpt_dir: str | os.PathLike, tag: str | None = None,
-                dtype: str | torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def consolidate(ckpt_dir: str | os.PathLike, tag: str | None = None, dtype: str | torch.dtype | None = None,
+                exclude_frozen_parameters: bool = False) -> dict[str, torch.Tensor]:
     """The full (unsharded) model state dict of a flexspeed checkpoint, read in this process.
 
     Works without a process group and at any world size / ZeRO stage the checkpoint was saved
@@ -89,6 +91,8 @@ def consolidate(ckpt_dir: str | os.PathLike, tag: str | None = None,
         tag: which tag; ``None`` reads ``ckpt_dir/latest``.
         dtype: cast floating-point tensors to ``"fp32"``, ``"bf16"`` or ``"fp16"``; ``None`` keeps
             the saved dtypes (fp32 master weights).
+        exclude_frozen_parameters: leave out the parameters that had ``requires_grad=False`` when
+            the checkpoint was saved (listed in its engine state).
     Returns:
         ``{fqn: tensor}`` on CPU, loadable with ``model.load_state_dict``.
     """
@@ -101,10 +105,24 @@ def consolidate(ckpt_dir: str | os.PathLike, tag: str | None = None,
               if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
     if not shapes:
         raise CheckpointError(f"{state_dir} holds no model tensors: it is not a flexspeed training checkpoint")
+    if exclude_frozen_parameters:
+        frozen = set(_frozen_parameters(path))
+        shapes = {fqn: md for fqn, md in shapes.items() if fqn not in frozen}
     _check_sizes(state_dir, shapes)
     model = {fqn: torch.empty(md.size, dtype=md.properties.dtype) for fqn, md in shapes.items()}
     safe_dcp_load({"model": model}, state_dir, what=f"reading the model tensors of {path}", no_dist=True)
     return _cast(model, target_dtype)
+
+
+def _frozen_parameters(path: str) -> list[str]:
+    """Names of the parameters saved with ``requires_grad=False``, from the tag's engine state."""
+    engine_state = safe_torch_load(os.path.join(path, ENGINE_FILE))
+    frozen = engine_state.get("frozen_parameters") if isinstance(engine_state, dict) else None
+    if frozen is None:
+        raise CheckpointError(f"{path} does not record which parameters were frozen (it was saved by an older "
+                              "flexspeed or by the pipeline engine). Fix: export it with frozen parameters "
+                              "included, or save it again with save_checkpoint(..., exclude_frozen_parameters=True)")
+    return list(frozen)
 
 
 def _check_sizes(state_dir: str, shapes: dict[str, TensorStorageMetadata]) -> None:

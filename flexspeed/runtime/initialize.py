@@ -2,7 +2,9 @@
 
 1. load the config sources and merge them (conflicts are errors naming both values)
 2. start (or join) the process group
-3. resolve the config (batch triad, "auto") against the real world size
+3. resolve the config (batch triad, "auto") against the real world size; this also builds the
+   optimizer/scheduler sections over stand-in parameters (the checks ``flexspeed check-config``
+   makes, from the same code); configure ``flexspeed.checkpointing`` from the config
 4. dispatch on the model type: ``PipelineModule`` -> pipeline engine, else the data-parallel one
 5. precision policy and loss scaler; ZeRO strategy (wraps/shards the module)
 6. optimizer and scheduler (client object, client callable, or config section - never two)
@@ -103,6 +105,27 @@ def _build_scheduler(cfg: Any, client: Any, optimizer: Any) -> Any:
     return build_scheduler(cfg.scheduler.type, dict(cfg.scheduler.params or {}), optimizer)
 
 
+def _initialize_pipeline(raw: dict, env: Any, *, model: nn.Module, **engine_args: Any) -> tuple[Any, Any, Any, Any]:
+    """``initialize()`` for a ``PipelineModule``: the batch triad over the data-parallel size, then the pipeline engine."""
+    from flexspeed.config import build_config
+    from flexspeed.pipe.engine import build_pipeline_engine
+    from flexspeed.runtime.activation_checkpointing import checkpointing
+    from flexspeed.utils.tensor_fragment import register_optimizer
+
+    stages = int(model.num_stages)
+    if env.world_size % stages:
+        raise ConfigError(f"world size {env.world_size} (from {env.source}) is not a multiple of the "
+                          f"PipelineModule's num_stages={stages}. Fix: launch a multiple of {stages} processes",
+                          key="pipeline")
+    cfg = build_config(config=raw, world_size=env.world_size // stages,
+                       world_size_source=f"{env.source} / {stages} pipeline stages = data-parallel size",
+                       hidden_size=_hidden_size(model))
+    checkpointing.configure_from_config(cfg)
+    engine, opt, loader, sched = build_pipeline_engine(model=model, config=cfg, **engine_args)
+    register_optimizer(opt, stage=engine.zero_optimization_stage(), group=engine.dp_group)
+    return engine, opt, loader, sched
+
+
 def initialize(args: argparse.Namespace | None = None, model: nn.Module | None = None,
                optimizer: torch.optim.Optimizer | Callable | None = None, model_parameters: Iterable | None = None,
                training_data: torch.utils.data.Dataset | None = None, lr_scheduler: Any = None,
@@ -131,8 +154,10 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     from flexspeed.distributed import default_device, init_distributed
     from flexspeed.runtime.data import FlexDataLoader
     from flexspeed.runtime.engine import TrainingEngine
+    from flexspeed.runtime.activation_checkpointing import checkpointing
     from flexspeed.runtime.precision import LossScaler, PrecisionPolicy
     from flexspeed.runtime.zero import apply_zero
+    from flexspeed.utils.tensor_fragment import register_optimizer
 
     if model is None:
         raise ValueError("flexspeed.initialize() needs model=<nn.Module>")
@@ -146,21 +171,12 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     env = init_distributed(distributed_port=distributed_port, dist_init_required=dist_init_required)
 
     if _is_pipeline_module(model):
-        from flexspeed.pipe.engine import build_pipeline_engine
-
-        stages = int(model.num_stages)
-        if env.world_size % stages:
-            raise ConfigError(f"world size {env.world_size} (from {env.source}) is not a multiple of the "
-                              f"PipelineModule's num_stages={stages}. Fix: launch a multiple of {stages} processes",
-                              key="pipeline")
-        cfg = build_config(config=raw, world_size=env.world_size // stages,
-                           world_size_source=f"{env.source} / {stages} pipeline stages = data-parallel size",
-                           hidden_size=_hidden_size(model))
-        return build_pipeline_engine(model=model, config=cfg, optimizer=optimizer, model_parameters=model_parameters,
-                                     lr_scheduler=lr_scheduler, training_data=training_data, collate_fn=collate_fn)
+        return _initialize_pipeline(raw, env, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                                    lr_scheduler=lr_scheduler, training_data=training_data, collate_fn=collate_fn)
 
     cfg = build_config(config=raw, world_size=env.world_size, world_size_source=env.source,
                        hidden_size=_hidden_size(model))
+    checkpointing.configure_from_config(cfg)  # the model's flexspeed.checkpointing.checkpoint() calls
     _check_client_vs_config("optimizer", optimizer if isinstance(optimizer, torch.optim.Optimizer) else None,
                             cfg.optimizer)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and cfg.optimizer is not None:
@@ -191,4 +207,5 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     engine = TrainingEngine(strategy=strategy, config=cfg, optimizer=opt, lr_scheduler=sched,
                             training_dataloader=loader, precision=precision, loss_scaler=scaler, device=device,
                             launch_env=env)
+    register_optimizer(opt, stage=strategy.stage, group=strategy.group)  # flexspeed.utils.safe_get_full_*
     return engine, opt, loader, sched

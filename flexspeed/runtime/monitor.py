@@ -42,7 +42,7 @@ import torch
 
 from flexspeed.config.errors import ConfigError
 
-__all__ = ["Monitor", "build_monitor", "CsvMonitor", "TensorBoardMonitor", "WandbMonitor", "WallClockTimers",
+__all__ = ["Monitor", "build_monitor", "require_monitor_packages", "CsvMonitor", "TensorBoardMonitor", "WandbMonitor", "WallClockTimers",
            "ProgressBar", "count_tokens", "csv_file_name"]
 
 Event = tuple[str, float, int]  # (name, value, x: global samples)
@@ -94,17 +94,45 @@ class CsvMonitor:
         """Nothing to release."""
 
 
+def _import_summary_writer() -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ConfigError(
+            f"tensorboard.enabled is true but TensorBoard cannot be imported ({e}). Fix: pip install "
+            "tensorboard (or flexspeed[monitor]), or set tensorboard.enabled to false", key="tensorboard.enabled"
+        ) from e
+    return SummaryWriter
+
+
+def _import_wandb() -> Any:
+    try:
+        import wandb
+    except ImportError as e:
+        raise ConfigError(
+            "wandb.enabled is true but the 'wandb' package is not installed. Fix: pip install wandb (export "
+            "WANDB_MODE=offline to log without a network), or set wandb.enabled to false", key="wandb.enabled"
+        ) from e
+    return wandb
+
+
+def require_monitor_packages(config: Any) -> None:
+    """Import the packages of the scalar writers ``config`` enables (the check ``build_monitor`` makes).
+
+    Raises:
+        ConfigError: an enabled monitor's package cannot be imported (the message names the key).
+    """
+    if config.tensorboard.enabled:
+        _import_summary_writer()
+    if config.wandb.enabled:
+        _import_wandb()
+
+
 class TensorBoardMonitor:
     """TensorBoard event files under ``output_path/job_name`` (default output path: ``./tensorboard``)."""
 
     def __init__(self, output_path: str, job_name: str) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise ConfigError(
-                f"tensorboard.enabled is true but TensorBoard cannot be imported ({e}). Fix: pip install "
-                "tensorboard (or flexspeed[monitor]), or set tensorboard.enabled to false", key="tensorboard.enabled"
-            ) from e
+        SummaryWriter = _import_summary_writer()  # noqa: N806 - a class
         self.log_dir = os.path.join(output_path or "tensorboard", job_name)
         self.writer = SummaryWriter(log_dir=self.log_dir)
 
@@ -123,13 +151,7 @@ class WandbMonitor:
     """Weights & Biases; ``WANDB_MODE=offline`` (read by wandb itself) logs without a network."""
 
     def __init__(self, project: str, group: str | None, team: str | None) -> None:
-        try:
-            import wandb
-        except ImportError as e:
-            raise ConfigError(
-                "wandb.enabled is true but the 'wandb' package is not installed. Fix: pip install wandb (export "
-                "WANDB_MODE=offline to log without a network), or set wandb.enabled to false", key="wandb.enabled"
-            ) from e
+        wandb = _import_wandb()
         self._wandb = wandb
         self.run = wandb.init(project=project, group=group, entity=team)
 

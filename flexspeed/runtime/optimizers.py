@@ -20,7 +20,8 @@ import torch
 
 from flexspeed.config.errors import ConfigError, did_you_mean
 
-__all__ = ["Lamb", "Lion", "build_optimizer", "is_supported_for_zero", "optimizer_names"]
+__all__ = ["Lamb", "Lion", "FusedAdam", "DeepSpeedCPUAdam", "build_optimizer", "is_supported_for_zero",
+           "optimizer_names"]
 
 _NOT_IMPLEMENTED = {
     "onebitadam": "OneBitAdam", "zerooneadam": "ZeroOneAdam", "onebitlamb": "OneBitLamb",
@@ -256,6 +257,65 @@ class Lion(_FusedStateOptimizer):
             torch._foreach_lerp_(ms, gs, 1.0 - b2)
 
 
+# -- DeepSpeed's Adam classes (deepspeed.ops.adam) ------------------------------------------------------
+
+def _torch_adam_args(name: str, bias_correction: bool, amsgrad: bool) -> None:
+    if amsgrad:
+        raise RuntimeError(f"{name} does not support the AMSGrad variant (as in DeepSpeed). Fix: drop amsgrad=True, "
+                           "or use torch.optim.Adam(amsgrad=True)")
+    if not bias_correction:
+        raise ValueError(f"{name}(bias_correction=False) is not supported: it runs torch.optim's Adam, which always "
+                         "applies bias correction. Fix: drop bias_correction=False, or use flexspeed's Lamb "
+                         "(bias_correction=False is supported there)")
+
+
+class FusedAdam(torch.optim.Adam):
+    """``deepspeed.ops.adam.FusedAdam`` with DeepSpeed's constructor, on ``torch.optim.Adam``.
+
+    ``adam_w_mode=True`` (the default) is AdamW's decoupled weight decay, ``False`` L2-style Adam.
+    Runs torch's multi-tensor (foreach) Adam, on any device; ``zero_grad()`` sets gradients to
+    ``None`` unless ``set_grad_none=False``.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, bias_correction: bool = True,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, adam_w_mode: bool = True,
+                 weight_decay: float = 0.0, amsgrad: bool = False, set_grad_none: bool = True) -> None:
+        _torch_adam_args(type(self).__name__, bias_correction, amsgrad)
+        super().__init__(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                         decoupled_weight_decay=bool(adam_w_mode))
+        self.adam_w_mode = bool(adam_w_mode)
+        self.set_grad_none = bool(set_grad_none)
+
+    def zero_grad(self, set_to_none: bool | None = None) -> None:
+        """Clear gradients: to ``None`` if ``set_grad_none`` (DeepSpeed's switch), else to zeros."""
+        super().zero_grad(set_to_none=self.set_grad_none if set_to_none is None else set_to_none)
+
+
+class DeepSpeedCPUAdam(torch.optim.Adam):
+    """``deepspeed.ops.adam.DeepSpeedCPUAdam`` with DeepSpeed's constructor, on ``torch.optim.Adam``.
+
+    ``adamw_mode=True`` (the default) is AdamW, ``False`` L2-style Adam. It works on parameters on
+    any device (DeepSpeed's needs them on the CPU). Optimizer states take the parameters' dtype,
+    which under flexspeed's engine is fp32 (its master weights): ``fp32_optimizer_states`` is
+    honoured there; over 16-bit parameters ``fp32_optimizer_states=True`` is refused.
+    """
+
+    def __init__(self, model_params: Iterable[Any], lr: float = 1e-3, bias_correction: bool = True,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 amsgrad: bool = False, adamw_mode: bool = True, fp32_optimizer_states: bool = True) -> None:
+        _torch_adam_args(type(self).__name__, bias_correction, amsgrad)
+        super().__init__(model_params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                         decoupled_weight_decay=bool(adamw_mode))
+        self.adam_w_mode = bool(adamw_mode)
+        self.fp32_optimizer_states = bool(fp32_optimizer_states)
+        low = sorted({str(p.dtype) for g in self.param_groups for p in g["params"]
+                      if p.dtype in (torch.float16, torch.bfloat16)})
+        if self.fp32_optimizer_states and low:
+            raise ValueError(f"DeepSpeedCPUAdam(fp32_optimizer_states=True) over {'/'.join(low)} parameters: torch's "
+                             "Adam keeps states in the parameters' dtype. Fix: keep fp32 parameters (flexspeed's engine "
+                             "does, computing in 16 bits under autocast), or pass fp32_optimizer_states=False")
+
+
 # -- building from the config --------------------------------------------------------------------
 
 
@@ -332,10 +392,12 @@ def _check_values(name: str, params: Mapping[str, Any], defaults: Mapping[str, A
             raise ConfigError("is still \"auto\"; it must be resolved before the optimizer is built. Give a "
                               "value.", key=where)
         if isinstance(default, bool) and not isinstance(value, bool):
-            raise ConfigError(f"{name} needs true or false, got {value!r}.", key=where)
+            raise ConfigError(f"{name} needs true or false, got {value!r}. Fix: set it to true or false "
+                              f"(default {str(default).lower()}).", key=where)
         numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
         if numeric and (isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor))):
-            raise ConfigError(f"{name} needs a number, got {value!r}.", key=where)
+            raise ConfigError(f"{name} needs a number, got {value!r}. Fix: set it to a number (default "
+                              f"{default}).", key=where)
         if isinstance(default, tuple) and isinstance(value, list):
             value = tuple(value)
         out[key] = value
@@ -419,7 +481,7 @@ def is_supported_for_zero(optimizer: Any) -> bool:
     Those keep per-parameter state keyed by the parameter and update each tensor independently
     (Lamb's per-tensor norms are global under DTensor), so they work on sharded parameters.
     """
-    if isinstance(optimizer, (Lamb, Lion)):
+    if isinstance(optimizer, (Lamb, Lion, FusedAdam, DeepSpeedCPUAdam)):
         return True
     cls = type(optimizer)
     return (isinstance(optimizer, torch.optim.Optimizer) and cls.__module__.startswith("torch.optim")

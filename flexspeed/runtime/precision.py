@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["PrecisionPolicy", "LossScaler", "unscale_and_check_", "global_grad_norm", "clip_grads_"]
+__all__ = ["PrecisionPolicy", "LossScaler", "unscale_and_check_", "global_grad_norm", "total_norm", "clip_grads_"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -136,7 +136,12 @@ def global_grad_norm(params: Iterable[torch.Tensor], norm_type: float = 2.0) -> 
     DTensor gradients (FSDP2) are reduced by DTensor itself; plain tensors are assumed replicated
     (DDP / ZeRO-1 all-reduce them) and need no communication.
     """
-    grads = list(_grads(params))
+    return total_norm(list(_grads(params)), norm_type)
+
+
+def total_norm(tensors: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """The ``norm_type`` norm of ``tensors`` as one vector: DTensor shards reduced, plain tensors as they are."""
+    grads = list(tensors)
     if not grads:
         return torch.zeros(())
     # DTensor shards and whole (replicated) tensors cannot share one foreach call (ZeRO-3 keeps

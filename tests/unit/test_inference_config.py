@@ -73,12 +73,37 @@ def test_missing_and_invalid_json(tmp_path):
         resolve_inference_config(str(bad))
 
 
+def test_inference_configs_go_through_the_training_loader(tmp_path):
+    """Duplicate keys, HJSON, base64 and malformed files: the same error text as flexspeed.initialize()."""
+    import base64
+
+    from flexspeed.config.loader import load_config
+
+    dup = tmp_path / "dup.json"
+    dup.write_text('{"dtype": "fp16",\n "dtype": "bf16"}')
+    with pytest.raises(ConfigError) as inf:
+        resolve_inference_config(str(dup))
+    with pytest.raises(ConfigError) as train:
+        load_config(config=str(dup))
+    assert str(inf.value) == str(train.value) and inf.value.key == "dtype"
+    assert "twice" in str(inf.value) and "line 2 column 2" in str(inf.value)
+    hjson_file = tmp_path / "inf.hjson"
+    hjson_file.write_text("{\n  # comments are HJSON\n  dtype: fp16\n  tensor_parallel: {tp_size: 1}\n}")
+    assert resolve_inference_config(str(hjson_file)).dtype == "fp16"
+    encoded = base64.b64encode(json.dumps({"dtype": "bf16", "max_tokens": 64}).encode()).decode()
+    cfg = resolve_inference_config(encoded)
+    assert (cfg.dtype, cfg.max_out_tokens) == ("bf16", 64)
+    with pytest.raises(ConfigError, match="init_inference"):
+        resolve_inference_config(42)
+
+
 # ------------------------------------------------------------------------------------ conflicts
 
 def test_top_level_conflict_names_both_values():
     with pytest.raises(ConfigError) as e:
         resolve_inference_config({"dtype": "fp16"}, dtype="bf16")
-    assert e.value.key == "dtype" and "'fp16'" in str(e.value) and "'bf16'" in str(e.value)
+    # the training loader's merge message: both values (as JSON) and both sources
+    assert e.value.key == "dtype" and '"fp16" in config' in str(e.value) and '"bf16" in keyword arguments' in str(e.value)
 
 
 def test_equal_values_in_both_are_fine():

@@ -265,7 +265,7 @@ def test_config_and_keyword_forms_and_conflicts() -> None:
 
     cfg = resolve_inference_config({"offload": {"w_gpu_percent": 10}}, offload=OffloadPolicy(w_gpu_percent=10))
     assert cfg.offload.w_gpu_percent == 10 and cfg.offload.w_disk_percent == 90
-    with pytest.raises(ConfigError, match=r"\[offload.w_gpu_percent\] conflicting values"):
+    with pytest.raises(ConfigError, match=r"\[offload.w_gpu_percent\] set to different values by two sources"):
         resolve_inference_config({"offload": {"w_gpu_percent": 10}}, offload={"w_gpu_percent": 20})
     with pytest.raises(ConfigError, match=r"offload.w_gpu_percnt.*Did you mean 'w_gpu_percent'"):
         resolve_inference_config(offload={"w_gpu_percnt": 10})

@@ -14,6 +14,38 @@ def test_import_flexspeed_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
+def test_every_name_in_all_resolves():
+    """Each name in flexspeed.__all__ resolves in a fresh interpreter (a missing module fails here)."""
+    code = ("import flexspeed\n"
+            "for name in flexspeed.__all__:\n"
+            "    assert getattr(flexspeed, name) is not None, name\n"
+            "print(len(flexspeed.__all__))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import flexspeed
+
+    assert int(out.stdout) == len(flexspeed.__all__) and set(flexspeed.__all__) <= set(dir(flexspeed))
+
+
+@pytest.mark.parametrize("path", [
+    "flexspeed.checkpointing", "flexspeed.utils", "flexspeed.utils.zero_to_fp32", "flexspeed.accelerator",
+    "flexspeed.runtime.lr_schedules", "flexspeed.ops.adam", "flexspeed.runtime.pipe.topology",
+    "flexspeed.runtime.utils", "flexspeed.runtime.config", "flexspeed.runtime.activation_checkpointing.checkpointing",
+])
+def test_deepspeed_module_paths_import(path):
+    """``import flexspeed.X`` where a DeepSpeed script writes ``import deepspeed.X`` / ``deepspeed.X.name``."""
+    import importlib
+
+    import flexspeed
+
+    if path == "flexspeed.checkpointing":  # an attribute in DeepSpeed too (deepspeed/__init__ imports it)
+        assert flexspeed.checkpointing.__name__ == "flexspeed.runtime.activation_checkpointing.checkpointing"
+        return
+    module = importlib.import_module(path)
+    for name in getattr(module, "__all__", []):
+        assert getattr(module, name) is not None, f"{path}.{name}"
+
+
 def test_public_api_names():
     import flexspeed
 
