@@ -138,14 +138,19 @@ def resolve_config(config: Mapping[str, Any] | FlexConfig, *, world_size: int,
             ) from None
         raise
     data.update(zip(_TRIAD, triad))
+    defaulted: list[str] = []  # "auto" keys filled from flexspeed's defaults, not from the run
     for section in ("fp16", "bf16"):
         if data[section]["enabled"] == "auto":
             data[section]["enabled"] = False
+            defaulted.append(f"{section}.enabled=false")
     if data["gradient_clipping"] == "auto":
         data["gradient_clipping"] = GRADIENT_CLIPPING_AUTO
+        defaulted.append(f"gradient_clipping={GRADIENT_CLIPPING_AUTO}")
     _resolve_zero(data["zero_optimization"], hidden_size)
-    _resolve_params(data)
+    _resolve_params(data, defaulted)
     _reject_leftover_auto(data)
+    if defaulted:
+        _warn_defaulted(defaulted)
     out = model_validate(FlexConfig, data)
     check_compatibility(out, resolved=True)
     return out
@@ -252,10 +257,25 @@ def _resolve_zero(zero: dict[str, Any], hidden_size: int | None) -> None:
             )
 
 
-def _resolve_params(data: dict[str, Any]) -> None:
+def _warn_defaulted(defaulted: list[str]) -> None:
+    """Once per distinct set: name every ``"auto"`` that got a default value rather than the run's."""
+    import warnings
+
+    message = (f'config "auto" values filled with defaults (no trainer supplied them): {", ".join(defaulted)}. '
+               'Fix: set these keys to the values your run needs (the Hugging Face Trainer fills them from its '
+               "arguments when it passes the config)")
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, UserWarning, stacklevel=4)
+
+
+_WARNED: set[str] = set()
+
+
+def _resolve_params(data: dict[str, Any], defaulted: list[str]) -> None:
     opt = data.get("optimizer")
     if opt is not None:
-        opt["params"] = _fill(opt["params"], OPTIMIZER_AUTO, "optimizer.params")
+        opt["params"] = _fill(opt["params"], OPTIMIZER_AUTO, "optimizer.params", defaulted)
     sched = data.get("scheduler")
     if sched is not None:
         table = dict(SCHEDULER_AUTO)
@@ -264,13 +284,16 @@ def _resolve_params(data: dict[str, Any]) -> None:
             table["warmup_max_lr"] = lr
         else:
             del table["warmup_max_lr"]
-        sched["params"] = _fill(sched["params"], table, "scheduler.params")
+        sched["params"] = _fill(sched["params"], table, "scheduler.params", defaulted, sourced={"warmup_max_lr"})
 
 
-def _fill(params: dict[str, Any], table: dict[str, Any], path: str) -> dict[str, Any]:
+def _fill(params: dict[str, Any], table: dict[str, Any], path: str, defaulted: list[str],
+          sourced: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
     out = {}
     for key, value in params.items():
         if isinstance(value, str) and value == "auto":
+            if key not in sourced:
+                defaulted.append(f"{path}.{key}={format_value(table.get(key))}")
             if key not in table:
                 known = ", ".join(table) or "none"
                 why = (" (warmup_max_lr copies optimizer.params.lr, and the config has no numeric lr)"

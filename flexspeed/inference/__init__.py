@@ -37,9 +37,18 @@ def init_inference(model: nn.Module, config: Any = None, **kwargs: Any) -> Infer
     Raises:
         ConfigError: the config is invalid; the message names the key, its value and the fix.
     """
-    from flexspeed.inference.engine import InferenceEngine
+    import time
 
-    return InferenceEngine(model, resolve_inference_config(config, **kwargs))
+    from flexspeed.inference.engine import InferenceEngine
+    from flexspeed.utils.logging import ensure_handler
+
+    log = ensure_handler()
+    t0 = time.perf_counter()
+    engine = InferenceEngine(model, resolve_inference_config(config, **kwargs))
+    if engine.tp_rank == 0:
+        log.info("init_inference: %s ready in %.1f s (%s)%s", type(model).__name__, time.perf_counter() - t0,
+                 engine.describe(), engine.describe_loading())
+    return engine
 
 
 def __getattr__(name: str) -> Any:

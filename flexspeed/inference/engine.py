@@ -301,6 +301,32 @@ class InferenceEngine(nn.Module):
     def extra_repr(self) -> str:
         return f"tp_size={self.tp_size}, dtype={self.dtype}, device={self.device}"
 
+    def describe(self) -> str:
+        """One line: device, dtype, tensor parallelism and the passes applied (kernels, quantization, offload)."""
+        from flexspeed.utils.logging import human_bytes
+
+        cfg = self._config
+        parts = [f"device {self.device}", f"dtype {str(self.dtype).replace('torch.', '')}"]
+        if self.tp_size > 1:
+            parts.append(f"tp {self.tp_size}")
+        if cfg.replace_with_kernel_inject:
+            parts.append("fused kernels")
+        if cfg.quantize_bits is not None:
+            parts.append(f"int{cfg.quantize_bits} weights")
+        if self.offload is not None:
+            tiers = self.offload.store.tier_bytes()
+            parts.append("offload " + " / ".join(f"{k} {human_bytes(v)}" for k, v in tiers.items()))
+        return ", ".join(parts)
+
+    def describe_loading(self) -> str:
+        """``"; read N tensors (X GB) from K files"`` when a checkpoint was loaded, else ``""``."""
+        from flexspeed.utils.logging import human_bytes
+
+        r = self.load_report
+        if r is None:
+            return ""
+        return f"; read {len(r.loaded)} tensors ({human_bytes(r.bytes_read)}) from {len(r.files)} file(s)"
+
 
 def _clone(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):

@@ -36,6 +36,7 @@ import logging
 import os
 import random
 import shutil
+import stat
 import time
 import warnings
 from typing import Any
@@ -69,6 +70,7 @@ from flexspeed.runtime.checkpoint_io import (
     validate_tag,
     write_atomic,
 )
+from flexspeed.utils.logging import ensure_handler, human_bytes
 
 __all__ = [
     "CheckpointError",
@@ -277,6 +279,7 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: Any = None, c
         ``True`` once the tag is complete and visible on every rank.
     """
     rank, world = _rank_world()
+    started = time.perf_counter()
     tag = f"global_step{int(engine.global_steps)}" if tag is None else tag
     excluded = [n for n, p in engine.module.named_parameters() if not p.requires_grad] \
         if exclude_frozen_parameters else []
@@ -317,8 +320,20 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: Any = None, c
         raise
     _barrier()
     if rank == 0:
-        log.info("flexspeed: saved checkpoint %s", os.path.join(save_dir, tag))
+        where = os.path.join(save_dir, tag)
+        ensure_handler().info("saved checkpoint %s (%s, %d rank(s)) in %.1f s", where, human_bytes(_dir_bytes(where)),
+                              world, time.perf_counter() - started)
     return True
+
+
+def _dir_bytes(path: str) -> int:
+    """Bytes of the regular files under ``path`` (links not followed)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            st = os.lstat(os.path.join(root, name))
+            total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return total
 
 
 def _write_tag(engine: Any, tmp: str, tag: str, world: int, rank: int, rank0_files: dict[str, bytes],
@@ -360,6 +375,7 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: Any = None, l
         ``(path of the loaded tag, client_state)``, or ``(None, None)`` when ``tag`` is None and there
         is no ``latest`` file.
     """
+    started = time.perf_counter()
     load_dir = os.path.abspath(os.fspath(load_dir))
     if tag is None:
         tag = read_latest(load_dir)
@@ -381,6 +397,9 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: Any = None, l
         _restore_rng(path, manifest)
     client_state = safe_torch_load(os.path.join(path, CLIENT_FILE))
     _barrier()
+    if _rank_world()[0] == 0:
+        ensure_handler().info("loaded checkpoint %s (%s%s) in %.1f s", path, human_bytes(_dir_bytes(path)),
+                              ", weights only" if load_module_only else "", time.perf_counter() - started)
     return path, client_state
 
 

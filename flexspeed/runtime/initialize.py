@@ -167,6 +167,8 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
         raise ValueError("mpu= (Megatron model-parallel unit) is not supported: flexspeed builds its topology on "
                          "DeviceMesh. Use a flexspeed.pipe.PipelineModule for pipeline parallelism, or "
                          "flexspeed.init_inference(tensor_parallel=...) for tensor parallelism")
+    from flexspeed.utils.logging import ensure_handler
+
     raw = load_config(config=config, config_params=config_params, args=args)
     env = init_distributed(distributed_port=distributed_port, dist_init_required=dist_init_required)
 
@@ -208,4 +210,11 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
                             training_dataloader=loader, precision=precision, loss_scaler=scaler, device=device,
                             launch_env=env)
     register_optimizer(opt, stage=strategy.stage, group=strategy.group)  # flexspeed.utils.safe_get_full_*
+    if env.rank == 0:
+        numel = sum(p.numel() for p in model.parameters())
+        ensure_handler().info(
+            "initialize: %s parameters, ZeRO stage %d, %s, world size %d (%s), batch %d = micro %d x accumulation "
+            "%d x %d ranks, device %s", f"{numel:,}", strategy.stage, cfg.precision, env.world_size, env.source,
+            cfg.train_batch_size, cfg.train_micro_batch_size_per_gpu, cfg.gradient_accumulation_steps,
+            env.world_size, device)
     return engine, opt, loader, sched

@@ -3,11 +3,58 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
-__all__ = ["logger", "log_dist", "print_dist"]
+__all__ = ["logger", "log_dist", "print_dist", "ensure_handler", "human_bytes", "LEVEL_ENV"]
 
 logger = logging.getLogger("flexspeed")
 """The ``flexspeed`` logger every part of flexspeed logs to (DeepSpeed's is named ``DeepSpeed``)."""
+
+LEVEL_ENV = "FLEXSPEED_LOG_LEVEL"
+"""``debug``/``info``/``warning``/``error``/``off``; default ``info`` on rank 0, ``warning`` elsewhere."""
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def human_bytes(n: float) -> str:
+    """``1.23 GB`` / ``45.6 MB`` / ``789 kB`` (decimal units, as disk sizes are quoted)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.{2 if unit == 'GB' else 1}f} {unit}"
+    return f"{int(n)} B"
+
+
+def ensure_handler() -> logging.Logger:
+    """Give the ``flexspeed`` logger a stderr handler, once, unless the application configured logging.
+
+    Long work (checkpoint save/load, inference loading, building an offload store) then says what
+    it did, with bytes and seconds, on rank 0; other ranks print warnings and errors only. The
+    level comes from ``FLEXSPEED_LOG_LEVEL`` (``off`` silences flexspeed). An application that
+    configured logging itself (a handler on the root or the ``flexspeed`` logger) keeps its setup.
+    """
+    if logger.handlers or logging.getLogger().handlers:
+        return logger
+    wanted = os.environ.get(LEVEL_ENV, "").strip().lower()
+    if wanted == "off":
+        logger.addHandler(logging.NullHandler())
+        logger.setLevel(logging.CRITICAL + 1)
+        return logger
+    level = getattr(logging, wanted.upper(), None) if wanted else None
+    if not isinstance(level, int):
+        level = logging.INFO if _rank() == 0 else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[flexspeed] %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False  # one line per record, not a second copy through an unconfigured root
+    return logger
 
 
 def _rank_message(message: str, ranks: list[int] | None) -> str | None:
