@@ -70,6 +70,7 @@ from flexspeed.runtime.checkpoint_io import (
     validate_tag,
     write_atomic,
 )
+from flexspeed.runtime.hf_folder import model_config_dict, tied_groups
 from flexspeed.utils.logging import ensure_handler, human_bytes
 
 __all__ = [
@@ -258,6 +259,8 @@ def _manifest(engine: Any, tag: str, world: int, has_optimizer: bool) -> dict:
             "zero_stage": int(getattr(strategy, "stage", 0)),
             "precision": getattr(getattr(engine, "precision", None), "mode", "fp32"),
             "global_steps": int(getattr(engine, "global_steps", 0)), "has_optimizer_state": has_optimizer,
+            # for `flexspeed export` to write a Hugging Face folder: config.json, tied weights once
+            "model_config": model_config_dict(engine.module), "tied_parameters": tied_groups(engine.module),
             "files": {"tensors": f"{STATE_DIR}/ (torch.distributed.checkpoint)", "engine": ENGINE_FILE,
                       "client_state": CLIENT_FILE, "rng": f"{RNG_DIR}/rank<r>.pt"}}
 

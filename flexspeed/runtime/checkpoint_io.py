@@ -20,8 +20,8 @@ import pickle
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import IO, Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -77,14 +77,26 @@ def read_latest(ckpt_dir: str | os.PathLike) -> str | None:
         return validate_tag(f.read().strip(), what=f"tag in {path}")
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new content, never a mix."""
+def write_atomic(path: str, data: bytes | Callable[[IO[bytes]], None]) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new content, never a mix.
+
+    ``data`` is the bytes, or a function that writes them into the file it is given (streaming a
+    large file without holding it in memory). A failure leaves ``path`` as it was.
+    """
     tmp = f"{path}.flexspeed-tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     _fsync_dir(os.path.dirname(path))
 
 

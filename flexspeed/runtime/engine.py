@@ -280,3 +280,11 @@ class TrainingEngine(nn.Module):
         return save_16bit_model(self, save_dir, save_filename, exclude_frozen_parameters=exclude_frozen_parameters)
 
     save_fp16_model = save_16bit_model
+
+    def save_pretrained(self, save_directory: str, max_shard_size: int | str = "5GB", dtype: str | None = None,
+                        exclude_frozen_parameters: bool = False) -> bool:
+        """Write a Hugging Face model folder (config.json, sharded safetensors) at any ZeRO stage; every rank calls."""
+        from flexspeed.runtime.export import save_pretrained
+
+        return save_pretrained(self, save_directory, max_shard_size=max_shard_size, dtype=dtype,
+                               exclude_frozen_parameters=exclude_frozen_parameters)

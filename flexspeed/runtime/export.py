@@ -39,7 +39,8 @@ from flexspeed.runtime.checkpoint_io import (
     write_atomic,
 )
 
-__all__ = ["consolidate", "save_16bit_model", "write_state_dict", "resolve_dtype", "DTYPES"]
+__all__ = ["consolidate", "export_folder", "save_16bit_model", "save_pretrained", "write_state_dict", "resolve_dtype",
+           "DTYPES"]
 
 log = logging.getLogger("flexspeed")
 
@@ -112,6 +113,60 @@ def consolidate(ckpt_dir: str | os.PathLike, tag: str | None = None, dtype: str 
     model = {fqn: torch.empty(md.size, dtype=md.properties.dtype) for fqn, md in shapes.items()}
     safe_dcp_load({"model": model}, state_dir, what=f"reading the model tensors of {path}", no_dist=True)
     return _cast(model, target_dtype)
+
+
+def export_folder(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, tag: str | None = None,
+                  dtype: str | torch.dtype | None = None, max_shard_size: int | str = "5GB",
+                  single_file: str | None = None) -> dict[str, Any]:
+    """Write a checkpoint's weights as a Hugging Face model folder, one tensor in memory at a time.
+
+    ``config.json`` comes from the model config recorded at save (HF models and flexspeed's GPT),
+    tied parameters are written once, and the safetensors shards (with an index when there are
+    several) follow ``huggingface_hub``'s splitting, so ``from_pretrained(out_dir)`` loads it.
+
+    Args:
+        ckpt_dir, tag: as for :func:`consolidate`.
+        out_dir: the folder (created).
+        dtype: floating-point tensors in ``"fp32"``/``"bf16"``/``"fp16"``; ``None`` keeps the saved ones.
+        max_shard_size: largest shard file (``"5GB"``, ``"500MB"`` or bytes).
+        single_file: write everything into this one file name instead (``flexspeed export ckpt x.safetensors``).
+    Returns:
+        what :func:`~flexspeed.runtime.hf_folder.write_hf_folder` returns, plus ``"config"`` (written or not).
+    """
+    from flexspeed.runtime.hf_folder import TensorEntry, write_hf_folder
+
+    target_dtype = resolve_dtype(dtype)
+    path = _tag_path(os.path.abspath(os.fspath(ckpt_dir)), tag)
+    manifest = read_manifest(path)
+    state_dir = os.path.join(path, STATE_DIR)
+    metadata = read_metadata(state_dir)
+    shapes = {key[len("model."):]: md for key, md in metadata.state_dict_metadata.items()
+              if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
+    if not shapes:
+        raise CheckpointError(f"{state_dir} holds no model tensors: it is not a flexspeed training checkpoint")
+    _check_sizes(state_dir, shapes)
+
+    def stored(md: TensorStorageMetadata) -> torch.dtype:
+        return target_dtype if target_dtype is not None and md.properties.dtype.is_floating_point \
+            else md.properties.dtype
+
+    entries = [TensorEntry(fqn, stored(md), tuple(md.size)) for fqn, md in shapes.items()]
+
+    def fetch(entry: TensorEntry) -> torch.Tensor:
+        md = shapes[entry.name]
+        t = torch.empty(md.size, dtype=md.properties.dtype)
+        safe_dcp_load({"model": {entry.name: t}}, state_dir, what=f"reading {entry.name} of {path}", no_dist=True)
+        return t
+
+    config = manifest.get("model_config") if isinstance(manifest.get("model_config"), dict) else None
+    tied = manifest.get("tied_parameters") or []
+    if single_file is not None:
+        out = write_hf_folder(out_dir, entries, fetch, tied=tied, max_shard_size=2**62, dtype=target_dtype,
+                              file_name=single_file)
+    else:
+        out = write_hf_folder(out_dir, entries, fetch, config=config, tied=tied, max_shard_size=max_shard_size,
+                              dtype=target_dtype)
+    return {**out, "config": config is not None and single_file is None}
 
 
 def _frozen_parameters(path: str) -> list[str]:
@@ -210,6 +265,43 @@ def save_16bit_model(engine: Any, save_dir: str | os.PathLike, save_filename: st
     if rank == 0:
         path = write_state_dict(_cast(state, target), os.path.join(os.fspath(save_dir), name))
         log.info("flexspeed: saved %s weights to %s", str(target).replace("torch.", ""), path)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    return True
+
+
+def save_pretrained(engine: Any, save_dir: str | os.PathLike, max_shard_size: int | str = "5GB",
+                    dtype: str | torch.dtype | None = None, exclude_frozen_parameters: bool = False) -> bool:
+    """A Hugging Face model folder from a running engine at any ZeRO stage (every rank calls; rank 0 writes).
+
+    The full weights are gathered as ``save_16bit_model`` gathers them (a collective at stages
+    2-3), then written as :func:`export_folder` writes a checkpoint: ``config.json`` when the model
+    has a config, tied parameters once, sharded safetensors with an index.
+
+    Args:
+        engine: the ``TrainingEngine``.
+        save_dir: the folder (created on rank 0).
+        max_shard_size: largest shard file.
+        dtype: ``None`` keeps the parameters' dtype (fp32 master weights); or ``"bf16"``/``"fp16"``/``"fp32"``.
+        exclude_frozen_parameters: leave out parameters with ``requires_grad=False``.
+    Returns:
+        ``True`` once written and every rank is past it.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from flexspeed.runtime.hf_folder import TensorEntry, model_config_dict, tied_groups, write_hf_folder
+
+    target = resolve_dtype(dtype)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=exclude_frozen_parameters)
+    state = get_model_state_dict(engine.module, options=opts)  # collective at stages 2-3; full on rank 0
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if rank == 0:
+        entries = [TensorEntry(k, target if target is not None and v.is_floating_point() else v.dtype, tuple(v.shape))
+                   for k, v in state.items()]
+        out = write_hf_folder(save_dir, entries, lambda e: state[e.name], config=model_config_dict(engine.module),
+                              tied=tied_groups(engine.module), max_shard_size=max_shard_size, dtype=target)
+        log.info("saved %d tensors (%s file(s)) to %s", len(entries) - len(out["skipped_tied"]),
+                 len(out["files"]), os.fspath(save_dir))
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
     return True

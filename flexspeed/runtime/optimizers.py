@@ -424,9 +424,15 @@ def _construct(name: str, cls: type, groups: list[Any], kwargs: dict[str, Any],
             raise
         _warn_once(f"optimizer.params.fused=true is ignored: {err}. Running the unfused kernel.")
         return cls(groups, **{k: v for k, v in kwargs.items() if k != "fused"})
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{name} rejected {kwargs}: {err}. Fix that value in optimizer.params.",
-                          key=_key_from_error(str(err), accepted)) from err
+    except (TypeError, ValueError, KeyError, IndexError) as err:
+        # KeyError/IndexError: torch indexes a malformed value, e.g. betas={} or betas=[]
+        detail = str(err) if isinstance(err, (TypeError, ValueError)) else f"{type(err).__name__} {err}"
+        key = _key_from_error(detail, accepted)
+        if key == "optimizer.params" and isinstance(err, (KeyError, IndexError)):
+            key = next((f"optimizer.params.{k}" for k, v in kwargs.items() if isinstance(v, (list, tuple, dict))
+                        and k in accepted), key)
+        raise ConfigError(f"{name} rejected {kwargs}: {detail}. Fix that value in optimizer.params.",
+                          key=key) from err
 
 
 def build_optimizer(type_name: str, params: Mapping[str, Any] | None,

@@ -38,7 +38,7 @@ def _param_groups_needed(cfg: Any) -> int:
     if cfg.scheduler is None:
         return 1
     lengths = [len(v) for v in cfg.scheduler.params.values() if isinstance(v, (list, tuple))]
-    return max(lengths, default=1)
+    return max([1, *lengths])  # an empty list is the scheduler's to reject, with its own key
 
 
 def _stand_in_optimizer(cfg: Any) -> torch.optim.Optimizer | None:
