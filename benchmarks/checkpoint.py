@@ -14,7 +14,12 @@ parameters; AdamW), take one optimizer step so the optimizer state exists, then
 Then, in this process: ``consolidate`` (what ``flexspeed export`` does) of the world-2 stage-3
 checkpoint, and a reshard load (saved at world 2 stage 2, loaded at world 1 stage 0).
 
-    python benchmarks/checkpoint.py [--worlds 1 2 4] [--stages 0 1 2 3] [--reps 3]
+``--export-peak``: peak memory of exporting a 167M-parameter (0.67 GB fp32) checkpoint, each way in
+its own fresh process (peak RSS over the RSS after imports): the streaming folder export
+(``flexspeed export CKPT OUT/ --max-shard-size 200MB``) against consolidating the whole state dict in
+memory and writing it (the single-file ``.pt`` path). Target: <= 1.2 x the largest shard + 0.5 GB.
+
+    python benchmarks/checkpoint.py [--worlds 1 2 4] [--stages 0 1 2 3] [--reps 3] [--export-peak]
 """
 
 from __future__ import annotations
@@ -124,7 +129,10 @@ def main() -> int:
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--export-peak", action="store_true", help="only the export peak-memory comparison")
     args = ap.parse_args()
+    if args.export_peak:
+        return export_peak()
 
     from flexspeed.models import GPT
     from flexspeed.testing import run_ranks
@@ -185,6 +193,63 @@ def _print_table(rows: list[dict], extra: list[str], n_params: int, reps: int) -
               f"{r['bytes'] / n_params:.1f} | {raw[0]} | {raw[1]} | {raw[2]} |")
     for line in extra:
         print(line)
+
+
+_PEAK_CHILD = r"""
+import json, os, resource, sys, time
+import torch, flexspeed.runtime.export as ex
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS"))
+base, t0 = rss(), time.perf_counter()
+if sys.argv[1] == "stream":
+    ex.export_folder(sys.argv[2], sys.argv[3], max_shard_size="200MB")
+else:
+    ex.write_state_dict(ex.consolidate(sys.argv[2]), os.path.join(sys.argv[3], "pytorch_model.bin"), "pt")
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"extra": peak - base, "seconds": time.perf_counter() - t0}))
+"""
+
+
+def export_peak() -> int:
+    """Peak RSS of a streaming folder export vs an in-memory consolidation, each in a fresh process."""
+    import json
+    import subprocess
+
+    import torch
+
+    import flexspeed
+    from flexspeed.models import GPT
+
+    root = tempfile.mkdtemp(prefix="flexspeed-export-bench-")
+    try:
+        torch.manual_seed(0)
+        model = GPT(n_layer=8, n_embd=1024, n_head=16, vocab_size=32000, block_size=1024)
+        n = sum(p.numel() for p in model.parameters())
+        engine, *_ = flexspeed.initialize(model=model, model_parameters=model.parameters(), config={
+            "train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "SGD", "params": {"lr": 0.0}},
+            "steps_per_print": 10**6})
+        engine.save_checkpoint(os.path.join(root, "ckpt"))
+        del engine, model
+        rows = []
+        for mode in ("stream", "in-memory"):
+            out = os.path.join(root, mode)
+            os.makedirs(out, exist_ok=True)
+            res = subprocess.run([sys.executable, "-c", _PEAK_CHILD, mode, os.path.join(root, "ckpt"), out],
+                                 capture_output=True, text=True, timeout=1800, check=True)
+            info = json.loads(res.stdout.strip().splitlines()[-1])
+            shard = max(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if not f.endswith(".json"))
+            rows.append((mode, info, shard))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"\nexport of a {n / 1e6:.0f}M-parameter fp32 checkpoint ({4 * n / 1e9:.2f} GB), one process each")
+    print("| export | peak RSS over baseline GB | bytes per element | largest file GB | target (1.2 x shard + 0.5 GB) | s |")
+    print("|---|---|---|---|---|---|")
+    for mode, info, shard in rows:
+        target = 1.2 * shard + 0.5e9
+        print(f"| {mode} | {info['extra'] / 1e9:.2f} | {info['extra'] / n:.2f} | {shard / 1e9:.2f} | "
+              f"{target / 1e9:.2f} ({'met' if info['extra'] <= target else 'missed'}) | {info['seconds']:.1f} |")
+    return 0
 
 
 if __name__ == "__main__":

@@ -305,3 +305,55 @@ def save_pretrained(engine: Any, save_dir: str | os.PathLike, max_shard_size: in
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
     return True
+
+
+def gather_before_save_pretrained(module: torch.nn.Module) -> bool:
+    """Make a Hugging Face model's own ``save_pretrained`` gather sharded weights first (ZeRO stages 2-3).
+
+    Under FSDP2 the parameters are DTensor shards, which ``transformers``' ``save_pretrained``
+    cannot write (it fails flattening an unevenly sharded tensor). The module's class (already
+    FSDP2's per-instance subclass) gets one more subclass whose ``save_pretrained`` gathers the
+    full weights on every rank, then calls the original on the main process with
+    ``state_dict=`` the gathered weights. Every rank must call it (``is_main_process=rank == 0``,
+    as in HF's distributed examples; the default is rank 0). Returns whether it applied.
+    """
+    cls = type(module)
+    original = getattr(cls, "save_pretrained", None)
+    if original is None or getattr(cls, "_flexspeed_gathers", False) or not hasattr(module, "config"):
+        return False
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool | None = None, state_dict=None, **kwargs):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        rank = dist.get_rank() if distributed else 0
+        if state_dict is None:
+            _all_ranks_arrived("save_pretrained")
+            state_dict = get_model_state_dict(self, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        result = None
+        if (rank == 0) if is_main_process is None else bool(is_main_process):
+            result = original(self, save_directory, *args, is_main_process=True, state_dict=state_dict, **kwargs)
+        if distributed:
+            dist.barrier()
+        return result
+
+    save_pretrained.__doc__ = original.__doc__
+    module.__class__ = type(cls.__name__, (cls,), {"save_pretrained": save_pretrained, "_flexspeed_gathers": True,
+                                                   "__module__": cls.__module__})
+    return True
+
+
+def _all_ranks_arrived(what: str, seconds: int = 120) -> None:
+    """On gloo groups: fail with the fix, instead of hanging, when a rank never calls ``what``."""
+    from datetime import timedelta
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    if dist.get_backend() != "gloo":
+        return  # NCCL has no monitored barrier; the collective itself times out
+    try:
+        dist.monitored_barrier(timeout=timedelta(seconds=seconds))
+    except RuntimeError as exc:
+        raise RuntimeError(f"{what} at ZeRO stage 2-3 gathers the sharded weights, so every rank must call it "
+                           f"(some rank did not within {seconds} s: {exc}). Fix: call it on every rank with "
+                           "is_main_process=(rank == 0), or use engine.save_pretrained(dir) on every rank") from exc

@@ -198,6 +198,10 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     if not any(p.is_meta for p in model.parameters()):
         model = model.to(device)
     strategy = apply_zero(model, config=cfg, device=device)
+    if strategy.stage >= 2:  # HF models keep a working save_pretrained over sharded parameters
+        from flexspeed.runtime.export import gather_before_save_pretrained
+
+        gather_before_save_pretrained(model)
     opt = _build_optimizer(strategy, cfg, optimizer, model_parameters)
     sched = _build_scheduler(cfg, lr_scheduler, opt)
 
