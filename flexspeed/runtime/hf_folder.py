@@ -19,6 +19,7 @@ import math
 import os
 import re
 import struct
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO, Any
@@ -108,10 +109,13 @@ def _header(shard: list[TensorEntry], metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _write_shard(path: str, shard: list[TensorEntry], fetch: Callable[[TensorEntry], torch.Tensor]) -> None:
+def _write_shard(path: str, shard: list[TensorEntry], fetch: Callable[[TensorEntry], torch.Tensor],
+                 bar: Any = None) -> None:
     def body(f: IO[bytes]) -> None:
         f.write(_header(shard, {"format": "pt", "writer": "flexspeed"}))
         for e in shard:
+            if bar is not None:
+                bar.update(e.nbytes)
             t = fetch(e).detach().to("cpu", e.dtype).contiguous()
             if tuple(t.shape) != e.shape:
                 raise ValueError(f"tensor {e.name!r} has shape {tuple(t.shape)}, expected {e.shape}")
@@ -151,9 +155,13 @@ def write_hf_folder(out_dir: str | os.PathLike, entries: Iterable[TensorEntry],
         shards = [kept]
     names = ([file_name or "model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for name, shard in zip(names, shards):
-        _write_shard(os.path.join(out_dir, name), shard, fetch)
     total = sum(e.nbytes for e in kept)
+    from tqdm import tqdm
+
+    # a progress bar on a terminal only (logs and CI stay clean)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="export", disable=not sys.stderr.isatty()) as bar:
+        for name, shard in zip(names, shards):
+            _write_shard(os.path.join(out_dir, name), shard, fetch, bar)
     if len(shards) > 1:
         index = {"metadata": {"total_size": total},
                  "weight_map": {e.name: name for name, shard in zip(names, shards) for e in shard}}
