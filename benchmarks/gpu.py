@@ -153,7 +153,6 @@ def _raw_stepper(stage: int, shape: dict, data: list) -> Callable[[], float]:
 def _engine_stepper(lib: str, stage: int, shape: dict, data: list) -> Callable[[], float]:
     """flexspeed or DeepSpeed through the shared API; ``step()`` runs one optimizer step."""
     import importlib
-    import itertools
 
     from flexspeed.models import GPT
 
@@ -163,17 +162,9 @@ def _engine_stepper(lib: str, stage: int, shape: dict, data: list) -> Callable[[
         model = GPT(**shape)
     engine, *_ = library.initialize(model=model, model_parameters=model.parameters(),
                                     config=_train_config(stage, lib))
-    feed = itertools.cycle(data)
+    from benchmarks.train_throughput import engine_stepper
 
-    def step() -> float:
-        for _ in range(GAS):
-            x, y = next(feed)
-            loss = engine(x, y)
-            engine.backward(loss)
-            engine.step()
-        return loss.detach()
-
-    return step
+    return engine_stepper(engine, data, GAS)
 
 
 def _init_single_process_group(lib: str) -> None:

@@ -106,15 +106,21 @@ def _engine(lib: str, stage: int, precision: str, batches):
     if precision == "bf16":
         cfg["bf16"] = {"enabled": True}
     engine, *_ = library.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    return engine_stepper(engine, batches, GAS)
+
+
+def engine_stepper(engine, batches, gas: int):
+    """``step()``: one optimizer step of a DeepSpeed-API engine over ``gas`` micro-batches; returns the
+    last micro-batch's loss as a tensor (reading it would sync a device)."""
     feed = itertools.cycle(batches)
 
-    def step() -> float:
-        for _ in range(GAS):
+    def step():
+        for _ in range(gas):
             x, y = next(feed)
             loss = engine(x, y)
             engine.backward(loss)
             engine.step()
-        return loss.item()
+        return loss.detach()
 
     return step
 
@@ -136,7 +142,7 @@ def _rank_main(rank: int, world: int, steps: int, warmup: int, reps: int, precis
                     order = names if (k + rep) % 2 == 0 else names[::-1]  # alternate who goes first
                     for name in order:
                         t0 = time.process_time()
-                        loss = steppers[name]()
+                        loss = float(steppers[name]())
                         cpu = time.process_time() - t0
                         rec = out.setdefault((precision, stage, name), {"cpu": [], "loss": None})
                         rec["cpu"].append(cpu)

@@ -98,18 +98,7 @@ def consolidate(ckpt_dir: str | os.PathLike, tag: str | None = None, dtype: str 
         ``{fqn: tensor}`` on CPU, loadable with ``model.load_state_dict``.
     """
     target_dtype = resolve_dtype(dtype)
-    path = _tag_path(os.path.abspath(os.fspath(ckpt_dir)), tag)
-    read_manifest(path)
-    state_dir = os.path.join(path, STATE_DIR)
-    metadata = read_metadata(state_dir)
-    shapes = {key[len("model."):]: md for key, md in metadata.state_dict_metadata.items()
-              if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
-    if not shapes:
-        raise CheckpointError(f"{state_dir} holds no model tensors: it is not a flexspeed training checkpoint")
-    if exclude_frozen_parameters:
-        frozen = set(_frozen_parameters(path))
-        shapes = {fqn: md for fqn, md in shapes.items() if fqn not in frozen}
-    _check_sizes(state_dir, shapes)
+    path, _, state_dir, shapes = _model_tensors(ckpt_dir, tag, exclude_frozen_parameters)
     model = {fqn: torch.empty(md.size, dtype=md.properties.dtype) for fqn, md in shapes.items()}
     safe_dcp_load({"model": model}, state_dir, what=f"reading the model tensors of {path}", no_dist=True)
     return _cast(model, target_dtype)
@@ -136,15 +125,7 @@ def export_folder(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, tag: 
     from flexspeed.runtime.hf_folder import TensorEntry, write_hf_folder
 
     target_dtype = resolve_dtype(dtype)
-    path = _tag_path(os.path.abspath(os.fspath(ckpt_dir)), tag)
-    manifest = read_manifest(path)
-    state_dir = os.path.join(path, STATE_DIR)
-    metadata = read_metadata(state_dir)
-    shapes = {key[len("model."):]: md for key, md in metadata.state_dict_metadata.items()
-              if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
-    if not shapes:
-        raise CheckpointError(f"{state_dir} holds no model tensors: it is not a flexspeed training checkpoint")
-    _check_sizes(state_dir, shapes)
+    path, manifest, state_dir, shapes = _model_tensors(ckpt_dir, tag, False)
 
     def stored(md: TensorStorageMetadata) -> torch.dtype:
         return target_dtype if target_dtype is not None and md.properties.dtype.is_floating_point \
@@ -167,6 +148,24 @@ def export_folder(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, tag: 
         out = write_hf_folder(out_dir, entries, fetch, config=config, tied=tied, max_shard_size=max_shard_size,
                               dtype=target_dtype)
     return {**out, "config": config is not None and single_file is None}
+
+
+def _model_tensors(ckpt_dir: str | os.PathLike, tag: str | None, exclude_frozen: bool
+                   ) -> tuple[str, dict, str, dict[str, TensorStorageMetadata]]:
+    """(tag path, manifest, state dir, {fqn: metadata}) of a checkpoint's model tensors, sizes checked."""
+    path = _tag_path(os.path.abspath(os.fspath(ckpt_dir)), tag)
+    manifest = read_manifest(path)
+    state_dir = os.path.join(path, STATE_DIR)
+    metadata = read_metadata(state_dir)
+    shapes = {key[len("model."):]: md for key, md in metadata.state_dict_metadata.items()
+              if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
+    if not shapes:
+        raise CheckpointError(f"{state_dir} holds no model tensors: it is not a flexspeed training checkpoint")
+    if exclude_frozen:
+        frozen = set(_frozen_parameters(path))
+        shapes = {fqn: md for fqn, md in shapes.items() if fqn not in frozen}
+    _check_sizes(state_dir, shapes)
+    return path, manifest, state_dir, shapes
 
 
 def _frozen_parameters(path: str) -> list[str]:
