@@ -33,7 +33,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from flexspeed.config.errors import ConfigError
 
 __all__ = ["ZeroStrategy", "DataParallel", "ShardedOptimizerDP", "ZeroSettings", "apply_zero", "OptimizerFactory",
-           "tensor_bytes", "partition_params", "check_shardable", "warn_once"]
+           "tensor_bytes", "partition_params", "check_shardable", "sync_initial_state", "warn_once"]
 
 OptimizerFactory = Callable[[list], torch.optim.Optimizer]
 
@@ -83,6 +83,20 @@ def _unique_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
                 seen.add(id(p))
                 out.append(p)
     return out
+
+
+def sync_initial_state(module: nn.Module, group: dist.ProcessGroup | None) -> None:
+    """Every rank of ``group`` takes group rank 0's parameters and buffers, as DeepSpeed's engine does.
+
+    Meta tensors (a model built under ``flexspeed.zero.Init``) are skipped: ``materialize_module``
+    fills them from rank 0's random state. Stages 0-1 get the same from DDP's construction.
+    """
+    if _world(group) == 1:
+        return
+    from flexspeed.distributed.collectives import broadcast_
+
+    tensors = [t for t in (*module.parameters(), *module.buffers()) if not t.is_meta]
+    broadcast_(tensors, group, group_src=0)
 
 
 def check_shardable(optimizer: torch.optim.Optimizer, stage: int, allow_untested: bool) -> None:
@@ -416,7 +430,7 @@ def apply_zero(module: nn.Module, *, config: Any, device: torch.device,
     if any(p.is_meta for p in module.parameters()):
         from flexspeed.zero import materialize_module
 
-        materialize_module(module, device)
+        materialize_module(module, device, group=group)
     cls = DataParallel if settings.stage == 0 else ShardedOptimizerDP
     strategy = cls(module, device=device, group=group, comm_dtype=settings.comm_dtype, predivide=settings.predivide,
                    bucket_cap_mb=settings.bucket_cap_mb, grad_accum_dtype=settings.grad_accum_dtype)
