@@ -383,6 +383,13 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: Any = None, l
 
 
 def _load_tensors(engine: Any, path: str, meta: dict, *, strict: bool, with_optimizer: bool) -> None:
+    # torch creates missing optimizer state with a zero step on the ranks that have none (e.g. a
+    # ZeRO-1 rank whose parameters never had a gradient): such a step must not start a collective
+    with engine._strategy.local_optimizer_steps():
+        _load_tensors_locally_stepped(engine, path, meta, strict=strict, with_optimizer=with_optimizer)
+
+
+def _load_tensors_locally_stepped(engine: Any, path: str, meta: dict, *, strict: bool, with_optimizer: bool) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
     state_dir = os.path.join(path, STATE_DIR)

@@ -20,8 +20,9 @@ micro-step; it does not save memory.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -230,6 +231,15 @@ class ZeroStrategy:
     def after_step(self) -> None:
         """Hook after the optimizer step (e.g. re-broadcast updated partitions)."""
 
+    @contextlib.contextmanager
+    def local_optimizer_steps(self) -> Iterator[None]:
+        """Inside, an ``optimizer.step()`` is this rank's alone: it starts no collective.
+
+        torch's checkpoint helpers create missing optimizer state with a zero step on the ranks
+        that have none - which need not be every rank - so such steps must not communicate.
+        """
+        yield
+
     def memory_breakdown(self, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
         """Per-rank bytes of parameters (local shards), gradients and optimizer state, right now.
 
@@ -334,6 +344,7 @@ class ShardedOptimizerDP(DataParallel):
         self.stage = 1
         self._layout: list[tuple[int, list[torch.Tensor]]] = []  # (owner rank, same-dtype tensors)
         self._foreign: list[torch.Tensor] = []
+        self._local_steps = False
 
     def build_optimizer(self, client: torch.optim.Optimizer | None, factory: OptimizerFactory | None,
                         allow_untested: bool = False) -> torch.optim.Optimizer | None:
@@ -342,9 +353,19 @@ class ShardedOptimizerDP(DataParallel):
             self._shard(optimizer)
         return optimizer
 
+    @contextlib.contextmanager
+    def local_optimizer_steps(self) -> Iterator[None]:
+        self._local_steps = True
+        try:
+            yield
+        finally:
+            self._local_steps = False
+
     def _shard(self, optimizer: torch.optim.Optimizer) -> None:
         world, rank = _world(self.group), _rank(self.group)
-        params = _unique_params(optimizer)
+        # frozen parameters get no owner (DeepSpeed partitions trainable ones only), so they do
+        # not unbalance the partition or leave a rank owning nothing that is ever stepped
+        params = [p for p in _unique_params(optimizer) if p.requires_grad]
         owners = partition_params(params, world)
         self._foreign = [p for p, r in zip(params, owners) if r != rank]
         foreign_ids = {id(p) for p in self._foreign}
@@ -367,6 +388,8 @@ class ShardedOptimizerDP(DataParallel):
 
     @torch.no_grad()
     def _broadcast_updates(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._local_steps:
+            return
         rank = _rank(self.group)
         pending = []
         for owner, tensors in self._layout:
