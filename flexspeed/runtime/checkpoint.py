@@ -66,6 +66,7 @@ from flexspeed.runtime.checkpoint_io import (
     resolve_tag_dir,
     safe_torch_load,
     serialize_checked,
+    validate_dir,
     validate_tag,
     write_atomic,
 )
@@ -265,7 +266,8 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: Any = None, c
 
     Args:
         engine: the ``TrainingEngine``.
-        save_dir: directory holding the tags and the ``latest`` file (created if needed).
+        save_dir: directory holding the tags and the ``latest`` file (created if needed); an empty
+            path is a ``ValueError``, as in DeepSpeed.
         tag: the checkpoint's name (default ``global_step<N>``); see :func:`validate_tag`.
         client_state: extra state returned by ``load_checkpoint``: tensors, numbers, strings,
             lists, tuples and dicts (anything ``torch.load(weights_only=True)`` reads back).
@@ -274,6 +276,7 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: Any = None, c
     Returns:
         ``True`` once the tag is complete and visible on every rank.
     """
+    save_dir = validate_dir(save_dir, what="save_dir")
     rank, world = _rank_world()
     tag = f"global_step{int(engine.global_steps)}" if tag is None else tag
     excluded = [n for n, p in engine.module.named_parameters() if not p.requires_grad] \
@@ -358,7 +361,7 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: Any = None, l
         ``(path of the loaded tag, client_state)``, or ``(None, None)`` when ``tag`` is None and there
         is no ``latest`` file.
     """
-    load_dir = os.path.abspath(os.fspath(load_dir))
+    load_dir = os.path.abspath(validate_dir(load_dir, what="load_dir"))
     if tag is None:
         tag = read_latest(load_dir)
         if tag is None:
