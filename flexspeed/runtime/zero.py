@@ -6,7 +6,8 @@ how to switch gradient synchronisation off for non-boundary micro-steps, how to 
 optimizer over the (possibly re-registered) parameters, and a per-rank memory breakdown. The
 engine knows nothing else about sharding.
 
-- stage 0: ``DistributedDataParallel`` (plain module at world size 1).
+- stage 0: ``DistributedDataParallel`` (plain module at world size 1); with
+  ``ignore_unused_parameters`` (DeepSpeed's default) it looks for parameters a forward did not reach.
 - stage 1: DDP all-reduces gradients; each rank keeps optimizer state for, and updates, only
   its own partition of the parameters, then every owner broadcasts what it updated
   (:class:`ShardedOptimizerDP`). The optimizer object stays the caller's own.
@@ -138,6 +139,7 @@ class ZeroSettings:
     persistence_cap: int = 2**63 - 1  # stage 3: most elements kept whole in total
     prefetch_bucket_size: int | None = None  # stage 3, only when not the default
     allow_untested: bool = False
+    ignore_unused_parameters: bool = True  # stages 0-1: DDP looks for parameters forward did not reach
 
     @classmethod
     def from_config(cls, config: Any) -> ZeroSettings:
@@ -170,6 +172,7 @@ class ZeroSettings:
             prefetch_bucket_size=int(prefetch) if "stage3_prefetch_bucket_size" in explicit and _is_number(prefetch)
             else None,
             allow_untested=bool(getattr(config, "zero_allow_untested_optimizer", False)),
+            ignore_unused_parameters=bool(getattr(zc, "ignore_unused_parameters", True)),
         )
 
 
@@ -291,7 +294,12 @@ def _comm_hook(comm_dtype: torch.dtype | None, predivide: float):
 
 
 class DataParallel(ZeroStrategy):
-    """Stage 0: replicated everything, gradients all-reduced by DDP (in fp32 unless configured)."""
+    """Stage 0: replicated everything, gradients all-reduced by DDP (in fp32 unless configured).
+
+    ``find_unused_parameters`` (``zero_optimization.ignore_unused_parameters``) lets a forward leave
+    parameters out, also differently on each rank: one no rank used keeps ``grad=None`` (the
+    optimizer skips it, as in one process), one some rank used gets the average.
+    """
 
     def __init__(self, module: nn.Module, *, device: torch.device, group: dist.ProcessGroup | None = None,
                  comm_dtype: torch.dtype | None = None, predivide: float = 1.0,
@@ -456,6 +464,7 @@ def apply_zero(module: nn.Module, *, config: Any, device: torch.device,
         materialize_module(module, device, group=group)
     cls = DataParallel if settings.stage == 0 else ShardedOptimizerDP
     strategy = cls(module, device=device, group=group, comm_dtype=settings.comm_dtype, predivide=settings.predivide,
-                   bucket_cap_mb=settings.bucket_cap_mb, grad_accum_dtype=settings.grad_accum_dtype)
+                   bucket_cap_mb=settings.bucket_cap_mb, grad_accum_dtype=settings.grad_accum_dtype,
+                   find_unused_parameters=settings.ignore_unused_parameters)
     strategy.notes.extend(notes)
     return strategy
