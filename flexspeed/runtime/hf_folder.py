@@ -25,6 +25,7 @@ from typing import IO, Any
 
 import torch
 
+from flexspeed.inference.offload.heap import release_free_heap
 from flexspeed.runtime.checkpoint_io import write_atomic
 
 __all__ = ["TensorEntry", "write_hf_folder", "parse_size", "model_config_dict", "tied_groups", "plan_shards",
@@ -116,6 +117,7 @@ def _write_shard(path: str, shard: list[TensorEntry], fetch: Callable[[TensorEnt
                 raise ValueError(f"tensor {e.name!r} has shape {tuple(t.shape)}, expected {e.shape}")
             f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
             del t
+            release_free_heap()  # the reader's per-tensor buffers go back to the OS, not into a growing heap
 
     write_atomic(path, body)
 
