@@ -46,6 +46,7 @@ def _train(container: str) -> dict:
     layers = seq if container == "Sequential" else nn.ModuleList(list(seq))
     module = PipelineModule(layers=layers, num_stages=2, loss_fn=F.mse_loss, partition_method="uniform")
     cfg = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GAS, "steps_per_print": 1000,
+           "gradient_clipping": 0.0,  # the reference does not clip (DeepSpeed's default is 1.0)
            "optimizer": {"type": "Adam", "params": {"lr": LR}}}
     engine, *_ = flexspeed.initialize(model=module, model_parameters=module.parameters(), config=cfg)
     losses = [float(engine.train_batch(iter(batches(s)))) for s in range(STEPS)]
