@@ -163,11 +163,14 @@ def _init_module(module: nn.Module, name: str, param_init_fn: Callable[[nn.Modul
             _fill_from_full(p, temps[n].detach())
 
 
-def materialize_module(module: nn.Module, device: torch.device, record: InitRecord | None = None) -> None:
+def materialize_module(module: nn.Module, device: torch.device, record: InitRecord | None = None,
+                       group: dist.ProcessGroup | None = None) -> None:
     """Allocate the meta parameters of ``module`` on ``device`` (only local shards) and fill them.
 
     Called by ``apply_zero`` after sharding; see the module docstring for how values are chosen.
-    Buffers and non-meta parameters are moved to ``device`` unchanged.
+    Buffers and non-meta parameters are moved to ``device`` unchanged. Every rank of ``group``
+    (default: the world) fills from rank 0's random state, so the ranks agree on the weights
+    whatever each one seeded.
     """
     record = record or _find_record(module)
     module._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t.to(device))
@@ -176,10 +179,22 @@ def materialize_module(module: nn.Module, device: torch.device, record: InitReco
             torch.set_rng_state(record.rng_state)
             if record.seed is not None:
                 torch.manual_seed(record.seed)
+        _use_rank0_rng_state(group, device)
         init_fn = record.param_init_fn if record is not None else None
         for name, m in module.named_modules():
             if any(p is not None for p in m._parameters.values()):
                 _init_module(m, name, init_fn)
+
+
+def _use_rank0_rng_state(group: dist.ProcessGroup | None, device: torch.device) -> None:
+    """Continue from rank 0's CPU random state (sent through ``device``: NCCL-only groups need it)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    from flexspeed.distributed.collectives import broadcast_
+
+    state = torch.get_rng_state().to(device)
+    broadcast_([state], group, group_src=0)
+    torch.set_rng_state(state.cpu())
 
 
 class GatheredParameters:

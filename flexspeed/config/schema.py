@@ -81,8 +81,8 @@ class FlexConfig(Section):
     """float16 mixed precision."""
     bf16: Bf16Config = Field(default_factory=Bf16Config)
     """bfloat16 mixed precision (alias ``bfloat16``)."""
-    gradient_clipping: NonNegFloat | Auto = 0.0
-    """Clip the global gradient norm to this (0 = off); ``"auto"`` resolves to 1.0."""
+    gradient_clipping: NonNegFloat | Auto = 1.0
+    """Clip the global gradient norm to this; 0 = off; absent = 1.0, DeepSpeed's default; ``"auto"`` = 1.0."""
     zero_optimization: ZeroConfig = Field(default_factory=ZeroConfig)
     """ZeRO sharding and offload."""
     zero_allow_untested_optimizer: Bool = False

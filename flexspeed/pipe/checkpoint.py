@@ -31,6 +31,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from flexspeed.runtime.checkpoint_io import validate_dir
+
 if TYPE_CHECKING:
     from flexspeed.pipe.engine import PipelineEngine
 
@@ -89,6 +91,7 @@ def save_pipeline_checkpoint(engine: PipelineEngine, save_dir: str, *, tag: str 
     Returns:
         ``True``.
     """
+    save_dir = validate_dir(save_dir, what="save_dir")
     tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
     module = engine.module
     frozen = {n for n, p in module.named_parameters() if not p.requires_grad} if exclude_frozen_parameters else set()
@@ -154,6 +157,7 @@ def load_pipeline_checkpoint(engine: PipelineEngine, load_dir: str, *, tag: str 
     Returns:
         ``(path, client_state)``, or ``(None, None)`` when there is no checkpoint to load.
     """
+    load_dir = validate_dir(load_dir, what="load_dir")
     tag = resolve_tag(load_dir, tag)
     if tag is None:
         return None, None

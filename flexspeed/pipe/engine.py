@@ -31,6 +31,7 @@ from flexspeed.pipe.module import PipelineModule
 from flexspeed.pipe.schedule import build_schedule, validate_schedule
 from flexspeed.pipe.sync import ZeroOneSharding, all_reduce_, broadcast_, grads_or_zeros
 from flexspeed.pipe.topology import build_pipe_mesh
+from flexspeed.runtime.engine import PassThroughToModule
 from flexspeed.runtime.monitor import build_monitor
 from flexspeed.runtime.precision import LossScaler, PrecisionPolicy, clip_grads_, unscale_and_check_
 
@@ -47,7 +48,7 @@ def _as_tuple(x: Any, what: str) -> tuple[torch.Tensor, ...]:
     return items
 
 
-class PipelineEngine(nn.Module):
+class PipelineEngine(PassThroughToModule, nn.Module):
     """Trains a ``PipelineModule`` with ``train_batch()`` (DeepSpeed's ``PipelineEngine`` API).
 
     Build it with ``flexspeed.initialize(model=pipeline_module, ...)`` (or

@@ -129,6 +129,10 @@ class StageModule(nn.Module):
         return x
 
     def forward(self, *inputs: Any) -> Any:
+        # As DeepSpeed's pipeline engine does, run on a copy of what the previous stage sent: the
+        # received buffer is a leaf autograd must keep intact for its gradient, so a first layer
+        # working in place (AlexNet's ReLU(inplace=True)) would otherwise fail
+        inputs = tuple(t.clone() if torch.is_tensor(t) and t.requires_grad else t for t in inputs)
         x = inputs[0] if len(inputs) == 1 else inputs
         with self.autocast():
             interval = self.checkpoint_interval
@@ -147,7 +151,9 @@ class PipelineModule(nn.Module):
     """A sequential model partitioned over pipeline stages (DeepSpeed's ``PipelineModule``).
 
     Args:
-        layers: the model as a list of ``LayerSpec``, ``TiedLayerSpec``, modules or callables.
+        layers: the model as a list (or tuple) of ``LayerSpec``, ``TiedLayerSpec``, modules or callables,
+            or an ``nn.Sequential``/``nn.ModuleList`` (its children in order; state-dict keys stay
+            ``"<index>.<param>"``, the ``nn.Sequential``'s own).
         num_stages: pipeline-parallel degree; the data-parallel degree is world size / num_stages.
         topology: a ``PipeTopology`` instead of ``num_stages``.
         loss_fn: ``loss_fn(outputs, labels) -> scalar`` applied after the last stage.
@@ -166,9 +172,13 @@ class PipelineModule(nn.Module):
                  partition_method: str = "parameters", activation_checkpoint_interval: int = 0,
                  activation_checkpoint_func: Callable | None = None, virtual_stages: int | None = None) -> None:
         super().__init__()
+        if isinstance(layers, (nn.Sequential, nn.ModuleList)):  # DeepSpeed takes them: their children, in order
+            layers = list(layers)
         if not isinstance(layers, (list, tuple)) or not layers:
-            raise ValueError("PipelineModule(layers=...) needs a non-empty list of layers, got "
-                             f"{type(layers).__name__}")
+            raise ValueError("PipelineModule(layers=...) needs a non-empty list, tuple, nn.Sequential or "
+                             f"nn.ModuleList of layers, got {'an empty ' if isinstance(layers, (list, tuple)) else ''}"
+                             f"{type(layers).__name__}. Fix: pass e.g. "
+                             "[LayerSpec(nn.Linear, 8, 8), nn.ReLU()] or nn.Sequential(...)")
         if activation_checkpoint_interval < 0:
             raise ValueError(f"activation_checkpoint_interval={activation_checkpoint_interval} must be >= 0 (0 = off)")
         if virtual_stages is not None and virtual_stages < 1:

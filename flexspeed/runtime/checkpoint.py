@@ -67,6 +67,7 @@ from flexspeed.runtime.checkpoint_io import (
     resolve_tag_dir,
     safe_torch_load,
     serialize_checked,
+    validate_dir,
     validate_tag,
     write_atomic,
 )
@@ -272,7 +273,8 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: Any = None, c
 
     Args:
         engine: the ``TrainingEngine``.
-        save_dir: directory holding the tags and the ``latest`` file (created if needed).
+        save_dir: directory holding the tags and the ``latest`` file (created if needed); an empty
+            path is a ``ValueError``, as in DeepSpeed.
         tag: the checkpoint's name (default ``global_step<N>``); see :func:`validate_tag`.
         client_state: extra state returned by ``load_checkpoint``: tensors, numbers, strings,
             lists, tuples and dicts (anything ``torch.load(weights_only=True)`` reads back).
@@ -281,6 +283,7 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: Any = None, c
     Returns:
         ``True`` once the tag is complete and visible on every rank.
     """
+    save_dir = validate_dir(save_dir, what="save_dir")
     rank, world = _rank_world()
     started = time.perf_counter()
     tag = f"global_step{int(engine.global_steps)}" if tag is None else tag
@@ -379,7 +382,7 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: Any = None, l
         is no ``latest`` file.
     """
     started = time.perf_counter()
-    load_dir = os.path.abspath(os.fspath(load_dir))
+    load_dir = os.path.abspath(validate_dir(load_dir, what="load_dir"))
     if tag is None:
         tag = read_latest(load_dir)
         if tag is None:
@@ -407,6 +410,13 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: Any = None, l
 
 
 def _load_tensors(engine: Any, path: str, meta: dict, *, strict: bool, with_optimizer: bool) -> None:
+    # torch creates missing optimizer state with a zero step on the ranks that have none (e.g. a
+    # ZeRO-1 rank whose parameters never had a gradient): such a step must not start a collective
+    with engine._strategy.local_optimizer_steps():
+        _load_tensors_locally_stepped(engine, path, meta, strict=strict, with_optimizer=with_optimizer)
+
+
+def _load_tensors_locally_stepped(engine: Any, path: str, meta: dict, *, strict: bool, with_optimizer: bool) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
     state_dir = os.path.join(path, STATE_DIR)

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 __all__ = [
     "FORMAT_VERSION", "MANIFEST", "STATE_DIR", "ENGINE_FILE", "CLIENT_FILE", "RNG_DIR", "LATEST",
-    "CheckpointError", "UnsafeCheckpointError", "validate_tag", "read_latest", "resolve_tag_dir",
+    "CheckpointError", "UnsafeCheckpointError", "validate_tag", "validate_dir", "read_latest", "resolve_tag_dir",
     "read_manifest", "read_metadata", "safe_torch_load", "SafeFileSystemReader", "SafeLoadPlanner",
     "write_atomic", "serialize_checked", "commit_tag", "remove_stale_temporaries", "find_unsafe",
     "TMP_PREFIX", "quiet_single_process",
@@ -65,6 +65,19 @@ def validate_tag(tag: Any, *, what: str = "tag") -> str:
     if not isinstance(text, str) or not _TAG_RE.fullmatch(text) or ".." in text or text == LATEST:
         raise ValueError(f"checkpoint {what} {tag!r} is not allowed: {_TAG_RULE}. "
                          f"Fix: pass e.g. tag='global_step100' (or tag=None for global_step<N>)")
+    return text
+
+
+def validate_dir(path: Any, *, what: str) -> str:
+    """``path`` (a str or ``os.PathLike``) as a string if it is non-empty, else raise ``ValueError``.
+
+    DeepSpeed refuses an empty ``save_dir``; flexspeed refuses it for loading too, since an empty
+    string would silently mean the working directory.
+    """
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not text:
+        raise ValueError(f"{what} must be a non-empty path, got {path!r} (an empty one would mean the working "
+                         f"directory). Fix: pass the checkpoint directory, e.g. {what}='checkpoints'")
     return text
 
 

@@ -22,12 +22,44 @@ from flexspeed.runtime.monitor import build_monitor
 from flexspeed.runtime.precision import LossScaler, PrecisionPolicy, clip_grads_, global_grad_norm, unscale_and_check_
 from flexspeed.runtime.zero import ZeroStrategy
 
-__all__ = ["TrainingEngine"]
+__all__ = ["TrainingEngine", "EngineUsageError", "PassThroughToModule"]
 
 log = logging.getLogger("flexspeed")
 
 
-class TrainingEngine(nn.Module):
+class EngineUsageError(RuntimeError, AssertionError):
+    """An engine method called where DeepSpeed refuses it (``step()`` inside ``no_sync()``, ...).
+
+    DeepSpeed raises ``AssertionError`` in these places, so this error is one too: code (and
+    tests) written against DeepSpeed keep catching it.
+    """
+
+
+class PassThroughToModule:
+    """``engine.name`` falls back to ``engine.module.name`` for what the engine does not define.
+
+    DeepSpeed's engine does this: ``engine.generate(...)`` or ``engine.my_flag`` reach the model.
+    The engine's own attributes, methods, parameters and submodules always win (``engine.config``
+    is the engine's config, not a Hugging Face model's); dunder names never fall back (``copy``
+    and ``pickle`` probe them).
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # nn.Module: parameters, buffers, submodules
+        except AttributeError:
+            pass
+        module = self.__dict__.get("_modules", {}).get("module")
+        if module is not None and not (name.startswith("__") and name.endswith("__")):
+            try:
+                return getattr(module, name)
+            except AttributeError:
+                pass
+        held = f", nor has its module ({type(module).__name__})" if module is not None else ""
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'{held}")
+
+
+class TrainingEngine(PassThroughToModule, nn.Module):
     """DeepSpeed-compatible training engine (``DeepSpeedEngine``'s public methods and counters)."""
 
     def __init__(self, *, strategy: ZeroStrategy, config: Any, optimizer: torch.optim.Optimizer | None,
@@ -51,6 +83,7 @@ class TrainingEngine(nn.Module):
         # kept as device tensors: reading them (a host sync per micro-step) would stall the launch queue
         self._global_grad_norm: torch.Tensor | float | None = None
         self._last_loss: torch.Tensor | None = None
+        self._inside_no_sync = False
         self._dp_world_size = dist.get_world_size(strategy.group) if dist.is_initialized() else 1
         self._dp_rank = dist.get_rank(strategy.group) if dist.is_initialized() else 0
         # log line, timers, scalar writers, FLOPs profile, progress bar (see flexspeed.runtime.monitor)
@@ -123,11 +156,15 @@ class TrainingEngine(nn.Module):
         """True on the micro-step whose ``step()`` will update the weights."""
         return (self.micro_steps + 1) % self.gradient_accumulation_steps() == 0
 
+    def _sync_gradients_now(self) -> bool:
+        """Reduce gradients in this micro-step's backward: on a boundary and outside ``no_sync()``."""
+        return self.is_gradient_accumulation_boundary() and not self._inside_no_sync
+
     # ---- the training loop ----------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model under the configured precision; arguments pass through unchanged."""
         if self.module.training:
-            self._strategy.set_requires_gradient_sync(self.is_gradient_accumulation_boundary())
+            self._strategy.set_requires_gradient_sync(self._sync_gradients_now())
         mon = self.monitor
         if mon.active and self.module.training:
             mon.forward_begin(self.global_steps, self.module, args, kwargs)
@@ -140,7 +177,16 @@ class TrainingEngine(nn.Module):
             return self._strategy.model(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
-        """Backpropagate ``loss`` (scaled by 1/accumulation steps and the fp16 loss scale)."""
+        """Backpropagate ``loss`` (scaled by 1/accumulation steps and the fp16 loss scale).
+
+        Args:
+            loss: the micro-batch's scalar loss.
+            retain_graph: passed to ``torch.autograd.backward``.
+            scale_wrt_gas: divide by ``gradient_accumulation_steps`` (gradients and return value).
+        Returns:
+            ``loss / gradient_accumulation_steps`` (``loss`` itself with ``scale_wrt_gas=False``),
+            as DeepSpeed 0.19 returns it.
+        """
         if self.optimizer is None:
             raise RuntimeError(
                 "engine.backward() needs an optimizer, and this engine was built without one (forward/eval "
@@ -155,22 +201,42 @@ class TrainingEngine(nn.Module):
             mon.add_loss(float(self._last_loss))
         if mon.timing:
             mon.timers.start("backward")
-        self._strategy.set_requires_gradient_sync(self.is_gradient_accumulation_boundary())
+        sync = self._sync_gradients_now()
+        self._strategy.set_requires_gradient_sync(sync)
+        gas = self.gradient_accumulation_steps()
         scaled = loss.float()
-        if scale_wrt_gas and self.gradient_accumulation_steps() > 1:
-            scaled = scaled / self.gradient_accumulation_steps()
+        if scale_wrt_gas and gas > 1:
+            scaled = scaled / gas
         if self.loss_scaler is not None:
             scaled = self.loss_scaler.scale(scaled)
         scaled.backward(retain_graph=retain_graph)
         self._strategy.after_backward()
+        if sync and not self._config.zero_optimization.ignore_unused_parameters:
+            self._refuse_unused_parameters()
         if mon.timing:
             mon.timers.stop("backward")
-        return loss
+        return loss / gas if scale_wrt_gas else loss
+
+    def _refuse_unused_parameters(self) -> None:
+        """``ignore_unused_parameters: false``: every trainable parameter must have a gradient by now."""
+        unused = [n for n, p in self.module.named_parameters() if p.requires_grad and p.grad is None]
+        if unused:
+            more = f" (and {len(unused) - 10} more)" if len(unused) > 10 else ""
+            raise EngineUsageError(
+                f"[zero_optimization.ignore_unused_parameters] parameters {unused[:10]}{more} received no gradient "
+                "in this accumulation step, and ignore_unused_parameters is false. Fix: set "
+                '"ignore_unused_parameters": true (the default: unused parameters are left out of the update), or '
+                "make every trainable parameter contribute to the loss (requires_grad=False for those that never do)")
 
     def step(self, lr_kwargs: dict | None = None) -> None:
         """End a micro-step; on an accumulation boundary, update the weights and the schedule."""
         if self.optimizer is None:
             raise RuntimeError("engine.step() needs an optimizer; this engine is forward/eval only (see backward)")
+        if self._inside_no_sync:
+            raise EngineUsageError(
+                "It is illegal to call Engine.step() inside no_sync context manager: the gradients accumulated "
+                "there are this rank's only. Fix: leave the no_sync() block, run one more engine.backward() "
+                "(it reduces everything accumulated), then call engine.step()")
         boundary = self.is_gradient_accumulation_boundary()
         if boundary:
             with self.monitor.timed("step"):
@@ -217,12 +283,26 @@ class TrainingEngine(nn.Module):
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
-        """Disable gradient synchronisation inside the block (accumulate locally)."""
-        self._strategy.set_requires_gradient_sync(False)
+        """No gradient reduction in the block's backwards, whatever the accumulation boundary (DeepSpeed's).
+
+        Gradients accumulate on each rank; the first ``engine.backward()`` after the block (on an
+        accumulation boundary) reduces all of them. ``step()`` inside the block, a nested
+        ``no_sync()`` and ZeRO stages 2-3 (which reduce gradients into shards on every backward)
+        raise ``EngineUsageError``.
+        """
+        stage = self._strategy.stage
+        if stage >= 2:
+            raise EngineUsageError(
+                f"no_sync context manager is incompatible with gradient partitioning logic of ZeRO stage {stage}: "
+                "gradients are reduced into shards on every backward. Fix: use stage 0 or 1, or let "
+                "gradient_accumulation_steps decide when to reduce")
+        if self._inside_no_sync:
+            raise EngineUsageError("no_sync context manager reentry is unsupported. Fix: use one no_sync() block")
+        self._inside_no_sync = True
         try:
             yield
         finally:
-            self._strategy.set_requires_gradient_sync(True)
+            self._inside_no_sync = False
 
     def _maybe_print(self) -> None:
         # scalars to csv/tensorboard/wandb, the progress bar, and the steps_per_print line (rank 0)

@@ -28,7 +28,14 @@ import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from flexspeed.config.errors import ConfigError
-from flexspeed.runtime.zero import OptimizerFactory, ZeroSettings, ZeroStrategy, check_shardable, warn_once
+from flexspeed.runtime.zero import (
+    OptimizerFactory,
+    ZeroSettings,
+    ZeroStrategy,
+    check_shardable,
+    sync_initial_state,
+    warn_once,
+)
 
 __all__ = ["FullyShardedDP", "find_blocks", "persistent_params"]
 
@@ -103,6 +110,9 @@ class FullyShardedDP(ZeroStrategy):
             if settings.offload_param != "cpu":
                 self.notes.append("offload_optimizer=cpu runs the optimizer step on CPU through FSDP2's "
                                   "CPUOffloadPolicy, which keeps the parameter and gradient shards in CPU memory too")
+        # DeepSpeed broadcasts rank 0's weights at engine construction; FSDP2 would shard each
+        # rank's own initial values, so agree on rank 0's first (meta tensors are filled below)
+        sync_initial_state(module, self.mesh.get_group())
         before = list(module.named_parameters(remove_duplicate=False))
         kwargs: dict[str, Any] = dict(mesh=self.mesh, offload_policy=offload,
                                       mp_policy=MixedPrecisionPolicy(reduce_dtype=settings.comm_dtype),
@@ -114,7 +124,7 @@ class FullyShardedDP(ZeroStrategy):
         if meta:
             from flexspeed.zero import materialize_module
 
-            materialize_module(module, device)
+            materialize_module(module, device, group=self.mesh.get_group())
         after = dict(module.named_parameters(remove_duplicate=False))
         self._param_map = {id(p): after[name] for name, p in before}
         self._persistent = [self._param_map.get(id(p), p) for p in self._persistent]

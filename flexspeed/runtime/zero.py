@@ -6,7 +6,8 @@ how to switch gradient synchronisation off for non-boundary micro-steps, how to 
 optimizer over the (possibly re-registered) parameters, and a per-rank memory breakdown. The
 engine knows nothing else about sharding.
 
-- stage 0: ``DistributedDataParallel`` (plain module at world size 1).
+- stage 0: ``DistributedDataParallel`` (plain module at world size 1); with
+  ``ignore_unused_parameters`` (DeepSpeed's default) it looks for parameters a forward did not reach.
 - stage 1: DDP all-reduces gradients; each rank keeps optimizer state for, and updates, only
   its own partition of the parameters, then every owner broadcasts what it updated
   (:class:`ShardedOptimizerDP`). The optimizer object stays the caller's own.
@@ -20,8 +21,9 @@ micro-step; it does not save memory.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +35,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from flexspeed.config.errors import ConfigError
 
 __all__ = ["ZeroStrategy", "DataParallel", "ShardedOptimizerDP", "ZeroSettings", "apply_zero", "OptimizerFactory",
-           "tensor_bytes", "partition_params", "check_shardable", "warn_once"]
+           "tensor_bytes", "partition_params", "check_shardable", "sync_initial_state", "warn_once"]
 
 OptimizerFactory = Callable[[list], torch.optim.Optimizer]
 
@@ -85,6 +87,20 @@ def _unique_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return out
 
 
+def sync_initial_state(module: nn.Module, group: dist.ProcessGroup | None) -> None:
+    """Every rank of ``group`` takes group rank 0's parameters and buffers, as DeepSpeed's engine does.
+
+    Meta tensors (a model built under ``flexspeed.zero.Init``) are skipped: ``materialize_module``
+    fills them from rank 0's random state. Stages 0-1 get the same from DDP's construction.
+    """
+    if _world(group) == 1:
+        return
+    from flexspeed.distributed.collectives import broadcast_
+
+    tensors = [t for t in (*module.parameters(), *module.buffers()) if not t.is_meta]
+    broadcast_(tensors, group, group_src=0)
+
+
 def check_shardable(optimizer: torch.optim.Optimizer, stage: int, allow_untested: bool) -> None:
     """Refuse an optimizer the sharded stages cannot drive, unless ``zero_allow_untested_optimizer``.
 
@@ -123,6 +139,7 @@ class ZeroSettings:
     persistence_cap: int = 2**63 - 1  # stage 3: most elements kept whole in total
     prefetch_bucket_size: int | None = None  # stage 3, only when not the default
     allow_untested: bool = False
+    ignore_unused_parameters: bool = True  # stages 0-1: DDP looks for parameters forward did not reach
 
     @classmethod
     def from_config(cls, config: Any) -> ZeroSettings:
@@ -155,6 +172,7 @@ class ZeroSettings:
             prefetch_bucket_size=int(prefetch) if "stage3_prefetch_bucket_size" in explicit and _is_number(prefetch)
             else None,
             allow_untested=bool(getattr(config, "zero_allow_untested_optimizer", False)),
+            ignore_unused_parameters=bool(getattr(zc, "ignore_unused_parameters", True)),
         )
 
 
@@ -216,6 +234,15 @@ class ZeroStrategy:
     def after_step(self) -> None:
         """Hook after the optimizer step (e.g. re-broadcast updated partitions)."""
 
+    @contextlib.contextmanager
+    def local_optimizer_steps(self) -> Iterator[None]:
+        """Inside, an ``optimizer.step()`` is this rank's alone: it starts no collective.
+
+        torch's checkpoint helpers create missing optimizer state with a zero step on the ranks
+        that have none - which need not be every rank - so such steps must not communicate.
+        """
+        yield
+
     def memory_breakdown(self, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
         """Per-rank bytes of parameters (local shards), gradients and optimizer state, right now.
 
@@ -267,7 +294,12 @@ def _comm_hook(comm_dtype: torch.dtype | None, predivide: float):
 
 
 class DataParallel(ZeroStrategy):
-    """Stage 0: replicated everything, gradients all-reduced by DDP (in fp32 unless configured)."""
+    """Stage 0: replicated everything, gradients all-reduced by DDP (in fp32 unless configured).
+
+    ``find_unused_parameters`` (``zero_optimization.ignore_unused_parameters``) lets a forward leave
+    parameters out, also differently on each rank: one no rank used keeps ``grad=None`` (the
+    optimizer skips it, as in one process), one some rank used gets the average.
+    """
 
     def __init__(self, module: nn.Module, *, device: torch.device, group: dist.ProcessGroup | None = None,
                  comm_dtype: torch.dtype | None = None, predivide: float = 1.0,
@@ -320,6 +352,7 @@ class ShardedOptimizerDP(DataParallel):
         self.stage = 1
         self._layout: list[tuple[int, list[torch.Tensor]]] = []  # (owner rank, same-dtype tensors)
         self._foreign: list[torch.Tensor] = []
+        self._local_steps = False
 
     def build_optimizer(self, client: torch.optim.Optimizer | None, factory: OptimizerFactory | None,
                         allow_untested: bool = False) -> torch.optim.Optimizer | None:
@@ -328,9 +361,19 @@ class ShardedOptimizerDP(DataParallel):
             self._shard(optimizer)
         return optimizer
 
+    @contextlib.contextmanager
+    def local_optimizer_steps(self) -> Iterator[None]:
+        self._local_steps = True
+        try:
+            yield
+        finally:
+            self._local_steps = False
+
     def _shard(self, optimizer: torch.optim.Optimizer) -> None:
         world, rank = _world(self.group), _rank(self.group)
-        params = _unique_params(optimizer)
+        # frozen parameters get no owner (DeepSpeed partitions trainable ones only), so they do
+        # not unbalance the partition or leave a rank owning nothing that is ever stepped
+        params = [p for p in _unique_params(optimizer) if p.requires_grad]
         owners = partition_params(params, world)
         self._foreign = [p for p, r in zip(params, owners) if r != rank]
         foreign_ids = {id(p) for p in self._foreign}
@@ -353,6 +396,8 @@ class ShardedOptimizerDP(DataParallel):
 
     @torch.no_grad()
     def _broadcast_updates(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._local_steps:
+            return
         rank = _rank(self.group)
         pending = []
         for owner, tensors in self._layout:
@@ -416,9 +461,10 @@ def apply_zero(module: nn.Module, *, config: Any, device: torch.device,
     if any(p.is_meta for p in module.parameters()):
         from flexspeed.zero import materialize_module
 
-        materialize_module(module, device)
+        materialize_module(module, device, group=group)
     cls = DataParallel if settings.stage == 0 else ShardedOptimizerDP
     strategy = cls(module, device=device, group=group, comm_dtype=settings.comm_dtype, predivide=settings.predivide,
-                   bucket_cap_mb=settings.bucket_cap_mb, grad_accum_dtype=settings.grad_accum_dtype)
+                   bucket_cap_mb=settings.bucket_cap_mb, grad_accum_dtype=settings.grad_accum_dtype,
+                   find_unused_parameters=settings.ignore_unused_parameters)
     strategy.notes.extend(notes)
     return strategy

@@ -45,12 +45,16 @@ def global_batches(dataset, *, world: int, micro: int, gas: int, steps: int, see
 
 
 def reference_run(model, batches, *, lr=1e-2, clip=0.0, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
-                  autocast_dtype=None):
-    """Plain PyTorch: AdamW on the full global batch per step, optional clipping."""
+                  autocast_dtype=None, lr_at=None):
+    """Plain PyTorch: AdamW on the full global batch per step, optional clipping; ``lr_at(k)``, if
+    given, is the lr of optimizer step k (1-based), e.g. ``tests.compat.ds_reference``'s DeepSpeed schedule."""
     model = copy.deepcopy(model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     losses = []
-    for xs, ys in batches:
+    for step, (xs, ys) in enumerate(batches, start=1):
+        if lr_at is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
         if autocast_dtype is None:
             loss = model(xs, ys)
         else:

@@ -56,14 +56,8 @@ BAD = [
     ("scheduler type misspelt", _with("scheduler.type", "WarmupLRR"), "scheduler.type"),
     ("scheduler missing a required parameter", _with("scheduler.type", "WarmupDecayLR"),
      "scheduler.params.total_num_steps"),
-    ("scheduler total below warmup", {**BASE, "scheduler": {"type": "WarmupDecayLR", "params": {
-        "warmup_num_steps": 10, "total_num_steps": 5}}}, "scheduler.params.total_num_steps"),
     ("scheduler warmup_type unknown", _with("scheduler.params.warmup_type", "cosine"),
      "scheduler.params.warmup_type"),
-    ("momentum cycling without momentum", {**BASE, "optimizer": {"type": "Adagrad", "params": {"lr": 0.1}},
-                                           "scheduler": {"type": "OneCycle", "params": {
-                                               "cycle_min_lr": 0.01, "cycle_max_lr": 0.1}}},
-     "scheduler.params.cycle_momentum"),
     ("torch scheduler missing its argument", _with("scheduler", {"type": "StepLR", "params": {}}),
      "scheduler.params.step_size"),
     ("torch scheduler bad value", _with("scheduler", {"type": "LinearLR", "params": {"start_factor": 2.0}}),
@@ -77,7 +71,8 @@ BAD = [
 ]
 # Not in the table: batch-triad errors name where the world size came from ("--world-size 4" vs
 # "WORLD_SIZE=4 from torchrun"), so their text differs by design; tests/unit/test_config_cli.py
-# covers them.
+# covers them. Also not in it: a total_num_steps below warmup_num_steps and OneCycle momentum cycling over
+# an optimizer without momentum, which DeepSpeed 0.19.8 accepts with a warning (so does flexspeed).
 
 
 @pytest.fixture(autouse=True)

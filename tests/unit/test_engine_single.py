@@ -74,6 +74,25 @@ def test_matches_plain_pytorch_with_accumulation():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+def test_gradient_clipping_defaults_to_deepspeeds_1():
+    """No gradient_clipping key: DeepSpeed 0.19's engine clips to 1.0 (GRADIENT_CLIPPING_DEFAULT)."""
+    ref = _model()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    model = _model()
+    engine, *_ = flexspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=_cfg(gradient_accumulation_steps=1))
+    assert engine.gradient_clipping() == 1.0
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    engine.backward(engine(x).pow(2).mean() * 100)
+    engine.step()
+    assert engine.get_global_grad_norm() > 1.0  # so clipping acted
+    (ref(x).pow(2).mean() * 100).backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+    ref_opt.step()
+    for a, b in zip(engine.module.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 def test_scheduler_from_config_steps_on_boundaries():
     cfg = _cfg(scheduler={"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.1,
                                                          "warmup_num_steps": 4, "warmup_type": "linear"}})
@@ -85,8 +104,9 @@ def test_scheduler_from_config_steps_on_boundaries():
         engine.step()
         lrs.append(engine.get_lr()[0])
     assert sched is not None
-    # the schedule advances only when step() lands on a boundary (micro-steps 1, 3, 5)
-    assert lrs[1] == lrs[2] and lrs[3] == lrs[4] and lrs[0] < lrs[1] < lrs[3] < lrs[5]
+    # the schedule advances only when step() lands on a boundary (micro-steps 1, 3, 5), to
+    # iterations 0, 1, 2: DeepSpeed's WarmupLR writes warmup_min_lr at construction and at iteration 0
+    assert lrs == pytest.approx([0.0, 0.0, 0.0, 0.025, 0.025, 0.05], rel=1e-12)
 
 
 def test_client_optimizer_and_scheduler_objects_and_callables():
