@@ -24,6 +24,7 @@ FEATURES = {
     "offloaded generation": "flexspeed.inference.offload",
     "HF safetensors loading": "safetensors",
     "HF transformers models": "transformers",
+    "flexspeed serve (starlette + uvicorn)": "uvicorn",
     "HJSON configs": "hjson",
     "TensorBoard monitor": "tensorboard",
     "wandb monitor": "wandb",
