@@ -152,7 +152,7 @@ class Engine:
         Returns:
             the request's :class:`Sequence` (``cancel()`` it to stop it).
         Raises:
-            RequestError: too long, bad token ids, or the engine is not running (503).
+            RequestError: too long, bad token ids, or the engine was closed or failed (503).
             QueueFull: ``max_queue`` requests are already waiting (429).
         """
         bad = [t for t in prompt_ids if not 0 <= t < self.model.vocab_size]
@@ -163,7 +163,7 @@ class Engine:
         gen = None if params.greedy else new_generator(params.seed, self.device)
         seq = Sequence(prompt_ids, params, self.tokenizer, sink, gen)
         with self._cv:
-            if not self.alive:
+            if self._stop:  # (before start() requests queue up; they run once it is called)
                 raise RequestError(f"the engine is not running ({self.failure or 'stopped'})", status=503,
                                    kind="server_error")
             if self._n_waiting >= self.options.max_queue:
