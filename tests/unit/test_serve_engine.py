@@ -91,6 +91,8 @@ def test_continuous_batching_gives_each_request_hf_greedy_tokens(tmp_path, famil
     reqs = [([7, 8], 20, 0), ([5] * 30, 10, 2)]
     reqs += [([rng.randrange(3, 97) for _ in range(rng.randint(1, 25))], rng.randint(1, 22), rng.randint(3, 40))
              for _ in range(12)]
+    # later, alone: row 0 idles for many steps under a long row 1, then a one-token prompt takes it
+    reqs += [([9, 10], 3, 400), ([11, 12, 13], 30, 400), ([14], 5, 415)]
     outs = _drive(batcher, reqs)
     for i, (prompt, m, _) in enumerate(reqs):
         assert outs[i] == _hf_tokens(model, prompt, m), f"request {i}"

@@ -1,0 +1,86 @@
+"""``flexspeed serve`` as a user runs it: a real process on 127.0.0.1 answering the openai client with HF's
+greedy text and stopping cleanly on Ctrl-C; one-line errors for a missing extra, a bad folder, a busy port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.unit._textmodels import Reference, make_folder
+
+pytest.importorskip("transformers")
+
+from flexspeed.cli.main import main  # noqa: E402
+from flexspeed.testing import free_port  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> str:
+    return make_folder(str(tmp_path_factory.mktemp("llama")), "llama")
+
+
+def test_serve_process_answers_and_stops_on_ctrl_c(llama) -> None:
+    openai = pytest.importorskip("openai")
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "flexspeed", "serve", "--model", llama, "--port", str(port),
+                             "--served-model-name", "tiny", "--max-num-seqs", "2", "--threads", "1",
+                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the server did not come up within 120 s"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        out = client.completions.create(model="tiny", prompt="Kalo mi ne", max_tokens=10, temperature=0)
+        assert out.choices[0].text == Reference(llama).text("Kalo mi ne", 10)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        stdout, stderr = proc.communicate(timeout=10)
+        assert b"Traceback" not in stderr, stderr.decode()[-3000:]
+        assert f"serving 'tiny' at http://127.0.0.1:{port}/v1".encode() in stdout
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_serve_without_its_extra_says_which_pip_command_fixes_it(llama, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn raises ImportError
+    assert main(["serve", "--model", llama]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'flexspeed[serve]'" in err and "uvicorn" in err
+
+
+def test_serve_errors_name_the_problem(llama, tmp_path, capsys) -> None:
+    assert main(["serve", "--model", str(tmp_path / "nowhere"), "--port", str(free_port())]) == 2
+    assert "model folder" in capsys.readouterr().err
+    assert main(["serve", "--model", llama, "--max-num-seqs", "0"]) == 2
+    assert "--max-num-seqs=0 must be >= 1" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["serve", "--model", llama, "--port", str(busy.getsockname()[1])]) == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+
+
+def test_help_reads_well(capsys) -> None:
+    for name in ("serve", "generate"):
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert "examples:" in out and f"flexspeed {name}" in out and "--max-num-seqs" in out
