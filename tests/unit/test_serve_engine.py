@@ -75,13 +75,16 @@ def _hf_tokens(model, prompt: list[int], max_new: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("family,native", [("llama", True), ("llama", False), ("opt", True), ("gpt2", False)])
-def test_continuous_batching_gives_each_request_hf_greedy_tokens(tmp_path, family: str, native: bool) -> None:
+@pytest.mark.parametrize("family,native,full", [("llama", True, False), ("llama", False, False), ("opt", True, False),
+                                               ("gpt2", False, False), ("llama", False, True)])
+def test_continuous_batching_gives_each_request_hf_greedy_tokens(tmp_path, family: str, native: bool,
+                                                                  full: bool) -> None:
     save_model(str(tmp_path), family, vocab=97, positions=128)
     model = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     runner = get_runner(inject_kernels(copy.deepcopy(model)))
     runner.native_decode = native
     batcher = SlotBatcher(runner, slots=3, cache_len=48)
+    batcher.full_batch = full  # every slot every step, as on an accelerator (idle rows included)
     shifts: list[int] = []
     move = batcher._move
     batcher._move = lambda shift: (shifts.append(shift), move(shift))[1]
