@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
-import traceback
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -266,7 +264,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
-    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    # (Starlette re-raises it after this answer, so the server's log gets the traceback)
     return JSONResponse(error_body(f"internal error ({type(exc).__name__}: {exc})", "server_error", code=500),
                         status_code=500)
 

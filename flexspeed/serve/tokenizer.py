@@ -6,13 +6,14 @@
 with ``--chat-template``. Chat prompts are rendered to text and tokenized without adding special
 tokens again (the template writes them), as vLLM does.
 
-:class:`TextStream` turns the growing list of a request's new tokens into text deltas: it decodes
-the whole completion at each token (skipping special tokens) and sends what is new, holding back
-a trailing incomplete UTF-8 character (decoded as U+FFFD) and, while stop strings are set, the
-last ``len(longest stop) - 1`` characters, which could be the start of one. A stop string ends
-the text before it. The completion's text is exactly the concatenation of the deltas, so a
-streamed response and a whole one agree; for tokenizers whose decoding of a prefix is a prefix
-of the whole decoding (byte-level BPE, SentencePiece) it is also ``decode(all new tokens)``.
+:class:`TextStream` turns the growing list of a request's new tokens into text deltas: after each
+token it decodes a window of the last few tokens (skipping special tokens; vLLM's incremental
+detokenization, so the cost per token does not grow with the completion) and sends what is new,
+holding back a trailing incomplete UTF-8 character (decoded as U+FFFD) and, while stop strings are
+set, the last ``len(longest stop) - 1`` characters, which could be the start of one. A stop string
+ends the text before it. The completion's text is exactly the concatenation of the deltas, so a
+streamed response and a whole one agree; for byte-level BPE and SentencePiece tokenizers it is also
+``decode(all new tokens)``.
 """
 
 from __future__ import annotations
@@ -127,6 +128,9 @@ class TextStream:
     def __init__(self, tokenizer: TextTokenizer, stop: tuple[str, ...] = ()) -> None:
         self.tokenizer, self.stop = tokenizer, stop
         self._hold = max((len(s) for s in stop), default=1) - 1
+        self._decoded = ""  # the completion decoded so far (complete characters)
+        self._prefix = self._read = 0  # token offsets of the decoding window
+        self._partial = 0  # characters of an open window (one ending in an incomplete character) already taken
         self.text = ""
         """Everything sent so far: the completion's text."""
         self.stopped = False
@@ -139,19 +143,39 @@ class TextStream:
         """
         if self.stopped:
             return ""
-        full = self.tokenizer.decode(ids)
+        self._decode(ids, final)
+        full = self._decoded
         if self.stop:
             at = self._find_stop(full)
             if at is not None:
                 self.stopped, final, full = True, True, full[:at]
-        if not final:
-            cut = len(full.rstrip("\ufffd")) if full.endswith("\ufffd") else len(full)
-            full = full[:max(0, cut - self._hold)] if self.stop else full[:cut]
+        if not final and self.stop:
+            full = full[:max(0, len(full) - self._hold)]
         if len(full) <= len(self.text):
             return ""
-        delta = full[len(self.text):]  # (a tokenizer that revises earlier text: what lies past the sent length)
+        delta = full[len(self.text):]
         self.text += delta
         return delta
+
+    def _decode(self, ids: list[int], final: bool) -> None:
+        """Extend the decoded text by the new tokens, decoding only a window of the last few.
+
+        The window starts at the tokens of the previous extension: decoding ``ids[prefix:]`` and
+        ``ids[prefix:read]`` alike and keeping the difference gives what the new tokens add, even for
+        decoders that treat the first token of a sequence differently (SentencePiece's leading space);
+        a window never starts at tokens that decode to nothing alone (special tokens, a bare "▁").
+        A trailing incomplete character (U+FFFD) waits for the next token; the window then stays open.
+        """
+        before = self.tokenizer.decode(ids[self._prefix:self._read])
+        now = self.tokenizer.decode(ids[self._prefix:])
+        stable = now if final else now.rstrip("\ufffd")
+        self._decoded += stable[len(before) + self._partial:]
+        if len(stable) == len(now):  # complete: the next window starts at these tokens, if they decode to text
+            if self.tokenizer.decode(ids[self._read:]):  # (alone: a first "▁" or special token would lose its text)
+                self._prefix = self._read
+            self._read, self._partial = len(ids), 0
+        else:
+            self._partial = max(self._partial, len(stable) - len(before))
 
     def _find_stop(self, full: str) -> int | None:
         begin = len(self.text)  # text is sent only once no stop string can begin in it

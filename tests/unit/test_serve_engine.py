@@ -300,3 +300,30 @@ def test_metrics_render_prometheus_text(engine, ref) -> None:
     for ln in lines:  # every sample line is NAME{labels} VALUE
         if not ln.startswith("#"):
             float(ln.rsplit(" ", 1)[1])
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_incremental_text_equals_decoding_everything(tmp_path, kind: str) -> None:
+    """Random token streams (invalid UTF-8 pieces included): the deltas add up to ``decode(all)`` at every end."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from tests.unit._textmodels import sentences
+    from flexspeed.serve.tokenizer import TextTokenizer
+
+    tok = Tokenizer(models.BPE())
+    if kind == "byte-level":
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:  # SentencePiece's convention: "▁" marks a word start, the decoder drops the first one
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        alphabet = []
+    tok.train_from_iterator(sentences(), trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                                             initial_alphabet=alphabet))
+    hf = tf.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+    text_tok = TextTokenizer(hf, str(tmp_path))
+    rng = random.Random(0)
+    for trial in range(30):
+        ids = [rng.randrange(hf.vocab_size) for _ in range(rng.randint(1, 40))]
+        stream = TextStream(text_tok)
+        pieces = [stream.push(ids[:n], final=n == len(ids)) for n in range(1, len(ids) + 1)]
+        assert "".join(pieces) == stream.text == hf.decode(ids, skip_special_tokens=True), (trial, ids)

@@ -182,6 +182,17 @@ def test_malformed_requests_get_openai_error_json(served, path, body, status, pa
     assert served.raw("GET", "/health")[0] == 200  # and the server is still up
 
 
+def test_an_unexpected_failure_is_a_500_json_and_the_server_goes_on(served, monkeypatch) -> None:
+    def broken(text: str) -> list[int]:
+        raise RuntimeError("tokenizer exploded")
+
+    monkeypatch.setattr(served.engine.tokenizer, "encode", broken)
+    status, data = served.raw("POST", "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2}))
+    assert status == 500 and data["error"]["type"] == "server_error" and "tokenizer exploded" in data["error"]["message"]
+    monkeypatch.undo()
+    assert served.client().completions.create(model=NAME, prompt="Us", max_tokens=2).usage.completion_tokens == 2
+
+
 def test_the_client_sees_openai_errors(served) -> None:
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         served.client().completions.create(model=NAME, prompt="hi", max_tokens=10_000)
