@@ -36,7 +36,7 @@ def run_prompts(args: argparse.Namespace) -> int:
 
     from flexspeed.cli.textargs import engine_options, load_model, offload_policy
     from flexspeed.config.errors import ConfigError
-    from flexspeed.serve.batch import done_ids, read_prompts, run_batch, sampling_from_hf
+    from flexspeed.serve.batch import done_ids, id_key, read_prompts, run_batch, sampling_from_hf
     from flexspeed.serve.engine import Engine
     from flexspeed.serve.errors import RequestError
     from flexspeed.serve.model import check_model_folder
@@ -64,7 +64,11 @@ def run_prompts(args: argparse.Namespace) -> int:
             return tokenizer.encode(rec["prompt"]) if "prompt" in rec else tokenizer.encode_chat(rec["messages"])
 
         items = read_prompts(args.prompts, tokenize)
-        skipped = len(done_ids(args.output)) if items else 0
+        finished = done_ids(args.output)
+        skipped = sum(id_key(it.id) in finished for it in items)
+        if skipped == len(items):
+            print(f"nothing to do: all {len(items)} ids of {args.prompts} are in {args.output}", flush=True)
+            return 0
         longest = max((len(it.ids) for it in items), default=1)
         policy, origin = offload_policy(args, longest, args.max_new_tokens, args.max_num_seqs)
         if policy is not None:
@@ -75,7 +79,7 @@ def run_prompts(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError, NotImplementedError) as exc:
         return _fail(str(exc))
     print(f"loaded {model.describe()} in {time.perf_counter() - t0:.1f}s; {engine.describe()}", flush=True)
-    bar = tqdm(total=max(0, len(items) - skipped), desc="generate", unit="prompt", file=sys.stderr)
+    bar = tqdm(total=len(items) - skipped, desc="generate", unit="prompt", file=sys.stderr)
     made, start = [0], time.perf_counter()
 
     def progress(tokens: int) -> None:
@@ -91,7 +95,7 @@ def run_prompts(args: argparse.Namespace) -> int:
         if model.offloaded:
             model.engine.offload.close()
     rate = summary.tokens / summary.seconds if summary.seconds > 0 else 0.0
-    print(f"wrote {summary.written} completions and {summary.errors} errors to {args.output} "
-          f"({summary.skipped} ids already there): {summary.tokens} tokens in {summary.seconds:.1f}s, {rate:.1f} tok/s",
-          flush=True)
+    print(f"wrote {summary.written + summary.errors} records to {args.output} ({summary.written} completions, "
+          f"{summary.errors} errors; {summary.skipped} ids were already there): {summary.tokens} tokens in "
+          f"{summary.seconds:.1f}s, {rate:.1f} tok/s", flush=True)
     return 0

@@ -36,7 +36,8 @@ from flexspeed.serve.errors import RequestError
 from flexspeed.serve.sampling import SamplingParams
 from flexspeed.serve.sequence import Output
 
-__all__ = ["PromptLine", "read_prompts", "done_ids", "run_batch", "sampling_from_hf", "LINE_OPTIONS", "BatchSummary"]
+__all__ = ["PromptLine", "read_prompts", "done_ids", "id_key", "run_batch", "sampling_from_hf", "LINE_OPTIONS",
+           "BatchSummary"]
 
 LINE_OPTIONS: dict[str, type | tuple[type, ...]] = {
     "max_new_tokens": int, "min_new_tokens": int, "do_sample": bool, "temperature": (int, float),
@@ -58,7 +59,7 @@ class PromptLine:
     error: str | None = None
 
 
-def _key(value: Any) -> str:
+def id_key(value: Any) -> str:
     """Ids compare by their JSON form (1 and "1" are different ids)."""
     return json.dumps(value, sort_keys=True)
 
@@ -132,15 +133,15 @@ def read_prompts(path: str, tokenize: Callable[[dict[str, Any]], list[int]]) -> 
         item = PromptLine(n, n)
         try:
             item.id, rec = _parse(n, text)
-            if _key(item.id) in seen:
-                raise ValueError(f"line {n}: id {item.id!r} is already used on line {seen[_key(item.id)]}")
-            seen[_key(item.id)] = n
+            if id_key(item.id) in seen:
+                raise ValueError(f"line {n}: id {item.id!r} is already used on line {seen[id_key(item.id)]}")
+            seen[id_key(item.id)] = n
             _check(n, rec)
             item.options = {k: rec[k] for k in LINE_OPTIONS if rec.get(k) is not None}
             item.ids = tokenize(rec)
         except (ValueError, RequestError) as exc:
             item.error = str(exc) if str(exc).startswith(f"line {n}") else f"line {n}: {exc}"
-            if seen.setdefault(_key(item.id), n) != n:  # an unreadable line whose number another line took as id
+            if seen.setdefault(id_key(item.id), n) != n:  # an unreadable line whose number another line took as id
                 item.id = f"line {n}"
         out.append(item)
     return out
@@ -162,7 +163,7 @@ def done_ids(path: str) -> set[str]:
     ids = set()
     for n, raw in enumerate(data[:end].decode("utf-8", errors="replace").splitlines(), start=1):
         try:
-            ids.add(_key(json.loads(raw)["id"]))
+            ids.add(id_key(json.loads(raw)["id"]))
         except (json.JSONDecodeError, KeyError, TypeError):
             raise ConfigError(f"{path}:{n} is not an output record ({raw[:80]!r}); --output must be a file this "
                               "command wrote (or a new path)", key="output") from None
@@ -196,7 +197,7 @@ def run_batch(engine: Engine, items: list[PromptLine], output: str, defaults: di
     """
     summary, t0 = BatchSummary(), time.perf_counter()
     finished = done_ids(output)
-    todo = [it for it in items if _key(it.id) not in finished]
+    todo = [it for it in items if id_key(it.id) not in finished]
     summary.skipped = len(items) - len(todo)
     results: queue.Queue[tuple[int, Output]] = queue.Queue()
     parts: dict[int, Completion] = {}

@@ -11,6 +11,7 @@ worker carries on.
 
 from __future__ import annotations
 
+import queue
 import sys
 import threading
 import time
@@ -173,6 +174,34 @@ class Engine:
             self._inbox.append(seq)
             self._cv.notify()
         return seq
+
+    def complete(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 timeout: float | None = None) -> list[Completion]:
+        """Run requests to the end and return their completions (blocking; the engine must be started).
+
+        Args:
+            prompts: token ids of each prompt.
+            params: one setting for all, or one per prompt.
+            timeout: seconds to wait for all of them (``None``: no limit).
+        Raises:
+            RequestError, QueueFull: as :meth:`submit`; TimeoutError: not done in time (they are cancelled).
+        """
+        per = params if isinstance(params, list) else [params] * len(prompts)
+        results: queue.Queue[tuple[int, Output]] = queue.Queue()
+        done = [Completion() for _ in prompts]
+        seqs = [self.submit(ids, p, lambda o, i=i: results.put((i, o))) for i, (ids, p) in enumerate(zip(prompts, per))]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        left = len(seqs)
+        while left:
+            try:
+                i, out = results.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                for seq in seqs:
+                    seq.cancel()
+                raise TimeoutError(f"{left} of {len(seqs)} requests were not done within {timeout} s") from None
+            done[i].add(out)
+            left -= out.finish_reason is not None
+        return done
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the worker; requests still queued or running end with ``finish_reason="abort"``."""

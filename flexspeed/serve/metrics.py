@@ -112,8 +112,9 @@ class Metrics:
                    [f"flexspeed_prompt_tokens_total {self.prompt_tokens}"])
             metric("flexspeed_generation_tokens_total", "counter", "Tokens generated.",
                    [f"flexspeed_generation_tokens_total {self.generation_tokens}"])
-            metric("flexspeed_request_success_total", "counter", "Requests finished, by finish reason.",
-                   [f'flexspeed_request_success_total{{finish_reason="{r}"}} {n}' for r, n in sorted(self.finished.items())])
+            metric("flexspeed_requests_finished_total", "counter",
+                   "Requests ended, by finish reason (stop, length, abort: cancelled or disconnected, error).",
+                   [f'flexspeed_requests_finished_total{{finish_reason="{r}"}} {n}' for r, n in sorted(self.finished.items())])
             metric("flexspeed_request_rejected_total", "counter", "Requests refused with 429 (queue full).",
                    [f"flexspeed_request_rejected_total {self.rejected}"])
             metric("flexspeed_time_to_first_token_seconds", "histogram", "Arrival to first token.",

@@ -54,7 +54,7 @@ def test_completions_equal_hf_generate_and_decode(llama, ref, tmp_path, capsys) 
                str(out), "--max-new-tokens", "12", "--max-num-seqs", "3"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    assert "wrote 7 completions and 0 errors" in captured.out and "tok/s" in captured.err  # summary, progress bar
+    assert "wrote 7 records to" in captured.out and "(7 completions, 0 errors;" in captured.out and "tok/s" in captured.err  # summary, progress bar
     got = {r["id"]: r for r in records(out)}
     assert set(got) == {f"p{i}" for i in range(len(PROMPTS))} | {99}
     for i, p in enumerate(PROMPTS):
@@ -86,7 +86,7 @@ def test_bad_lines_are_recorded_and_the_rest_runs(llama, ref, tmp_path, capsys) 
     assert got["a"]["text"] == ref.text("Kalo mi ne", 6) and got[11]["text"] == ref.text("De po", 6)
     assert len(got) == len(records(out)) == 10  # every line once (the blank one is no line)
     assert main(args) == 0  # a rerun finds every id done
-    assert len(records(out)) == 10 and "0 completions and 0 errors" in capsys.readouterr().out
+    assert len(records(out)) == 10 and "nothing to do: all 10 ids" in capsys.readouterr().out
 
 
 def test_a_killed_run_resumes_with_every_id_once(llama, tmp_path) -> None:

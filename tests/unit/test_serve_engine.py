@@ -183,6 +183,14 @@ def test_engine_greedy_text_equals_hf_with_sampled_rows_alongside(engine, ref) -
     assert sum(engine.metrics.finished.values()) >= len(reqs) + len(noise)
 
 
+def test_complete_runs_prompts_to_their_end(engine, ref) -> None:
+    outs = engine.complete([ref.ids(p) for p in ("Kalo", "Ruta so vi")], SamplingParams(max_tokens=7, **GREEDY),
+                           timeout=60)
+    assert [c.text for c in outs] == [ref.text("Kalo", 7), ref.text("Ruta so vi", 7)]
+    with pytest.raises(TimeoutError, match="1 of 1 requests were not done within 0 s"):
+        engine.complete([ref.ids("Kalo")], SamplingParams(max_tokens=200, ignore_eos=True, **GREEDY), timeout=0)
+
+
 def test_seeded_sampling_is_reproducible_and_filters_apply(engine, ref) -> None:
     ids = ref.ids("Kalo mi ne")
     params = [SamplingParams(max_tokens=12, temperature=1.5, seed=7), SamplingParams(max_tokens=12, temperature=1.5, seed=7),
@@ -296,7 +304,7 @@ def test_metrics_render_prometheus_text(engine, ref) -> None:
         assert f"# TYPE {name} {kind}" in lines
     counts = [int(ln.rsplit(" ", 1)[1]) for ln in lines if ln.startswith("flexspeed_time_to_first_token_seconds_bucket")]
     assert counts == sorted(counts) and counts[-1] >= 1  # cumulative buckets, +Inf last
-    assert any(ln.startswith('flexspeed_request_success_total{finish_reason="length"}') for ln in lines)
+    assert any(ln.startswith('flexspeed_requests_finished_total{finish_reason="length"}') for ln in lines)
     for ln in lines:  # every sample line is NAME{labels} VALUE
         if not ln.startswith("#"):
             float(ln.rsplit(" ", 1)[1])
