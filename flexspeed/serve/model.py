@@ -100,10 +100,14 @@ def _load_in_memory(folder: str, dtype: torch.dtype | None, kernel_inject: bool)
     except ImportError as exc:
         raise ConfigError("loading a model folder in memory needs transformers: pip install 'flexspeed[serve]'",
                           key="model") from exc
+    import transformers
+
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype or "auto")
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **{key: dtype or "auto"})
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"{folder!r} does not load as a causal language model ({type(exc).__name__}: {exc})",
                           key="model") from exc

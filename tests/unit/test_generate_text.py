@@ -144,6 +144,22 @@ def test_offloaded_generation_equals_hf(tmp_path) -> None:
     assert got == {i: ref.text(p, 8) for i, p in enumerate(PROMPTS)}
 
 
+def test_mem_budget_chooses_a_policy_for_the_prompts(llama, ref, tmp_path, monkeypatch, capsys) -> None:
+    import flexspeed.inference.offload.chooser as chooser
+    from flexspeed.inference.offload.chooser import MachineProfile
+
+    profile = MachineProfile(mem_read_bw=25e9, mem_copy_bw=20e9, disk_cold_bw=1e9, disk_warm_bw=6e9, matmul_flops=6e11)
+    monkeypatch.setattr(chooser, "probe_machine", lambda *a, **k: profile)
+    out = tmp_path / "out.jsonl"
+    rows = [{"id": i, "prompt": p} for i, p in enumerate(PROMPTS[:4])]
+    rc = main(["generate", "--model", llama, "--prompts", write_jsonl(tmp_path / "p.jsonl", rows), "--output",
+               str(out), "--max-new-tokens", "6", "--mem-budget", "64MB", "--max-batch", "4",
+               "--offload-dir", str(tmp_path / "off")])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "policy (chosen for 64MB: estimated" in printed and "offloaded" in printed
+    assert {r["id"]: r["text"] for r in records(out)} == {i: ref.text(p, 6) for i, p in enumerate(PROMPTS[:4])}
+
+
 def test_bad_folders_and_options_fail_with_one_clear_line(llama, tmp_path, capsys) -> None:
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Us"}])
     out = str(tmp_path / "out.jsonl")
