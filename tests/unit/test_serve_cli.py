@@ -84,3 +84,17 @@ def test_help_reads_well(capsys) -> None:
         assert e.value.code == 0
         out = capsys.readouterr().out
         assert "examples:" in out and f"flexspeed {name}" in out and "--max-num-seqs" in out
+
+
+@pytest.mark.slow
+def test_serve_benchmark_quick_run(request) -> None:
+    """benchmarks/serve.py --quick end to end (about 15 s): ``pytest -m slow`` runs it."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("a slow check: select it with -m slow")
+    pytest.importorskip("openai")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    res = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "serve.py"), "--quick"], capture_output=True,
+                         text=True, timeout=600, cwd=root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| serve, ")]
+    assert len(rows) == 2 and all(r.rstrip(" |").endswith("2/2") for r in rows), res.stdout  # same greedy text as HF
