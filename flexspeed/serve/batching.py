@@ -88,8 +88,9 @@ class SlotBatcher:
         self._views: dict[tuple[int, int], KVCache] = {}
 
     def describe(self) -> str:
+        size = sum(t.numel() * t.element_size() for t in (*self.cache.k, *self.cache.v))
         return (f"continuous batching: {self.max_rows} slots x {self.t_max} cache columns "
-                f"({self.cache.k[0].dtype}, {self.device.type})")
+                f"({size / 2**20:.0f} MiB, {self.cache.k[0].dtype}, {self.device.type})")
 
     def running(self) -> int:
         return sum(r is not None for r in self.rows)

@@ -172,6 +172,7 @@ class Engine:
                 raise QueueFull(self._n_waiting, self.options.max_queue)
             self._n_waiting += 1
             self._inbox.append(seq)
+            self.metrics.load(len(self._running), self._n_waiting, self.batcher.max_rows)
             self._cv.notify()
         return seq
 
