@@ -209,6 +209,7 @@ class WaveBatcher:
         self.wave: list[Sequence] = []
         self.live: list[bool] = []
         self.step = None
+        self._prompt: tuple[torch.Tensor, torch.Tensor, int] | None = None
         self.started = False
         self.waves = 0
 
@@ -221,8 +222,6 @@ class WaveBatcher:
     def admit(self, waiting: deque[Sequence]) -> None:
         if self.wave or not waiting:
             return
-        from flexspeed.inference.generation import step_function
-
         longest = most = 0
         while waiting and len(self.wave) < self.max_rows:
             seq = waiting[0]
@@ -236,15 +235,19 @@ class WaveBatcher:
         for i, seq in enumerate(self.wave):
             ids[i, longest - len(seq.prompt_ids):] = torch.tensor(seq.prompt_ids)
             mask[i, longest - len(seq.prompt_ids):] = 1
-        device = _device_of(self.model)
-        self.step = step_function(self.model, ids.to(device), mask.to(device), most)
+        self._prompt = (ids, mask, most)
         self.live, self.started = [True] * len(self.wave), False
         self.waves += 1
 
     def forward(self) -> tuple[list[Sequence], torch.Tensor]:
         if not self.wave:
             return [], torch.empty(0)
-        if not self.started:
+        if not self.started:  # (here, not in admit: a failure is one step's, which the engine reports)
+            from flexspeed.inference.generation import step_function
+
+            ids, mask, most = self._prompt
+            device = _device_of(self.model)
+            self.step = step_function(self.model, ids.to(device), mask.to(device), most)
             logits = self.step(None)  # (B, V)
             self.started = True
         else:
@@ -258,7 +261,7 @@ class WaveBatcher:
             if s is seq:
                 self.live[i] = False
         if not any(self.live):
-            self.wave, self.live, self.step = [], [], None
+            self.wave, self.live, self.step, self._prompt = [], [], None, None
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -26,13 +26,16 @@ def llama(tmp_path_factory) -> str:
     return make_folder(str(tmp_path_factory.mktemp("llama")), "llama")
 
 
-def test_serve_process_answers_and_stops_on_ctrl_c(llama) -> None:
+@pytest.mark.parametrize("offload", [False, True])
+def test_serve_process_answers_and_stops_on_ctrl_c(llama, tmp_path, offload: bool) -> None:
     openai = pytest.importorskip("openai")
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    extra = ["--percent", "50", "50", "0", "100", "100", "0", "--gpu-batch-size", "2", "--offload-dir",
+             str(tmp_path / "off")] if offload else ["--max-num-seqs", "2"]
     proc = subprocess.Popen([sys.executable, "-m", "flexspeed", "serve", "--model", llama, "--port", str(port),
-                             "--served-model-name", "tiny", "--max-num-seqs", "2", "--threads", "1",
-                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--served-model-name", "tiny", "--threads", "1", "--log-level", "warning", *extra],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -52,6 +55,7 @@ def test_serve_process_answers_and_stops_on_ctrl_c(llama) -> None:
         stdout, stderr = proc.communicate(timeout=10)
         assert b"Traceback" not in stderr, stderr.decode()[-3000:]
         assert f"serving 'tiny' at http://127.0.0.1:{port}/v1".encode() in stdout
+        assert (b"static batching (offloaded): up to 2 requests" if offload else b"continuous batching: 2 slots") in stdout
     finally:
         if proc.poll() is None:
             proc.kill()
