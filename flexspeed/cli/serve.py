@@ -9,6 +9,7 @@ statically otherwise (offloaded models, other families); see ``docs/serve.md``.
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
 import sys
 import time
@@ -65,6 +66,10 @@ def _port_free(host: str, port: int) -> str | None:
     return None
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _fail(message: str) -> int:
     print(f"flexspeed serve: {message}", file=sys.stderr)
     return 2
@@ -109,9 +114,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1 (health /health, metrics /metrics)", flush=True)
     server = uvicorn.Server(uvicorn.Config(build_app(engine, name), host=args.host, port=args.port,
                                            log_level=args.log_level, lifespan="off"))
+    # uvicorn shuts down on SIGINT/SIGTERM, then raises the signal again with the handler it found: make
+    # SIGTERM's like Ctrl-C's, so the engine (and an offload runner's files) are closed either way
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.run()
-    except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raised the Ctrl-C it caught
+    except KeyboardInterrupt:
         pass
     finally:
         engine.close()
