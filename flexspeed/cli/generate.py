@@ -1,14 +1,17 @@
-"""``flexspeed generate``: offloaded high-throughput generation from a model folder (FlexLLMGen's flags).
+"""``flexspeed generate``: text prompts from a JSONL file to completions, or random-id throughput (``--benchmark``).
 
-The model is a Hugging Face folder (``config.json`` plus safetensors; OPT, Llama, GPT-2). Its
-weights are loaded straight into the policy's tiers through ``flexspeed.init_inference(...,
-offload=...)``, never whole into memory. The policy comes from ``--percent`` (six numbers, as
-FlexLLMGen's) or from ``--mem-budget``, in which case this machine is probed and the cost
-model picks the percentages and the block size. Prompts are random token ids (no tokenizer is
-needed); every row generates exactly ``--gen-len`` tokens.
+With ``--prompts FILE.jsonl --output OUT.jsonl`` the model folder's own tokenizer encodes each
+line's prompt (or renders its chat with the chat template), the serving engine generates (in
+memory with continuous batching, or offloaded with ``--percent`` / ``--mem-budget``, FlexLLMGen's
+flags), and one JSON record per line is appended to OUT as each finishes: id, text, token counts
+and finish reason, or an error naming the line. Prompts run shortest first; a rerun skips the
+ids already in OUT (see :mod:`flexspeed.serve.batch`). Sampling options carry HF ``generate``'s
+names and defaults (greedy unless ``--do-sample``).
 
-The last line reports tokens/s (batch x gen-len over the wall time of the generate call),
-prefill time, decode tokens/s, peak memory (``ru_maxrss``) and the policy used.
+With ``--benchmark`` the prompts are random token ids (no tokenizer is needed), every row
+generates exactly ``--gen-len`` tokens through the offload runner, and the last line reports
+tokens/s (batch x gen-len over the wall time of the generate call), prefill time, decode tokens/s,
+peak memory (``ru_maxrss``) and the policy used.
 """
 
 from __future__ import annotations
@@ -18,13 +21,21 @@ import resource
 import sys
 import time
 
+from flexspeed.cli.textargs import (add_engine_arguments, add_model_arguments, add_offload_arguments,
+                                    add_text_arguments, check_positive)
+
 __all__ = ["add_parser", "run"]
 
 _EPILOG = """\
 examples:
-  flexspeed generate --model /models/opt-1.3b --percent 10 0 100 0 100 0 --gpu-batch-size 8 --num-gpu-batches 4
-  flexspeed generate --model /models/opt-1.3b --mem-budget 4GB
-  flexspeed generate --model /models/opt-1.3b --mem-budget 2GB --compress-weight --direct-io
+  flexspeed generate --model /models/llama --prompts prompts.jsonl --output out.jsonl --max-new-tokens 64
+  flexspeed generate --model /models/opt-1.3b --prompts p.jsonl --output out.jsonl --percent 10 0 100 0 100 0
+  flexspeed generate --model /models/opt-1.3b --benchmark --percent 10 0 100 0 100 0 --gpu-batch-size 8 --num-gpu-batches 4
+  flexspeed generate --model /models/opt-1.3b --benchmark --mem-budget 4GB
+
+prompts.jsonl, one object per line: {"id": "q1", "prompt": "text"} or {"id": "q2", "messages": [{"role": "user",
+"content": "..."}]}, optionally with max_new_tokens, do_sample, temperature, top_k, top_p, ... for that line.
+out.jsonl gets {"id", "text", "prompt_tokens", "completion_tokens", "finish_reason"} or {"id", "line", "error"}.
 
 percent: w_gpu w_cpu cache_gpu cache_cpu act_gpu act_cpu (disk gets the rest of each pair).
 On a machine without an accelerator the "gpu" and "cpu" tiers are both RAM.
@@ -34,65 +45,30 @@ On a machine without an accelerator the "gpu" and "cpu" tiers are both RAM.
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=help_text, epilog=_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, metavar="DIR",
-                   help="Hugging Face model folder (config.json + safetensors)")
-    how = p.add_mutually_exclusive_group()
-    how.add_argument("--percent", nargs=6, type=float, metavar="P",
-                     help="six percentages: w_gpu w_cpu cache_gpu cache_cpu act_gpu act_cpu "
-                          "(default 100 0 100 0 100 0)")
-    how.add_argument("--mem-budget", default=None, metavar="SIZE",
-                     help="memory for weights, KV cache and buffers (e.g. 4GB); the policy is chosen for it")
-    p.add_argument("--gpu-batch-size", type=int, default=None, help="rows per micro-batch (default 4; searched "
-                                                                     "with --mem-budget)")
-    p.add_argument("--num-gpu-batches", type=int, default=None, help="micro-batches per block (default 1; searched "
-                                                                      "with --mem-budget)")
-    p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per row (default 512)")
-    p.add_argument("--gen-len", type=int, default=32, help="new tokens per row (default 32)")
-    p.add_argument("--compress-weight", action="store_true", help="int4 weights (group 64, asymmetric)")
-    p.add_argument("--compress-cache", action="store_true", help="int4 KV cache (group 64, asymmetric)")
-    p.add_argument("--offload-dir", default=None, help="directory for disk-tier files (default: a temporary one)")
-    p.add_argument("--direct-io", action="store_true", help="true-disk mode: disk reads bypass the page cache")
-    p.add_argument("--no-overlap", action="store_true", help="read weights inline instead of on background threads")
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
-                   help="compute dtype (default: the checkpoint's)")
-    p.add_argument("--max-batch", type=int, default=64, help="largest batch --mem-budget may choose (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add_model_arguments(p)
+    text = p.add_argument_group("text generation (--prompts)")
+    text.add_argument("--prompts", metavar="FILE.jsonl", help="prompts, one JSON object per line")
+    text.add_argument("--output", metavar="OUT.jsonl", help="completions are appended here; a rerun skips its ids")
+    add_text_arguments(text)
+    text.add_argument("--max-new-tokens", type=int, default=32, help="new tokens per prompt at most (default 32)")
+    text.add_argument("--min-new-tokens", type=int, default=0, help="end-of-sequence suppressed until this many")
+    text.add_argument("--do-sample", action="store_true", help="sample (default: greedy, as HF generate)")
+    text.add_argument("--temperature", type=float, default=1.0, help="with --do-sample (default 1.0)")
+    text.add_argument("--top-k", type=int, default=0, help="with --do-sample: sample among the k likeliest (0: all)")
+    text.add_argument("--top-p", type=float, default=1.0, help="with --do-sample: nucleus sampling (default 1.0)")
+    text.add_argument("--repetition-penalty", type=float, default=1.0, help="HF's repetition penalty (default 1.0)")
+    text.add_argument("--stop-strings", nargs="+", default=None, metavar="S", help="strings that end a completion")
+    add_engine_arguments(text, serving=False)
+    offload = p.add_argument_group("offload (FlexLLMGen's policy; text generation and --benchmark)")
+    add_offload_arguments(offload)
+    bench = p.add_argument_group("--benchmark: random token ids, throughput")
+    bench.add_argument("--benchmark", action="store_true", help="random-id throughput through the offload runner "
+                                                                "(default policy 100 0 100 0 100 0)")
+    bench.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per row (default 512)")
+    bench.add_argument("--gen-len", type=int, default=32, help="new tokens per row (default 32)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of sampling (text), or of the random prompts (--benchmark; default 0)")
     return p
-
-
-def _checkpoint_dtype(folder: str):
-    from flexspeed.inference.loading import checkpoint_files
-    from flexspeed.inference.offload.store import TensorSource
-
-    source = TensorSource.from_files(checkpoint_files(folder))
-    return next((s.dtype for s in source.spans.values() if s.dtype.is_floating_point), None)
-
-
-def _policy(args: argparse.Namespace, arch, dtype) -> tuple[object, str]:
-    """The policy, and a line saying where it came from."""
-    from flexspeed.inference.offload.policy import OffloadPolicy, parse_bytes
-
-    flags = dict(compress_weight=args.compress_weight, compress_cache=args.compress_cache, offload_dir=args.offload_dir,
-                 direct_io=args.direct_io, overlap=not args.no_overlap)
-    if args.mem_budget is None:
-        percent = args.percent or [100, 0, 100, 0, 100, 0]
-        pol = OffloadPolicy.from_percent(percent, gpu_batch_size=args.gpu_batch_size or 4,
-                                         num_gpu_batches=args.num_gpu_batches or 1, **flags)
-        return pol, "policy (from --percent)"
-    from flexspeed.inference.offload.chooser import choose_policy, probe_machine
-    from flexspeed.inference.loading import checkpoint_files
-
-    budget = parse_bytes(args.mem_budget, "--mem-budget")
-    device = "cuda" if _cuda() else "cpu"
-    profile = probe_machine(checkpoint_files(args.model)[0], dtype=dtype, device=device)
-    print(f"probe: {profile.describe()}", flush=True)
-    pol, est = choose_policy(arch, budget, profile, prompt_len=args.prompt_len, gen_len=args.gen_len,
-                             base=OffloadPolicy(**flags), gpu_batch_size=args.gpu_batch_size,
-                             num_gpu_batches=args.num_gpu_batches, max_batch=args.max_batch, dtype=dtype)
-    line = (f"policy (chosen for {args.mem_budget}: estimated {est['tokens_per_s']:.1f} tok/s, "
-            f"{est['memory_bytes'] / 2**30:.2f} GiB)")
-    return pol, line
 
 
 def _cuda() -> bool:
@@ -102,27 +78,38 @@ def _cuda() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.benchmark:
+        return _run_benchmark(args)
+    if not args.prompts or not args.output:
+        print("flexspeed generate: give --prompts FILE.jsonl and --output OUT.jsonl (text generation), or "
+              "--benchmark (random-id throughput)", file=sys.stderr)
+        return 2
+    from flexspeed.cli.generate_text import run_prompts
+
+    return run_prompts(args)
+
+
+def _run_benchmark(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
     import flexspeed
+    from flexspeed.cli.textargs import checkpoint_dtype, offload_policy
     from flexspeed.config.errors import ConfigError
     from flexspeed.inference.offload.arch import arch_from_config
     from flexspeed.inference.offload.runner import OffloadedLM
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    for flag in ("prompt_len", "gen_len", "gpu_batch_size", "num_gpu_batches", "max_batch"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            print(f"flexspeed generate: --{flag.replace('_', '-')}={value} must be >= 1", file=sys.stderr)
-            return 2
+    bad = check_positive(args, ("prompt_len", "gen_len", "gpu_batch_size", "num_gpu_batches", "max_batch"))
+    if bad:
+        print(f"flexspeed generate: {bad}", file=sys.stderr)
+        return 2
     try:
         stub = OffloadedLM.from_pretrained(args.model)
         arch = arch_from_config(stub.config)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype) \
-            or _checkpoint_dtype(args.model) or torch.float32
-        policy, origin = _policy(args, arch, dtype)
+        dtype = checkpoint_dtype(args)
+        policy, origin = offload_policy(args, args.prompt_len, args.gen_len, default_percent=True)
         print(f"{origin}: {policy.describe()}", flush=True)
         t0 = time.perf_counter()
         engine = flexspeed.init_inference(stub, checkpoint=args.model, dtype=dtype, offload=policy,
@@ -136,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"loaded in {time.perf_counter() - t0:.1f}s: weights {sum(tiers.values()) / 2**30:.2f} GiB, "
           f"{100 * summary['resident_fraction']:.0f}% resident, disk reads via {summary['read_method']}", flush=True)
     batch = (policy.gpu_batch_size or 1) * policy.num_gpu_batches
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed or 0)
     ids = torch.randint(min(3, arch.vocab - 1), arch.vocab, (batch, args.prompt_len), generator=gen)  # no special ids
     with tqdm(total=args.gen_len, desc="generate", unit="tok", file=sys.stderr) as bar:
         runner.on_step = lambda _dt: bar.update(1)

@@ -19,7 +19,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                      "validate a ds_config.json for a world size, without starting processes"),
     "export": ("flexspeed.cli.export", "write a checkpoint's consolidated weights as one safetensors/pt file"),
     "plot": ("flexspeed.cli.plot", "draw the loss and lr curves of a csv_monitor run as a PNG"),
-    "generate": ("flexspeed.cli.generate", "offloaded high-throughput generation from a model folder (FlexLLMGen's policy)"),
+    "generate": ("flexspeed.cli.generate", "text prompts (JSONL) to completions from a model folder, in memory or "
+                                           "offloaded (FlexLLMGen's policy); --benchmark for random-id throughput"),
+    "serve": ("flexspeed.cli.serve", "an OpenAI-compatible HTTP server for a model folder (continuous batching)"),
     "report": ("flexspeed.cli.report", "print versions, backends, devices and which features are available"),
 }
 
@@ -29,6 +31,8 @@ _EPILOG = """examples:
   flexspeed launch --nproc-per-node 2 train.py --deepspeed_config ds.json
   flexspeed check-config ds_config.json --world-size 8  validate a config, print the resolved batch triad
   flexspeed export ckpt/ model.safetensors              consolidate a sharded checkpoint
+  flexspeed generate --model DIR --prompts p.jsonl --output out.jsonl   text completions, resumable
+  flexspeed serve --model DIR --port 8000               OpenAI-compatible server (/v1/completions, chat, ...)
   flexspeed report                                      versions, backends, available features
 
 'flexspeed COMMAND --help' describes each command."""

@@ -28,6 +28,7 @@ OPTIONAL = {
     "matplotlib": ("flexspeed plot, the demo's loss.png", "pip install 'flexspeed[monitor]'"),
     "wandb": ("wandb monitor", "pip install wandb"),
     "accelerate": ("benchmarks against HF Accelerate", "pip install 'flexspeed[bench]'"),
+    "uvicorn": ("flexspeed serve (with starlette)", "pip install 'flexspeed[serve]'"),
 }
 
 

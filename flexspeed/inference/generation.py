@@ -26,7 +26,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["generate", "resolve_special_tokens"]
+__all__ = ["generate", "resolve_special_tokens", "step_function", "apply_repetition_penalty", "apply_top_k",
+           "apply_top_p", "greedy_tokens"]
 
 
 def _attr(model: nn.Module, name: str):
@@ -86,38 +87,65 @@ class _Sampler:
 
     def __call__(self, logits: torch.Tensor, seq: torch.Tensor, n_done: int) -> torch.Tensor:
         """``logits`` (B, V) float32, ``seq`` (B, T) tokens so far -> next tokens (B,)."""
-        if self.penalty != 1.0:  # left padding is not "already generated": route it to a dummy column
-            vocab = logits.shape[-1]
-            ids = seq if self.padding is None else seq.masked_fill(self.padding[:, :seq.shape[1]], vocab)
-            padded = torch.nn.functional.pad(logits, (0, 1))  # (B, V + 1)
-            picked = padded.gather(1, ids)  # (B, T)
-            penalised = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
-            logits = padded.scatter(1, ids, penalised)[:, :vocab]
+        if self.penalty != 1.0:
+            logits = apply_repetition_penalty(logits, seq, self.penalty,
+                                              None if self.padding is None else self.padding[:, :seq.shape[1]])
         if n_done < self.min_new and self.eos:
             if self._eos_t is None or self._eos_t.device != logits.device:
                 self._eos_t = torch.tensor(self.eos, dtype=torch.long, device=logits.device)
             logits.index_fill_(1, self._eos_t, float("-inf"))
         if not self.do_sample:
-            if logits.device.type == "cpu":
-                from flexspeed.inference.native import argmax_rows
-
-                fast = argmax_rows(logits)
-                if fast is not None:
-                    return fast
-            return logits.argmax(dim=-1)
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        if 0 < self.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, self.top_k, dim=-1).values[:, -1:]  # (B, 1)
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
-            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-            drop = cum <= 1 - self.top_p
-            drop[:, -1] = False  # always keep the most likely token
-            logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+            return greedy_tokens(logits)
+        logits = apply_top_p(apply_top_k(logits / self.temperature if self.temperature != 1.0 else logits,
+                                         self.top_k), self.top_p)
         probs = logits.softmax(dim=-1)  # (B, V)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+
+
+# The logits processors, in HF's order (penalty, then for sampling temperature, top-k, top-p). The
+# serving engine applies the same functions row by row with each request's own settings.
+
+def apply_repetition_penalty(logits: torch.Tensor, seq: torch.Tensor, penalty: float,
+                             padding: torch.Tensor | None = None) -> torch.Tensor:
+    """HF's (CTRL) repetition penalty: ``logits`` (B, V) of tokens in ``seq`` (B, T) divided by
+    ``penalty`` (multiplied where negative). ``padding`` (B, T) marks left padding, which is not
+    "already generated" (routed to a dummy column). Returns a new tensor."""
+    vocab = logits.shape[-1]
+    ids = seq if padding is None else seq.masked_fill(padding, vocab)
+    padded = torch.nn.functional.pad(logits, (0, 1))  # (B, V + 1)
+    picked = padded.gather(1, ids)  # (B, T)
+    penalised = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return padded.scatter(1, ids, penalised)[:, :vocab]
+
+
+def apply_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the ``top_k`` largest logits of each row (B, V); 0 keeps all."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return logits
+
+
+def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability reaches ``top_p``."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop = cum <= 1 - top_p
+    drop[:, -1] = False  # always keep the most likely token
+    return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` of (B, V) logits (the native kernel's on the CPU, ~10x faster)."""
+    if logits.device.type == "cpu":
+        from flexspeed.inference.native import argmax_rows
+
+        fast = argmax_rows(logits)
+        if fast is not None:
+            return fast
+    return logits.argmax(dim=-1)
 
 
 def _prepare_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad: int | None,
@@ -206,7 +234,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
         sampler.padding[:, :T] = mask == 0
     if max_new_tokens == 0:
         return seq
-    step = _stepper(model, input_ids, mask, max_new_tokens, use_cache)
+    step = step_function(model, input_ids, mask, max_new_tokens, use_cache)
     # greedy decoding of a native-kernel model: everything after the first token in one C call
     on_cpu, eos_set, done = input_ids.device.type == "cpu", set(eos), [False] * B
     fast = getattr(step, "greedy", None) if on_cpu and not do_sample and repetition_penalty == 1.0 else None
@@ -245,8 +273,17 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(dim=1) - 1).clamp_(min=0)  # (B, T); pads get 0, as HF
 
 
-def _stepper(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new: int, use_cache: bool):
-    """A closure: ``step(None)`` runs the prompt, ``step(tokens)`` one new token; both -> (B, V) logits."""
+def step_function(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new: int, use_cache: bool = True):
+    """The forward steps :func:`generate` runs, as a closure over a fresh cache.
+
+    Args:
+        ids, mask: (B, T) left-padded prompt tokens and their mask (1 for tokens).
+        max_new: the most tokens any row will be given (sizes the cache).
+    Returns:
+        ``step``: ``step(None)`` runs the prompts, then ``step(tokens)`` feeds one new token
+        (B,) per row; both return the next-token logits (B, V). Picks the fused runner, HF's
+        cache API or recomputation, as :func:`generate` does.
+    """
     from flexspeed.inference.kernels import build_runner, get_runner
 
     runner = get_runner(model) or (build_runner(model) if use_cache else None)

@@ -40,8 +40,8 @@ from flexspeed.inference.attention import StepContext, apply_rope, masked_decode
 from flexspeed.inference.fused import FusedRunner, KVCache, _proj
 from flexspeed.inference.packed import PackedLinear, can_pack
 
-__all__ = ["inject_kernels", "get_runner", "build_runner", "FusedDecoderLayer", "FusedRunner", "KVCache",
-           "StepContext"]
+__all__ = ["inject_kernels", "get_runner", "build_runner", "supports_injection", "FusedDecoderLayer", "FusedRunner",
+           "KVCache", "StepContext"]
 
 _KEY = "replace_with_kernel_inject"
 _SUPPORTED = "flexspeed GPT, HF GPT2LMHeadModel, OPTForCausalLM, LlamaForCausalLM"
@@ -419,6 +419,11 @@ def _pack_linears(layer: nn.Module) -> None:
     for name, mod in list(layer.named_modules()):
         if type(mod) is nn.Linear and can_pack(mod.weight):
             _set_child(layer, name, PackedLinear(mod))
+
+
+def supports_injection(model: nn.Module) -> bool:
+    """``inject_kernels`` recognises ``model``'s architecture (flexspeed GPT, HF GPT-2, OPT, Llama)."""
+    return _detect(model) is not None
 
 
 def get_runner(model: nn.Module) -> FusedRunner | None:

@@ -21,6 +21,7 @@ BAD = {  # subcommand -> (arguments, a word the message must contain)
     "plot": (["/nonexistent/monitor"], "/nonexistent/monitor"),
     "generate": (["--model", "/nonexistent/model"], "/nonexistent/model"),
     "report": (["--no-such-flag"], "--no-such-flag"),
+    "serve": (["--model", "/nonexistent/model"], "/nonexistent/model"),
 }
 
 

@@ -74,8 +74,8 @@ def opt_folder(tmp_path_factory) -> str:
 
 
 def test_cli_generate_with_percent(opt_folder, capsys) -> None:
-    rc = main(["generate", "--model", opt_folder, "--percent", "10", "0", "100", "0", "100", "0", "--gpu-batch-size",
-               "2", "--num-gpu-batches", "2", "--prompt-len", "8", "--gen-len", "4", "--compress-cache"])
+    rc = main(["generate", "--model", opt_folder, "--benchmark", "--percent", "10", "0", "100", "0", "100", "0",
+               "--gpu-batch-size", "2", "--num-gpu-batches", "2", "--prompt-len", "8", "--gen-len", "4", "--compress-cache"])
     out = capsys.readouterr()
     assert rc == 0, out.err
     last = out.out.strip().splitlines()[-1]
@@ -88,20 +88,21 @@ def test_cli_generate_with_mem_budget(opt_folder, capsys, monkeypatch) -> None:
     import flexspeed.inference.offload.chooser as chooser
 
     monkeypatch.setattr(chooser, "probe_machine", lambda *a, **k: PROFILE)
-    rc = main(["generate", "--model", opt_folder, "--mem-budget", "64MB", "--prompt-len", "8", "--gen-len", "3",
-               "--max-batch", "4"])
+    rc = main(["generate", "--model", opt_folder, "--benchmark", "--mem-budget", "64MB", "--prompt-len", "8",
+               "--gen-len", "3", "--max-batch", "4"])
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert "policy (chosen for 64MB: estimated" in out.out and "throughput" in out.out
 
 
 def test_cli_generate_errors(opt_folder, tmp_path, capsys) -> None:
-    assert main(["generate", "--model", str(tmp_path), "--percent", "100", "0", "100", "0", "100", "0"]) == 2
+    assert main(["generate", "--model", str(tmp_path), "--benchmark", "--percent", "100", "0", "100", "0", "100",
+                 "0"]) == 2
     assert "config.json" in capsys.readouterr().err
     with open(tmp_path / "config.json", "w") as f:
         json.dump({"model_type": "t5"}, f)
-    assert main(["generate", "--model", str(tmp_path)]) == 2
+    assert main(["generate", "--model", str(tmp_path), "--benchmark"]) == 2
     assert "model_type='t5' is not supported" in capsys.readouterr().err
-    assert main(["generate", "--model", opt_folder, "--percent", "90", "20", "100", "0", "100", "0"]) == 2
+    assert main(["generate", "--model", opt_folder, "--benchmark", "--percent", "90", "20", "100", "0", "100", "0"]) == 2
     assert "w_gpu_percent=90 plus w_cpu_percent=20" in capsys.readouterr().err
-    assert main(["generate", "--model", opt_folder, "--gen-len", "0"]) == 2
+    assert main(["generate", "--model", opt_folder, "--benchmark", "--gen-len", "0"]) == 2
