@@ -19,7 +19,7 @@ BAD = {  # subcommand -> (arguments, a word the message must contain)
     "check-config": (["/nonexistent/ds.json"], "/nonexistent/ds.json"),
     "export": (["/nonexistent/ckpt", "/tmp/flexspeed-never-written.safetensors"], "/nonexistent/ckpt"),
     "plot": (["/nonexistent/monitor"], "/nonexistent/monitor"),
-    "generate": (["--model", "/nonexistent/model"], "/nonexistent/model"),
+    "generate": (["--model", "/nonexistent/model", "--benchmark"], "/nonexistent/model"),
     "report": (["--no-such-flag"], "--no-such-flag"),
     "serve": (["--model", "/nonexistent/model"], "/nonexistent/model"),
 }
