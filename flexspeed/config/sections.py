@@ -7,7 +7,7 @@ DeepSpeed's documented defaults. Fields typed ``... | Auto`` accept ``"auto"``, 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -78,8 +78,9 @@ class Fp16Config(Section):
     """Cast the model's floating-point inputs to float16 in forward."""
     loss_scale: NonNegFloat = 0.0
     """Static loss scale; 0 selects dynamic loss scaling."""
-    initial_scale_power: NonNegInt = 16
-    """Dynamic loss scaling starts at ``2 ** initial_scale_power``."""
+    initial_scale_power: Annotated[Int, Field(ge=0, le=64)] = 16
+    """Dynamic loss scaling starts at ``2 ** initial_scale_power`` (at most 2**64: a larger scale overflows
+    every fp16 gradient, and each overflow only halves it)."""
     loss_scale_window: PosInt = 1000
     """Steps without overflow before the dynamic loss scale is doubled."""
     hysteresis: PosInt = 2
