@@ -26,6 +26,7 @@ from flexspeed.config.fields import (
 )
 
 __all__ = [
+    "NonFiniteConfig",
     "OptimizerConfig",
     "SchedulerConfig",
     "Fp16Config",
@@ -91,6 +92,17 @@ class Fp16Config(Section):
     """The dynamic loss scale never drops below this."""
     fp16_master_weights_and_grads: Bool = False
     """Keep master weights and gradients in fp16 (DeepSpeed ZeRO-Offload experiment)."""
+
+
+class NonFiniteConfig(Section):
+    """``"flexspeed_nonfinite"`` (a flexspeed extension; DeepSpeed has no such key): what an fp32/bf16
+    optimizer step with a non-finite (inf/NaN) global gradient norm does. fp16 has its loss scaler."""
+
+    action: Literal["skip", "raise", "off"] = "skip"
+    """``skip``: no optimizer/scheduler step, counted in ``skipped_steps`` and warned with the step;
+    ``raise``: raise at the first one; ``off``: step anyway (DeepSpeed's behaviour: the weights turn NaN)."""
+    max_consecutive_skips: PosInt = 10
+    """With ``skip``: raise when this many optimizer steps in a row were non-finite."""
 
 
 class Bf16Config(Section):

@@ -7,6 +7,7 @@ import copy
 import math
 
 import pytest
+import torch
 
 from flexspeed.config import build_config
 from flexspeed.config.errors import ConfigError
@@ -58,3 +59,79 @@ def test_limits_themselves_are_accepted():
     cfg["fp16"]["enabled"] = True
     cfg["optimizer"]["params"]["betas"] = [0.0, 0.999]
     build_config(cfg, world_size=1)
+
+
+# ---- training: non-finite gradient norms (fp32/bf16) and fp16 at the minimum scale ----------------
+def _engine(**extra):
+    from flexspeed.runtime.data import RepeatingLoader
+    from tests.distributed._ckpt_common import build_local
+
+    engine, loader = build_local(**extra)
+    return engine, RepeatingLoader(loader)
+
+
+def _step(engine, it, poison: bool) -> None:
+    for _ in range(engine.gradient_accumulation_steps()):
+        x, y = next(it)
+        loss = engine(x, y)
+        engine.backward(loss * float("nan") if poison else loss)
+        engine.step()
+
+
+def _weights(engine) -> dict:
+    return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_nonfinite_steps_are_skipped_then_raise(precision, caplog):
+    from flexspeed.runtime.precision import NumericalError
+
+    extra = {"bf16": {"enabled": True}} if precision == "bf16" else {}
+    engine, it = _engine(flexspeed_nonfinite={"max_consecutive_skips": 3}, **extra)
+    _step(engine, it, poison=False)
+    before, lr = _weights(engine), engine.get_lr()
+    with caplog.at_level("WARNING", logger="flexspeed"):
+        _step(engine, it, poison=True)
+        _step(engine, it, poison=True)
+    assert engine.skipped_steps == 2 and engine.global_steps == 3
+    assert all(torch.equal(before[n], p) for n, p in engine.module.named_parameters())
+    assert engine.get_lr() == lr  # the scheduler did not step either
+    assert "at optimizer step 1" in caplog.text and "step skipped" in caplog.text
+    _step(engine, it, poison=False)  # a finite step resets the count
+    assert all(torch.isfinite(p).all() for p in engine.module.parameters())
+    for _ in range(2):
+        _step(engine, it, poison=True)
+    with pytest.raises(NumericalError, match="3 steps in a row were non-finite"):
+        _step(engine, it, poison=True)
+    assert all(torch.isfinite(p).all() for p in engine.module.parameters())
+
+
+def test_nonfinite_raise_and_off():
+    from flexspeed.runtime.precision import NumericalError
+
+    engine, it = _engine(flexspeed_nonfinite={"action": "raise"})
+    with pytest.raises(NumericalError, match=r"global gradient norm is nan at optimizer step 0"):
+        _step(engine, it, poison=True)
+    engine, it = _engine(flexspeed_nonfinite={"action": "off"})  # DeepSpeed's behaviour
+    _step(engine, it, poison=True)
+    assert engine.skipped_steps == 0
+    assert not all(torch.isfinite(p).all() for p in engine.module.parameters())
+
+
+def test_fp16_persistent_overflow_raises_at_the_minimum_scale():
+    from flexspeed.runtime.precision import NumericalError
+
+    import flexspeed
+    from flexspeed.runtime.data import RepeatingLoader
+    from tests.distributed._ckpt_common import ckpt_config
+    from tests.distributed._parity import make_dataset, make_model
+
+    model = make_model(seed=0)
+    engine, _, loader, _ = flexspeed.initialize(
+        model=model, model_parameters=model.parameters(), training_data=make_dataset(),
+        config=ckpt_config(1, 0, fp16={"enabled": True, "initial_scale_power": 2, "hysteresis": 1}))
+    it = RepeatingLoader(loader)
+    with pytest.raises(NumericalError, match="loss scale already at its minimum"):
+        for _ in range(10):
+            _step(engine, it, poison=True)
+    assert engine.skipped_steps == 2  # 4 -> 2 -> 1, then the overflow at 1 raises
