@@ -56,12 +56,10 @@ from flexspeed.runtime.checkpoint_verify import (
     validate_engine_state,
     validate_manifest,
 )
+from flexspeed.runtime.zero import warn_once
 from flexspeed.utils.logging import ensure_handler, human_bytes
 
 __all__ = ["load_checkpoint"]
-
-_warned_unverified: set[str] = set()
-
 
 @dataclass
 class _Staged:
@@ -155,11 +153,10 @@ def _read(engine: Any, load_dir: str, tag: Any, *, strict: bool, module_only: bo
     manifest = read_manifest(path)
     validate_manifest(manifest, os.path.join(path, MANIFEST))
     integrity = Integrity(path, manifest.get("integrity"))
-    if not integrity.enabled and rank == 0 and path not in _warned_unverified:
-        _warned_unverified.add(path)
-        warnings.warn(f"flexspeed: checkpoint {path} was written before flexspeed recorded checksums (format "
-                      f"version {manifest.get('format_version')}); its files cannot be verified. Fix: save it again "
-                      "with this flexspeed to protect it", stacklevel=4)
+    if not integrity.enabled and rank == 0:
+        warn_once(f"flexspeed: checkpoint {path} was written before flexspeed recorded checksums (format version "
+                  f"{manifest.get('format_version')}); its files cannot be verified. Fix: save it again with this "
+                  "flexspeed to protect it")
     meta = safe_torch_load(os.path.join(path, ENGINE_FILE), integrity.read(ENGINE_FILE))
     validate_engine_state(meta, os.path.join(path, ENGINE_FILE))
     staged = _Staged(path, meta, safe_torch_load(os.path.join(path, CLIENT_FILE), integrity.read(CLIENT_FILE)))

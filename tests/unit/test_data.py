@@ -9,6 +9,16 @@ from torch.utils.data import TensorDataset
 from flexspeed.runtime.data import FlexDataLoader
 
 
+@pytest.fixture(autouse=True)
+def _no_group_leak():
+    """initialize() in one process starts a gloo group; later tests expect none."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _ds(n=40):
     return TensorDataset(torch.arange(n))
 

@@ -12,6 +12,16 @@ import torch
 from flexspeed.config import build_config
 from flexspeed.config.errors import ConfigError
 
+@pytest.fixture(autouse=True)
+def _no_group_leak():
+    """initialize() in one process starts a gloo group; later tests expect none."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 BASE = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
         "scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 1e-3, "warmup_num_steps": 10}}}
