@@ -5,7 +5,10 @@ build the engine (GPT of shared/ANCHORS.md: 4 layers, d_model 256, vocab 1024, 3
 parameters; AdamW), take one optimizer step so the optimizer state exists, then
 
 - save: ``engine.save_checkpoint`` (all ranks, wall time of the slowest), median of ``--reps``;
-- load: ``engine.load_checkpoint`` into a fresh engine at the same world size and stage;
+- load: ``engine.load_checkpoint`` into a fresh engine at the same world size and stage, verified
+  (every record's sha256 checked as it is read) and, interleaved, a copy without checksums (as
+  saved before they existed): the difference is the verification overhead (target < 10%);
+- the save-side checksum cost: each rank hashing its share of the data files (part of save s);
 - bytes on disk of one tag, against the 12 bytes/parameter of fp32 weights + Adam's two moments;
 - raw PyTorch baseline (same group): rank 0 ``torch.save`` of the full model + optimizer state
   dicts, and ``torch.load(weights_only=True)`` + ``load_state_dict`` of it on every rank (what a
@@ -115,13 +118,71 @@ def _group(rank: int, world: int, root: str, stages: list, reps: int) -> list:
         save_dir = os.path.join(root, f"w{world}s{stage}")
         saves = [_timed(lambda i=i: engine.save_checkpoint(save_dir, tag=f"t{i}")) for i in range(reps)]
         fresh = _engine(world, stage)
-        loads = [_timed(lambda: fresh.load_checkpoint(save_dir)) for _ in range(reps)]
+        loads, unverified, hash_s, share = _verified_vs_unverified(fresh, save_dir, rank, world, reps)
         raw_save, raw_load, raw_bytes = _raw_torch(engine, save_dir, reps) if stage == 0 else (None, None, None)
         if rank == 0:
             rows.append({"world": world, "stage": stage, "save_s": statistics.median(saves),
                          "load_s": statistics.median(loads), "bytes": _dir_bytes(os.path.join(save_dir, "t0")),
+                         "unverified_load_s": statistics.median(unverified), "hash_s": hash_s,
+                         "checksum_share": share,
                          "raw_save_s": raw_save, "raw_load_s": raw_load, "raw_bytes": raw_bytes})
     return rows
+
+
+def _verified_vs_unverified(engine, save_dir: str, rank: int, world: int, reps: int
+                            ) -> tuple[list, list, float, float]:
+    """Load times of tag t0 with its checksums and of a copy without them (as saved before checksums
+    existed), interleaved; the largest share of a verified load spent checksumming (timed inside it, so
+    immune to the noise between two loads on a busy machine); and the save-side checksum cost (each
+    rank hashing its share of the data files)."""
+    import json
+    import warnings
+
+    import torch.distributed as dist
+
+    from flexspeed.runtime.checkpoint_io import read_metadata
+    from flexspeed.runtime import checkpoint_verify
+    from flexspeed.runtime.checkpoint_verify import hash_state_files
+
+    plain = save_dir + "-unverified"
+    if rank == 0:
+        shutil.copytree(os.path.join(save_dir, "t0"), os.path.join(plain, "t0"))
+        file = os.path.join(plain, "t0", "flexspeed_checkpoint.json")
+        with open(file) as f:
+            manifest = json.load(f)
+        manifest.pop("integrity")
+        manifest["format_version"] = 1
+        with open(file, "w") as f:
+            json.dump(manifest, f)
+    dist.barrier()
+    verified, unverified, in_checksum = [], [], []
+    spent = [0.0]
+    real = checkpoint_verify.checksum
+
+    def timed_checksum(*args):  # the time a load spends checksumming, measured inside it
+        t0 = time.perf_counter()
+        try:
+            return real(*args)
+        finally:
+            spent[0] += time.perf_counter() - t0
+
+    checkpoint_verify.checksum = timed_checksum
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(reps):
+                spent[0] = 0.0
+                verified.append(_timed(lambda: engine.load_checkpoint(save_dir, tag="t0")))
+                in_checksum.append(spent[0] / verified[-1])
+                unverified.append(_timed(lambda: engine.load_checkpoint(plain, tag="t0")))
+    finally:
+        checkpoint_verify.checksum = real
+    state_dir = os.path.join(save_dir, "t0", "state")
+    metadata = read_metadata(state_dir)
+    files = sorted({str(i.relative_path) for i in metadata.storage_data.values()})
+    hash_s = statistics.median(_timed(lambda: hash_state_files(state_dir, files[rank::world], metadata))
+                               for _ in range(reps))
+    return verified, unverified, hash_s, max(in_checksum)
 
 
 def main() -> int:
@@ -183,13 +244,15 @@ def _print_table(rows: list[dict], extra: list[str], n_params: int, reps: int) -
     print(f"GPT {n_params / 1e6:.2f}M parameters, AdamW, fp32; medians of {reps}; wall seconds of the slowest rank; "
           f"12 B/param = fp32 weights + Adam's two moments")
     print()
-    print("| world | stage | save s | load s | MB on disk | B/param | torch.save s (rank 0) | torch.load s | "
-          "torch.save MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| world | stage | save s | of it crc32 s | load s | unverified load s | difference | crc32 share of load | "
+          "MB on disk | B/param | torch.save s (rank 0) | torch.load s | torch.save MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         raw = ("-", "-", "-") if r["raw_save_s"] is None else (
             f"{r['raw_save_s']:.3f}", f"{r['raw_load_s']:.3f}", f"{r['raw_bytes'] / 1e6:.1f}")
-        print(f"| {r['world']} | {r['stage']} | {r['save_s']:.3f} | {r['load_s']:.3f} | {r['bytes'] / 1e6:.1f} | "
+        overhead = (r["load_s"] - r["unverified_load_s"]) / r["unverified_load_s"]
+        print(f"| {r['world']} | {r['stage']} | {r['save_s']:.3f} | {r['hash_s']:.3f} | {r['load_s']:.3f} | "
+              f"{r['unverified_load_s']:.3f} | {overhead:+.1%} | {r['checksum_share']:.1%} | {r['bytes'] / 1e6:.1f} | "
               f"{r['bytes'] / n_params:.1f} | {raw[0]} | {raw[1]} | {raw[2]} |")
     for line in extra:
         print(line)

@@ -156,6 +156,9 @@ def resolve_config(config: Mapping[str, Any] | FlexConfig, *, world_size: int,
     return out
 
 
+_MAX_BATCH = 2**31 - 1  # a larger batch size is a typo (and overflows int32 index arithmetic)
+
+
 def _check_count(name: str, value: Any, source: str | None, *, optional: bool = False) -> None:
     if value is None and optional:
         return
@@ -179,6 +182,9 @@ def resolve_batch_triad(train_batch_size: int | None, micro_batch: int | None, g
     for key, value in zip(_TRIAD, (tbs, micro, gas)):
         if value is not None and value < 1:
             raise ConfigError(f"must be a positive integer, got {value}. Fix: set it to 1 or more.", key=key)
+        if value is not None and value > _MAX_BATCH:
+            raise ConfigError(f"got {value}, more than {_MAX_BATCH:,}: no dataset or device holds a batch (or an "
+                              "accumulation) that size. Fix: set the value you mean (e.g. 32).", key=key)
     ws = f"world size {world_size} (from {world_size_source})"
     if tbs is None and micro is None:
         raise ConfigError(

@@ -21,6 +21,7 @@ from flexspeed.config.sections import (
     DataTypesConfig,
     FlopsProfilerConfig,
     Fp16Config,
+    NonFiniteConfig,
     OptimizerConfig,
     PipelineConfig,
     SchedulerConfig,
@@ -109,6 +110,8 @@ class FlexConfig(Section):
     """Data types of engine buffers."""
     dataloader_drop_last: Bool = False
     """The engine's data loader drops the last incomplete batch."""
+    flexspeed_nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
+    """(flexspeed extension) Skip or raise on a non-finite gradient norm in fp32/bf16."""
     activation_checkpointing: ActivationCheckpointingConfig = Field(
         default_factory=ActivationCheckpointingConfig
     )

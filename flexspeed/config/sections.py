@@ -7,7 +7,7 @@ DeepSpeed's documented defaults. Fields typed ``... | Auto`` accept ``"auto"``, 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -26,6 +26,7 @@ from flexspeed.config.fields import (
 )
 
 __all__ = [
+    "NonFiniteConfig",
     "OptimizerConfig",
     "SchedulerConfig",
     "Fp16Config",
@@ -78,8 +79,9 @@ class Fp16Config(Section):
     """Cast the model's floating-point inputs to float16 in forward."""
     loss_scale: NonNegFloat = 0.0
     """Static loss scale; 0 selects dynamic loss scaling."""
-    initial_scale_power: NonNegInt = 16
-    """Dynamic loss scaling starts at ``2 ** initial_scale_power``."""
+    initial_scale_power: Annotated[Int, Field(ge=0, le=64)] = 16
+    """Dynamic loss scaling starts at ``2 ** initial_scale_power`` (at most 2**64: a larger scale overflows
+    every fp16 gradient, and each overflow only halves it)."""
     loss_scale_window: PosInt = 1000
     """Steps without overflow before the dynamic loss scale is doubled."""
     hysteresis: PosInt = 2
@@ -90,6 +92,17 @@ class Fp16Config(Section):
     """The dynamic loss scale never drops below this."""
     fp16_master_weights_and_grads: Bool = False
     """Keep master weights and gradients in fp16 (DeepSpeed ZeRO-Offload experiment)."""
+
+
+class NonFiniteConfig(Section):
+    """``"flexspeed_nonfinite"`` (a flexspeed extension; DeepSpeed has no such key): what an fp32/bf16
+    optimizer step with a non-finite (inf/NaN) global gradient norm does. fp16 has its loss scaler."""
+
+    action: Literal["skip", "raise", "off"] = "skip"
+    """``skip``: no optimizer/scheduler step, counted in ``skipped_steps`` and warned with the step;
+    ``raise``: raise at the first one; ``off``: step anyway (DeepSpeed's behaviour: the weights turn NaN)."""
+    max_consecutive_skips: PosInt = 10
+    """With ``skip``: raise when this many optimizer steps in a row were non-finite."""
 
 
 class Bf16Config(Section):

@@ -33,7 +33,7 @@ from flexspeed.pipe.sync import ZeroOneSharding, all_reduce_, broadcast_, grads_
 from flexspeed.pipe.topology import build_pipe_mesh
 from flexspeed.runtime.engine import PassThroughToModule
 from flexspeed.runtime.monitor import build_monitor
-from flexspeed.runtime.precision import LossScaler, PrecisionPolicy, clip_grads_, unscale_and_check_
+from flexspeed.runtime.precision import LossScaler, NonFiniteGuard, PrecisionPolicy, clip_grads_, unscale_and_check_
 
 __all__ = ["PipelineEngine", "build_pipeline_engine"]
 
@@ -68,6 +68,9 @@ class PipelineEngine(PassThroughToModule, nn.Module):
         self.training_dataloader = training_dataloader
         self.precision = PrecisionPolicy(mode=config.precision, device_type=device.type)
         self.loss_scaler = _loss_scaler(config) if config.precision == "fp16" else None
+        guard = getattr(config, "flexspeed_nonfinite", None)
+        self._nonfinite = NonFiniteGuard(guard.action, guard.max_consecutive_skips) \
+            if guard is not None and self.loss_scaler is None else None  # fp16: the loss scaler decides
         self.global_steps = 0
         self.global_samples = 0
         self.skipped_steps = 0
@@ -325,13 +328,16 @@ class PipelineEngine(PassThroughToModule, nn.Module):
         else:
             norm = self._grad_norm(params)
             self._global_grad_norm = float(norm)
-            if self.gradient_clipping() > 0:
-                clip_grads_(params, self.gradient_clipping(), norm)
-            self.optimizer.step()
-            if self.zero is not None:
-                self.zero.broadcast_updates()
-            if self.lr_scheduler is not None:
-                self.lr_scheduler.step()
+            if self._nonfinite is not None and self._nonfinite.should_skip(norm, self.global_steps):
+                self.skipped_steps += 1
+            else:
+                if self.gradient_clipping() > 0:
+                    clip_grads_(params, self.gradient_clipping(), norm)
+                self.optimizer.step()
+                if self.zero is not None:
+                    self.zero.broadcast_updates()
+                if self.lr_scheduler is not None:
+                    self.lr_scheduler.step()
         self.zero_grad()
 
     def zero_grad(self) -> None:

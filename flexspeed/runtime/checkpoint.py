@@ -12,12 +12,17 @@ Layout of one checkpoint (``save_dir/<tag>/``)::
                                  optimizer param groups (torch.save, read with weights_only=True)
         client_state.pt          rank 0: the ``client_state`` dict (same rules)
         rng/rank<r>.pt           every rank: torch CPU (+CUDA), python ``random``, numpy states
-        flexspeed_checkpoint.json  written last: format version, world size, stage, precision
+        flexspeed_checkpoint.json  written last: format version, world size, stage, precision, and the
+                                 size and CRC-32 of every file and DCP record (checkpoint_verify)
 
 Atomicity: every rank writes into ``save_dir/.flexspeed-tmp-<tag>-<nonce>``; after a barrier rank
 0 renames it to ``<tag>`` and then replaces ``latest`` (write-temp + ``os.replace``). A save that
 dies half-way leaves only the hidden temporary directory (removed by the next save), and
 ``latest`` still names the previous complete tag.
+
+Verification and transactions: a load checks every file and record it reads against the manifest
+before the engine changes, and all ranks agree on the outcome first (see
+:mod:`flexspeed.runtime.checkpoint_load`).
 
 Safety: nothing is unpickled beyond what ``torch.load(weights_only=True)`` allows; DCP's own
 pickled ``.metadata`` goes through a restricted unpickler (see :mod:`flexspeed.runtime.checkpoint_io`).
@@ -31,6 +36,7 @@ same global sample offset (see ``FlexDataLoader``); rank ``r`` takes the RNG sta
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -45,7 +51,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.metadata import Metadata
 
 from flexspeed.runtime.checkpoint_io import (
     CLIENT_FILE,
@@ -58,19 +63,16 @@ from flexspeed.runtime.checkpoint_io import (
     CheckpointError,
     UnsafeCheckpointError,
     commit_tag,
-    safe_dcp_load,
     quiet_single_process,
     read_latest,
-    read_manifest,
     read_metadata,
     remove_stale_temporaries,
-    resolve_tag_dir,
-    safe_torch_load,
     serialize_checked,
     validate_dir,
     validate_tag,
     write_atomic,
 )
+from flexspeed.runtime.checkpoint_verify import HASH, digest_of, hash_bytes, hash_state_files, records_of
 from flexspeed.runtime.hf_folder import model_config_dict, tied_groups
 from flexspeed.utils.logging import ensure_handler, human_bytes
 
@@ -344,171 +346,60 @@ def _dir_bytes(path: str) -> int:
 
 def _write_tag(engine: Any, tmp: str, tag: str, world: int, rank: int, rank0_files: dict[str, bytes],
                exclude_frozen: bool) -> None:
-    """Every rank: its tensors (DCP) and RNG state; rank 0 also the engine files, then the manifest."""
+    """Every rank: its tensors (DCP), RNG state and their checksums; rank 0 also the engine files, then the
+    manifest with every file's checksum."""
     model_sd, optim_sd = _state_dicts(engine, with_optimizer=True, exclude_frozen=exclude_frozen)
     tensors: dict[str, Any] = {"model": model_sd}
     if optim_sd is not None:
         tensors["optim"] = {"state": _tensor_tree(optim_sd["state"])}
+    state_dir = os.path.join(tmp, STATE_DIR)
     with quiet_single_process():
-        dcp.save(tensors, storage_writer=FileSystemWriter(os.path.join(tmp, STATE_DIR)), no_dist=world == 1)
-    with open(os.path.join(tmp, RNG_DIR, f"rank{rank}.pt"), "wb") as f:
-        torch.save(_rng_state(), f)
-        f.flush()
-        os.fsync(f.fileno())
+        dcp.save(tensors, storage_writer=FileSystemWriter(state_dir), no_dist=world == 1)
+    buf = io.BytesIO()
+    torch.save(_rng_state(), buf)
+    rng_name = f"{RNG_DIR}/rank{rank}.pt"
+    write_atomic(os.path.join(tmp, rng_name), buf.getvalue())
+    # every rank hashes its share of the data files (one read each, from the page cache)
+    metadata = read_metadata(state_dir)
+    data_files = sorted({str(info.relative_path) for info in metadata.storage_data.values()})
+    entries, spans = hash_state_files(state_dir, data_files[rank::world], metadata)
+    gathered = _all_gather(({rng_name: hash_bytes(buf.getvalue())}, entries, spans))
     if rank == 0:
         for name, data in rank0_files.items():
             write_atomic(os.path.join(tmp, name), data)
         manifest = _manifest(engine, tag, world, optim_sd is not None)
+        manifest["integrity"] = _integrity_section(state_dir, metadata, rank0_files, gathered, world)
+        manifest["integrity"]["digest"] = digest_of(manifest)
         write_atomic(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=2).encode())
 
 
-# ---- load -----------------------------------------------------------------------------------------
+def _integrity_section(state_dir: str, metadata: Any, rank0_files: dict[str, bytes], gathered: list,
+                       world: int) -> dict:
+    """The manifest's checksums: every file of the tag and every DCP record (see checkpoint_verify)."""
+    files = {name: hash_bytes(data) for name, data in rank0_files.items()}
+    with open(os.path.join(state_dir, ".metadata"), "rb") as f:
+        files[f"{STATE_DIR}/.metadata"] = hash_bytes(f.read())
+    spans: dict[tuple, str] = {}
+    for rng_entry, entries, rank_spans in gathered:
+        files.update(rng_entry)
+        files.update({f"{STATE_DIR}/{name}": entry for name, entry in entries.items()})
+        spans.update(rank_spans)
+    records = [{"key": key, "offsets": list(offsets) if offsets is not None else None, "index": index, **rec,
+                HASH: spans[(rec["file"], rec["start"], rec["length"])]}
+               for (key, offsets, index), rec in records_of(metadata).items()]
+    return {"hash": HASH, "files": files, "records": records, "rng_ranks": world}
+
+
+# ---- load (implemented in flexspeed.runtime.checkpoint_load) ----------------------------------------
 def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: Any = None, load_module_strict: bool = True,
                     load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
                     load_module_only: bool = False) -> tuple[str | None, dict | None]:
-    """Restore ``engine`` from a checkpoint saved at any world size and ZeRO stage; every rank calls it.
+    """Restore ``engine`` from a verified checkpoint; see :func:`flexspeed.runtime.checkpoint_load.load_checkpoint`."""
+    from flexspeed.runtime.checkpoint_load import load_checkpoint as _load
 
-    Args:
-        engine: the ``TrainingEngine`` (built the same way as the one that saved, any world size/stage).
-        load_dir: the ``save_dir`` given to ``save_checkpoint``.
-        tag: which tag; ``None`` reads ``load_dir/latest``.
-        load_module_strict: every model key must match (else missing keys keep their current values).
-        load_optimizer_states: restore the optimizer's per-parameter state and hyperparameters.
-        load_lr_scheduler_states: restore the scheduler.
-        load_module_only: restore the model weights only (no optimizer, scheduler, counters, RNG or data
-            position), e.g. to fine-tune from a trained checkpoint.
-    Returns:
-        ``(path of the loaded tag, client_state)``, or ``(None, None)`` when ``tag`` is None and there
-        is no ``latest`` file.
-    """
-    started = time.perf_counter()
-    load_dir = os.path.abspath(validate_dir(load_dir, what="load_dir"))
-    if tag is None:
-        tag = read_latest(load_dir)
-        if tag is None:
-            warnings.warn(f"flexspeed: no 'latest' file in {load_dir}, so there is no checkpoint to load; "
-                          "returning (None, None). Fix: pass tag=... to load a specific checkpoint", stacklevel=2)
-            return None, None
-    path = resolve_tag_dir(load_dir, validate_tag(tag))
-    manifest = read_manifest(path)
-    meta = safe_torch_load(os.path.join(path, ENGINE_FILE))
-    want_optim = bool(load_optimizer_states and not load_module_only and engine.optimizer is not None)
-    if want_optim and not manifest.get("has_optimizer_state", False):
-        warnings.warn(f"checkpoint {path} holds no optimizer state; the optimizer keeps its current state",
-                      stacklevel=2)
-        want_optim = False
-    _load_tensors(engine, path, meta, strict=load_module_strict, with_optimizer=want_optim)
-    if not load_module_only:
-        _restore_engine(engine, meta, load_lr_scheduler_states=load_lr_scheduler_states)
-        _restore_rng(path, manifest)
-    client_state = safe_torch_load(os.path.join(path, CLIENT_FILE))
-    _barrier()
-    if _rank_world()[0] == 0:
-        ensure_handler().info("loaded checkpoint %s (%s%s) in %.1f s", path, human_bytes(_dir_bytes(path)),
-                              ", weights only" if load_module_only else "", time.perf_counter() - started)
-    return path, client_state
-
-
-def _load_tensors(engine: Any, path: str, meta: dict, *, strict: bool, with_optimizer: bool) -> None:
-    # torch creates missing optimizer state with a zero step on the ranks that have none (e.g. a
-    # ZeRO-1 rank whose parameters never had a gradient): such a step must not start a collective
-    with engine._strategy.local_optimizer_steps():
-        _load_tensors_locally_stepped(engine, path, meta, strict=strict, with_optimizer=with_optimizer)
-
-
-def _load_tensors_locally_stepped(engine: Any, path: str, meta: dict, *, strict: bool, with_optimizer: bool) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
-
-    state_dir = os.path.join(path, STATE_DIR)
-    metadata = read_metadata(state_dir)
-    model_sd, optim_sd = _state_dicts(engine, with_optimizer=with_optimizer, for_load=True)
-    _check_model_keys(model_sd, metadata, set(meta.get("excluded_model_keys") or ()), strict, path)
-    target: dict[str, Any] = {"model": model_sd}
-    optim_tensors = None
-    if optim_sd is not None:
-        optim_tensors = _tensor_tree(optim_sd["state"])
-        available = {k for k in metadata.state_dict_metadata if k.startswith("optim.state.")}
-        # parameters with no saved state (never stepped) must end up with none, as in the saving run
-        optim_tensors = {fqn: {k: v for k, v in leaves.items() if f"optim.state.{fqn}.{k}" in available}
-                         for fqn, leaves in optim_tensors.items()}
-        optim_tensors = {fqn: leaves for fqn, leaves in optim_tensors.items() if leaves}
-        target["optim"] = {"state": optim_tensors}
-    _, world = _rank_world()
-    safe_dcp_load(target, state_dir, what=f"loading the tensors of {path}", no_dist=world == 1,
-                  allow_partial_load=True)
-    model_sd = target["model"]
-    if optim_sd is None:
-        set_model_state_dict(engine.module, model_sd, options=StateDictOptions(strict=False))
-        return
-    optim_sd = _merge_optim(optim_sd, target["optim"]["state"], meta.get("optimizer_param_groups"),
-                            _fqn_param_groups(engine.module, engine.optimizer))
-    set_state_dict(engine.module, optimizers=engine.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=StateDictOptions(strict=False))
-
-
-def _check_model_keys(model_sd: dict, metadata: Metadata, excluded: set[str], strict: bool, path: str) -> None:
-    saved = {k[len("model."):] for k, v in metadata.state_dict_metadata.items() if k.startswith("model.")}
-    missing = sorted(set(model_sd) - saved - excluded)
-    unexpected = sorted(saved - set(model_sd))
-    if strict and (missing or unexpected):
-        raise CheckpointError(f"the model does not match checkpoint {path}: missing keys {missing[:10]}"
-                              f"{'...' if len(missing) > 10 else ''}, unexpected keys {unexpected[:10]}"
-                              f"{'...' if len(unexpected) > 10 else ''}. Fix: build the same model, or pass "
-                              "load_module_strict=False to keep current values for missing keys")
-    if missing:
-        log.warning("flexspeed: %d model keys are not in the checkpoint and keep their values: %s", len(missing),
-                    missing[:10])
-
-
-def _merge_optim(template: dict, loaded_state: dict, saved_groups: list | None, current_groups: list) -> dict:
-    """The optimizer state dict to set: loaded tensors (numbers restored) and the saved hyperparameters.
-
-    ``template`` is torch's state dict of the live optimizer; ``saved_groups``/``current_groups``
-    are param groups named by :func:`_fqn_param_groups`, compared to match groups by their members.
-    """
-    state: dict[str, dict] = {}
-    for fqn, leaves in loaded_state.items():
-        entry = dict(template["state"].get(fqn, {}))
-        for key, value in leaves.items():
-            before = entry.get(key)
-            entry[key] = value if torch.is_tensor(before) or before is None else type(before)(value.item())
-        state[fqn] = entry
-    groups = template["param_groups"]
-    if saved_groups:
-        if [sorted(g["params"]) for g in saved_groups] == [sorted(g["params"]) for g in current_groups] \
-                and len(groups) == len(saved_groups):
-            groups = [{**{k: v for k, v in saved.items() if k != "params"}, "params": live["params"]}
-                      for saved, live in zip(saved_groups, groups)]
-        else:
-            warnings.warn(f"flexspeed: the optimizer's parameter groups differ from the checkpoint's (saved "
-                          f"{len(saved_groups)} groups, now {len(current_groups)}); per-parameter state is "
-                          "restored, hyperparameters (lr, betas, ...) stay as configured now", stacklevel=4)
-    return {"state": state, "param_groups": groups}
-
-
-def _restore_engine(engine: Any, meta: dict, *, load_lr_scheduler_states: bool) -> None:
-    counters = meta["counters"]
-    for key, value in counters.items():
-        setattr(engine, key, int(value))
-    gas_now, gas_saved = int(engine.gradient_accumulation_steps()), int(meta["gradient_accumulation_steps"])
-    if gas_now != gas_saved:  # keep accumulation boundaries aligned with optimizer steps
-        engine.micro_steps = int(counters["global_steps"]) * gas_now
-    sched = getattr(engine, "lr_scheduler", None)
-    if load_lr_scheduler_states and sched is not None and meta.get("lr_scheduler") is not None:
-        sched.load_state_dict(meta["lr_scheduler"])
-    scaler = getattr(engine, "loss_scaler", None)
-    if scaler is not None and meta.get("loss_scaler") is not None:
-        scaler.load_state_dict(meta["loss_scaler"])
-    loader = getattr(engine, "training_dataloader", None)
-    if loader is not None and meta.get("dataloader") is not None and hasattr(loader, "load_state_dict"):
-        loader.load_state_dict(meta["dataloader"])
-
-
-def _restore_rng(path: str, manifest: dict) -> None:
-    """Rank r takes the RNG state saved by rank ``r % saved_world_size``."""
-    rank, _ = _rank_world()
-    saved_world = int(manifest.get("world_size", 1))
-    _set_rng_state(safe_torch_load(os.path.join(path, RNG_DIR, f"rank{rank % saved_world}.pt")))
+    return _load(engine, load_dir, tag, load_module_strict=load_module_strict,
+                 load_optimizer_states=load_optimizer_states, load_lr_scheduler_states=load_lr_scheduler_states,
+                 load_module_only=load_module_only)
 
 
 # ---- export (implemented in flexspeed.runtime.export) -----------------------------------------------

@@ -36,7 +36,7 @@ __all__ = [
     "TMP_PREFIX", "quiet_single_process",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest records checksums (flexspeed.runtime.checkpoint_verify)
 MANIFEST = "flexspeed_checkpoint.json"
 STATE_DIR = "state"
 ENGINE_FILE = "engine_state.pt"
@@ -84,10 +84,19 @@ def validate_dir(path: Any, *, what: str) -> str:
 def read_latest(ckpt_dir: str | os.PathLike) -> str | None:
     """The tag named by ``ckpt_dir/latest`` (validated), or ``None`` if there is no such file."""
     path = os.path.join(os.fspath(ckpt_dir), LATEST)
+    if os.path.islink(path):
+        raise CheckpointError(f"{path} is a symbolic link; flexspeed follows no links in a checkpoint directory. "
+                              "Fix: replace it with a file holding the tag name")
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return validate_tag(f.read().strip(), what=f"tag in {path}")
+    with open(path, "rb") as f:
+        raw = f.read(4096)
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not UTF-8 text: it is damaged. Fix: write the tag name into it (e.g. "
+                              "global_step100) or pass tag=...") from None
+    return validate_tag(text, what=f"tag in {path}")
 
 
 def write_atomic(path: str, data: bytes | Callable[[IO[bytes]], None]) -> None:
@@ -154,33 +163,83 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """DCP's file reader with its ``.metadata`` pickle restricted and unsafe data refused."""
+    """DCP's file reader with its ``.metadata`` pickle restricted and unsafe data refused.
+
+    Storage paths in ``.metadata`` must name files inside the directory, and no symlink is read.
+    With ``integrity`` (a :class:`flexspeed.runtime.checkpoint_verify.Integrity` of the tag), the
+    ``.metadata`` bytes, its records and every record's bytes are verified against the manifest
+    as they are read.
+    """
+
+    def __init__(self, path: str | os.PathLike, integrity: Any = None) -> None:
+        super().__init__(path)
+        self.integrity = integrity
+        self._checks: list | None = None  # pending record checks, during read_data
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        from flexspeed.runtime.checkpoint_verify import Integrity, read_file_nofollow
+
         rank = kwargs.get("rank")
         name = ".metadata" if rank is None else f"__{rank}.metadata"
-        path = os.path.join(os.fspath(self.path), name)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{path} is missing: {os.fspath(self.path)} is not a complete "
+        state_dir = os.fspath(self.path)
+        path = os.path.join(state_dir, name)
+        if not os.path.lexists(path):
+            raise CheckpointError(f"{path} is missing: {state_dir} is not a complete "
                                   "torch.distributed.checkpoint directory")
-        with open(path, "rb") as f:
-            try:
-                metadata = _MetadataUnpickler(f).load()
-            except (pickle.UnpicklingError, AttributeError, EOFError, TypeError, ValueError) as e:
-                raise UnsafeCheckpointError(_unsafe_message(path, e)) from e
-        if not isinstance(metadata, Metadata):
+        integrity = self.integrity or Integrity(os.path.dirname(state_dir), None)
+        data = (integrity.read(f"{os.path.basename(state_dir)}/{name}") if integrity.enabled
+                else read_file_nofollow(path))
+        try:
+            metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+        except (pickle.UnpicklingError, AttributeError, EOFError, TypeError, ValueError, IndexError, KeyError,
+                ImportError, MemoryError, OverflowError) as e:
+            raise UnsafeCheckpointError(_unsafe_message(path, e)) from e
+        if not isinstance(metadata, Metadata) or not isinstance(getattr(metadata, "storage_data", None), dict):
             raise UnsafeCheckpointError(_unsafe_message(path, f"it holds a {type(metadata).__name__}, "
                                                               "not DCP Metadata"))
+        integrity.check_state_dir(state_dir, metadata)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
 
+    def _slice_file(self, file: Any, sinfo: Any) -> IO[bytes]:
+        if self.integrity is None or not self.integrity.enabled:
+            return super()._slice_file(file, sinfo)
+        file.seek(sinfo.offset)
+        data = file.read(sinfo.length)
+        path = os.path.join(os.fspath(self.path), sinfo.relative_path)
+        if self._checks is None:  # not called from read_data: check now
+            self.integrity.verify_slice(path, sinfo.offset, sinfo.length, data)
+        else:  # checksummed on a second thread (zlib releases the GIL) while torch deserialises the record
+            # into a fresh tensor; read_data waits for every check before it returns
+            self._checks.append(self._pool.submit(self.integrity.verify_slice, path, sinfo.offset, sinfo.length,
+                                                  data))
+        return io.BytesIO(data)
+
     def read_data(self, plan: Any, planner: Any) -> Any:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._checks: list | None = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexspeed-verify")
         try:
-            return super().read_data(plan, planner)
-        except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a data file
-            raise UnsafeCheckpointError(_unsafe_message(os.fspath(self.path), e)) from e
+            try:
+                result = super().read_data(plan, planner)
+            except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a data file
+                self._raise_failed_check()  # a damaged record is reported as such, not as what torch made of it
+                raise UnsafeCheckpointError(_unsafe_message(os.fspath(self.path), e)) from e
+            except Exception:
+                self._raise_failed_check()
+                raise
+            self._raise_failed_check()
+            return result
+        finally:
+            self._pool.shutdown(wait=True)
+            self._checks = None
+
+    def _raise_failed_check(self) -> None:
+        for check in self._checks or ():
+            check.result()  # re-raises the CheckpointError of a record that failed its checksum
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -207,15 +266,27 @@ def _unsafe_message(path: str, err: Any) -> str:
             "torch.load(..., weights_only=False)")
 
 
-def safe_torch_load(path: str) -> Any:
-    """``torch.load(path, weights_only=True)`` on CPU, with a clear error for refused pickles."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint file {path} is missing: the checkpoint is incomplete or was not "
-                              "written by flexspeed")
+def safe_torch_load(path: str, data: bytes | None = None) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU, with a clear error for refused pickles.
+
+    ``data``: the file's bytes, already read (and verified); otherwise ``path`` is read, refusing a
+    symlink. A file torch cannot parse (truncated, zeroed) is a ``CheckpointError`` naming it.
+    """
+    from flexspeed.runtime.checkpoint_verify import read_file_nofollow
+
+    if data is None:
+        if not os.path.lexists(path):
+            raise CheckpointError(f"checkpoint file {path} is missing: the checkpoint is incomplete or was not "
+                                  "written by flexspeed")
+        data = read_file_nofollow(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(_unsafe_message(path, e)) from e
+    except Exception as e:  # noqa: BLE001 - torch raises many types for damaged files
+        raise CheckpointError(f"checkpoint file {path} failed to parse ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'no message'}): it is damaged or was not "
+                              "written by flexspeed") from e
 
 
 def read_metadata(state_dir: str) -> Metadata:
@@ -290,8 +361,16 @@ def read_manifest(path: str) -> dict:
     if not os.path.isfile(file):
         raise CheckpointError(f"{path} has no {MANIFEST}: it is not a complete flexspeed checkpoint (a save was "
                               "interrupted, or another tool wrote it)")
-    with open(file, encoding="utf-8") as f:
-        manifest = json.load(f)
+    from flexspeed.runtime.checkpoint_verify import read_file_nofollow
+
+    try:
+        manifest = json.loads(read_file_nofollow(file).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{file} failed to parse as JSON ({e}): the manifest is damaged. Fix: load another "
+                              "tag or restore the checkpoint from a good copy") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(manifest).__name__}, not an object: the manifest is "
+                              "damaged")
     version = manifest.get("format_version")
     if manifest.get("format") != "flexspeed-checkpoint" or not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(f"{file} describes format {manifest.get('format')!r} version {version!r}; this "
@@ -300,14 +379,14 @@ def read_manifest(path: str) -> dict:
     return manifest
 
 
-def find_unsafe(err: BaseException) -> UnsafeCheckpointError | None:
-    """The ``UnsafeCheckpointError`` behind ``err`` (DCP wraps per-rank failures), if any."""
+def find_unsafe(err: BaseException, kind: type[CheckpointError] = UnsafeCheckpointError) -> CheckpointError | None:
+    """The ``UnsafeCheckpointError`` (or other ``kind``) behind ``err`` (DCP wraps per-rank failures), if any."""
     stack: list[Any] = [err]
     for _ in range(100):
         if not stack:
             break
         e = stack.pop()
-        if isinstance(e, UnsafeCheckpointError):
+        if isinstance(e, kind):
             return e
         if isinstance(e, tuple):  # DCP's CheckpointException.failures: rank -> (exception, traceback)
             stack += [x for x in e if isinstance(x, BaseException)]
@@ -327,7 +406,8 @@ def quiet_single_process() -> Iterator[None]:
         yield
 
 
-def safe_dcp_load(target: dict, state_dir: str, *, what: str, no_dist: bool, allow_partial_load: bool = False) -> None:
+def safe_dcp_load(target: dict, state_dir: str, *, what: str, no_dist: bool, allow_partial_load: bool = False,
+                  integrity: Any = None) -> None:
     """``dcp.load`` of ``target`` from ``state_dir`` through the safe reader and planner.
 
     A refused pickle surfaces as ``UnsafeCheckpointError`` (also when DCP wrapped it in a per-rank
@@ -338,12 +418,12 @@ def safe_dcp_load(target: dict, state_dir: str, *, what: str, no_dist: bool, all
 
     try:
         with quiet_single_process():
-            dcp.load(target, storage_reader=SafeFileSystemReader(state_dir),
+            dcp.load(target, storage_reader=SafeFileSystemReader(state_dir, integrity),
                      planner=SafeLoadPlanner(allow_partial_load=allow_partial_load), no_dist=no_dist)
-    except UnsafeCheckpointError:
+    except CheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # DCP wraps per-rank failures in a BaseException
-        unsafe = find_unsafe(e)
+        unsafe = find_unsafe(e) or find_unsafe(e, CheckpointError)
         if unsafe is not None:
             raise unsafe from e
         raise CheckpointError(f"{what} failed: {e}") from e

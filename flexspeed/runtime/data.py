@@ -43,6 +43,8 @@ class FlexDataLoader:
         self.epoch = 0
         self.offset = 0  # micro-batches consumed in the current epoch
         self._skip = 0
+        if self.sampler is not None and len(self.loader) == 0:
+            raise ValueError(_no_batches_message(len(dataset), batch_size, dp_world_size, drop_last))
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -73,6 +75,21 @@ class FlexDataLoader:
         samples = offset * old_dp * old_bs  # global samples consumed this epoch
         self._skip = samples // (self.dp_world_size * self.batch_size)
         self.offset = self._skip
+
+
+def _no_batches_message(n: int, batch_size: int, dp_world_size: int, drop_last: bool) -> str:
+    """Why a map-style dataset yields no micro-batch on a rank, and what to change."""
+    if n == 0:
+        why, fix = "the dataset is empty", "pass a non-empty training_data (or none, and feed batches yourself)"
+    else:
+        why = (f"each rank gets {n // dp_world_size} sample(s) ({n} // {dp_world_size} ranks), fewer than one "
+               "micro-batch, and dataloader_drop_last=true drops the partial batch")
+        fix = (f"give at least {batch_size * dp_world_size} samples, lower train_micro_batch_size_per_gpu, or set "
+               "dataloader_drop_last to false")
+    return (f"the training data yields 0 micro-batches per rank: dataset length {n}, micro-batch {batch_size} "
+            f"(train_micro_batch_size_per_gpu), data-parallel world size {dp_world_size}, dataloader_drop_last="
+            f"{str(drop_last).lower()}: {why}, so a loop such as `while engine.global_steps < N` would never end. "
+            f"Fix: {fix}")
 
 
 class RepeatingLoader:

@@ -19,7 +19,14 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from flexspeed.runtime.monitor import build_monitor
-from flexspeed.runtime.precision import LossScaler, PrecisionPolicy, clip_grads_, global_grad_norm, unscale_and_check_
+from flexspeed.runtime.precision import (
+    LossScaler,
+    NonFiniteGuard,
+    PrecisionPolicy,
+    clip_grads_,
+    global_grad_norm,
+    unscale_and_check_,
+)
 from flexspeed.runtime.zero import ZeroStrategy
 
 __all__ = ["TrainingEngine", "EngineUsageError", "PassThroughToModule"]
@@ -83,6 +90,9 @@ class TrainingEngine(PassThroughToModule, nn.Module):
         # kept as device tensors: reading them (a host sync per micro-step) would stall the launch queue
         self._global_grad_norm: torch.Tensor | float | None = None
         self._last_loss: torch.Tensor | None = None
+        guard = getattr(config, "flexspeed_nonfinite", None)
+        self._nonfinite = NonFiniteGuard(guard.action, guard.max_consecutive_skips) \
+            if guard is not None and loss_scaler is None else None  # fp16: the loss scaler decides
         self._inside_no_sync = False
         self._dp_world_size = dist.get_world_size(strategy.group) if dist.is_initialized() else 1
         self._dp_rank = dist.get_rank(strategy.group) if dist.is_initialized() else 0
@@ -262,12 +272,15 @@ class TrainingEngine(PassThroughToModule, nn.Module):
             clip = self.gradient_clipping()
             norm = global_grad_norm(params)
             self._global_grad_norm = norm
-            if clip > 0:
-                clip_grads_(params, clip, norm)
-            self.optimizer.step()
-            self._strategy.after_step()
-            if self.lr_scheduler is not None:
-                self.lr_scheduler.step(**(lr_kwargs or {}))
+            if self._nonfinite is not None and self._nonfinite.should_skip(norm, self.global_steps, self._last_loss):
+                self.skipped_steps += 1
+            else:
+                if clip > 0:
+                    clip_grads_(params, clip, norm)
+                self.optimizer.step()
+                self._strategy.after_step()
+                if self.lr_scheduler is not None:
+                    self.lr_scheduler.step(**(lr_kwargs or {}))
         self.optimizer.zero_grad(set_to_none=True)
         self.global_steps += 1
 

@@ -29,15 +29,16 @@ from flexspeed.runtime.checkpoint_io import (
     MANIFEST,
     STATE_DIR,
     CheckpointError,
+    SafeFileSystemReader,
     read_latest,
     read_manifest,
-    read_metadata,
     safe_dcp_load,
     safe_torch_load,
     resolve_tag_dir,
     validate_tag,
     write_atomic,
 )
+from flexspeed.runtime.checkpoint_verify import Integrity, check_not_link, validate_manifest
 
 __all__ = ["consolidate", "export_folder", "save_16bit_model", "save_pretrained", "write_state_dict", "resolve_dtype",
            "DTYPES"]
@@ -98,9 +99,10 @@ def consolidate(ckpt_dir: str | os.PathLike, tag: str | None = None, dtype: str 
         ``{fqn: tensor}`` on CPU, loadable with ``model.load_state_dict``.
     """
     target_dtype = resolve_dtype(dtype)
-    path, _, state_dir, shapes = _model_tensors(ckpt_dir, tag, exclude_frozen_parameters)
+    path, _, state_dir, shapes, integrity = _model_tensors(ckpt_dir, tag, exclude_frozen_parameters)
     model = {fqn: torch.empty(md.size, dtype=md.properties.dtype) for fqn, md in shapes.items()}
-    safe_dcp_load({"model": model}, state_dir, what=f"reading the model tensors of {path}", no_dist=True)
+    safe_dcp_load({"model": model}, state_dir, what=f"reading the model tensors of {path}", no_dist=True,
+                  integrity=integrity)
     return _cast(model, target_dtype)
 
 
@@ -125,7 +127,7 @@ def export_folder(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, tag: 
     from flexspeed.runtime.hf_folder import TensorEntry, write_hf_folder
 
     target_dtype = resolve_dtype(dtype)
-    path, manifest, state_dir, shapes = _model_tensors(ckpt_dir, tag, False)
+    path, manifest, state_dir, shapes, integrity = _model_tensors(ckpt_dir, tag, False)
 
     def stored(md: TensorStorageMetadata) -> torch.dtype:
         return target_dtype if target_dtype is not None and md.properties.dtype.is_floating_point \
@@ -136,7 +138,8 @@ def export_folder(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, tag: 
     def fetch(entry: TensorEntry) -> torch.Tensor:
         md = shapes[entry.name]
         t = torch.empty(md.size, dtype=md.properties.dtype)
-        safe_dcp_load({"model": {entry.name: t}}, state_dir, what=f"reading {entry.name} of {path}", no_dist=True)
+        safe_dcp_load({"model": {entry.name: t}}, state_dir, what=f"reading {entry.name} of {path}", no_dist=True,
+                      integrity=integrity)
         return t
 
     config = manifest.get("model_config") if isinstance(manifest.get("model_config"), dict) else None
@@ -151,26 +154,33 @@ def export_folder(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, tag: 
 
 
 def _model_tensors(ckpt_dir: str | os.PathLike, tag: str | None, exclude_frozen: bool
-                   ) -> tuple[str, dict, str, dict[str, TensorStorageMetadata]]:
-    """(tag path, manifest, state dir, {fqn: metadata}) of a checkpoint's model tensors, sizes checked."""
+                   ) -> tuple[str, dict, str, dict[str, TensorStorageMetadata], Integrity]:
+    """(tag path, manifest, state dir, {fqn: metadata}, checksums) of a checkpoint's model tensors, sizes checked.
+
+    The manifest is validated and, when it records checksums, ``.metadata`` and every record read
+    later through the returned :class:`Integrity` are verified (as ``load_checkpoint`` does).
+    """
     path = _tag_path(os.path.abspath(os.fspath(ckpt_dir)), tag)
+    check_not_link(path, "checkpoint tag directory")
     manifest = read_manifest(path)
+    validate_manifest(manifest, os.path.join(path, MANIFEST))
+    integrity = Integrity(path, manifest.get("integrity"))
     state_dir = os.path.join(path, STATE_DIR)
-    metadata = read_metadata(state_dir)
+    metadata = SafeFileSystemReader(state_dir, integrity).read_metadata()
     shapes = {key[len("model."):]: md for key, md in metadata.state_dict_metadata.items()
               if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
     if not shapes:
         raise CheckpointError(f"{state_dir} holds no model tensors: it is not a flexspeed training checkpoint")
     if exclude_frozen:
-        frozen = set(_frozen_parameters(path))
+        frozen = set(_frozen_parameters(path, integrity))
         shapes = {fqn: md for fqn, md in shapes.items() if fqn not in frozen}
     _check_sizes(state_dir, shapes)
-    return path, manifest, state_dir, shapes
+    return path, manifest, state_dir, shapes, integrity
 
 
-def _frozen_parameters(path: str) -> list[str]:
+def _frozen_parameters(path: str, integrity: Integrity) -> list[str]:
     """Names of the parameters saved with ``requires_grad=False``, from the tag's engine state."""
-    engine_state = safe_torch_load(os.path.join(path, ENGINE_FILE))
+    engine_state = safe_torch_load(os.path.join(path, ENGINE_FILE), integrity.read(ENGINE_FILE))
     frozen = engine_state.get("frozen_parameters") if isinstance(engine_state, dict) else None
     if frozen is None:
         raise CheckpointError(f"{path} does not record which parameters were frozen (it was saved by an older "

@@ -11,6 +11,7 @@ name. Keys DeepSpeed's own kernels take but PyTorch's do not (``torch_adam``,
 from __future__ import annotations
 
 import inspect
+import math
 import re
 import warnings
 from collections.abc import Iterable, Mapping
@@ -415,8 +416,32 @@ def _key_from_error(message: str, accepted: Iterable[str]) -> str:
     return "optimizer.params"
 
 
+_FP32_MAX = 3.4028234663852886e38
+
+
+def _check_numbers(name: str, kwargs: Mapping[str, Any]) -> None:
+    """Refuse non-finite and absurd numbers before torch sees them (it accepts ``lr=inf`` and
+    2-tuples' worth of a 3-element ``betas``, and fails deep inside a later step)."""
+    for key, value in kwargs.items():
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not (
+                    math.isfinite(v) and abs(v) <= _FP32_MAX):
+                raise ConfigError(f"{name} got {key}={value!r}: every number must be finite and within float32's "
+                                  f"range (|x| <= 3.4e38), or the first step turns the weights into inf/NaN. Fix: "
+                                  f"set optimizer.params.{key} to a usable value (e.g. lr 1e-4 to 1e-2).",
+                                  key=f"optimizer.params.{key}")
+    betas = kwargs.get("betas")
+    if betas is not None and not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)):
+        raise ConfigError(f"{name} got betas={betas!r}: betas are exactly two numbers in [0, 1) (the decay rates of "
+                          "the first and second moment). Fix: e.g. \"betas\": [0.9, 0.999].",
+                          key="optimizer.params.betas")
+
+
 def _construct(name: str, cls: type, groups: list[Any], kwargs: dict[str, Any],
                accepted: list[str]) -> torch.optim.Optimizer:
+    _check_numbers(name, kwargs)
     try:
         return cls(groups, **kwargs)
     except RuntimeError as err:

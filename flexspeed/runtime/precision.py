@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["PrecisionPolicy", "LossScaler", "unscale_and_check_", "global_grad_norm", "total_norm", "clip_grads_"]
+__all__ = ["NumericalError", "NonFiniteGuard", "PrecisionPolicy", "LossScaler", "unscale_and_check_", "global_grad_norm", "total_norm", "clip_grads_"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -39,6 +39,50 @@ class PrecisionPolicy:
         return torch.autocast(self.device_type, dtype=self.compute_dtype)
 
 
+class NumericalError(RuntimeError):
+    """Training cannot continue: gradients stay non-finite (fp16 at its minimum loss scale, or too
+    many non-finite fp32/bf16 steps in a row)."""
+
+
+class NonFiniteGuard:
+    """fp32/bf16: skip (or raise on) optimizer steps whose global gradient norm is inf/NaN.
+
+    Config ``flexspeed_nonfinite`` (a flexspeed extension). The norm is already a device tensor,
+    reduced over every shard, so every rank takes the same decision; reading it costs one host
+    sync per optimizer step (none per micro-step), and none with ``action: "off"``. A non-finite
+    loss makes the gradients non-finite, so the norm catches it too.
+    """
+
+    def __init__(self, action: str = "skip", max_consecutive_skips: int = 10) -> None:
+        self.action = action
+        self.max_consecutive_skips = max_consecutive_skips
+        self.consecutive = 0
+
+    def should_skip(self, norm: torch.Tensor | float, step: int, loss: torch.Tensor | None = None) -> bool:
+        """Whether optimizer step ``step`` must be skipped; raises ``NumericalError`` per the policy."""
+        if self.action == "off":
+            return False
+        if bool(torch.isfinite(torch.as_tensor(norm)).all()):
+            self.consecutive = 0
+            return False
+        self.consecutive += 1
+        loss_text = "" if loss is None else f", last loss {float(loss):g}"
+        what = f"the global gradient norm is {float(norm):g} at optimizer step {step}{loss_text}"
+        if self.action == "raise" or self.consecutive >= self.max_consecutive_skips:
+            why = ("flexspeed_nonfinite.action is 'raise'" if self.action == "raise" else
+                   f"{self.consecutive} steps in a row were non-finite "
+                   f"(flexspeed_nonfinite.max_consecutive_skips={self.max_consecutive_skips})")
+            raise NumericalError(f"{what}; {why}. Fix: check the data and the loss for inf/NaN, lower the learning "
+                                 "rate or enable gradient_clipping; the weights are still those of the last finite "
+                                 "step")
+        import logging
+
+        logging.getLogger("flexspeed").warning(
+            "flexspeed: %s; step skipped (no optimizer or scheduler step; %d in a row, raising at %d) "
+            "[flexspeed_nonfinite]", what, self.consecutive, self.max_consecutive_skips)
+        return True
+
+
 class LossScaler:
     """DeepSpeed's loss scaler semantics: static when ``loss_scale > 0``, else dynamic.
 
@@ -50,7 +94,7 @@ class LossScaler:
 
     def __init__(self, *, loss_scale: float = 0.0, initial_scale_power: int = 16, loss_scale_window: int = 1000,
                  hysteresis: int = 2, consecutive_hysteresis: bool = False, min_loss_scale: float = 1.0,
-                 scale_factor: float = 2.0) -> None:
+                 scale_factor: float = 2.0, raise_error_at_min_scale: bool = True) -> None:
         self.dynamic = loss_scale == 0
         self.cur_scale = float(2 ** initial_scale_power) if self.dynamic else float(loss_scale)
         self.scale_window = loss_scale_window
@@ -59,6 +103,7 @@ class LossScaler:
         self.cur_hysteresis = hysteresis
         self.consecutive_hysteresis = consecutive_hysteresis
         self.scale_factor = scale_factor
+        self.raise_error_at_min_scale = raise_error_at_min_scale
         self.cur_iter = 0
         self.last_overflow_iter = -1
 
@@ -74,6 +119,13 @@ class LossScaler:
         if self.dynamic:
             if overflow:
                 if self.delayed_shift == 1 or self.cur_hysteresis == 1:
+                    if self.cur_scale == self.min_scale and self.raise_error_at_min_scale:
+                        raise NumericalError(
+                            f"fp16 gradients overflowed with the loss scale already at its minimum "
+                            f"({self.min_scale:g}, fp16.min_loss_scale) after {self.cur_iter} optimizer steps: they "
+                            "are inf/NaN even without scaling, so skipping steps would never end (DeepSpeed: "
+                            "'Current loss scale already at minimum - cannot decrease scale anymore'). Fix: check "
+                            "the data and the loss for inf/NaN, lower the learning rate, or train in bf16")
                     self.cur_scale = max(self.cur_scale / self.scale_factor, self.min_scale)
                 else:
                     self.cur_hysteresis -= 1

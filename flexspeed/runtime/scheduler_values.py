@@ -21,6 +21,7 @@ _INTS = {"warmup_num_steps": 1, "total_num_steps": 1, "cycle_first_step_size": 1
 # None means "same as the first half" (OneCycle) or "the optimizer's lr" (WarmupLR)
 _OPTIONAL = {"cycle_second_step_size", "cycle_second_stair_count", "warmup_max_lr"}
 _WARMUP_TYPES = ("log", "linear")
+_FP32_MAX = 3.4028234663852886e38
 
 
 def is_number(value: Any) -> bool:
@@ -39,11 +40,14 @@ def check_value(type_name: str, name: str, value: Any) -> None:
         if not values or not all(is_number(v) for v in values):
             raise ConfigError(f"{type_name} needs a number or a list of numbers (one per param group), "
                               f"got {value!r}.", key=key)
+        if not all(math.isfinite(v) and v <= _FP32_MAX for v in values):
+            raise ConfigError(f"must be a finite number within float32's range, got {value!r}. Fix: use a "
+                              "learning rate such as 1e-3.", key=key)
         if any(v < 0 for v in values):
             raise ConfigError(f"must be >= 0, got {value!r}.", key=key)
     elif name in _FLOATS:
-        if not is_number(value):
-            raise ConfigError(f"{type_name} needs a number, got {value!r}.", key=key)
+        if not is_number(value) or not math.isfinite(value) or abs(value) > _FP32_MAX:
+            raise ConfigError(f"{type_name} needs a finite number within float32's range, got {value!r}.", key=key)
         if name in ("warmup_min_ratio", "cos_min_ratio") and not 0.0 <= value <= 1.0:
             raise ConfigError(f"is a fraction of the optimizer's lr and must be in [0, 1], got {value!r}.",
                               key=key)

@@ -3,6 +3,7 @@ refusal of malicious pickles, export (``consolidate``, ``flexspeed export``) and
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -82,8 +83,43 @@ def test_load_module_only_keeps_counters(saved):
 
 def test_missing_latest_warns_and_returns_none(tmp_path):
     engine, _ = build_local()
-    with pytest.warns(UserWarning, match="no 'latest' file"):
+    with pytest.warns(UserWarning, match="no 'latest' file") as caught:
         assert engine.load_checkpoint(str(tmp_path)) == (None, None)
+    assert str(tmp_path) in str(caught[0].message)
+
+
+def test_checkpoint_without_checksums_loads_with_one_warning(saved, copy):
+    """A checkpoint saved before checksums existed (format version 1) resumes exactly, warning once."""
+    as_unverified(copy)
+    engine, loader = build_local(seed=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.load_checkpoint(copy)
+        engine.load_checkpoint(copy)
+    unverified = [w for w in caught if "cannot be verified" in str(w.message)]
+    assert len(unverified) == 1 and copy in str(unverified[0].message)
+    assert train(engine, iter(loader), N_AFTER) == saved.after
+
+
+def test_manifest_records_every_file_and_record(saved):
+    from flexspeed.runtime.checkpoint_verify import checksum
+
+    tag_dir = os.path.join(saved.root, f"global_step{N_BEFORE}")
+    with open(os.path.join(tag_dir, "flexspeed_checkpoint.json")) as f:
+        integrity = json.load(f)["integrity"]
+    on_disk = sorted(os.path.relpath(os.path.join(d, n), tag_dir) for d, _, files in os.walk(tag_dir) for n in files
+                     if n != "flexspeed_checkpoint.json")
+    assert sorted(integrity["files"]) == on_disk
+    for name, entry in integrity["files"].items():
+        with open(os.path.join(tag_dir, name), "rb") as f:
+            data = f.read()
+        assert entry == {"size": len(data), "crc32": f"{checksum(data):08x}"}, name
+    md = read_metadata(os.path.join(tag_dir, "state"))
+    assert len(integrity["records"]) == len(md.storage_data)
+    for rec in integrity["records"]:
+        with open(os.path.join(tag_dir, "state", rec["file"]), "rb") as f:
+            f.seek(rec["start"])
+            assert f"{checksum(f.read(rec['length'])):08x}" == rec["crc32"]
 
 
 def test_unknown_and_incomplete_tags_are_clear_errors(copy):
@@ -172,16 +208,36 @@ def _payload(marker: str) -> bytes:
     return pickle.dumps(_Evil(marker), protocol=2)
 
 
+def as_unverified(root: str) -> None:
+    """Make the checkpoint under ``root`` look like one saved before checksums (format version 1)."""
+    file = os.path.join(root, f"global_step{N_BEFORE}", "flexspeed_checkpoint.json")
+    with open(file) as f:
+        manifest = json.load(f)
+    manifest.pop("integrity")
+    manifest["format_version"] = 1
+    with open(file, "w") as f:
+        json.dump(manifest, f)
+
+
+@pytest.mark.parametrize("verified", [True, False])
 @pytest.mark.parametrize("target", [".metadata", "engine_state.pt", "client_state.pt", "rng/rank0.pt"])
-def test_malicious_pickle_in_place_of_a_file_is_refused(copy, tmp_path, target):
+def test_malicious_pickle_in_place_of_a_file_is_refused(copy, tmp_path, target, verified):
+    """With checksums the file fails its check before it is unpickled; without, the restricted unpickler refuses."""
     marker = str(tmp_path / "pwned")
     tag_dir = os.path.join(copy, f"global_step{N_BEFORE}")
     path = os.path.join(tag_dir, "state", target) if target == ".metadata" else os.path.join(tag_dir, target)
     with open(path, "wb") as f:
         f.write(_payload(marker))
+    if not verified:
+        as_unverified(copy)
     engine, _ = build_local()
-    with pytest.raises(UnsafeCheckpointError, match="refusing to load .*pickled object outside the allow-list"):
+    with pytest.raises(CheckpointError) as info, warnings.catch_warnings(record=True):
         engine.load_checkpoint(copy)
+    if verified:
+        assert f"{path} failed its size check" in str(info.value) or f"{path} failed its sha256" in str(info.value)
+    else:
+        assert isinstance(info.value, UnsafeCheckpointError)
+        assert "pickled object outside the allow-list" in str(info.value)
     assert not os.path.exists(marker)
 
 
@@ -195,7 +251,12 @@ def test_malicious_pickle_inside_tensor_data_is_refused(copy, tmp_path):
             f.seek(info.offset)
             f.write(payload[:info.length])
     engine, _ = build_local()
-    with pytest.raises(UnsafeCheckpointError, match="refusing to load"):
+    with pytest.raises(CheckpointError, match="failed its crc32 check for the record"):
+        engine.load_checkpoint(copy)
+    with pytest.raises(CheckpointError, match="failed its crc32 check for the record"):
+        consolidate(copy)
+    as_unverified(copy)
+    with pytest.raises(UnsafeCheckpointError, match="refusing to load"), warnings.catch_warnings(record=True):
         engine.load_checkpoint(copy)
     with pytest.raises(UnsafeCheckpointError):
         consolidate(copy)
@@ -386,6 +447,9 @@ def test_metadata_claiming_huge_tensors_is_refused(copy):
     md.state_dict_metadata[key].size = torch.Size([1 << 20, 1 << 12])  # 16 GiB of fp32
     with open(os.path.join(state_dir, ".metadata"), "wb") as f:
         pickle.dump(md, f)
+    with pytest.raises(CheckpointError, match=r"\.metadata failed its size check"):
+        consolidate(copy)
+    as_unverified(copy)  # without checksums, the size claim itself is checked before allocating
     with pytest.raises(CheckpointError, match="truncated or was tampered with"):
         consolidate(copy)
 

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 from flexspeed.runtime.data import FlexDataLoader
+
+
+@pytest.fixture(autouse=True)
+def _no_group_leak():
+    """initialize() in one process starts a gloo group; later tests expect none."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _ds(n=40):
@@ -67,3 +78,25 @@ def test_iterating_does_not_touch_the_global_rng():
     torch.manual_seed(123)
     _ids(loader)
     assert torch.equal(torch.rand(1), expected)
+
+
+@pytest.mark.parametrize(("n", "drop_last", "want"), [
+    (0, False, "dataset length 0, micro-batch 4 .* world size 2, dataloader_drop_last=false: the dataset is empty"),
+    (7, True, "dataset length 7, micro-batch 4 .* world size 2, dataloader_drop_last=true: each rank gets 3"),
+])
+def test_zero_batches_per_rank_is_an_error(n, drop_last, want):
+    with pytest.raises(ValueError, match=want):
+        FlexDataLoader(_ds(n), batch_size=4, dp_rank=0, dp_world_size=2, drop_last=drop_last)
+    assert len(FlexDataLoader(_ds(n or 1), batch_size=4, dp_rank=0, dp_world_size=2)) == 1  # a partial batch is kept
+
+
+def test_initialize_refuses_a_dataset_shorter_than_a_batch_with_drop_last():
+    import flexspeed
+    from tests.distributed._parity import make_dataset, make_model
+
+    model = make_model(seed=0)
+    cfg = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "dataloader_drop_last": True,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    with pytest.raises(ValueError, match="dataset length 3, micro-batch 4 .* world size 1, dataloader_drop_last=true"):
+        flexspeed.initialize(model=model, model_parameters=model.parameters(), training_data=make_dataset(n=3),
+                             config=cfg)

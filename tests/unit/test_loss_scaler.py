@@ -3,6 +3,7 @@ consecutive hysteresis and a floor)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from flexspeed.runtime.precision import LossScaler
@@ -66,8 +67,19 @@ def test_window_growth_refills_hysteresis():
 
 
 def test_min_scale_is_a_floor():
-    s = LossScaler(initial_scale_power=3, hysteresis=1, min_loss_scale=4.0)
+    s = LossScaler(initial_scale_power=3, hysteresis=1, min_loss_scale=4.0, raise_error_at_min_scale=False)
     assert _run(s, [True, True, True]) == [4.0, 4.0, 4.0]
+
+
+def test_overflow_at_the_minimum_scale_raises_as_deepspeed_does():
+    from flexspeed.runtime.precision import NumericalError
+
+    s = LossScaler(initial_scale_power=3, hysteresis=1, min_loss_scale=4.0)
+    assert _run(s, [True]) == [4.0]
+    with pytest.raises(NumericalError, match=r"loss scale already at its minimum \(4, fp16.min_loss_scale\)"):
+        s.update_scale(True)
+    static = LossScaler(loss_scale=1.0)  # a static scale never raises (DeepSpeed's static scaler does not)
+    assert _run(static, [True, True]) == [1.0, 1.0]
 
 
 def test_state_dict_round_trip():
