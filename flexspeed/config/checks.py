@@ -28,6 +28,7 @@ def check_compatibility(cfg: FlexConfig, *, resolved: bool = False) -> None:
         _check_optimizer,
         _check_scheduler_type,
         _check_sparse_gradients,
+        _check_gradient_allreduce_op,
         _check_pipeline,
         _check_activation_checkpointing,
     ]
@@ -109,6 +110,16 @@ def _check_sparse_gradients(cfg: FlexConfig) -> None:
             "flexspeed does not implement sparse gradient reduction. Fix: remove "
             '"sparse_gradients" or set it to false (embedding gradients are reduced densely).',
             key="sparse_gradients",
+        )
+
+
+def _check_gradient_allreduce_op(cfg: FlexConfig) -> None:
+    if cfg.gradient_allreduce_op == "sum":
+        raise ConfigError(
+            "got \"sum\" (gradients summed, not averaged, over data-parallel ranks): flexspeed does not implement "
+            'it. Fix: remove the key or set "mean" (the default), and multiply the learning rate by the '
+            "data-parallel size if the run relied on summed gradients.",
+            key="gradient_allreduce_op",
         )
 
 
