@@ -187,8 +187,8 @@ class TrainingEngine(PassThroughToModule, nn.Module):
             ``loss / gradient_accumulation_steps`` (``loss`` itself with ``scale_wrt_gas=False``),
             as DeepSpeed 0.19 returns it.
         """
-        if self.optimizer is None:
-            raise RuntimeError(
+        if self.optimizer is None:  # DeepSpeed asserts: an AssertionError too
+            raise EngineUsageError(
                 "engine.backward() needs an optimizer, and this engine was built without one (forward/eval "
                 "only). Fix: pass optimizer=... to flexspeed.initialize() or add an 'optimizer' section to the "
                 "config")
@@ -231,7 +231,8 @@ class TrainingEngine(PassThroughToModule, nn.Module):
     def step(self, lr_kwargs: dict | None = None) -> None:
         """End a micro-step; on an accumulation boundary, update the weights and the schedule."""
         if self.optimizer is None:
-            raise RuntimeError("engine.step() needs an optimizer; this engine is forward/eval only (see backward)")
+            raise EngineUsageError("engine.step() needs an optimizer; this engine is forward/eval only. Fix: pass "
+                                   "optimizer=... to flexspeed.initialize() or add an 'optimizer' section to the config")
         if self._inside_no_sync:
             raise EngineUsageError(
                 "It is illegal to call Engine.step() inside no_sync context manager: the gradients accumulated "

@@ -159,8 +159,13 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     from flexspeed.runtime.zero import apply_zero
     from flexspeed.utils.tensor_fragment import register_optimizer
 
-    if model is None:
-        raise ValueError("flexspeed.initialize() needs model=<nn.Module>")
+    if model is None:  # DeepSpeed asserts: an AssertionError too
+        from flexspeed.runtime.engine import EngineUsageError
+
+        hint = (" (the model was passed positionally, where DeepSpeed's signature has args)"
+                if isinstance(args, nn.Module) else "")
+        raise EngineUsageError(f"flexspeed.initialize() requires a model{hint}. Fix: call "
+                               "initialize(model=<nn.Module>, config=...)")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if mpu is not None:
