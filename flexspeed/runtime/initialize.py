@@ -97,6 +97,17 @@ def _build_scheduler(cfg: Any, client: Any, optimizer: Any) -> Any:
     if client is not None:
         if callable(client) and not hasattr(client, "step"):
             return client(optimizer)
+        driven = getattr(client, "optimizer", None)
+        if isinstance(driven, torch.optim.Optimizer) and driven is not optimizer:
+            # DeepSpeed asserts this (its isinstance(_LRScheduler) test misses torch >= 2.2's schedulers)
+            from flexspeed.runtime.engine import EngineUsageError
+
+            made = "built from the config" if optimizer is not None else "none"
+            raise EngineUsageError(
+                f"Client Optimizer (type = {type(optimizer).__name__}, {made}) is not instantiated but Client LR "
+                f"Scheduler is instantiated: the {type(client).__name__} passed as lr_scheduler= drives another "
+                f"optimizer ({type(driven).__name__}), which the engine never steps. Fix: pass that optimizer as "
+                "optimizer=... too, or pass lr_scheduler= as a callable optimizer -> scheduler")
         return client
     if cfg.scheduler is None or optimizer is None:
         return None
