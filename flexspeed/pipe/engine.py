@@ -202,6 +202,14 @@ class PipelineEngine(PassThroughToModule, nn.Module):
         """The iterator ``train_batch()`` reads when called without one."""
         self._data_iter = iterator
 
+    def set_dataloader(self, loader: Any) -> None:
+        """DeepSpeed's: ``train_batch()`` reads ``loader`` from now on (the first and last stage read it)."""
+        self.training_dataloader = loader
+        self._data_iter = iter(loader)
+
+    def empty_partition_cache(self) -> None:
+        """DeepSpeed's ZeRO-3 cache release; a no-op here (stages hold only their own layers)."""
+
     # ---- what DeepSpeed's pipeline engine refuses ------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("the pipeline engine runs forward and backward together: call engine.train_batch() "

@@ -334,6 +334,9 @@ class TrainingEngine(PassThroughToModule, nn.Module):
         """This rank's bytes of parameters, gradients and optimizer states."""
         return self._strategy.memory_breakdown(self.optimizer)
 
+    def empty_partition_cache(self) -> None:
+        """DeepSpeed's release of gathered ZeRO-3 parameters; a no-op: FSDP2 frees them after each use."""
+
     def module_state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
 
