@@ -25,6 +25,7 @@ def check_compatibility(cfg: FlexConfig, *, resolved: bool = False) -> None:
     checks: list[Callable[[FlexConfig], None]] = [
         _check_precision,
         _check_offload,
+        _check_zero_variants,
         _check_optimizer,
         _check_scheduler_type,
         _check_sparse_gradients,
@@ -73,6 +74,28 @@ def _check_offload(cfg: FlexConfig) -> None:
             'zero_optimization.stage is 0. Fix: set "stage": 2 (the usual ZeRO-Offload '
             "setting), or remove offload_optimizer.",
             key="zero_optimization.offload_optimizer",
+        )
+
+
+def _check_zero_variants(cfg: FlexConfig) -> None:
+    """ZeRO++ and MiCS change how weights and gradients are sharded or quantized; flexspeed has neither."""
+    zero = cfg.zero_optimization
+    refused = [(name, getattr(zero, name)) for name in
+               ("zero_quantized_weights", "zero_quantized_nontrainable_weights", "zero_quantized_gradients",
+                "mics_hierarchical_params_gather") if getattr(zero, name) is True]
+    if zero.zero_hpz_partition_size > 1:
+        refused.append(("zero_hpz_partition_size", zero.zero_hpz_partition_size))
+    if zero.mics_shard_size > 0:
+        refused.append(("mics_shard_size", zero.mics_shard_size))
+    if refused:
+        name, value = refused[0]
+        what = "MiCS" if name.startswith("mics") else "ZeRO++"
+        off = "1" if name == "zero_hpz_partition_size" else "-1" if name == "mics_shard_size" else "false"
+        raise ConfigError(
+            f"got {format_value(value)}: flexspeed does not implement {what} (its training would differ from "
+            f"the run the config describes). Fix: remove the key or set it to {off} (plain ZeRO sharding over "
+            "all data-parallel ranks).",
+            key=f"zero_optimization.{name}",
         )
 
 
