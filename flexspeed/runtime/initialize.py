@@ -72,6 +72,17 @@ def _check_client_vs_config(kind: str, client: Any, section: Any) -> None:
             key=kind)
 
 
+def _refuse_sharded_model(model: nn.Module) -> None:
+    """A model an earlier ``initialize()`` sharded (ZeRO stage 2-3) cannot be wrapped again."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise ValueError(
+            "initialize() got a model an earlier initialize() already sharded at ZeRO stage 2 or 3 (FSDP2 shards a "
+            "module once; DeepSpeed can wrap the same model again). Fix: build a fresh model for the second "
+            "engine, or keep using the first engine")
+
+
 def _build_optimizer(strategy: Any, cfg: Any, client: Any, model_parameters: Iterable | None) -> Any:
     from flexspeed.runtime.optimizers import build_optimizer
 
@@ -211,6 +222,7 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
                             loss_scale_window=int(f.loss_scale_window), hysteresis=int(f.hysteresis),
                             consecutive_hysteresis=bool(f.consecutive_hysteresis),
                             min_loss_scale=float(f.min_loss_scale))
+    _refuse_sharded_model(model)
     if not any(p.is_meta for p in model.parameters()):
         model = model.to(device)
     strategy = apply_zero(model, config=cfg, device=device)
