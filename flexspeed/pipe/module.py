@@ -128,6 +128,16 @@ class StageModule(nn.Module):
             x = fn(x)
         return x
 
+    @staticmethod
+    def _run_on_copy(funcs: list[tuple[int, Callable]], x: Any) -> Any:
+        """A checkpointed segment runs on a copy of its input: the checkpoint keeps that input to recompute
+        from, so a first layer working in place (``ReLU(inplace=True)``) must not change it."""
+        if isinstance(x, tuple):
+            x = tuple(t.clone() if torch.is_tensor(t) else t for t in x)
+        elif torch.is_tensor(x):
+            x = x.clone()
+        return StageModule._run(funcs, x)
+
     def forward(self, *inputs: Any) -> Any:
         # As DeepSpeed's pipeline engine does, run on a copy of what the previous stage sent: the
         # received buffer is a leaf autograd must keep intact for its gradient, so a first layer
@@ -143,7 +153,7 @@ class StageModule(nn.Module):
                 if self.checkpoint_func is not None:
                     x = self.checkpoint_func(lambda y, c=chunk: self._run(c, y), x)
                 else:
-                    x = checkpoint(self._run, chunk, x, use_reentrant=False)
+                    x = checkpoint(self._run_on_copy, chunk, x, use_reentrant=False)
             return x
 
 
