@@ -127,20 +127,24 @@ class PipelineEngine(PassThroughToModule, nn.Module):
                        for sm in module.stage_modules]
         self._has_first = any(s.is_first for s in self.stages)
         self._has_last = any(s.is_last for s in self.stages)
-        if self._has_last and module.loss_fn is None:
-            raise ValueError("the last pipeline stage needs a loss: pass loss_fn=... to PipelineModule")
         self._schedule = build_schedule(self._config.pipeline.schedule, self.stages, self.micro_batches, self._loss)
 
     def _loss(self, outputs: Any, labels: torch.Tensor) -> torch.Tensor:
         """The schedule's loss function: the user's loss, scaled for accumulation and fp16."""
         if not self._compute_loss:
             return torch.zeros((), device=self.device)
-        with self.precision.autocast():
-            loss = self.module.loss_fn(outputs, labels)
+        loss_fn = self.module.loss_fn
+        if loss_fn is None:  # DeepSpeed: without a loss_fn the last stage's output is the loss
+            loss = outputs.reshape(()) if torch.is_tensor(outputs) and outputs.numel() == 1 else outputs
+        else:
+            with self.precision.autocast():
+                loss = loss_fn(outputs, labels)
         if not torch.is_tensor(loss) or loss.dim() != 0:
-            raise ValueError(f"PipelineModule.loss_fn must return a scalar tensor, got "
+            what = "PipelineModule.loss_fn must return" if loss_fn is not None else \
+                "without a loss_fn the last stage's output is the loss, and must be"
+            raise ValueError(f"{what} a scalar tensor, got "
                              f"{tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__}; reduce it "
-                             "(e.g. .mean())")
+                             "(e.g. .mean()), or pass loss_fn=... to PipelineModule")
         return loss.float() * self._loss_factor
 
     # ---- DeepSpeed's queries ----------------------------------------------------------------------
@@ -249,7 +253,10 @@ class PipelineEngine(PassThroughToModule, nn.Module):
                 raise TypeError("each pipeline batch must be a pair (inputs, labels); got "
                                 f"{type(batch).__name__}{length}")
             inputs.append(_as_tuple(batch[0], "inputs"))
-            lab = _as_tuple(batch[1], "labels")
+            label = batch[1]
+            if isinstance(label, (int, float)):  # a plain number (DeepSpeed passes it through): one per micro-batch
+                label = torch.tensor([label])
+            lab = _as_tuple(label, "labels")
             if len(lab) != 1:
                 raise TypeError("pipeline labels must be one tensor (loss_fn(outputs, labels))")
             labels.append(lab[0])
