@@ -335,6 +335,10 @@ class PipelineConfig(Section):
     """Seed each layer's initialisation from its index."""
     activation_checkpoint_interval: NonNegInt = 0
     """Checkpoint every N layers (0 = no activation checkpointing)."""
+    use_reentrant: Bool = True
+    """DeepSpeed's choice between its reentrant and non-reentrant checkpoint functions. flexspeed's
+    pipeline always recomputes with torch's non-reentrant checkpoint (the same gradients), so both
+    values run the same (docs/compat.md)."""
     pipe_partitioned: Bool = True
     """Shard activations sent between stages across tensor-parallel ranks."""
     grad_partitioned: Bool = True
