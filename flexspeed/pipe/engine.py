@@ -438,8 +438,10 @@ def _repeat(loader: Iterable) -> Iterator:
 
 def _loss_scaler(config: Any) -> LossScaler:
     f = config.fp16
+    # DeepSpeed's stage-0 fp16 optimizer has no hysteresis (its ZeRO stages do)
+    hysteresis = int(f.hysteresis) if config.zero_optimization.stage > 0 else 1
     return LossScaler(loss_scale=float(f.loss_scale), initial_scale_power=int(f.initial_scale_power),
-                      loss_scale_window=int(f.loss_scale_window), hysteresis=int(f.hysteresis),
+                      loss_scale_window=int(f.loss_scale_window), hysteresis=hysteresis,
                       consecutive_hysteresis=bool(f.consecutive_hysteresis), min_loss_scale=float(f.min_loss_scale))
 
 

@@ -219,7 +219,9 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     if cfg.precision == "fp16":
         f = cfg.fp16
         scaler = LossScaler(loss_scale=float(f.loss_scale), initial_scale_power=int(f.initial_scale_power),
-                            loss_scale_window=int(f.loss_scale_window), hysteresis=int(f.hysteresis),
+                            loss_scale_window=int(f.loss_scale_window),
+                            # DeepSpeed's stage-0 fp16 optimizer has no hysteresis (its ZeRO stages do)
+                            hysteresis=int(f.hysteresis) if cfg.zero_optimization.stage > 0 else 1,
                             consecutive_hysteresis=bool(f.consecutive_hysteresis),
                             min_loss_scale=float(f.min_loss_scale))
     _refuse_sharded_model(model)
