@@ -337,6 +337,12 @@ class TrainingEngine(PassThroughToModule, nn.Module):
     def empty_partition_cache(self) -> None:
         """DeepSpeed's release of gathered ZeRO-3 parameters; a no-op: FSDP2 frees them after each use."""
 
+    def destroy(self) -> None:
+        """DeepSpeed's teardown: drop the optimizer's state and the gradients (the engine is not used after)."""
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.state.clear()
+
     def module_state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
 
