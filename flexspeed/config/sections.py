@@ -99,6 +99,8 @@ class Bf16Config(Section):
     """Train in bfloat16 with fp32 master weights; ``"auto"`` resolves to false."""
     immediate_grad_update: Bool = False
     """Apply gradients to the master weights as soon as they are reduced."""
+    check_grad_overflow: Bool = False
+    """Skip the optimizer step (and count it in ``skipped_steps``) when a gradient is inf/NaN, as fp16 does."""
 
 
 class OffloadOptimizerConfig(Section):

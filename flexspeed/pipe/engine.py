@@ -332,11 +332,13 @@ class PipelineEngine(PassThroughToModule, nn.Module):
         if self.loss_scaler is not None:
             overflow = unscale_and_check_(params, 1.0 / self.loss_scaler.loss_scale, group=None)
             self.loss_scaler.update_scale(overflow)
+        elif self._config.precision == "bf16" and self._config.bf16.check_grad_overflow:
+            overflow = unscale_and_check_(params, 1.0, group=None)
         if overflow:
             self.skipped_steps += 1
             self._global_grad_norm = float("inf")
-            log.warning("flexspeed: fp16 gradient overflow at step %d; skipped, loss scale -> %s",
-                        self.global_steps, self.loss_scale)
+            log.warning("flexspeed: %s gradient overflow at step %d; skipped%s", self._config.precision,
+                        self.global_steps, f", loss scale -> {self.loss_scale}" if self.loss_scaler else "")
         else:
             norm = self._grad_norm(params)
             self._global_grad_norm = float(norm)
