@@ -57,6 +57,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "accelerator": ("flexspeed.accelerator", None),
     "ops": ("flexspeed.ops", None),
     "runtime": ("flexspeed.runtime", None),
+    "moe": ("flexspeed.moe", None),
     "get_accelerator": ("flexspeed.accelerator", "get_accelerator"),
     "logger": ("flexspeed.utils.logging", "logger"),
     "log_dist": ("flexspeed.utils.logging", "log_dist"),
