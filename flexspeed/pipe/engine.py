@@ -173,6 +173,8 @@ class PipelineEngine(PassThroughToModule, nn.Module):
     def bf16_enabled(self) -> bool:
         return self.precision.mode == "bf16"
 
+    bfloat16_enabled = bf16_enabled  # DeepSpeed's name
+
     def is_first_stage(self) -> bool:
         return self.stage_id == 0
 

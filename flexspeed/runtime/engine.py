@@ -115,6 +115,8 @@ class TrainingEngine(PassThroughToModule, nn.Module):
     def bf16_enabled(self) -> bool:
         return self.precision.mode == "bf16"
 
+    bfloat16_enabled = bf16_enabled  # DeepSpeed's name
+
     @property
     def dp_world_size(self) -> int:
         return self._dp_world_size
