@@ -144,12 +144,13 @@ class TestAdamwFP16EmptyGrad:
 
 
 class TestFP16OptimizerForMoE:
-    """Not applicable: DeepSpeed's MoE layer (``deepspeed.moe``) has no flexspeed counterpart."""
+    """Not applicable: DeepSpeed's MoE layer (``deepspeed.moe.layer.MoE``) has no flexspeed counterpart."""
 
     @pytest.mark.parametrize("case", ["test_unfused_gradnorm", "test_fused_gradnorm", "test_lamb_gradnorm[False]",
                                       "test_lamb_gradnorm[True]"])
     def test_moe_is_absent(self, case):
-        assert not hasattr(deepspeed, "moe")
+        with pytest.raises(NotImplementedError, match="MoE has no flexspeed counterpart"):
+            deepspeed.moe.layer.MoE(hidden_size=10, expert=torch.nn.Linear(10, 10), num_experts=2)
         with pytest.raises(DeepSpeedConfigError, match=r"\[moe\] flexspeed does not implement"):
             deepspeed.initialize(model=SimpleModel(4), config={"train_batch_size": 1, "moe": {"enabled": True}})
 
