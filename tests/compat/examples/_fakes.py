@@ -13,7 +13,8 @@ helpers the scripts use around it:
   locally from that vocabulary, with RoBERTa's special tokens and ids (``<s>`` 0, ``<pad>`` 1,
   ``</s>`` 2, ``<unk>`` 3, ``<mask>`` 4).
 - ``fire``, ``loguru``, ``pytz``, ``sh``: the calls HelloDeepSpeed makes (``fire.Fire(fn)`` with
-  ``--key=value`` flags, ``loguru.logger``, ``pytz.timezone``, ``sh.git.log/diff``).
+  ``--key=value`` flags, ``loguru.logger``, ``pytz.timezone`` - a fixed clock, see ``_FixedClock`` -,
+  ``sh.git.log/diff``).
 """
 
 from __future__ import annotations
@@ -200,6 +201,28 @@ class _ShError(Exception):
     pass
 
 
+class _FixedClock(datetime.tzinfo):
+    """``pytz.timezone(...)`` for the experiment-directory name: ``datetime.now(tz)`` reads a fixed time.
+
+    HelloDeepSpeed names its experiment directory from the current second on every rank; ranks that
+    reach that line in different seconds would write one checkpoint into two directories.
+    """
+
+    FIXED = datetime.datetime(2024, 1, 1, 12, 0, 0)
+
+    def utcoffset(self, dt):
+        return datetime.timedelta(0)
+
+    def dst(self, dt):
+        return datetime.timedelta(0)
+
+    def tzname(self, dt):
+        return "fixed"
+
+    def fromutc(self, dt):
+        return self.FIXED.replace(tzinfo=self)
+
+
 def install_hello_deepspeed_modules() -> None:
     """``datasets``, ``fire``, ``loguru``, ``pytz``, ``sh``, and a local ``AutoTokenizer.from_pretrained``."""
     import transformers
@@ -212,7 +235,7 @@ def install_hello_deepspeed_modules() -> None:
     loguru = types.ModuleType("loguru")
     loguru.logger = logging.getLogger("hello_deepspeed")
     pytz = types.ModuleType("pytz")
-    pytz.timezone = lambda name: datetime.timezone.utc
+    pytz.timezone = lambda name: _FixedClock()
     sh = types.ModuleType("sh")
     sh.ErrorReturnCode_128 = sh.ErrorReturnCode_129 = _ShError
 

@@ -11,10 +11,8 @@ download), sets ``sys.argv`` and runs it as ``__main__``. ``setup`` names the pe
 - ``cifar``: fake torchvision.
 - ``hello``: fake ``datasets``/``fire``/``loguru``/``pytz``/``sh`` and a local tokenizer. The
   script names its experiment directory from numpy's random letters (it seeds numpy itself) and
-  the current second, on every rank, before any process group exists: the ranks must reach that
-  line in the same second to share one checkpoint directory. So the runner imports the script's
-  heavy dependencies first, meets the other ranks at a barrier (``run_ranks`` starts the group;
-  the script's ``initialize()`` joins it) and starts the script 0.1 s into a fresh second.
+  the current second, on every rank, before any process group exists; the fake ``pytz`` makes
+  that second a fixed one, so every rank names the same directory (see ``_fakes._FixedClock``).
 
 The scripts themselves are not in this repository: ``DSEXAMPLES_DIR`` (a DeepSpeedExamples
 checkout) points at them. Without it the tests run ``repro_*.py``, short reproductions of each
@@ -101,26 +99,10 @@ def run_script(path: str, argv: list[str], setup: str, sizes: dict | None = None
                         for e in engines]}
 
 
-def _same_second() -> None:
-    """Every rank leaves at the same wall-clock point, 0.1 s into a second (see ``hello`` above)."""
-    import time
-
-    import torch.distributed as dist
-    import torch.utils.tensorboard  # noqa: F401 - the script's slow imports, done before the start line
-    import transformers  # noqa: F401
-
-    if dist.is_initialized():
-        dist.barrier()
-    now = time.time()
-    time.sleep((int(now) + 1.1) - now)
-
-
 def run_rank(rank: int, world: int, path: str, argv: list[str], setup: str, sizes: dict | None = None) -> dict:
     """``run_script`` on one rank of a ``flexspeed.testing.run_ranks`` group."""
     import torch.distributed as dist
 
-    if setup == "hello":
-        _same_second()
     out = run_script(path, argv, setup, sizes)
     out["process_group_left"] = dist.is_initialized()
     return out

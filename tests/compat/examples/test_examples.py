@@ -70,7 +70,7 @@ HELLO = ["--num_layers=2", "--num_heads=4", "--ff_dim=128", "--h_dim=64", "--max
 def test_hello_deepspeed_train_bert_ds(tmp_path):
     base = tmp_path / "checkpoints"
     first = run_ranks(run_rank, 2, (script("hello"), [f"--checkpoint_dir={base}", "--num_iterations=5", *HELLO],
-                                    "hello"), timeout=400)
+                                    "hello"), timeout=400, init_process_group=False)
     # steps 1-4 train (step 5 ends the loop); saved after steps 2 and 4, and at the end under the same tag
     assert [r["engines"] for r in first] == [[("TrainingEngine", 4, 0, 2)]] * 2
     (exp_dir,) = base.glob("bert_pretrain.*")  # one experiment directory for both ranks
@@ -78,7 +78,7 @@ def test_hello_deepspeed_train_bert_ds(tmp_path):
                                                          "tb_dir"]
     assert (exp_dir / "latest").read_text().strip() == "global_step4"
     second = run_ranks(run_rank, 2, (script("hello"), [f"--load_checkpoint_dir={exp_dir}", "--num_iterations=8",
-                                                       *HELLO], "hello"), timeout=400)
+                                                       *HELLO], "hello"), timeout=400, init_process_group=False)
     # resumed at the saved client state's checkpoint_step 5: steps 6 and 7 train, on top of the 4 restored steps
     assert [r["engines"] for r in second] == [[("TrainingEngine", 6, 0, 2)]] * 2
     assert (exp_dir / "latest").read_text().strip() == "global_step5"
