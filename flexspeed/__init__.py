@@ -11,6 +11,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+# DeepSpeed's version attributes; the git ones read "unknown" as an installed DeepSpeed wheel's do
+__version_major__, __version_minor__, __version_patch__ = (int(x) for x in __version__.split(".")[:3])
+__git_hash__ = "unknown"
+__git_branch__ = "unknown"
 
 # Minimum torch: FSDP2 on CPU/gloo produced wrong gradients before 2.10.
 MIN_TORCH = (2, 10)
@@ -53,6 +57,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "accelerator": ("flexspeed.accelerator", None),
     "ops": ("flexspeed.ops", None),
     "runtime": ("flexspeed.runtime", None),
+    "moe": ("flexspeed.moe", None),
     "get_accelerator": ("flexspeed.accelerator", "get_accelerator"),
     "logger": ("flexspeed.utils.logging", "logger"),
     "log_dist": ("flexspeed.utils.logging", "log_dist"),

@@ -208,7 +208,8 @@ class GatheredParameters:
 
     Args:
         params: a parameter or an iterable of them.
-        modifier_rank: the rank whose changes are kept; ``None`` = read-only (changes are dropped).
+        modifier_rank: the rank whose changes are kept; ``None`` = read-only (changes to a sharded
+            parameter's copy are dropped; an in-place change of an unsharded one's is a ``RuntimeError``).
         fwd_module: accepted for compatibility; no effect.
         enabled: ``False`` yields the parameters unchanged and does nothing on exit.
     """
@@ -225,12 +226,33 @@ class GatheredParameters:
 
         if not self.enabled:
             return self.params
+        meta = [tuple(p.shape) for p in self.params if p.is_meta]
+        if meta:  # reads would see no values and writes would be lost: say so
+            raise RuntimeError(
+                f"GatheredParameters got {len(meta)} parameter(s) with no storage yet (shapes {meta[:3]}): modules "
+                "built under zero.Init() are filled when flexspeed.initialize() shards them, unlike DeepSpeed's, "
+                "which partitions at construction. Fix: gather engine.module's parameters after initialize(), or "
+                "set initial values with zero.Init(param_init_fn=fn)")
         with torch.no_grad():
             self.full = [p.full_tensor().detach() if isinstance(p, DTensor) else p.data for p in self.params]
+        self._versions = [t._version for t in self.full]
         return self.full
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        if not self.enabled or self.modifier_rank is None or exc_type is not None:
+        if not self.enabled or exc_type is not None:
+            return
+        if self.modifier_rank is None:
+            from torch.distributed.tensor import DTensor
+
+            # a sharded parameter's yielded tensor is a copy (changes are dropped); an unsharded one's is the
+            # parameter's own storage, so a change there would reach this rank's weights only
+            changed = [i for i, (p, t, v) in enumerate(zip(self.params, self.full, self._versions))
+                       if not isinstance(p, DTensor) and t._version != v]
+            if changed:
+                raise RuntimeError(
+                    f"in-place modification of gathered parameter(s) {changed} inside GatheredParameters with "
+                    "modifier_rank=None (read-only): they are not sharded, so the change reached this rank's "
+                    "weights only. Fix: pass modifier_rank=<the rank whose values every rank should keep>")
             return
         from torch.distributed.tensor import DTensor
 

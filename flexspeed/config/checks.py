@@ -25,9 +25,11 @@ def check_compatibility(cfg: FlexConfig, *, resolved: bool = False) -> None:
     checks: list[Callable[[FlexConfig], None]] = [
         _check_precision,
         _check_offload,
+        _check_zero_variants,
         _check_optimizer,
         _check_scheduler_type,
         _check_sparse_gradients,
+        _check_gradient_allreduce_op,
         _check_pipeline,
         _check_activation_checkpointing,
     ]
@@ -75,6 +77,28 @@ def _check_offload(cfg: FlexConfig) -> None:
         )
 
 
+def _check_zero_variants(cfg: FlexConfig) -> None:
+    """ZeRO++ and MiCS change how weights and gradients are sharded or quantized; flexspeed has neither."""
+    zero = cfg.zero_optimization
+    refused = [(name, getattr(zero, name)) for name in
+               ("zero_quantized_weights", "zero_quantized_nontrainable_weights", "zero_quantized_gradients",
+                "mics_hierarchical_params_gather") if getattr(zero, name) is True]
+    if zero.zero_hpz_partition_size > 1:
+        refused.append(("zero_hpz_partition_size", zero.zero_hpz_partition_size))
+    if zero.mics_shard_size > 0:
+        refused.append(("mics_shard_size", zero.mics_shard_size))
+    if refused:
+        name, value = refused[0]
+        what = "MiCS" if name.startswith("mics") else "ZeRO++"
+        off = "1" if name == "zero_hpz_partition_size" else "-1" if name == "mics_shard_size" else "false"
+        raise ConfigError(
+            f"got {format_value(value)}: flexspeed does not implement {what} (its training would differ from "
+            f"the run the config describes). Fix: remove the key or set it to {off} (plain ZeRO sharding over "
+            "all data-parallel ranks).",
+            key=f"zero_optimization.{name}",
+        )
+
+
 def _check_optimizer(cfg: FlexConfig) -> None:
     opt = cfg.optimizer
     if opt is None:
@@ -109,6 +133,16 @@ def _check_sparse_gradients(cfg: FlexConfig) -> None:
             "flexspeed does not implement sparse gradient reduction. Fix: remove "
             '"sparse_gradients" or set it to false (embedding gradients are reduced densely).',
             key="sparse_gradients",
+        )
+
+
+def _check_gradient_allreduce_op(cfg: FlexConfig) -> None:
+    if cfg.gradient_allreduce_op == "sum":
+        raise ConfigError(
+            "got \"sum\" (gradients summed, not averaged, over data-parallel ranks): flexspeed does not implement "
+            'it. Fix: remove the key or set "mean" (the default), and multiply the learning rate by the '
+            "data-parallel size if the run relied on summed gradients.",
+            key="gradient_allreduce_op",
         )
 
 

@@ -104,6 +104,9 @@ class FlexConfig(Section):
     """Divide gradients by this before all-reduce, the rest after."""
     sparse_gradients: Bool = False
     """Reduce embedding gradients as sparse tensors (not implemented: must be false)."""
+    gradient_allreduce_op: Literal["mean", "sum"] = "mean"
+    """How gradients combine over data-parallel ranks (case-insensitive): ``"mean"``, DeepSpeed's default.
+    ``"sum"`` is not implemented (a ConfigError)."""
     communication_data_type: Dtype | None = None
     """Data type of gradient reduction (null = the gradients' dtype); ``"bfp16"`` means bf16."""
     data_types: DataTypesConfig = Field(default_factory=DataTypesConfig)
@@ -130,6 +133,12 @@ class FlexConfig(Section):
     """Pipeline-parallel options."""
     timers: TimersConfig = Field(default_factory=TimersConfig)
     """Engine timers."""
+
+    @field_validator("gradient_allreduce_op", mode="before")
+    @classmethod
+    def _lower_op(cls, value: Any) -> Any:
+        # DeepSpeed lower-cases it ("SUM" is "sum").
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("communication_data_type", mode="before")
     @classmethod

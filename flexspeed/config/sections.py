@@ -112,6 +112,8 @@ class Bf16Config(Section):
     """Train in bfloat16 with fp32 master weights; ``"auto"`` resolves to false."""
     immediate_grad_update: Bool = False
     """Apply gradients to the master weights as soon as they are reduced."""
+    check_grad_overflow: Bool = False
+    """Skip the optimizer step (and count it in ``skipped_steps``) when a gradient is inf/NaN, as fp16 does."""
 
 
 class OffloadOptimizerConfig(Section):
@@ -348,6 +350,10 @@ class PipelineConfig(Section):
     """Seed each layer's initialisation from its index."""
     activation_checkpoint_interval: NonNegInt = 0
     """Checkpoint every N layers (0 = no activation checkpointing)."""
+    use_reentrant: Bool = True
+    """DeepSpeed's choice between its reentrant and non-reentrant checkpoint functions. flexspeed's
+    pipeline always recomputes with torch's non-reentrant checkpoint (the same gradients), so both
+    values run the same (docs/compat.md)."""
     pipe_partitioned: Bool = True
     """Shard activations sent between stages across tensor-parallel ranks."""
     grad_partitioned: Bool = True

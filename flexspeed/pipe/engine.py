@@ -130,20 +130,24 @@ class PipelineEngine(PassThroughToModule, nn.Module):
                        for sm in module.stage_modules]
         self._has_first = any(s.is_first for s in self.stages)
         self._has_last = any(s.is_last for s in self.stages)
-        if self._has_last and module.loss_fn is None:
-            raise ValueError("the last pipeline stage needs a loss: pass loss_fn=... to PipelineModule")
         self._schedule = build_schedule(self._config.pipeline.schedule, self.stages, self.micro_batches, self._loss)
 
     def _loss(self, outputs: Any, labels: torch.Tensor) -> torch.Tensor:
         """The schedule's loss function: the user's loss, scaled for accumulation and fp16."""
         if not self._compute_loss:
             return torch.zeros((), device=self.device)
-        with self.precision.autocast():
-            loss = self.module.loss_fn(outputs, labels)
+        loss_fn = self.module.loss_fn
+        if loss_fn is None:  # DeepSpeed: without a loss_fn the last stage's output is the loss
+            loss = outputs.reshape(()) if torch.is_tensor(outputs) and outputs.numel() == 1 else outputs
+        else:
+            with self.precision.autocast():
+                loss = loss_fn(outputs, labels)
         if not torch.is_tensor(loss) or loss.dim() != 0:
-            raise ValueError(f"PipelineModule.loss_fn must return a scalar tensor, got "
+            what = "PipelineModule.loss_fn must return" if loss_fn is not None else \
+                "without a loss_fn the last stage's output is the loss, and must be"
+            raise ValueError(f"{what} a scalar tensor, got "
                              f"{tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__}; reduce it "
-                             "(e.g. .mean())")
+                             "(e.g. .mean()), or pass loss_fn=... to PipelineModule")
         return loss.float() * self._loss_factor
 
     # ---- DeepSpeed's queries ----------------------------------------------------------------------
@@ -171,6 +175,8 @@ class PipelineEngine(PassThroughToModule, nn.Module):
 
     def bf16_enabled(self) -> bool:
         return self.precision.mode == "bf16"
+
+    bfloat16_enabled = bf16_enabled  # DeepSpeed's name
 
     def is_first_stage(self) -> bool:
         return self.stage_id == 0
@@ -204,6 +210,14 @@ class PipelineEngine(PassThroughToModule, nn.Module):
     def set_dataiterator(self, iterator: Iterator) -> None:
         """The iterator ``train_batch()`` reads when called without one."""
         self._data_iter = iterator
+
+    def set_dataloader(self, loader: Any) -> None:
+        """DeepSpeed's: ``train_batch()`` reads ``loader`` from now on (the first and last stage read it)."""
+        self.training_dataloader = loader
+        self._data_iter = iter(loader)
+
+    def empty_partition_cache(self) -> None:
+        """DeepSpeed's ZeRO-3 cache release; a no-op here (stages hold only their own layers)."""
 
     # ---- what DeepSpeed's pipeline engine refuses ------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -244,7 +258,10 @@ class PipelineEngine(PassThroughToModule, nn.Module):
                 raise TypeError("each pipeline batch must be a pair (inputs, labels); got "
                                 f"{type(batch).__name__}{length}")
             inputs.append(_as_tuple(batch[0], "inputs"))
-            lab = _as_tuple(batch[1], "labels")
+            label = batch[1]
+            if isinstance(label, (int, float)):  # a plain number (DeepSpeed passes it through): one per micro-batch
+                label = torch.tensor([label])
+            lab = _as_tuple(label, "labels")
             if len(lab) != 1:
                 raise TypeError("pipeline labels must be one tensor (loss_fn(outputs, labels))")
             labels.append(lab[0])
@@ -320,11 +337,13 @@ class PipelineEngine(PassThroughToModule, nn.Module):
         if self.loss_scaler is not None:
             overflow = unscale_and_check_(params, 1.0 / self.loss_scaler.loss_scale, group=None)
             self.loss_scaler.update_scale(overflow)
+        elif self._config.precision == "bf16" and self._config.bf16.check_grad_overflow:
+            overflow = unscale_and_check_(params, 1.0, group=None)
         if overflow:
             self.skipped_steps += 1
             self._global_grad_norm = float("inf")
-            log.warning("flexspeed: fp16 gradient overflow at step %d; skipped, loss scale -> %s",
-                        self.global_steps, self.loss_scale)
+            log.warning("flexspeed: %s gradient overflow at step %d; skipped%s", self._config.precision,
+                        self.global_steps, f", loss scale -> {self.loss_scale}" if self.loss_scaler else "")
         else:
             norm = self._grad_norm(params)
             self._global_grad_norm = float(norm)
@@ -429,8 +448,10 @@ def _repeat(loader: Iterable) -> Iterator:
 
 def _loss_scaler(config: Any) -> LossScaler:
     f = config.fp16
+    # DeepSpeed's stage-0 fp16 optimizer has no hysteresis (its ZeRO stages do)
+    hysteresis = int(f.hysteresis) if config.zero_optimization.stage > 0 else 1
     return LossScaler(loss_scale=float(f.loss_scale), initial_scale_power=int(f.initial_scale_power),
-                      loss_scale_window=int(f.loss_scale_window), hysteresis=int(f.hysteresis),
+                      loss_scale_window=int(f.loss_scale_window), hysteresis=hysteresis,
                       consecutive_hysteresis=bool(f.consecutive_hysteresis), min_loss_scale=float(f.min_loss_scale))
 
 

@@ -128,6 +128,16 @@ class StageModule(nn.Module):
             x = fn(x)
         return x
 
+    @staticmethod
+    def _run_on_copy(funcs: list[tuple[int, Callable]], x: Any) -> Any:
+        """A checkpointed segment runs on a copy of its input: the checkpoint keeps that input to recompute
+        from, so a first layer working in place (``ReLU(inplace=True)``) must not change it."""
+        if isinstance(x, tuple):
+            x = tuple(t.clone() if torch.is_tensor(t) else t for t in x)
+        elif torch.is_tensor(x):
+            x = x.clone()
+        return StageModule._run(funcs, x)
+
     def forward(self, *inputs: Any) -> Any:
         # As DeepSpeed's pipeline engine does, run on a copy of what the previous stage sent: the
         # received buffer is a leaf autograd must keep intact for its gradient, so a first layer
@@ -143,7 +153,7 @@ class StageModule(nn.Module):
                 if self.checkpoint_func is not None:
                     x = self.checkpoint_func(lambda y, c=chunk: self._run(c, y), x)
                 else:
-                    x = checkpoint(self._run, chunk, x, use_reentrant=False)
+                    x = checkpoint(self._run_on_copy, chunk, x, use_reentrant=False)
             return x
 
 
@@ -221,7 +231,13 @@ class PipelineModule(nn.Module):
 
     @property
     def num_layers(self) -> int:
-        return len(self._entries)
+        """The number of layers; a subclass may set its own ``self.num_layers`` (DeepSpeed's class has no
+        such attribute, so its users' subclasses do), which flexspeed then leaves alone."""
+        return self.__dict__.get("_user_num_layers", len(self._entries))
+
+    @num_layers.setter
+    def num_layers(self, value: Any) -> None:
+        self.__dict__["_user_num_layers"] = value
 
     @property
     def num_stages(self) -> int:
@@ -255,7 +271,7 @@ class PipelineModule(nn.Module):
         for s in range(len(bounds) - 1):
             if bounds[s] <= index < bounds[s + 1]:
                 return s
-        raise IndexError(f"layer index {index} out of range 0..{self.num_layers - 1}")
+        raise IndexError(f"layer index {index} out of range 0..{len(self._entries) - 1}")
 
     def tie_keys(self) -> dict[str, list[int]]:
         """Each tie key -> the layer indices of its positions."""
@@ -269,7 +285,7 @@ class PipelineModule(nn.Module):
         """A table of which layers each stage holds, with parameter counts and balance."""
         bounds = self.partition_bounds()
         pp, v = self.num_stages, self.virtual_stages
-        lines = [f"PipelineModule: {self.num_layers} layers over {pp} stage(s)"
+        lines = [f"PipelineModule: {len(self._entries)} layers over {pp} stage(s)"
                  + (f" x {v} virtual" if v > 1 else "") + f", partition_method={self.partition_method!r}"]
         totals = []
         for s in range(len(bounds) - 1):
@@ -452,9 +468,9 @@ class PipelineModule(nn.Module):
         own = {k: v for k, v in state_dict.items() if k.partition(".")[0] in self._modules}
         if strict:
             bad = [k for k in state_dict if not k.partition(".")[0].isdigit()
-                   or int(k.partition(".")[0]) >= self.num_layers]
+                   or int(k.partition(".")[0]) >= len(self._entries)]
             if bad:
-                raise KeyError(f"keys {bad[:5]} do not name a layer index 0..{self.num_layers - 1}; "
+                raise KeyError(f"keys {bad[:5]} do not name a layer index 0..{len(self._entries) - 1}; "
                                "pass strict=False to ignore them")
         self.load_state_dict(own, strict=strict)
 

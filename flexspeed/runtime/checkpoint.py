@@ -61,6 +61,7 @@ from flexspeed.runtime.checkpoint_io import (
     STATE_DIR,
     TMP_PREFIX,
     CheckpointError,
+    TagValidationError,
     UnsafeCheckpointError,
     commit_tag,
     quiet_single_process,
@@ -130,7 +131,7 @@ def _agree(tag: str, error: str, mode: str) -> tuple[str, str]:
         msg = (f"save_checkpoint: ranks passed different tags {dict(enumerate(tags))}. Fix: pass the same tag on "
                "every rank (e.g. derived from engine.global_steps)")
         if mode == "Fail":
-            raise ValueError(msg + " [checkpoint.tag_validation='Fail']")
+            raise TagValidationError(msg + " [checkpoint.tag_validation='Fail']")
         if rank == 0:
             warnings.warn(msg + f"; saving under rank 0's tag {tags[0]!r} [checkpoint.tag_validation='Warn']",
                           stacklevel=3)

@@ -58,6 +58,13 @@ class UnsafeCheckpointError(CheckpointError):
     """A checkpoint file holds a pickled object that flexspeed refuses to unpickle."""
 
 
+class TagValidationError(ValueError, AssertionError):
+    """Ranks passed different tags under ``checkpoint.tag_validation: "Fail"``.
+
+    DeepSpeed asserts here, so this is an ``AssertionError`` too (and a ``ValueError``, as before).
+    """
+
+
 # ---- tags and the latest pointer ------------------------------------------------------------------
 def validate_tag(tag: Any, *, what: str = "tag") -> str:
     """Return ``tag`` as a string if it is a safe directory name, else raise ``ValueError``."""

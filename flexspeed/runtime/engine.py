@@ -125,6 +125,8 @@ class TrainingEngine(PassThroughToModule, nn.Module):
     def bf16_enabled(self) -> bool:
         return self.precision.mode == "bf16"
 
+    bfloat16_enabled = bf16_enabled  # DeepSpeed's name
+
     @property
     def dp_world_size(self) -> int:
         return self._dp_world_size
@@ -197,8 +199,8 @@ class TrainingEngine(PassThroughToModule, nn.Module):
             ``loss / gradient_accumulation_steps`` (``loss`` itself with ``scale_wrt_gas=False``),
             as DeepSpeed 0.19 returns it.
         """
-        if self.optimizer is None:
-            raise RuntimeError(
+        if self.optimizer is None:  # DeepSpeed asserts: an AssertionError too
+            raise EngineUsageError(
                 "engine.backward() needs an optimizer, and this engine was built without one (forward/eval "
                 "only). Fix: pass optimizer=... to flexspeed.initialize() or add an 'optimizer' section to the "
                 "config")
@@ -241,7 +243,8 @@ class TrainingEngine(PassThroughToModule, nn.Module):
     def step(self, lr_kwargs: dict | None = None) -> None:
         """End a micro-step; on an accumulation boundary, update the weights and the schedule."""
         if self.optimizer is None:
-            raise RuntimeError("engine.step() needs an optimizer; this engine is forward/eval only (see backward)")
+            raise EngineUsageError("engine.step() needs an optimizer; this engine is forward/eval only. Fix: pass "
+                                   "optimizer=... to flexspeed.initialize() or add an 'optimizer' section to the config")
         if self._inside_no_sync:
             raise EngineUsageError(
                 "It is illegal to call Engine.step() inside no_sync context manager: the gradients accumulated "
@@ -263,11 +266,13 @@ class TrainingEngine(PassThroughToModule, nn.Module):
         if self.loss_scaler is not None:
             overflow = unscale_and_check_(params, 1.0 / self.loss_scaler.loss_scale, self._strategy.grad_group())
             self.loss_scaler.update_scale(overflow)
+        elif self._config.precision == "bf16" and self._config.bf16.check_grad_overflow:
+            overflow = unscale_and_check_(params, 1.0, self._strategy.grad_group())
         if overflow:
             self.skipped_steps += 1
             self._global_grad_norm = float("inf")
-            log.warning("flexspeed: fp16 gradient overflow at step %d; skipped, loss scale -> %s",
-                        self.global_steps, self.loss_scaler.loss_scale)
+            log.warning("flexspeed: %s gradient overflow at step %d; skipped%s", self._config.precision,
+                        self.global_steps, f", loss scale -> {self.loss_scale}" if self.loss_scaler else "")
         else:
             clip = self.gradient_clipping()
             norm = global_grad_norm(params)
@@ -345,6 +350,15 @@ class TrainingEngine(PassThroughToModule, nn.Module):
     def memory_breakdown(self) -> dict[str, int]:
         """This rank's bytes of parameters, gradients and optimizer states."""
         return self._strategy.memory_breakdown(self.optimizer)
+
+    def empty_partition_cache(self) -> None:
+        """DeepSpeed's release of gathered ZeRO-3 parameters; a no-op: FSDP2 frees them after each use."""
+
+    def destroy(self) -> None:
+        """DeepSpeed's teardown: drop the optimizer's state and the gradients (the engine is not used after)."""
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.state.clear()
 
     def module_state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()

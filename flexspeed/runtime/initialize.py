@@ -72,6 +72,17 @@ def _check_client_vs_config(kind: str, client: Any, section: Any) -> None:
             key=kind)
 
 
+def _refuse_sharded_model(model: nn.Module) -> None:
+    """A model an earlier ``initialize()`` sharded (ZeRO stage 2-3) cannot be wrapped again."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise ValueError(
+            "initialize() got a model an earlier initialize() already sharded at ZeRO stage 2 or 3 (FSDP2 shards a "
+            "module once; DeepSpeed can wrap the same model again). Fix: build a fresh model for the second "
+            "engine, or keep using the first engine")
+
+
 def _build_optimizer(strategy: Any, cfg: Any, client: Any, model_parameters: Iterable | None) -> Any:
     from flexspeed.runtime.optimizers import build_optimizer
 
@@ -97,6 +108,17 @@ def _build_scheduler(cfg: Any, client: Any, optimizer: Any) -> Any:
     if client is not None:
         if callable(client) and not hasattr(client, "step"):
             return client(optimizer)
+        driven = getattr(client, "optimizer", None)
+        if isinstance(driven, torch.optim.Optimizer) and driven is not optimizer:
+            # DeepSpeed asserts this (its isinstance(_LRScheduler) test misses torch >= 2.2's schedulers)
+            from flexspeed.runtime.engine import EngineUsageError
+
+            made = "built from the config" if optimizer is not None else "none"
+            raise EngineUsageError(
+                f"Client Optimizer (type = {type(optimizer).__name__}, {made}) is not instantiated but Client LR "
+                f"Scheduler is instantiated: the {type(client).__name__} passed as lr_scheduler= drives another "
+                f"optimizer ({type(driven).__name__}), which the engine never steps. Fix: pass that optimizer as "
+                "optimizer=... too, or pass lr_scheduler= as a callable optimizer -> scheduler")
         return client
     if cfg.scheduler is None or optimizer is None:
         return None
@@ -159,8 +181,13 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     from flexspeed.runtime.zero import apply_zero
     from flexspeed.utils.tensor_fragment import register_optimizer
 
-    if model is None:
-        raise ValueError("flexspeed.initialize() needs model=<nn.Module>")
+    if model is None:  # DeepSpeed asserts: an AssertionError too
+        from flexspeed.runtime.engine import EngineUsageError
+
+        hint = (" (the model was passed positionally, where DeepSpeed's signature has args)"
+                if isinstance(args, nn.Module) else "")
+        raise EngineUsageError(f"flexspeed.initialize() requires a model{hint}. Fix: call "
+                               "initialize(model=<nn.Module>, config=...)")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if mpu is not None:
@@ -192,9 +219,12 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     if cfg.precision == "fp16":
         f = cfg.fp16
         scaler = LossScaler(loss_scale=float(f.loss_scale), initial_scale_power=int(f.initial_scale_power),
-                            loss_scale_window=int(f.loss_scale_window), hysteresis=int(f.hysteresis),
+                            loss_scale_window=int(f.loss_scale_window),
+                            # DeepSpeed's stage-0 fp16 optimizer has no hysteresis (its ZeRO stages do)
+                            hysteresis=int(f.hysteresis) if cfg.zero_optimization.stage > 0 else 1,
                             consecutive_hysteresis=bool(f.consecutive_hysteresis),
                             min_loss_scale=float(f.min_loss_scale))
+    _refuse_sharded_model(model)
     if not any(p.is_meta for p in model.parameters()):
         model = model.to(device)
     strategy = apply_zero(model, config=cfg, device=device)

@@ -87,9 +87,12 @@ class LossScaler:
     """DeepSpeed's loss scaler semantics: static when ``loss_scale > 0``, else dynamic.
 
     Dynamic: start at ``2**initial_scale_power``; an overflow costs one unit of hysteresis and,
-    once hysteresis is spent, halves the scale (not below ``min_loss_scale``); every
-    ``loss_scale_window`` clean steps since the last overflow double it. With
-    ``consecutive_hysteresis`` a clean step refills the hysteresis.
+    once hysteresis is spent, halves the scale (not below ``min_loss_scale``); the scale doubles
+    at the clean step after each ``loss_scale_window`` clean steps since the last overflow
+    (DeepSpeed 0.19.8's count: with a window of 2 and no overflow, the third step runs doubled).
+    With ``consecutive_hysteresis`` a clean step refills the hysteresis. DeepSpeed applies
+    hysteresis only under ZeRO (stages 1-3); its stage-0 fp16 optimizer halves at every
+    overflow, so the engines pass ``hysteresis=1`` at stage 0.
     """
 
     def __init__(self, *, loss_scale: float = 0.0, initial_scale_power: int = 16, loss_scale_window: int = 1000,
@@ -133,7 +136,9 @@ class LossScaler:
             else:
                 if self.consecutive_hysteresis:
                     self.cur_hysteresis = self.delayed_shift
-                if (self.cur_iter - self.last_overflow_iter) % self.scale_window == 0:
+                # DeepSpeed 0.19's count: the steps since the last overflow, less the current one
+                stable_interval = (self.cur_iter - self.last_overflow_iter) - 1
+                if stable_interval > 0 and stable_interval % self.scale_window == 0:
                     if not self.consecutive_hysteresis:
                         self.cur_hysteresis = self.delayed_shift
                     self.cur_scale *= self.scale_factor

@@ -50,19 +50,26 @@ def test_consecutive_hysteresis_refills_on_a_clean_step():
     assert _run(plain, [True, False, True]) == [1024.0, 1024.0, 512.0]
 
 
+# The sequences below are DeepSpeed 0.19.8's DynamicLossScaler's, run on the same inputs
+# (deepspeed.runtime.fp16.loss_scaler, DS_BUILD_OPS=0, CPU): the scale doubles at the step after
+# loss_scale_window clean steps since the last overflow.
 def test_window_doubles_after_that_many_clean_steps():
     s = LossScaler(initial_scale_power=4, loss_scale_window=3)
-    assert _run(s, [False] * 7) == [16.0, 16.0, 32.0, 32.0, 32.0, 64.0, 64.0]
-    # an overflow restarts the count: 3 clean steps after it, the scale doubles again
+    assert _run(s, [False] * 7) == [16.0, 16.0, 16.0, 32.0, 32.0, 32.0, 64.0]
+    # an overflow restarts the count: after 3 clean steps following it, the scale doubles again
     s = LossScaler(initial_scale_power=4, loss_scale_window=3, hysteresis=1)
-    assert _run(s, [True, False, False, False, False]) == [8.0, 8.0, 8.0, 16.0, 16.0]
+    assert _run(s, [True, False, False, False, False]) == [8.0, 8.0, 8.0, 8.0, 16.0]
 
 
 def test_window_growth_refills_hysteresis():
     s = LossScaler(initial_scale_power=4, loss_scale_window=2, hysteresis=2)
-    # overflow spends hysteresis (no cut); two clean steps grow the scale and refill it;
-    # so the next overflow again only spends hysteresis
-    assert _run(s, [True, False, False, True]) == [16.0, 16.0, 32.0, 32.0]
+    # overflow spends hysteresis (no cut); two clean steps are not yet a window since the overflow,
+    # so the next overflow halves
+    assert _run(s, [True, False, False, True]) == [16.0, 16.0, 16.0, 8.0]
+    assert s.cur_hysteresis == 1
+    s = LossScaler(initial_scale_power=4, loss_scale_window=2, hysteresis=2)
+    # three clean steps grow the scale and refill the hysteresis: the next overflow only spends it
+    assert _run(s, [True, False, False, False, True]) == [16.0, 16.0, 16.0, 32.0, 32.0]
     assert s.cur_hysteresis == 1
 
 
