@@ -223,7 +223,9 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
                             # DeepSpeed's stage-0 fp16 optimizer has no hysteresis (its ZeRO stages do)
                             hysteresis=int(f.hysteresis) if cfg.zero_optimization.stage > 0 else 1,
                             consecutive_hysteresis=bool(f.consecutive_hysteresis),
-                            min_loss_scale=float(f.min_loss_scale))
+                            min_loss_scale=float(f.min_loss_scale),
+                            # ... nor the error at the minimum scale (it keeps skipping there), its ZeRO stages raise
+                            raise_error_at_min_scale=cfg.zero_optimization.stage > 0)
     _refuse_sharded_model(model)
     if not any(p.is_meta for p in model.parameters()):
         model = model.to(device)

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 import flexspeed as deepspeed
-import flexspeed.runtime.checkpoint as flex_checkpoint
+import flexspeed.runtime.checkpoint_load as flex_checkpoint  # where load_checkpoint reads the state dicts
 from tests.compat._ds_common import preferred_dtype, random_dataloader, sequence_dataloader
 
 
