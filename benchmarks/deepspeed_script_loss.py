@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -82,8 +84,6 @@ def run_ddp(rank: int, steps: int) -> list[float]:
 
 def run_engine(lib: str, rank: int, stage: int, steps: int) -> list[float]:
     """flexspeed or DeepSpeed (same API) with the config's AdamW and WarmupLR."""
-    import importlib
-
     import torch
 
     from flexspeed.models import GPT
@@ -123,7 +123,7 @@ def main() -> None:
                         choices=["ddp", "flexspeed", "deepspeed"])
     args = parser.parse_args()
     libs = list(args.libs)
-    if "deepspeed" in libs and importlib_find("deepspeed") is None:
+    if "deepspeed" in libs and importlib.util.find_spec("deepspeed") is None:
         libs.remove("deepspeed")
         print("(deepspeed is not installed: no DeepSpeed column)")
     from flexspeed.testing import run_ranks
@@ -140,12 +140,6 @@ def main() -> None:
     for (lib, stage), values in loss.items():
         diff = f"{values[-1] - ref[-1]:+.2e}" if ref is not None else "-"
         print(f"| {lib} | {'-' if stage is None else stage} | {values[0]:.6f} | {values[-1]:.6f} | {diff} |")
-
-
-def importlib_find(name: str):
-    import importlib.util
-
-    return importlib.util.find_spec(name)
 
 
 if __name__ == "__main__":

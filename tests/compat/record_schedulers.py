@@ -16,7 +16,7 @@ through flexspeed without DeepSpeed installed.
 
 Resume cases save at boundary ``at`` and continue in a freshly built engine: through
 ``save_checkpoint``/``load_checkpoint`` (with or without the optimizer states), or through the
-scheduler's own ``state_dict``/``load_state_dict``; ``resume_params`` changes scheduler
+scheduler's own ``state_dict``/``load_state_dict``; ``resume["params"]`` changes scheduler
 parameters for the resumed part. Overflow cases: DeepSpeed refuses fp16 on CPU ("Type fp16 is
 not supported on your device"), so the client optimizer reports ``overflow = True`` at the listed
 boundaries (skipping its update), which is the attribute DeepSpeed's engine reads to skip the
