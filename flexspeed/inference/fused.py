@@ -110,9 +110,10 @@ class FusedRunner:
         if ref is None:
             ref = next((t for t in self.root.buffers() if t.is_floating_point()), torch.empty(0))
         dt = dtype or self.cache_dtype or self._dtype or ref.dtype
-        if self.compile_decode or self._graphs_ok(ref):  # static steps are specialised on T_max: round it up
+        graphs = self._graphs_ok(ref)
+        if self.compile_decode or graphs:  # static steps are specialised on T_max: round it up
             max_len = -(-max_len // 64) * 64
-        if self._graphs_ok(ref):  # the graphs are bound to their cache's buffers: reuse them across calls
+        if graphs:  # the graphs are bound to their cache's buffers: reuse them across calls
             return self._decode_graphs().cache(batch, max_len, dt, ref.device)
         if dtype is None and self.cache_dtype is None and ref.device.type == "cpu" and dt in (torch.bfloat16,
                                                                                                 torch.float16):
