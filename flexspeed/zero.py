@@ -21,6 +21,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import torch
@@ -29,7 +30,23 @@ import torch.nn as nn
 
 from flexspeed.runtime.zero import warn_once
 
-__all__ = ["Init", "GatheredParameters", "InitRecord", "materialize_module"]
+__all__ = ["Init", "GatheredParameters", "InitRecord", "materialize_module", "ZeroParamStatus", "ZeroParamType"]
+
+
+class ZeroParamType(Enum):
+    """DeepSpeed's kinds of ZeRO-3 parameter (the values of ``param.ds_param_type`` there)."""
+
+    NORMAL = 1  # a whole tensor, replicated
+    PARTITIONED = 2  # this rank holds a partition
+    REMOTE = 3  # on another device
+
+
+class ZeroParamStatus(Enum):
+    """DeepSpeed's states of a ZeRO-3 parameter (``param.ds_status``)."""
+
+    AVAILABLE = 1  # whole on this rank
+    NOT_AVAILABLE = 2  # partitioned
+    INFLIGHT = 3  # being gathered
 
 
 @dataclass(frozen=True)

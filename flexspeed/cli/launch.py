@@ -267,6 +267,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> ar
                    help="never pass --local_rank to the script (it reads LOCAL_RANK from the environment)")
     p.add_argument("--module", "-m", action="store_true", help="SCRIPT is a module name, run as 'python -m'")
     p.add_argument("--dry-run", action="store_true", help="print what would run and exit")
+    p.add_argument("--as-deepspeed", action="store_true", dest="as_deepspeed",
+                   help="run the workers with flexspeed as their 'deepspeed' (import deepspeed and its package "
+                        "metadata), for HF Trainer / Accelerate / Lightning scripts; see docs/integrations.md")
     p.add_argument("script", metavar="SCRIPT", help="the training script (or module with -m)")
     p.add_argument("script_args", nargs=argparse.REMAINDER, metavar="...", help="arguments for the script")
     return p
@@ -339,6 +342,8 @@ def _node_command(args: argparse.Namespace, plan: _Plan, node_rank: int, host: s
         cmd += ["--rdzv-timeout", str(args.rdzv_timeout)]
     if args.no_local_rank:
         cmd.append("--no-local-rank")
+    if getattr(args, "as_deepspeed", False):
+        cmd.append("--as-deepspeed")
     if args.module:
         cmd.append("-m")
     prefix = f"CUDA_VISIBLE_DEVICES={','.join(map(str, slots))} " if plan.visible is not None or len(
@@ -373,8 +378,14 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         prefix = "".join(f"{k}={v} " for k, v in env.items())
         print(prefix + shlex.join([sys.executable, "-m", "torch.distributed.run", *argv]))
+        if getattr(args, "as_deepspeed", False):
+            print("# --as-deepspeed: each worker imports flexspeed's DeepSpeed compatibility layer as 'deepspeed'")
         return 0
     os.environ.update(env)
+    if getattr(args, "as_deepspeed", False):  # the workers inherit it (PYTHONPATH, FLEXSPEED_AS_DEEPSPEED)
+        from flexspeed.integrations.identity import activate
+
+        activate()
     return _run_elastic(argv)
 
 

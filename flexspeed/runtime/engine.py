@@ -29,7 +29,7 @@ from flexspeed.runtime.precision import (
 )
 from flexspeed.runtime.zero import ZeroStrategy
 
-__all__ = ["TrainingEngine", "EngineUsageError", "PassThroughToModule"]
+__all__ = ["TrainingEngine", "DeepSpeedEngine", "EngineUsageError", "PassThroughToModule"]
 
 log = logging.getLogger("flexspeed")
 
@@ -395,3 +395,6 @@ class TrainingEngine(PassThroughToModule, nn.Module):
 
         return save_pretrained(self, save_directory, max_shard_size=max_shard_size, dtype=dtype,
                                exclude_frozen_parameters=exclude_frozen_parameters)
+
+
+DeepSpeedEngine = TrainingEngine  # DeepSpeed's class name (isinstance checks in Lightning and Accelerate)
