@@ -90,8 +90,8 @@ class FlexConfig(Section):
     """Allow a client optimizer that is not one of the known optimizers with ZeRO."""
     zero_force_ds_cpu_optimizer: Bool = True
     """With optimizer offload, require a CPU-capable optimizer implementation."""
-    steps_per_print: PosInt = 10
-    """Log progress every this many optimizer steps."""
+    steps_per_print: PosInt | None = 10
+    """Log progress every this many optimizer steps; ``Infinity``/null = never (Accelerate writes inf)."""
     wall_clock_breakdown: Bool = False
     """Time forward, backward and step separately."""
     memory_breakdown: Bool = False
@@ -133,6 +133,11 @@ class FlexConfig(Section):
     """Pipeline-parallel options."""
     timers: TimersConfig = Field(default_factory=TimersConfig)
     """Engine timers."""
+
+    @field_validator("steps_per_print", mode="before")
+    @classmethod
+    def _never_print(cls, value: Any) -> Any:
+        return None if isinstance(value, float) and value == float("inf") else value
 
     @field_validator("gradient_allreduce_op", mode="before")
     @classmethod

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from flexspeed.runtime.engine_compat import DeepSpeedEngineExtras
 from flexspeed.runtime.monitor import build_monitor
 from flexspeed.runtime.precision import (
     LossScaler,
@@ -66,7 +67,7 @@ class PassThroughToModule:
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'{held}")
 
 
-class TrainingEngine(PassThroughToModule, nn.Module):
+class TrainingEngine(DeepSpeedEngineExtras, PassThroughToModule, nn.Module):
     """DeepSpeed-compatible training engine (``DeepSpeedEngine``'s public methods and counters)."""
 
     def __init__(self, *, strategy: ZeroStrategy, config: Any, optimizer: torch.optim.Optimizer | None,
@@ -165,7 +166,9 @@ class TrainingEngine(PassThroughToModule, nn.Module):
         return None if self._global_grad_norm is None else float(self._global_grad_norm)
 
     def is_gradient_accumulation_boundary(self) -> bool:
-        """True on the micro-step whose ``step()`` will update the weights."""
+        """True on the micro-step whose ``step()`` will update the weights (or as set_gradient_accumulation_boundary says)."""
+        if self._boundary_override is not None:
+            return self._boundary_override
         return (self.micro_steps + 1) % self.gradient_accumulation_steps() == 0
 
     def _sync_gradients_now(self) -> bool:

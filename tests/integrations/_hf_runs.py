@@ -1,0 +1,132 @@
+"""Rank functions for the Hugging Face Trainer / Accelerate parity tests (spawned by ``run_ranks``).
+
+Each rank first takes flexspeed's DeepSpeed identity (as ``python -m flexspeed.as_deepspeed`` would), then
+imports transformers/accelerate, so their "is DeepSpeed installed" checks see it. Heavy imports stay inside
+the functions: the spawned ranks import this module before anything else.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+VOCAB, SEQ, SAMPLES = 96, 16, 32
+
+
+def take_identity() -> None:
+    from flexspeed.integrations.identity import activate
+
+    activate()
+
+
+def tiny_llama_config() -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                       tie_word_embeddings=False)
+
+
+def tiny_llama(seed: int = 0) -> Any:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config())
+
+
+class TokenData:
+    """``SAMPLES`` fixed random sequences; labels = input ids (the model shifts them)."""
+
+    def __init__(self, n: int = SAMPLES) -> None:
+        import torch
+
+        g = torch.Generator().manual_seed(1234)
+        start = torch.randint(0, VOCAB, (n, 1), generator=g)
+        step = torch.randint(1, 4, (n, 1), generator=g)  # learnable: each sequence counts up by its step
+        self.ids = (start + step * torch.arange(SEQ)) % VOCAB
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.ids[i].clone()}
+
+
+def ds_config(stage: int, bf16: bool = False) -> dict:
+    """A typical HF-style DeepSpeed config: "auto" everywhere the Trainer fills in."""
+    zero: dict = {"stage": stage}
+    if stage == 3:
+        zero.update({"stage3_gather_16bit_weights_on_model_save": True, "stage3_param_persistence_threshold": "auto",
+                     "stage3_prefetch_bucket_size": "auto", "reduce_bucket_size": "auto"})
+    return {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+            "bf16": {"enabled": "auto"}, "zero_optimization": zero, "steps_per_print": float("inf"),
+            "wall_clock_breakdown": False}
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+    del PartialState
+
+
+def trainer_run(out_dir: str, deepspeed: dict | None, bf16: bool = False, max_steps: int = 4,
+                resume_from: str | None = None, save_steps: int | None = None) -> tuple[list[float], Any]:
+    """Train the tiny Llama with HF's Trainer (AdamW + linear schedule, accumulation 2) and return the logged losses."""
+    from transformers import Trainer, TrainingArguments
+
+    _reset_accelerate()
+    args = TrainingArguments(
+        output_dir=out_dir, per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2,
+        lr_scheduler_type="linear", weight_decay=0.01, max_steps=max_steps, logging_steps=1, report_to=[],
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, seed=0, data_seed=0,
+        bf16=bf16, use_cpu=True, deepspeed=deepspeed, dataloader_num_workers=0, disable_tqdm=True,
+        max_grad_norm=1.0, save_only_model=False)
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=TokenData())
+    trainer.train(resume_from_checkpoint=resume_from)
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h], trainer
+
+
+def _saved_weights(folder: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def rank_trainer_parity(rank: int, world: int, out_dir: str, stage: int, bf16: bool) -> dict:
+    """The DDP Trainer run, then the same under ``deepspeed=``; both save_model; rank 0 reads both back."""
+    take_identity()
+    ddp, trainer = trainer_run(os.path.join(out_dir, "ddp"), None, bf16=bf16)
+    trainer.save_model(os.path.join(out_dir, "ddp-final"))
+    ds, trainer = trainer_run(os.path.join(out_dir, f"z{stage}"), ds_config(stage, bf16), bf16=bf16)
+    assert trainer.is_deepspeed_enabled and type(trainer.deepspeed).__module__ == "flexspeed.runtime.engine"
+    trainer.save_model(os.path.join(out_dir, "ds-final"))  # ZeRO-3: the consolidated 16-bit state dict
+    out: dict = {"ddp": ddp, "ds": ds}
+    if rank == 0:
+        a, b = _saved_weights(os.path.join(out_dir, "ddp-final")), _saved_weights(os.path.join(out_dir, "ds-final"))
+        out["saved_keys_equal"] = sorted(a) == sorted(b)
+        out["saved_max_diff"] = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+        out["saved_dtypes"] = sorted({str(t.dtype) for t in b.values()})
+    return out
+
+
+def rank_trainer_resume(rank: int, world: int, out_dir: str, stage: int) -> dict:
+    """Train 4 steps saving at 2; a new Trainer resumes from checkpoint-2 and must log the same last 2 losses."""
+    take_identity()
+    full, _ = trainer_run(out_dir, ds_config(stage), save_steps=2)
+    resumed, _ = trainer_run(out_dir, ds_config(stage), resume_from=os.path.join(out_dir, "checkpoint-2"))
+    return {"full": full, "resumed": resumed, "files": sorted(os.listdir(os.path.join(out_dir, "checkpoint-2")))}
+
+
+def rank_trainer_grid(rank: int, world: int, out_dir: str, stage: int) -> dict:
+    """fp32 and bf16 parity runs at one ZeRO stage in one spawned group (process start-up dominates)."""
+    return {prec: rank_trainer_parity(rank, world, os.path.join(out_dir, prec), stage, prec == "bf16")
+            for prec in ("fp32", "bf16")}
+
+
+def rank_trainer_resume_grid(rank: int, world: int, out_dir: str) -> dict:
+    return {stage: rank_trainer_resume(rank, world, os.path.join(out_dir, f"z{stage}"), stage) for stage in (2, 3)}
