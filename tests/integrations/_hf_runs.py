@@ -66,12 +66,13 @@ def ds_config(stage: int, bf16: bool = False) -> dict:
 
 
 def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
+    """Forget Accelerate's process-wide state between runs (the process group stays): each run decides
+    afresh whether it is a DeepSpeed run."""
+    from accelerate.state import AcceleratorState, GradientState
 
-    AcceleratorState._reset_state(reset_partial_state=False)
+    AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
-    del PartialState
 
 
 def trainer_run(out_dir: str, deepspeed: dict | None, bf16: bool = False, max_steps: int = 4,
@@ -130,3 +131,69 @@ def rank_trainer_grid(rank: int, world: int, out_dir: str, stage: int) -> dict:
 
 def rank_trainer_resume_grid(rank: int, world: int, out_dir: str) -> dict:
     return {stage: rank_trainer_resume(rank, world, os.path.join(out_dir, f"z{stage}"), stage) for stage in (2, 3)}
+
+
+def accelerate_losses(stage: int | None, bf16: bool = False, steps: int = 8) -> tuple[list[float], dict]:
+    """A plain Accelerate loop (accumulate 2, AdamW + linear schedule, clip 1.0); ``stage=None`` is its DDP run.
+
+    Returns the per-micro-step losses and the final whole weights (gathered at ZeRO-3).
+    """
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin
+    from torch.utils.data import DataLoader
+
+    _reset_accelerate()
+    plugin = None
+    if stage is not None:
+        plugin = DeepSpeedPlugin(zero_stage=stage, gradient_accumulation_steps=2, gradient_clipping=1.0,
+                                 zero3_save_16bit_model=stage == 3)
+        plugin.deepspeed_config["steps_per_print"] = float("inf")
+    # On a machine without accelerators: the process state is made with cpu=True (gloo over all ranks), the
+    # Accelerator without it (Accelerator(cpu=True) turns its DeepSpeed path off), as HF's Trainer does.
+    from accelerate.state import PartialState
+
+    PartialState(cpu=True)
+    accelerator = Accelerator(deepspeed_plugin=plugin, gradient_accumulation_steps=2,
+                              mixed_precision="bf16" if bf16 else "no")
+    model = tiny_llama()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / (steps // 2)))
+    loader = DataLoader(TokenData(), batch_size=2, shuffle=False)
+    model, opt, loader, sched = accelerator.prepare(model, opt, loader, sched)
+    if stage is not None:
+        assert type(model).__module__ == "flexspeed.runtime.engine", type(model)
+    model.train()
+    losses = []
+    for i, batch in enumerate(loader):
+        if i == steps:
+            break
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+        losses.append(float(loss.detach()))
+    state = accelerator.get_state_dict(model)
+    weights = {k: v.float().clone() for k, v in state.items()} if state is not None else {}
+    accelerator.free_memory()
+    return losses, weights
+
+
+def rank_accelerate_parity(rank: int, world: int, out_dir: str, stage: int, bf16: bool) -> dict:
+    take_identity()
+    ddp, w_ddp = accelerate_losses(None, bf16)
+    ds, w_ds = accelerate_losses(stage, bf16)
+    out: dict = {"ddp": ddp, "ds": ds}
+    if rank == 0:
+        out["keys_equal"] = sorted(w_ddp) == sorted(w_ds)
+        out["max_weight_diff"] = max(float((w_ddp[k] - w_ds[k]).abs().max()) for k in w_ddp)
+    return out
+
+
+def rank_accelerate_grid(rank: int, world: int, out_dir: str) -> dict:
+    return {f"z{stage}-{'bf16' if bf16 else 'fp32'}": rank_accelerate_parity(rank, world, out_dir, stage, bf16)
+            for stage, bf16 in ((2, False), (3, False), (3, True))}
