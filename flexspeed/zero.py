@@ -61,6 +61,11 @@ class InitRecord:
 
 _RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ACTIVE: list[Init] = []
+# Parameters built under Init are flexspeed's meta placeholders: they carry DeepSpeed's ds_* attributes and
+# their owners [(module ref, name)]; module -> {name: this rank's flat 1/world chunk of the values a
+# GatheredParameters(modifier_rank=...) block wrote} (DeepSpeed's ds_tensor), read by initialize()
+_SHARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_NEXT_ID = [0]
 
 
 class Init:
@@ -115,6 +120,7 @@ class Init:
             _ACTIVE.append(self)
             return self
         self._record = InitRecord(torch.get_rng_state(), self.seed, self.param_init_fn, self.group)
+        _install_movable_placeholders()
         self._hook = nn.modules.module.register_module_parameter_registration_hook(self._on_parameter)
         _ACTIVE.append(self)
         return self
@@ -132,8 +138,13 @@ class Init:
             return None
         _RECORDS[module] = self._record
         if param.is_meta:
+            if _is_placeholder(param):  # the same placeholder registered again (tied weights)
+                param._fs_owners.append((weakref.ref(module), name))
             return None
-        return nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+        placeholder = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+        placeholder._fs_owners = [(weakref.ref(module), name)]
+        _set_ds_attributes(placeholder, self.group)
+        return placeholder
 
 
 def _find_record(module: nn.Module) -> InitRecord | None:
@@ -142,6 +153,105 @@ def _find_record(module: nn.Module) -> InitRecord | None:
         if record is not None:
             return record
     return None
+
+
+# ---- placeholders: DeepSpeed's attributes, moves, and values written before initialize() ------------------
+def _set_ds_attributes(p: nn.Parameter, group: dist.ProcessGroup | None) -> None:
+    """DeepSpeed's ZeRO-3 parameter attributes, which integrating code reads (``p.ds_numel``, ``p.ds_status``)."""
+    p.ds_id = _NEXT_ID[0]
+    _NEXT_ID[0] += 1
+    p.ds_shape = p.shape
+    p.ds_numel = p.numel()
+    p.ds_status = ZeroParamStatus.NOT_AVAILABLE
+    p.ds_persist = False
+    p.ds_tensor = None  # this rank's flat partition, once values were written (GatheredParameters)
+    p.ds_process_group = group
+
+
+def _is_placeholder(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_meta and "_fs_owners" in t.__dict__
+
+
+def _swap_in(p: nn.Parameter, value: torch.Tensor) -> None:
+    """Give parameter ``p`` the storage of ``value`` in place (same object: callers hold it), keeping its attributes
+    (``.data =`` cannot move a tensor between meta and a real device)."""
+    attrs = dict(p.__dict__)
+    torch.utils.swap_tensors(p, nn.Parameter(value, requires_grad=p.requires_grad))
+    p.__dict__.update(attrs)
+
+
+_MOVABLE = [False]
+
+
+def _install_movable_placeholders() -> None:
+    """``module.cpu()``/``.to(device)`` keep placeholders as they are (DeepSpeed's partitioned parameters move
+    with no data to copy; a meta tensor refuses the copy). Installed once; other tensors are untouched."""
+    if _MOVABLE[0]:
+        return
+    original = nn.Module._apply
+
+    def _apply(self: nn.Module, fn: Callable, *args: Any, **kwargs: Any) -> nn.Module:
+        def keep_placeholders(t: torch.Tensor) -> torch.Tensor:
+            if _is_placeholder(t):
+                try:
+                    return fn(t)  # a dtype change applies to the placeholder
+                except NotImplementedError:  # a device move: nothing to copy
+                    return t
+            return fn(t)
+
+        return original(self, keep_placeholders, *args, **kwargs)
+
+    nn.Module._apply = _apply
+    _MOVABLE[0] = True
+
+
+def _group_of(p: nn.Parameter) -> dist.ProcessGroup | None:
+    return getattr(p, "ds_process_group", None)
+
+
+def _world_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if not dist.is_initialized():
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _chunk(full: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """This rank's flat chunk of ``full`` (zero-padded to ``ceil(numel / world)``), a copy."""
+    world, rank = _world_rank(group)
+    size = -(-full.numel() // world)
+    flat = full.detach().reshape(-1)
+    out = torch.zeros(size, dtype=full.dtype)
+    part = flat[rank * size:(rank + 1) * size]
+    out[:part.numel()].copy_(part)
+    return out
+
+
+def _unchunk(chunk: torch.Tensor, shape: torch.Size, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """The whole tensor from every rank's chunk (an all-gather over ``group``)."""
+    world, _ = _world_rank(group)
+    if world == 1:
+        return chunk[:shape.numel()].reshape(shape).clone()
+    dev = _comm_device(group)
+    parts = [torch.empty(chunk.numel(), dtype=chunk.dtype, device=dev) for _ in range(world)]
+    dist.all_gather(parts, chunk.to(dev), group=group)
+    return torch.cat(parts)[:shape.numel()].reshape(shape).cpu()
+
+
+def _comm_device(group: dist.ProcessGroup | None) -> torch.device:
+    """Where collectives over ``group`` take their tensors (NCCL-only groups need CUDA ones)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _record_values(p: nn.Parameter, full: torch.Tensor) -> None:
+    """Keep this rank's chunk of ``full`` as the value of placeholder ``p`` (for every module that owns it)."""
+    chunk = _chunk(full, _group_of(p))
+    p.ds_tensor = chunk
+    for ref, name in p._fs_owners:
+        module = ref()
+        if module is not None:
+            _SHARDS.setdefault(module, {})[name] = (chunk, p.shape, _group_of(p))
 
 
 def _fill_from_full(dst: torch.Tensor, full: torch.Tensor) -> None:
@@ -156,14 +266,28 @@ def _fill_from_full(dst: torch.Tensor, full: torch.Tensor) -> None:
 
 
 def _init_module(module: nn.Module, name: str, param_init_fn: Callable[[nn.Module], None] | None) -> None:
-    """Run ``module``'s initialisers on full CPU copies of its own parameters; keep this rank's part."""
+    """Fill ``module``'s own parameters: from values written under Init (a ``GatheredParameters`` block
+    with a modifier rank, e.g. a pretrained checkpoint), else by its initialisers on full CPU copies;
+    either way this rank keeps its part."""
     own = {n: p for n, p in module._parameters.items() if p is not None}
+    written = {n: v for n, v in _SHARDS.get(module, {}).items() if n in own}
+    todo = [n for n in own if n not in written]
+    if todo:
+        _reset_into(module, name, own, todo, param_init_fn)
+    with torch.no_grad():
+        for n, (chunk, shape, group) in written.items():  # one whole tensor at a time
+            _fill_from_full(own[n], _unchunk(chunk, shape, group).to(own[n].dtype))
+
+
+def _reset_into(module: nn.Module, name: str, own: dict[str, nn.Parameter], todo: list[str],
+                param_init_fn: Callable[[nn.Module], None] | None) -> None:
     reset = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
     if reset is None and param_init_fn is None:
         raise ValueError(
-            f"module {name or '<root>'} ({type(module).__name__}) owns parameters {sorted(own)} built under "
-            "zero.Init but has no reset_parameters() to fill them. Fix: add reset_parameters() to the class, or "
-            "pass zero.Init(param_init_fn=fn) with fn(module) initialising them")
+            f"module {name or '<root>'} ({type(module).__name__}) owns parameters {sorted(todo)} built under "
+            "zero.Init but has no reset_parameters() to fill them. Fix: add reset_parameters() to the class, "
+            "pass zero.Init(param_init_fn=fn) with fn(module) initialising them, or write their values inside "
+            "GatheredParameters(params, modifier_rank=0) before initialize()")
     temps = {n: nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
              for n, p in own.items()}
     module._parameters.update(temps)
@@ -176,8 +300,8 @@ def _init_module(module: nn.Module, name: str, param_init_fn: Callable[[nn.Modul
     finally:
         module._parameters.update(own)
     with torch.no_grad():
-        for n, p in own.items():
-            _fill_from_full(p, temps[n].detach())
+        for n in todo:
+            _fill_from_full(own[n], temps[n].detach())
 
 
 def materialize_module(module: nn.Module, device: torch.device, record: InitRecord | None = None,
@@ -243,24 +367,42 @@ class GatheredParameters:
 
         if not self.enabled:
             return self.params
-        meta = [tuple(p.shape) for p in self.params if p.is_meta]
-        if meta:  # reads would see no values and writes would be lost: say so
+        meta = [p for p in self.params if p.is_meta]
+        blank = [tuple(p.shape) for p in meta
+                 if not _is_placeholder(p) or (p.ds_tensor is None and self.modifier_rank is None)]
+        if blank:  # reads would see no values and writes would be lost: say so
             raise RuntimeError(
-                f"GatheredParameters got {len(meta)} parameter(s) with no storage yet (shapes {meta[:3]}): modules "
-                "built under zero.Init() are filled when flexspeed.initialize() shards them, unlike DeepSpeed's, "
-                "which partitions at construction. Fix: gather engine.module's parameters after initialize(), or "
-                "set initial values with zero.Init(param_init_fn=fn)")
+                f"GatheredParameters got {len(blank)} parameter(s) with no storage yet (shapes {blank[:3]}): modules "
+                "built under zero.Init() are filled when flexspeed.initialize() shards them (or by a "
+                "GatheredParameters(..., modifier_rank=r) block writing their values first). Fix: gather "
+                "engine.module's parameters after initialize(), write them with modifier_rank=0, or set initial "
+                "values with zero.Init(param_init_fn=fn)")
+        self._placeholders = [p for p in meta if _is_placeholder(p)]
         with torch.no_grad():
+            for p in self._placeholders:  # whole in place, as DeepSpeed's are (HF loads into the parameter)
+                written = p.ds_tensor is not None
+                _swap_in(p, _unchunk(p.ds_tensor, p.shape, _group_of(p)).to(p.dtype) if written
+                         else torch.zeros(p.shape, dtype=p.dtype))
+                p.ds_status = ZeroParamStatus.AVAILABLE
             self.full = [p.full_tensor().detach() if isinstance(p, DTensor) else p.data for p in self.params]
         self._versions = [t._version for t in self.full]
         return self.full
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        if not self.enabled or exc_type is not None:
+        if not self.enabled:
             return
-        if self.modifier_rank is None:
-            from torch.distributed.tensor import DTensor
+        try:
+            if exc_type is None:
+                self._check_or_publish()
+        finally:
+            for p in getattr(self, "_placeholders", []):  # back to a placeholder, whatever happened
+                _swap_in(p, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+                p.ds_status = ZeroParamStatus.NOT_AVAILABLE
 
+    def _check_or_publish(self) -> None:
+        from torch.distributed.tensor import DTensor
+
+        if self.modifier_rank is None:
             # a sharded parameter's yielded tensor is a copy (changes are dropped); an unsharded one's is the
             # parameter's own storage, so a change there would reach this rank's weights only
             changed = [i for i, (p, t, v) in enumerate(zip(self.params, self.full, self._versions))
@@ -271,13 +413,18 @@ class GatheredParameters:
                     "modifier_rank=None (read-only): they are not sharded, so the change reached this rank's "
                     "weights only. Fix: pass modifier_rank=<the rank whose values every rank should keep>")
             return
-        from torch.distributed.tensor import DTensor
-
+        placeholders = {id(p) for p in self._placeholders}
         with torch.no_grad():
             for p, full in zip(self.params, self.full):
-                group = p.device_mesh.get_group() if isinstance(p, DTensor) else None
+                group = p.device_mesh.get_group() if isinstance(p, DTensor) else _group_of(p)
                 if dist.is_initialized() and dist.get_world_size(group) > 1:
                     src = dist.get_global_rank(group, self.modifier_rank) if group is not None else self.modifier_rank
-                    dist.broadcast(full, src=src, group=group)
+                    dev = _comm_device(group)
+                    moved = full if full.device == dev else full.to(dev)
+                    dist.broadcast(moved, src=src, group=group)
+                    if moved is not full:
+                        full.copy_(moved)
                 if isinstance(p, DTensor):
                     _fill_from_full(p, full)
+                elif id(p) in placeholders:
+                    _record_values(p, full)
