@@ -30,7 +30,8 @@ import torch.nn as nn
 
 from flexspeed.runtime.zero import warn_once
 
-__all__ = ["Init", "GatheredParameters", "InitRecord", "materialize_module", "ZeroParamStatus", "ZeroParamType"]
+__all__ = ["Init", "GatheredParameters", "InitRecord", "materialize_module", "as_meta_placeholders",
+           "ZeroParamStatus", "ZeroParamType"]
 
 
 class ZeroParamType(Enum):
@@ -92,6 +93,8 @@ class Init:
             parameters, on full temporary tensors of that module's own (non-recursive) parameters.
     """
 
+    _empty_placeholders = False  # meta placeholders; the DeepSpeed face's Init uses 0-element ones
+
     def __init__(self, module: nn.Module | None = None, data_parallel_group: dist.ProcessGroup | None = None,
                  mem_efficient_linear: bool = True, remote_device: str | None = None, pin_memory: bool = False,
                  config_dict_or_path: Any = None, config: Any = None, enabled: bool = True,
@@ -112,6 +115,7 @@ class Init:
         self.group = data_parallel_group
         self._hook: Any = None
         self._record: InitRecord | None = None
+        self._made: list[nn.Parameter] = []
         if module is not None and enabled:
             _RECORDS[module] = InitRecord(torch.get_rng_state(), seed, param_init_fn, data_parallel_group)
 
@@ -130,6 +134,11 @@ class Init:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        for p in self._made:  # DeepSpeed's form: a 0-element tensor on the parameter's device
+            if _is_placeholder(p) and p.is_meta:
+                _swap_in(p, _placeholder_data(p.ds_shape, p.dtype, p._fs_device, True))
+                p._fs_empty = True
+        self._made = []
 
     def _on_parameter(self, module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
         # Each parameter is created for real by its constructor (torch.empty: no pages touched) and
@@ -137,13 +146,18 @@ class Init:
         if param is None:
             return None
         _RECORDS[module] = self._record
-        if param.is_meta:
-            if _is_placeholder(param):  # the same placeholder registered again (tied weights)
-                param._fs_owners.append((weakref.ref(module), name))
+        if _is_placeholder(param):  # the same placeholder registered again (tied weights)
+            param._fs_owners.append((weakref.ref(module), name))
             return None
+        if param.is_meta:
+            return None
+        # meta while constructors run (their initialisers need the shape); DeepSpeed's form at exit
         placeholder = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
         placeholder._fs_owners = [(weakref.ref(module), name)]
-        _set_ds_attributes(placeholder, self.group)
+        placeholder._fs_device = param.device
+        _set_ds_attributes(placeholder, param.shape, self.group, False)
+        if self._empty_placeholders:
+            self._made.append(placeholder)  # a strong reference until exit (swap_tensors refuses weakly held ones)
         return placeholder
 
 
@@ -156,12 +170,18 @@ def _find_record(module: nn.Module) -> InitRecord | None:
 
 
 # ---- placeholders: DeepSpeed's attributes, moves, and values written before initialize() ------------------
-def _set_ds_attributes(p: nn.Parameter, group: dist.ProcessGroup | None) -> None:
+def _placeholder_data(shape: torch.Size, dtype: torch.dtype, device: torch.device, empty: bool) -> torch.Tensor:
+    """A placeholder's storage-less value: meta with the full shape, or DeepSpeed's 0-element tensor on the device."""
+    return torch.empty(0, dtype=dtype, device=device) if empty else torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _set_ds_attributes(p: nn.Parameter, shape: torch.Size, group: dist.ProcessGroup | None, empty: bool) -> None:
     """DeepSpeed's ZeRO-3 parameter attributes, which integrating code reads (``p.ds_numel``, ``p.ds_status``)."""
     p.ds_id = _NEXT_ID[0]
     _NEXT_ID[0] += 1
-    p.ds_shape = p.shape
-    p.ds_numel = p.numel()
+    p.ds_shape = torch.Size(shape)
+    p.ds_numel = p.ds_shape.numel()
+    p._fs_empty = empty
     p.ds_status = ZeroParamStatus.NOT_AVAILABLE
     p.ds_persist = False
     p.ds_tensor = None  # this rank's flat partition, once values were written (GatheredParameters)
@@ -169,7 +189,18 @@ def _set_ds_attributes(p: nn.Parameter, group: dist.ProcessGroup | None) -> None
 
 
 def _is_placeholder(t: Any) -> bool:
-    return isinstance(t, torch.Tensor) and t.is_meta and "_fs_owners" in t.__dict__
+    """A parameter built under Init that holds no values right now (not inside a GatheredParameters block)."""
+    return (isinstance(t, torch.Tensor) and "_fs_owners" in t.__dict__
+            and t.__dict__.get("ds_status") == ZeroParamStatus.NOT_AVAILABLE)
+
+
+def as_meta_placeholders(module: nn.Module) -> None:
+    """Turn DeepSpeed-style (0-element) placeholders of ``module`` into meta tensors of their full shape, the
+    form ``initialize()`` shards and fills (called by ``apply_zero``)."""
+    for p in module.parameters():
+        if _is_placeholder(p) and not p.is_meta:
+            _swap_in(p, torch.empty(p.ds_shape, dtype=p.dtype, device="meta"))
+            p._fs_empty = False
 
 
 def _swap_in(p: nn.Parameter, value: torch.Tensor) -> None:
@@ -251,7 +282,7 @@ def _record_values(p: nn.Parameter, full: torch.Tensor) -> None:
     for ref, name in p._fs_owners:
         module = ref()
         if module is not None:
-            _SHARDS.setdefault(module, {})[name] = (chunk, p.shape, _group_of(p))
+            _SHARDS.setdefault(module, {})[name] = (chunk, p.ds_shape, _group_of(p))
 
 
 def _fill_from_full(dst: torch.Tensor, full: torch.Tensor) -> None:
@@ -367,9 +398,9 @@ class GatheredParameters:
 
         if not self.enabled:
             return self.params
-        meta = [p for p in self.params if p.is_meta]
-        blank = [tuple(p.shape) for p in meta
-                 if not _is_placeholder(p) or (p.ds_tensor is None and self.modifier_rank is None)]
+        holders = [p for p in self.params if _is_placeholder(p)]
+        blank = [tuple(p.shape) for p in self.params if p.is_meta and not _is_placeholder(p)]
+        blank += [tuple(p.ds_shape) for p in holders if p.ds_tensor is None and self.modifier_rank is None]
         if blank:  # reads would see no values and writes would be lost: say so
             raise RuntimeError(
                 f"GatheredParameters got {len(blank)} parameter(s) with no storage yet (shapes {blank[:3]}): modules "
@@ -377,12 +408,13 @@ class GatheredParameters:
                 "GatheredParameters(..., modifier_rank=r) block writing their values first). Fix: gather "
                 "engine.module's parameters after initialize(), write them with modifier_rank=0, or set initial "
                 "values with zero.Init(param_init_fn=fn)")
-        self._placeholders = [p for p in meta if _is_placeholder(p)]
+        self._placeholders = holders
+        self._devices = {id(p): p.device for p in holders}
         with torch.no_grad():
             for p in self._placeholders:  # whole in place, as DeepSpeed's are (HF loads into the parameter)
                 written = p.ds_tensor is not None
-                _swap_in(p, _unchunk(p.ds_tensor, p.shape, _group_of(p)).to(p.dtype) if written
-                         else torch.zeros(p.shape, dtype=p.dtype))
+                _swap_in(p, _unchunk(p.ds_tensor, p.ds_shape, _group_of(p)).to(p.dtype) if written
+                         else torch.zeros(p.ds_shape, dtype=p.dtype))
                 p.ds_status = ZeroParamStatus.AVAILABLE
             self.full = [p.full_tensor().detach() if isinstance(p, DTensor) else p.data for p in self.params]
         self._versions = [t._version for t in self.full]
@@ -396,7 +428,7 @@ class GatheredParameters:
                 self._check_or_publish()
         finally:
             for p in getattr(self, "_placeholders", []):  # back to a placeholder, whatever happened
-                _swap_in(p, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+                _swap_in(p, _placeholder_data(p.ds_shape, p.dtype, self._devices[id(p)], p._fs_empty))
                 p.ds_status = ZeroParamStatus.NOT_AVAILABLE
 
     def _check_or_publish(self) -> None:

@@ -450,6 +450,9 @@ def apply_zero(module: nn.Module, *, config: Any, device: torch.device,
     Returns:
         the ``ZeroStrategy`` the engine drives.
     """
+    from flexspeed.zero import as_meta_placeholders
+
+    as_meta_placeholders(module)  # zero.Init placeholders in DeepSpeed's 0-element form -> meta, full shape
     settings = ZeroSettings.from_config(config)
     notes: list[str] = []
     _check_offload(settings, device, notes)

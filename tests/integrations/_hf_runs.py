@@ -197,3 +197,45 @@ def rank_accelerate_parity(rank: int, world: int, out_dir: str, stage: int, bf16
 def rank_accelerate_grid(rank: int, world: int, out_dir: str) -> dict:
     return {f"z{stage}-{'bf16' if bf16 else 'fp32'}": rank_accelerate_parity(rank, world, out_dir, stage, bf16)
             for stage, bf16 in ((2, False), (3, False), (3, True))}
+
+
+def rank_zero3_from_pretrained(rank: int, world: int, out_dir: str) -> dict:
+    """HF's ZeRO-3 load path: ``from_pretrained`` under ``zero.Init`` + ``GatheredParameters(modifier_rank=0)``.
+
+    Rank 0 saves a random tiny Llama; with a ZeRO-3 HF DeepSpeed config alive, every rank loads it: each rank
+    then holds only its 1/world chunk of each weight (the parameters are storage-less placeholders); after
+    ``deepspeed.initialize`` the logits equal a plain (non-DeepSpeed) load's.
+    """
+    take_identity()
+    import torch
+    import torch.distributed as dist
+    from transformers import LlamaForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    dist.init_process_group("gloo")
+    folder = os.path.join(out_dir, "pretrained")
+    if rank == 0:
+        tiny_llama(seed=5).save_pretrained(folder)
+    dist.barrier()
+    plain = LlamaForCausalLM.from_pretrained(folder).eval()
+    ids = TokenData(4).ids
+    with torch.no_grad():
+        want = plain(input_ids=ids).logits
+    cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "steps_per_print": float("inf")}
+    keep = HfDeepSpeedConfig(cfg)  # HF's switch for the ZeRO-3 load path (kept alive while loading)
+    model = LlamaForCausalLM.from_pretrained(folder)
+    params = list(model.parameters())
+    chunk_numel = sum(p.ds_tensor.numel() for p in params if p.ds_tensor is not None)
+    out = {"all_placeholders": all(p.numel() == 0 and p.device.type == "cpu" and p.ds_tensor is not None
+                                   for p in params),
+           "chunk_numel": chunk_numel, "full_numel": sum(p.ds_numel for p in params)}
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, config=cfg)
+    engine.eval()
+    with torch.no_grad():
+        got = engine(input_ids=ids).logits
+    out["max_logit_diff"] = float((got - want).abs().max())
+    del keep
+    dist.destroy_process_group()
+    return out

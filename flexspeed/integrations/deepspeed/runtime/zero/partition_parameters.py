@@ -1,6 +1,6 @@
 """``deepspeed.runtime.zero.partition_parameters``: where DeepSpeed defines ``Init`` and ``GatheredParameters``.
 
-The classes are flexspeed's (:mod:`flexspeed.zero`). transformers' ``prevent_arange_dtype_change``
+The classes are ``deepspeed.zero``'s (:mod:`flexspeed.integrations.deepspeed.zero`). transformers' ``prevent_arange_dtype_change``
 swaps ``zero_wrapper_for_fp_tensor_constructor`` for the duration of a ``zero.Init``: flexspeed's
 ``Init`` changes no tensor constructor (it keeps fp32 master weights), so the function is here for
 that swap and returns the constructor unchanged.
@@ -14,12 +14,7 @@ from typing import Any
 import torch
 
 from flexspeed.accelerator import get_accelerator
-from flexspeed.zero import (
-    GatheredParameters,
-    Init,
-    ZeroParamStatus,
-    ZeroParamType,
-)
+from flexspeed.integrations.deepspeed.zero import GatheredParameters, Init, ZeroParamStatus, ZeroParamType
 
 __all__ = ["Init", "GatheredParameters", "ZeroParamStatus", "ZeroParamType", "zero_wrapper_for_fp_tensor_constructor", "get_accelerator"]
 
