@@ -25,7 +25,8 @@ outside the block ends the cycle, as Accelerate drives it); a loop that never us
 after every backward and the config's ``gradient_accumulation_steps`` decides (DeepSpeed's counting).
 Checkpoints: ``fabric.save(path, state)`` writes a flexspeed (DeepSpeed-layout) checkpoint folder through
 ``engine.save_checkpoint`` with the other entries of ``state`` as client state; ``fabric.load`` restores it.
-The Lightning ``Trainer`` is not covered yet (use Fabric, or Trainer with ``strategy="ddp"``).
+The Lightning ``Trainer``: :class:`FlexspeedTrainerStrategy` (``Trainer(strategy=FlexspeedTrainerStrategy(
+config=...))``), the same engine driven by the Trainer's loop.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from lightning.fabric.strategies import DDPStrategy
 from lightning.fabric.strategies.strategy import _BackwardSyncControl
 from torch import nn
 
-__all__ = ["FlexspeedStrategy"]
+__all__ = ["FlexspeedStrategy", "FlexspeedTrainerStrategy"]
 
 
 class _EngineBoundary(_BackwardSyncControl):
@@ -193,3 +194,140 @@ class FlexspeedStrategy(DDPStrategy):
                 if key in state and not isinstance(state[key], (nn.Module, torch.optim.Optimizer)):
                     state[key] = client.pop(key)
         return client
+
+
+# ---- the Lightning Trainer ------------------------------------------------------------------------------------
+def _trainer_strategy_base() -> type:
+    from lightning.pytorch.strategies import DDPStrategy as TrainerDDPStrategy
+
+    return TrainerDDPStrategy
+
+
+class FlexspeedTrainerStrategy(_trainer_strategy_base()):
+    """Lightning ``Trainer`` strategy on flexspeed: ``Trainer(strategy=FlexspeedTrainerStrategy(config=...))``.
+
+    DDP's launching and collectives; the LightningModule and the single optimizer of ``configure_optimizers``
+    go to :func:`flexspeed.initialize` with the DeepSpeed config, whose ``gradient_accumulation_steps`` is the
+    Trainer's ``accumulate_grad_batches`` and ``gradient_clipping`` its ``gradient_clip_val`` (set them on the
+    Trainer, not in the config, as with Lightning's DeepSpeed strategy). The engine counts the accumulation
+    (``handles_gradient_accumulation``); Lightning has already divided the loss by ``accumulate_grad_batches``,
+    so the engine's backward does not divide again. The schedulers of ``configure_optimizers`` stay Lightning's.
+    Checkpoints: ``trainer.save_checkpoint``/``ModelCheckpoint`` write a flexspeed checkpoint folder (the
+    Trainer's own state as client state); ``ckpt_path=`` resumes from one.
+    """
+
+    strategy_name = "flexspeed_trainer"
+
+    def __init__(self, config: str | os.PathLike | dict | None = None, **kwargs: Any) -> None:
+        from lightning.pytorch.strategies.strategy import _ForwardRedirection
+
+        super().__init__(**kwargs)
+        self.config = _load_config(config)
+        self._forward_redirection = _ForwardRedirection()  # the engine's forward runs the module's
+
+    @property
+    def handles_gradient_accumulation(self) -> bool:
+        return True
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # the engine (which loads the checkpoint) exists after setup
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return False  # engine.load_checkpoint restored it
+
+    def setup_optimizers(self, trainer: Any) -> None:
+        self.optimizers, self.lr_scheduler_configs = [], []  # made in setup, with the engine
+
+    def _engine_config(self, trainer: Any) -> dict:
+        for key, arg in (("gradient_accumulation_steps", "accumulate_grad_batches"),
+                         ("gradient_clipping", "gradient_clip_val")):
+            if key in self.config:
+                raise ValueError(f"FlexspeedTrainerStrategy: remove {key!r} from the DeepSpeed config and pass "
+                                 f"Trainer({arg}=...) instead (the Trainer's value decides; two would disagree)")
+        if trainer.gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(f"Trainer(gradient_clip_algorithm={trainer.gradient_clip_algorithm!r}): flexspeed clips "
+                             "the global norm only. Fix: use gradient_clip_algorithm='norm'")
+        cfg = dict(self.config, gradient_accumulation_steps=trainer.accumulate_grad_batches,
+                   gradient_clipping=float(trainer.gradient_clip_val or 0.0))
+        if not any(k in cfg for k in ("train_batch_size", "train_micro_batch_size_per_gpu")):
+            cfg["train_micro_batch_size_per_gpu"] = 1
+        return cfg
+
+    def setup(self, trainer: Any) -> None:
+        from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        import flexspeed
+
+        self.accelerator.setup(trainer)
+        module = self.precision_plugin.convert_module(self.model)
+        self.setup_precision_plugin()
+        cfg = self._engine_config(trainer)
+        optimizer, schedulers = None, []
+        if trainer.state.fn == TrainerFn.FITTING:
+            optimizers, schedulers = _init_optimizers_and_lr_schedulers(self.lightning_module)
+            if len(optimizers) != 1:
+                raise ValueError(f"FlexspeedTrainerStrategy drives one optimizer; configure_optimizers gave "
+                                 f"{len(optimizers)}. Fix: combine them into one with parameter groups")
+            optimizer = optimizers[0]
+        engine, opt, _, _ = flexspeed.initialize(model=module, optimizer=optimizer, config=cfg,
+                                                 dist_init_required=False)
+        self.model = engine
+        self.optimizers = [opt] if opt is not None else []
+        self.lr_scheduler_configs = schedulers
+        self.barrier()
+
+    def model_to_device(self) -> None:
+        if not any(p.is_meta or getattr(p, "ds_shape", None) is not None for p in self.model.parameters()):
+            self.model.to(self.root_device)
+
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        module = self.lightning_module
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        self.model.backward(closure_loss, scale_wrt_gas=False)  # Lightning divided by accumulate_grad_batches
+        return self.precision_plugin.post_backward(closure_loss, module)
+
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        closure()  # training_step and backward
+        return self.model.step()
+
+    @contextlib.contextmanager
+    def block_backward_sync(self) -> Iterator[None]:
+        yield  # the engine decides when gradients are reduced
+
+    def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError("FlexspeedTrainerStrategy.save_checkpoint: storage_options is not supported")
+        client = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        self.model.save_checkpoint(os.fspath(filepath), client_state=client)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        _, client = self.model.load_checkpoint(os.fspath(checkpoint_path))
+        if client is None:
+            raise FileNotFoundError(f"ckpt_path={os.fspath(checkpoint_path)!r}: no flexspeed checkpoint there")
+        return client
+
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        pass  # engine.load_checkpoint restored the weights
+
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        pass  # ... and the optimizer
+
+    def teardown(self) -> None:
+        # Lightning moves the module and optimizer state to the CPU here; sharded (DTensor) parameters are not
+        # moved that way: the engine's destroy() releases the optimizer state and gradients instead
+        if isinstance(self.model, nn.Module) and hasattr(self.model, "destroy"):
+            self.model.destroy()
+        if self.cluster_environment is not None:
+            self.cluster_environment.teardown()
+        self.precision_plugin.teardown()
+        self.accelerator.teardown()
+        self.checkpoint_io.teardown()
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        if self.is_global_zero:
+            import shutil
+
+            shutil.rmtree(os.fspath(filepath), ignore_errors=True)

@@ -64,3 +64,43 @@ def rank_fabric_parity(rank: int, world: int, out_dir: str, stage: int, bf16: bo
 
 def rank_fabric_grid(rank: int, world: int, out_dir: str) -> dict:
     return {f"z{stage}": rank_fabric_parity(rank, world, out_dir, stage, False) for stage in (2, 3)}
+
+
+def trainer_losses(strategy: Any, stage: int | None = None) -> list[float]:
+    """A Lightning Trainer run: tiny Llama, AdamW, accumulate_grad_batches=2, clip 1.0, 4 optimizer steps."""
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader
+
+    from tests.integrations._hf_runs import TokenData, tiny_llama
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = tiny_llama()
+            self.losses: list[float] = []
+
+        def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+            loss = self.net(**batch).loss
+            self.losses.append(float(loss.detach()))
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.01)
+
+    module = Module()
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, accumulate_grad_batches=2,
+                         gradient_clip_val=1.0, max_steps=4, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=True)
+    trainer.fit(module, DataLoader(TokenData(), batch_size=2, shuffle=False))
+    return module.losses
+
+
+def rank_trainer_grid(rank: int, world: int, out_dir: str) -> dict:
+    from flexspeed.integrations.lightning import FlexspeedTrainerStrategy
+
+    out = {"ddp": trainer_losses("ddp")}
+    for stage in (2, 3):
+        out[f"z{stage}"] = trainer_losses(FlexspeedTrainerStrategy(config={"zero_optimization": {"stage": stage},
+                                                                           "steps_per_print": 10 ** 6}))
+    return out

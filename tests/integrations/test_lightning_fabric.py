@@ -1,4 +1,5 @@
-"""Lightning Fabric with ``flexspeed.integrations.lightning.FlexspeedStrategy`` (2 ranks, gloo, CPU) against
+"""Lightning Fabric with ``flexspeed.integrations.lightning.FlexspeedStrategy`` (and the Trainer with
+``FlexspeedTrainerStrategy``) (2 ranks, gloo, CPU) against
 Fabric's DDP run of the same loop: accumulation 2 through ``fabric.no_backward_sync``, AdamW, clipping at 1.0
 (``fabric.clip_gradients`` for DDP, ``gradient_clipping`` in the DeepSpeed config for flexspeed), ZeRO-2 and -3.
 Per-micro-step losses within 1e-4 and final weights within 1e-4 (fp32; only the reduction order differs)."""
@@ -34,3 +35,16 @@ def test_fabric_strategy_refuses_what_it_cannot_do():
         strategy.clip_gradients_norm(None, None, 1.0)
     with pytest.raises(NotImplementedError, match=r"fabric.setup\(model, optimizer\)"):
         strategy.setup_optimizer(None)
+
+
+def test_lightning_trainer_flexspeed_strategy_matches_ddp(tmp_path):
+    """The Lightning Trainer with FlexspeedTrainerStrategy (ZeRO-2, ZeRO-3) logs the training_step losses of its
+    DDP run (accumulate_grad_batches=2, gradient_clip_val=1.0, AdamW; fp32 within 1e-4)."""
+    from tests.integrations import _lightning_runs as L
+
+    results = run_ranks(L.rank_trainer_grid, 2, (str(tmp_path),), init_process_group=False, timeout=600)
+    for per_rank in results:
+        assert len(per_rank["ddp"]) == 8
+        for stage in ("z2", "z3"):
+            assert len(per_rank[stage]) == 8
+            assert max(abs(a - b) for a, b in zip(per_rank[stage], per_rank["ddp"])) <= 1e-4, per_rank
