@@ -239,3 +239,16 @@ def rank_zero3_from_pretrained(rank: int, world: int, out_dir: str) -> dict:
     del keep
     dist.destroy_process_group()
     return out
+
+
+def rank_trainer_config_optimizer(rank: int, world: int, out_dir: str) -> dict:
+    """The DeepSpeed config names the optimizer ("AdamW", "auto" hyperparameters filled by the Trainer); the
+    schedule stays HF's linear one (Accelerate passes it to initialize() as a callable). Must log the losses
+    of the DDP run with HF's own AdamW + linear schedule."""
+    take_identity()
+    ddp, _ = trainer_run(os.path.join(out_dir, "ddp"), None)
+    cfg = ds_config(3)
+    cfg["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                    "weight_decay": "auto"}}
+    ds, trainer = trainer_run(os.path.join(out_dir, "cfgopt"), cfg)
+    return {"ddp": ddp, "ds": ds, "optimizer": type(trainer.deepspeed.optimizer).__name__}
