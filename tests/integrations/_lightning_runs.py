@@ -104,3 +104,53 @@ def rank_trainer_grid(rank: int, world: int, out_dir: str) -> dict:
         out[f"z{stage}"] = trainer_losses(FlexspeedTrainerStrategy(config={"zero_optimization": {"stage": stage},
                                                                            "steps_per_print": 10 ** 6}))
     return out
+
+
+def _fabric_steps(fabric: Any, model: Any, opt: Any, batches: list, losses: list) -> None:
+    for i, batch in enumerate(batches):
+        accumulating = (i + 1) % 2 != 0
+        with fabric.no_backward_sync(model, enabled=accumulating):
+            loss = model(**batch).loss
+            fabric.backward(loss)
+        if not accumulating:
+            opt.step()
+            opt.zero_grad()
+        losses.append(float(loss.detach()))
+
+
+def rank_fabric_resume(rank: int, world: int, out_dir: str) -> dict:
+    """fabric.save after 2 optimizer steps, 2 more steps; a fresh Fabric loads the save and must repeat them."""
+    import os
+
+    import torch
+    from lightning.fabric import Fabric
+
+    from flexspeed.integrations.lightning import FlexspeedStrategy
+    from tests.integrations._hf_runs import TokenData, tiny_llama
+
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
+              "zero_optimization": {"stage": 3}, "steps_per_print": 10 ** 6}
+    data = TokenData()
+    batches = [{k: v.unsqueeze(0).repeat(2, 1) for k, v in data[4 * rank + i].items()} for i in range(8)]
+    path = os.path.join(out_dir, "fabric-ckpt")
+
+    def fresh(seed: int) -> tuple:
+        fabric = Fabric(accelerator="cpu", devices=2, strategy=FlexspeedStrategy(config=config))
+        fabric.launch()
+        model = tiny_llama(seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model, opt = fabric.setup(model, opt)
+        return fabric, model, opt
+
+    fabric, model, opt = fresh(0)
+    first: list = []
+    _fabric_steps(fabric, model, opt, batches[:4], first)
+    fabric.save(path, {"model": model, "optimizer": opt, "step": 4})
+    after: list = []
+    _fabric_steps(fabric, model, opt, batches[4:], after)
+    fabric, model, opt = fresh(1)  # other initial weights: the load must replace them
+    state = {"model": model, "optimizer": opt, "step": 0}
+    fabric.load(path, state)
+    resumed: list = []
+    _fabric_steps(fabric, model, opt, batches[4:], resumed)
+    return {"after": after, "resumed": resumed, "step": state["step"]}
