@@ -222,6 +222,9 @@ def _install_movable_placeholders() -> None:
     original = nn.Module._apply
 
     def _apply(self: nn.Module, fn: Callable, *args: Any, **kwargs: Any) -> nn.Module:
+        if getattr(fn, "_fs_keeps_placeholders", False):  # already wrapped by the parent module's call
+            return original(self, fn, *args, **kwargs)
+
         def keep_placeholders(t: torch.Tensor) -> torch.Tensor:
             if _is_placeholder(t):
                 try:
@@ -230,6 +233,7 @@ def _install_movable_placeholders() -> None:
                     return t
             return fn(t)
 
+        keep_placeholders._fs_keeps_placeholders = True
         return original(self, keep_placeholders, *args, **kwargs)
 
     nn.Module._apply = _apply

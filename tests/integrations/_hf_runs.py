@@ -252,3 +252,31 @@ def rank_trainer_config_optimizer(rank: int, world: int, out_dir: str) -> dict:
                                                     "weight_decay": "auto"}}
     ds, trainer = trainer_run(os.path.join(out_dir, "cfgopt"), cfg)
     return {"ddp": ddp, "ds": ds, "optimizer": type(trainer.deepspeed.optimizer).__name__}
+
+
+def rank_trainer_from_pretrained_z3(rank: int, world: int, out_dir: str) -> dict:
+    """The whole HF flow at ZeRO-3: TrainingArguments(deepspeed=...) first, then from_pretrained (zero.Init +
+    GatheredParameters loading), then Trainer.train; against the DDP Trainer on a plain load of the same folder."""
+    take_identity()
+    import torch.distributed as dist
+    from transformers import LlamaForCausalLM, Trainer, TrainingArguments
+
+    folder = os.path.join(out_dir, "pretrained")
+    out: dict = {}
+    for name, ds in (("ddp", None), ("z3", ds_config(3))):
+        _reset_accelerate()
+        args = TrainingArguments(
+            output_dir=os.path.join(out_dir, name), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            learning_rate=1e-2, lr_scheduler_type="linear", max_steps=3, logging_steps=1, report_to=[],
+            save_strategy="no", seed=0, use_cpu=True, deepspeed=ds, disable_tqdm=True)
+        if name == "ddp":
+            if rank == 0:
+                tiny_llama(seed=5).save_pretrained(folder)
+            dist.barrier()
+        model = LlamaForCausalLM.from_pretrained(folder)
+        if name == "z3":
+            out["placeholders"] = all(p.numel() == 0 and p.ds_tensor is not None for p in model.parameters())
+        trainer = Trainer(model=model, args=args, train_dataset=TokenData())
+        trainer.train()
+        out[name] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return out

@@ -21,3 +21,14 @@ def test_zero3_from_pretrained_matches_plain_load(tmp_path):
         assert res["all_placeholders"], res
         assert res["chunk_numel"] * 2 >= res["full_numel"] and res["chunk_numel"] <= res["full_numel"] // 2 + 64, res
         assert res["max_logit_diff"] == 0.0, res
+
+
+def test_trainer_on_zero3_from_pretrained_matches_ddp(tmp_path):
+    """The whole HF flow: TrainingArguments(deepspeed=ZeRO-3), from_pretrained (placeholders + chunks), Trainer.train;
+    the losses equal the DDP Trainer's on a plain load of the same folder (fp32 within 1e-3)."""
+    results = run_ranks(H.rank_trainer_from_pretrained_z3, 2, (str(tmp_path),), init_process_group=False,
+                        timeout=600)
+    for res in results:
+        assert res["placeholders"]
+        assert len(res["z3"]) == len(res["ddp"]) == 3
+        assert max(abs(a - b) for a, b in zip(res["z3"], res["ddp"])) <= 1e-3, res
