@@ -280,3 +280,19 @@ def rank_trainer_from_pretrained_z3(rank: int, world: int, out_dir: str) -> dict
         trainer.train()
         out[name] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return out
+
+
+def rank_trainer_refusals(rank: int, world: int, out_dir: str) -> dict:
+    """DeepSpeed features the Trainer asks for that flexspeed cannot do: each fails when training starts, before
+    any step, with the option and the fix."""
+    take_identity()
+    out = {}
+    for name, extra in (("autotp", {"tensor_parallel": {"autotp_size": 2}}),
+                        ("nvme", {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}})):
+        cfg = dict(ds_config(2), **extra)
+        try:
+            losses, _ = trainer_run(os.path.join(out_dir, name), cfg, max_steps=1)
+            out[name] = f"no error, losses {losses}"
+        except Exception as e:  # noqa: BLE001 - the message is what is checked
+            out[name] = f"{type(e).__name__}: {e}"
+    return out

@@ -55,3 +55,11 @@ def test_trainer_deepspeed_config_optimizer(tmp_path):
     res = results[0]
     assert res["optimizer"] == "AdamW" and len(res["ds"]) == 4
     assert max(abs(a - b) for a, b in zip(res["ds"], res["ddp"])) <= 1e-3, res
+
+
+def test_trainer_refuses_what_flexspeed_cannot_do(tmp_path):
+    results = run_ranks(H.rank_trainer_refusals, 2, (str(tmp_path),), init_process_group=False, timeout=600)
+    res = results[0]
+    assert res["autotp"].startswith("NotImplementedError") and "tensor_parallel.autotp_size" in res["autotp"], res
+    assert "Fix" in res["autotp"]
+    assert "offload_param.device" in res["nvme"] and "nvme" in res["nvme"] and "Fix" in res["nvme"], res
