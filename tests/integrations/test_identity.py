@@ -45,7 +45,8 @@ CHECKS = textwrap.dedent('''
     from deepspeed.runtime.zero import partition_parameters as pp
     import flexspeed.zero
     import deepspeed.runtime.zero.partition_parameters as pp2
-    out["same_init"] = pp.Init is flexspeed.zero.Init and pp2 is pp
+    out["same_init"] = (pp.Init is deepspeed.zero.Init and issubclass(pp.Init, flexspeed.zero.Init)
+                        and pp.GatheredParameters is flexspeed.zero.GatheredParameters and pp2 is pp)
     out["spec_kept"] = sys.modules["flexspeed.zero"].__spec__.name == "flexspeed.zero"
     child = subprocess.run([sys.executable, "-c", "import deepspeed; print(deepspeed.__name__)"],
                            capture_output=True, text=True)
