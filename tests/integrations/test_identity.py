@@ -42,6 +42,12 @@ CHECKS = textwrap.dedent('''
         out["lightning"] = bool(_DEEPSPEED_AVAILABLE) and bool(_DEEPSPEED_GREATER_EQUAL_0_16)
     except ImportError:
         out["lightning"] = None
+    import torch, torch.distributed as dist
+    with deepspeed.zero.Init():  # DeepSpeed's Init starts torch.distributed (one process here)
+        layer = torch.nn.Linear(3, 2)
+    out["init_dist"] = dist.is_initialized() and dist.get_world_size() == 1
+    out["placeholder"] = [tuple(layer.weight.shape), tuple(layer.weight.ds_shape), layer.weight.device.type]
+    layer.cpu()
     from deepspeed.runtime.zero import partition_parameters as pp
     import flexspeed.zero
     import deepspeed.runtime.zero.partition_parameters as pp2
@@ -73,6 +79,7 @@ def test_as_deepspeed_identity(tmp_path):
     assert out["version"].startswith("0.19.8+flexspeed.") and out["__version__"] == out["version"]
     assert out["transformers"] and out["accelerate"] and out["lightning"] in (True, None)
     assert out["same_init"] and out["spec_kept"]
+    assert out["init_dist"] and out["placeholder"] == [[0], [2, 3], "cpu"]  # (JSON lists)
     assert out["child"] == "flexspeed.integrations.deepspeed"  # children inherit the identity
     assert "compatibility layer has no such module" in out["missing"]
 

@@ -9,6 +9,8 @@ Everything else (``GatheredParameters``, what ``initialize()`` does with the val
 
 from __future__ import annotations
 
+from typing import Any
+
 from flexspeed.zero import GatheredParameters, ZeroParamStatus, ZeroParamType
 from flexspeed.zero import Init as _FlexInit
 
@@ -18,5 +20,16 @@ __all__ = ["Init", "GatheredParameters", "ZeroParamStatus", "ZeroParamType"]
 class Init(_FlexInit):
     __doc__ = (_FlexInit.__doc__ or "") + (
         "\n    Under the DeepSpeed identity, parameters built inside hold 0-element tensors on their device\n"
-        "    (DeepSpeed's partitioned form), their full shape in ``param.ds_shape``.\n")
+        "    (DeepSpeed's partitioned form), their full shape in ``param.ds_shape``; and, as DeepSpeed's does,\n"
+        "    ``Init(enabled=True)`` initialises torch.distributed when no group exists (the launcher's\n"
+        "    environment, or one process: ``flexspeed.init_distributed``).\n")
     _empty_placeholders = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        import torch.distributed as dist
+
+        if self.enabled and not dist.is_initialized():
+            from flexspeed.distributed import init_distributed
+
+            init_distributed()
