@@ -138,8 +138,11 @@ class BackgroundLoad:
     ``resume()`` lets them run; ``close()`` ends them. Only the processes it started are touched."""
 
     def __init__(self, procs: int, burst_ms: float, sleep_ms: float) -> None:
+        # each in its own session, as other users' and services' processes are: with the kernel's
+        # autogroup scheduling (Linux's default on desktops and many servers) they then compete
+        # with this process as separate groups, not as its own threads
         self.procs = [subprocess.Popen([sys.executable, "-c", _LOAD_SCRIPT, str(burst_ms), str(sleep_ms), str(i)],
-                                       stdin=subprocess.DEVNULL)
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
                       for i in range(procs)]
         self.running = True
         self.describe = f"{procs} processes x (sleep ~{sleep_ms:g} ms, spin ~{burst_ms:g} ms)"

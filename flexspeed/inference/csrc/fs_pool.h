@@ -10,11 +10,14 @@
  *
  * Adaptive thread count (fs_adapt_*): on a shared machine, every thread of a call waits at each
  * barrier for the slowest; when other processes keep taking cores, fewer threads can finish a
- * step sooner than all of them. Each kind of call (its shape: layers, rows, width) keeps a moving
- * average of its wall time per thread count tried (the requested count, then halvings down to 1),
- * runs on the fastest, and re-measures another count now and then: every 8th call after a
- * change, backing off to every 128th while the alternative keeps losing. Idle, that costs one
- * slower call in 128; contended, the choice follows the load within a few calls.
+ * step sooner than all of them (and when many processes compete, more threads get more of the
+ * machine). Each kind of call (its shape: layers, rows, width) keeps a moving average of its wall
+ * time on the thread count in use and the last measured mean of each other count (the requested
+ * count, then halvings down to 1), and re-measures another count with a burst of 4 calls: every
+ * 8th call after a change, backing off to every 128th while the others keep losing, and at once
+ * when the count in use has become slower than another was. Another count takes over when its
+ * burst was at least 10% faster. Idle, that costs 4 slower calls in 128; contended, the choice
+ * follows the load within a few calls.
  * FLEXSPEED_NATIVE_ADAPTIVE=0 (or fs_set_adaptive(0)) always uses the requested count.
  *
  * One job at a time (a mutex serialises callers from several Python threads); a forked child
@@ -56,7 +59,10 @@ static inline void fs_run_counted(fs_job_fn fn, void *arg, int tid, int nth) {
     const long before = fs_thread_nivcsw();
     fn(arg, tid, nth);
     const long lost = fs_thread_nivcsw() - before;
-    if (lost > 0) __atomic_add_fetch(&fs_preempted, lost, __ATOMIC_RELAXED);
+    if (lost > 0) {
+        __atomic_add_fetch(&fs_preempted, lost, __ATOMIC_RELAXED);
+        fs_contended_until = fs_now() + FS_CONTENDED_HOLD_S; /* a racy store of a hint: fine */
+    }
 }
 
 typedef struct {
@@ -76,7 +82,7 @@ static void *fs_worker(void *p) {
             sched_yield(); /* someone else wants this core: let them run */
             const double t = fs_now();
             if (t0 == 0.) t0 = t;
-            else if (t - t0 > FS_POOL_SPIN_S) { /* idle: sleep until the next job */
+            else if (t - t0 > FS_POOL_SPIN_S || t < fs_contended_until) { /* idle: sleep until the next job */
                 __atomic_add_fetch(&fs_pool.sleepers, 1, __ATOMIC_SEQ_CST);
                 fs_futex_wait(&fs_pool.gen, a.seen); /* returns at once if gen has moved */
                 __atomic_sub_fetch(&fs_pool.sleepers, 1, __ATOMIC_SEQ_CST);
@@ -173,15 +179,19 @@ static int fs_pool_run(fs_job_fn fn, void *arg, int nth) {
 #define FS_ADAPT_CANDS 9 /* n, n/2, ..., 1 for n up to 256 */
 #define FS_ADAPT_BASE 8
 #define FS_ADAPT_MAX_GAP 128
-#define FS_ADAPT_ALPHA 0.3
+#define FS_ADAPT_BURST 4    /* calls per re-measurement */
+#define FS_ADAPT_ALPHA 0.2  /* weight of a call in the moving average of the count in use */
+#define FS_ADAPT_MARGIN 0.9 /* another count must be this much faster to take over */
 
 typedef struct {
     uint64_t key;
-    int requested, n_cands, best, explore_idx, gap, since;
+    int requested, n_cands, best, gap, since;
+    int explore_idx, burst_left, burst_n; /* a re-measurement in progress */
+    double burst_sum;
     int64_t last_use;
     int cand[FS_ADAPT_CANDS];
     int samples[FS_ADAPT_CANDS];
-    double ema[FS_ADAPT_CANDS];
+    double ema[FS_ADAPT_CANDS]; /* seconds per call */
 } fs_adapt_slot;
 
 static struct {
@@ -221,6 +231,15 @@ static uint64_t fs_mix(uint64_t h, uint64_t v) {
     return h;
 }
 
+static void fs_adapt_start_burst(fs_adapt_slot *s, int idx) {
+    s->explore_idx = idx;
+    s->burst_left = FS_ADAPT_BURST;
+    s->burst_n = 0;
+    s->burst_sum = 0.;
+    s->since = 0;
+    fs_adapt.explored++;
+}
+
 /* the thread count for a call of this kind; *slot_out / *idx_out say what to credit its time to
  * (slot NULL: not adaptive) */
 static int fs_adapt_choose(uint64_t key, int requested, fs_adapt_slot **slot_out, int *idx_out) {
@@ -257,25 +276,21 @@ static int fs_adapt_choose(uint64_t key, int requested, fs_adapt_slot **slot_out
         s->explore_idx = -1;
     }
     s->last_use = ++fs_adapt.clock;
-    int idx = s->best;
-    /* the requested count first (two samples: the first call also warms caches and starts
-     * workers), then each other count once, then the best with a re-measurement every gap calls */
-    if (s->samples[0] < 2) idx = 0;
-    else {
-        int unmeasured = -1;
-        for (int i = 1; i < s->n_cands; i++)
-            if (s->samples[i] == 0) {
-                unmeasured = i;
-                break;
-            }
-        if (unmeasured >= 0) idx = unmeasured;
-        else if (++s->since >= s->gap) {
-            s->since = 0;
-            idx = (s->best + 1 + (int)(fs_adapt.clock % (s->n_cands - 1))) % s->n_cands; /* any other */
-            s->explore_idx = idx;
-            fs_adapt.explored++;
-        }
+    /* the requested count first (two calls: the first also warms caches and starts workers), then
+     * a burst on each other count, then the best, with a burst on another count every gap calls,
+     * or at once when the best's average has grown past another's (last measured) one */
+    if (s->samples[0] >= 2 && s->burst_left == 0) {
+        int next = -1;
+        for (int i = 1; i < s->n_cands && next < 0; i++)
+            if (s->samples[i] == 0) next = i;
+        for (int i = 0; i < s->n_cands && next < 0; i++)
+            if (i != s->best && s->ema[i] < FS_ADAPT_MARGIN * s->ema[s->best])
+                next = i; /* the best got slower than another was: measure that one again */
+        if (next < 0 && ++s->since >= s->gap)
+            next = (s->best + 1 + (int)(fs_adapt.clock % (s->n_cands - 1))) % s->n_cands; /* any other */
+        if (next >= 0) fs_adapt_start_burst(s, next);
     }
+    const int idx = s->samples[0] < 2 ? 0 : s->burst_left > 0 ? s->explore_idx : s->best;
     if (fs_adapt.current && s->cand[idx] != fs_adapt.current) fs_adapt.switches++;
     fs_adapt.current = s->cand[idx];
     *slot_out = s;
@@ -289,18 +304,28 @@ static int fs_adapt_choose(uint64_t key, int requested, fs_adapt_slot **slot_out
 static void fs_adapt_record(fs_adapt_slot *s, int idx, double seconds) {
     if (!s) return;
     pthread_mutex_lock(&fs_adapt.lock);
-    if (s->samples[idx] == 0 || (idx == 0 && s->samples[0] == 1)) s->ema[idx] = seconds; /* drop the warm-up */
-    else s->ema[idx] += FS_ADAPT_ALPHA * (seconds - s->ema[idx]);
-    s->samples[idx]++;
-    int best = 0;
-    for (int i = 1; i < s->n_cands; i++)
-        if (s->samples[i] > 0 && s->ema[i] < s->ema[best]) best = i;
-    if (s->explore_idx == idx) { /* a re-measurement: back off while the alternative keeps losing */
-        s->gap = best == idx ? FS_ADAPT_BASE : (s->gap * 2 > FS_ADAPT_MAX_GAP ? FS_ADAPT_MAX_GAP : s->gap * 2);
-        s->explore_idx = -1;
+    if (s->burst_left > 0 && idx == s->explore_idx) { /* a re-measurement: its mean decides */
+        s->burst_sum += seconds;
+        s->burst_n++;
+        if (--s->burst_left == 0) {
+            const double mean = s->burst_sum / s->burst_n;
+            s->ema[idx] = mean;
+            s->samples[idx] += s->burst_n;
+            if (idx != s->best && mean < FS_ADAPT_MARGIN * s->ema[s->best]) {
+                s->best = idx;
+                s->gap = FS_ADAPT_BASE;
+            } else {
+                s->gap = s->gap * 2 > FS_ADAPT_MAX_GAP ? FS_ADAPT_MAX_GAP : s->gap * 2;
+            }
+            s->explore_idx = -1;
+        }
+    } else if (s->samples[idx] == 0 || (idx == 0 && s->samples[0] == 1)) {
+        s->ema[idx] = seconds; /* the first call of a kind (cold) is replaced by the second */
+        s->samples[idx]++;
+    } else {
+        s->ema[idx] += FS_ADAPT_ALPHA * (seconds - s->ema[idx]);
+        s->samples[idx]++;
     }
-    if (best != s->best) s->gap = FS_ADAPT_BASE;
-    s->best = best;
     pthread_mutex_unlock(&fs_adapt.lock);
 }
 
