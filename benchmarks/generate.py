@@ -13,8 +13,8 @@ medians are reported. Configurations:
 - ``inject fp32`` / ``inject bf16``: ``replace_with_kernel_inject=True`` (fused layers, static KV cache).
 - ``inject bf16 int8`` / ``int4``: plus weight quantization (int4: group 64).
 - ``inject bf16 compiled`` (``--compile``): decode step under ``torch.compile``.
-- ``inject bf16 torch-only``: injection with the native decode kernel off (torch's kernels on
-  oneDNN-packed weights), to show what the kernel adds.
+- ``inject bf16 torch-only`` / ``inject fp32 torch-only``: injection with the native decode
+  kernel off (torch's kernels on oneDNN-packed weights), to show what the kernel adds.
 - ``tp2 inject bf16``: tensor parallel over 2 ranks (gloo, 1 thread each), via ``run_ranks``.
 
 Columns: tok/s = batch x new / wall time of one ``generate`` call; ``vs HF`` against HF in the same
@@ -32,8 +32,8 @@ Two conditions, interleaved in the same run: ``idle`` (whatever else the machine
 spin ~``--load-burst-ms``, many times a second, so they keep waking and taking a core for a short
 while, as test runs and builds do). The load processes are started once and stopped (SIGSTOP)
 during the idle calls, resumed (SIGCONT) during the contended ones; every repetition measures
-every configuration in both conditions. The contended table adds ``vs torch``: tok/s against
-``inject bf16 torch-only`` (the kernel's native path should never lose to it) and the native
+every configuration in both conditions. The tables' ``vs torch`` is tok/s against the
+torch-only injection in the same dtype (the native path should never lose to it) and the native
 kernel's thread statistics (time slices its threads lost inside calls, re-measurements and
 switches of its adaptive thread count).
 
@@ -232,12 +232,9 @@ def configurations(name: str, shape: dict, compile_decode: bool,
     for label, dt, kw in specs:
         if only is None or label in only:
             out.append((label, dt, *fs(**kw)))
-    from flexspeed.inference.kernels import inject_kernels
-
-    torch_kernels = flexspeed.init_inference(copy.deepcopy(base), dtype="bf16")  # torch's kernels, packed weights
-    inject_kernels(torch_kernels.module, torch.bfloat16, native=False)
-    out.append(("inject bf16 torch-only", "bf16", torch_kernels.module,
-                lambda ids, new: torch_kernels.generate(ids, max_new_tokens=new, min_new_tokens=new)))
+    for dt, torch_dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):  # torch's kernels, packed weights
+        if dt == "bf16" or only is None or f"inject {dt} torch-only" in only:
+            out.append(_torch_only(base, dt, torch_dt))
     if compile_decode and (only is None or "inject bf16 compiled" in only):
         from flexspeed.inference.kernels import get_runner
 
@@ -245,6 +242,16 @@ def configurations(name: str, shape: dict, compile_decode: bool,
         get_runner(model).compile_decode = True
         out.append(("inject bf16 compiled", "bf16", model, run))
     return out
+
+
+def _torch_only(base: nn.Module, dt: str, torch_dt: torch.dtype) -> tuple:
+    import flexspeed
+    from flexspeed.inference.kernels import inject_kernels
+
+    engine = flexspeed.init_inference(copy.deepcopy(base), dtype=dt)
+    inject_kernels(engine.module, torch_dt, native=False)
+    return (f"inject {dt} torch-only", dt, engine.module,
+            lambda ids, new: engine.generate(ids, max_new_tokens=new, min_new_tokens=new))
 
 
 def measure(configs, batch: int, prompt: int, new: int, reps: int, vocab: int,
@@ -419,7 +426,7 @@ def _rows(cond: str, name: str, batch: int, new: int, times: dict, sizes: dict, 
             decode = (full - pre) / max(1, new - 1)
             row.update(tok_s=rate[label], vs_hf=rate[label] / hf_rate[dt], decode_ms=decode * 1e3,
                        x_floor=decode * 1e3 / row["floor_ms"], prefill_s=pre,
-                       vs_torch=rate[label] / rate["inject bf16 torch-only"])
+                       vs_torch=rate[label] / rate.get(f"inject {dt} torch-only", rate["inject bf16 torch-only"]))
             if label in stats:
                 row["native"] = stats[label]
         out.append(row)

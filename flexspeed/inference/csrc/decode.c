@@ -295,12 +295,36 @@ int fs_layer_part(const fs_layer *layer, int part, const float *x, float *out, c
  * s+2 only after every rank has published s+1, i.e. finished reading call s. */
 typedef struct {
     volatile int64_t seq;
-    char pad[56];
+    volatile int32_t sleepers; /* ranks asleep on this rank's seq (a shared futex on its low word) */
+    char pad[52];
 } fs_seq;
 
 int64_t fs_shm_bytes(int world, int64_t cap) { return (int64_t)world * 64 + (int64_t)world * 2 * cap * 4; }
 
-/* x (n) <- the sum over ranks of x; with accum != NULL, accum += that sum instead (x unchanged) */
+/* futexes on the shared segment (mapped by every rank: not FUTEX_PRIVATE); the wait gives up
+ * after 10 ms so that the caller can check its timeout */
+static void fs_shared_wait(volatile int64_t *addr, int64_t seen) {
+#ifdef __linux__
+    struct timespec ts = {0, 10 * 1000 * 1000};
+    syscall(SYS_futex, (int *)addr, FUTEX_WAIT, (int)seen, &ts, NULL, 0); /* the low word (little-endian) */
+#else
+    (void)addr;
+    (void)seen;
+    sched_yield();
+#endif
+}
+
+static void fs_shared_wake(volatile int64_t *addr) {
+#ifdef __linux__
+    syscall(SYS_futex, (int *)addr, FUTEX_WAKE, 1 << 30, NULL, NULL, 0);
+#else
+    (void)addr;
+#endif
+}
+
+/* x (n) <- the sum over ranks of x; with accum != NULL, accum += that sum instead (x unchanged).
+ * Waiting for the other ranks spins briefly (not at all on a contended machine, see
+ * fs_wait_change), then sleeps on a shared futex, so that a rank that lost its core gets one. */
 int fs_shm_allreduce(void *seg, int rank, int world, int64_t cap, float *x, int64_t n, int64_t call,
                      double timeout_s, float *accum) {
     if (n > cap) return FS_ERR_SHAPE;
@@ -309,18 +333,20 @@ int fs_shm_allreduce(void *seg, int rank, int world, int64_t cap, float *x, int6
     const int parity = (int)(call & 1);
     float *mine = bufs + ((size_t)rank * 2 + parity) * cap;
     memcpy(mine, x, sizeof(float) * n);
-    __atomic_store_n(&seqs[rank].seq, call, __ATOMIC_RELEASE);
+    __atomic_store_n(&seqs[rank].seq, call, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&seqs[rank].sleepers, __ATOMIC_SEQ_CST) > 0) fs_shared_wake(&seqs[rank].seq);
     for (int j = 0; j < world; j++) {
-        long spins = 0;
-        double since = 0.;
-        while (__atomic_load_n(&seqs[j].seq, __ATOMIC_ACQUIRE) < call) {
-            fs_pause();
-            if (++spins <= 20000) continue;
-            sched_yield(); /* the other rank is descheduled or slow: give the core back */
-            if (spins % 1024 == 0) {
-                const double now = omp_get_wtime();
-                if (since == 0.) since = now;
-                else if (now - since > timeout_s) return FS_ERR_TIMEOUT; /* a rank stopped answering */
+        double t0 = 0.;
+        int64_t s;
+        while ((s = __atomic_load_n(&seqs[j].seq, __ATOMIC_ACQUIRE)) < call) {
+            for (int i = 0; i < 64 && __atomic_load_n(&seqs[j].seq, __ATOMIC_ACQUIRE) < call; i++) fs_pause();
+            const double now = fs_now();
+            if (t0 == 0.) t0 = now;
+            if (now - t0 > timeout_s) return FS_ERR_TIMEOUT; /* a rank stopped answering */
+            if (now < fs_contended_until || now - t0 > fs_spin_s()) {
+                __atomic_add_fetch(&seqs[j].sleepers, 1, __ATOMIC_SEQ_CST);
+                fs_shared_wait(&seqs[j].seq, s); /* returns at once if seq has moved */
+                __atomic_sub_fetch(&seqs[j].sleepers, 1, __ATOMIC_SEQ_CST);
             }
         }
     }
