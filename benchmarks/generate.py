@@ -32,8 +32,10 @@ Two conditions, interleaved in the same run: ``idle`` (whatever else the machine
 spin ~``--load-burst-ms``, many times a second, so they keep waking and taking a core for a short
 while, as test runs and builds do). The load processes are started once and stopped (SIGSTOP)
 during the idle calls, resumed (SIGCONT) during the contended ones; every repetition measures
-every configuration in both conditions. The tables' ``vs torch`` is tok/s against the
-torch-only injection in the same dtype (the native path should never lose to it) and the native
+every configuration in both conditions. The contended table's ``vs torch`` is tok/s against the
+torch-only injection in the same dtype (the native path should never lose to it), ``dec vs
+torch`` the same for the decode steps alone (the prompt of an un-injected model runs the model's
+own forward) and the native
 kernel's thread statistics (time slices its threads lost inside calls, re-measurements and
 switches of its adaptive thread count).
 
@@ -412,6 +414,7 @@ def _rows(cond: str, name: str, batch: int, new: int, times: dict, sizes: dict, 
     if not times:
         return []
     rate = {k: batch * new / v[0] for k, v in times.items() if not isinstance(v, str)}
+    decode_s = {k: (v[0] - v[1]) / max(1, new - 1) for k, v in times.items() if not isinstance(v, str)}
     hf_rate = {dt: rate[f"HF {dt}"] for dt in ("fp32", "bf16")}
     out = []
     for label, value in times.items():
@@ -426,7 +429,9 @@ def _rows(cond: str, name: str, batch: int, new: int, times: dict, sizes: dict, 
             decode = (full - pre) / max(1, new - 1)
             row.update(tok_s=rate[label], vs_hf=rate[label] / hf_rate[dt], decode_ms=decode * 1e3,
                        x_floor=decode * 1e3 / row["floor_ms"], prefill_s=pre,
-                       vs_torch=rate[label] / rate.get(f"inject {dt} torch-only", rate["inject bf16 torch-only"]))
+                       vs_torch=rate[label] / rate.get(f"inject {dt} torch-only", rate["inject bf16 torch-only"]),
+                       decode_vs_torch=decode_s.get(f"inject {dt} torch-only", decode_s["inject bf16 torch-only"])
+                       / decode)
             if label in stats:
                 row["native"] = stats[label]
         out.append(row)
@@ -448,6 +453,7 @@ def _print_table(rows: list[dict], title: str) -> None:
 
 def _print_contended(rows: list[dict], load: str) -> None:
     head = (f"{'model':6} {'config':22} {'batch':>5} {'tok/s':>8} {'vs HF':>6} {'vs torch':>8} {'decode ms':>9} "
+            f"{'dec vs torch':>12} "
             f"{'lost slices':>11} {'re-measured':>11} {'switches':>8} {'slept':>7} {'calls':>7}")
     print(f"\ncontended ({load})\n" + head + "\n" + "-" * len(head))
     for r in rows:
@@ -458,7 +464,7 @@ def _print_contended(rows: list[dict], load: str) -> None:
         native = (f"{n.get('preempted', 0):>11} {n.get('explored', 0):>11} {n.get('switches', 0):>8} "
                   f"{n.get('sleeps', 0):>7} {n.get('calls', 0):>7}") if n.get("calls") else f"{'-':>11}"
         print(f"{r['model']:6} {r['config']:22} {r['batch']:>5} {r['tok_s']:>8.1f} {r['vs_hf']:>6.2f} "
-              f"{r['vs_torch']:>8.2f} {r['decode_ms']:>9.2f} {native}")
+              f"{r['vs_torch']:>8.2f} {r['decode_ms']:>9.2f} {r['decode_vs_torch']:>12.2f} {native}")
 
 
 if __name__ == "__main__":
