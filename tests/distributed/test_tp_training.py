@@ -163,3 +163,76 @@ def test_dp2_tp2_parity():
 @pytest.mark.slow
 def test_dp2_tp2_full_grid():
     _check(run_ranks(_grid, 4, (SLOW_CASES,), timeout=1800), world=4, tp=2)
+
+
+# ---- checkpoints: save at tp2, resume at tp2 and at world 1 (tp1), consolidate for export ---------------
+CKPT_BEFORE, CKPT_AFTER = 2, 2
+CKPT_TOL = {"same": 1e-6, "changed": 1e-5}  # as test_checkpoint.py: same layout bit-identical, else sum order
+
+
+def _ckpt_batches() -> list:
+    """Per optimizer step, the GAS micro-batches (dp = 1 in every run here, so every rank sees the same data)."""
+    steps = global_batches(make_dataset(vocab=V), world=1, micro=MICRO, gas=GAS, steps=CKPT_BEFORE + CKPT_AFTER)
+    return [[(xs[i * MICRO:(i + 1) * MICRO], ys[i * MICRO:(i + 1) * MICRO]) for i in range(GAS)] for xs, ys in steps]
+
+
+def _steps(engine, batches) -> list[float]:
+    losses = []
+    for micro in batches:
+        total = 0.0
+        for x, y in micro:
+            loss = loss_of(engine, x, y)
+            engine.backward(loss)
+            engine.step()
+            total += loss.item() / GAS
+        losses.append(total)
+    return losses
+
+
+def _engine(name: str, stage: int, tp: int):
+    import flexspeed
+
+    cfg = config(stage, tp, "fp32")
+    if tp == 1:
+        del cfg["tensor_parallel"]
+    return flexspeed.initialize(model=build(name), config=cfg)[0]
+
+
+def _save_then_continue(rank: int, world: int, root: str, cases: list) -> dict:
+    out = {}
+    batches = _ckpt_batches()
+    for name, stage in cases:
+        engine = _engine(name, stage, world)
+        _steps(engine, batches[:CKPT_BEFORE])
+        engine.save_checkpoint(os.path.join(root, f"{name}{stage}"), client_state={"stage": stage})
+        saved = full_state(engine)
+        out[(name, stage)] = {"saved": saved, "after": _steps(engine, batches[CKPT_BEFORE:])}
+    return out
+
+
+def _resume(rank: int, world: int, root: str, cases: list) -> dict:
+    out = {}
+    batches = _ckpt_batches()
+    for name, stage in cases:
+        engine = _engine(name, stage, world)
+        _, client = engine.load_checkpoint(os.path.join(root, f"{name}{stage}"))
+        assert client == {"stage": stage} and engine.global_steps == CKPT_BEFORE
+        out[(name, stage)] = _steps(engine, batches[CKPT_BEFORE:])
+    return out
+
+
+def test_checkpoint_tp2_resumes_at_tp2_and_tp1_and_exports(tmp_path):
+    from flexspeed.runtime.export import consolidate
+
+    cases = [("gpt", 0), ("llama", 3)]
+    saved = run_ranks(_save_then_continue, 2, (str(tmp_path), cases), timeout=600)[0]
+    same = run_ranks(_resume, 2, (str(tmp_path), cases), timeout=600)[0]
+    one = run_ranks(_resume, 1, (str(tmp_path), cases), timeout=600)[0]
+    for case in cases:
+        want = torch.tensor(saved[case]["after"])
+        torch.testing.assert_close(torch.tensor(same[case]), want, rtol=0, atol=CKPT_TOL["same"], msg=str(case))
+        torch.testing.assert_close(torch.tensor(one[case]), want, rtol=0, atol=CKPT_TOL["changed"], msg=str(case))
+        full = consolidate(os.path.join(tmp_path, f"{case[0]}{case[1]}"))
+        assert full.keys() == saved[case]["saved"].keys()
+        for k, v in saved[case]["saved"].items():
+            torch.testing.assert_close(full[k], v, rtol=0, atol=0, msg=k)
