@@ -199,13 +199,17 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     raw = load_config(config=config, config_params=config_params, args=args)
     env = init_distributed(distributed_port=distributed_port, dist_init_required=dist_init_required)
 
-    if _is_pipeline_module(model):
-        return _initialize_pipeline(raw, env, model=model, optimizer=optimizer, model_parameters=model_parameters,
-                                    lr_scheduler=lr_scheduler, training_data=training_data, collate_fn=collate_fn)
-
     from flexspeed.distributed.tensor_parallel import resolve_tp
 
     tp_size, tp_plan, tp_dtype = resolve_tp(raw, model, env.world_size)  # tensor_parallel.autotp_size / tp_model_init
+    if _is_pipeline_module(model):
+        if tp_size > 1:
+            raise ConfigError(f"tensor_parallel.autotp_size={tp_size} with a PipelineModule is not supported yet. "
+                              "Fix: remove tensor_parallel (or set autotp_size to 1) for pipeline training",
+                              key="tensor_parallel.autotp_size")
+        return _initialize_pipeline(raw, env, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                                    lr_scheduler=lr_scheduler, training_data=training_data, collate_fn=collate_fn)
+
     cfg = build_config(config=raw, world_size=env.world_size // tp_size,
                        world_size_source=env.source if tp_size == 1 else
                        f"{env.source} / tensor_parallel.autotp_size {tp_size} = data-parallel size",
