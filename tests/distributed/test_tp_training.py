@@ -30,7 +30,8 @@ from tests.distributed._parity import global_batches, make_dataset
 transformers = pytest.importorskip("transformers")
 
 STEPS, GAS, MICRO, LR, CLIP = 3, 2, 2, 1e-3, 0.5
-LOSS_TOL = {"fp32": 1e-5, "bf16": 5e-4}
+LOSS_TOL = {"fp32": 1e-5, "bf16": 5e-4, "fp16": 2e-4}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHT_TOL_FP32 = 1e-5
 V = 64
 
@@ -68,6 +69,8 @@ def config(stage: int, tp: int, precision: str) -> dict:
            "zero_optimization": {"stage": stage}, "tensor_parallel": {"autotp_size": tp}, "steps_per_print": 1000}
     if precision == "bf16":
         cfg["bf16"] = {"enabled": True}
+    if precision == "fp16":  # exact power-of-two scaling, no overflow here (as test_zero_parity)
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 8}
     return cfg
 
 
@@ -96,11 +99,16 @@ def train(engine, loader, steps: int = STEPS) -> list[float]:
     return losses
 
 
-def _run_case(name: str, stage: int, tp: int, precision: str, world: int) -> dict:
+def _run_case(name: str, stage: int, tp: int, precision: str, *rest: str) -> dict:
     import flexspeed
 
-    engine, _, loader, _ = flexspeed.initialize(model=build(name), config=config(stage, tp, precision),
-                                                training_data=make_dataset(vocab=V))
+    model, cfg, client = build(name), config(stage, tp, precision), None
+    if "client" in rest[:-1]:  # an optimizer object made on the unsharded parameters is re-pointed in place
+        client = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+        del cfg["optimizer"]
+    engine, opt, loader, _ = flexspeed.initialize(model=model, config=cfg, optimizer=client,
+                                                  training_data=make_dataset(vocab=V))
+    assert client is None or opt is client
     losses = train(engine, loader)
     return {"losses": losses, "state": full_state(engine) if precision == "fp32" else None,
             "notes": [n for n in engine._strategy.notes if "tensor parallelism" in n]}
@@ -116,7 +124,7 @@ def reference(name: str, dp: int, precision: str) -> tuple[list[float], dict]:
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     losses = []
     for xs, ys in batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast("cpu", dtype=DTYPES[precision] or torch.bfloat16, enabled=precision != "fp32"):
             loss = loss_of(model, xs, ys)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
@@ -129,7 +137,7 @@ def reference(name: str, dp: int, precision: str) -> tuple[list[float], dict]:
 def _check(results: list[dict], world: int, tp: int) -> None:
     refs: dict = {}
     for case, got in results[0].items():
-        name, stage, _, precision = case
+        name, stage, _, precision = case[:4]
         key = (name, precision)
         if key not in refs:
             refs[key] = reference(name, world // tp, precision)
@@ -146,10 +154,11 @@ def _check(results: list[dict], world: int, tp: int) -> None:
                                            msg=lambda m, k=k: f"{msg} {k}: {m}")
 
 
-TP2_CASES = [("gpt", 0, 2, "fp32"), ("gpt", 3, 2, "fp32"), ("llama", 1, 2, "fp32"), ("llama", 2, 2, "bf16")]
+TP2_CASES = [("gpt", 0, 2, "fp32"), ("gpt", 3, 2, "fp32", "client"), ("llama", 1, 2, "fp32"), ("llama", 2, 2, "bf16")]
 DP2_TP2_CASES = [("gpt", s, 2, "fp32") for s in range(4)] + [("llama", 0, 2, "fp32"), ("llama", 3, 2, "fp32"),
                                                                ("gpt", 2, 2, "bf16")]
-SLOW_CASES = [(n, s, 2, p) for n in ("gpt", "llama", "gpt2") for s in range(4) for p in ("fp32", "bf16")]
+SLOW_CASES = [(n, s, 2, p) for n in ("gpt", "llama", "gpt2") for s in range(4) for p in ("fp32", "bf16")] + \
+    [("gpt", 0, 2, "fp16"), ("llama", 3, 2, "fp16"), ("gpt2", 1, 2, "fp32", "client")]
 
 
 def test_tp2_parity():
