@@ -246,7 +246,7 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
             model_parameters=model_parameters)
     else:
         strategy = apply_zero(model, config=cfg, device=device)
-    if strategy.stage >= 2:  # HF models keep a working save_pretrained over sharded parameters
+    if strategy.stage >= 2 or tp_size > 1:  # HF models keep a working save_pretrained over sharded parameters
         from flexspeed.runtime.export import gather_before_save_pretrained
 
         gather_before_save_pretrained(model)
