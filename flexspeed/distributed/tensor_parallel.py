@@ -56,6 +56,7 @@ from flexspeed.inference.tp import (
     _attention_shard,
     _features,
     _is_conv1d,
+    _pieces,
     is_linear,
     localize_attention,
     plan_tensor_parallel,
@@ -211,9 +212,14 @@ def derive_tp_plan(model: nn.Module, tp_size: int) -> TrainingTPPlan:
 
 
 def _user_plan(model: nn.Module, plan: Mapping[str, Any], tp: int) -> TrainingTPPlan:
-    """Validate a user plan ``{module name: "colwise" | "rowwise" | ParallelStyle}``."""
+    """Validate a user plan ``{module name: "colwise" | "rowwise" | ParallelStyle}``.
+
+    A ``"colwise"`` layer the shared discovery knows as fused (``c_attn``-style ``[q | k | v]``,
+    ``gate_up_proj``) becomes :class:`PackedColwise`, so a plan cannot silently mix q with k.
+    """
     modules = dict(model.named_modules())
     out = TrainingTPPlan(tp_size=tp, layout=TensorParallelPlan(tp_size=tp))
+    kinds: dict[str, str] = {}
     for name, style in plan.items():
         key = f"plan[{name!r}]"
         if name not in modules or not name:
@@ -234,7 +240,7 @@ def _user_plan(model: nn.Module, plan: Mapping[str, Any], tp: int) -> TrainingTP
         if width % tp:
             raise ConfigError(f"{name} ({type(mod).__name__}) has {width} {'output' if kind == 'colwise' else 'input'} "
                               f"features, which autotp_size={tp} does not divide. {_PLAN_HINT}", key=_KEY)
-        out.styles[name] = _ColwiseAny() if kind == "colwise" else _RowwiseAny()
+        kinds[name] = kind
         (out.layout.column if kind == "colwise" else out.layout.row).append(name)
     by_parent: dict[str, dict[str, nn.Module]] = {}
     for c in out.layout.column:
@@ -246,6 +252,16 @@ def _user_plan(model: nn.Module, plan: Mapping[str, Any], tp: int) -> TrainingTP
                 out.layout.attention[parent] = _attention_shard(parent, modules[parent], children, tp)
             except ConfigError as e:
                 raise _rekey(e) from None
+    for name, kind in kinds.items():
+        if kind == "rowwise":
+            out.styles[name] = _RowwiseAny()
+            continue
+        parent, _, leaf = name.rpartition(".")
+        pieces = _pieces(leaf, _features(modules[name])[1], out.layout.attention.get(parent))
+        if any(p % tp for p in pieces):
+            raise ConfigError(f"{name} is a fused layer of widths {pieces}, which autotp_size={tp} does not all "
+                              f"divide. {_PLAN_HINT}", key=_KEY)
+        out.styles[name] = _column_style(modules[name], pieces)
     return out
 
 

@@ -37,6 +37,51 @@ WEIGHT_TOL_FP32 = 1e-5
 V = 64
 
 
+class _Attn(torch.nn.Module):
+    """Names the shared discovery does not know (wq/wo), reshapes with -1: planned by the user."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.wq, self.wk, self.wv, self.wo = (torch.nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.head_dim = dim // heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape  # (B, T, C)
+        q, k, v = (w(x).view(B, T, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, h, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm, self.attn = torch.nn.LayerNorm(dim), _Attn(dim, heads)
+        self.w_in, self.w_out = torch.nn.Linear(dim, 2 * dim), torch.nn.Linear(2 * dim, dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h + self.attn(self.norm(h))
+        return h + self.w_out(torch.relu(self.w_in(h)))
+
+
+class TinyLM(torch.nn.Module):
+    def __init__(self, dim: int = 32, heads: int = 4, layers: int = 2) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(V, dim)
+        self.blocks = torch.nn.ModuleList(_Block(dim, heads) for _ in range(layers))
+        self.head = torch.nn.Linear(dim, V, bias=False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)  # (B, T, C)
+        for block in self.blocks:
+            h = block(h)
+        return torch.nn.functional.cross_entropy(self.head(h).flatten(0, 1), y.flatten())
+
+
+USER_PLAN = {f"blocks.{i}.{n}": s for i in range(2) for n, s in (
+    ("attn.wq", "colwise"), ("attn.wk", "colwise"), ("attn.wv", "colwise"), ("attn.wo", "rowwise"),
+    ("w_in", "colwise"), ("w_out", "rowwise"))}
+
+
 def build(name: str, **over):
     """The same tiny model on every rank (seeded)."""
     torch.manual_seed(0)
@@ -50,6 +95,8 @@ def build(name: str, **over):
                                        intermediate_size=over.get("inter", 64), num_hidden_layers=2, vocab_size=V,
                                        max_position_embeddings=32)
         return transformers.LlamaForCausalLM(cfg)
+    if name == "user":  # a user plan, given through tp_model_init
+        return TinyLM()
     if name == "gpt2":  # Conv1D layers, fused c_attn
         cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=V, n_positions=32, bos_token_id=0,
                                       eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -104,6 +151,9 @@ def _run_case(name: str, stage: int, tp: int, precision: str, *rest: str) -> dic
     import flexspeed
 
     model, cfg, client = build(name), config(stage, tp, precision), None
+    if name == "user":  # DeepSpeed's record-only call, with flexspeed's plan= extension; the config agrees
+        flexspeed.tp_model_init(model, tp, torch.float32, plan=USER_PLAN)
+        cfg["tensor_parallel"]["dtype"] = "fp32"
     if "client" in rest[:-1]:  # an optimizer object made on the unsharded parameters is re-pointed in place
         client = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
         del cfg["optimizer"]
@@ -155,7 +205,8 @@ def _check(results: list[dict], world: int, tp: int) -> None:
                                            msg=lambda m, k=k: f"{msg} {k}: {m}")
 
 
-TP2_CASES = [("gpt", 0, 2, "fp32"), ("gpt", 3, 2, "fp32", "client"), ("llama", 1, 2, "fp32"), ("llama", 2, 2, "bf16")]
+TP2_CASES = [("gpt", 0, 2, "fp32"), ("gpt", 3, 2, "fp32", "client"), ("llama", 1, 2, "fp32"), ("llama", 2, 2, "bf16"),
+             ("user", 2, 2, "fp32")]
 DP2_TP2_CASES = [("gpt", s, 2, "fp32") for s in range(4)] + [("llama", 0, 2, "fp32"), ("llama", 3, 2, "fp32"),
                                                                ("gpt", 2, 2, "bf16")]
 SLOW_CASES = [(n, s, 2, p) for n in ("gpt", "llama", "gpt2") for s in range(4) for p in ("fp32", "bf16")] + \

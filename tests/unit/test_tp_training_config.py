@@ -82,6 +82,9 @@ def test_user_plan():
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
     plan = _user_plan(model, {"0": "colwise", "2": "rowwise"}, 2)
     assert _styles(plan) == {"0": "_ColwiseAny", "2": "_RowwiseAny"}
+    fused = _user_plan(gpt(), {"transformer.h.0.attn.c_attn": "colwise", "transformer.h.0.attn.c_proj": "rowwise"}, 2)
+    assert fused.styles["transformer.h.0.attn.c_attn"].pieces == (32, 32, 32)  # not a contiguous q|k mix
+    assert fused.layout.attention["transformer.h.0.attn"].attrs == {"n_head": 2, "n_embd": 16}
     with pytest.raises(ConfigError, match=r"\[plan\['3'\]\].*not a submodule of Sequential"):
         _user_plan(model, {"3": "colwise"}, 2)
     with pytest.raises(ConfigError, match=r"\[plan\['1'\]\].*\(ReLU\) the style 'colwise'"):
