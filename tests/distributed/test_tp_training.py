@@ -115,6 +115,8 @@ def config(stage: int, tp: int, precision: str) -> dict:
     cfg = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GAS, "gradient_clipping": CLIP,
            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0}},
            "zero_optimization": {"stage": stage}, "tensor_parallel": {"autotp_size": tp}, "steps_per_print": 1000}
+    if stage == 3:  # shard every parameter (the tiny models' are all below the default persistence threshold)
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     if precision == "bf16":
         cfg["bf16"] = {"enabled": True}
     if precision == "fp16":  # exact power-of-two scaling, no overflow here (as test_zero_parity)
@@ -154,6 +156,8 @@ def _run_case(name: str, stage: int, tp: int, precision: str, *rest: str) -> dic
     if name == "user":  # DeepSpeed's record-only call, with flexspeed's plan= extension; the config agrees
         flexspeed.tp_model_init(model, tp, torch.float32, plan=USER_PLAN)
         cfg["tensor_parallel"]["dtype"] = "fp32"
+    if "persist" in rest[:-1]:  # DeepSpeed's default threshold: small (DTensor) parameters stay whole over dp
+        del cfg["zero_optimization"]["stage3_param_persistence_threshold"]
     if "client" in rest[:-1]:  # an optimizer object made on the unsharded parameters is re-pointed in place
         client = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
         del cfg["optimizer"]
@@ -166,7 +170,25 @@ def _run_case(name: str, stage: int, tp: int, precision: str, *rest: str) -> dic
 
 
 def _grid(rank: int, world: int, cases: list) -> dict:
-    return {case: _run_case(*case, world) for case in cases}
+    out = {case: _run_case(*case, world) for case in cases}
+    out["errors"] = _bad_inputs(world)
+    return out
+
+
+def _bad_inputs(world: int) -> dict:
+    """Refused on every rank before any collective or weight move (a hang would time the group out)."""
+    import flexspeed
+
+    out = {}
+    for what, model, tp in (("heads", build("gpt", n_head=3, n_embd=48), world), ("world", build("gpt"), 3)):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        try:
+            flexspeed.initialize(model=model, config=config(0, tp, "fp32"))
+            out[what] = "no error"
+        except ConfigError as e:
+            out[what] = str(e)
+        out[what + "_untouched"] = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    return out
 
 
 def reference(name: str, dp: int, precision: str) -> tuple[list[float], dict]:
@@ -186,8 +208,15 @@ def reference(name: str, dp: int, precision: str) -> tuple[list[float], dict]:
 
 
 def _check(results: list[dict], world: int, tp: int) -> None:
+    for r in results:
+        errors = r["errors"]
+        assert "[tensor_parallel.autotp_size]" in errors["heads"] and "3 attention heads" in errors["heads"], errors
+        assert "autotp_size=3 does not divide the world size" in errors["world"], errors
+        assert errors["heads_untouched"] and errors["world_untouched"]
     refs: dict = {}
     for case, got in results[0].items():
+        if case == "errors":
+            continue
         name, stage, _, precision = case[:4]
         key = (name, precision)
         if key not in refs:
@@ -208,7 +237,7 @@ def _check(results: list[dict], world: int, tp: int) -> None:
 TP2_CASES = [("gpt", 0, 2, "fp32"), ("gpt", 3, 2, "fp32", "client"), ("llama", 1, 2, "fp32"), ("llama", 2, 2, "bf16"),
              ("user", 2, 2, "fp32")]
 DP2_TP2_CASES = [("gpt", s, 2, "fp32") for s in range(4)] + [("llama", 0, 2, "fp32"), ("llama", 3, 2, "fp32"),
-                                                               ("gpt", 2, 2, "bf16")]
+                                                               ("llama", 3, 2, "fp32", "persist"), ("gpt", 2, 2, "bf16")]
 SLOW_CASES = [(n, s, 2, p) for n in ("gpt", "llama", "gpt2") for s in range(4) for p in ("fp32", "bf16")] + \
     [("gpt", 0, 2, "fp16"), ("llama", 3, 2, "fp16"), ("gpt2", 1, 2, "fp32", "client")]
 
