@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from flexspeed.config.errors import ConfigError
@@ -256,8 +257,8 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     loader = None
     if training_data is not None:
         loader = FlexDataLoader(training_data, batch_size=cfg.train_micro_batch_size_per_gpu,
-                                dp_rank=env.rank // tp_size, dp_world_size=env.world_size // tp_size,
-                                collate_fn=collate_fn,
+                                dp_rank=dist.get_rank(strategy.group) if strategy.group is not None else env.rank,
+                                dp_world_size=env.world_size // tp_size, collate_fn=collate_fn,
                                 drop_last=bool(cfg.dataloader_drop_last))
     engine = TrainingEngine(strategy=strategy, config=cfg, optimizer=opt, lr_scheduler=sched,
                             training_dataloader=loader, precision=precision, loss_scaler=scaler, device=device,

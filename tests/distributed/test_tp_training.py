@@ -313,16 +313,20 @@ def _resume(rank: int, world: int, root: str, cases: list) -> dict:
     return out
 
 
-def test_checkpoint_tp2_resumes_at_tp2_and_tp1_and_exports(tmp_path):
+CKPT_CASES = [("gpt", 0), ("llama", 3)]
+
+
+def _saved(root: str) -> dict:
+    return run_ranks(_save_then_continue, 2, (root, CKPT_CASES), timeout=600)[0]
+
+
+def test_checkpoint_tp2_resumes_at_tp1_and_exports(tmp_path):
     from flexspeed.runtime.export import consolidate
 
-    cases = [("gpt", 0), ("llama", 3)]
-    saved = run_ranks(_save_then_continue, 2, (str(tmp_path), cases), timeout=600)[0]
-    same = run_ranks(_resume, 2, (str(tmp_path), cases), timeout=600)[0]
-    one = run_ranks(_resume, 1, (str(tmp_path), cases), timeout=600)[0]
-    for case in cases:
+    saved = _saved(str(tmp_path))
+    one = run_ranks(_resume, 1, (str(tmp_path), CKPT_CASES), timeout=600)[0]
+    for case in CKPT_CASES:
         want = torch.tensor(saved[case]["after"])
-        torch.testing.assert_close(torch.tensor(same[case]), want, rtol=0, atol=CKPT_TOL["same"], msg=str(case))
         torch.testing.assert_close(torch.tensor(one[case]), want, rtol=0, atol=CKPT_TOL["changed"], msg=str(case))
         full = consolidate(os.path.join(tmp_path, f"{case[0]}{case[1]}"))
         assert full.keys() == saved[case]["saved"].keys()
@@ -332,3 +336,12 @@ def test_checkpoint_tp2_resumes_at_tp2_and_tp1_and_exports(tmp_path):
             hf = transformers.LlamaForCausalLM.from_pretrained(os.path.join(tmp_path, f"hf-llama{case[1]}")).state_dict()
             for k, v in saved[case]["saved"].items():
                 torch.testing.assert_close(hf[k], v, rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.slow
+def test_checkpoint_tp2_resumes_at_tp2(tmp_path):
+    saved = _saved(str(tmp_path))
+    same = run_ranks(_resume, 2, (str(tmp_path), CKPT_CASES), timeout=600)[0]
+    for case in CKPT_CASES:
+        torch.testing.assert_close(torch.tensor(same[case]), torch.tensor(saved[case]["after"]), rtol=0,
+                                   atol=CKPT_TOL["same"], msg=str(case))
