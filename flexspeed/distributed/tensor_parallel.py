@@ -465,14 +465,14 @@ def _merge(section: Any, request: _TPRequest | None) -> tuple[int, Mapping[str, 
     return request.tp_size, request.plan, request.dtype
 
 
-def resolve_tp(raw: Mapping[str, Any], model: nn.Module,
+def resolve_tp(raw: Mapping[str, Any], model: nn.Module | None,
                world_size: int) -> tuple[int, Mapping[str, Any] | None, str | None]:
     """The tp degree (1 = off), user plan and ``tp_model_init`` dtype for ``initialize()``, from the raw config.
 
     Raises:
         ConfigError: the degree does not divide ``world_size``, or config and ``tp_model_init`` disagree.
     """
-    tp, plan, dtype = _merge(raw.get("tensor_parallel"), _RECORDED.get(model))
+    tp, plan, dtype = _merge(raw.get("tensor_parallel"), _RECORDED.get(model) if model is not None else None)
     if world_size % tp:
         ok = [t for t in range(1, world_size + 1) if world_size % t == 0]
         raise ConfigError(f"tensor_parallel.autotp_size={tp} does not divide the world size {world_size}. Fix: use "

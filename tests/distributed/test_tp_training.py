@@ -164,6 +164,9 @@ def _run_case(name: str, stage: int, tp: int, precision: str, *rest: str) -> dic
     engine, opt, loader, _ = flexspeed.initialize(model=model, config=cfg, optimizer=client,
                                                   training_data=make_dataset(vocab=V))
     assert client is None or opt is client
+    from flexspeed.runtime.utils import is_model_parallel_parameter
+
+    assert any(is_model_parallel_parameter(p) for p in engine.module.parameters())
     losses = train(engine, loader)
     return {"losses": losses, "state": full_state(engine) if precision == "fp32" else None,
             "notes": [n for n in engine._strategy.notes if "tensor parallelism" in n]}

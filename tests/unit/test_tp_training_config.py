@@ -137,3 +137,17 @@ def test_degree_must_divide_world_and_sources_must_agree():
     import flexspeed
 
     assert flexspeed.tp_model_init is tp_model_init
+
+
+def test_check_config_counts_the_triad_over_data_parallel_ranks(tmp_path, capsys):
+    import json
+
+    from flexspeed.cli.main import main
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+                                "tensor_parallel": {"autotp_size": 2}}))
+    assert main(["check-config", str(path), "--world-size", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["train_batch_size"] == 2 * 2 * 4  # dp = 8 / 2
+    assert main(["check-config", str(path), "--world-size", "3", "--json"]) == 1
+    assert "autotp_size=2 does not divide the world size 3" in json.loads(capsys.readouterr().out)["error"]
