@@ -21,7 +21,6 @@ Tolerances, and why:
 
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
@@ -242,8 +241,8 @@ def _check(results: list[dict], world: int, tp: int) -> None:
 
 TP2_CASES = [("gpt", 0, 2, "fp32"), ("gpt", 3, 2, "fp32", "client"), ("llama", 1, 2, "fp32"), ("llama", 2, 2, "bf16"),
              ("user", 2, 2, "fp32")]
-DP2_TP2_CASES = [("gpt", s, 2, "fp32") for s in range(4)] + [("llama", 0, 2, "fp32"), ("llama", 3, 2, "fp32"),
-                                                               ("llama", 3, 2, "fp32", "persist"), ("gpt", 2, 2, "bf16")]
+DP2_TP2_CASES = [("gpt", s, 2, "fp32") for s in range(4)] + [
+    ("llama", 0, 2, "fp32"), ("llama", 3, 2, "fp32"), ("llama", 3, 2, "fp32", "persist"), ("gpt", 2, 2, "bf16")]
 SLOW_CASES = [(n, s, 2, p) for n in ("gpt", "llama", "gpt2") for s in range(4) for p in ("fp32", "bf16")] + \
     [("gpt", 0, 2, "fp16"), ("llama", 3, 2, "fp16"), ("gpt2", 1, 2, "fp32", "client")]
 
@@ -347,7 +346,8 @@ def test_checkpoint_tp2_resumes_at_tp1_and_exports(tmp_path):
         for k, v in saved[case]["saved"].items():
             torch.testing.assert_close(full[k], v, rtol=0, atol=0, msg=k)
         if case[0] == "llama":
-            hf = transformers.LlamaForCausalLM.from_pretrained(os.path.join(tmp_path, f"hf-llama{case[1]}")).state_dict()
+            folder = os.path.join(tmp_path, f"hf-llama{case[1]}")
+            hf = transformers.LlamaForCausalLM.from_pretrained(folder).state_dict()
             for k, v in saved[case]["saved"].items():
                 torch.testing.assert_close(hf[k], v, rtol=0, atol=0, msg=k)
 

@@ -62,8 +62,9 @@ def test_plans_derived_per_family():
 
 
 @pytest.mark.parametrize("make,tp,pattern", [
-    (lambda: gpt(n_head=3, n_embd=48), 2, r"\[tensor_parallel.autotp_size\] autotp_size=2 must divide the 3 attention "
-                                          r"heads of transformer.h.0.attn \(CausalSelfAttention\); use one of \[1, 3\]"),
+    (lambda: gpt(n_head=3, n_embd=48), 2,
+     r"\[tensor_parallel.autotp_size\] autotp_size=2 must divide the 3 attention heads of transformer.h.0.attn "
+     r"\(CausalSelfAttention\); use one of \[1, 3\]"),
     (lambda: llama(kv=1), 2, r"4 attention heads and 1 key/value heads of model.layers.0.self_attn.*\[1\]"),
     (lambda: llama(kv=4, inter=66), 4, r"autotp_size=4 does not divide the width 66 of model.layers.0.mlp.gate_proj"),
     (lambda: torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)), 2,
