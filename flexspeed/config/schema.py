@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from flexspeed.config.tensor_parallel import TensorParallelConfig
 from flexspeed.config.fields import Auto, Bool, Dtype, Int, NonNegFloat, PosFloat, PosInt, Section
 from flexspeed.config.sections import (
     ActivationCheckpointingConfig,
@@ -55,7 +56,6 @@ UNSUPPORTED_SECTIONS: dict[str, tuple[str, str]] = {
     "comet": ("the Comet monitor", "use tensorboard, csv_monitor or wandb"),
     "compile": ("DeepCompile", "call torch.compile on your model"),
     "weight_quantization": ("weight quantization in training", "remove the section"),
-    "tensor_parallel": ("training-time automatic tensor parallelism", "remove the section"),
 }
 
 
@@ -133,6 +133,8 @@ class FlexConfig(Section):
     """Pipeline-parallel options."""
     timers: TimersConfig = Field(default_factory=TimersConfig)
     """Engine timers."""
+    tensor_parallel: TensorParallelConfig = Field(default_factory=TensorParallelConfig)
+    """Automatic tensor parallelism in training (``autotp_size``); docs/training.md."""
 
     @field_validator("steps_per_print", mode="before")
     @classmethod
