@@ -33,6 +33,7 @@ import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["add_parser", "run", "parse_hostfile", "select_hosts", "SlurmSettings", "slurm_settings",
            "local_rank_flag", "torchrun_argv", "is_local_host"]
@@ -384,13 +385,59 @@ def _run_elastic(argv: list[str]) -> int:
     from torch.distributed.run import parse_args
     from torch.distributed.run import run as elastic_run
 
+    _continue_stopped_workers_on_shutdown()
     try:
         elastic_run(parse_args(argv))
     except ChildFailedError as e:
         _, failure = e.get_first_failure()
         print(f"flexspeed launch: worker failed:\n{e}", file=sys.stderr)
+        culprit = _diagnosis(e)
+        if culprit:
+            print(f"flexspeed launch: {culprit}", file=sys.stderr)
         return failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
     return 0
+
+
+def _diagnosis(err: Exception) -> str | None:
+    """The heartbeat's sentence naming the rank that stopped answering, from the workers' error files."""
+    from flexspeed.distributed.heartbeat import DIAGNOSIS_MARK
+
+    for _, failure in sorted(getattr(err, "failures", {}).items()):
+        message = failure.message if isinstance(failure.message, str) else (failure.message or {}).get("message", "")
+        if isinstance(message, str) and DIAGNOSIS_MARK in message:
+            return message[message.index(DIAGNOSIS_MARK):]
+    return None
+
+
+def _continue_stopped_workers_on_shutdown() -> None:
+    """Let a stopped worker (SIGSTOP, a debugger) take the agent's SIGTERM at once.
+
+    When one worker fails, torch's agent sends SIGTERM to the others and waits 30 s before SIGKILL; a
+    stopped process ignores SIGTERM until it is continued, so a job with a stopped rank took 30 s longer to
+    end. This process (the launcher, not the workers) sends SIGCONT to the workers right before that.
+    """
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.api import PContext
+
+    original = PContext.close
+    if getattr(original, "_flexspeed_continues", False):
+        return
+
+    def close(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            pids = list(self.pids().values())
+        except Exception:  # noqa: BLE001 - no processes yet
+            pids = []
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except OSError:
+                pass
+        return original(self, *args, **kwargs)
+
+    close._flexspeed_continues = True  # type: ignore[attr-defined]
+    PContext.close = close
 
 
 def _worker_main(argv: list[str]) -> None:

@@ -18,6 +18,7 @@ from flexspeed.config.sections import (
     Bf16Config,
     CheckpointConfig,
     CsvMonitorConfig,
+    DistributedConfig,
     DataTypesConfig,
     FlopsProfilerConfig,
     Fp16Config,
@@ -115,6 +116,8 @@ class FlexConfig(Section):
     """The engine's data loader drops the last incomplete batch."""
     flexspeed_nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
     """(flexspeed extension) Skip or raise on a non-finite gradient norm in fp32/bf16."""
+    flexspeed_distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    """(flexspeed extension) Process-group timeout and the heartbeat that names a stopped rank."""
     activation_checkpointing: ActivationCheckpointingConfig = Field(
         default_factory=ActivationCheckpointingConfig
     )

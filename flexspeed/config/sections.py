@@ -105,6 +105,17 @@ class NonFiniteConfig(Section):
     """With ``skip``: raise when this many optimizer steps in a row were non-finite."""
 
 
+class DistributedConfig(Section):
+    """``"flexspeed_distributed"`` (a flexspeed extension; DeepSpeed has no such section): how long a
+    collective may wait, and the heartbeat that names a rank which stopped answering."""
+
+    timeout_minutes: Annotated[Float, Field(ge=0.001, le=525600)] | None = None
+    """Process-group timeout in minutes (fractions allowed), used when flexspeed starts the group.
+    Precedence: ``init_distributed(timeout=)`` > this key > ``DEEPSPEED_TIMEOUT`` > 10 minutes."""
+    heartbeat_interval: Annotated[Float, Field(ge=0, le=3600)] = 2.0
+    """Seconds between heartbeats (each rank publishes what it is doing); 0 turns the heartbeat off."""
+
+
 class Bf16Config(Section):
     """``"bf16"`` (alias ``"bfloat16"``): bfloat16 mixed precision, no loss scaling."""
 

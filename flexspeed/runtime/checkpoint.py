@@ -73,6 +73,7 @@ from flexspeed.runtime.checkpoint_io import (
     validate_tag,
     write_atomic,
 )
+from flexspeed.distributed.heartbeat import note
 from flexspeed.runtime.checkpoint_verify import HASH, digest_of, hash_bytes, hash_state_files, records_of
 from flexspeed.runtime.hf_folder import model_config_dict, tied_groups
 from flexspeed.utils.logging import ensure_handler, human_bytes
@@ -111,6 +112,33 @@ def _all_gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world
     dist.all_gather_object(out, obj)
     return out
+
+
+def _agree_on(action: Any, what: str, *, group: Any = None) -> Any:
+    """Run ``action()`` on this rank, then agree: if it failed on any rank, every rank raises the same error.
+
+    Without this, a rank whose file write failed (a full disk) raised alone while its peers waited in the
+    next collective until the process-group timeout.
+    """
+    error, result = None, None
+    try:
+        result = action()
+    except Exception as e:  # noqa: BLE001 - every failure must reach the agreement, named
+        error = f"{type(e).__name__}: {e}"
+    rank, world = _rank_world()
+    if world == 1:
+        if error is not None:
+            raise CheckpointError(f"save_checkpoint failed {what}: {error}")
+        return result
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, error, group=group)
+    failed = [(r, e) for r, e in enumerate(gathered) if e is not None]
+    if failed:
+        first, message = failed[0]
+        others = f" (also on rank(s) {[r for r, _ in failed[1:]]})" if len(failed) > 1 else ""
+        raise CheckpointError(f"save_checkpoint failed on rank {first} {what}{others}: {message}. The previous "
+                              "checkpoint and 'latest' are unchanged")
+    return result
 
 
 def _tag_validation_mode(engine: Any) -> str:
@@ -316,18 +344,17 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: Any = None, c
     if rank == 0 and gas > 1 and int(engine.micro_steps) % gas:
         log.warning("flexspeed: saving checkpoint %r between accumulation boundaries (micro step %d, %d per "
                     "step): the gradients accumulated so far are not saved", tag, engine.micro_steps, gas)
+    note(f"save_checkpoint tag {tag}")
     _barrier()
     try:
         _write_tag(engine, tmp, tag, world, rank, {ENGINE_FILE: engine_bytes, CLIENT_FILE: client_bytes},
                    exclude_frozen_parameters)
-        _barrier()
-        if rank == 0:
-            commit_tag(save_dir, tmp, tag, nonce, save_latest)
+        _agree_on(lambda: commit_tag(save_dir, tmp, tag, nonce, save_latest) if rank == 0 else None,
+                  f"committing {os.path.join(save_dir, tag)}")
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _barrier()
     if rank == 0:
         where = os.path.join(save_dir, tag)
         ensure_handler().info("saved checkpoint %s (%s, %d rank(s)) in %.1f s", where, human_bytes(_dir_bytes(where)),
@@ -349,29 +376,38 @@ def _write_tag(engine: Any, tmp: str, tag: str, world: int, rank: int, rank0_fil
                exclude_frozen: bool) -> None:
     """Every rank: its tensors (DCP), RNG state and their checksums; rank 0 also the engine files, then the
     manifest with every file's checksum."""
-    model_sd, optim_sd = _state_dicts(engine, with_optimizer=True, exclude_frozen=exclude_frozen)
+    model_sd, optim_sd = _agree_on(lambda: _state_dicts(engine, with_optimizer=True, exclude_frozen=exclude_frozen),
+                                   "collecting the model and optimizer state")
     tensors: dict[str, Any] = {"model": model_sd}
     if optim_sd is not None:
         tensors["optim"] = {"state": _tensor_tree(optim_sd["state"])}
     state_dir = os.path.join(tmp, STATE_DIR)
-    with quiet_single_process():
+    with quiet_single_process():  # DCP agrees on its own failures: every rank raises
         dcp.save(tensors, storage_writer=FileSystemWriter(state_dir), no_dist=world == 1)
-    buf = io.BytesIO()
-    torch.save(_rng_state(), buf)
     rng_name = f"{RNG_DIR}/rank{rank}.pt"
-    write_atomic(os.path.join(tmp, rng_name), buf.getvalue())
-    # every rank hashes its share of the data files (one read each, from the page cache)
-    metadata = read_metadata(state_dir)
-    data_files = sorted({str(info.relative_path) for info in metadata.storage_data.values()})
-    entries, spans = hash_state_files(state_dir, data_files[rank::world], metadata)
-    gathered = _all_gather(({rng_name: hash_bytes(buf.getvalue())}, entries, spans))
-    if rank == 0:
+
+    def rng_and_hashes() -> tuple:
+        buf = io.BytesIO()
+        torch.save(_rng_state(), buf)
+        write_atomic(os.path.join(tmp, rng_name), buf.getvalue())
+        # every rank hashes its share of the data files (one read each, from the page cache)
+        metadata = read_metadata(state_dir)
+        data_files = sorted({str(info.relative_path) for info in metadata.storage_data.values()})
+        entries, spans = hash_state_files(state_dir, data_files[rank::world], metadata)
+        return metadata, ({rng_name: hash_bytes(buf.getvalue())}, entries, spans)
+
+    metadata, mine = _agree_on(rng_and_hashes, f"writing {os.path.join(tmp, rng_name)} or hashing its shards")
+    gathered = _all_gather(mine)
+
+    def rank0_part() -> None:
         for name, data in rank0_files.items():
             write_atomic(os.path.join(tmp, name), data)
         manifest = _manifest(engine, tag, world, optim_sd is not None)
         manifest["integrity"] = _integrity_section(state_dir, metadata, rank0_files, gathered, world)
         manifest["integrity"]["digest"] = digest_of(manifest)
         write_atomic(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=2).encode())
+
+    _agree_on(lambda: rank0_part() if rank == 0 else None, f"writing the engine state and manifest in {tmp}")
 
 
 def _integrity_section(state_dir: str, metadata: Any, rank0_files: dict[str, bytes], gathered: list,
@@ -398,6 +434,7 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: Any = None, l
     """Restore ``engine`` from a verified checkpoint; see :func:`flexspeed.runtime.checkpoint_load.load_checkpoint`."""
     from flexspeed.runtime.checkpoint_load import load_checkpoint as _load
 
+    note(f"load_checkpoint {os.fspath(load_dir)} tag {tag if tag is not None else 'latest'}")
     return _load(engine, load_dir, tag, load_module_strict=load_module_strict,
                  load_optimizer_states=load_optimizer_states, load_lr_scheduler_states=load_lr_scheduler_states,
                  load_module_only=load_module_only)

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from flexspeed.distributed.heartbeat import note
 from flexspeed.runtime.monitor import build_monitor
 from flexspeed.runtime.precision import (
     LossScaler,
@@ -175,6 +176,7 @@ class TrainingEngine(PassThroughToModule, nn.Module):
     # ---- the training loop ----------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model under the configured precision; arguments pass through unchanged."""
+        note(f"forward step {self.global_steps}")
         if self.module.training:
             self._strategy.set_requires_gradient_sync(self._sync_gradients_now())
         mon = self.monitor
@@ -207,6 +209,7 @@ class TrainingEngine(PassThroughToModule, nn.Module):
         if not torch.is_tensor(loss) or loss.dim() != 0:
             raise ValueError(f"engine.backward(loss) expects a scalar tensor, got {type(loss).__name__} "
                              f"{tuple(loss.shape) if torch.is_tensor(loss) else ''}: reduce the loss (e.g. .mean())")
+        note(f"backward step {self.global_steps} (gradient all-reduce on a boundary)")
         self._last_loss = loss.detach()
         mon = self.monitor
         if mon.active:
@@ -252,6 +255,7 @@ class TrainingEngine(PassThroughToModule, nn.Module):
                 "(it reduces everything accumulated), then call engine.step()")
         boundary = self.is_gradient_accumulation_boundary()
         if boundary:
+            note(f"step {self.global_steps} (all_reduce in the gradient norm/clip_grad_norm, optimizer)")
             with self.monitor.timed("step"):
                 self._take_model_step(lr_kwargs)
         self.micro_steps += 1

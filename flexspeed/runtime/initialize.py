@@ -197,7 +197,7 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     from flexspeed.utils.logging import ensure_handler
 
     raw = load_config(config=config, config_params=config_params, args=args)
-    env = init_distributed(distributed_port=distributed_port, dist_init_required=dist_init_required)
+    env = init_distributed(distributed_port=distributed_port, dist_init_required=dist_init_required, config=raw)
 
     if _is_pipeline_module(model):
         return _initialize_pipeline(raw, env, model=model, optimizer=optimizer, model_parameters=model_parameters,
