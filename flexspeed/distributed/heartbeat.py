@@ -92,18 +92,18 @@ class Heartbeat(threading.Thread):
         self.store_error = ""
         self.store_down_since: float | None = None
         self.started_at = time.monotonic()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self.wake = threading.Event()
         self._store: Any = None
 
     # ---- the thread ---------------------------------------------------------------------------------------
     def run(self) -> None:
         last = 0.0
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self.wake.clear()
             now = time.monotonic()
             if now - last < 0.05:  # at most 20 records a second, however often note() is called
-                self._stop.wait(0.05 - (now - last))
+                self._halt.wait(0.05 - (now - last))
             self._once("running", "")
             last = time.monotonic()
             self.wake.wait(self.interval)
@@ -148,7 +148,7 @@ class Heartbeat(threading.Thread):
 
     def finish(self, state: str, detail: str = "") -> None:
         """Stop the thread; publish a last record saying how this rank ended (exited or failed)."""
-        self._stop.set()
+        self._halt.set()
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=self.interval + 1)
         self._once(state, detail)
