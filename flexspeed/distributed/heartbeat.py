@@ -157,6 +157,21 @@ class Heartbeat(threading.Thread):
     def stale_after(self) -> float:
         return max(3 * self.interval, 5.0)
 
+    def watch_for_dead_peers(self) -> str | None:
+        """A peer's connection just dropped: watch the heartbeats for a moment to tell which rank died."""
+        before = {r: p.beat for r, p in self.peers.items()}
+        deadline = time.monotonic() + max(2 * self.interval + 1.0, 3.0)
+        while time.monotonic() < deadline:
+            time.sleep(min(self.interval / 2, 0.5))
+            self._once("running", "")
+        dead = [(r, p) for r, p in self.peers.items() if p.state == "running" and p.beat == before[r]]
+        if dead:
+            me = f"this rank ({self.rank}) was at {current_activity()!r}"
+            return "; ".join(f"rank {r} died or stopped (its connection closed and its heartbeat stopped; pid "
+                             f"{p.pid or '?'} on {p.host or '?'}); its last activity was {p.activity!r}"
+                             for r, p in dead) + f"; {me}"
+        return self.diagnose()
+
     def diagnose(self) -> str | None:
         """One sentence naming the rank(s) that stopped answering or lag behind, or None if all look fine."""
         now = time.monotonic()
@@ -254,7 +269,11 @@ def report_failure(exc: BaseException) -> str | None:
     message = None
     if _is_distributed_failure(exc):
         hb._once("running", "")  # one fresh look at the peers (the store has a short timeout)
-        found = hb.diagnose()
+        text = str(exc).lower()
+        if "reset" in text or "closed" in text or "broken pipe" in text:
+            found = hb.watch_for_dead_peers()
+        else:
+            found = hb.diagnose()
         if found:
             first = str(exc).splitlines()[0] if str(exc) else ""
             message = (f"{DIAGNOSIS_MARK} rank {hb.rank}: {type(exc).__name__} ({first[:300]}) - {found}")

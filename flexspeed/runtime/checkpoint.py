@@ -401,6 +401,9 @@ def prepare_save(engine: Any, save_dir: str | os.PathLike, tag: Any = None, clie
     With ``copy_tensors`` the model and optimizer tensors are copied, so training may go on while the
     returned job is written; otherwise the job refers to the live tensors and must be written at once.
     """
+    from flexspeed.runtime.autosave import wait_for_pending_saves
+
+    wait_for_pending_saves()  # an asynchronous save in flight commits first (and its temporaries are not stale)
     save_dir = validate_dir(save_dir, what="save_dir")
     rank, world = _rank_world()
     started = time.perf_counter()
@@ -490,8 +493,10 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: Any = None, l
                     load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
                     load_module_only: bool = False) -> tuple[str | None, dict | None]:
     """Restore ``engine`` from a verified checkpoint; see :func:`flexspeed.runtime.checkpoint_load.load_checkpoint`."""
+    from flexspeed.runtime.autosave import wait_for_pending_saves
     from flexspeed.runtime.checkpoint_load import load_checkpoint as _load
 
+    wait_for_pending_saves()
     note(f"load_checkpoint {os.fspath(load_dir)} tag {tag if tag is not None else 'latest'}")
     return _load(engine, load_dir, tag, load_module_strict=load_module_strict,
                  load_optimizer_states=load_optimizer_states, load_lr_scheduler_states=load_lr_scheduler_states,

@@ -95,6 +95,7 @@ class TrainingEngine(PassThroughToModule, nn.Module):
         self._nonfinite = NonFiniteGuard(guard.action, guard.max_consecutive_skips) \
             if guard is not None and loss_scaler is None else None  # fp16: the loss scaler decides
         self._inside_no_sync = False
+        self.autosaver: Any = None  # set by initialize() from the checkpoint section (flexspeed.runtime.autosave)
         self._dp_world_size = dist.get_world_size(strategy.group) if dist.is_initialized() else 1
         self._dp_rank = dist.get_rank(strategy.group) if dist.is_initialized() else 0
         # log line, timers, scalar writers, FLOPs profile, progress bar (see flexspeed.runtime.monitor)
@@ -263,6 +264,8 @@ class TrainingEngine(PassThroughToModule, nn.Module):
         self.global_samples += samples
         if boundary:
             self._maybe_print()
+            if self.autosaver is not None:  # checkpoint.save_interval (flexspeed.runtime.autosave)
+                self.autosaver.after_step(self)
 
     def _take_model_step(self, lr_kwargs: dict | None) -> None:
         params = self._strategy.grad_params()
