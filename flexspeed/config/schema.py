@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from flexspeed.config.elasticity import ElasticityConfig
 from flexspeed.config.fields import Auto, Bool, Dtype, Int, NonNegFloat, PosFloat, PosInt, Section
 from flexspeed.config.sections import (
     ActivationCheckpointingConfig,
@@ -43,7 +44,6 @@ UNSUPPORTED_SECTIONS: dict[str, tuple[str, str]] = {
     "compression_training": ("DeepSpeed Compression", "remove the section"),
     "curriculum_learning": ("curriculum learning", "order the data in your own sampler"),
     "data_efficiency": ("the data-efficiency library", "remove the section"),
-    "elasticity": ("elastic training", "fix the batch triad for your world size"),
     "autotuning": ("the autotuner", "remove the section"),
     "hybrid_engine": ("the RLHF hybrid engine", "use flexspeed.init_inference for generation"),
     "moe": ("mixture-of-experts layers", "remove the section"),
@@ -132,6 +132,8 @@ class FlexConfig(Section):
     """Weights & Biases monitor."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     """Checkpoint options."""
+    elasticity: ElasticityConfig = Field(default_factory=ElasticityConfig)
+    """Elastic training: the batch triad chosen so the job runs at many world sizes (DeepSpeed's arithmetic)."""
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     """Pipeline-parallel options."""
     timers: TimersConfig = Field(default_factory=TimersConfig)
