@@ -176,7 +176,7 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     Returns:
         ``(engine, optimizer, dataloader, lr_scheduler)``.
     """
-    from flexspeed.config import build_config, load_config
+    from flexspeed.config import build_config, load_config, validate_config
     from flexspeed.distributed import default_device, init_distributed
     from flexspeed.runtime.data import FlexDataLoader
     from flexspeed.runtime.engine import TrainingEngine
@@ -201,6 +201,7 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     from flexspeed.utils.logging import ensure_handler
 
     raw = load_config(config=config, config_params=config_params, args=args)
+    validate_config(raw)  # every config error before the group starts, in check-config's order
     env = init_distributed(distributed_port=distributed_port, dist_init_required=dist_init_required, config=raw)
 
     if _is_pipeline_module(model):
