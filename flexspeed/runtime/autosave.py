@@ -22,7 +22,6 @@ Leftovers of killed saves (``.flexspeed-tmp-*`` directories, ``latest.flexspeed-
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import re
 import shutil
@@ -41,10 +40,10 @@ from flexspeed.runtime.checkpoint_io import (
     read_latest,
     remove_stale_temporaries,
 )
+from flexspeed.utils.logging import ensure_handler
 
 __all__ = ["AutoSaver", "build_autosaver", "wait_for_pending_saves", "newest_tags"]
 
-log = logging.getLogger("flexspeed")
 _STEP_TAG = re.compile(r"global_step(\d+)")
 _savers: weakref.WeakSet[AutoSaver] = weakref.WeakSet()
 
@@ -151,11 +150,11 @@ class AutoSaver:
                               f"the newer {skipped}, which failed to load", stacklevel=2)
             self._last_saved_step = int(engine.global_steps)
             if rank == 0:
-                log.info("flexspeed auto_resume: resumed from %s at step %d", path, engine.global_steps)
+                ensure_handler().info("auto_resume: resumed from %s at step %d", path, engine.global_steps)
             return path
         if rank == 0:
             why = f" (every tag failed to load: {skipped})" if skipped else ""
-            log.info("flexspeed auto_resume: no checkpoint in %s%s; starting from step 0", self.save_dir, why)
+            ensure_handler().info("auto_resume: no checkpoint in %s%s; starting from step 0", self.save_dir, why)
         return None
 
     # ---- saving -------------------------------------------------------------------------------------------
@@ -191,7 +190,7 @@ class AutoSaver:
         except BaseException as e:  # noqa: BLE001 - handed to the training thread at the next wait()
             self._error = e
             if self.async_save:
-                log.error("flexspeed: the asynchronous save of %s failed: %s", job.tag, e)
+                ensure_handler().error("the asynchronous save of %s failed: %s", job.tag, e)
 
     def wait(self) -> None:
         """Block until the pending asynchronous save (if any) has committed; raise its error if it failed."""
@@ -258,4 +257,4 @@ def _flush_at_exit() -> None:
         try:
             saver.wait()
         except Exception as e:  # noqa: BLE001 - report, exit anyway
-            log.error("flexspeed: %s", e)
+            ensure_handler().error("%s", e)
