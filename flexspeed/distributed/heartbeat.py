@@ -58,7 +58,7 @@ class _Peer:
     detail: str = ""
     pid: int = 0
     host: str = ""
-    changed_at: float = 0.0  # this process's monotonic clock when ``beat`` last moved
+    time: float = 0.0  # the peer's wall clock at its last record
 
 
 def _tcp_store_address() -> tuple[str, int] | None:
@@ -79,33 +79,43 @@ def _tcp_store_address() -> tuple[str, int] | None:
 
 
 class Heartbeat(threading.Thread):
-    """The publishing and watching thread of one rank (see the module docstring)."""
+    """The publishing thread of one rank, and the diagnosis that reads everyone's records.
+
+    Publishing costs one store ``set`` per beat: every ``interval`` seconds, and at most four times a
+    second after :func:`note`. Peers' records are read only every ``read_every`` seconds (a cache for
+    when the store host itself stops) and when a failure is diagnosed: then twice, ``2 * interval``
+    apart, to see whose beat still moves.
+    """
 
     def __init__(self, *, rank: int, world_size: int, address: tuple[str, int], prefix: str, interval: float,
                  store_host: str) -> None:
         super().__init__(name="flexspeed-heartbeat", daemon=True)
         self.rank, self.world_size, self.address, self.prefix = rank, world_size, address, prefix
         self.interval = interval
+        self.read_every = max(5.0, interval * world_size / 8)  # keeps the store's load flat as jobs grow
         self.store_host = store_host  # "rank 0" or "the launcher": who dies with the store
         self.peers = {r: _Peer() for r in range(world_size) if r != rank}
         self.beat = 0
         self.store_error = ""
         self.store_down_since: float | None = None
-        self.started_at = time.monotonic()
+        self._all_present = False
         self._halt = threading.Event()
         self.wake = threading.Event()
         self._store: Any = None
 
     # ---- the thread ---------------------------------------------------------------------------------------
     def run(self) -> None:
-        last = 0.0
+        last_beat = last_read = 0.0
         while not self._halt.is_set():
             self.wake.clear()
-            now = time.monotonic()
-            if now - last < 0.05:  # at most 20 records a second, however often note() is called
-                self._halt.wait(0.05 - (now - last))
-            self._once("running", "")
-            last = time.monotonic()
+            wait = 0.25 - (time.monotonic() - last_beat)
+            if wait > 0:  # at most four records a second, however often note() is called
+                self._halt.wait(wait)
+            self._publish("running", "")
+            last_beat = time.monotonic()
+            if last_beat - last_read >= self.read_every:
+                self._read()
+                last_read = time.monotonic()
             self.wake.wait(self.interval)
 
     def _connect(self) -> Any:
@@ -117,90 +127,90 @@ class Heartbeat(threading.Thread):
                 self.address[0], self.address[1], is_master=False, timeout=timeout, wait_for_workers=False))
         return self._store
 
-    def _once(self, state: str, detail: str) -> None:
+    def _failed_store(self, e: Exception) -> None:
+        self._store = None
+        if self.store_down_since is None:
+            self.store_down_since = time.monotonic()
+        self.store_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+    def _publish(self, state: str, detail: str, *, reconnect: bool = True) -> None:
         text, count = _activity
         self.beat += 1
         record = {"beat": self.beat, "activity": text, "count": count, "state": state, "detail": detail[:2000],
-                  "pid": os.getpid(), "host": socket.gethostname()}
+                  "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+        if self._store is None and not reconnect:
+            return
         try:
-            store = self._connect()
-            store.set(str(self.rank), json.dumps(record))
-            keys = [str(r) for r in self.peers]
-            present = [k for k in keys if store.check([k])]
-            values = store.multi_get(present) if present else []
-            now = time.monotonic()
-            for key, raw in zip(present, values):
-                self._update(int(key), json.loads(bytes(raw).decode()), now)
+            self._connect().set(str(self.rank), json.dumps(record))
             self.store_down_since, self.store_error = None, ""
         except Exception as e:  # noqa: BLE001 - the store host may be the stopped process
-            self._store = None
-            if self.store_down_since is None:
-                self.store_down_since = time.monotonic()
-            self.store_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self._failed_store(e)
 
-    def _update(self, rank: int, rec: dict, now: float) -> None:
-        peer = self.peers[rank]
-        if rec.get("beat") != peer.beat or peer.changed_at == 0.0:
-            peer.changed_at = now
-        peer.beat, peer.activity, peer.count = int(rec["beat"]), str(rec["activity"]), int(rec["count"])
-        peer.state, peer.detail = str(rec.get("state", "running")), str(rec.get("detail", ""))
-        peer.pid, peer.host = int(rec.get("pid", 0)), str(rec.get("host", ""))
+    def _read(self) -> bool:
+        """Refresh every peer's record from the store; False if the store did not answer."""
+        try:
+            store = self._connect()
+            keys = [str(r) for r in self.peers]
+            if not self._all_present:
+                keys = [k for k in keys if store.check([k])]
+                self._all_present = len(keys) == len(self.peers)
+            for key, raw in zip(keys, store.multi_get(keys) if keys else []):
+                rec = json.loads(bytes(raw).decode())
+                peer = self.peers[int(key)]
+                peer.beat, peer.activity, peer.count = int(rec["beat"]), str(rec["activity"]), int(rec["count"])
+                peer.state, peer.detail = str(rec.get("state", "running")), str(rec.get("detail", ""))
+                peer.pid, peer.host, peer.time = int(rec.get("pid", 0)), str(rec.get("host", "")), \
+                    float(rec.get("time", 0.0))
+            return True
+        except Exception as e:  # noqa: BLE001
+            self._failed_store(e)
+            return False
 
     def finish(self, state: str, detail: str = "") -> None:
         """Stop the thread; publish a last record saying how this rank ended (exited or failed)."""
         self._halt.set()
+        self.wake.set()
         if self.is_alive() and threading.current_thread() is not self:
-            self.join(timeout=self.interval + 1)
-        self._once(state, detail)
+            self.join(timeout=2)
+        self._publish(state, detail, reconnect=False)  # no new connection: the store may be gone already
 
     # ---- the diagnosis ------------------------------------------------------------------------------------
-    def stale_after(self) -> float:
-        return max(3 * self.interval, 5.0)
+    def diagnose(self, *, connection_closed: bool = False) -> str | None:
+        """One sentence naming the rank(s) that stopped answering, died or lag behind, or None if all look fine.
 
-    def watch_for_dead_peers(self) -> str | None:
-        """A peer's connection just dropped: watch the heartbeats for a moment to tell which rank died."""
-        before = {r: p.beat for r, p in self.peers.items()}
-        deadline = time.monotonic() + max(2 * self.interval + 1.0, 3.0)
-        while time.monotonic() < deadline:
-            time.sleep(min(self.interval / 2, 0.5))
-            self._once("running", "")
-        dead = [(r, p) for r, p in self.peers.items() if p.state == "running" and p.beat == before[r]]
-        if dead:
-            me = f"this rank ({self.rank}) was at {current_activity()!r}"
-            return "; ".join(f"rank {r} died or stopped (its connection closed and its heartbeat stopped; pid "
-                             f"{p.pid or '?'} on {p.host or '?'}); its last activity was {p.activity!r}"
-                             for r, p in dead) + f"; {me}"
-        return self.diagnose()
-
-    def diagnose(self) -> str | None:
-        """One sentence naming the rank(s) that stopped answering or lag behind, or None if all look fine."""
-        now = time.monotonic()
+        Takes about ``2 * interval`` seconds: it reads every record twice to see whose beat still moves.
+        """
         me = f"this rank ({self.rank}) was at {current_activity()!r}"
+        self._publish("running", "")
+        if not self._read():
+            host = self.store_host
+            last = self.peers.get(0)
+            blame = (f"rank 0 stopped answering with it; rank 0's last activity was {last.activity!r}"
+                     if host == "rank 0" and last is not None else "it may have stopped")
+            return (f"the rendezvous store at {self.address[0]}:{self.address[1]}, hosted by {host}, does not answer "
+                    f"({self.store_error}): {blame}; {me}")
         failed = [(r, p) for r, p in self.peers.items() if p.state == "failed"]
         if failed:
             r, p = failed[0]
             return (f"rank {r} failed first ({p.detail or 'an exception'}); its last activity was {p.activity!r}; "
                     f"{me}")
-        if self.store_down_since is not None and now - self.store_down_since > self.stale_after():
-            host = self.store_host
-            culprit = " rank 0" if host == "rank 0" else ""
-            last = self.peers.get(0)
-            tail = f"; rank 0's last activity was {last.activity!r}" if culprit and last else ""
-            return (f"the rendezvous store at {self.address[0]}:{self.address[1]}, hosted by {host}, stopped "
-                    f"answering {now - self.store_down_since:.0f} s ago ({self.store_error}): so did{culprit or ' it'}"
-                    f"{tail}; {me}")
-        stopped = [(r, p) for r, p in self.peers.items()
-                   if p.state == "running" and now - (p.changed_at or self.started_at) > self.stale_after()]
+        before = {r: p.beat for r, p in self.peers.items()}
+        time.sleep(2 * self.interval + 0.5)
+        self._publish("running", "")
+        self._read()
+        now = time.time()
+        stopped = [(r, p) for r, p in self.peers.items() if p.state == "running" and p.beat == before[r]]
         if stopped:
-            parts = [f"rank {r} stopped answering: no heartbeat for {now - (p.changed_at or self.started_at):.0f} s "
-                     f"(pid {p.pid or '?'} on {p.host or '?'}); its last activity was {p.activity!r}"
-                     for r, p in stopped]
+            how = "died or stopped (its connection closed and its heartbeat stopped" if connection_closed else \
+                "stopped answering (no heartbeat"
+            parts = [f"rank {r} {how} for {max(0.0, now - p.time):.0f} s; pid {p.pid or '?'} on {p.host or '?'}); "
+                     f"its last activity was {p.activity!r}" for r, p in stopped]
             return "; ".join(parts) + f"; {me}"
         mine = _activity[1]
         behind = [(r, p) for r, p in self.peers.items() if p.state == "running" and p.count < mine]
         if behind:
-            parts = [f"rank {r} is alive (heartbeat {now - p.changed_at:.0f} s ago) but did not reach the collective "
-                     f"this rank waits in: its last activity was {p.activity!r}" for r, p in behind]
+            parts = [f"rank {r} is alive (its heartbeat goes on) but did not reach the collective this rank waits "
+                     f"in: its last activity was {p.activity!r}" for r, p in behind]
             return "; ".join(parts) + f"; {me}"
         exited = [r for r, p in self.peers.items() if p.state == "exited"]
         if exited:
@@ -228,7 +238,7 @@ def start_heartbeat(interval: float) -> Heartbeat | None:
         host = "the launcher" if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else "rank 0"
         _current = Heartbeat(rank=dist.get_rank(), world_size=dist.get_world_size(), address=address,
                              prefix=prefix, interval=float(interval), store_host=host)
-        _current._once("running", "")  # publish before the first collective, so peers see this rank
+        _current._publish("running", "")  # publish before the first collective, so peers see this rank
         _current.start()
         return _current
 
@@ -268,15 +278,11 @@ def report_failure(exc: BaseException) -> str | None:
         return None
     message = None
     if _is_distributed_failure(exc):
-        hb._once("running", "")  # one fresh look at the peers (the store has a short timeout)
         text = str(exc).lower()
-        if "reset" in text or "closed" in text or "broken pipe" in text:
-            found = hb.watch_for_dead_peers()
-        else:
-            found = hb.diagnose()
+        found = hb.diagnose(connection_closed=any(w in text for w in ("reset", "closed", "broken pipe")))
         if found:
             first = str(exc).splitlines()[0] if str(exc) else ""
-            message = (f"{DIAGNOSIS_MARK} rank {hb.rank}: {type(exc).__name__} ({first[:300]}) - {found}")
+            message = f"{DIAGNOSIS_MARK} rank {hb.rank}: {type(exc).__name__} ({first[:300]}) - {found}"
             print(message, file=sys.stderr, flush=True)
             _write_error_file(message)
     stop_heartbeat("failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
