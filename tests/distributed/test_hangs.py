@@ -124,3 +124,32 @@ def test_save_failing_on_one_rank_fails_all_ranks_fast(tmp_path):
     assert (tmp_path / "latest").read_text() == "good"
     assert not (tmp_path / "bad").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".flexspeed-tmp-")]
+
+
+def _timeouts_in_process(rank: int, world: int, explicit: bool) -> list:
+    import torch
+    import torch.distributed as dist
+
+    import flexspeed
+    from flexspeed.distributed import group_timeout
+
+    def actual() -> float:
+        backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+        return backend.options._timeout.total_seconds()
+
+    out = []
+    # without timeout=: the default (DEEPSPEED_TIMEOUT unset here); with it: the argument
+    flexspeed.init_distributed(timeout=timedelta(seconds=45) if explicit else None)
+    out.append((group_timeout().source, actual()))
+    cfg = {"train_batch_size": 2, "flexspeed_distributed": {"timeout_minutes": 0.5}}
+    flexspeed.initialize(model=torch.nn.Linear(2, 2), config=cfg)  # the config's key, unless the argument was given
+    out.append((group_timeout().source, actual()))
+    return out
+
+
+def test_timeout_applied_to_the_group(monkeypatch):
+    monkeypatch.delenv("DEEPSPEED_TIMEOUT", raising=False)
+    got = run_ranks(_timeouts_in_process, 2, (False,), timeout=180, init_process_group=False)[0]
+    assert got == [("the default, DeepSpeed's 10 minutes", 600.0), ("flexspeed_distributed.timeout_minutes", 30.0)]
+    got = run_ranks(_timeouts_in_process, 2, (True,), timeout=180, init_process_group=False)[0]
+    assert got == [("init_distributed(timeout=...)", 45.0)] * 2
