@@ -181,7 +181,7 @@ def _distributed_section(config: object | None) -> dict | None:
     """The ``flexspeed_distributed`` section of ``config`` (a dict, a path or base64 JSON), if any."""
     if config is None:
         return None
-    if not isinstance(config, dict):
+    if isinstance(config, (str, os.PathLike)):
         from flexspeed.config import load_config
 
         config = load_config(config=config)
