@@ -86,18 +86,9 @@ def newest_tags(save_dir: str) -> list[str]:
 
 
 def remove_leftovers(save_dir: str) -> None:
-    """Rank 0: what killed saves left in ``save_dir`` (see the module docstring)."""
-    if not os.path.isdir(save_dir):
-        return
-    remove_stale_temporaries(save_dir)
-    for name in os.listdir(save_dir):
-        path = os.path.join(save_dir, name)
-        if re.fullmatch(r".+\.flexspeed-tmp-\d+", name) and os.path.isfile(path) and not os.path.islink(path):
-            os.remove(path)  # write_atomic's temporary (e.g. latest.flexspeed-tmp-<pid>) of a killed process
-        elif name.startswith(".flexspeed-old-") and os.path.isdir(path) and not os.path.islink(path):
-            tag = name[len(".flexspeed-old-"):].rsplit("-", 1)[0]
-            if os.path.isfile(os.path.join(save_dir, tag, MANIFEST)):  # the re-save completed: the copy is spare
-                shutil.rmtree(path, ignore_errors=True)
+    """Rank 0: what killed saves left in ``save_dir`` (see :func:`checkpoint_io.remove_stale_temporaries`)."""
+    if os.path.isdir(save_dir):
+        remove_stale_temporaries(save_dir)
 
 
 class AutoSaver:

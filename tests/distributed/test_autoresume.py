@@ -154,3 +154,24 @@ def test_autosave_config_errors():
     for bad in (-1, 1.5, "2", True):
         with pytest.raises(ConfigError, match="checkpoint.save_interval"):
             validate_config({"checkpoint": {"save_dir": "c", "save_interval": bad}})
+
+
+def test_a_later_save_removes_leftovers(tmp_path):
+    import torch.distributed as dist
+
+    import flexspeed
+
+    root = tmp_path / "ckpt"
+    try:
+        engine, *_ = flexspeed.initialize(model=torch.nn.Linear(4, 2), config={
+            "train_batch_size": 2, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}})
+        engine.save_checkpoint(str(root), tag="a")
+        (root / "latest.flexspeed-tmp-4242").write_text("a")  # a killed write_atomic of 'latest'
+        os.makedirs(root / ".flexspeed-old-a-0123abcd" / "state")  # a killed re-save of tag 'a' (a is complete)
+        os.makedirs(root / ".flexspeed-old-gone-0123abcd" / "state")  # its tag is missing: the copy stays
+        os.makedirs(root / ".flexspeed-tmp-b-0123abcd" / "rng")
+        engine.save_checkpoint(str(root), tag="b")
+        assert sorted(os.listdir(root)) == [".flexspeed-old-gone-0123abcd", "a", "b", "latest"]
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
