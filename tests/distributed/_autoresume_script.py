@@ -1,6 +1,7 @@
 """Training script for the kill tests (tests/distributed/test_autoresume.py): it never calls
 load_checkpoint; the config's checkpoint.auto_resume does. On the first attempt, rank KILL_RANK
-SIGKILLs itself at optimizer step KILL_STEP, micro-step KILL_MICRO of it (-1: never).
+SIGKILLs itself at optimizer step KILL_STEP, micro-step KILL_MICRO of it (0 or 1; KILL_STEP -1: never),
+or with KILL_MICRO 2 inside the save of that step (after the tensors are written, before the commit).
 
 Usage: python _autoresume_script.py OUT STEPS KILL_STEP KILL_MICRO STAGE ASYNC"""
 
@@ -26,6 +27,18 @@ cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "s
                       "auto_resume": True, "async_save": async_save}}
 engine, _, loader, _ = flexspeed.initialize(model=model, training_data=data, config=cfg)
 first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+if first_attempt and kill_micro == 2 and int(os.environ["RANK"]) == 1:
+    # KILL_MICRO 2: die inside the save of global_step<KILL_STEP>, after DCP wrote the tensors, before the commit
+    from flexspeed.runtime import checkpoint
+
+    real_hash = checkpoint.hash_state_files
+
+    def hash_then_die(state_dir, *args):
+        if f"-global_step{kill_step}-" in state_dir:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_hash(state_dir, *args)
+
+    checkpoint.hash_state_files = hash_then_die
 while engine.global_steps < steps:
     for x, y in loader:
         if (first_attempt and engine.global_rank == 1 and engine.global_steps == kill_step
