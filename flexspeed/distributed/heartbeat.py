@@ -1,17 +1,16 @@
 """A heartbeat over the rendezvous store, so that a hang names the rank that stopped answering.
 
-Each rank runs one daemon thread that, every ``interval`` seconds, publishes in the store (the
-TCPStore the process group rendezvoused on, through a connection of its own with a short timeout)
-a beat counter and what the rank is doing ("forward step 12", "save_checkpoint tag X"; set with
-:func:`note`), and reads every other rank's record. A peer whose counter stops moving has stopped
-(SIGSTOP, a dead host, a frozen process); a peer that still beats but whose activity count lags
-is alive but did not reach the collective the others wait in.
-
-When a collective then fails (the process-group timeout, a closed connection), the process's
-exception hook (installed by ``init_distributed``) prints :func:`diagnose`'s sentence after the
-traceback, on every live rank, and writes it into torchelastic's error file so that
-``flexspeed launch``'s summary names the culprit too. Nothing here interrupts training: the
-timeout itself is the process group's (see :mod:`flexspeed.distributed.timeout`).
+Each rank runs one daemon thread that publishes in the store (the TCPStore the process group
+rendezvoused on, through a connection of its own with a short timeout) a beat counter and what the
+rank is doing ("forward step 12", "save_checkpoint tag X"; set with :func:`note`): every
+``interval`` seconds, and soon after each change. When a collective fails (the process-group
+timeout, a closed connection), the process's exception hook (installed by ``init_distributed``)
+reads every rank's record twice, ``2 * interval`` apart: a peer whose counter did not move has
+stopped (SIGSTOP, a dead host, a frozen process) or died; a peer that still beats but whose activity
+count lags is alive but did not reach the collective; a peer that published a failure failed first.
+The sentence is printed after the traceback on every live rank and written into torchelastic's
+error file, so that ``flexspeed launch``'s summary names the culprit too. Nothing here interrupts
+training: the timeout itself is the process group's (see :mod:`flexspeed.distributed.timeout`).
 """
 
 from __future__ import annotations
