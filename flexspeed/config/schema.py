@@ -13,12 +13,14 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from flexspeed.config.tensor_parallel import TensorParallelConfig
+from flexspeed.config.elasticity import ElasticityConfig
 from flexspeed.config.fields import Auto, Bool, Dtype, Int, NonNegFloat, PosFloat, PosInt, Section
 from flexspeed.config.sections import (
     ActivationCheckpointingConfig,
     Bf16Config,
     CheckpointConfig,
     CsvMonitorConfig,
+    DistributedConfig,
     DataTypesConfig,
     FlopsProfilerConfig,
     Fp16Config,
@@ -43,7 +45,6 @@ UNSUPPORTED_SECTIONS: dict[str, tuple[str, str]] = {
     "compression_training": ("DeepSpeed Compression", "remove the section"),
     "curriculum_learning": ("curriculum learning", "order the data in your own sampler"),
     "data_efficiency": ("the data-efficiency library", "remove the section"),
-    "elasticity": ("elastic training", "fix the batch triad for your world size"),
     "autotuning": ("the autotuner", "remove the section"),
     "hybrid_engine": ("the RLHF hybrid engine", "use flexspeed.init_inference for generation"),
     "moe": ("mixture-of-experts layers", "remove the section"),
@@ -115,6 +116,8 @@ class FlexConfig(Section):
     """The engine's data loader drops the last incomplete batch."""
     flexspeed_nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
     """(flexspeed extension) Skip or raise on a non-finite gradient norm in fp32/bf16."""
+    flexspeed_distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    """(flexspeed extension) Process-group timeout and the heartbeat that names a stopped rank."""
     activation_checkpointing: ActivationCheckpointingConfig = Field(
         default_factory=ActivationCheckpointingConfig
     )
@@ -129,6 +132,8 @@ class FlexConfig(Section):
     """Weights & Biases monitor."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     """Checkpoint options."""
+    elasticity: ElasticityConfig = Field(default_factory=ElasticityConfig)
+    """Elastic training: the batch triad chosen so the job runs at many world sizes (DeepSpeed's arithmetic)."""
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     """Pipeline-parallel options."""
     timers: TimersConfig = Field(default_factory=TimersConfig)

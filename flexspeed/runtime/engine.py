@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from flexspeed.runtime.engine_compat import DeepSpeedEngineExtras
+from flexspeed.distributed.heartbeat import note
 from flexspeed.runtime.monitor import build_monitor
 from flexspeed.runtime.precision import (
     LossScaler,
@@ -95,6 +96,7 @@ class TrainingEngine(DeepSpeedEngineExtras, PassThroughToModule, nn.Module):
         self._nonfinite = NonFiniteGuard(guard.action, guard.max_consecutive_skips) \
             if guard is not None and loss_scaler is None else None  # fp16: the loss scaler decides
         self._inside_no_sync = False
+        self.autosaver: Any = None  # set by initialize() from the checkpoint section (flexspeed.runtime.autosave)
         self._dp_world_size = dist.get_world_size(strategy.group) if dist.is_initialized() else 1
         self._dp_rank = dist.get_rank(strategy.group) if dist.is_initialized() else 0
         # log line, timers, scalar writers, FLOPs profile, progress bar (see flexspeed.runtime.monitor)
@@ -178,6 +180,7 @@ class TrainingEngine(DeepSpeedEngineExtras, PassThroughToModule, nn.Module):
     # ---- the training loop ----------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model under the configured precision; arguments pass through unchanged."""
+        note(f"forward step {self.global_steps}")
         if self.module.training:
             self._strategy.set_requires_gradient_sync(self._sync_gradients_now())
         mon = self.monitor
@@ -210,6 +213,7 @@ class TrainingEngine(DeepSpeedEngineExtras, PassThroughToModule, nn.Module):
         if not torch.is_tensor(loss) or loss.dim() != 0:
             raise ValueError(f"engine.backward(loss) expects a scalar tensor, got {type(loss).__name__} "
                              f"{tuple(loss.shape) if torch.is_tensor(loss) else ''}: reduce the loss (e.g. .mean())")
+        note(f"backward step {self.global_steps} (gradient all-reduce on a boundary)")
         self._last_loss = loss.detach()
         mon = self.monitor
         if mon.active:
@@ -255,6 +259,7 @@ class TrainingEngine(DeepSpeedEngineExtras, PassThroughToModule, nn.Module):
                 "(it reduces everything accumulated), then call engine.step()")
         boundary = self.is_gradient_accumulation_boundary()
         if boundary:
+            note(f"step {self.global_steps} (all_reduce in the gradient norm/clip_grad_norm, optimizer)")
             with self.monitor.timed("step"):
                 self._take_model_step(lr_kwargs)
         self.micro_steps += 1
@@ -262,6 +267,8 @@ class TrainingEngine(DeepSpeedEngineExtras, PassThroughToModule, nn.Module):
         self.global_samples += samples
         if boundary:
             self._maybe_print()
+            if self.autosaver is not None:  # checkpoint.save_interval (flexspeed.runtime.autosave)
+                self.autosaver.after_step(self)
 
     def _take_model_step(self, lr_kwargs: dict | None) -> None:
         params = self._strategy.grad_params()

@@ -144,6 +144,10 @@ def _initialize_pipeline(raw: dict, env: Any, *, model: nn.Module, **engine_args
                        world_size_source=f"{env.source} / {stages} pipeline stages = data-parallel size",
                        hidden_size=_hidden_size(model))
     checkpointing.configure_from_config(cfg)
+    if cfg.checkpoint.save_dir is not None:
+        raise ConfigError("(automatic saves and resume) is not implemented for the pipeline engine yet. Fix: remove "
+                          "checkpoint.save_dir and its keys, and call engine.save_checkpoint/load_checkpoint",
+                          key="checkpoint.save_dir")
     engine, opt, loader, sched = build_pipeline_engine(model=model, config=cfg, **engine_args)
     register_optimizer(opt, stage=engine.zero_optimization_stage(), group=engine.dp_group)
     return engine, opt, loader, sched
@@ -173,7 +177,7 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     Returns:
         ``(engine, optimizer, dataloader, lr_scheduler)``.
     """
-    from flexspeed.config import build_config, load_config
+    from flexspeed.config import build_config, load_config, validate_config
     from flexspeed.distributed import default_device, init_distributed
     from flexspeed.runtime.data import FlexDataLoader
     from flexspeed.runtime.engine import TrainingEngine
@@ -198,7 +202,8 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     from flexspeed.utils.logging import ensure_handler
 
     raw = load_config(config=config, config_params=config_params, args=args)
-    env = init_distributed(distributed_port=distributed_port, dist_init_required=dist_init_required)
+    validate_config(raw)  # every config error before the group starts, in check-config's order
+    env = init_distributed(distributed_port=distributed_port, dist_init_required=dist_init_required, config=raw)
 
     from flexspeed.distributed.tensor_parallel import resolve_tp
 
@@ -264,6 +269,9 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
                             training_dataloader=loader, precision=precision, loss_scaler=scaler, device=device,
                             launch_env=env)
     register_optimizer(opt, stage=strategy.stage, group=strategy.group)  # flexspeed.utils.safe_get_full_*
+    from flexspeed.runtime.autosave import build_autosaver
+
+    engine.autosaver = build_autosaver(engine, cfg)  # checkpoint.save_dir/save_interval/auto_resume
     if env.rank == 0:
         numel = sum(p.numel() for p in model.parameters())
         ensure_handler().info(
