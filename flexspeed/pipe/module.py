@@ -250,6 +250,17 @@ class PipelineModule(nn.Module):
             raise ValueError("PipelineModule needs num_stages=... (pipeline-parallel degree) or topology=...")
         return self._num_stages_arg
 
+    def set_checkpoint_interval(self, interval: int) -> None:
+        """Recompute activations every ``interval`` layers from now on (0 = off), as DeepSpeed's setter does.
+
+        Takes effect at the next forward, also on a module already partitioned into stages.
+        """
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
+            raise ValueError(f"set_checkpoint_interval({interval!r}): the interval must be an int >= 0 (0 = off)")
+        self.activation_checkpoint_interval = interval
+        for sm in self.__dict__["_stage_modules"]:
+            sm.checkpoint_interval = interval
+
     @property
     def virtual_stages(self) -> int:
         """Model chunks per rank (1 unless the interleaved schedule is used)."""

@@ -357,8 +357,6 @@ class TestZeROCheckpointFrozenWeights:
         assert loaded_trainable_param_names == trainable_param_names
 
     @pytest.mark.parametrize("zero_stage", [1, 2])
-    @pytest.mark.xfail(strict=True, reason="gap: save_checkpoint reads the module's parameters through torch's "
-                                           "state-dict helpers, not a replaced model.state_dict")
     def test_save_exclude_custom_frozen_weights(self, _one_rank, tmpdir, zero_stage):
         config_dict = half_precision_section({"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "Adam"},
                                               "zero_optimization": {"stage": zero_stage}}, initial_scale_power=8)
@@ -381,18 +379,23 @@ class TestZeROCheckpointFrozenWeights:
 # ---- one-rank cases ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("zero_stage", [1, 2])
 @pytest.mark.parametrize("use_cpu_device", [True, False])
-@pytest.mark.xfail(strict=True, raises=ModuleNotFoundError,
-                   reason="gap: deepspeed.checkpoint.utils.clone_tensors_for_torch_save has no flexspeed path")
 def test_save_tensor_clone(_one_rank, tmpdir, zero_stage, use_cpu_device):
-    from flexspeed.checkpoint.utils import clone_tensors_for_torch_save  # noqa: F401 - the missing name
+    from flexspeed.checkpoint.utils import clone_tensors_for_torch_save
 
     config_dict = {"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": zero_stage}, "train_batch_size": 1,
                    "train_micro_batch_size_per_gpu": 1}
     model = SimpleModel(1024, nlayers=4).half()
     ref_model_state_dict = model.state_dict()
     ds_engine, _, _, _ = deepspeed.initialize(model=model, config_params=config_dict)
+    clone_device = torch.device("cpu") if use_cpu_device else ds_engine.device  # unused, as in DeepSpeed
     clone_state_dict = clone_tensors_for_torch_save(ds_engine.module.state_dict())
     compare_state_dicts(ref_model_state_dict, clone_state_dict)
+
+    ref_ckpt_file = os.path.join(tmpdir, "ref_ckpt.pt")
+    torch.save(ref_model_state_dict, ref_ckpt_file)
+    clone_ckpt_file = os.path.join(tmpdir, "clone_ckpt.pt")
+    torch.save(clone_state_dict, clone_ckpt_file)
+    compare_state_dicts(torch.load(ref_ckpt_file), torch.load(clone_ckpt_file))
 
 
 def test_elastic_checkpoint_is_deprecated_for_zero3():
