@@ -26,7 +26,6 @@ from flexspeed.runtime.precision import (
     NonFiniteGuard,
     PrecisionPolicy,
     clip_grads_,
-    global_grad_norm,
     unscale_and_check_,
 )
 from flexspeed.runtime.zero import ZeroStrategy
@@ -238,7 +237,7 @@ class TrainingEngine(DeepSpeedEngineExtras, PassThroughToModule, nn.Module):
 
     def _refuse_unused_parameters(self) -> None:
         """``ignore_unused_parameters: false``: every trainable parameter must have a gradient by now."""
-        unused = [n for n, p in self.module.named_parameters() if p.requires_grad and p.grad is None]
+        unused = self._strategy.params_without_grad()
         if unused:
             more = f" (and {len(unused) - 10} more)" if len(unused) > 10 else ""
             raise EngineUsageError(
@@ -285,7 +284,7 @@ class TrainingEngine(DeepSpeedEngineExtras, PassThroughToModule, nn.Module):
                         self.global_steps, f", loss scale -> {self.loss_scale}" if self.loss_scaler else "")
         else:
             clip = self.gradient_clipping()
-            norm = global_grad_norm(params)
+            norm = self._strategy.grad_norm(params)
             self._global_grad_norm = norm
             if self._nonfinite is not None and self._nonfinite.should_skip(norm, self.global_steps, self._last_loss):
                 self.skipped_steps += 1

@@ -73,11 +73,15 @@ def _check_client_vs_config(kind: str, client: Any, section: Any) -> None:
             key=kind)
 
 
-def _refuse_sharded_model(model: nn.Module) -> None:
-    """A model an earlier ``initialize()`` sharded (ZeRO stage 2-3) cannot be wrapped again."""
+def _fsdp_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
-    if any(isinstance(m, FSDPModule) for m in model.modules()):
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _refuse_sharded_model(model: nn.Module) -> None:
+    """A model an earlier ``initialize()`` sharded (ZeRO stage 3) cannot be wrapped again."""
+    if _fsdp_sharded(model):
         raise ValueError(
             "initialize() got a model an earlier initialize() already sharded at ZeRO stage 2 or 3 (FSDP2 shards a "
             "module once; DeepSpeed can wrap the same model again). Fix: build a fresh model for the second "
@@ -252,7 +256,7 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
             model_parameters=model_parameters)
     else:
         strategy = apply_zero(model, config=cfg, device=device)
-    if strategy.stage >= 2 or tp_size > 1:  # HF models keep a working save_pretrained over sharded parameters
+    if (strategy.stage >= 2 and _fsdp_sharded(model)) or tp_size > 1:  # HF save_pretrained over DTensor shards
         from flexspeed.runtime.export import gather_before_save_pretrained
 
         gather_before_save_pretrained(model)
