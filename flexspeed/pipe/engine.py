@@ -319,7 +319,8 @@ class PipelineEngine(PassThroughToModule, nn.Module):
             all_reduce_(grads_or_zeros(tied[key]), group)
         if self.dp_world_size > 1:
             params = [p for p in self.module.parameters() if p.requires_grad]
-            all_reduce_(grads_or_zeros(params), self.dp_group, average=True)
+            all_reduce_(grads_or_zeros(params), self.dp_group,
+                        average=self._config.gradient_allreduce_op != "sum")  # DeepSpeed's "sum": no division
 
     def _grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
         """L2 norm of the whole model's gradient: this stage's squares summed over the pipeline."""

@@ -73,21 +73,6 @@ def _check_client_vs_config(kind: str, client: Any, section: Any) -> None:
             key=kind)
 
 
-def _fsdp_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
-def _refuse_sharded_model(model: nn.Module) -> None:
-    """A model an earlier ``initialize()`` sharded (ZeRO stage 3) cannot be wrapped again."""
-    if _fsdp_sharded(model):
-        raise ValueError(
-            "initialize() got a model an earlier initialize() already sharded at ZeRO stage 2 or 3 (FSDP2 shards a "
-            "module once; DeepSpeed can wrap the same model again). Fix: build a fresh model for the second "
-            "engine, or keep using the first engine")
-
-
 def _build_optimizer(strategy: Any, cfg: Any, client: Any, model_parameters: Iterable | None) -> Any:
     from flexspeed.runtime.optimizers import build_optimizer
 
@@ -187,6 +172,7 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     from flexspeed.runtime.engine import TrainingEngine
     from flexspeed.runtime.activation_checkpointing import checkpointing
     from flexspeed.runtime.precision import LossScaler, PrecisionPolicy
+    from flexspeed.runtime.fsdp_reuse import is_fsdp_sharded
     from flexspeed.runtime.zero import apply_zero
     from flexspeed.utils.tensor_fragment import register_optimizer
 
@@ -245,7 +231,6 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
                             min_loss_scale=float(f.min_loss_scale),
                             # ... nor the error at the minimum scale (it keeps skipping there), its ZeRO stages raise
                             raise_error_at_min_scale=cfg.zero_optimization.stage > 0)
-    _refuse_sharded_model(model)
     if not any(p.is_meta for p in model.parameters()):
         model = model.to(device)
     if tp_size > 1:  # the 2-D (dp, tp) mesh, TP, then ZeRO over dp (flexspeed.distributed.tensor_parallel)
@@ -256,7 +241,7 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
             model_parameters=model_parameters)
     else:
         strategy = apply_zero(model, config=cfg, device=device)
-    if (strategy.stage >= 2 and _fsdp_sharded(model)) or tp_size > 1:  # HF save_pretrained over DTensor shards
+    if (strategy.stage >= 2 and is_fsdp_sharded(model)) or tp_size > 1:  # HF save_pretrained over DTensor shards
         from flexspeed.runtime.export import gather_before_save_pretrained
 
         gather_before_save_pretrained(model)

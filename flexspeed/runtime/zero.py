@@ -475,6 +475,11 @@ def apply_zero(module: nn.Module, *, config: Any, device: torch.device,
     # tensor-parallel model (``mesh``: its DTensor parameters are sharded over dp by FSDP2)
     offload = device.type != "cpu" and "cpu" in (settings.offload_optimizer, settings.offload_param)
     fsdp = settings.stage == 3 or (settings.stage == 2 and (offload or mesh is not None))
+    from flexspeed.runtime.fsdp_reuse import AdoptedFullyShardedDP, is_fsdp_sharded
+
+    if is_fsdp_sharded(module):  # a second initialize() on a model an earlier one sharded at stage 3
+        return AdoptedFullyShardedDP(module, stage=settings.stage, device=device, group=group, settings=settings,
+                                     notes=notes)
     if fsdp:
         from flexspeed.runtime.fsdp import FullyShardedDP
 

@@ -210,6 +210,10 @@ class PartitionedGradientsDP(ShardedOptimizerDP):
                 dst = dist.get_global_rank(self.group, owner) if self.group is not None else owner
                 work = dist.reduce(flat, dst=dst, group=self.group, async_op=True)
             self._pending.append(_Reduction(group_params, owner, flat, work))
+        # at most two buckets in flight: finish the oldest (the owner accumulates it, every rank frees
+        # its buffer), so no rank ever holds a whole model's gradient in send buffers
+        while sum(r.flat.numel() for r in self._pending) > 2 * self._bucket_elements + len(params):
+            self._complete(self._pending.pop(0))
 
     @torch.no_grad()
     def _finish_reductions(self) -> None:
@@ -218,31 +222,42 @@ class PartitionedGradientsDP(ShardedOptimizerDP):
             self._launch(self._buckets[self._next])
             self._next += 1
         tracked = [p for bucket in self._buckets for p in bucket]
-        late = torch.tensor([float(any(p.grad is not None for p in tracked))])
+        late = torch.tensor([float(any(p.grad is not None for p in tracked))], device=tracked[0].device)
         dist.all_reduce(late, op=dist.ReduceOp.MAX, group=self.group)
         if late.item() > 0:  # the same collective on every rank, whatever each rank holds
             self._launch(tracked)
-        me = _rank(self.group)
-        world = _world(self.group)
         for r in self._pending:
-            r.work.wait()
-            if r.owner is not None and r.owner != me:
-                continue
-            flat = r.flat
-            if self._average:
-                flat = flat.float().mul_(self._predivide / world) if flat.dtype != torch.float32 \
-                    else flat.mul_(self._predivide / world)
-            *grads, used = _unflatten_dense_tensors(flat, [*r.params, torch.empty(len(r.params))])
-            for p, g, n in zip(r.params, grads, used.tolist()):
-                if n <= 0:
-                    continue
-                g = g.to(p.dtype)
-                acc = self._acc.get(id(p))
-                self._acc[id(p)] = g.clone() if acc is None else acc.add_(g)
+            self._complete(r)
         if self.grad_accum_dtype is not None:
             for acc in self._acc.values():
                 acc.copy_(acc.to(self.grad_accum_dtype))
         self._reset_micro_step()
+
+    @torch.no_grad()
+    def _complete(self, r: _Reduction) -> None:
+        """Wait for one reduction; its owner (every rank for an all-reduce) adds it to the partition."""
+        r.work.wait()
+        if r.owner is not None and r.owner != _rank(self.group):
+            return
+        flat = r.flat
+        if self._average:
+            flat = flat.float() if flat.dtype != torch.float32 else flat
+            flat.mul_(self._predivide / _world(self.group))
+        *grads, used = _unflatten_dense_tensors(flat, [*r.params, torch.empty(len(r.params))])
+        for p, g, n in zip(r.params, grads, used.tolist()):
+            if n <= 0:
+                continue
+            g = g.to(p.dtype)
+            acc = self._acc.get(id(p))
+            self._acc[id(p)] = g.clone() if acc is None else acc.add_(g)
+
+    def memory_breakdown(self, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
+        """Stage 1's count, plus the reduced partition held aside between accumulation micro-steps."""
+        from flexspeed.runtime.zero import tensor_bytes
+
+        out = super().memory_breakdown(optimizer)
+        out["gradients"] += tensor_bytes(self._acc.values())
+        return out
 
     def _expose(self) -> None:
         """On the boundary, the accumulated partition becomes ``param.grad`` (owners only)."""

@@ -34,7 +34,7 @@ from tests.compat._ds_checkpoint import (checkpoint_correctness_verification, co
                                          compare_state_dicts, create_deepspeed_model)
 from tests.compat._ds_common import (HybridStateOptimizer, SimpleFrozenModel, SimpleModel, destroy_group,
                                      half_precision_section, random_dataloader)
-from tests.compat._ranks import KnownGap, expect, rank_case
+from tests.compat._ranks import expect, rank_case
 
 ADAM = {"type": "Adam", "params": {"lr": 0.00015, "betas": [0.8, 0.999], "eps": 1e-8, "weight_decay": 3e-7}}
 H = 10
@@ -261,21 +261,14 @@ for _name, _fn in EDGE:
         rank_case(__name__, f"{_name}[{_s}]", _fn, zero_stage=_s)
 
 
-REINIT_GAP = "an earlier initialize() already sharded"
-_REINIT_XFAIL = pytest.mark.xfail(strict=True, raises=KnownGap, reason=(
-    "gap: at stages 2-3 a model can be passed to initialize() once (FSDP2 shards a module once); the case builds "
-    "its second engine on the model the first one sharded, and gets a ValueError saying so"))
-
-
 class TestZeROSaveLoadEdgeCase:
     @pytest.mark.parametrize("zero_stage", STAGES)
     def test_immediate_save_load(self, ranks2, zero_stage):
         expect(ranks2, __name__, f"test_immediate_save_load[{zero_stage}]")
 
-    @pytest.mark.parametrize("zero_stage", [0, 1, pytest.param(2, marks=_REINIT_XFAIL),
-                                            pytest.param(3, marks=_REINIT_XFAIL)])
+    @pytest.mark.parametrize("zero_stage", STAGES)
     def test_load_immediate_save(self, ranks2, zero_stage):
-        expect(ranks2, __name__, f"test_load_immediate_save[{zero_stage}]", gap=REINIT_GAP)
+        expect(ranks2, __name__, f"test_load_immediate_save[{zero_stage}]")
 
     @pytest.mark.parametrize("zero_stage", STAGES)
     def test_save_before_accum_grad_is_done(self, ranks2, zero_stage):

@@ -6,7 +6,8 @@
 - gradients are partitioned: after a boundary backward each trainable parameter's gradient is held by
   exactly one rank (its owner), and the buckets were reduced while backward ran.
 - ``gradient_allreduce_op: "sum"`` at stages 0, 1, 2: SGD on summed gradients equals a single-process SGD
-  at ``lr * world`` on the mean gradient (1e-6); stage 3 refuses "sum" (as DeepSpeed's config does).
+  at ``lr * world`` on the mean gradient (1e-6), and the pipeline engine's summed run equals its averaged
+  run at twice the lr; stage 3 refuses "sum" (as DeepSpeed's config does).
 - parameters used on one rank only, on none, or inside a reentrant activation checkpoint give the
   weights of a single-process run on the mean of both ranks' losses (1e-6; DDP itself refuses reentrant
   checkpoints with unused parameters); ``ignore_unused_parameters: false`` names the unused one on every rank.
@@ -55,12 +56,14 @@ def full_run(rank: int) -> dict:
                                                training_data=make_dataset(),
                                                config=_config(2, zero={"reduce_bucket_size": 1000}))
     strategy = engine._strategy
-    launches = {"in_backward": 0, "after": 0}
+    launches = {"in_backward": 0, "after": 0, "max_in_flight": 0}
     original = strategy._launch
 
     def counting(params):
         launches["in_backward" if _in_backward() else "after"] += 1
-        return original(params)
+        original(params)
+        in_flight = sum(r.flat.numel() for r in strategy._pending)
+        launches["max_in_flight"] = max(launches["max_in_flight"], in_flight)
 
     strategy._launch = counting
     held, equal_each_step, grad_bytes = [], [], []
@@ -162,6 +165,30 @@ def reinit_run(rank: int) -> dict:
     return {"states": out}
 
 
+def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (out - y).pow(2).mean()
+
+
+def pipe_run(rank: int, op: str, lr: float) -> dict:
+    """A one-stage pipeline over 2 data-parallel ranks: the pipeline engine's own gradient reduction."""
+    import flexspeed
+    from flexspeed.pipe import LayerSpec, PipelineModule
+
+    torch.manual_seed(0)
+    module = PipelineModule([LayerSpec(nn.Linear, 8, 8), LayerSpec(nn.Tanh), LayerSpec(nn.Linear, 8, 1)],
+                            num_stages=1, loss_fn=_mse, seed_layers=True)
+    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "steps_per_print": 1000,
+           "optimizer": {"type": "SGD", "params": {"lr": lr}}, "gradient_clipping": 0.0,
+           "gradient_allreduce_op": op}
+    engine, _, _, _ = flexspeed.initialize(model=module, config=cfg)
+    g = torch.Generator().manual_seed(5 + rank)
+    data = [(torch.randn(4, 8, generator=g), torch.randn(4, 1, generator=g)) for _ in range(2 * STEPS)]
+    it = iter(data)
+    for _ in range(STEPS):
+        engine.train_batch(it)
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
 def _zero2(rank: int, world: int) -> dict:
     import flexspeed
     from flexspeed.config.errors import ConfigError
@@ -175,7 +202,8 @@ def _zero2(rank: int, world: int) -> dict:
         stage3_sum = str(e)
     return {"full": full_run(rank), "sum": {s: sum_run(rank, s) for s in (0, 1, 2)},
             "partial": partial_run(rank, 2), "strict": partial_run(rank, 2, False),
-            "reinit": reinit_run(rank), "stage3_sum": stage3_sum}
+            "reinit": reinit_run(rank), "stage3_sum": stage3_sum,
+            "pipe": {(op, lr): pipe_run(rank, op, lr) for op, lr in (("sum", 0.05), ("mean", 0.1), ("mean", 0.05))}}
 
 
 @pytest.fixture(scope="module")
@@ -208,8 +236,11 @@ def test_each_gradient_is_held_by_one_rank_and_reduced_during_backward(world2):
         assert all(a != b for a, b in zip(h0, h1)), "every gradient on exactly one rank"
     for b0, b1 in zip(r0["grad_bytes"], r1["grad_bytes"]):
         assert b0 + b1 == full and b0 < 0.75 * full and b1 < 0.75 * full, (b0, b1, full)
+    numel = sum(p.numel() for p in make_model().parameters())
     for r in (r0, r1):
         assert r["launches"]["in_backward"] >= r["buckets"] * 2, r["launches"]  # every micro-step's buckets
+        # at most two 1000-element buckets (+ their used-flags) in flight, never the whole gradient
+        assert r["launches"]["max_in_flight"] <= 2 * 1000 + 64 < numel, (r["launches"], numel)
 
 
 def test_gradient_allreduce_op_sum_at_stages_0_1_2(world2):
@@ -225,6 +256,14 @@ def test_gradient_allreduce_op_sum_at_stages_0_1_2(world2):
             for k, v in model.state_dict().items():
                 torch.testing.assert_close(r["sum"][stage][k], v, rtol=0, atol=1e-6, msg=f"stage {stage} {k}")
     assert "not supported with ZeRO stage 3" in world2[0]["stage3_sum"], world2[0]["stage3_sum"]
+
+
+def test_gradient_allreduce_op_sum_in_the_pipeline_engine(world2):
+    for r in world2:  # summed over 2 ranks at lr = averaged at 2 x lr (SGD), and not the average at lr
+        summed, mean2, mean1 = r["pipe"][("sum", 0.05)], r["pipe"][("mean", 0.1)], r["pipe"][("mean", 0.05)]
+        for k, v in mean2.items():
+            torch.testing.assert_close(summed[k], v, rtol=0, atol=1e-6, msg=k)
+        assert any(not torch.allclose(summed[k], mean1[k], atol=1e-4) for k in mean1)
 
 
 def _partial_reference() -> dict:
