@@ -231,7 +231,7 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
                             min_loss_scale=float(f.min_loss_scale),
                             # ... nor the error at the minimum scale (it keeps skipping there), its ZeRO stages raise
                             raise_error_at_min_scale=cfg.zero_optimization.stage > 0)
-    if not any(p.is_meta for p in model.parameters()):
+    if not any(p.is_meta for p in model.parameters()) and not is_fsdp_sharded(model):  # (sharded: already placed)
         model = model.to(device)
     if tp_size > 1:  # the 2-D (dp, tp) mesh, TP, then ZeRO over dp (flexspeed.distributed.tensor_parallel)
         from flexspeed.distributed.tensor_parallel import setup_tensor_parallel
