@@ -11,7 +11,9 @@ engine knows nothing else about sharding.
 - stage 1: DDP all-reduces gradients; each rank keeps optimizer state for, and updates, only
   its own partition of the parameters, then every owner broadcasts what it updated
   (:class:`ShardedOptimizerDP`). The optimizer object stays the caller's own.
-- stages 2 and 3: FSDP2 ``fully_shard`` (see :mod:`flexspeed.runtime.fsdp`).
+- stage 2: stage 1's partition plus gradient partitioning, full parameters in the module
+  (:mod:`flexspeed.runtime.zero2`; FSDP2 with CPU offload on an accelerator).
+- stage 3: FSDP2 ``fully_shard`` (see :mod:`flexspeed.runtime.fsdp`).
 
 Gradients are produced, accumulated and reduced in fp32 at every stage (flexspeed computes in
 16 bits under autocast over fp32 master weights). ``data_types.grad_accum_dtype`` "bf16"/"fp16"
@@ -454,7 +456,7 @@ def apply_zero(module: nn.Module, *, config: Any, device: torch.device,
 
     Args:
         module: the model, on ``device`` - or on the meta device when built under ``flexspeed.zero.Init``
-            (it is materialised here: as local shards at stages 2-3, whole at stages 0-1).
+            (it is materialised here: as local shards at stage 3, whole at stages 0-2).
         config: the validated ``FlexConfig``.
         device: the device this rank computes on.
         group: the data-parallel process group (default: the world).

@@ -93,7 +93,7 @@ def _assign_full(target: torch.Tensor, value: torch.Tensor) -> None:
 
 # ---- parameters ---------------------------------------------------------------------------------------
 def safe_get_full_fp32_param(param: torch.Tensor) -> torch.Tensor:
-    """The whole parameter in fp32 (a new tensor, on the parameter's device); all-gathered at stages 2-3."""
+    """The whole parameter in fp32 (a new tensor, on the parameter's device); all-gathered at stage 3."""
     return _full(param.detach()).float().clone()
 
 
@@ -103,13 +103,13 @@ def safe_set_full_fp32_param(param: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def safe_get_local_fp32_param(param: torch.Tensor) -> torch.Tensor:
-    """This rank's part of the parameter in fp32: its shard at stages 2-3, else the whole parameter."""
+    """This rank's part of the parameter in fp32: its shard at stage 3, else the whole parameter."""
     return _local(param.detach()).float()
 
 
 @torch.no_grad()
 def safe_set_local_fp32_param(param: torch.Tensor, value: torch.Tensor) -> None:
-    """Overwrite this rank's part of the parameter (its shard at stages 2-3)."""
+    """Overwrite this rank's part of the parameter (its shard at stage 3)."""
     _local(param).copy_(value)
 
 
@@ -143,7 +143,7 @@ def safe_set_full_grad(param: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def safe_get_local_grad(param: torch.Tensor) -> torch.Tensor | None:
-    """This rank's part of the gradient (its shard at stages 2-3), or ``None``."""
+    """This rank's part of the gradient (its shard at stage 3), or ``None``."""
     return None if param.grad is None else _local(param.grad)
 
 
@@ -219,7 +219,7 @@ def safe_set_full_optimizer_state(param: torch.Tensor, value: torch.Tensor, opti
 
 
 def safe_get_local_optimizer_state(param: torch.Tensor, optim_state_key: str) -> torch.Tensor | None:
-    """This rank's part of the optimizer state (its shard at stages 2-3), or ``None`` if not held here."""
+    """This rank's part of the optimizer state (its shard at stage 3), or ``None`` if not held here."""
     owner = _owner(param)
     value = None if owner is None else _state(param, owner, optim_state_key)
     return None if value is None else _local(value)
