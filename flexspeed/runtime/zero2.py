@@ -6,12 +6,13 @@ result. Stage 2 keeps that partition and also partitions the gradients:
 
 - the module keeps its own full parameters on every rank (no wrapper, no DTensor): ``engine.module``
   is the model the user built, as at DeepSpeed's stages 0-2;
-- gradients are reduced during backward: each parameter's post-accumulate-grad hook marks it
-  ready, and a bucket (``reduce_bucket_size`` elements, in backward order) is reduced as soon as
-  all its parameters are ready - one ``reduce`` to each owner of a parameter in the bucket (the
-  owner receives the sum, the other ranks free their copy at once). Buckets are launched in the
-  same order on every rank; whatever backward did not reach is reduced after it, as zeros plus a
-  "used" flag, so a parameter no rank used keeps ``grad=None`` (the optimizer skips it);
+- gradients are reduced during backward: each parameter's post-accumulate-grad hook copies its
+  gradient into its bucket's send buffer (``reduce_bucket_size`` elements, in backward order; one
+  buffer per owning rank) and frees it; a bucket is reduced as soon as all its parameters arrived -
+  one ``reduce`` to each owner of a parameter in it (the owner receives the sum). About two buckets
+  are in flight at a time. Buckets are launched in the same order on every rank; whatever backward
+  did not reach is reduced after it, as zeros plus a "used" flag, so a parameter no rank used keeps
+  ``grad=None`` (the optimizer skips it);
 - every micro-step is reduced (DeepSpeed's stage 2 does the same); the owner accumulates the
   reduced micro-step gradients and exposes them as ``param.grad`` on the accumulation boundary.
   Other ranks hold no gradient for the parameter at all;
@@ -88,6 +89,8 @@ class PartitionedGradientsDP(ShardedOptimizerDP):
         self._names: dict[int, str] = {}
         self._buckets: list[list[torch.Tensor]] = []
         self._bucket_of: dict[int, int] = {}
+        self._groups: list[list[tuple[int | None, list[torch.Tensor]]]] = []
+        self._slot: dict[int, tuple[int, int, int]] = {}
         self._hooks: list[Any] = []
         self._acc: dict[int, torch.Tensor] = {}  # reduced gradients accumulated over micro-steps (owner only)
         self._sync = True
@@ -113,12 +116,22 @@ class PartitionedGradientsDP(ShardedOptimizerDP):
         self._names = {id(p): names[id(p)] for p in tracked}
         self._buckets = _buckets(list(reversed(tracked)), self._bucket_elements)
         self._bucket_of = {id(p): b for b, params in enumerate(self._buckets) for p in params}
+        # per bucket, one send buffer per owner: where each parameter's gradient and used-flag go
+        self._groups = [_by_owner(params, self._owner) for params in self._buckets]
+        self._slot = {}
+        for groups in self._groups:
+            for gi, (_, params) in enumerate(groups):
+                offset = 0
+                for index, p in enumerate(params):
+                    self._slot[id(p)] = (gi, offset, index)
+                    offset += p.numel()
         ref = weakref.ref(self)
         for p in tracked:
             self._hooks.append(p.register_post_accumulate_grad_hook(_make_hook(ref)))
         self._reset_micro_step()
 
     def _reset_micro_step(self) -> None:
+        self._bufs: dict[int, list[torch.Tensor]] = {}
         self._ready = [0] * len(self._buckets)
         self._seen: set[int] = set()
         self._next = 0
@@ -172,60 +185,92 @@ class PartitionedGradientsDP(ShardedOptimizerDP):
 
     # ---- reduction -----------------------------------------------------------------------------------
     def _on_grad(self, p: torch.Tensor) -> None:
+        """A parameter's gradient is complete for this backward: copy it into its bucket, free it."""
         if not self._armed:
             return
         key = id(p)
         b = self._bucket_of.get(key)
-        if b is None or b < self._next or key in self._seen:
-            # a second gradient after its bucket left (e.g. reentrant recomputation): it stays in p.grad
-            # and is reduced after backward (see _finish_reductions); a repeat before: autograd summed it
+        if b is None or b < self._next or p.grad is None:
+            # a gradient after its bucket left (e.g. reentrant recomputation): it stays in p.grad and
+            # is reduced after backward (see _finish_reductions)
+            return
+        gi, offset, index = self._slot[key]
+        flat = self._buffers(b)[gi]
+        with torch.no_grad():
+            flat[offset:offset + p.numel()].add_(p.grad.detach().reshape(-1))  # add: a repeat sums
+            flat[flat.numel() - len(self._groups[b][gi][1]) + index] = 1.0  # "used"
+        p.grad = None
+        if key in self._seen:
             return
         self._seen.add(key)
         self._ready[b] += 1
         while self._next < len(self._buckets) and self._ready[self._next] == len(self._buckets[self._next]):
-            self._launch(self._buckets[self._next])
+            self._launch_bucket(self._next)
             self._next += 1
 
+    def _buffers(self, b: int) -> list[torch.Tensor]:
+        """Bucket ``b``'s send buffers, one per owner (gradients then used-flags), made on first use."""
+        bufs = self._bufs.get(b)
+        if bufs is None:
+            bufs = []
+            for _, params in self._groups[b]:
+                dtype = self._comm_dtype or params[0].dtype
+                bufs.append(torch.zeros(sum(p.numel() for p in params) + len(params), dtype=dtype,
+                                        device=params[0].device))
+            self._bufs[b] = bufs
+        return bufs
+
     @torch.no_grad()
-    def _launch(self, params: list[torch.Tensor]) -> None:
-        """Start one collective per owner of ``params``; every rank frees its local copies."""
-        by_owner: dict[int | None, list[torch.Tensor]] = {}
-        for p in params:
-            by_owner.setdefault(self._owner[id(p)], []).append(p)
-        for owner in sorted(by_owner, key=lambda o: -1 if o is None else o):
-            group_params = by_owner[owner]
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group_params]
+    def _launch_bucket(self, b: int) -> None:
+        """Start bucket ``b``'s collectives (zeros and a 0 flag for what this rank did not produce)."""
+        bufs = self._buffers(b)
+        del self._bufs[b]
+        for (owner, params), flat in zip(self._groups[b], bufs):
+            self._send(owner, params, flat)
+        self._bound_in_flight()
+
+    @torch.no_grad()
+    def _launch_late(self, params: list[torch.Tensor]) -> None:
+        """Reduce the gradients still in ``p.grad`` (zeros where none), one collective per owner."""
+        for owner, group_params in _by_owner(params, self._owner):
+            grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in group_params]
             used = torch.tensor([float(p.grad is not None) for p in group_params], dtype=grads[0].dtype,
                                 device=grads[0].device)
-            flat = _flatten_dense_tensors([g.detach() for g in grads] + [used])
+            flat = _flatten_dense_tensors(grads + [used])
             if self._comm_dtype is not None and self._comm_dtype != flat.dtype:
                 flat = flat.to(self._comm_dtype)
-            if self._predivide != 1.0:
-                flat.div_(self._predivide)
             for p in group_params:
                 p.grad = None
-            if owner is None:
-                work = dist.all_reduce(flat, group=self.group, async_op=True)
-            else:
-                dst = dist.get_global_rank(self.group, owner) if self.group is not None else owner
-                work = dist.reduce(flat, dst=dst, group=self.group, async_op=True)
-            self._pending.append(_Reduction(group_params, owner, flat, work))
-        # at most two buckets in flight: finish the oldest (the owner accumulates it, every rank frees
-        # its buffer), so no rank ever holds a whole model's gradient in send buffers
-        while sum(r.flat.numel() for r in self._pending) > 2 * self._bucket_elements + len(params):
+            self._send(owner, group_params, flat)
+        self._bound_in_flight()
+
+    def _send(self, owner: int | None, params: list[torch.Tensor], flat: torch.Tensor) -> None:
+        if self._predivide != 1.0:
+            flat.div_(self._predivide)
+        if owner is None:
+            work = dist.all_reduce(flat, group=self.group, async_op=True)
+        else:
+            dst = dist.get_global_rank(self.group, owner) if self.group is not None else owner
+            work = dist.reduce(flat, dst=dst, group=self.group, async_op=True)
+        self._pending.append(_Reduction(params, owner, flat, work))
+
+    def _bound_in_flight(self) -> None:
+        # at most about two buckets in flight: finish the oldest (the owner accumulates it, every rank
+        # frees its buffer), so no rank holds a whole model's gradient in send buffers
+        while len(self._pending) > 1 and sum(r.flat.numel() for r in self._pending) > 2 * self._bucket_elements:
             self._complete(self._pending.pop(0))
 
     @torch.no_grad()
     def _finish_reductions(self) -> None:
         """Launch what backward did not, in bucket order; reduce late gradients; accumulate on the owners."""
         while self._next < len(self._buckets):
-            self._launch(self._buckets[self._next])
+            self._launch_bucket(self._next)
             self._next += 1
         tracked = [p for bucket in self._buckets for p in bucket]
         late = torch.tensor([float(any(p.grad is not None for p in tracked))], device=tracked[0].device)
         dist.all_reduce(late, op=dist.ReduceOp.MAX, group=self.group)
         if late.item() > 0:  # the same collective on every rank, whatever each rank holds
-            self._launch(tracked)
+            self._launch_late(tracked)
         for r in self._pending:
             self._complete(r)
         if self.grad_accum_dtype is not None:
@@ -265,6 +310,15 @@ class PartitionedGradientsDP(ShardedOptimizerDP):
             for p in bucket:
                 p.grad = self._acc.pop(id(p), None)
         self._acc.clear()
+
+
+def _by_owner(params: list[torch.Tensor], owners: dict[int, int | None]
+              ) -> list[tuple[int | None, list[torch.Tensor]]]:
+    """``params`` grouped by owning rank (None, the all-reduced ones, first), each in the given order."""
+    groups: dict[int | None, list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault(owners[id(p)], []).append(p)
+    return [(o, groups[o]) for o in sorted(groups, key=lambda o: -1 if o is None else o)]
 
 
 def stepped_params(layout: list[tuple[int, list[torch.Tensor]]]) -> list[torch.Tensor]:
