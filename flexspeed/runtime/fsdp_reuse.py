@@ -31,9 +31,9 @@ def is_fsdp_sharded(module: nn.Module) -> bool:
 
 
 def _refusal(detail: str) -> ValueError:
-    return ValueError(f"initialize() got a model an earlier initialize() already sharded at ZeRO stage 3, and {detail}. "
-                      "FSDP2 shards a module once. Fix: build a fresh model for the second engine, or give it the "
-                      "first engine's zero_optimization settings (stage 3, same data-parallel size and "
+    return ValueError(f"initialize() got a model an earlier initialize() already sharded at ZeRO stage 3, and "
+                      f"{detail}. FSDP2 shards a module once. Fix: build a fresh model for the second engine, or "
+                      "give it the first engine's zero_optimization settings (stage 3, same data-parallel size and "
                       "stage3_param_persistence_threshold)")
 
 

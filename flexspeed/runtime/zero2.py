@@ -105,7 +105,7 @@ class PartitionedGradientsDP(ShardedOptimizerDP):
         for name, p in self.module.named_parameters(remove_duplicate=False):
             names.setdefault(id(p), name)
         stepped = {id(t): owner for owner, tensors in self._layout for t in tensors}
-        strays = [tuple(p.shape) for p in stepped_params(self._layout) if id(p) not in names]
+        strays = [tuple(p.shape) for p in _stepped_params(self._layout) if id(p) not in names]
         if strays:
             raise ConfigError(
                 f"the optimizer holds tensor(s) of shape {strays[:3]} that are not parameters of the model, so ZeRO "
@@ -321,7 +321,7 @@ def _by_owner(params: list[torch.Tensor], owners: dict[int, int | None]
     return [(o, groups[o]) for o in sorted(groups, key=lambda o: -1 if o is None else o)]
 
 
-def stepped_params(layout: list[tuple[int, list[torch.Tensor]]]) -> list[torch.Tensor]:
+def _stepped_params(layout: list[tuple[int, list[torch.Tensor]]]) -> list[torch.Tensor]:
     return [t for _, tensors in layout for t in tensors]
 
 
