@@ -71,13 +71,12 @@ def _tp_group(config: InferenceConfig, device_type: str) -> tuple[Any, int, Any]
     if world % tp:
         raise ConfigError(f"tp_size={tp} must divide the world size {world} (the remaining dimension is data "
                           "parallel); change tp_size or the number of processes", key=_TP_KEY)
-    from torch.distributed.device_mesh import init_device_mesh
+    from flexspeed.distributed.parallel_dims import ParallelDims
 
-    if world == tp:
-        mesh = init_device_mesh(device_type, (tp,), mesh_dim_names=("tp",))
-    else:
-        mesh = init_device_mesh(device_type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
-    return mesh.get_group("tp"), mesh.get_local_rank("tp"), mesh
+    dims = ParallelDims.from_world(world, tp=tp, world_source="the process group",
+                                   tp_source=f"{_TP_KEY}={tp}")
+    mesh = dims.mesh("tp", device_type)
+    return mesh.get_group(), mesh.get_local_rank(), mesh
 
 
 def _pick_device() -> torch.device:

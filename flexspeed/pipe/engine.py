@@ -30,7 +30,6 @@ from flexspeed.config.errors import ConfigError
 from flexspeed.pipe.module import PipelineModule
 from flexspeed.pipe.schedule import build_schedule, validate_schedule
 from flexspeed.pipe.sync import ZeroOneSharding, all_reduce_, broadcast_, grads_or_zeros
-from flexspeed.pipe.topology import build_pipe_mesh
 from flexspeed.runtime.engine import PassThroughToModule
 from flexspeed.runtime.monitor import build_monitor
 from flexspeed.runtime.precision import LossScaler, NonFiniteGuard, PrecisionPolicy, clip_grads_, unscale_and_check_
@@ -93,9 +92,11 @@ class PipelineEngine(PassThroughToModule, nn.Module):
     def _setup_topology(self) -> None:
         module = self.module
         topo = module.topology
-        self.mesh = build_pipe_mesh(topo, self.device.type)
-        self.pp_group = self.mesh.get_group("pp")
-        self.dp_group = self.mesh.get_group("dp")
+        self.parallel_dims = topo.dims({"pp": f"PipelineModule(num_stages={topo.num_stages})",
+                                        "dp": "the world size / pipeline stages"})
+        self.mesh = self.parallel_dims.build_mesh(self.device.type)
+        self.pp_group = self.parallel_dims.group("pp", self.device.type)
+        self.dp_group = self.parallel_dims.group("dp", self.device.type)
         self.num_stages = topo.num_stages
         self.stage_id = module.stage_id
         self.dp_world_size = topo.num_dp

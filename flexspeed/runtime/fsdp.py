@@ -77,14 +77,15 @@ def persistent_params(module: nn.Module, threshold: int, cap: int = 2**63 - 1) -
 
 
 def _dp_mesh(device: torch.device, group: dist.ProcessGroup | None):
-    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    """The 1-D data-parallel mesh FSDP2 shards over: ``group``'s, or the world's (from ``ParallelDims``)."""
+    from flexspeed.distributed.parallel_dims import ParallelDims, mesh_from_group
 
     if not dist.is_initialized():
         raise RuntimeError("ZeRO stages 2-3 need torch.distributed initialised (a one-process group is fine). "
                            "Fix: call flexspeed.init_distributed() first, or use flexspeed.initialize()")
     if group is None:
-        return init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
-    return DeviceMesh.from_group(group, device.type, mesh_dim_names=("dp",))
+        return ParallelDims.from_process_group().mesh("dp", device.type)
+    return mesh_from_group(group, device.type, "dp")
 
 
 class FullyShardedDP(ZeroStrategy):

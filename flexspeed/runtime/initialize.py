@@ -134,12 +134,12 @@ def _initialize_pipeline(raw: dict, env: Any, *, model: nn.Module, **engine_args
     from flexspeed.runtime.activation_checkpointing import checkpointing
     from flexspeed.utils.tensor_fragment import register_optimizer
 
+    from flexspeed.distributed.parallel_dims import ParallelDims
+
     stages = int(model.num_stages)
-    if env.world_size % stages:
-        raise ConfigError(f"world size {env.world_size} (from {env.source}) is not a multiple of the "
-                          f"PipelineModule's num_stages={stages}. Fix: launch a multiple of {stages} processes",
-                          key="pipeline")
-    cfg = build_config(config=raw, world_size=env.world_size // stages,
+    dims = ParallelDims.from_world(env.world_size, pp=stages, world_source=env.source,
+                                   pp_source=f"the PipelineModule's num_stages={stages}")
+    cfg = build_config(config=raw, world_size=dims.dp,
                        world_size_source=f"{env.source} / {stages} pipeline stages = data-parallel size",
                        hidden_size=_hidden_size(model))
     checkpointing.configure_from_config(cfg)
