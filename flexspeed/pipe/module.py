@@ -481,7 +481,9 @@ class PipelineModule(nn.Module):
         all stages through CPU, so it suits models that fit one host's memory; for larger ones
         save a checkpoint and use ``flexspeed.pipe.export_sequential_state_dict``.
         """
-        local = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        # ZeRO-3 shards (DTensor) are gathered over their data-parallel group first (collective there too)
+        local = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
+                 for k, v in self.state_dict().items()}
         if not dist.is_initialized() or dist.get_world_size(group) == 1:
             return dict(sorted(local.items(), key=lambda kv: _sort_key(kv[0])))
         gathered: list[Any] = [None] * dist.get_world_size(group)
