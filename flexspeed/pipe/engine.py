@@ -305,23 +305,31 @@ class PipelineEngine(EngineBase):
         return (loss, out if self._has_last else None) if return_logits else loss
 
     # ---- logging, state -------------------------------------------------------------------------
-    def save_checkpoint(self, save_dir: str, tag: str | None = None, client_state: dict | None = None,
-                        save_latest: bool = True, exclude_frozen_parameters: bool = False) -> bool:
-        """Save model, optimizer, scheduler and counters (collective; see ``flexspeed.pipe.checkpoint``)."""
-        from flexspeed.pipe.checkpoint import save_pipeline_checkpoint
+    # ---- checkpoints (the data-parallel engine's format, see flexspeed.runtime.checkpoint) ------------
+    def checkpoint_layout(self) -> dict[str, Any]:
+        """Recorded in the manifest: the degrees and the partition that wrote a checkpoint (loads need none of it)."""
+        module = self.module
+        return {**super().checkpoint_layout(), "num_stages": self.num_stages,
+                "virtual_stages": module.virtual_stages, "partition_bounds": module.partition_bounds()}
 
-        return save_pipeline_checkpoint(self, save_dir, tag=tag, client_state=client_state or {},
-                                        save_latest=save_latest, exclude_frozen_parameters=exclude_frozen_parameters)
+    def checkpoint_keys_elsewhere(self, saved: set[str]) -> set[str]:
+        """Saved model keys of layers other pipeline ranks hold (not "unexpected" in a strict load)."""
+        entries = len(self.module._entries)
+        own = set(self.module._modules)
+        return {k for k in saved if k.partition(".")[0].isdigit() and int(k.partition(".")[0]) < entries
+                and k.partition(".")[0] not in own}
 
     def load_checkpoint(self, load_dir: str, tag: str | None = None, load_module_strict: bool = True,
                         load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
                         load_module_only: bool = False) -> tuple[str | None, dict | None]:
-        """Load a checkpoint saved by ``save_checkpoint`` under any partition (collective)."""
-        from flexspeed.pipe.checkpoint import load_pipeline_checkpoint
-
-        return load_pipeline_checkpoint(self, load_dir, tag=tag, load_module_strict=load_module_strict,
-                                        load_optimizer_states=load_optimizer_states and not load_module_only,
-                                        load_lr_scheduler_states=load_lr_scheduler_states and not load_module_only)
+        """Load a checkpoint saved under any pipeline layout, data-parallel size or ZeRO stage, or by the
+        data-parallel engine from the same layers (collective)."""
+        out = super().load_checkpoint(load_dir, tag=tag, load_module_strict=load_module_strict,
+                                      load_optimizer_states=load_optimizer_states,
+                                      load_lr_scheduler_states=load_lr_scheduler_states,
+                                      load_module_only=load_module_only)
+        self._data_iter = None  # the loader resumes at the restored position
+        return out
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -264,6 +264,14 @@ class EngineBase(PassThroughToModule, nn.Module):
     def module_state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
 
+    def checkpoint_layout(self) -> dict[str, Any]:
+        """Recorded in a checkpoint's manifest: the parallel layout that wrote it (informational)."""
+        return {"dp": self.dp_world_size, "pp": 1, "tp": 1}
+
+    def checkpoint_keys_elsewhere(self, saved: set[str]) -> set[str]:
+        """Saved model keys that other ranks' parts of the model hold (none: every rank holds the whole model)."""
+        return set()
+
     def save_checkpoint(self, save_dir: str, tag: str | None = None, client_state: dict | None = None,
                         save_latest: bool = True, exclude_frozen_parameters: bool = False) -> bool:
         """Save model, optimizer, scheduler, counters and RNG (collective; see ``flexspeed.runtime.checkpoint``)."""
