@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.distributed.pipelining import PipelineStage
 
 from flexspeed.config.errors import ConfigError

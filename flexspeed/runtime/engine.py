@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn as nn
 
 from flexspeed.runtime.engine_base import EngineBase, EngineUsageError, PassThroughToModule
 from flexspeed.runtime.precision import LossScaler, PrecisionPolicy

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from flexspeed.config.errors import ConfigError
 
 __all__ = ["initialize"]
 
