@@ -106,11 +106,15 @@ class ParallelDims:
         if world_size % model:
             fits_pp = [d for d in _divisors(world_size) if (world_size // d) % tp == 0]
             fits_tp = [d for d in _divisors(world_size) if (world_size // d) % pp == 0]
+            fixes = [f"launch a multiple of {model} processes"]
+            if fits_pp and pp > 1:
+                fixes.append(f"use a pipeline degree in {fits_pp} (with tp {tp})")
+            if fits_tp and tp > 1:
+                fixes.append(f"use a tensor-parallel degree in {fits_tp} (with pp {pp})")
             raise ConfigError(
                 f"pp {pp} (from {sources['pp']}) x tp {tp} (from {sources['tp']}) = {model} ranks per model replica "
                 f"does not divide the world size {world_size} (from {world_source}), so the data-parallel degree "
-                f"world / (pp x tp) is not an integer. Fix: launch a multiple of {model} processes, or use a "
-                f"pipeline degree in {fits_pp} (with tp {tp}) or a tensor-parallel degree in {fits_tp} (with pp {pp})",
+                f"world / (pp x tp) is not an integer. Fix: {', or '.join(fixes)}",
                 key=cls._key_of("pp" if world_size % pp or tp == 1 else "tp", sources))
         return cls(dp=world_size // model, pp=pp, tp=tp, world_size=world_size, sources=sources)
 

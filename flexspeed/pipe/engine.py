@@ -438,7 +438,7 @@ def build_pipeline_engine(*, model: PipelineModule, config: FlexConfig, optimize
         for key, group in ties.items():
             broadcast_(tied[key], group, group_src=0)
     # each stage module gets the data-parallel machinery a whole model gets (rank 0's weights, ZeRO)
-    strategy = apply_zero_to_stages(model, config=config, device=device, group=dims.group("dp", device.type))
+    strategy = apply_zero_to_stages(model, config=config, device=device, dp_mesh=dims.mesh("dp", device.type))
     opt = build_optimizer(strategy, config, optimizer, model_parameters)
     sched = build_scheduler(config, lr_scheduler, opt)
     loader = None

@@ -24,6 +24,8 @@ from flexspeed.runtime.fsdp import FullyShardedDP
 from flexspeed.runtime.zero import OptimizerFactory, ShardedOptimizerDP, ZeroStrategy, apply_zero, check_shardable
 
 if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
     from flexspeed.config.schema import FlexConfig
     from flexspeed.pipe.module import PipelineModule
 
@@ -50,22 +52,23 @@ def _refuse_chunk_sharing(module: PipelineModule, stage: int, dp: int) -> None:
 
 
 def apply_zero_to_stages(module: PipelineModule, *, config: FlexConfig, device: torch.device,
-                         group: dist.ProcessGroup) -> StageStrategies:
+                         dp_mesh: DeviceMesh) -> StageStrategies:
     """Wrap each local stage module with ``apply_zero(..., group=group)``.
 
     Args:
         module: the built ``PipelineModule`` (this rank's layers, on ``device``).
         config: the resolved config (``zero_optimization`` is read by ``apply_zero``).
         device: this rank's device.
-        group: the data-parallel group (the ranks holding the same stages).
+        dp_mesh: the data-parallel sub-mesh of the job's ``ParallelDims`` (the ranks holding the same stages).
     Returns:
         one strategy over all local stages.
     Raises:
         ConfigError: a parameter shared by two local chunks at a stage that wraps each chunk.
     """
     stage = config.zero_optimization.stage
+    group = dp_mesh.get_group()
     _refuse_chunk_sharing(module, stage, dist.get_world_size(group))
-    parts = [apply_zero(sm, config=config, device=device, group=group) for sm in module.stage_modules]
+    parts = [apply_zero(sm, config=config, device=device, mesh=dp_mesh) for sm in module.stage_modules]
     return StageStrategies(parts, module=module, group=group)
 
 

@@ -14,9 +14,10 @@ behaviour: a full gradient never outlives one block's backward). ``communication
 maps to ``MixedPrecisionPolicy(reduce_dtype=...)``: the wire format only, the result is cast
 back to fp32 before it is accumulated. In bf16/fp16 runs ``param_dtype`` is the 16-bit type: the
 all-gathers move half the bytes and the blocks compute on 16-bit weights (as DeepSpeed's bf16 runs
-do), while the sharded master weights, optimizer state and reduction stay fp32. FSDP2 replaces the parameters with DTensors, so the
-optimizer is built afterwards; a client optimizer made on the old parameters is re-pointed in
-place (same object, same groups and hyperparameters, state re-sharded).
+do), while the sharded master weights, optimizer state and reduction stay fp32. FSDP2 replaces the
+parameters with DTensors, so the optimizer is built afterwards; a client optimizer made on the old
+parameters is re-pointed in place (same object, same groups and hyperparameters, state
+re-sharded).
 """
 
 from __future__ import annotations
@@ -106,12 +107,12 @@ class FullyShardedDP(ZeroStrategy):
     """ZeRO stage 2 or 3 as FSDP2 over a 1-D data-parallel mesh (any world size, 1 included)."""
 
     def __init__(self, module: nn.Module, *, stage: int, device: torch.device, group: dist.ProcessGroup | None,
-                 settings: ZeroSettings, notes: list[str] | None = None) -> None:
+                 settings: ZeroSettings, notes: list[str] | None = None, mesh: Any = None) -> None:
         from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
         super().__init__(stage=stage, module=module, model=module, group=group, notes=list(notes or []),
                          grad_accum_dtype=settings.grad_accum_dtype)
-        self.mesh = _dp_mesh(device, group)
+        self.mesh = mesh if mesh is not None else _dp_mesh(device, group)
         self._world = self.mesh.size()
         self._comm_dtype = settings.comm_dtype
         self._sync = True

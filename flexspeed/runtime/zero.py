@@ -451,7 +451,7 @@ def _check_offload(settings: ZeroSettings, device: torch.device, notes: list[str
 
 
 def apply_zero(module: nn.Module, *, config: FlexConfig, device: torch.device,
-               group: dist.ProcessGroup | None = None) -> ZeroStrategy:
+               group: dist.ProcessGroup | None = None, mesh: Any = None) -> ZeroStrategy:
     """Wrap ``module`` for ``config.zero_optimization.stage`` and return the strategy.
 
     Args:
@@ -460,6 +460,8 @@ def apply_zero(module: nn.Module, *, config: FlexConfig, device: torch.device,
         config: the validated ``FlexConfig``.
         device: the device this rank computes on.
         group: the data-parallel process group (default: the world).
+        mesh: the data-parallel ``DeviceMesh`` from ``ParallelDims.mesh("dp")`` (stages 2-3 shard over it, so
+            FSDP2 composes with the other dimensions of the same root mesh); default: a mesh over ``group``.
     Returns:
         the ``ZeroStrategy`` the engine drives.
     """
@@ -469,8 +471,12 @@ def apply_zero(module: nn.Module, *, config: FlexConfig, device: torch.device,
     if settings.stage >= 2:
         from flexspeed.runtime.fsdp import FullyShardedDP
 
-        return FullyShardedDP(module, stage=settings.stage, device=device, group=group, settings=settings,
-                              notes=notes)
+        if mesh is not None:
+            group = mesh.get_group()
+        return FullyShardedDP(module, stage=settings.stage, device=device, group=group, mesh=mesh,
+                              settings=settings, notes=notes)
+    if mesh is not None:
+        group = mesh.get_group()
     if any(p.is_meta for p in module.parameters()):
         from flexspeed.zero import materialize_module
 

@@ -40,7 +40,8 @@ def _case(kind: str, schedule: str, virtual: int, zero: int, precision: str = "f
     return {"losses": losses, "state": engine.module.to_sequential_state_dict(),
             "sharded": sum(hasattr(p, "to_local") for p in params), "params": len(params),
             "opt_states": len(engine.optimizer.state), "stage": engine.zero_optimization_stage(),
-            "norm": engine.get_global_grad_norm(), "dp": engine.dp_world_size, "wrapped": engine._strategy.describe()}
+            "norm": engine.get_global_grad_norm(), "dp": engine.dp_world_size, "wrapped": engine._strategy.describe(),
+            "memory": engine.memory_breakdown()}
 
 
 def zero_grid(rank: int, world: int) -> dict | None:
@@ -92,12 +93,16 @@ def test_dp2_pp2_zero_stages_match_the_single_process_reference(grid):
     assert_matches(grid["interleaved3"], losses, states[-1], what="interleaved ZeRO-3")
 
 
-
 def test_each_zero_stage_holds_what_it_should(grid):
     z1, z2, z3 = (grid[("mlp", s)] for s in (1, 2, 3))
     assert 0 < z1["opt_states"] < z1["params"] and z1["sharded"] == 0  # stage 1: optimizer state for its share
     assert z2["sharded"] == z2["params"] and "FullyShardedDP" in z2["wrapped"]  # stages 2-3: FSDP2 shards
     assert z3["sharded"] == z3["params"]
+    # per-rank bytes (engine.memory_breakdown, the data-parallel engine's): stage 3 holds about half of
+    # stage 1's parameters over 2 replicas, and stages 1-3 about half of the optimizer state
+    m1, m3 = z1["memory"], z3["memory"]
+    assert m3["parameters"] < 0.6 * m1["parameters"], (m1, m3)
+    assert m3["optimizer_states"] < 0.6 * 2 * m1["parameters"], (m1, m3)
 
 
 def test_bf16_zero_stages_match_the_autocast_reference(grid):
@@ -107,7 +112,8 @@ def test_bf16_zero_stages_match_the_autocast_reference(grid):
         torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(losses), rtol=0, atol=BF16_LOSS,
                                    msg=lambda m, key=key: f"{key} losses: {m}")
         for k, v in state.items():
-            torch.testing.assert_close(got["state"][k], v, rtol=0, atol=BF16_WEIGHT, msg=lambda m, k=k: f"{key} {k}: {m}")
+            torch.testing.assert_close(got["state"][k], v, rtol=0, atol=BF16_WEIGHT,
+                                       msg=lambda m, k=k: f"{key} {k}: {m}")
 
 
 def test_training_moved_the_weights():

@@ -96,7 +96,8 @@ def test_spec_errors_name_the_argument():
         LayerSpec(lambda: None)
     with pytest.raises(ValueError, match=r"tied_weight_attr='bias'.*no parameter 'bias'.*\['weight'\]"):
         PipelineModule([TiedLayerSpec("e", nn.Embedding, 4, 2, tied_weight_attr="bias")]).parameters().__next__()
-    with pytest.raises(ValueError, match=r"pp 3 \(from PipelineModule\(num_stages=3\)\).*does not divide the world size 1"):
+    with pytest.raises(ValueError, match=r"pp 3 \(from PipelineModule\(num_stages=3\)\).*does not divide the world "
+                                         r"size 1"):
         list(PipelineModule(specs(), num_stages=3).parameters())
     with pytest.raises(ValueError, match="activation_checkpoint_interval=-1"):
         PipelineModule(specs(), activation_checkpoint_interval=-1)
