@@ -11,7 +11,8 @@ optimizer steps interleaved (A B B A ...), so load from other processes hits bot
 - stage 1: flexspeed vs DDP + ``ZeroRedundancyOptimizer(AdamW)``
 - stage 2: flexspeed vs ``fully_shard(reshard_after_forward=False)`` per block and root + AdamW
 - stage 3: flexspeed vs ``fully_shard(reshard_after_forward=True)`` per block, root default
-  (both with every parameter sharded: ``stage3_param_persistence_threshold: 0``)
+  (both with every parameter sharded: ``stage3_param_persistence_threshold: 0``; in bf16 both with
+  ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``, what flexspeed configures)
 
 FSDP2 runs reduce-scatter gradients on every micro-step in both columns (flexspeed's choice: a full
 gradient never outlives one block's backward). The metric is CPU-seconds per sample, summed over
@@ -133,9 +134,14 @@ def _raw(stage: int, precision: str, batches):
         opt = (torch.optim.AdamW(net.parameters(), lr=LR) if stage == 0 else
                ZeroRedundancyOptimizer(net.parameters(), optimizer_class=torch.optim.AdamW, lr=LR))
     else:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        # what flexspeed configures: 16-bit gathers and compute, fp32 reduction, in bf16 runs
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if precision == "bf16" else MixedPrecisionPolicy()
         for block in model.transformer.h:
-            fully_shard(block, reshard_after_forward=stage == 3)
-        net = fully_shard(model, reshard_after_forward=None if stage == 3 else False)
+            fully_shard(block, reshard_after_forward=stage == 3, mp_policy=mp)
+        net = fully_shard(model, reshard_after_forward=None if stage == 3 else False, mp_policy=mp)
         opt = torch.optim.AdamW(net.parameters(), lr=LR)
     feed = itertools.cycle(batches)
 

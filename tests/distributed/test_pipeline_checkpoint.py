@@ -179,6 +179,14 @@ def test_export_consolidates_a_pipeline_checkpoint(saved, tmp_path):
     reference_model("mlp").load_state_dict(exported)  # a plain nn.Sequential takes it as is
     assert [int(k.split(".")[0]) for k in exported] == sorted(int(k.split(".")[0]) for k in exported)
     assert os.path.isfile(tmp_path / "model.safetensors")
+    # what `flexspeed export <dir> <file>` runs
+    from safetensors.torch import load_file
+
+    from flexspeed.runtime.export import export_folder
+
+    export_folder(root, str(tmp_path / "cli"), single_file="weights.safetensors")
+    written = load_file(str(tmp_path / "cli" / "weights.safetensors"))
+    assert set(written) == set(states[-1]) and all(torch.equal(written[k], state[k]) for k in state)
 
 
 def test_crafted_pickles_in_any_pipeline_checkpoint_file_are_refused(saved):
