@@ -5,9 +5,11 @@
 3. resolve the config (batch triad, "auto") against the real world size; this also builds the
    optimizer/scheduler sections over stand-in parameters (the checks ``flexspeed check-config``
    makes, from the same code); configure ``flexspeed.checkpointing`` from the config
-4. dispatch on the model type: ``PipelineModule`` -> pipeline engine, else the data-parallel one
-5. precision policy and loss scaler; ZeRO strategy (wraps/shards the module)
-6. optimizer and scheduler (client object, client callable, or config section - never two)
+4. dispatch on the model type: ``PipelineModule`` -> pipeline engine (its degrees validated by
+   ``ParallelDims`` first), else the data-parallel one
+5. precision policy and loss scaler; ZeRO strategy (wraps/shards the module, or each pipeline stage)
+6. optimizer and scheduler (client object, client callable, or config section - never two), built by
+   ``flexspeed.runtime.builders`` for both engines
 7. dataloader; the engine
 """
 
@@ -54,13 +56,13 @@ def _refuse_sharded_model(model: nn.Module) -> None:
 
 
 def _initialize_pipeline(raw: dict, env: Any, *, model: nn.Module, **engine_args: Any) -> tuple[Any, Any, Any, Any]:
-    """``initialize()`` for a ``PipelineModule``: the batch triad over the data-parallel size, then the pipeline engine."""
+    """``initialize()`` for a ``PipelineModule``: the degrees validated (``ParallelDims``, before any collective),
+    the batch triad over the data-parallel size, then the pipeline engine."""
     from flexspeed.config import build_config
+    from flexspeed.distributed.parallel_dims import ParallelDims
     from flexspeed.pipe.engine import build_pipeline_engine
     from flexspeed.runtime.activation_checkpointing import checkpointing
     from flexspeed.utils.tensor_fragment import register_optimizer
-
-    from flexspeed.distributed.parallel_dims import ParallelDims
 
     stages = int(model.num_stages)
     dims = ParallelDims.from_world(env.world_size, pp=stages, world_source=env.source,
