@@ -16,19 +16,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from flexspeed.distributed.heartbeat import note
 from flexspeed.runtime.engine_base import EngineBase, EngineUsageError, PassThroughToModule
+from flexspeed.runtime.engine_compat import DeepSpeedEngineExtras
 from flexspeed.runtime.precision import LossScaler, PrecisionPolicy
 from flexspeed.runtime.zero import ZeroStrategy
 
 if TYPE_CHECKING:
     from flexspeed.config.schema import FlexConfig
 
-__all__ = ["TrainingEngine", "EngineUsageError", "PassThroughToModule"]
+__all__ = ["TrainingEngine", "DeepSpeedEngine", "EngineUsageError", "PassThroughToModule"]
 
 log = logging.getLogger("flexspeed")
 
 
-class TrainingEngine(EngineBase):
+class TrainingEngine(DeepSpeedEngineExtras, EngineBase):
     """DeepSpeed-compatible training engine (``DeepSpeedEngine``'s public methods and counters).
 
     The queries, the optimizer step and checkpointing are :class:`EngineBase`'s (shared with the
@@ -42,9 +44,12 @@ class TrainingEngine(EngineBase):
                          training_dataloader=training_dataloader, precision=precision, loss_scaler=loss_scaler,
                          device=device, launch_env=launch_env)
         self._inside_no_sync = False
+        self.autosaver: Any = None  # set by initialize() from the checkpoint section (flexspeed.runtime.autosave)
 
     def is_gradient_accumulation_boundary(self) -> bool:
-        """True on the micro-step whose ``step()`` will update the weights."""
+        """True on the micro-step whose ``step()`` will update the weights (or as set_gradient_accumulation_boundary says)."""
+        if self._boundary_override is not None:
+            return self._boundary_override
         return (self.micro_steps + 1) % self.gradient_accumulation_steps() == 0
 
     def _sync_gradients_now(self) -> bool:
@@ -54,6 +59,7 @@ class TrainingEngine(EngineBase):
     # ---- the training loop ----------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model under the configured precision; arguments pass through unchanged."""
+        note(f"forward step {self.global_steps}")
         if self.module.training:
             self._strategy.set_requires_gradient_sync(self._sync_gradients_now())
         mon = self.monitor
@@ -86,6 +92,7 @@ class TrainingEngine(EngineBase):
         if not torch.is_tensor(loss) or loss.dim() != 0:
             raise ValueError(f"engine.backward(loss) expects a scalar tensor, got {type(loss).__name__} "
                              f"{tuple(loss.shape) if torch.is_tensor(loss) else ''}: reduce the loss (e.g. .mean())")
+        note(f"backward step {self.global_steps} (gradient all-reduce on a boundary)")
         self._last_loss = loss.detach()
         mon = self.monitor
         if mon.active:
@@ -131,6 +138,7 @@ class TrainingEngine(EngineBase):
                 "(it reduces everything accumulated), then call engine.step()")
         boundary = self.is_gradient_accumulation_boundary()
         if boundary:
+            note(f"step {self.global_steps} (all_reduce in the gradient norm/clip_grad_norm, optimizer)")
             with self.monitor.timed("step"):
                 self._take_model_step(lr_kwargs)
         self.micro_steps += 1
@@ -138,6 +146,8 @@ class TrainingEngine(EngineBase):
         self.global_samples += samples
         if boundary:
             self._maybe_print()
+            if self.autosaver is not None:  # checkpoint.save_interval (flexspeed.runtime.autosave)
+                self.autosaver.after_step(self)
 
     def train(self, mode: bool = True) -> TrainingEngine:
         """Set train/eval mode on the module and on its data-parallel wrapper."""
@@ -184,3 +194,6 @@ class TrainingEngine(EngineBase):
 
         return save_pretrained(self, save_directory, max_shard_size=max_shard_size, dtype=dtype,
                                exclude_frozen_parameters=exclude_frozen_parameters)
+
+
+DeepSpeedEngine = TrainingEngine  # DeepSpeed's class name (isinstance checks in Lightning and Accelerate)

@@ -414,6 +414,7 @@ class ShardedOptimizerDP(DataParallel):
         rank = _rank(self.group)
         pending = []
         for owner, tensors in self._layout:
+            tensors = [_local(t) for t in tensors]  # tensor parallelism: this rank's DTensor shards
             if owner == rank:
                 flat = _flatten_dense_tensors([t.detach() for t in tensors])
             else:
@@ -465,6 +466,9 @@ def apply_zero(module: nn.Module, *, config: FlexConfig, device: torch.device,
     Returns:
         the ``ZeroStrategy`` the engine drives.
     """
+    from flexspeed.zero import as_meta_placeholders
+
+    as_meta_placeholders(module)  # zero.Init placeholders in DeepSpeed's 0-element form -> meta, full shape
     settings = ZeroSettings.from_config(config)
     notes: list[str] = []
     _check_offload(settings, device, notes)
