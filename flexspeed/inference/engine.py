@@ -159,6 +159,10 @@ class InferenceEngine(nn.Module):
             self.module = model
         else:
             self.module = self._prepare(model)
+        from flexspeed.inference.runners import select_runner
+
+        self.runner_choice = select_runner(self.module, config, tp_group=self.tp_group)
+        """The :class:`~flexspeed.inference.runners.RunnerChoice`: the decode runner ``generate`` drives, and why."""
 
     # -------------------------------------------------------------------------------- preparation
 
@@ -187,10 +191,6 @@ class InferenceEngine(nn.Module):
         model = self._inject_and_quantize(model)
         if self.plan is not None:
             self.plan.attach(model, self.tp_group)  # modules may have been replaced
-            from flexspeed.inference.kernels import get_runner
-
-            if get_runner(model) is not None:  # the native decode step sums the ranks' partials itself
-                get_runner(model).tp_group = self.tp_group
         if on_host:  # after the passes that replace modules, so every final module is covered
             self._host_handles = _stream_from_host(model, self.device)
         return model
@@ -220,6 +220,11 @@ class InferenceEngine(nn.Module):
         return model
 
     # -------------------------------------------------------------------------------- properties
+
+    @property
+    def runner(self):
+        """The :class:`~flexspeed.inference.runners.DecodeRunner` this engine's ``generate`` drives."""
+        return self.runner_choice.runner
 
     @property
     def config(self) -> InferenceConfig:
@@ -296,7 +301,7 @@ class InferenceEngine(nn.Module):
 
         input_ids = _to_device(input_ids, self.device)
         attention_mask = _to_device(attention_mask, self.device)
-        return generate(self.module, input_ids, attention_mask=attention_mask, **kwargs)
+        return generate(self.module, input_ids, attention_mask=attention_mask, runner=self.runner, **kwargs)
 
     def extra_repr(self) -> str:
         return f"tp_size={self.tp_size}, dtype={self.dtype}, device={self.device}"
@@ -316,6 +321,7 @@ class InferenceEngine(nn.Module):
         if self.offload is not None:
             tiers = self.offload.store.tier_bytes()
             parts.append("offload " + " / ".join(f"{k} {human_bytes(v)}" for k, v in tiers.items()))
+        parts.append(f"decode: {self.runner_choice.describe()}")
         return ", ".join(parts)
 
     def describe_loading(self) -> str:

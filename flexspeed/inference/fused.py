@@ -166,7 +166,26 @@ class FusedRunner:
             x = x[:, -1:]  # (B, 1, C): the head reads only what generation needs
         return self._head(x)
 
-    __call__ = forward
+    __call__ = step = forward
+
+    def describe(self) -> str:
+        """Which runner this is and where its single-token steps run (see :meth:`step_path`)."""
+        kind = "shadow" if self.own_layers is not None and self.arch.copies else "fused"
+        return f"{kind} runner ({self.arch.name}), single-token steps: {self.step_path()}"
+
+    def step_path(self) -> str:
+        """``"native C kernel"``, ``"CUDA graph"``, ``"torch.compile"`` or ``"eager torch (<why>)"``,
+        for a model on its current device (the native kernel serves up to :attr:`native_max_batch` rows)."""
+        ref = next((t for t in self.root.parameters()), None)
+        dev = ref.device.type if ref is not None else "cpu"
+        if dev == "cuda" and self._graphs_ok(ref):
+            return "CUDA graph"
+        if self.compile_decode and self._compiled_ok():
+            return "torch.compile"
+        reason = self.native_reason() if dev == "cpu" else "not on the CPU"
+        if reason is None:
+            return f"native C kernel (<= {self.native_max_batch} rows)"
+        return f"eager torch ({reason})"
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         for path in self.arch.final_paths:
@@ -244,7 +263,9 @@ class FusedRunner:
 
     def _compiled_ok(self) -> bool:
         # TP all-reduce hooks run inside the layers; keep them out of Dynamo's graphs
-        return getattr(self.root, "_flexspeed_tp_size", 1) == 1
+        from flexspeed.inference.tp import tp_size_of
+
+        return self.tp_group is None and tp_size_of(self.root) == 1
 
     def _static_forward(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, start: int,
                         key_mask: torch.Tensor | None) -> torch.Tensor:

@@ -1,16 +1,11 @@
 """Autoregressive generation with a KV cache, left-padded batches, greedy or sampled decoding.
 
 ``generate(model, input_ids, attention_mask=None, max_new_tokens=20, ...)`` returns the prompt
-followed by the new tokens, ``(B, T_prompt + new)``, and picks the fastest correct path:
-
-1. **fused runner** (kernel-injected models, see ``kernels.inject_kernels``; flexspeed's GPT also
-   un-injected, through a runner that wraps its own modules): preallocated static KV cache
-   written in place, one layer at a time.
-2. **Hugging Face cache API** (any HF causal LM): the model's ``forward`` with a
-   ``DynamicCache``, ``attention_mask`` and ``position_ids``.
-3. **recompute** (any other module ``model(ids) -> logits``, or ``use_cache=False``): the whole
-   sequence is run again for every new token. Correct but O(T^2); rows with padding are run one
-   at a time on their unpadded tokens, since such a module takes no mask.
+followed by the new tokens, ``(B, T_prompt + new)``. It drives a
+:class:`~flexspeed.inference.runners.DecodeRunner`: the one passed as ``runner=`` (the
+inference engine passes its own), else :func:`~flexspeed.inference.runners.select_runner`'s
+choice (fused runner over a static KV cache, the model's own HF cache API, or recomputation;
+see :mod:`flexspeed.inference.runners` for when each applies).
 
 Batches are **left-padded**: ``attention_mask`` has zeros on the left; position ids are
 ``cumsum(mask) - 1`` (pads get 0), as HF does, so greedy output equals HF ``generate``.
@@ -22,9 +17,13 @@ sampling temperature, top-k, top-p. A row that emits an eos token is finished: i
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
+
+if TYPE_CHECKING:
+    from flexspeed.inference.runners import DecodeRunner
 
 __all__ = ["generate", "resolve_special_tokens", "step_function", "apply_repetition_penalty", "apply_top_k",
            "apply_top_p", "greedy_tokens"]
@@ -50,18 +49,6 @@ def resolve_special_tokens(model: nn.Module, eos_token_id: int | Sequence[int] |
     if pad is None and eos_list:
         pad = eos_list[0]
     return eos_list, (None if pad is None else int(pad))
-
-
-def _is_hf(model: nn.Module) -> bool:
-    return hasattr(model, "config") and hasattr(model, "can_generate") and hasattr(model, "get_input_embeddings")
-
-
-def _logits_of(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    return out[0]
 
 
 class _Sampler:
@@ -173,7 +160,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
              top_k: int | None = None, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
              pad_token_id: int | None = None, min_new_tokens: int = 0, max_length: int | None = None,
              repetition_penalty: float = 1.0, num_return_sequences: int = 1, use_cache: bool = True,
-             generator: torch.Generator | int | None = None, **unsupported) -> torch.Tensor:
+             generator: torch.Generator | int | None = None, runner: DecodeRunner | None = None,
+             **unsupported) -> torch.Tensor:
     """Generate tokens after ``input_ids``.
 
     Args:
@@ -192,6 +180,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
         num_return_sequences: samples per prompt (rows are repeated; needs ``do_sample``).
         use_cache: ``False`` recomputes the whole sequence each step (for checking).
         generator: ``torch.Generator`` or an int seed for sampling.
+        runner: the :class:`~flexspeed.inference.runners.DecodeRunner` to drive (the engine passes
+            its own); default :func:`~flexspeed.inference.runners.select_runner`'s choice.
     Returns:
         (B * num_return_sequences, T + n) token ids, ``n <= max_new_tokens`` (fewer when every
         row finished early).
@@ -234,10 +224,10 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
         sampler.padding[:, :T] = mask == 0
     if max_new_tokens == 0:
         return seq
-    step = step_function(model, input_ids, mask, max_new_tokens, use_cache)
+    step = step_function(model, input_ids, mask, max_new_tokens, use_cache, None if not use_cache else runner)
     # greedy decoding of a native-kernel model: everything after the first token in one C call
     on_cpu, eos_set, done = input_ids.device.type == "cpu", set(eos), [False] * B
-    fast = getattr(step, "greedy", None) if on_cpu and not do_sample and repetition_penalty == 1.0 else None
+    fast = step.greedy if on_cpu and not do_sample and repetition_penalty == 1.0 else None
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     eos_t = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
     with torch.inference_mode():
@@ -273,28 +263,24 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(dim=1) - 1).clamp_(min=0)  # (B, T); pads get 0, as HF
 
 
-def step_function(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new: int, use_cache: bool = True):
-    """The forward steps :func:`generate` runs, as a closure over a fresh cache.
+def step_function(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new: int, use_cache: bool = True,
+                  runner: DecodeRunner | None = None):
+    """The forward steps :func:`generate` runs, as a closure over a fresh cache of ``runner``.
 
     Args:
         ids, mask: (B, T) left-padded prompt tokens and their mask (1 for tokens).
         max_new: the most tokens any row will be given (sizes the cache).
+        runner: the runner to drive (default: :func:`~flexspeed.inference.runners.select_runner`'s).
     Returns:
         ``step``: ``step(None)`` runs the prompts, then ``step(tokens)`` feeds one new token
-        (B,) per row; both return the next-token logits (B, V). Picks the fused runner, HF's
-        cache API or recomputation, as :func:`generate` does.
+        (B,) per row; both return the next-token logits (B, V). ``step.greedy(seq, min_new, eos,
+        pad, done)`` runs the rest of a greedy generation in one call where the runner can
+        (returns how many new columns ``seq`` holds), else returns ``None``.
     """
-    from flexspeed.inference.kernels import build_runner, get_runner
+    if runner is None:
+        from flexspeed.inference.runners import select_runner
 
-    runner = get_runner(model) or (build_runner(model) if use_cache else None)
-    if runner is not None and use_cache:
-        return _runner_stepper(runner, ids, mask, max_new)
-    if _is_hf(model):
-        return _hf_stepper(model, ids, mask, max_new, use_cache)
-    return _recompute_stepper(model, ids, mask, max_new)
-
-
-def _runner_stepper(runner, ids: torch.Tensor, mask: torch.Tensor, max_new: int):
+        runner = select_runner(model, use_cache=use_cache).runner
     B, T = ids.shape
     longest = int(mask.sum(dim=1).max())
     if runner.max_positions is not None and longest + max_new > runner.max_positions:
@@ -310,70 +296,20 @@ def _runner_stepper(runner, ids: torch.Tensor, mask: torch.Tensor, max_new: int)
 
     def step(tokens: torch.Tensor | None) -> torch.Tensor:
         if tokens is None:
-            logits = runner(ids, pos, cache, 0, key_mask)
+            logits = runner.step(ids, pos, cache, 0, key_mask)
             state["start"] = T
         else:
             state["pos"] = state["pos"] + 1  # (B, 1)
-            logits = runner(tokens[:, None], state["pos"], cache, state["start"], key_mask)
+            logits = runner.step(tokens[:, None], state["pos"], cache, state["start"], key_mask)
             state["start"] += 1
         return logits[:, -1]  # (B, V)
 
     def greedy(seq: torch.Tensor, min_new: int, eos: list[int], pad: int | None, done: list[bool]) -> int | None:
-        """After the first new token: the rest natively, or ``None``."""
+        """After the first new token: the rest in one call of the runner, or ``None``."""
         if state["start"] != T:
             return None
         return runner.greedy(cache, key_mask, seq, T, state["pos"].reshape(-1) + 1, min_new, eos, pad, done)
 
-    if hasattr(runner, "greedy"):  # a fused runner (the offload runner has no native loop)
-        step.greedy = greedy
-    return step
-
-
-def _hf_stepper(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new: int, use_cache: bool):
-    import inspect
-
-    from transformers import DynamicCache
-
-    B, T = ids.shape
-    full_mask = torch.ones(B, T + max_new, dtype=mask.dtype, device=ids.device)
-    full_mask[:, :T] = mask
-    full_ids = torch.zeros(B, T + max_new, dtype=ids.dtype, device=ids.device)
-    full_ids[:, :T] = ids
-    pos_all = torch.zeros(B, T + max_new, dtype=torch.long, device=ids.device)
-    pos_all[:, :T] = _positions(mask)
-    pos_all[:, T:] = pos_all[:, T - 1:T] + torch.arange(1, max_new + 1, device=ids.device)
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    cache = DynamicCache(config=model.config) if use_cache else None
-    state = {"len": T}
-
-    def step(tokens: torch.Tensor | None) -> torch.Tensor:
-        n = state["len"]
-        if tokens is not None:
-            full_ids[:, n] = tokens
-            n = state["len"] = n + 1
-        lo = 0 if (tokens is None or not use_cache) else n - 1
-        out = model(input_ids=full_ids[:, lo:n], attention_mask=full_mask[:, :n].contiguous(),
-                    position_ids=pos_all[:, lo:n], past_key_values=cache, use_cache=use_cache, **keep)
-        return _logits_of(out)[:, -1]
-
-    return step
-
-
-def _recompute_stepper(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new: int):
-    B, T = ids.shape
-    full = torch.zeros(B, T + max_new, dtype=ids.dtype, device=ids.device)
-    full[:, :T] = ids
-    starts = (T - mask.sum(dim=1)).tolist()  # first real token of each row
-    state = {"len": T}
-
-    def step(tokens: torch.Tensor | None) -> torch.Tensor:
-        if tokens is not None:
-            full[:, state["len"]] = tokens
-            state["len"] += 1
-        n = state["len"]
-        if all(s == 0 for s in starts):
-            return _logits_of(model(full[:, :n]))[:, -1]
-        rows = [_logits_of(model(full[b:b + 1, s:n]))[:, -1] for b, s in enumerate(starts)]
-        return torch.cat(rows)
-
+    step.greedy = greedy
+    step.cache = cache
     return step

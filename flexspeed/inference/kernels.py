@@ -427,36 +427,63 @@ def supports_injection(model: nn.Module) -> bool:
 
 
 def get_runner(model: nn.Module) -> FusedRunner | None:
-    """The runner of a kernel-injected model, or ``None``."""
-    return getattr(model, "_flexspeed_runner", None)
+    """The fused runner of a kernel-injected model (found, or built once from its fused blocks), or ``None``."""
+    from flexspeed.inference.runners import remember, remembered
+
+    runner = remembered(model)
+    if isinstance(runner, FusedRunner):
+        return runner
+    runner = injected_runner(model)
+    if runner is not None:
+        remember(model, runner)
+    return runner
 
 
-def build_runner(model: nn.Module) -> FusedRunner | None:
-    """A runner for an un-injected model, over the model's own modules (nothing is copied).
-
-    flexspeed's GPT always gets one. HF GPT-2, OPT and Llama get a *shadow* runner when the native
-    decode kernel is built and the model is on the CPU: q/k/v (and gate/up) stay separate
-    modules read side by side (:class:`ConcatLinear`), GPT-2's ``Conv1D`` weights are read
-    transposed, and single-token steps run natively; the model is not modified. ``None``
-    otherwise (inject them, or generate through their own cache API).
-    """
+def injected_runner(model: nn.Module) -> FusedRunner | None:
+    """A new runner over ``model``'s blocks if they are fused layers (an injected model), else ``None``."""
     arch = _detect(model)
     if arch is None:
         return None
     blocks = model.get_submodule(arch.layers_path)
+    if not len(blocks) or not all(isinstance(b, FusedDecoderLayer) for b in blocks):
+        return None
+    return FusedRunner(model, arch, None, None)
+
+
+def shadow_runner(model: nn.Module) -> tuple[FusedRunner | None, str]:
+    """A runner for an un-injected model over the model's own modules (nothing is copied), or
+    ``(None, why not)``.
+
+    flexspeed's GPT always gets one. HF GPT-2, OPT and Llama get a *shadow* runner when the native
+    decode kernel is built and the model is on the CPU: q/k/v (and gate/up) stay separate
+    modules read side by side (:class:`ConcatLinear`), GPT-2's ``Conv1D`` weights are read
+    transposed, and single-token steps run natively; the model is not modified.
+    """
+    arch = _detect(model)
+    if arch is None:
+        return None, f"{type(model).__name__} is not a recognised family ({_SUPPORTED})"
+    blocks = model.get_submodule(arch.layers_path)
     if not arch.copies:
-        return FusedRunner(model, arch, [arch.build(model, b, i) for i, b in enumerate(blocks)])
+        return FusedRunner(model, arch, [arch.build(model, b, i) for i, b in enumerate(blocks)]), ""
     from flexspeed.inference.native import library
 
     ref = next(iter(model.parameters()), None)
-    if library() is None or ref is None or ref.device.type != "cpu" or not ref.is_floating_point():
-        return None
+    if library() is None:
+        return None, "the native decode kernel is not available"
+    if ref is None or ref.device.type != "cpu" or not ref.is_floating_point():
+        return None, "a shadow runner needs floating-point weights on the CPU"
     try:
         layers = [arch.build(model, b, i, shadow=True) for i, b in enumerate(blocks)]
-    except (ConfigError, AttributeError, TypeError):
-        return None
+    except (ConfigError, AttributeError, TypeError) as exc:
+        return None, f"its blocks cannot be wrapped ({exc})"
     runner = FusedRunner(model, arch, layers, ref.dtype)
-    return runner if runner.native_reason() is None else None
+    reason = runner.native_reason()
+    return (runner, "") if reason is None else (None, f"the native kernel cannot run it ({reason})")
+
+
+def build_runner(model: nn.Module) -> FusedRunner | None:
+    """:func:`shadow_runner` without the reason (``None`` when there is none)."""
+    return shadow_runner(model)[0]
 
 
 def inject_kernels(module: nn.Module, dtype: torch.dtype | None = None, *, compile_decode: bool = False,
@@ -506,5 +533,7 @@ def inject_kernels(module: nn.Module, dtype: torch.dtype | None = None, *, compi
             blocks[i] = fused  # the old block (and its unfused weights) is released here
         if pack:
             _pack_head(module, arch.head_path, pack_tied_head)
-    object.__setattr__(module, "_flexspeed_runner", runner)
+    from flexspeed.inference.runners import remember
+
+    remember(module, runner)  # flexspeed's weak table: nothing is written onto the model
     return module

@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -61,6 +62,7 @@ __all__ = [
     "apply_tensor_parallel",
     "is_linear",
     "take",
+    "tp_size_of",
 ]
 
 COLUMN_NAMES = frozenset({
@@ -465,6 +467,17 @@ def _check_divisible(name: str, pieces: tuple[int, ...], tp: int) -> None:
 
 # ----------------------------------------------------------------------------------------- sharding
 
+_SHARDED: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+
+
+def tp_size_of(model: nn.Module) -> int:
+    """The tensor-parallel degree :func:`shard_module` split ``model`` for (1 if it did not)."""
+    try:
+        return _SHARDED.get(model, 1)
+    except TypeError:
+        return 1
+
+
 def take(tensor: torch.Tensor, placement: Placement, rank: int, tp: int) -> torch.Tensor:
     """This rank's part of a full ``tensor`` (a new tensor; meta stays meta)."""
     if placement.kind == "rank0":
@@ -483,7 +496,7 @@ def shard_module(model: nn.Module, plan: TensorParallelPlan, rank: int) -> None:
     """
     if plan.tp_size == 1:
         return
-    if getattr(model, "_flexspeed_tp_size", 1) != 1:
+    if tp_size_of(model) != 1:
         raise RuntimeError("this model is already split for tensor parallelism; build a fresh one")
     replaced: dict[int, nn.Parameter] = {}
     for fqn, placement in plan.params.items():
@@ -510,7 +523,7 @@ def shard_module(model: nn.Module, plan: TensorParallelPlan, rank: int) -> None:
             mod.config = copy.copy(mod.config)
             for attr, value in att.config_attrs.items():
                 setattr(mod.config, attr, value)
-    model._flexspeed_tp_size = plan.tp_size
+    _SHARDED[model] = plan.tp_size  # flexspeed's weak table, not an attribute of the model
 
 
 def apply_tensor_parallel(model: nn.Module, tp_size: int, *, rank: int | None = None,
