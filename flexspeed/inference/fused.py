@@ -21,9 +21,9 @@ import torch.nn as nn
 from flexspeed.inference.attention import StepContext, step_context
 
 if TYPE_CHECKING:
-    from flexspeed.inference.kernels import FusedDecoderLayer, _Arch
+    from flexspeed.inference.kernels import FusedDecoderLayer, ModelArch
 
-__all__ = ["FusedRunner", "KVCache"]
+__all__ = ["FusedRunner", "KVCache", "project"]
 
 
 @dataclass
@@ -38,7 +38,7 @@ class KVCache:
         return self.k[0].shape[2] if self.k else 0
 
 
-def _proj(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def project(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``mod(x)``; under ``torch.compile`` a one-row ``nn.Linear`` becomes a fused row-dot reduction.
 
     For one row, Inductor's generated reduction streams the weight at close to memory bandwidth,
@@ -63,7 +63,7 @@ class FusedRunner:
     """
 
     root: nn.Module
-    arch: _Arch
+    arch: ModelArch
     own_layers: list[FusedDecoderLayer] | None = None
     _dtype: torch.dtype | None = field(default=None, repr=False)
     compile_decode: bool = False
@@ -191,8 +191,8 @@ class FusedRunner:
         for path in self.arch.final_paths:
             mod = self._module(path)
             if mod is not None:
-                x = _proj(mod, x)
-        return _proj(self.root.get_submodule(self.arch.head_path), x)  # (B, T, V)
+                x = project(mod, x)
+        return project(self.root.get_submodule(self.arch.head_path), x)  # (B, T, V)
 
     def native_available(self) -> bool:
         """The native decode kernel is built and this model lives on the CPU."""
@@ -211,6 +211,9 @@ class FusedRunner:
             return "native_decode is off"
         if self.compile_decode:
             return "compile_decode is on"
+        blocker = self.arch.native_blocker()
+        if blocker is not None:
+            return blocker
         if self._native is None:
             self._native = NativeDecoder(self)
         return self._native.unsupported()

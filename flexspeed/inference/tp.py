@@ -338,15 +338,22 @@ def _int_attr(module: nn.Module, names: Iterable[str]) -> tuple[str, int] | None
     return None
 
 
-def _attention_shard(name: str, module: nn.Module, children: dict[str, nn.Module], tp: int) -> AttentionShard:
-    """Head counts of one attention module, validated against ``tp``."""
+def _attention_shard(name: str, module: nn.Module, children: dict[str, nn.Module], tp: int,
+                     dims: Any = None) -> AttentionShard:
+    """Head counts of one attention module, validated against ``tp``.
+
+    ``dims``: the model's :class:`~flexspeed.inference.families.Dims` when its family is in the
+    registry (its head counts are then read from the config, not guessed from attributes).
+    """
     hd_attr = _int_attr(module, _HEAD_SIZE_ATTRS)
     h_attr = _int_attr(module, _HEAD_ATTRS)
     kv_attr = _int_attr(module, _KV_HEAD_ATTRS)
+    if dims is not None:
+        h_attr, kv_attr = ("", dims.n_heads), ("", dims.n_kv_heads)
     cfg = getattr(module, "config", None)
     q = next((children[n] for n in ("q_proj", "query", "q") if n in children), None)
     k = next((children[n] for n in ("k_proj", "key", "k") if n in children), None)
-    hd = hd_attr[1] if hd_attr else None
+    hd = hd_attr[1] if hd_attr else (dims.head_dim if dims is not None else None)
     heads = h_attr[1] if h_attr else (_features(q)[1] // hd if q is not None and hd else None)
     heads = heads or getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
     if not heads:
@@ -431,6 +438,13 @@ def plan_tensor_parallel(model: nn.Module, tp_size: int,
                           "same module. Pass injection_policy={BlockClass: ('attn.out', 'mlp.fc_out')}",
                           key=_TP_KEY)
     modules = dict(model.named_modules())
+    from flexspeed.inference.families import family_for_model
+
+    try:
+        found = family_for_model(model)
+    except ConfigError:
+        found = None
+    dims = found[1] if found is not None else None
     by_parent: dict[str, dict[str, nn.Module]] = {}
     for c in cols:
         parent, _, leaf = c.rpartition(".")
@@ -438,7 +452,7 @@ def plan_tensor_parallel(model: nn.Module, tp_size: int,
     for parent, children in by_parent.items():
         if any(leaf in _QKV_NAMES for leaf in children):
             plan.attention[parent] = _attention_shard(parent or type(model).__name__, modules[parent],
-                                                      children, tp_size)
+                                                      children, tp_size, dims)
     for c in cols:
         parent, _, leaf = c.rpartition(".")
         mod = modules[c]

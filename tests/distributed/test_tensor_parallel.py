@@ -179,6 +179,18 @@ def _grid(rank: int, world: int, ckpt_dir: str) -> dict:
             res["native_tp"][n] = {"reason": reason, "equal": bool(torch.equal(got, want)),
                                    "diff": (step_native.float() - step_torch.float()).abs().max().item(),
                                    "scale": step_torch.abs().max().item()}
+    from tests.unit._families import build as family_model
+    from tests.unit._families import padded_batch
+
+    res["families_tp"] = {}  # the registry's head counts drive the plan; greedy tokens as unsharded
+    ids, mask = padded_batch()
+    for n in ("mistral", "qwen2", "phi3", "gemma", "gpt_neox"):
+        want = generate(family_model(n), ids, mask, max_new_tokens=6, eos_token_id=None, pad_token_id=0)
+        for inject in (False, True):
+            engine = flexspeed.init_inference(family_model(n), tensor_parallel={"tp_size": 2},
+                                              replace_with_kernel_inject=inject)
+            got = engine.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None, pad_token_id=0)
+            res["families_tp"][f"{n} inject={inject}"] = bool(torch.equal(want, got))
     return res
 
 
@@ -299,3 +311,10 @@ def test_detection_errors():
 def test_policy_columns_are_the_other_linears():
     plan = plan_tensor_parallel(build("opt"), 2, {"OPTDecoderLayer": ("self_attn.out_proj", "fc2")})
     assert _kinds(plan) == ({"q_proj", "k_proj", "v_proj", "fc1"}, {"out_proj", "fc2"})
+
+
+def test_registry_families_generate_under_tp(grid):
+    """Mistral, Qwen2, Phi-3, Gemma, GPT-NeoX at tp_size 2, plain and injected: greedy tokens as unsharded."""
+    for rank, res in enumerate(grid):
+        bad = [k for k, ok in res["families_tp"].items() if not ok]
+        assert not bad, f"rank {rank}: {bad}"
