@@ -38,7 +38,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn as nn
 
-__all__ = ["DecodeRunner", "RunnerChoice", "select_runner", "remember", "remembered", "HFCacheRunner",
+__all__ = ["DecodeRunner", "RunnerChoice", "select_runner", "remember", "remembered", "HFCacheRunner", "TokenCache",
            "RecomputeRunner"]
 
 
@@ -147,7 +147,7 @@ def _logits_of(out: Any) -> torch.Tensor:
 
 
 @dataclass
-class _TokenCache:
+class TokenCache:
     """What a runner without a KV cache keeps: every token so far and its position."""
 
     ids: torch.Tensor  # (B, T_max) long
@@ -172,15 +172,15 @@ class HFCacheRunner:
     def max_positions(self) -> int | None:
         return None
 
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> _TokenCache:
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> TokenCache:
         from transformers import DynamicCache
 
         dev = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         past = DynamicCache(config=self.model.config) if self.use_cache else None
-        return _TokenCache(torch.zeros(batch, max_len, dtype=torch.long, device=dev),
+        return TokenCache(torch.zeros(batch, max_len, dtype=torch.long, device=dev),
                            torch.zeros(batch, max_len, dtype=torch.long, device=dev), past)
 
-    def step(self, ids: torch.Tensor, pos: torch.Tensor, cache: _TokenCache, start: int,
+    def step(self, ids: torch.Tensor, pos: torch.Tensor, cache: TokenCache, start: int,
              key_mask: torch.Tensor | None = None, last_only: bool = True) -> torch.Tensor:
         B, T = ids.shape
         end = start + T
@@ -218,12 +218,12 @@ class RecomputeRunner:
     def max_positions(self) -> int | None:
         return None
 
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> _TokenCache:
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> TokenCache:
         dev = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        return _TokenCache(torch.zeros(batch, max_len, dtype=torch.long, device=dev),
+        return TokenCache(torch.zeros(batch, max_len, dtype=torch.long, device=dev),
                            torch.zeros(batch, max_len, dtype=torch.long, device=dev))
 
-    def step(self, ids: torch.Tensor, pos: torch.Tensor, cache: _TokenCache, start: int,
+    def step(self, ids: torch.Tensor, pos: torch.Tensor, cache: TokenCache, start: int,
              key_mask: torch.Tensor | None = None, last_only: bool = True) -> torch.Tensor:
         end = start + ids.shape[1]
         cache.ids[:, start:end] = ids
