@@ -358,7 +358,10 @@ def _attention_shard(name: str, module: nn.Module, children: dict[str, nn.Module
     heads = heads or getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
     if not heads:
         raise ConfigError(f"cannot tell how many heads {name} ({type(module).__name__}) has: it has none of the "
-                          f"attributes {_HEAD_ATTRS} or {_HEAD_SIZE_ATTRS}; add one, or set tp_size=1",
+                          f"attributes {_HEAD_ATTRS} or {_HEAD_SIZE_ATTRS} and its model is not a family flexspeed "
+                          "knows (flexspeed.inference.families); rename the attribute holding the head count to one "
+                          "of those (flexspeed then checks on meta tensors that the module can be split), pass "
+                          "injection_policy={BlockClass: (row-parallel child names)}, or set tp_size=1",
                           key=_TP_KEY)
     kv = kv_attr[1] if kv_attr else (_features(k)[1] // hd if k is not None and hd else None)
     kv = kv or getattr(cfg, "num_key_value_heads", None) or heads
@@ -469,7 +472,73 @@ def plan_tensor_parallel(model: nn.Module, tp_size: int,
         if getattr(mod, "bias", None) is not None:
             plan.params[f"{r}.bias"] = Placement("rank0")
     plan.column, plan.row = cols, rows
+    for name, att in plan.attention.items():
+        if att.narrow_input:
+            _probe_attention(model, name, att, plan)
     return plan
+
+
+_FIX = ("derive every width from the per-rank weights instead of the input: `-1` in view/reshape "
+        "(`y.view(B, T, -1)`), split the fused projection by its own width (`qkv.split(qkv.shape[-1] // 3, dim=-1)`), "
+        "give the module a `head_dim` attribute and reshape with it; or pass injection_policy={BlockClass: "
+        "(row-parallel child names)} to split only what you name; or set tp_size=1")
+
+
+def _probe_attention(model: nn.Module, name: str, att: AttentionShard, plan: TensorParallelPlan) -> None:
+    """Run one attention module once on meta tensors with this rank's weight shapes (nothing moves).
+
+    A module that derives widths from its input (``C = x.shape[-1]``) gets a narrowed view of it
+    after sharding; whatever else it sizes from ``C`` (a LayerNorm over the full width, a constant
+    ``split``) then fails inside torch at the first forward. Found here instead, before any weight
+    is split, with the fix. Skipped where the unsharded module does not run on meta alone (it
+    needs more arguments than the hidden state, say): that says nothing about sharding.
+    """
+    from torch.func import functional_call
+
+    module = model.get_submodule(name)
+    label = f"{name or type(model).__name__} ({type(module).__name__})"
+    prefix = f"{name}." if name else ""
+    tensors = dict(module.named_parameters(remove_duplicate=False))
+    dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
+    x = torch.empty(2, 3, att.full_width, dtype=dtype, device="meta")
+    full = {n: torch.empty_like(t, device="meta") for n, t in tensors.items()}
+    try:
+        want = functional_call(module, full, (x,))
+    except Exception:  # noqa: BLE001 - the probe is inconclusive, not the model wrong
+        return
+    local = {n: torch.empty(plan.params[prefix + n].local_shape(t.shape, plan.tp_size), dtype=t.dtype, device="meta")
+             if prefix + n in plan.params else full[n] for n, t in tensors.items()}
+    saved = {a: getattr(module, a) for a in att.attrs}
+    state = _NarrowState(full=att.full_width, local=att.full_width // plan.tp_size)
+    handles = [module.register_forward_pre_hook(state.narrow, with_kwargs=True), module.register_forward_hook(state.clear)]
+    modules = dict(model.named_modules())
+    for col in plan.column:
+        if col.rpartition(".")[0] == name and col in modules:
+            handles.append(modules[col].register_forward_pre_hook(state.widen))
+    try:
+        for a, v in att.attrs.items():
+            setattr(module, a, v)
+        try:
+            got = functional_call(module, local, (x,))
+        except Exception as exc:  # noqa: BLE001 - reported with the fix
+            raise ConfigError(f"tensor parallelism cannot split {label} by its weights alone: with tp_size="
+                              f"{plan.tp_size} (heads {att.heads} -> {att.heads // plan.tp_size} per rank, width "
+                              f"{att.full_width} -> {att.full_width // plan.tp_size}) its forward fails: "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. The module "
+                              f"derives widths from its input (`C = x.shape[-1]`); {_FIX}", key=_TP_KEY) from None
+        finally:
+            state.clear(module, (), None)
+        shape_of = (lambda o: tuple(o.shape) if isinstance(o, torch.Tensor) else
+                    tuple(o[0].shape) if isinstance(o, (tuple, list)) and o and isinstance(o[0], torch.Tensor) else None)
+        if shape_of(got) != shape_of(want):
+            raise ConfigError(f"tensor parallelism cannot split {label} by its weights alone: with tp_size="
+                              f"{plan.tp_size} its output would be {shape_of(got)} instead of {shape_of(want)}. "
+                              f"The module derives widths from its input (`C = x.shape[-1]`); {_FIX}", key=_TP_KEY)
+    finally:
+        for a, v in saved.items():
+            setattr(module, a, v)
+        for h in handles:
+            h.remove()
 
 
 def _check_divisible(name: str, pieces: tuple[int, ...], tp: int) -> None:

@@ -147,3 +147,16 @@ def test_streamer_with_beams_is_refused_as_hf_refuses_it(models) -> None:
     ids, mask = padded_batch()
     with pytest.raises(ValueError, match="streamer"):
         ours["engine"](ids[:1], attention_mask=mask[:1], max_new_tokens=4, num_beams=2, streamer=Collect())
+
+
+def test_api_benchmark_quick_smoke(capsys: pytest.CaptureFixture) -> None:
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "generate_api.py"
+    spec = importlib.util.spec_from_file_location("bench_generate_api", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--quick", "--dtype", "fp32"])
+    assert {r["case"] for r in rows} == set(bench.CASES) and all(r["fs_tok_s"] > 0 for r in rows)
+    assert "fs/HF" in capsys.readouterr().out
