@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flexspeed.config.errors import ConfigError
-from flexspeed.inference.attention import StepContext, apply_rope, masked_decode_attention, static_attention
+from flexspeed.inference.attention import StepContext, apply_rope, decode_attention, static_attention
 from flexspeed.inference.families import SUPPORTED as _FAMILIES_SUPPORTED
 from flexspeed.inference.families import Dims, Family, family_for_model
 from flexspeed.inference.fused import FusedRunner, KVCache
@@ -98,7 +98,7 @@ class FusedDecoderLayer(nn.Module):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                 is_causal: bool, out: nn.Module, valid: torch.Tensor | None = None) -> torch.Tensor:
         if valid is not None:  # static-shape decode: compiled (Inductor fuses the elementwise form) or a graph
-            attend = static_attention if torch.compiler.is_compiling() else masked_decode_attention
+            attend = static_attention if torch.compiler.is_compiling() else decode_attention
             y = attend(q, k, v, valid, self.scale)
         else:  # a cache kept in fp32 for a 16-bit model (see FusedRunner.cache_dtype): attend in fp32
             y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=is_causal,
