@@ -194,6 +194,17 @@ def _targets(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str, bool
     return groups
 
 
+def _stored_names(model: nn.Module) -> Mapping[str, str]:
+    """Module path -> the name checkpoint files give it, where the model's family says they differ."""
+    from flexspeed.inference.families import family_for_model
+
+    try:
+        found = family_for_model(model)
+    except ConfigError:
+        return {}
+    return found[0].stored_names if found is not None else {}
+
+
 def _lookup(fqn: str, keys: Mapping[str, Any], prefix: str) -> str | None:
     if fqn in keys:
         return fqn
@@ -228,11 +239,14 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[st
     tp = plan.tp_size if plan else 1
     placements = plan.params if plan else {}
     prefix = getattr(model, "base_model_prefix", "") or ""
+    stored = _stored_names(model)
     report = LoadReport(files=files)
     used: set[str] = set()
     missing: list[str] = []
     for group in _targets(model).values():
         names = [g[0] for g in group]
+        names += [stored[n.rpartition(".")[0]] + "." + n.rpartition(".")[2] for n in names
+                  if n.rpartition(".")[0] in stored]  # the family's name for it in files (GPT-NeoX: embed_out)
         key = next((k for k in (_lookup(n, src.where, prefix) for n in names) if k is not None), None)
         current = getattr(group[0][1], group[0][2])
         if key is None:

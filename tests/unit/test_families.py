@@ -95,3 +95,17 @@ def test_offload_greedy_tokens_equal_hf_generate(name: str, tmp_path) -> None:
     got = engine.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None, pad_token_id=0)
     engine.offload.close()
     assert torch.equal(got, ref)
+
+
+def test_checkpoint_names_the_family_declares_are_read(tmp_path) -> None:
+    """GPT-NeoX files call ``lm_head`` ``embed_out``: init_inference's loader reads it by the registry's name."""
+    import flexspeed
+
+    model = build("gpt_neox")
+    model.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        meta = type(model)(model.config)
+    engine = flexspeed.init_inference(meta, checkpoint=str(tmp_path), replace_with_kernel_inject=True, dtype="fp32")
+    ids, mask = padded_batch()
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(engine.generate(ids, attention_mask=mask, max_new_tokens=6), ref)
