@@ -152,16 +152,15 @@ class InferenceEngine(nn.Module):
         self._host_handles: list[Any] = []
         self._graphs: dict[Any, tuple[Any, Any, Any]] = {}
         self.offload: Any = None
-        if config.offload is not None:  # weights stay in the policy's tiers; the runner computes
-            from flexspeed.inference.offload.runner import build_offload_runner
-
-            self.offload = build_offload_runner(model.eval(), config, self.device)
-            self.module = model
-        else:
-            self.module = self._prepare(model)
         from flexspeed.inference.runners import select_runner
 
-        self.runner_choice = select_runner(self.module, config, tp_group=self.tp_group)
+        if config.offload is not None:  # weights stay in the policy's tiers; the runner computes
+            self.module = model.eval()
+            self.runner_choice = select_runner(self.module, config, device=self.device)
+            self.offload = self.runner_choice.runner
+        else:
+            self.module = self._prepare(model)
+            self.runner_choice = select_runner(self.module, config, tp_group=self.tp_group)
         """The :class:`~flexspeed.inference.runners.RunnerChoice`: the decode runner ``generate`` drives, and why."""
 
     # -------------------------------------------------------------------------------- preparation

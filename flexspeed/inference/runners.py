@@ -99,7 +99,7 @@ def _is_hf(model: nn.Module) -> bool:
 
 
 def select_runner(model: nn.Module, config: Any = None, *, use_cache: bool = True,
-                  tp_group: Any = None) -> RunnerChoice:
+                  tp_group: Any = None, device: torch.device | None = None) -> RunnerChoice:
     """The runner for ``model``, and why; every decode-path decision is made here.
 
     Args:
@@ -109,9 +109,15 @@ def select_runner(model: nn.Module, config: Any = None, *, use_cache: bool = Tru
         use_cache: ``False`` forces recomputation of the whole sequence every step (for checking).
         tp_group: the tensor-parallel group of a sharded model (the native step sums the ranks'
             partial products itself).
+        device: where an offload runner computes (with ``config.offload``).
     """
     from flexspeed.inference.fused import FusedRunner
 
+    if config is not None and getattr(config, "offload", None) is not None:
+        from flexspeed.inference.offload.runner import build_offload_runner
+
+        runner = build_offload_runner(model, config, device or torch.device("cpu"))
+        return RunnerChoice(runner, "offload=... in the config")
     held = remembered(model)
     if held is not None and use_cache:
         if isinstance(held, FusedRunner) and tp_group is not None:
