@@ -3,7 +3,9 @@
 A random-weight model of OPT-125M shape (12 layers, hidden 768, ffn 3072, 12 heads, vocab 50272),
 batch 1, prompt 128, 32 new tokens (eos suppressed), 2 threads. For each argument class, HF's
 ``model.generate(**args)`` on the plain model is timed next to flexspeed's
-``engine.generate(**args)`` on ``init_inference(model, dtype=..., replace_with_kernel_inject=True)``:
+``engine.generate(**args)`` on ``init_inference(model, dtype=..., replace_with_kernel_inject=True)``
+(``fs``: single-token steps on the native kernel; ``fs torch`` : the same injection with the native
+kernel off, torch's kernels on oneDNN-packed weights, which holds up better on a busy machine):
 
 - ``greedy``: flexspeed's own loop (the native greedy loop where it is built);
 - ``streamer``: flexspeed's loop, streaming each token (no whole-loop native call);
@@ -83,7 +85,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     prompt, new = args.prompt or (8 if args.quick else 128), args.new or (4 if args.quick else 32)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     hf_model = _build(shape, dtype)
+    from flexspeed.inference.kernels import inject_kernels
+
     engine = flexspeed.init_inference(copy.deepcopy(hf_model), dtype=dtype, replace_with_kernel_inject=True)
+    torch_only = flexspeed.init_inference(inject_kernels(copy.deepcopy(hf_model), dtype, native=False), dtype=dtype,
+                                          replace_with_kernel_inject=True)
     ids = torch.randint(3, shape["vocab"], (1, prompt), generator=torch.Generator().manual_seed(1))
     base = dict(max_new_tokens=new, min_new_tokens=new, attention_mask=torch.ones_like(ids))
 
@@ -96,8 +102,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         seqs = out if isinstance(out, torch.Tensor) else out.sequences
         return (seqs.shape[1] - prompt) * seqs.shape[0] / (time.perf_counter() - t0)
 
-    runs = {(name, who): [] for name in CASES for who in ("hf", "fs")}
-    fns = {"hf": hf_model.generate, "fs": engine.generate}
+    fns = {"hf": hf_model.generate, "fs": engine.generate, "fs torch": torch_only.generate}
+    runs = {(name, who): [] for name in CASES for who in fns}
     for name, case in CASES.items():  # warm-up
         for who, fn in fns.items():
             call(fn, case)
@@ -107,13 +113,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 runs[(name, who)].append(call(fn, case))
     rows = []
     for name in CASES:
-        hf, fs = statistics.median(runs[(name, "hf")]), statistics.median(runs[(name, "fs")])
-        rows.append({"case": name, "hf_tok_s": hf, "fs_tok_s": fs, "ratio": fs / hf})
+        hf, fs, ft = (statistics.median(runs[(name, who)]) for who in ("hf", "fs", "fs torch"))
+        rows.append({"case": name, "hf_tok_s": hf, "fs_tok_s": fs, "ratio": fs / hf, "fs_torch_tok_s": ft,
+                     "torch_ratio": ft / hf})
     print(f"OPT-125M shape, {args.dtype}, batch 1, prompt {prompt}, {new} new, {args.threads} threads; "
           f"decode: {engine.runner_choice.describe()}")
-    print(f"{'case':<20} {'HF tok/s':>9} {'fs tok/s':>9} {'fs/HF':>6}")
+    print(f"{'case':<20} {'HF tok/s':>9} {'fs tok/s':>9} {'fs/HF':>6} {'fs torch':>9} {'/HF':>5}")
     for r in rows:
-        print(f"{r['case']:<20} {r['hf_tok_s']:9.1f} {r['fs_tok_s']:9.1f} {r['ratio']:6.2f}")
+        print(f"{r['case']:<20} {r['hf_tok_s']:9.1f} {r['fs_tok_s']:9.1f} {r['ratio']:6.2f} "
+              f"{r['fs_torch_tok_s']:9.1f} {r['torch_ratio']:5.2f}")
     return rows
 
 
