@@ -14,6 +14,10 @@ parameters; AdamW), take one optimizer step so the optimizer state exists, then
   dicts, and ``torch.load(weights_only=True)`` + ``load_state_dict`` of it on every rank (what a
   hand-written DDP loop does; it does not reshard).
 
+``--stall``: the training stall per interval save (``checkpoint.save_interval``), synchronous against
+``checkpoint.async_save`` (the state copied, then written on a background thread), side by side on the
+same engine.
+
 Then, in this process: ``consolidate`` (what ``flexspeed export`` does) of the world-2 stage-3
 checkpoint, and a reshard load (saved at world 2 stage 2, loaded at world 1 stage 0).
 
@@ -22,7 +26,7 @@ its own fresh process (peak RSS over the RSS after imports): the streaming folde
 (``flexspeed export CKPT OUT/ --max-shard-size 200MB``) against consolidating the whole state dict in
 memory and writing it (the single-file ``.pt`` path). Target: <= 1.2 x the largest shard + 0.5 GB.
 
-    python benchmarks/checkpoint.py [--worlds 1 2 4] [--stages 0 1 2 3] [--reps 3] [--export-peak]
+    python benchmarks/checkpoint.py [--worlds 1 2 4] [--stages 0 1 2 3] [--reps 3] [--export-peak | --stall]
 """
 
 from __future__ import annotations
@@ -185,15 +189,74 @@ def _verified_vs_unverified(engine, save_dir: str, rank: int, world: int, reps: 
     return verified, unverified, hash_s, max(in_checksum)
 
 
+def _stall_group(rank: int, world: int, root: str, stages: list, reps: int) -> list:
+    """Training stall per interval save (checkpoint.save_interval), synchronous vs asynchronous, side by side.
+
+    The same engine trains ``4 * (reps + 1)`` steps with a save every 4 steps; the stall of a save is the
+    time the training thread spent in it (``AutoSaver.stalls``: for an asynchronous save the copy of the
+    state plus any wait for the previous write), the first save of each run left out (warm-up). Also the
+    median step time without a save, for scale.
+    """
+    import torch.distributed as dist
+
+    from flexspeed.runtime.autosave import AutoSaver
+
+    rows = []
+    for stage in stages:
+        engine = _engine(world, stage)
+        _step(engine)
+        step_s = statistics.median(_timed(lambda: _step(engine)) for _ in range(3))
+        stalls = {}
+        for mode in ("sync", "async"):
+            saver = AutoSaver(save_dir=os.path.join(root, f"stall-w{world}s{stage}-{mode}"), save_interval=4,
+                              keep_last=2, async_save=mode == "async")
+            engine.autosaver = saver
+            for _ in range(4 * (reps + 1)):
+                _step(engine)
+            saver.wait()
+            engine.autosaver = None
+            worst = [0.0] * world
+            dist.all_gather_object(worst, statistics.median(saver.stalls[1:]))
+            stalls[mode] = max(worst)
+        if rank == 0:
+            rows.append({"world": world, "stage": stage, "step_s": step_s, **stalls})
+    return rows
+
+
+def _print_stalls(rows: list[dict]) -> None:
+    print()
+    print("Training stall per interval save (checkpoint.save_interval=4): seconds the training thread spends in "
+          "it, median, slowest rank")
+    print()
+    print("| world | stage | step s (no save) | sync save stall s | async save stall s | async / sync |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['world']} | {r['stage']} | {r['step_s']:.3f} | {r['sync']:.3f} | {r['async']:.3f} | "
+              f"{r['async'] / r['sync']:.2f} |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--export-peak", action="store_true", help="only the export peak-memory comparison")
+    ap.add_argument("--stall", action="store_true", help="only the training stall per save, sync vs async")
     args = ap.parse_args()
     if args.export_peak:
         return export_peak()
+    if args.stall:
+        from flexspeed.testing import run_ranks
+
+        root = tempfile.mkdtemp(prefix="flexspeed-ckpt-stall-")
+        try:
+            stall_rows = [row for world in args.worlds for row in
+                          run_ranks(_stall_group, world_size=world, args=(root, args.stages, args.reps),
+                                    timeout=900)[0]]
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        _print_stalls(stall_rows)
+        return 0
 
     from flexspeed.models import GPT
     from flexspeed.testing import run_ranks

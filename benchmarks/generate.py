@@ -13,8 +13,8 @@ medians are reported. Configurations:
 - ``inject fp32`` / ``inject bf16``: ``replace_with_kernel_inject=True`` (fused layers, static KV cache).
 - ``inject bf16 int8`` / ``int4``: plus weight quantization (int4: group 64).
 - ``inject bf16 compiled`` (``--compile``): decode step under ``torch.compile``.
-- ``inject bf16 torch-only``: injection with the native decode kernel off (torch's kernels on
-  oneDNN-packed weights), to show what the kernel adds.
+- ``inject bf16 torch-only`` / ``inject fp32 torch-only``: injection with the native decode
+  kernel off (torch's kernels on oneDNN-packed weights), to show what the kernel adds.
 - ``tp2 inject bf16``: tensor parallel over 2 ranks (gloo, 1 thread each), via ``run_ranks``.
 
 Columns: tok/s = batch x new / wall time of one ``generate`` call; ``vs HF`` against HF in the same
@@ -26,7 +26,21 @@ is the single model's, as the two ranks share one memory bus and together read e
 once; ``floor ms`` = read bytes / that bandwidth; ``decode ms`` = (full call - prompt-only
 call) / (new - 1); ``x floor`` = decode ms / floor ms.
 
+Two conditions, interleaved in the same run: ``idle`` (whatever else the machine runs) and
+``contended``: a fixed background load the script starts itself, the same for every contender
+(:class:`BackgroundLoad`: ``--load-procs`` processes that each sleep ~``--load-sleep-ms`` and then
+spin ~``--load-burst-ms``, many times a second, so they keep waking and taking a core for a short
+while, as test runs and builds do). The load processes are started once and stopped (SIGSTOP)
+during the idle calls, resumed (SIGCONT) during the contended ones; every repetition measures
+every configuration in both conditions. The contended table's ``vs torch`` is tok/s against the
+torch-only injection in the same dtype (the native path should never lose to it), ``dec vs
+torch`` the same for the decode steps alone (the prompt of an un-injected model runs the model's
+own forward) and the native
+kernel's thread statistics (time slices its threads lost inside calls, re-measurements and
+switches of its adaptive thread count).
+
     python benchmarks/generate.py [--quick] [--models opt,gpt2] [--batches 1,16] [--reps 3] [--compile] [--no-tp]
+                                  [--no-contended] [--load-procs 4] [--load-burst-ms 2] [--load-sleep-ms 6]
 """
 
 from __future__ import annotations
@@ -40,6 +54,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -104,6 +120,58 @@ class BandwidthProbe:
         return statistics.median(self.samples)
 
 
+_LOAD_SCRIPT = """
+import os, random, sys, time
+burst, pause, seed = float(sys.argv[1]) / 1e3, float(sys.argv[2]) / 1e3, int(sys.argv[3])
+rng = random.Random(seed)
+while True:
+    time.sleep(pause * rng.uniform(0.5, 1.5))
+    end = time.perf_counter() + burst * rng.uniform(0.5, 1.5)
+    while time.perf_counter() < end:
+        pass
+"""
+
+
+class BackgroundLoad:
+    """A fixed, bursty background load: ``procs`` processes that each sleep ``sleep_ms`` and then
+    spin ``burst_ms`` (both jittered +-50%, seeded), over and over: they wake ~100-200 times a
+    second and each takes a core for a moment, as parallel test runs and builds do (the load that
+    made the kernel's spinning workers lose whole time slices). ``pause()`` stops them (SIGSTOP),
+    ``resume()`` lets them run; ``close()`` ends them. Only the processes it started are touched."""
+
+    def __init__(self, procs: int, burst_ms: float, sleep_ms: float) -> None:
+        # each in its own session, as other users' and services' processes are: with the kernel's
+        # autogroup scheduling (Linux's default on desktops and many servers) they then compete
+        # with this process as separate groups, not as its own threads
+        self.procs = [subprocess.Popen([sys.executable, "-c", _LOAD_SCRIPT, str(burst_ms), str(sleep_ms), str(i)],
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+                      for i in range(procs)]
+        self.running = True
+        self.describe = f"{procs} processes x (sleep ~{sleep_ms:g} ms, spin ~{burst_ms:g} ms)"
+        self.pause()
+
+    def _signal(self, sig: int) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(sig)
+
+    def pause(self) -> None:
+        if self.running:
+            self._signal(signal.SIGSTOP)
+            self.running = False
+
+    def resume(self) -> None:
+        if not self.running:
+            self._signal(signal.SIGCONT)
+            self.running = True
+            time.sleep(0.05)  # let them reach their sleep/spin rhythm
+
+    def close(self) -> None:
+        self._signal(signal.SIGKILL)
+        for p in self.procs:
+            p.wait()
+
+
 def _timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -139,8 +207,10 @@ def weight_bytes(model: nn.Module) -> tuple[int, int]:
     return resident, _unique_bytes(read) + packed
 
 
-def configurations(name: str, shape: dict, compile_decode: bool) -> list[tuple[str, str, nn.Module, Callable]]:
-    """(label, dtype for the HF ratio, model, ``run(ids, new)``) for every configuration."""
+def configurations(name: str, shape: dict, compile_decode: bool,
+                   only: set[str] | None = None) -> list[tuple[str, str, nn.Module, Callable]]:
+    """(label, dtype for the HF ratio, model, ``run(ids, new)``) for every configuration (those in
+    ``only`` if given; HF's and the torch-only one are always built: the ratios need them)."""
     import flexspeed
 
     base = build(name, shape)
@@ -162,14 +232,12 @@ def configurations(name: str, shape: dict, compile_decode: bool) -> list[tuple[s
         specs.append((f"inject bf16 int{bits}", "bf16", dict(dtype="bf16", replace_with_kernel_inject=True,
                                                               quant={"enabled": True, "weight": {"num_bits": bits}})))
     for label, dt, kw in specs:
-        out.append((label, dt, *fs(**kw)))
-    from flexspeed.inference.kernels import inject_kernels
-
-    torch_kernels = flexspeed.init_inference(copy.deepcopy(base), dtype="bf16")  # torch's kernels, packed weights
-    inject_kernels(torch_kernels.module, torch.bfloat16, native=False)
-    out.append(("inject bf16 torch-only", "bf16", torch_kernels.module,
-                lambda ids, new: torch_kernels.generate(ids, max_new_tokens=new, min_new_tokens=new)))
-    if compile_decode:
+        if only is None or label in only:
+            out.append((label, dt, *fs(**kw)))
+    for dt, torch_dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):  # torch's kernels, packed weights
+        if dt == "bf16" or only is None or f"inject {dt} torch-only" in only:
+            out.append(_torch_only(base, dt, torch_dt))
+    if compile_decode and (only is None or "inject bf16 compiled" in only):
         from flexspeed.inference.kernels import get_runner
 
         model, run = fs(dtype="bf16", replace_with_kernel_inject=True)
@@ -178,30 +246,63 @@ def configurations(name: str, shape: dict, compile_decode: bool) -> list[tuple[s
     return out
 
 
+def _torch_only(base: nn.Module, dt: str, torch_dt: torch.dtype) -> tuple:
+    import flexspeed
+    from flexspeed.inference.kernels import inject_kernels
+
+    engine = flexspeed.init_inference(copy.deepcopy(base), dtype=dt)
+    inject_kernels(engine.module, torch_dt, native=False)
+    return (f"inject {dt} torch-only", dt, engine.module,
+            lambda ids, new: engine.generate(ids, max_new_tokens=new, min_new_tokens=new))
+
+
 def measure(configs, batch: int, prompt: int, new: int, reps: int, vocab: int,
-            probe: BandwidthProbe | None = None, bandwidth: dict | None = None) -> dict[str, tuple[float, float]]:
+            probe: BandwidthProbe | None = None, bandwidth: dict | None = None,
+            load: BackgroundLoad | None = None, contended: dict | None = None) -> dict[str, tuple[float, float]]:
     """{label: (median full-call seconds, median prompt-only seconds)}, round-robin over configs.
 
-    The bandwidth ``probe`` is sampled right before and right after every configuration's calls;
-    ``bandwidth[label]`` gets the median of that configuration's own samples."""
+    The bandwidth ``probe`` is sampled right before and right after every configuration's calls
+    (idle only); ``bandwidth[label]`` gets the median of that configuration's own samples. With
+    a ``load``, every repetition measures every configuration again with the load running, into
+    ``contended`` (same format), and the native kernel's thread counters of those calls into
+    ``contended["_native"]``."""
+    from flexspeed.inference import native
+
     ids = torch.randint(1, vocab, (batch, prompt), generator=torch.Generator().manual_seed(batch))
-    full: dict[str, list[float]] = {c[0]: [] for c in configs}
-    pre: dict[str, list[float]] = {c[0]: [] for c in configs}
+    conditions = ["idle"] + (["contended"] if load is not None else [])
+    full = {c: {cfg[0]: [] for cfg in configs} for c in conditions}
+    pre = {c: {cfg[0]: [] for cfg in configs} for c in conditions}
     own: dict[str, list[float]] = {}
+    stats: dict[str, dict] = {}
     with torch.inference_mode():
         for _, _, _, run in configs:  # warm-up (and compilation)
             run(ids, 2)
         for _ in range(reps):
-            for label, _, _, run in configs:
-                if probe is not None:
-                    own.setdefault(label, []).append(probe.sample())
-                full[label].append(_timed(lambda: run(ids, new)))
-                pre[label].append(_timed(lambda: run(ids, 1)))
-                if probe is not None:
-                    own[label].append(probe.sample())
+            for cond in conditions:
+                if load is not None:
+                    load.resume() if cond == "contended" else load.pause()
+                for label, _, _, run in configs:
+                    if probe is not None and cond == "idle":
+                        own.setdefault(label, []).append(probe.sample())
+                    before = native.pool_stats() if cond == "contended" else None
+                    full[cond][label].append(_timed(lambda: run(ids, new)))
+                    pre[cond][label].append(_timed(lambda: run(ids, 1)))
+                    if before is not None:
+                        after = native.pool_stats()
+                        acc = stats.setdefault(label, {})
+                        for k in ("calls", "preempted", "explored", "switches", "sleeps"):
+                            acc[k] = acc.get(k, 0) + after[k] - before[k]
+                    if probe is not None and cond == "idle":
+                        own[label].append(probe.sample())
+        if load is not None:
+            load.pause()
     if bandwidth is not None:
         bandwidth.update({k: statistics.median(v) for k, v in own.items()})
-    return {k: (statistics.median(full[k]), statistics.median(pre[k])) for k in full}
+    if contended is not None and load is not None:
+        contended.update({k: (statistics.median(full["contended"][k]), statistics.median(pre["contended"][k]))
+                          for k in full["contended"]})
+        contended["_native"] = stats
+    return {k: (statistics.median(full["idle"][k]), statistics.median(pre["idle"][k])) for k in full["idle"]}
 
 
 def _tp_worker(rank: int, world: int, name: str, shape: dict, batch: int, prompt: int, new: int,
@@ -240,6 +341,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="add a torch.compile'd decode configuration")
     p.add_argument("--no-tp", action="store_true", help="skip the tensor-parallel row")
+    p.add_argument("--configs", default=None, help="comma list of configuration labels to run (default all; HF and "
+                                                   "torch-only always run)")
+    p.add_argument("--no-contended", action="store_true", help="skip the contended condition")
+    p.add_argument("--load-procs", type=int, default=4, help="background load: processes (contended condition)")
+    p.add_argument("--load-burst-ms", type=float, default=2.0, help="background load: spin per wake-up, ms")
+    p.add_argument("--load-sleep-ms", type=float, default=6.0, help="background load: sleep between bursts, ms")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     try:
@@ -257,51 +364,84 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"read bandwidth at start {bw / 1e9:.1f} GB/s, {args.threads} threads, prompt {prompt}, {new} new tokens, "
           f"median of {reps}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
-    rows = []
-    for name in args.models.split(","):
-        shape = QUICK if quick else SHAPES[name]
-        configs = configurations(name, shape, args.compile)
-        sizes = {label: weight_bytes(model) for label, _, model, _ in configs}
-        bws = {label: bw for label, _, _, _ in configs}
-        for batch in batches:
-            probe = BandwidthProbe(64 if quick else 512)
-            own: dict[str, float] = {}
-            times = measure(configs, batch, prompt, new, reps, shape["vocab"], probe, own)
-            bw = probe.median()
-            bws = {label: own.get(label, bw) for label in bws}  # each configuration's floor from its own samples
-            print(f"  {name} batch {batch}: read bandwidth during the run {min(probe.samples) / 1e9:.1f}-"
-                  f"{max(probe.samples) / 1e9:.1f} GB/s, median {bw / 1e9:.1f} ({len(probe.samples)} samples)",
-                  flush=True)
-            if not args.no_tp and not quick:
-                before = probe.sample()
-                tp = measure_tp(name, shape, batch, prompt, new, reps)
-                times["tp2 inject bf16"] = tp
-                # two ranks on one machine share its memory bus: together they read every weight once
-                sizes["tp2 inject bf16"] = sizes["inject bf16"]
-                bws["tp2 inject bf16"] = (before + probe.sample()) / 2  # sampled beside the ranks' run
-            hf_rate = {dt: batch * new / times[f"HF {dt}"][0] for dt in ("fp32", "bf16")}
-            for label, value in times.items():
-                dt = "fp32" if "fp32" in label else "bf16"
-                resident, read = sizes[label]
-                row = dict(model=name, config=label, batch=batch, weights_mb=resident / 2**20, read_mb=read / 2**20,
-                           bw_gbs=bws[label] / 1e9, floor_ms=read / bws[label] * 1e3)
-                if isinstance(value, str):
-                    row.update(note=value)
-                else:
-                    full, pre = value
-                    decode = (full - pre) / max(1, new - 1)
-                    row.update(tok_s=batch * new / full, vs_hf=batch * new / full / hf_rate[dt], decode_ms=decode * 1e3,
-                               x_floor=decode * 1e3 / row["floor_ms"], prefill_s=pre)
-                rows.append(row)
-            print(f"  {name} batch {batch} done", flush=True)
-    _print_table(rows)
+    load = None if args.no_contended else BackgroundLoad(args.load_procs, args.load_burst_ms, args.load_sleep_ms)
+    if load is not None:
+        print(f"contended condition: {load.describe}, the same for every configuration", flush=True)
+    rows: list[dict] = []
+    try:
+        for name in args.models.split(","):
+            shape = QUICK if quick else SHAPES[name]
+            configs = configurations(name, shape, args.compile,
+                                     set(args.configs.split(",")) if args.configs else None)
+            sizes = {label: weight_bytes(model) for label, _, model, _ in configs}
+            bws = {label: bw for label, _, _, _ in configs}
+            for batch in batches:
+                probe = BandwidthProbe(64 if quick else 512)
+                own: dict[str, float] = {}
+                contended: dict = {}
+                times = measure(configs, batch, prompt, new, reps, shape["vocab"], probe, own, load, contended)
+                stats = contended.pop("_native", {})
+                bw = probe.median()
+                bws = {label: own.get(label, bw) for label in bws}  # each configuration's floor from its own samples
+                print(f"  {name} batch {batch}: read bandwidth during the run {min(probe.samples) / 1e9:.1f}-"
+                      f"{max(probe.samples) / 1e9:.1f} GB/s, median {bw / 1e9:.1f} ({len(probe.samples)} samples)",
+                      flush=True)
+                if not args.no_tp and not quick and (not args.configs or "tp2 inject bf16" in args.configs):
+                    before = probe.sample()
+                    times["tp2 inject bf16"] = measure_tp(name, shape, batch, prompt, new, reps)
+                    # two ranks on one machine share its memory bus: together they read every weight once
+                    sizes["tp2 inject bf16"] = sizes["inject bf16"]
+                    bws["tp2 inject bf16"] = (before + probe.sample()) / 2  # sampled beside the ranks' run
+                    if load is not None:
+                        load.resume()
+                        try:
+                            contended["tp2 inject bf16"] = measure_tp(name, shape, batch, prompt, new, reps)
+                        finally:
+                            load.pause()
+                for cond, table in (("idle", times), ("contended", contended)):
+                    rows += _rows(cond, name, batch, new, table, sizes, bws, stats)
+                print(f"  {name} batch {batch} done", flush=True)
+    finally:
+        if load is not None:
+            load.close()
+    _print_table([r for r in rows if r["condition"] == "idle"], "idle")
+    if load is not None:
+        _print_contended([r for r in rows if r["condition"] == "contended"], load.describe)
     return rows
 
 
-def _print_table(rows: list[dict]) -> None:
+def _rows(cond: str, name: str, batch: int, new: int, times: dict, sizes: dict, bws: dict, stats: dict) -> list[dict]:
+    if not times:
+        return []
+    rate = {k: batch * new / v[0] for k, v in times.items() if not isinstance(v, str)}
+    decode_s = {k: (v[0] - v[1]) / max(1, new - 1) for k, v in times.items() if not isinstance(v, str)}
+    hf_rate = {dt: rate[f"HF {dt}"] for dt in ("fp32", "bf16")}
+    out = []
+    for label, value in times.items():
+        dt = "fp32" if "fp32" in label else "bf16"
+        resident, read = sizes[label]
+        row = dict(condition=cond, model=name, config=label, batch=batch, weights_mb=resident / 2**20,
+                   read_mb=read / 2**20, bw_gbs=bws[label] / 1e9, floor_ms=read / bws[label] * 1e3)
+        if isinstance(value, str):
+            row.update(note=value)
+        else:
+            full, pre = value
+            decode = (full - pre) / max(1, new - 1)
+            row.update(tok_s=rate[label], vs_hf=rate[label] / hf_rate[dt], decode_ms=decode * 1e3,
+                       x_floor=decode * 1e3 / row["floor_ms"], prefill_s=pre,
+                       vs_torch=rate[label] / rate.get(f"inject {dt} torch-only", rate["inject bf16 torch-only"]),
+                       decode_vs_torch=decode_s.get(f"inject {dt} torch-only", decode_s["inject bf16 torch-only"])
+                       / decode)
+            if label in stats:
+                row["native"] = stats[label]
+        out.append(row)
+    return out
+
+
+def _print_table(rows: list[dict], title: str) -> None:
     head = (f"{'model':6} {'config':22} {'batch':>5} {'tok/s':>8} {'vs HF':>6} {'weights MB':>10} {'read MB':>8} "
             f"{'GB/s':>5} {'floor ms':>8} {'decode ms':>9} {'x floor':>7} {'prefill s':>9}")
-    print("\n" + head + "\n" + "-" * len(head))
+    print(f"\n{title}\n" + head + "\n" + "-" * len(head))
     for r in rows:
         if "note" in r:
             print(f"{r['model']:6} {r['config']:22} {r['batch']:>5} {r['note']}")
@@ -309,6 +449,22 @@ def _print_table(rows: list[dict]) -> None:
         print(f"{r['model']:6} {r['config']:22} {r['batch']:>5} {r['tok_s']:>8.1f} {r['vs_hf']:>6.2f} "
               f"{r['weights_mb']:>10.1f} {r['read_mb']:>8.1f} {r['bw_gbs']:>5.1f} {r['floor_ms']:>8.2f} {r['decode_ms']:>9.2f} "
               f"{r['x_floor']:>7.2f} {r['prefill_s']:>9.3f}")
+
+
+def _print_contended(rows: list[dict], load: str) -> None:
+    head = (f"{'model':6} {'config':22} {'batch':>5} {'tok/s':>8} {'vs HF':>6} {'vs torch':>8} {'decode ms':>9} "
+            f"{'dec vs torch':>12} "
+            f"{'lost slices':>11} {'re-measured':>11} {'switches':>8} {'slept':>7} {'calls':>7}")
+    print(f"\ncontended ({load})\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        if "note" in r:
+            print(f"{r['model']:6} {r['config']:22} {r['batch']:>5} {r['note']}")
+            continue
+        n = r.get("native") or {}
+        native = (f"{n.get('preempted', 0):>11} {n.get('explored', 0):>11} {n.get('switches', 0):>8} "
+                  f"{n.get('sleeps', 0):>7} {n.get('calls', 0):>7}") if n.get("calls") else f"{'-':>11}"
+        print(f"{r['model']:6} {r['config']:22} {r['batch']:>5} {r['tok_s']:>8.1f} {r['vs_hf']:>6.2f} "
+              f"{r['vs_torch']:>8.2f} {r['decode_ms']:>9.2f} {r['decode_vs_torch']:>12.2f} {native}")
 
 
 if __name__ == "__main__":

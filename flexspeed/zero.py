@@ -21,6 +21,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import torch
@@ -29,7 +30,24 @@ import torch.nn as nn
 
 from flexspeed.runtime.zero import warn_once
 
-__all__ = ["Init", "GatheredParameters", "InitRecord", "materialize_module"]
+__all__ = ["Init", "GatheredParameters", "InitRecord", "materialize_module", "as_meta_placeholders",
+           "ZeroParamStatus", "ZeroParamType"]
+
+
+class ZeroParamType(Enum):
+    """DeepSpeed's kinds of ZeRO-3 parameter (the values of ``param.ds_param_type`` there)."""
+
+    NORMAL = 1  # a whole tensor, replicated
+    PARTITIONED = 2  # this rank holds a partition
+    REMOTE = 3  # on another device
+
+
+class ZeroParamStatus(Enum):
+    """DeepSpeed's states of a ZeRO-3 parameter (``param.ds_status``)."""
+
+    AVAILABLE = 1  # whole on this rank
+    NOT_AVAILABLE = 2  # partitioned
+    INFLIGHT = 3  # being gathered
 
 
 @dataclass(frozen=True)
@@ -44,6 +62,11 @@ class InitRecord:
 
 _RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ACTIVE: list[Init] = []
+# Parameters built under Init are flexspeed's meta placeholders: they carry DeepSpeed's ds_* attributes and
+# their owners [(module ref, name)]; module -> {name: this rank's flat 1/world chunk of the values a
+# GatheredParameters(modifier_rank=...) block wrote} (DeepSpeed's ds_tensor), read by initialize()
+_SHARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_NEXT_ID = [0]
 
 
 class Init:
@@ -70,6 +93,8 @@ class Init:
             parameters, on full temporary tensors of that module's own (non-recursive) parameters.
     """
 
+    _empty_placeholders = False  # meta placeholders; the DeepSpeed face's Init uses 0-element ones
+
     def __init__(self, module: nn.Module | None = None, data_parallel_group: dist.ProcessGroup | None = None,
                  mem_efficient_linear: bool = True, remote_device: str | None = None, pin_memory: bool = False,
                  config_dict_or_path: Any = None, config: Any = None, enabled: bool = True,
@@ -90,6 +115,7 @@ class Init:
         self.group = data_parallel_group
         self._hook: Any = None
         self._record: InitRecord | None = None
+        self._made: list[nn.Parameter] = []
         if module is not None and enabled:
             _RECORDS[module] = InitRecord(torch.get_rng_state(), seed, param_init_fn, data_parallel_group)
 
@@ -98,6 +124,7 @@ class Init:
             _ACTIVE.append(self)
             return self
         self._record = InitRecord(torch.get_rng_state(), self.seed, self.param_init_fn, self.group)
+        _install_movable_placeholders()
         self._hook = nn.modules.module.register_module_parameter_registration_hook(self._on_parameter)
         _ACTIVE.append(self)
         return self
@@ -107,6 +134,11 @@ class Init:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        for p in self._made:  # DeepSpeed's form: a 0-element tensor on the parameter's device
+            if _is_placeholder(p) and p.is_meta:
+                _swap_in(p, _placeholder_data(p.ds_shape, p.dtype, p._fs_device, True))
+                p._fs_empty = True
+        self._made = []
 
     def _on_parameter(self, module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
         # Each parameter is created for real by its constructor (torch.empty: no pages touched) and
@@ -114,9 +146,19 @@ class Init:
         if param is None:
             return None
         _RECORDS[module] = self._record
+        if _is_placeholder(param):  # the same placeholder registered again (tied weights)
+            param._fs_owners.append((weakref.ref(module), name))
+            return None
         if param.is_meta:
             return None
-        return nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+        # meta while constructors run (their initialisers need the shape); DeepSpeed's form at exit
+        placeholder = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+        placeholder._fs_owners = [(weakref.ref(module), name)]
+        placeholder._fs_device = param.device
+        _set_ds_attributes(placeholder, param.shape, self.group, False)
+        if self._empty_placeholders:
+            self._made.append(placeholder)  # a strong reference until exit (swap_tensors refuses weakly held ones)
+        return placeholder
 
 
 def _find_record(module: nn.Module) -> InitRecord | None:
@@ -125,6 +167,126 @@ def _find_record(module: nn.Module) -> InitRecord | None:
         if record is not None:
             return record
     return None
+
+
+# ---- placeholders: DeepSpeed's attributes, moves, and values written before initialize() ------------------
+def _placeholder_data(shape: torch.Size, dtype: torch.dtype, device: torch.device, empty: bool) -> torch.Tensor:
+    """A placeholder's storage-less value: meta with the full shape, or DeepSpeed's 0-element tensor on the device."""
+    return torch.empty(0, dtype=dtype, device=device) if empty else torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _set_ds_attributes(p: nn.Parameter, shape: torch.Size, group: dist.ProcessGroup | None, empty: bool) -> None:
+    """DeepSpeed's ZeRO-3 parameter attributes, which integrating code reads (``p.ds_numel``, ``p.ds_status``)."""
+    p.ds_id = _NEXT_ID[0]
+    _NEXT_ID[0] += 1
+    p.ds_shape = torch.Size(shape)
+    p.ds_numel = p.ds_shape.numel()
+    p._fs_empty = empty
+    p.ds_status = ZeroParamStatus.NOT_AVAILABLE
+    p.ds_persist = False
+    p.ds_tensor = None  # this rank's flat partition, once values were written (GatheredParameters)
+    p.ds_process_group = group
+
+
+def _is_placeholder(t: Any) -> bool:
+    """A parameter built under Init that holds no values right now (not inside a GatheredParameters block)."""
+    return (isinstance(t, torch.Tensor) and "_fs_owners" in t.__dict__
+            and t.__dict__.get("ds_status") == ZeroParamStatus.NOT_AVAILABLE)
+
+
+def as_meta_placeholders(module: nn.Module) -> None:
+    """Turn DeepSpeed-style (0-element) placeholders of ``module`` into meta tensors of their full shape, the
+    form ``initialize()`` shards and fills (called by ``apply_zero``)."""
+    for p in module.parameters():
+        if _is_placeholder(p) and not p.is_meta:
+            _swap_in(p, torch.empty(p.ds_shape, dtype=p.dtype, device="meta"))
+            p._fs_empty = False
+
+
+def _swap_in(p: nn.Parameter, value: torch.Tensor) -> None:
+    """Give parameter ``p`` the storage of ``value`` in place (same object: callers hold it), keeping its attributes
+    (``.data =`` cannot move a tensor between meta and a real device)."""
+    attrs = dict(p.__dict__)
+    torch.utils.swap_tensors(p, nn.Parameter(value, requires_grad=p.requires_grad))
+    p.__dict__.update(attrs)
+
+
+_MOVABLE = [False]
+
+
+def _install_movable_placeholders() -> None:
+    """``module.cpu()``/``.to(device)`` keep placeholders as they are (DeepSpeed's partitioned parameters move
+    with no data to copy; a meta tensor refuses the copy). Installed once; other tensors are untouched."""
+    if _MOVABLE[0]:
+        return
+    original = nn.Module._apply
+
+    def _apply(self: nn.Module, fn: Callable, *args: Any, **kwargs: Any) -> nn.Module:
+        if getattr(fn, "_fs_keeps_placeholders", False):  # already wrapped by the parent module's call
+            return original(self, fn, *args, **kwargs)
+
+        def keep_placeholders(t: torch.Tensor) -> torch.Tensor:
+            if _is_placeholder(t):
+                try:
+                    return fn(t)  # a dtype change applies to the placeholder
+                except NotImplementedError:  # a device move: nothing to copy
+                    return t
+            return fn(t)
+
+        keep_placeholders._fs_keeps_placeholders = True
+        return original(self, keep_placeholders, *args, **kwargs)
+
+    nn.Module._apply = _apply
+    _MOVABLE[0] = True
+
+
+def _group_of(p: nn.Parameter) -> dist.ProcessGroup | None:
+    return getattr(p, "ds_process_group", None)
+
+
+def _world_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if not dist.is_initialized():
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _chunk(full: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """This rank's flat chunk of ``full`` (zero-padded to ``ceil(numel / world)``), a copy."""
+    world, rank = _world_rank(group)
+    size = -(-full.numel() // world)
+    flat = full.detach().reshape(-1)
+    out = torch.zeros(size, dtype=full.dtype)
+    part = flat[rank * size:(rank + 1) * size]
+    out[:part.numel()].copy_(part)
+    return out
+
+
+def _unchunk(chunk: torch.Tensor, shape: torch.Size, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """The whole tensor from every rank's chunk (an all-gather over ``group``)."""
+    world, _ = _world_rank(group)
+    if world == 1:
+        return chunk[:shape.numel()].reshape(shape).clone()
+    dev = _comm_device(group)
+    parts = [torch.empty(chunk.numel(), dtype=chunk.dtype, device=dev) for _ in range(world)]
+    dist.all_gather(parts, chunk.to(dev), group=group)
+    return torch.cat(parts)[:shape.numel()].reshape(shape).cpu()
+
+
+def _comm_device(group: dist.ProcessGroup | None) -> torch.device:
+    """Where collectives over ``group`` take their tensors (NCCL-only groups need CUDA ones)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _record_values(p: nn.Parameter, full: torch.Tensor) -> None:
+    """Keep this rank's chunk of ``full`` as the value of placeholder ``p`` (for every module that owns it)."""
+    chunk = _chunk(full, _group_of(p))
+    p.ds_tensor = chunk
+    for ref, name in p._fs_owners:
+        module = ref()
+        if module is not None:
+            _SHARDS.setdefault(module, {})[name] = (chunk, p.ds_shape, _group_of(p))
 
 
 def _fill_from_full(dst: torch.Tensor, full: torch.Tensor) -> None:
@@ -139,14 +301,28 @@ def _fill_from_full(dst: torch.Tensor, full: torch.Tensor) -> None:
 
 
 def _init_module(module: nn.Module, name: str, param_init_fn: Callable[[nn.Module], None] | None) -> None:
-    """Run ``module``'s initialisers on full CPU copies of its own parameters; keep this rank's part."""
+    """Fill ``module``'s own parameters: from values written under Init (a ``GatheredParameters`` block
+    with a modifier rank, e.g. a pretrained checkpoint), else by its initialisers on full CPU copies;
+    either way this rank keeps its part."""
     own = {n: p for n, p in module._parameters.items() if p is not None}
+    written = {n: v for n, v in _SHARDS.get(module, {}).items() if n in own}
+    todo = [n for n in own if n not in written]
+    if todo:
+        _reset_into(module, name, own, todo, param_init_fn)
+    with torch.no_grad():
+        for n, (chunk, shape, group) in written.items():  # one whole tensor at a time
+            _fill_from_full(own[n], _unchunk(chunk, shape, group).to(own[n].dtype))
+
+
+def _reset_into(module: nn.Module, name: str, own: dict[str, nn.Parameter], todo: list[str],
+                param_init_fn: Callable[[nn.Module], None] | None) -> None:
     reset = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
     if reset is None and param_init_fn is None:
         raise ValueError(
-            f"module {name or '<root>'} ({type(module).__name__}) owns parameters {sorted(own)} built under "
-            "zero.Init but has no reset_parameters() to fill them. Fix: add reset_parameters() to the class, or "
-            "pass zero.Init(param_init_fn=fn) with fn(module) initialising them")
+            f"module {name or '<root>'} ({type(module).__name__}) owns parameters {sorted(todo)} built under "
+            "zero.Init but has no reset_parameters() to fill them. Fix: add reset_parameters() to the class, "
+            "pass zero.Init(param_init_fn=fn) with fn(module) initialising them, or write their values inside "
+            "GatheredParameters(params, modifier_rank=0) before initialize()")
     temps = {n: nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
              for n, p in own.items()}
     module._parameters.update(temps)
@@ -159,8 +335,8 @@ def _init_module(module: nn.Module, name: str, param_init_fn: Callable[[nn.Modul
     finally:
         module._parameters.update(own)
     with torch.no_grad():
-        for n, p in own.items():
-            _fill_from_full(p, temps[n].detach())
+        for n in todo:
+            _fill_from_full(own[n], temps[n].detach())
 
 
 def materialize_module(module: nn.Module, device: torch.device, record: InitRecord | None = None,
@@ -226,24 +402,43 @@ class GatheredParameters:
 
         if not self.enabled:
             return self.params
-        meta = [tuple(p.shape) for p in self.params if p.is_meta]
-        if meta:  # reads would see no values and writes would be lost: say so
+        holders = [p for p in self.params if _is_placeholder(p)]
+        blank = [tuple(p.shape) for p in self.params if p.is_meta and not _is_placeholder(p)]
+        blank += [tuple(p.ds_shape) for p in holders if p.ds_tensor is None and self.modifier_rank is None]
+        if blank:  # reads would see no values and writes would be lost: say so
             raise RuntimeError(
-                f"GatheredParameters got {len(meta)} parameter(s) with no storage yet (shapes {meta[:3]}): modules "
-                "built under zero.Init() are filled when flexspeed.initialize() shards them, unlike DeepSpeed's, "
-                "which partitions at construction. Fix: gather engine.module's parameters after initialize(), or "
-                "set initial values with zero.Init(param_init_fn=fn)")
+                f"GatheredParameters got {len(blank)} parameter(s) with no storage yet (shapes {blank[:3]}): modules "
+                "built under zero.Init() are filled when flexspeed.initialize() shards them (or by a "
+                "GatheredParameters(..., modifier_rank=r) block writing their values first). Fix: gather "
+                "engine.module's parameters after initialize(), write them with modifier_rank=0, or set initial "
+                "values with zero.Init(param_init_fn=fn)")
+        self._placeholders = holders
+        self._devices = {id(p): p.device for p in holders}
         with torch.no_grad():
+            for p in self._placeholders:  # whole in place, as DeepSpeed's are (HF loads into the parameter)
+                written = p.ds_tensor is not None
+                _swap_in(p, _unchunk(p.ds_tensor, p.ds_shape, _group_of(p)).to(p.dtype) if written
+                         else torch.zeros(p.ds_shape, dtype=p.dtype))
+                p.ds_status = ZeroParamStatus.AVAILABLE
             self.full = [p.full_tensor().detach() if isinstance(p, DTensor) else p.data for p in self.params]
         self._versions = [t._version for t in self.full]
         return self.full
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        if not self.enabled or exc_type is not None:
+        if not self.enabled:
             return
-        if self.modifier_rank is None:
-            from torch.distributed.tensor import DTensor
+        try:
+            if exc_type is None:
+                self._check_or_publish()
+        finally:
+            for p in getattr(self, "_placeholders", []):  # back to a placeholder, whatever happened
+                _swap_in(p, _placeholder_data(p.ds_shape, p.dtype, self._devices[id(p)], p._fs_empty))
+                p.ds_status = ZeroParamStatus.NOT_AVAILABLE
 
+    def _check_or_publish(self) -> None:
+        from torch.distributed.tensor import DTensor
+
+        if self.modifier_rank is None:
             # a sharded parameter's yielded tensor is a copy (changes are dropped); an unsharded one's is the
             # parameter's own storage, so a change there would reach this rank's weights only
             changed = [i for i, (p, t, v) in enumerate(zip(self.params, self.full, self._versions))
@@ -254,13 +449,18 @@ class GatheredParameters:
                     "modifier_rank=None (read-only): they are not sharded, so the change reached this rank's "
                     "weights only. Fix: pass modifier_rank=<the rank whose values every rank should keep>")
             return
-        from torch.distributed.tensor import DTensor
-
+        placeholders = {id(p) for p in self._placeholders}
         with torch.no_grad():
             for p, full in zip(self.params, self.full):
-                group = p.device_mesh.get_group() if isinstance(p, DTensor) else None
+                group = p.device_mesh.get_group() if isinstance(p, DTensor) else _group_of(p)
                 if dist.is_initialized() and dist.get_world_size(group) > 1:
                     src = dist.get_global_rank(group, self.modifier_rank) if group is not None else self.modifier_rank
-                    dist.broadcast(full, src=src, group=group)
+                    dev = _comm_device(group)
+                    moved = full if full.device == dev else full.to(dev)
+                    dist.broadcast(moved, src=src, group=group)
+                    if moved is not full:
+                        full.copy_(moved)
                 if isinstance(p, DTensor):
                     _fill_from_full(p, full)
+                elif id(p) in placeholders:
+                    _record_values(p, full)

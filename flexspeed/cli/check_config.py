@@ -61,7 +61,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            cfg = build_config(args.config, world_size=world_size, world_size_source=source,
+            from flexspeed.config import load_config
+            from flexspeed.distributed.tensor_parallel import resolve_tp
+
+            raw = load_config(config=args.config)
+            tp = resolve_tp(raw, None, world_size if args.world_size is not None else 0)[0]
+            if tp > 1 and args.world_size is None:
+                world_size, source = tp, "default: one tensor-parallel group; pass --world-size N"
+            if tp > 1:  # the batch triad is over world / autotp_size
+                world_size, source = world_size // tp, f"{source} / tensor_parallel.autotp_size {tp}"
+            cfg = build_config(raw, world_size=world_size, world_size_source=source,
                                dataloader_batch_size=args.batch_size, hidden_size=args.hidden_size)
     except ConfigError as exc:
         if args.json:

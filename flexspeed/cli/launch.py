@@ -33,6 +33,7 @@ import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["add_parser", "run", "parse_hostfile", "select_hosts", "SlurmSettings", "slurm_settings",
            "local_rank_flag", "torchrun_argv", "is_local_host"]
@@ -44,6 +45,7 @@ examples:
   flexspeed launch --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --master-port 29500 \\
       --nproc-per-node 8 train.py          # then the same with --node-rank 1 on the other node
   flexspeed launch --max-restarts 3 --nproc-per-node 4 train.py   # restart the group on a failure
+  flexspeed launch --nnodes 1:4 --max-restarts 3 --master-addr 10.0.0.1 train.py   # elastic: 1 to 4 nodes
   flexspeed launch --hostfile hosts.txt --include "node1:0,1@node2" --dry-run train.py
   srun --ntasks-per-node=1 flexspeed launch --nproc-per-node 4 train.py   # in a Slurm job
 
@@ -210,7 +212,7 @@ def local_rank_flag(script: str, module: bool = False) -> str | None:
     return m.group(1) if m else None
 
 
-def torchrun_argv(*, nnodes: int, nproc_per_node: int, node_rank: int, master_addr: str, master_port: int,
+def torchrun_argv(*, nnodes: int | str, nproc_per_node: int, node_rank: int, master_addr: str, master_port: int,
                   max_restarts: int, rdzv_timeout: int | None, script: str, script_args: list[str],
                   module: bool = False, local_rank: str | None = None) -> list[str]:
     """The ``torch.distributed.run`` arguments that run ``script`` as described.
@@ -223,7 +225,7 @@ def torchrun_argv(*, nnodes: int, nproc_per_node: int, node_rank: int, master_ad
     ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` then, so each restart gets a fresh worker store.
     """
     argv = [f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}", f"--max-restarts={max_restarts}"]
-    if max_restarts > 0:
+    if max_restarts > 0 or ":" in str(nnodes):  # restarts and MIN:MAX nodes need the c10d rendezvous
         conf = f"is_host={int(node_rank == 0)}" + (f",join_timeout={rdzv_timeout}" if rdzv_timeout else "")
         argv += ["--rdzv-backend=c10d", f"--rdzv-endpoint={master_addr}:{master_port}",
                  f"--rdzv-id=flexspeed-{master_port}", f"--rdzv-conf={conf}"]
@@ -238,6 +240,18 @@ def torchrun_argv(*, nnodes: int, nproc_per_node: int, node_rank: int, master_ad
     return argv + (["-m"] if module else []) + [script, *script_args]
 
 
+def _nnodes(text: str) -> int | str:
+    """``--nnodes``: ``N``, or ``MIN:MAX`` for an elastic job (torchrun's c10d rendezvous admits MIN to MAX nodes)."""
+    lo, sep, hi = text.partition(":")
+    try:
+        low, high = int(lo), int(hi if sep else lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not N or MIN:MAX (e.g. 2 or 1:4)") from None
+    if not 1 <= low <= high:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 1 <= MIN <= MAX")
+    return f"{low}:{high}" if sep and low != high else low
+
+
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Start SCRIPT on several processes (and nodes) with PyTorch's elastic agent\n"
@@ -246,8 +260,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> ar
     p.add_argument("--nproc-per-node", "--nproc_per_node", "--num_gpus", "--num-gpus", type=int, default=None,
                    dest="nproc_per_node", metavar="N",
                    help="processes per node (default: the hostfile's slots, else the GPU count, else 1)")
-    p.add_argument("--nnodes", "--num_nodes", "--num-nodes", type=int, default=None, dest="nnodes", metavar="N",
-                   help="number of nodes (default 1, or from Slurm / the hostfile)")
+    p.add_argument("--nnodes", "--num_nodes", "--num-nodes", type=_nnodes, default=None, dest="nnodes", metavar="N",
+                   help="number of nodes, or MIN:MAX for an elastic job (default 1, or from Slurm / the hostfile)")
     p.add_argument("--node-rank", "--node_rank", type=int, default=None, dest="node_rank", metavar="R",
                    help="this node's index, 0..nnodes-1 (default 0)")
     p.add_argument("--master-addr", "--master_addr", default=None, dest="master_addr", metavar="ADDR",
@@ -267,6 +281,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> ar
                    help="never pass --local_rank to the script (it reads LOCAL_RANK from the environment)")
     p.add_argument("--module", "-m", action="store_true", help="SCRIPT is a module name, run as 'python -m'")
     p.add_argument("--dry-run", action="store_true", help="print what would run and exit")
+    p.add_argument("--as-deepspeed", action="store_true", dest="as_deepspeed",
+                   help="run the workers with flexspeed as their 'deepspeed' (import deepspeed and its package "
+                        "metadata), for HF Trainer / Accelerate / Lightning scripts; see docs/integrations.md")
     p.add_argument("script", metavar="SCRIPT", help="the training script (or module with -m)")
     p.add_argument("script_args", nargs=argparse.REMAINDER, metavar="...", help="arguments for the script")
     return p
@@ -275,7 +292,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> ar
 @dataclass
 class _Plan:
     nodes: dict[str, list[int]]  # host -> device slots; one entry means "run here"
-    nnodes: int
+    nnodes: int | str  # "MIN:MAX" for an elastic job
     node_rank: int
     nproc: int
     master_addr: str
@@ -291,6 +308,8 @@ def _default_nproc() -> int:
 
 def _plan(args: argparse.Namespace) -> _Plan:
     """Resolve hostfile / Slurm / flags into what to run. Raises ValueError with the fix."""
+    if isinstance(args.nnodes, str) and (args.hostfile or args.include or args.exclude):
+        raise ValueError(f"--nnodes {args.nnodes} (elastic) cannot be combined with a hostfile selection")
     if args.hostfile or args.include or args.exclude:
         if args.hostfile:
             with open(args.hostfile) as f:
@@ -312,12 +331,13 @@ def _plan(args: argparse.Namespace) -> _Plan:
         return _Plan({"localhost": list(range(nproc))}, slurm.nnodes, slurm.node_rank, nproc,
                      args.master_addr or slurm.master_addr, args.master_port or slurm.master_port, None)
     nnodes, node_rank = args.nnodes or 1, args.node_rank or 0
-    if not 0 <= node_rank < nnodes:
-        raise ValueError(f"--node-rank {node_rank} is outside 0..{nnodes - 1} for --nnodes {nnodes}")
-    if nnodes > 1 and not args.master_addr:
+    most = int(str(nnodes).split(":")[-1])  # MIN:MAX (elastic): up to MAX nodes
+    if not 0 <= node_rank < most:
+        raise ValueError(f"--node-rank {node_rank} is outside 0..{most - 1} for --nnodes {nnodes}")
+    if most > 1 and not args.master_addr:
         raise ValueError(f"--nnodes {nnodes} needs --master-addr: the address of node 0, the same on every node")
     nproc = args.nproc_per_node or _default_nproc()
-    port = args.master_port or (_free_port() if nnodes == 1 else 29500)
+    port = args.master_port or (_free_port() if most == 1 else 29500)
     return _Plan({"localhost": list(range(nproc))}, nnodes, node_rank, nproc, args.master_addr or "127.0.0.1",
                  port, None)
 
@@ -339,6 +359,8 @@ def _node_command(args: argparse.Namespace, plan: _Plan, node_rank: int, host: s
         cmd += ["--rdzv-timeout", str(args.rdzv_timeout)]
     if args.no_local_rank:
         cmd.append("--no-local-rank")
+    if getattr(args, "as_deepspeed", False):
+        cmd.append("--as-deepspeed")
     if args.module:
         cmd.append("-m")
     prefix = f"CUDA_VISIBLE_DEVICES={','.join(map(str, slots))} " if plan.visible is not None or len(
@@ -373,8 +395,14 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         prefix = "".join(f"{k}={v} " for k, v in env.items())
         print(prefix + shlex.join([sys.executable, "-m", "torch.distributed.run", *argv]))
+        if getattr(args, "as_deepspeed", False):
+            print("# --as-deepspeed: each worker imports flexspeed's DeepSpeed compatibility layer as 'deepspeed'")
         return 0
     os.environ.update(env)
+    if getattr(args, "as_deepspeed", False):  # the workers inherit it (PYTHONPATH, FLEXSPEED_AS_DEEPSPEED)
+        from flexspeed.integrations.identity import activate
+
+        activate()
     return _run_elastic(argv)
 
 
@@ -384,13 +412,59 @@ def _run_elastic(argv: list[str]) -> int:
     from torch.distributed.run import parse_args
     from torch.distributed.run import run as elastic_run
 
+    _continue_stopped_workers_on_shutdown()
     try:
         elastic_run(parse_args(argv))
     except ChildFailedError as e:
         _, failure = e.get_first_failure()
         print(f"flexspeed launch: worker failed:\n{e}", file=sys.stderr)
+        culprit = _diagnosis(e)
+        if culprit:
+            print(f"flexspeed launch: {culprit}", file=sys.stderr)
         return failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
     return 0
+
+
+def _diagnosis(err: Exception) -> str | None:
+    """The heartbeat's sentence naming the rank that stopped answering, from the workers' error files."""
+    from flexspeed.distributed.heartbeat import DIAGNOSIS_MARK
+
+    for _, failure in sorted(getattr(err, "failures", {}).items()):
+        message = failure.message if isinstance(failure.message, str) else (failure.message or {}).get("message", "")
+        if isinstance(message, str) and DIAGNOSIS_MARK in message:
+            return message[message.index(DIAGNOSIS_MARK):]
+    return None
+
+
+def _continue_stopped_workers_on_shutdown() -> None:
+    """Let a stopped worker (SIGSTOP, a debugger) take the agent's SIGTERM at once.
+
+    When one worker fails, torch's agent sends SIGTERM to the others and waits 30 s before SIGKILL; a
+    stopped process ignores SIGTERM until it is continued, so a job with a stopped rank took 30 s longer to
+    end. This process (the launcher, not the workers) sends SIGCONT to the workers right before that.
+    """
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.api import PContext
+
+    original = PContext.close
+    if getattr(original, "_flexspeed_continues", False):
+        return
+
+    def close(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            pids = list(self.pids().values())
+        except Exception:  # noqa: BLE001 - no processes yet
+            pids = []
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except OSError:
+                pass
+        return original(self, *args, **kwargs)
+
+    close._flexspeed_continues = True  # type: ignore[attr-defined]
+    PContext.close = close
 
 
 def _worker_main(argv: list[str]) -> None:

@@ -1,8 +1,8 @@
 """``flexspeed report``: versions, backends and devices, and what this install can actually do.
 
 A feature is reported by running it, not by importing its module: a two-rank save and load of a
-checkpoint in a temporary directory, the native kernel's build and one call checked against
-torch, a one-step training run (and, with CUDA, the same on the GPU). Optional packages are
+checkpoint in a temporary directory, the native kernel's build, ABI check and two small kernels
+checked against torch (or why it is not built: no compiler, the failed command, and the fix), a one-step training run (and, with CUDA, the same on the GPU). Optional packages are
 listed with the command that installs each missing one. ``--quick`` skips the runs.
 """
 
@@ -75,22 +75,33 @@ def probe_checkpoint() -> str:
 
 
 def probe_native() -> str:
-    """Build (or find) the native kernel and check one call against torch."""
-    import shutil
-
+    """Load the native kernel (building it if needed), check its ABI against the ctypes mirrors,
+    call a trivial export and run two small kernels (attention on its worker threads, argmax)
+    against torch. Fails with the build's own reason (no compiler, the failed command) and fix."""
     import torch
+    import torch.nn.functional as F
 
     from flexspeed.inference import native
 
-    if native.library() is None:
-        cc = shutil.which("gcc") or shutil.which("cc")
-        why = "FLEXSPEED_NATIVE is off" if cc else "no C compiler on PATH (apt-get install gcc, or set CC)"
-        raise RuntimeError(f"not built: {why}; CPU decoding runs on torch's kernels, 2-3x slower at batch 1")
-    x = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0))
-    got = native.argmax_rows(x)
-    if got is None or not torch.equal(got, x.argmax(-1)):
-        raise RuntimeError("built, but a test call disagreed with torch")
-    return f"built for this CPU, test call equals torch ({native.library()._name})"
+    lib = native.library()  # a NativeABIError propagates: the probe reports it
+    st = native.status()
+    if lib is None:
+        fix = f" Fix: {st['fix']}." if st.get("fix") else ""
+        raise RuntimeError(f"not built ({st['state']}):{fix} {st['detail'][:600]}")
+    native.check_abi(lib)
+    version = lib.fs_abi_version()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 3, 16, generator=g) for _ in range(3))
+    got = native.attention(q, k, v, 0, None, True, 0.25)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25)
+    if got is None or not torch.allclose(got, want, atol=1e-5, rtol=1e-5):
+        raise RuntimeError("built, but its attention disagreed with torch's")
+    x = torch.randn(3, 1000, generator=g)
+    am = native.argmax_rows(x)
+    if am is None or not torch.equal(am, x.argmax(-1)):
+        raise RuntimeError("built, but its argmax disagreed with torch's")
+    return (f"ABI {version}, {'AVX-512' if lib.fs_fast_path() else 'portable C'} build; attention and argmax equal "
+            f"torch ({st.get('compiler', '?')}, {lib._name})")
 
 
 def probe_training() -> str:
@@ -123,7 +134,7 @@ def run_probes() -> dict[str, dict]:
         try:
             out[name] = {"ok": True, "detail": fn()}
         except Exception as exc:  # noqa: BLE001 - a probe reports what failed, it does not stop the report
-            out[name] = {"ok": False, "detail": " ".join(f"{type(exc).__name__}: {exc}".split())[:400]}
+            out[name] = {"ok": False, "detail": " ".join(f"{type(exc).__name__}: {exc}".split())[:600]}
         out[name]["seconds"] = round(time.perf_counter() - t0, 2)
     return out
 

@@ -69,3 +69,28 @@ class Section(BaseModel):
     )
 
     json_aliases: ClassVar[dict[str, str]] = {}
+
+    # ---- read-only dict view: DeepSpeed's engine.config is the config dict, and HF's Trainer reads
+    # engine.config.get("zero_optimization", {}).get("stage"); values are the validated ones
+    def _field_name(self, key: str) -> str | None:
+        name = self.json_aliases.get(key, key)
+        return name if name in type(self).model_fields else None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of config key ``key`` (JSON spelling or alias), ``default`` when unknown or unset (null)."""
+        name = self._field_name(key)
+        value = getattr(self, name) if name is not None else None
+        return default if value is None else value
+
+    def __getitem__(self, key: str) -> Any:
+        name = self._field_name(key)
+        if name is None:
+            raise KeyError(key)
+        return getattr(self, name)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key) is not None
+
+    def keys(self) -> list[str]:
+        """The config keys that have a value (sections included)."""
+        return [n for n in type(self).model_fields if getattr(self, n) is not None]

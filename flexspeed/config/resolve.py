@@ -123,6 +123,11 @@ def resolve_config(config: Mapping[str, Any] | FlexConfig, *, world_size: int,
     _check_count("hidden_size", hidden_size, None, optional=True)
     data = cfg.model_dump()
     given = [None if data[k] == "auto" else data[k] for k in _TRIAD]
+    if cfg.elasticity.enabled:  # DeepSpeed's elastic arithmetic picks the whole triad (flexspeed.config.elasticity)
+        from flexspeed.config.elasticity import elastic_triad
+
+        written = {k for k in _TRIAD if k in config} if isinstance(config, Mapping) else set()
+        given = list(elastic_triad(cfg.elasticity, world_size, written))
     micro_auto = data["train_micro_batch_size_per_gpu"] == "auto"
     if micro_auto and dataloader_batch_size is not None:
         given[1] = dataloader_batch_size

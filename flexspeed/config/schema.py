@@ -12,12 +12,15 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from flexspeed.config.tensor_parallel import TensorParallelConfig
+from flexspeed.config.elasticity import ElasticityConfig
 from flexspeed.config.fields import Auto, Bool, Dtype, Int, NonNegFloat, PosFloat, PosInt, Section
 from flexspeed.config.sections import (
     ActivationCheckpointingConfig,
     Bf16Config,
     CheckpointConfig,
     CsvMonitorConfig,
+    DistributedConfig,
     DataTypesConfig,
     FlopsProfilerConfig,
     Fp16Config,
@@ -42,7 +45,6 @@ UNSUPPORTED_SECTIONS: dict[str, tuple[str, str]] = {
     "compression_training": ("DeepSpeed Compression", "remove the section"),
     "curriculum_learning": ("curriculum learning", "order the data in your own sampler"),
     "data_efficiency": ("the data-efficiency library", "remove the section"),
-    "elasticity": ("elastic training", "fix the batch triad for your world size"),
     "autotuning": ("the autotuner", "remove the section"),
     "hybrid_engine": ("the RLHF hybrid engine", "use flexspeed.init_inference for generation"),
     "moe": ("mixture-of-experts layers", "remove the section"),
@@ -55,7 +57,6 @@ UNSUPPORTED_SECTIONS: dict[str, tuple[str, str]] = {
     "comet": ("the Comet monitor", "use tensorboard, csv_monitor or wandb"),
     "compile": ("DeepCompile", "call torch.compile on your model"),
     "weight_quantization": ("weight quantization in training", "remove the section"),
-    "tensor_parallel": ("training-time automatic tensor parallelism", "remove the section"),
 }
 
 
@@ -90,8 +91,8 @@ class FlexConfig(Section):
     """Allow a client optimizer that is not one of the known optimizers with ZeRO."""
     zero_force_ds_cpu_optimizer: Bool = True
     """With optimizer offload, require a CPU-capable optimizer implementation."""
-    steps_per_print: PosInt = 10
-    """Log progress every this many optimizer steps."""
+    steps_per_print: PosInt | None = 10
+    """Log progress every this many optimizer steps; ``Infinity``/null = never (Accelerate writes inf)."""
     wall_clock_breakdown: Bool = False
     """Time forward, backward and step separately."""
     memory_breakdown: Bool = False
@@ -115,6 +116,8 @@ class FlexConfig(Section):
     """The engine's data loader drops the last incomplete batch."""
     flexspeed_nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
     """(flexspeed extension) Skip or raise on a non-finite gradient norm in fp32/bf16."""
+    flexspeed_distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    """(flexspeed extension) Process-group timeout and the heartbeat that names a stopped rank."""
     activation_checkpointing: ActivationCheckpointingConfig = Field(
         default_factory=ActivationCheckpointingConfig
     )
@@ -129,10 +132,19 @@ class FlexConfig(Section):
     """Weights & Biases monitor."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     """Checkpoint options."""
+    elasticity: ElasticityConfig = Field(default_factory=ElasticityConfig)
+    """Elastic training: the batch triad chosen so the job runs at many world sizes (DeepSpeed's arithmetic)."""
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     """Pipeline-parallel options."""
     timers: TimersConfig = Field(default_factory=TimersConfig)
     """Engine timers."""
+    tensor_parallel: TensorParallelConfig = Field(default_factory=TensorParallelConfig)
+    """Automatic tensor parallelism in training (``autotp_size``); docs/training.md."""
+
+    @field_validator("steps_per_print", mode="before")
+    @classmethod
+    def _never_print(cls, value: Any) -> Any:
+        return None if isinstance(value, float) and value == float("inf") else value
 
     @field_validator("gradient_allreduce_op", mode="before")
     @classmethod

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from flexspeed.config.errors import ConfigError
 from flexspeed.config.fields import (
     Auto,
     Bool,
@@ -103,6 +104,17 @@ class NonFiniteConfig(Section):
     ``raise``: raise at the first one; ``off``: step anyway (DeepSpeed's behaviour: the weights turn NaN)."""
     max_consecutive_skips: PosInt = 10
     """With ``skip``: raise when this many optimizer steps in a row were non-finite."""
+
+
+class DistributedConfig(Section):
+    """``"flexspeed_distributed"`` (a flexspeed extension; DeepSpeed has no such section): how long a
+    collective may wait, and the heartbeat that names a rank which stopped answering."""
+
+    timeout_minutes: Annotated[Float, Field(ge=0.001, le=525600)] | None = None
+    """Process-group timeout in minutes (fractions allowed), used when flexspeed starts the group.
+    Precedence: ``init_distributed(timeout=)`` > this key > ``DEEPSPEED_TIMEOUT`` > 10 minutes."""
+    heartbeat_interval: Annotated[Float, Field(ge=0, le=3600)] = 2.0
+    """Seconds between heartbeats (each rank publishes what it is doing); 0 turns the heartbeat off."""
 
 
 class Bf16Config(Section):
@@ -318,6 +330,35 @@ class CheckpointConfig(Section):
     """Each node writes to its local disk (not a shared file system)."""
     parallel_write: ParallelWriteConfig = Field(default_factory=ParallelWriteConfig)
     """Parallel checkpoint writing options."""
+    save_dir: Str | None = None
+    """(flexspeed extension) Where the engine saves every ``save_interval`` steps and resumes from."""
+    save_interval: Annotated[Int, Field(ge=1, le=2**31 - 1)] | None = None
+    """(flexspeed extension) Save a ``global_step<N>`` tag into ``save_dir`` every this many optimizer steps."""
+    keep_last: Annotated[Int, Field(ge=1, le=2**31 - 1)] | None = None
+    """(flexspeed extension) Keep only the newest this many ``global_step<N>`` tags of ``save_dir`` (older ones
+    are removed after a new one commits); null keeps all."""
+    auto_resume: Bool = False
+    """(flexspeed extension) ``initialize()`` loads the newest good tag of ``save_dir``, if any."""
+    async_save: Bool = False
+    """(flexspeed extension) Interval saves copy the state and write it on a background thread (still atomic and
+    verified); training waits only for the copy, and for the previous save before the next one."""
+
+    @model_validator(mode="after")
+    def _autosave_needs_dir(self) -> CheckpointConfig:
+        if self.save_dir is not None and not self.save_dir.strip():
+            raise ConfigError("is an empty string (it would mean the working directory). Fix: name a directory, "
+                              "e.g. \"save_dir\": \"checkpoints\", or remove the key", key="checkpoint.save_dir")
+        wanted = [k for k, on in (("save_interval", self.save_interval is not None),
+                                  ("keep_last", self.keep_last is not None), ("auto_resume", self.auto_resume),
+                                  ("async_save", self.async_save)) if on]
+        if wanted and self.save_dir is None:
+            raise ConfigError(f"is set but checkpoint.save_dir is not: the engine has no directory to save into "
+                              "or resume from. Fix: add \"save_dir\": \"checkpoints\" to the checkpoint section",
+                              key=f"checkpoint.{wanted[0]}")
+        if self.async_save and self.save_interval is None:
+            raise ConfigError("applies to the engine's interval saves, and checkpoint.save_interval is not set. "
+                              "Fix: set save_interval (steps), or remove async_save", key="checkpoint.async_save")
+        return self
 
     @field_validator("tag_validation", mode="before")
     @classmethod

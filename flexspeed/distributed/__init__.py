@@ -105,15 +105,20 @@ def init_distributed(dist_backend: str | None = None, auto_mpi_discovery: bool =
         auto_mpi_discovery: read Slurm / Open MPI variables when torchrun's are absent.
         distributed_port: rendezvous port when the launcher gives none.
         verbose: print where the world size came from, on rank 0.
-        timeout: collective timeout (default 30 minutes, torch's).
+        timeout: collective timeout; default: the config's ``flexspeed_distributed.timeout_minutes``,
+            else ``DEEPSPEED_TIMEOUT`` (minutes), else 10 minutes (see :mod:`flexspeed.distributed.timeout`).
         init_method: explicit URL (``tcp://host:port``); default ``env://``.
         dist_init_required: ``False`` means the caller promises an initialised group.
-        config: accepted for DeepSpeed compatibility; unused.
+        config: a config (dict, path or base64, as for ``initialize``); its ``flexspeed_distributed``
+            section sets the timeout (when ``timeout`` is not given) and the heartbeat interval.
         rank, world_size: explicit values, overriding the environment when >= 0.
     Returns:
         the detected ``LaunchEnv`` (also when the group already existed).
     """
-    del config
+    from flexspeed.distributed.timeout import config_timeout, resolve_timeout
+
+    section = _distributed_section(config)
+    resolved = resolve_timeout(timeout, config_timeout({"flexspeed_distributed": section}) if section else None)
     env = detect_launch_env(default_port=distributed_port) if auto_mpi_discovery else detect_launch_env(
         {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_"))}, distributed_port)
     if rank >= 0 or world_size >= 0:
@@ -121,13 +126,15 @@ def init_distributed(dist_backend: str | None = None, auto_mpi_discovery: bool =
                         f"explicit arguments (world_size={world_size})")
     if dist.is_initialized():
         ws = dist.get_world_size()
+        _adopt_timeout(resolved)
+        _start_heartbeat(section)
         return LaunchEnv(dist.get_rank(), ws, env.local_rank, env.master_addr, env.master_port,
                          f"an existing process group (world size {ws})")
     if dist_init_required is False:
         raise RuntimeError("dist_init_required=False but torch.distributed is not initialised: call "
                            "torch.distributed.init_process_group() first, or pass dist_init_required=None")
     backend = dist_backend or default_backend()
-    kwargs = {"timeout": timeout} if timeout is not None else {}
+    kwargs = {"timeout": resolved.value}
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     if env.world_size == 1 and init_method is None and env.master_addr is None:
@@ -150,9 +157,59 @@ def init_distributed(dist_backend: str | None = None, auto_mpi_discovery: bool =
     # interpreter tears down aborted ~1 run in 10 of a 2-rank gloo job ("terminate called without
     # an active exception" from a backend thread). Destroy the group we made before that.
     _install_exit_handler()
+    global _group_timeout
+    _group_timeout = (resolved, dist.distributed_c10d._get_default_group())
+    _start_heartbeat(section)
     if verbose and env.rank == 0:
-        print(f"flexspeed: initialised {backend} with world size {env.world_size} from {env.source}", flush=True)
+        print(f"flexspeed: initialised {backend} with world size {env.world_size} from {env.source}, collective "
+              f"timeout {resolved.describe()}", flush=True)
     return env
+
+
+_group_timeout: tuple | None = None  # (ResolvedTimeout, group) of the group flexspeed started
+
+
+def group_timeout() -> object | None:
+    """The ``ResolvedTimeout`` of the current default group if flexspeed started it, else None."""
+    if _group_timeout is None or not dist.is_initialized():
+        return None
+    resolved, group = _group_timeout
+    return resolved if group is dist.distributed_c10d._get_default_group() else None
+
+
+def _distributed_section(config: object | None) -> dict | None:
+    """The ``flexspeed_distributed`` section of ``config`` (a dict, a path or base64 JSON), if any."""
+    if config is None:
+        return None
+    if isinstance(config, (str, os.PathLike)):
+        from flexspeed.config import load_config
+
+        config = load_config(config=config)
+    section = config.get("flexspeed_distributed") if isinstance(config, dict) else None
+    return dict(section) if isinstance(section, dict) else section
+
+
+def _adopt_timeout(resolved: object) -> None:
+    """An existing group takes a config/environment timeout only if flexspeed started it without ``timeout=``."""
+    current = group_timeout()
+    if current is None or current.source.startswith("init_distributed") or resolved.source == current.source:
+        return
+    if resolved.source.startswith("the default"):
+        return
+    dist.distributed_c10d._set_pg_timeout(resolved.value)
+    global _group_timeout
+    _group_timeout = (resolved, dist.distributed_c10d._get_default_group())
+
+
+def _start_heartbeat(section: dict | None) -> None:
+    from flexspeed.distributed.heartbeat import start_heartbeat
+
+    interval = 2.0
+    if section:
+        from flexspeed.distributed.timeout import distributed_section
+
+        interval = distributed_section(section).heartbeat_interval
+    start_heartbeat(interval)
 
 
 _crashed = False
@@ -168,6 +225,12 @@ def _install_exit_handler() -> None:
         global _crashed
         _crashed = True
         previous(*args)
+        try:  # after the traceback: which rank stopped answering, if a collective failed
+            from flexspeed.distributed.heartbeat import report_failure
+
+            report_failure(args[1])
+        except Exception:  # noqa: BLE001 - never hide the original error
+            pass
 
     sys.excepthook = hook
     atexit.register(_destroy_at_exit)
@@ -175,6 +238,9 @@ def _install_exit_handler() -> None:
 
 def _destroy_at_exit() -> None:
     """Normal exit: wait (30 s at most) until every rank is done, then destroy the group."""
+    from flexspeed.distributed.heartbeat import stop_heartbeat
+
+    stop_heartbeat("failed" if _crashed else "exited")
     if dist.is_available() and dist.is_initialized():
         try:
             if dist.get_world_size() > 1 and dist.get_backend() == "gloo" and not _crashed:

@@ -15,6 +15,11 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 __all__ = ["by_dtype", "all_reduce_", "broadcast_", "grads_or_zeros"]
 
 
+def _locals(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The locally held part of each tensor (a DTensor's shard; plain tensors as they are)."""
+    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+
+
 def by_dtype(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
     """Indices of ``tensors`` grouped by (device, dtype), in first-seen order."""
     groups: dict[tuple, list[int]] = {}
@@ -28,6 +33,7 @@ def all_reduce_(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | None
     size = dist.get_world_size(group)
     if size == 1 or not tensors:
         return
+    tensors = _locals(tensors)
     for idx in by_dtype(tensors):
         chunk = [tensors[i] for i in idx]
         flat = _flatten_dense_tensors(chunk)
@@ -43,6 +49,8 @@ def broadcast_(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | None,
     if dist.get_world_size(group) == 1 or not tensors:
         return
     src = dist.get_global_rank(group, group_src) if group is not None else group_src
+    with torch.no_grad():
+        tensors = _locals(tensors)
     for idx in by_dtype(tensors):
         chunk = [tensors[i] for i in idx]
         flat = _flatten_dense_tensors([t.detach() for t in chunk])

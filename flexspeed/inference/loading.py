@@ -29,6 +29,8 @@ import torch.nn as nn
 
 from flexspeed.config.errors import ConfigError
 from flexspeed.inference.tp import Placement, TensorParallelPlan, take
+from flexspeed.utils.logging import human_bytes
+from flexspeed.utils.progress import Progress
 
 __all__ = ["LoadReport", "load_checkpoint", "checkpoint_files", "materialize_meta_buffers"]
 
@@ -243,32 +245,42 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[st
     report = LoadReport(files=files)
     used: set[str] = set()
     missing: list[str] = []
-    for group in _targets(model).values():
-        names = [g[0] for g in group]
-        names += [stored[n.rpartition(".")[0]] + "." + n.rpartition(".")[2] for n in names
-                  if n.rpartition(".")[0] in stored]  # the family's name for it in files (GPT-NeoX: embed_out)
-        key = next((k for k in (_lookup(n, src.where, prefix) for n in names) if k is not None), None)
-        current = getattr(group[0][1], group[0][2])
-        if key is None:
-            if group[0][3] or current.is_meta:
-                missing.append(names[0])
-            continue
-        placement = next((placements[n] for n in names if n in placements), None)
-        tensor, nbytes = src.read(key, placement, rank, tp)
-        if tuple(tensor.shape) != tuple(current.shape):
-            raise ConfigError(f"checkpoint tensor {key!r} has shape {tuple(src.shape(key))} (this rank's part "
-                              f"{tuple(tensor.shape)}) but the model expects {tuple(current.shape)}; the model "
-                              "was built with a different config than the checkpoint", key="checkpoint")
-        _assign(group, current, tensor, dtype)
-        used.add(key)
-        report.loaded.append(names[0])
-        report.bytes_read += nbytes
+    groups = list(_targets(model).values())
+    with Progress("init_inference: loading checkpoint", len(groups), "tensors") as progress:
+        for group in groups:
+            _load_group(group, src, prefix, placements, rank, tp, dtype, used, missing, report, stored)
+            progress.update(1, note=human_bytes(report.bytes_read))
     if missing and strict:
         raise ConfigError(f"{len(missing)} model tensors are not in the checkpoint, e.g. {missing[:4]}; "
                           f"the checkpoint has e.g. {sorted(src.where)[:4]}", key="checkpoint")
     report.unexpected = sorted(set(src.where) - used)
     materialize_meta_buffers(model)
     return report
+
+
+def _load_group(group: list[tuple[str, nn.Module, str, bool]], src: _Sources, prefix: str, placements: Mapping,
+                rank: int, tp: int, dtype: torch.dtype | None, used: set[str], missing: list[str],
+                report: LoadReport, stored: Mapping[str, str]) -> None:
+    """Read one (tied) tensor group's checkpoint entry into the model (``stored``: see :func:`_stored_names`)."""
+    names = [g[0] for g in group]
+    names += [stored[n.rpartition(".")[0]] + "." + n.rpartition(".")[2] for n in names
+              if n.rpartition(".")[0] in stored]  # the family's name for it in files (GPT-NeoX: embed_out)
+    key = next((k for k in (_lookup(n, src.where, prefix) for n in names) if k is not None), None)
+    current = getattr(group[0][1], group[0][2])
+    if key is None:
+        if group[0][3] or current.is_meta:
+            missing.append(names[0])
+        return
+    placement = next((placements[n] for n in names if n in placements), None)
+    tensor, nbytes = src.read(key, placement, rank, tp)
+    if tuple(tensor.shape) != tuple(current.shape):
+        raise ConfigError(f"checkpoint tensor {key!r} has shape {tuple(src.shape(key))} (this rank's part "
+                          f"{tuple(tensor.shape)}) but the model expects {tuple(current.shape)}; the model "
+                          "was built with a different config than the checkpoint", key="checkpoint")
+    _assign(group, current, tensor, dtype)
+    used.add(key)
+    report.loaded.append(names[0])
+    report.bytes_read += nbytes
 
 
 def _assign(group: list[tuple[str, nn.Module, str, bool]], current: torch.Tensor, tensor: torch.Tensor,

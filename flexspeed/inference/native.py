@@ -4,15 +4,23 @@ torch's CPU matrix-vector kernels stream weights at half the machine's memory ba
 (oneDNN bf16 14.7 GB/s, ``F.linear`` 9.9 GB/s, the int8/int4 kernels 6-8 GB/s, against 33 GB/s
 for ``Tensor.sum``, on the 2-core AVX-512 machine of ``benchmarks/generate.py``), and a decode
 step dispatches some 15 operators per layer from Python. ``csrc/decode.c`` runs a stack of
-pre-norm decoder layers in one call instead: one OpenMP region, AVX-512 products that read each
+pre-norm decoder layers in one call instead: one parallel job, AVX-512 products that read each
 weight byte once (fp32, bf16, int8 per-channel, int4 group-wise in the ``plain`` order),
 attention over the fp32 KV cache, and the final norm + ``lm_head``.
 
-It is compiled with the system C compiler (``$CC`` or ``gcc``; ``-O3 -march=native -fopenmp``)
-into ``$FLEXSPEED_CACHE_DIR`` (default ``~/.cache/flexspeed``), keyed by the source, the
-compiler and the CPU, and loaded with ``ctypes`` after torch, so that it shares torch's OpenMP
-runtime. Without a compiler, or with ``FLEXSPEED_NATIVE=0``, :func:`library` is ``None`` and the
-fused runner keeps its torch path (with a one-time warning when a compile failed).
+The library's whole interface (every export, struct and enum) is declared in ``csrc/fs_abi.h``;
+the ctypes mirrors below follow it, and :func:`library` checks the header's ``FS_ABI_VERSION``
+and the size of every struct against them when it loads the library (a mismatch raises
+:class:`NativeABIError`). A negative return code from the kernel raises :class:`NativeError`
+(:class:`NativeOutOfMemory` / :class:`NativeIndexError` for out of memory and an id out of range)
+instead of quietly running torch's path.
+
+It is compiled with the system C compiler (``$CC``, else ``gcc`` or ``cc``; ``-O3
+-march=native -fopenmp``) into ``$FLEXSPEED_CACHE_DIR`` (default ``~/.cache/flexspeed``), keyed by
+the source, the compiler and the CPU, and loaded with ``ctypes`` after torch, so that it shares
+torch's OpenMP runtime. With ``FLEXSPEED_NATIVE=0`` :func:`library` is ``None``; without a
+compiler, or when the build fails, it is ``None`` after one warning that names the compiler, the
+command and the fix, and :func:`status` (shown by ``flexspeed report``) says the same.
 
 :class:`~flexspeed.inference.native_decoder.NativeDecoder` maps a fused runner's modules onto the
 kernel's structs (this module holds the build, the structs and the small entry points).
@@ -25,6 +33,8 @@ import functools
 import hashlib
 import os
 import platform
+import re
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -36,19 +46,34 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["library", "attention", "linear_struct", "norm_struct", "quant_matmul", "gather_rows", "argmax_rows", "Unsupported"]
+__all__ = ["library", "status", "attention", "linear_struct", "norm_struct", "quant_matmul", "gather_rows",
+           "argmax_rows", "pool_stats", "set_adaptive", "check", "Unsupported", "NativeError", "NativeABIError",
+           "NativeOutOfMemory", "NativeIndexError", "ABI_VERSION", "EXPORTS"]
 
-_SRC = Path(__file__).parent / "csrc" / "decode.c"  # includes the csrc/*.h beside it
+_CSRC = Path(__file__).parent / "csrc"
+_SRC = _CSRC / "decode.c"  # includes the csrc/*.h beside it
+_HEADER = _CSRC / "fs_abi.h"
 _FLAGS = ["-O3", "-fopenmp", "-pthread", "-shared", "-fPIC", "-std=gnu11"]
 
 
 def _flags() -> list[str]:
     # FLEXSPEED_NATIVE_MARCH picks the target (default: this CPU); e.g. x86-64 builds the portable path
     return [f"-march={os.environ.get('FLEXSPEED_NATIVE_MARCH', 'native')}", *_FLAGS]
-F32, BF16, I8, I4 = 0, 1, 2, 3
-RELU, GELU, GELU_TANH, SILU = 0, 1, 2, 3
+
+
+# ---------------------------------------------------------------------------------- the ABI (fs_abi.h)
+
+ABI_VERSION = 2  # FS_ABI_VERSION
+F32, BF16, I8, I4 = 0, 1, 2, 3  # enum fs_format
+RELU, GELU, GELU_TANH, SILU = 0, 1, 2, 3  # enum fs_activation
+THREADS_ENV, THREADS_OPENMP, THREADS_POOL = -1, 0, 1  # enum fs_threads_mode
+OK, ERR_SHAPE, ERR_NOMEM, ERR_RANGE, ERR_TIMEOUT, ERR_ARG = 0, -1, -2, -3, -4, -5  # enum fs_status
+_STATUS_TEXT = {ERR_SHAPE: "shapes that do not fit together", ERR_NOMEM: "out of memory",
+                ERR_RANGE: "a token id or position outside its table",
+                ERR_TIMEOUT: "a tensor-parallel rank stopped answering", ERR_ARG: "an argument outside its allowed values"}
 _P = ctypes.c_void_p
 _I = ctypes.c_int32
+_L = ctypes.c_int64
 
 
 class Linear(ctypes.Structure):
@@ -81,14 +106,116 @@ class Gen(ctypes.Structure):
                 ("done", _P), ("pos0", _P), ("cos", _P), ("sin", _P), ("logits", _P), ("x", _P)]
 
 
-_L = ctypes.c_int64
-
-
 class Attn(ctypes.Structure):
     _fields_ = [("B", _I), ("Hq", _I), ("Hkv", _I), ("T", _I), ("hd", _I), ("start", _I), ("causal", _I), ("fmt", _I),
                 ("nthreads", _I), ("scale", ctypes.c_float), ("q", _P), ("q_b", _L), ("q_h", _L), ("q_t", _L),
                 ("k", _P), ("k_b", _L), ("k_h", _L), ("k_t", _L), ("v", _P), ("v_b", _L), ("v_h", _L), ("v_t", _L),
                 ("out", _P), ("o_b", _L), ("o_h", _L), ("o_t", _L), ("mask", _P), ("m_b", _L), ("m_t", _L)]
+
+
+class PoolStats(ctypes.Structure):
+    _fields_ = [("calls", _L), ("explored", _L), ("switches", _L), ("preempted", _L), ("sleeps", _L),
+                ("current", _I), ("requested", _I)]
+
+
+STRUCTS = (Linear, Norm, Layer, Step, Embed, Gen, Attn, PoolStats)  # in enum fs_struct_id's order
+
+
+def _ptr(cls) -> type:
+    return ctypes.POINTER(cls)
+
+
+# export -> (restype, argtypes), exactly the functions fs_abi.h declares
+EXPORTS: dict[str, tuple] = {
+    "fs_abi_version": (ctypes.c_int, []),
+    "fs_struct_size": (_L, [ctypes.c_int]),
+    "fs_fast_path": (ctypes.c_int, []),
+    "fs_set_threads": (ctypes.c_int, [ctypes.c_int]),
+    "fs_set_adaptive": (ctypes.c_int, [ctypes.c_int]),
+    "fs_pool_stats_get": (None, [_ptr(PoolStats)]),
+    "fs_scratch_floats": (_L, [_ptr(Layer), ctypes.c_int, _ptr(Linear), ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                               ctypes.c_int]),
+    "fs_forward": (ctypes.c_int, [_ptr(Layer), ctypes.c_int, _ptr(Norm), _ptr(Linear), _P, _P, _ptr(Step)]),
+    "fs_layer_part": (ctypes.c_int, [_ptr(Layer), ctypes.c_int, _P, _P, _ptr(Step)]),
+    "fs_generate": (ctypes.c_int, [_ptr(Layer), ctypes.c_int, _ptr(Norm), _ptr(Linear), _ptr(Embed), _ptr(Step),
+                                   _ptr(Gen)]),
+    "fs_attention": (ctypes.c_int, [_ptr(Attn)]),
+    "fs_argmax": (None, [_P, _L, _L, _P]),
+    "fs_rows": (ctypes.c_int, [_ptr(Linear), _P, _L, _P]),
+    "fs_dequant_rows": (ctypes.c_int, [_ptr(Linear), ctypes.c_int, ctypes.c_int, _P, ctypes.c_int, ctypes.c_int]),
+    "fs_shm_bytes": (_L, [ctypes.c_int, _L]),
+    "fs_shm_allreduce": (ctypes.c_int, [_P, ctypes.c_int, ctypes.c_int, _L, _P, _L, _L, ctypes.c_double, _P]),
+}
+
+
+class NativeABIError(RuntimeError):
+    """The compiled library and native.py's ctypes mirrors disagree (version or a struct's size)."""
+
+
+class NativeError(RuntimeError):
+    """A kernel call returned a negative status code (``code``; ``export`` names the call)."""
+
+    def __init__(self, export: str, code: int, what: str = "") -> None:
+        self.export, self.code = export, code
+        reason = _STATUS_TEXT.get(code, "an unknown failure")
+        super().__init__(f"flexspeed's native kernel failed in {export}{' (' + what + ')' if what else ''}: "
+                         f"{reason} (code {code})")
+
+
+class NativeOutOfMemory(NativeError, MemoryError):
+    """The kernel could not allocate a working buffer."""
+
+
+class NativeIndexError(NativeError, IndexError):
+    """A token id or position outside its table."""
+
+
+def check(rc: int, export: str, what: str = "") -> int:
+    """``rc`` when it is not negative; otherwise the error that its ``fs_status`` code names."""
+    if rc >= 0:
+        return rc
+    cls = {ERR_NOMEM: NativeOutOfMemory, ERR_RANGE: NativeIndexError}.get(rc, NativeError)
+    raise cls(export, rc, what)
+
+
+def check_abi(lib) -> None:
+    """Raise :class:`NativeABIError` unless ``lib`` has every export of ``EXPORTS``, the same ABI
+    version and the same size for every struct as the mirrors here."""
+    missing = [name for name in EXPORTS if not hasattr(lib, name)]
+    if missing:
+        raise NativeABIError(f"the native library {_lib_name(lib)} lacks the exports {missing} that "
+                             f"flexspeed/inference/native.py declares; {_ABI_FIX}")
+    version = int(lib.fs_abi_version())
+    if version != ABI_VERSION:
+        raise NativeABIError(f"the native library {_lib_name(lib)} has ABI version {version}, flexspeed/inference/"
+                             f"native.py expects {ABI_VERSION}; {_ABI_FIX}")
+    wrong = []
+    for i, cls in enumerate(STRUCTS):
+        size = int(lib.fs_struct_size(i))
+        if size != ctypes.sizeof(cls):
+            wrong.append(f"{cls.__name__}: C {size} bytes, ctypes {ctypes.sizeof(cls)}")
+    if wrong:
+        raise NativeABIError(f"the native library {_lib_name(lib)} and its ctypes mirrors in flexspeed/inference/"
+                             f"native.py disagree on struct sizes ({'; '.join(wrong)}); {_ABI_FIX}")
+
+
+_ABI_FIX = ("csrc/fs_abi.h and the mirrors in native.py must change together (bump FS_ABI_VERSION and ABI_VERSION); "
+            "delete stale builds in $FLEXSPEED_CACHE_DIR (default ~/.cache/flexspeed) or set FLEXSPEED_NATIVE=0")
+
+
+def _lib_name(lib) -> str:
+    return getattr(lib, "_name", None) or repr(lib)
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    for name, (restype, argtypes) in EXPORTS.items():
+        fn = getattr(lib, name, None)
+        if fn is not None:
+            fn.restype, fn.argtypes = restype, argtypes
+    return lib
+
+
+# ---------------------------------------------------------------------------------- the build
 
 
 def _cache_dir() -> Path:
@@ -106,13 +233,17 @@ def _cpu_id() -> str:
         return platform.processor() + platform.machine()
 
 
+def _command(cc: str, out: str) -> list[str]:
+    return [cc, *_flags(), "-o", out, str(_SRC), "-lm"]
+
+
 def _compile(cc: str, out: Path) -> str | None:
     """Compile the kernel to ``out`` (atomically); the compiler's message on failure."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        res = subprocess.run([cc, *_flags(), "-o", tmp, str(_SRC), "-lm"], capture_output=True, text=True, timeout=120)
+        res = subprocess.run(_command(cc, tmp), capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
             return (res.stderr or res.stdout).strip()[-2000:] or f"{cc} exited with {res.returncode}"
         os.replace(tmp, out)  # concurrent builders each write their own file; the last rename wins
@@ -124,19 +255,61 @@ def _compile(cc: str, out: Path) -> str | None:
             os.unlink(tmp)
 
 
+_FIX_CC = ("install a C compiler with OpenMP (e.g. `apt-get install gcc`) or point $CC at one; "
+           "FLEXSPEED_NATIVE=0 turns the kernel off and silences this")
+_state: dict = {"state": "not loaded", "detail": "library() has not been called"}
+
+
+def status() -> dict:
+    """What :func:`library` did: ``state`` (``ok``, ``disabled``, ``no compiler``, ``build failed``,
+    ``abi mismatch``), ``detail``, and where known ``fix``, ``compiler``, ``command`` (a failed
+    build's) and ``path``. Loads the library first if nothing tried yet."""
+    if _state["state"] == "not loaded":
+        try:
+            library()
+        except NativeABIError:
+            pass
+    return dict(_state)
+
+
+def _set_state(state: str, detail: str, **extra) -> None:
+    _state.clear()
+    _state.update(state=state, detail=detail, **extra)
+
+
+def _not_built(state: str, detail: str, fix: str = _FIX_CC, **extra) -> None:
+    _set_state(state, detail, fix=fix, **extra)
+    warnings.warn(f"flexspeed's native decode kernel was not built: {detail}\nFix: {fix}. Decoding stays on torch's "
+                  "kernels (2-3x slower at batch 1); `flexspeed report` shows this too.", RuntimeWarning, stacklevel=3)
+
+
+def _find_compiler() -> tuple[str | None, str]:
+    """(the compiler's path or None, how it was looked for)."""
+    wanted = os.environ.get("CC", "").strip()
+    if wanted:  # an explicit choice is honoured, not replaced by another compiler
+        cc = shutil.which(shlex.split(wanted)[0]) if shlex.split(wanted) else None
+        return cc, f"$CC={wanted!r}"
+    return shutil.which("gcc") or shutil.which("cc"), "gcc or cc on PATH ($CC unset)"
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel, or ``None`` (disabled, no compiler, or the build failed: warned once)."""
+    """The compiled kernel, or ``None`` (``FLEXSPEED_NATIVE=0``; no compiler or a failed build: warned
+    once, see :func:`status`). Raises :class:`NativeABIError` when the library and the ctypes
+    mirrors disagree."""
     if os.environ.get("FLEXSPEED_NATIVE", "1").strip().lower() in ("0", "false", "off", "no"):
+        _set_state("disabled", "FLEXSPEED_NATIVE is off (unset it, or set it to 1, to use the kernel)")
         return None
-    cc = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
+    cc, looked = _find_compiler()
     if cc is None:
+        _not_built("no compiler", f"no C compiler found (looked for {looked})", compiler=looked)
         return None
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError) as exc:
+        _not_built("no compiler", f"the C compiler {cc} did not run ({type(exc).__name__}: {exc})", compiler=cc)
         return None
-    sources = b"".join(p.read_bytes() for p in sorted(_SRC.parent.iterdir()) if p.suffix in (".c", ".h"))
+    sources = b"".join(p.read_bytes() for p in sorted(_CSRC.iterdir()) if p.suffix in (".c", ".h"))
     key = hashlib.sha256(sources + " ".join([cc, version, *_flags(), _cpu_id()]).encode()).hexdigest()[:16]
     path = None
     for base in (_cache_dir(), Path(tempfile.gettempdir()) / "flexspeed-native"):
@@ -152,40 +325,48 @@ def library() -> ctypes.CDLL | None:
         if error is None:
             path = candidate
             break
-        warnings.warn(f"flexspeed's native decode kernel did not compile with {cc}; decoding stays on torch's "
-                      f"kernels (set FLEXSPEED_NATIVE=0 to silence this):\n{error}", RuntimeWarning, stacklevel=2)
+        command = shlex.join(_command(cc, str(candidate)))
+        _not_built("build failed", f"`{command}` failed:\n{error}", compiler=cc, command=command)
         return None
     if path is None:
+        _not_built("build failed", f"no writable cache directory ($FLEXSPEED_CACHE_DIR, {tempfile.gettempdir()})",
+                   "set FLEXSPEED_CACHE_DIR to a writable directory", compiler=cc)
         return None
-    lib = ctypes.CDLL(str(path))
-    lib.fs_forward.argtypes = [ctypes.POINTER(Layer), ctypes.c_int, ctypes.POINTER(Norm), ctypes.POINTER(Linear),
-                               _P, _P, ctypes.POINTER(Step)]
-    lib.fs_forward.restype = ctypes.c_int
-    lib.fs_scratch_floats.argtypes = [ctypes.POINTER(Layer), ctypes.c_int, ctypes.POINTER(Linear), ctypes.c_int,
-                                      ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    lib.fs_scratch_floats.restype = ctypes.c_int64
-    lib.fs_fast_path.restype = ctypes.c_int
-    lib.fs_rows.argtypes = [ctypes.POINTER(Linear), _P, ctypes.c_int64, _P]
-    lib.fs_rows.restype = ctypes.c_int
-    lib.fs_dequant_rows.argtypes = [ctypes.POINTER(Linear), ctypes.c_int, ctypes.c_int, _P, ctypes.c_int, ctypes.c_int]
-    lib.fs_dequant_rows.restype = ctypes.c_int
-    lib.fs_argmax.argtypes = [_P, ctypes.c_int64, ctypes.c_int64, _P]
-    lib.fs_argmax.restype = None
-    lib.fs_generate.argtypes = [ctypes.POINTER(Layer), ctypes.c_int, ctypes.POINTER(Norm), ctypes.POINTER(Linear),
-                                ctypes.POINTER(Embed), ctypes.POINTER(Step), ctypes.POINTER(Gen)]
-    lib.fs_generate.restype = ctypes.c_int
-    lib.fs_set_threads.argtypes = [ctypes.c_int]
-    lib.fs_set_threads.restype = ctypes.c_int
-    lib.fs_layer_part.argtypes = [ctypes.POINTER(Layer), ctypes.c_int, _P, _P, ctypes.POINTER(Step)]
-    lib.fs_layer_part.restype = ctypes.c_int
-    lib.fs_shm_bytes.argtypes = [ctypes.c_int, ctypes.c_int64]
-    lib.fs_shm_bytes.restype = ctypes.c_int64
-    lib.fs_shm_allreduce.argtypes = [_P, ctypes.c_int, ctypes.c_int, ctypes.c_int64, _P, ctypes.c_int64,
-                                     ctypes.c_int64, ctypes.c_double, _P]
-    lib.fs_shm_allreduce.restype = ctypes.c_int
-    lib.fs_attention.argtypes = [ctypes.POINTER(Attn)]
-    lib.fs_attention.restype = ctypes.c_int
+    lib = _declare(ctypes.CDLL(str(path)))
+    try:
+        check_abi(lib)
+    except NativeABIError as exc:
+        _set_state("abi mismatch", str(exc), compiler=cc, path=str(path))
+        raise
+    _set_state("ok", f"built with {cc} for {'AVX-512' if lib.fs_fast_path() else 'portable C'}, ABI {ABI_VERSION}",
+               compiler=cc, path=str(path))
     return lib
+
+
+def header_exports() -> list[str]:
+    """The function names ``csrc/fs_abi.h`` declares (what ``EXPORTS`` must mirror)."""
+    text = re.sub(r"/\*.*?\*/", "", _HEADER.read_text(), flags=re.S)
+    return re.findall(r"^\s*(?:const\s+)?[A-Za-z_][A-Za-z0-9_]*\s*\**\s*(fs_[a-z0-9_]+)\s*\(", text, flags=re.M)
+
+
+def pool_stats() -> dict | None:
+    """Counters of the kernel's threads (calls, re-measurements, thread-count switches, time slices
+    lost inside calls, waits that slept, the thread count last used / asked for), or ``None``."""
+    lib = library()
+    if lib is None:
+        return None
+    s = PoolStats()
+    lib.fs_pool_stats_get(ctypes.byref(s))
+    return {name: getattr(s, name) for name, _ in PoolStats._fields_}
+
+
+def set_adaptive(on: bool | None) -> bool | None:
+    """Turn the adaptive thread count on / off (``None``: back to ``FLEXSPEED_NATIVE_ADAPTIVE``);
+    the previous setting, or ``None`` without the kernel."""
+    lib = library()
+    if lib is None:
+        return None
+    return bool(lib.fs_set_adaptive(-1 if on is None else int(on)))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, mask: torch.Tensor | None,
@@ -201,6 +382,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, mas
         (B, Hq, T, hd) in q's dtype, a view of a (B, T, Hq, hd) buffer (so the output projection's
         reshape is free); a query with no key to attend to gets zeros. ``None`` where the kernel
         does not apply (no kernel, another dtype or device, a strided last dimension).
+    Raises:
+        NativeOutOfMemory: the kernel could not allocate its working buffers.
     """
     lib = library()
     if lib is None or q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
@@ -227,8 +410,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, mas
         if m.stride(-1) != 1:
             m = m.contiguous()
         a.mask, a.m_b, a.m_t = m.data_ptr(), m.stride(0) if m.shape[0] > 1 else 0, m.stride(1)
-    if lib.fs_attention(ctypes.byref(a)) != 0:
-        return None
+    check(lib.fs_attention(ctypes.byref(a)), "fs_attention", f"B={B} Hq={hq} T={T} hd={hd} start={start}")
     return out.transpose(1, 2)
 
 
@@ -334,15 +516,17 @@ def _quant_struct(mod, on_cpu: bool) -> tuple[ctypes.CDLL, Linear] | None:
 
 def gather_rows(mod, rows: torch.Tensor) -> torch.Tensor | None:
     """Rows ``rows`` (R,) of a CPU ``QuantLinear``'s weight, dequantized to fp32 (R, K), or ``None``
-    without the kernel: the embedding lookup of a quantized tied head, one call per step."""
+    without the kernel: the embedding lookup of a quantized tied head, one call per step. An id
+    outside the table raises :class:`NativeIndexError` (an ``IndexError``)."""
     found = _quant_struct(mod, rows.device.type == "cpu")
     if found is None:
         return None
     lib, lin = found
     ids = rows.reshape(-1).to(torch.long).contiguous()
     out = torch.empty(ids.numel(), lin.k)
-    if lib.fs_rows(ctypes.byref(lin), ids.data_ptr(), ids.numel(), out.data_ptr()) != 0:
-        return None  # an id out of range: let torch raise its usual error
+    check(lib.fs_rows(ctypes.byref(lin), ids.data_ptr(), ids.numel(), out.data_ptr()), "fs_rows",
+          f"ids in [{int(ids.min()) if ids.numel() else 0}, {int(ids.max()) if ids.numel() else 0}] of a "
+          f"{lin.n}-row table")
     return out
 
 
@@ -355,9 +539,8 @@ def dequant_rows(mod, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor | No
         return None
     lib, lin = found
     out = torch.empty(r1 - r0, lin.k, dtype=dtype)
-    if lib.fs_dequant_rows(ctypes.byref(lin), r0, r1, out.data_ptr(), int(dtype == torch.bfloat16),
-                           torch.get_num_threads()) != 0:
-        return None
+    check(lib.fs_dequant_rows(ctypes.byref(lin), r0, r1, out.data_ptr(), int(dtype == torch.bfloat16),
+                              torch.get_num_threads()), "fs_dequant_rows", f"rows {r0}:{r1} of {lin.n}")
     return out
 
 
@@ -393,8 +576,8 @@ def quant_matmul(mod, x2: torch.Tensor) -> torch.Tensor | None:
         scratch = _SCRATCH.buf = torch.empty(need)
     y = torch.empty(M, lin.n)
     step = Step(M, K, 0, 1, nt, 0, None, None, None, scratch.data_ptr())
-    if lib.fs_forward(None, 0, None, ctypes.byref(lin), x.data_ptr(), y.data_ptr(), ctypes.byref(step)) != 0:
-        return None
+    check(lib.fs_forward(None, 0, None, ctypes.byref(lin), x.data_ptr(), y.data_ptr(), ctypes.byref(step)),
+          "fs_forward", f"({M}, {K}) @ ({lin.n}, {lin.k}).T")
     return y
 
 

@@ -60,6 +60,7 @@ __all__ = [
     "plan_tensor_parallel",
     "shard_module",
     "apply_tensor_parallel",
+    "localize_attention",
     "is_linear",
     "take",
     "tp_size_of",
@@ -167,13 +168,16 @@ class TensorParallelPlan:
         return (f"tp_size={self.tp_size}: {len(self.column)} column-parallel, {len(self.row)} row-parallel "
                 f"layers, {len(self.attention)} attention modules {heads}")
 
-    def attach(self, model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    def attach(self, model: nn.Module, group: dist.ProcessGroup | None = None, *,
+               all_reduce_rows: bool = True) -> None:
         """(Re)register the forward hooks on whatever modules now live at the planned names.
 
         Idempotent: call again after a pass that replaced modules (e.g. quantization).
+        ``all_reduce_rows=False`` registers only the attention shape hooks (training's DTensor
+        row-parallel layers reduce their own outputs).
         """
         self.detach()
-        for name in self.row:
+        for name in self.row if all_reduce_rows else ():
             mod = _get(model, name, "row-parallel layer")
             self._handles.append(mod.register_forward_hook(_all_reduce_hook(group)))
         rank = dist.get_rank(group) if self.attention else 0
@@ -598,6 +602,15 @@ def shard_module(model: nn.Module, plan: TensorParallelPlan, rank: int) -> None:
             mod.nx, mod.nf = n_in, n_out
         else:
             mod.in_features, mod.out_features = n_in, n_out
+    localize_attention(model, plan)
+    _SHARDED[model] = plan.tp_size  # flexspeed's weak table, not an attribute of the model
+
+
+def localize_attention(model: nn.Module, plan: TensorParallelPlan) -> None:
+    """Set each planned attention module's head counts and widths to their per-rank values.
+
+    Shared by inference (local shards) and training (DTensor plans, ``flexspeed.distributed.tensor_parallel``).
+    """
     for name, att in plan.attention.items():
         mod = model.get_submodule(name)
         for attr, value in att.attrs.items():
@@ -606,7 +619,6 @@ def shard_module(model: nn.Module, plan: TensorParallelPlan, rank: int) -> None:
             mod.config = copy.copy(mod.config)
             for attr, value in att.config_attrs.items():
                 setattr(mod.config, attr, value)
-    _SHARDED[model] = plan.tp_size  # flexspeed's weak table, not an attribute of the model
 
 
 def apply_tensor_parallel(model: nn.Module, tp_size: int, *, rank: int | None = None,

@@ -5,6 +5,6 @@ flexspeed builds none of DeepSpeed's native kernels; these names run PyTorch's o
 
 from __future__ import annotations
 
-from flexspeed.ops import adam
+from flexspeed.ops import adagrad, adam, lion
 
-__all__ = ["adam"]
+__all__ = ["adam", "adagrad", "lion"]

@@ -45,6 +45,7 @@ import shutil
 import stat
 import time
 import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -73,6 +74,7 @@ from flexspeed.runtime.checkpoint_io import (
     validate_tag,
     write_atomic,
 )
+from flexspeed.distributed.heartbeat import note
 from flexspeed.runtime.checkpoint_verify import HASH, digest_of, hash_bytes, hash_state_files, records_of
 from flexspeed.runtime.hf_folder import model_config_dict, tied_groups
 from flexspeed.utils.logging import ensure_handler, human_bytes
@@ -81,6 +83,8 @@ __all__ = [
     "CheckpointError",
     "UnsafeCheckpointError",
     "save_checkpoint",
+    "prepare_save",
+    "SaveJob",
     "load_checkpoint",
     "validate_tag",
     "read_latest",
@@ -99,18 +103,40 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def _all_gather(obj: Any) -> list[Any]:
+def _all_gather(obj: Any, group: Any = None) -> list[Any]:
     rank, world = _rank_world()
     if world == 1:
         return [obj]
     out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def _agree_on(action: Any, what: str, *, group: Any = None) -> Any:
+    """Run ``action()`` on this rank, then agree: if it failed on any rank, every rank raises the same error.
+
+    Without this, a rank whose file write failed (a full disk) raised alone while its peers waited in the
+    next collective until the process-group timeout.
+    """
+    error, result = None, None
+    try:
+        result = action()
+    except Exception as e:  # noqa: BLE001 - every failure must reach the agreement, named
+        error = f"{what}: {type(e).__name__}: {e}"
+    rank, world = _rank_world()
+    if world == 1:
+        if error is not None:
+            raise CheckpointError(f"save_checkpoint failed {error}")
+        return result
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, error, group=group)
+    failed = [(r, e) for r, e in enumerate(gathered) if e is not None]
+    if failed:
+        first, message = failed[0]
+        others = f" (also on rank(s) {[r for r, _ in failed[1:]]})" if len(failed) > 1 else ""
+        raise CheckpointError(f"save_checkpoint failed on rank {first}{others} {message}. The previous "
+                              "checkpoint and 'latest' are unchanged")
+    return result
 
 
 def _tag_validation_mode(engine: Any) -> str:
@@ -286,6 +312,98 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: Any = None, c
     Returns:
         ``True`` once the tag is complete and visible on every rank.
     """
+    prepare_save(engine, save_dir, tag, client_state, save_latest, exclude_frozen_parameters).write()
+    return True
+
+
+@dataclass
+class SaveJob:
+    """One checkpoint, staged: everything read from the engine, nothing written yet but the empty temporary
+    directory. :meth:`write` writes, verifies and commits it; it touches neither the engine nor the default
+    process group when given another ``group``, so it can run on a background thread
+    (:mod:`flexspeed.runtime.autosave`)."""
+
+    save_dir: str
+    tag: str
+    nonce: str
+    tmp: str
+    save_latest: bool
+    rank: int
+    world: int
+    tensors: dict
+    has_optimizer: bool
+    rank0_files: dict[str, bytes]
+    rng_bytes: bytes
+    manifest: dict | None
+    started: float = field(default_factory=time.perf_counter)
+
+    def write(self, group: Any = None) -> None:
+        """Every rank: its tensors (DCP), RNG file and checksums; rank 0 the engine files and the manifest;
+        then rank 0 commits. Any rank's failure fails every rank with its message (none waits for a timeout)."""
+        rank, world, tmp = self.rank, self.world, self.tmp
+        try:
+            state_dir = os.path.join(tmp, STATE_DIR)
+            with quiet_single_process():  # DCP agrees on its own failures: every rank raises
+                dcp.save(self.tensors, storage_writer=FileSystemWriter(state_dir), no_dist=world == 1,
+                         process_group=group)
+            rng_name = f"{RNG_DIR}/rank{rank}.pt"
+
+            def rng_and_hashes() -> tuple:
+                write_atomic(os.path.join(tmp, rng_name), self.rng_bytes)
+                # every rank hashes its share of the data files (one read each, from the page cache)
+                metadata = read_metadata(state_dir)
+                data_files = sorted({str(info.relative_path) for info in metadata.storage_data.values()})
+                entries, spans = hash_state_files(state_dir, data_files[rank::world], metadata)
+                return metadata, ({rng_name: hash_bytes(self.rng_bytes)}, entries, spans)
+
+            metadata, mine = _agree_on(rng_and_hashes, f"writing {os.path.join(tmp, rng_name)} or hashing its "
+                                       "shards", group=group)
+            gathered = _all_gather(mine, group=group)
+
+            def rank0_part() -> None:
+                for name, data in self.rank0_files.items():
+                    write_atomic(os.path.join(tmp, name), data)
+                manifest = dict(self.manifest or {})
+                manifest["integrity"] = _integrity_section(state_dir, metadata, self.rank0_files, gathered, world)
+                manifest["integrity"]["digest"] = digest_of(manifest)
+                write_atomic(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=2).encode())
+
+            _agree_on(lambda: rank0_part() if rank == 0 else None, f"writing the engine state and manifest in {tmp}",
+                      group=group)
+            _agree_on(lambda: commit_tag(self.save_dir, tmp, self.tag, self.nonce, self.save_latest)
+                      if rank == 0 else None, f"committing {os.path.join(self.save_dir, self.tag)}", group=group)
+        except BaseException:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if rank == 0:
+            where = os.path.join(self.save_dir, self.tag)
+            ensure_handler().info("saved checkpoint %s (%s, %d rank(s)) in %.1f s", where,
+                                  human_bytes(_dir_bytes(where)), world, time.perf_counter() - self.started)
+
+
+def _clone_tree(tree: Any) -> Any:
+    """``tree`` with every tensor replaced by a detached copy (the state of a save that is written later)."""
+    if torch.is_tensor(tree):
+        return tree.detach().clone()
+    if isinstance(tree, dict):
+        return {k: _clone_tree(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_clone_tree(v) for v in tree)
+    return tree
+
+
+def prepare_save(engine: Any, save_dir: str | os.PathLike, tag: Any = None, client_state: dict | None = None,
+                 save_latest: bool = True, exclude_frozen_parameters: bool = False, *,
+                 copy_tensors: bool = False) -> SaveJob:
+    """Stage a save (every rank, on the training thread): validate, agree on the tag, read the engine's state.
+
+    With ``copy_tensors`` the model and optimizer tensors are copied, so training may go on while the
+    returned job is written; otherwise the job refers to the live tensors and must be written at once.
+    """
+    from flexspeed.runtime.autosave import wait_for_pending_saves
+
+    wait_for_pending_saves()  # an asynchronous save in flight commits first (and its temporaries are not stale)
     save_dir = validate_dir(save_dir, what="save_dir")
     rank, world = _rank_world()
     started = time.perf_counter()
@@ -308,31 +426,39 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: Any = None, c
     tag, nonce = _agree(str(tag), error, _tag_validation_mode(engine))
     save_dir = os.path.abspath(os.fspath(save_dir))
     tmp = os.path.join(save_dir, f"{TMP_PREFIX}{tag}-{nonce}")
-    if rank == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        remove_stale_temporaries(save_dir)
-        os.makedirs(os.path.join(tmp, RNG_DIR))
+
+    def make_dirs() -> None:
+        if rank == 0:
+            os.makedirs(save_dir, exist_ok=True)
+            remove_stale_temporaries(save_dir)
+            os.makedirs(os.path.join(tmp, RNG_DIR))
+
+    _agree_on(make_dirs, f"creating {tmp}")
     gas = int(engine.gradient_accumulation_steps())
     if rank == 0 and gas > 1 and int(engine.micro_steps) % gas:
         log.warning("flexspeed: saving checkpoint %r between accumulation boundaries (micro step %d, %d per "
                     "step): the gradients accumulated so far are not saved", tag, engine.micro_steps, gas)
-    _barrier()
+    note(f"save_checkpoint tag {tag}")
     try:
-        _write_tag(engine, tmp, tag, world, rank, {ENGINE_FILE: engine_bytes, CLIENT_FILE: client_bytes},
-                   exclude_frozen_parameters)
-        _barrier()
-        if rank == 0:
-            commit_tag(save_dir, tmp, tag, nonce, save_latest)
+        model_sd, optim_sd = _agree_on(lambda: _state_dicts(engine, with_optimizer=True,
+                                                            exclude_frozen=exclude_frozen_parameters),
+                                       "collecting the model and optimizer state")
+        tensors: dict[str, Any] = {"model": model_sd}
+        if optim_sd is not None:
+            tensors["optim"] = {"state": _tensor_tree(optim_sd["state"])}
+        buf = io.BytesIO()
+        torch.save(_rng_state(), buf)
+        return SaveJob(save_dir=save_dir, tag=tag, nonce=nonce, tmp=tmp, save_latest=save_latest, rank=rank,
+                       world=world, tensors=_clone_tree(tensors) if copy_tensors else tensors,
+                       has_optimizer=optim_sd is not None,
+                       rank0_files={ENGINE_FILE: engine_bytes, CLIENT_FILE: client_bytes} if rank == 0 else {},
+                       rng_bytes=buf.getvalue(),
+                       manifest=_manifest(engine, tag, world, optim_sd is not None) if rank == 0 else None,
+                       started=started)
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _barrier()
-    if rank == 0:
-        where = os.path.join(save_dir, tag)
-        ensure_handler().info("saved checkpoint %s (%s, %d rank(s)) in %.1f s", where, human_bytes(_dir_bytes(where)),
-                              world, time.perf_counter() - started)
-    return True
 
 
 def _dir_bytes(path: str) -> int:
@@ -343,35 +469,6 @@ def _dir_bytes(path: str) -> int:
             st = os.lstat(os.path.join(root, name))
             total += st.st_size if stat.S_ISREG(st.st_mode) else 0
     return total
-
-
-def _write_tag(engine: Any, tmp: str, tag: str, world: int, rank: int, rank0_files: dict[str, bytes],
-               exclude_frozen: bool) -> None:
-    """Every rank: its tensors (DCP), RNG state and their checksums; rank 0 also the engine files, then the
-    manifest with every file's checksum."""
-    model_sd, optim_sd = _state_dicts(engine, with_optimizer=True, exclude_frozen=exclude_frozen)
-    tensors: dict[str, Any] = {"model": model_sd}
-    if optim_sd is not None:
-        tensors["optim"] = {"state": _tensor_tree(optim_sd["state"])}
-    state_dir = os.path.join(tmp, STATE_DIR)
-    with quiet_single_process():
-        dcp.save(tensors, storage_writer=FileSystemWriter(state_dir), no_dist=world == 1)
-    buf = io.BytesIO()
-    torch.save(_rng_state(), buf)
-    rng_name = f"{RNG_DIR}/rank{rank}.pt"
-    write_atomic(os.path.join(tmp, rng_name), buf.getvalue())
-    # every rank hashes its share of the data files (one read each, from the page cache)
-    metadata = read_metadata(state_dir)
-    data_files = sorted({str(info.relative_path) for info in metadata.storage_data.values()})
-    entries, spans = hash_state_files(state_dir, data_files[rank::world], metadata)
-    gathered = _all_gather(({rng_name: hash_bytes(buf.getvalue())}, entries, spans))
-    if rank == 0:
-        for name, data in rank0_files.items():
-            write_atomic(os.path.join(tmp, name), data)
-        manifest = _manifest(engine, tag, world, optim_sd is not None)
-        manifest["integrity"] = _integrity_section(state_dir, metadata, rank0_files, gathered, world)
-        manifest["integrity"]["digest"] = digest_of(manifest)
-        write_atomic(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=2).encode())
 
 
 def _integrity_section(state_dir: str, metadata: Any, rank0_files: dict[str, bytes], gathered: list,
@@ -396,8 +493,11 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: Any = None, l
                     load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
                     load_module_only: bool = False) -> tuple[str | None, dict | None]:
     """Restore ``engine`` from a verified checkpoint; see :func:`flexspeed.runtime.checkpoint_load.load_checkpoint`."""
+    from flexspeed.runtime.autosave import wait_for_pending_saves
     from flexspeed.runtime.checkpoint_load import load_checkpoint as _load
 
+    wait_for_pending_saves()
+    note(f"load_checkpoint {os.fspath(load_dir)} tag {tag if tag is not None else 'latest'}")
     return _load(engine, load_dir, tag, load_module_strict=load_module_strict,
                  load_optimizer_states=load_optimizer_states, load_lr_scheduler_states=load_lr_scheduler_states,
                  load_module_only=load_module_only)

@@ -330,9 +330,19 @@ def commit_tag(save_dir: str, tmp: str, tag: str, nonce: str, save_latest: bool)
 
 
 def remove_stale_temporaries(save_dir: str) -> None:
-    """Delete what interrupted saves left behind (hidden ``.flexspeed-tmp-*`` directories)."""
+    """Delete what interrupted saves left behind: hidden ``.flexspeed-tmp-*`` directories, the atomic writer's
+    ``<file>.flexspeed-tmp-<pid>`` files (e.g. ``latest``'s) and ``.flexspeed-old-<tag>-<nonce>`` copies of a
+    re-saved tag that is complete again (an incomplete tag keeps its copy: loading falls back to it)."""
     for name in os.listdir(save_dir):
-        if name.startswith(TMP_PREFIX):
+        path = os.path.join(save_dir, name)
+        if re.fullmatch(r".+\.flexspeed-tmp-\d+", name) and os.path.isfile(path) and not os.path.islink(path):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        elif name.startswith(_OLD_PREFIX) and os.path.isdir(path) and not os.path.islink(path):
+            tag = name[len(_OLD_PREFIX):].rsplit("-", 1)[0]
+            if os.path.isfile(os.path.join(save_dir, tag, MANIFEST)):
+                shutil.rmtree(path, ignore_errors=True)
+        elif name.startswith(TMP_PREFIX):
             path = os.path.join(save_dir, name)
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path, ignore_errors=True)

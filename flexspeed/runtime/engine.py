@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from flexspeed.runtime.engine_compat import DeepSpeedEngineExtras
+from flexspeed.distributed.heartbeat import note
 from flexspeed.runtime.monitor import build_monitor
 from flexspeed.runtime.precision import (
     LossScaler,
@@ -29,7 +31,7 @@ from flexspeed.runtime.precision import (
 )
 from flexspeed.runtime.zero import ZeroStrategy
 
-__all__ = ["TrainingEngine", "EngineUsageError", "PassThroughToModule"]
+__all__ = ["TrainingEngine", "DeepSpeedEngine", "EngineUsageError", "PassThroughToModule"]
 
 log = logging.getLogger("flexspeed")
 
@@ -66,7 +68,7 @@ class PassThroughToModule:
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'{held}")
 
 
-class TrainingEngine(PassThroughToModule, nn.Module):
+class TrainingEngine(DeepSpeedEngineExtras, PassThroughToModule, nn.Module):
     """DeepSpeed-compatible training engine (``DeepSpeedEngine``'s public methods and counters)."""
 
     def __init__(self, *, strategy: ZeroStrategy, config: Any, optimizer: torch.optim.Optimizer | None,
@@ -94,6 +96,7 @@ class TrainingEngine(PassThroughToModule, nn.Module):
         self._nonfinite = NonFiniteGuard(guard.action, guard.max_consecutive_skips) \
             if guard is not None and loss_scaler is None else None  # fp16: the loss scaler decides
         self._inside_no_sync = False
+        self.autosaver: Any = None  # set by initialize() from the checkpoint section (flexspeed.runtime.autosave)
         self._dp_world_size = dist.get_world_size(strategy.group) if dist.is_initialized() else 1
         self._dp_rank = dist.get_rank(strategy.group) if dist.is_initialized() else 0
         # log line, timers, scalar writers, FLOPs profile, progress bar (see flexspeed.runtime.monitor)
@@ -165,7 +168,9 @@ class TrainingEngine(PassThroughToModule, nn.Module):
         return None if self._global_grad_norm is None else float(self._global_grad_norm)
 
     def is_gradient_accumulation_boundary(self) -> bool:
-        """True on the micro-step whose ``step()`` will update the weights."""
+        """True on the micro-step whose ``step()`` will update the weights (or as set_gradient_accumulation_boundary says)."""
+        if self._boundary_override is not None:
+            return self._boundary_override
         return (self.micro_steps + 1) % self.gradient_accumulation_steps() == 0
 
     def _sync_gradients_now(self) -> bool:
@@ -175,6 +180,7 @@ class TrainingEngine(PassThroughToModule, nn.Module):
     # ---- the training loop ----------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model under the configured precision; arguments pass through unchanged."""
+        note(f"forward step {self.global_steps}")
         if self.module.training:
             self._strategy.set_requires_gradient_sync(self._sync_gradients_now())
         mon = self.monitor
@@ -207,6 +213,7 @@ class TrainingEngine(PassThroughToModule, nn.Module):
         if not torch.is_tensor(loss) or loss.dim() != 0:
             raise ValueError(f"engine.backward(loss) expects a scalar tensor, got {type(loss).__name__} "
                              f"{tuple(loss.shape) if torch.is_tensor(loss) else ''}: reduce the loss (e.g. .mean())")
+        note(f"backward step {self.global_steps} (gradient all-reduce on a boundary)")
         self._last_loss = loss.detach()
         mon = self.monitor
         if mon.active:
@@ -252,6 +259,7 @@ class TrainingEngine(PassThroughToModule, nn.Module):
                 "(it reduces everything accumulated), then call engine.step()")
         boundary = self.is_gradient_accumulation_boundary()
         if boundary:
+            note(f"step {self.global_steps} (all_reduce in the gradient norm/clip_grad_norm, optimizer)")
             with self.monitor.timed("step"):
                 self._take_model_step(lr_kwargs)
         self.micro_steps += 1
@@ -259,6 +267,8 @@ class TrainingEngine(PassThroughToModule, nn.Module):
         self.global_samples += samples
         if boundary:
             self._maybe_print()
+            if self.autosaver is not None:  # checkpoint.save_interval (flexspeed.runtime.autosave)
+                self.autosaver.after_step(self)
 
     def _take_model_step(self, lr_kwargs: dict | None) -> None:
         params = self._strategy.grad_params()
@@ -395,3 +405,6 @@ class TrainingEngine(PassThroughToModule, nn.Module):
 
         return save_pretrained(self, save_directory, max_shard_size=max_shard_size, dtype=dtype,
                                exclude_frozen_parameters=exclude_frozen_parameters)
+
+
+DeepSpeedEngine = TrainingEngine  # DeepSpeed's class name (isinstance checks in Lightning and Accelerate)

@@ -336,11 +336,13 @@ def gather_before_save_pretrained(module: torch.nn.Module) -> bool:
 
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         rank = dist.get_rank() if distributed else 0
-        if state_dict is None:
-            _all_ranks_arrived("save_pretrained")
-            state_dict = get_model_state_dict(self, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        main = (rank == 0) if is_main_process is None else bool(is_main_process)
+        if state_dict is not None:  # gathered by the caller (HF Trainer: on the writing rank only): no collective
+            return original(self, save_directory, *args, is_main_process=main, state_dict=state_dict, **kwargs)
+        _all_ranks_arrived("save_pretrained")
+        state_dict = get_model_state_dict(self, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         result = None
-        if (rank == 0) if is_main_process is None else bool(is_main_process):
+        if main:
             result = original(self, save_directory, *args, is_main_process=True, state_dict=state_dict, **kwargs)
         if distributed:
             dist.barrier()

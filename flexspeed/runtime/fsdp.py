@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.tensor import DTensor
 
 from flexspeed.config.errors import ConfigError
 from flexspeed.runtime.zero import (
@@ -91,12 +92,12 @@ class FullyShardedDP(ZeroStrategy):
     """ZeRO stage 2 or 3 as FSDP2 over a 1-D data-parallel mesh (any world size, 1 included)."""
 
     def __init__(self, module: nn.Module, *, stage: int, device: torch.device, group: dist.ProcessGroup | None,
-                 settings: ZeroSettings, notes: list[str] | None = None) -> None:
+                 settings: ZeroSettings, notes: list[str] | None = None, mesh: Any = None) -> None:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         super().__init__(stage=stage, module=module, model=module, group=group, notes=list(notes or []),
                          grad_accum_dtype=settings.grad_accum_dtype)
-        self.mesh = _dp_mesh(device, group)
+        self.mesh = mesh if mesh is not None else _dp_mesh(device, group)
         self._world = self.mesh.size()
         self._comm_dtype = settings.comm_dtype
         self._sync = True
@@ -168,7 +169,8 @@ class FullyShardedDP(ZeroStrategy):
         super().after_backward()
 
     def grad_group(self) -> dist.ProcessGroup | None:
-        return self.mesh.get_group()
+        # with other mesh dimensions (tensor parallelism) gradients differ across them too: check the world
+        return self.mesh.get_group() if self._world == dist.get_world_size() else None
 
     @torch.no_grad()
     def _all_reduce_persistent(self) -> None:
@@ -180,7 +182,7 @@ class FullyShardedDP(ZeroStrategy):
         params = [p for p in self._persistent if p.requires_grad]
         if not params:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        grads = [_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p)) for p in params]
         present = torch.tensor([float(p.grad is not None) for p in params], dtype=grads[0].dtype,
                                device=grads[0].device)
         flat = _flatten_dense_tensors(grads + [present])
@@ -190,9 +192,10 @@ class FullyShardedDP(ZeroStrategy):
         *averaged, used = _unflatten_dense_tensors(wire, grads + [present])
         for p, new, any_rank in zip(params, averaged, used.tolist()):
             if p.grad is not None:
-                p.grad.copy_(new)
+                _local(p.grad).copy_(new)
             elif any_rank > 0:
-                p.grad = new.to(p.dtype).clone()
+                new = new.to(p.dtype).clone()
+                p.grad = DTensor.from_local(new, p.device_mesh, p.placements) if isinstance(p, DTensor) else new
 
     # ---- the optimizer ---------------------------------------------------------------------------
     def map_params(self, params: Any) -> list:
@@ -294,6 +297,10 @@ class FullyShardedDP(ZeroStrategy):
         return out
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _as_list(params: Any) -> list:
     return [params] if torch.is_tensor(params) else list(params)
 
@@ -307,7 +314,8 @@ def _no_foreach_across_kinds(optimizer: torch.optim.Optimizer) -> None:
     from torch.distributed.tensor import DTensor
 
     for group in optimizer.param_groups:
-        kinds = {isinstance(p, DTensor) for p in group["params"]}
+        # DTensors on different meshes (a tensor-parallel weight is 2-D (dp, tp), a replicated one 1-D) too
+        kinds = {p.device_mesh if isinstance(p, DTensor) else None for p in group["params"]}
         if len(kinds) > 1:
             if group.get("foreach") is not False and "foreach" in group:
                 group["foreach"] = False

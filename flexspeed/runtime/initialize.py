@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from flexspeed.config.errors import ConfigError
@@ -143,6 +144,10 @@ def _initialize_pipeline(raw: dict, env: Any, *, model: nn.Module, **engine_args
                        world_size_source=f"{env.source} / {stages} pipeline stages = data-parallel size",
                        hidden_size=_hidden_size(model))
     checkpointing.configure_from_config(cfg)
+    if cfg.checkpoint.save_dir is not None:
+        raise ConfigError("(automatic saves and resume) is not implemented for the pipeline engine yet. Fix: remove "
+                          "checkpoint.save_dir and its keys, and call engine.save_checkpoint/load_checkpoint",
+                          key="checkpoint.save_dir")
     engine, opt, loader, sched = build_pipeline_engine(model=model, config=cfg, **engine_args)
     register_optimizer(opt, stage=engine.zero_optimization_stage(), group=engine.dp_group)
     return engine, opt, loader, sched
@@ -172,7 +177,7 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     Returns:
         ``(engine, optimizer, dataloader, lr_scheduler)``.
     """
-    from flexspeed.config import build_config, load_config
+    from flexspeed.config import build_config, load_config, validate_config
     from flexspeed.distributed import default_device, init_distributed
     from flexspeed.runtime.data import FlexDataLoader
     from flexspeed.runtime.engine import TrainingEngine
@@ -197,13 +202,23 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     from flexspeed.utils.logging import ensure_handler
 
     raw = load_config(config=config, config_params=config_params, args=args)
-    env = init_distributed(distributed_port=distributed_port, dist_init_required=dist_init_required)
+    validate_config(raw)  # every config error before the group starts, in check-config's order
+    env = init_distributed(distributed_port=distributed_port, dist_init_required=dist_init_required, config=raw)
 
+    from flexspeed.distributed.tensor_parallel import resolve_tp
+
+    tp_size, tp_plan, tp_dtype = resolve_tp(raw, model, env.world_size)  # tensor_parallel.autotp_size / tp_model_init
     if _is_pipeline_module(model):
+        if tp_size > 1:
+            raise ConfigError(f"tensor_parallel.autotp_size={tp_size} with a PipelineModule is not supported yet. "
+                              "Fix: remove tensor_parallel (or set autotp_size to 1) for pipeline training",
+                              key="tensor_parallel.autotp_size")
         return _initialize_pipeline(raw, env, model=model, optimizer=optimizer, model_parameters=model_parameters,
                                     lr_scheduler=lr_scheduler, training_data=training_data, collate_fn=collate_fn)
 
-    cfg = build_config(config=raw, world_size=env.world_size, world_size_source=env.source,
+    cfg = build_config(config=raw, world_size=env.world_size // tp_size,
+                       world_size_source=env.source if tp_size == 1 else
+                       f"{env.source} / tensor_parallel.autotp_size {tp_size} = data-parallel size",
                        hidden_size=_hidden_size(model))
     checkpointing.configure_from_config(cfg)  # the model's flexspeed.checkpointing.checkpoint() calls
     _check_client_vs_config("optimizer", optimizer if isinstance(optimizer, torch.optim.Optimizer) else None,
@@ -229,8 +244,15 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     _refuse_sharded_model(model)
     if not any(p.is_meta for p in model.parameters()):
         model = model.to(device)
-    strategy = apply_zero(model, config=cfg, device=device)
-    if strategy.stage >= 2:  # HF models keep a working save_pretrained over sharded parameters
+    if tp_size > 1:  # the 2-D (dp, tp) mesh, TP, then ZeRO over dp (flexspeed.distributed.tensor_parallel)
+        from flexspeed.distributed.tensor_parallel import setup_tensor_parallel
+
+        strategy, optimizer, model_parameters = setup_tensor_parallel(
+            model, config=cfg, device=device, tp_size=tp_size, plan=tp_plan, dtype=tp_dtype, optimizer=optimizer,
+            model_parameters=model_parameters)
+    else:
+        strategy = apply_zero(model, config=cfg, device=device)
+    if strategy.stage >= 2 or tp_size > 1:  # HF models keep a working save_pretrained over sharded parameters
         from flexspeed.runtime.export import gather_before_save_pretrained
 
         gather_before_save_pretrained(model)
@@ -240,17 +262,21 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     loader = None
     if training_data is not None:
         loader = FlexDataLoader(training_data, batch_size=cfg.train_micro_batch_size_per_gpu,
-                                dp_rank=env.rank, dp_world_size=env.world_size, collate_fn=collate_fn,
+                                dp_rank=dist.get_rank(strategy.group) if strategy.group is not None else env.rank,
+                                dp_world_size=env.world_size // tp_size, collate_fn=collate_fn,
                                 drop_last=bool(cfg.dataloader_drop_last))
     engine = TrainingEngine(strategy=strategy, config=cfg, optimizer=opt, lr_scheduler=sched,
                             training_dataloader=loader, precision=precision, loss_scaler=scaler, device=device,
                             launch_env=env)
     register_optimizer(opt, stage=strategy.stage, group=strategy.group)  # flexspeed.utils.safe_get_full_*
+    from flexspeed.runtime.autosave import build_autosaver
+
+    engine.autosaver = build_autosaver(engine, cfg)  # checkpoint.save_dir/save_interval/auto_resume
     if env.rank == 0:
         numel = sum(p.numel() for p in model.parameters())
         ensure_handler().info(
             "initialize: %s parameters, ZeRO stage %d, %s, world size %d (%s), batch %d = micro %d x accumulation "
             "%d x %d ranks, device %s", f"{numel:,}", strategy.stage, cfg.precision, env.world_size, env.source,
             cfg.train_batch_size, cfg.train_micro_batch_size_per_gpu, cfg.gradient_accumulation_steps,
-            env.world_size, device)
+            env.world_size // tp_size, device)
     return engine, opt, loader, sched

@@ -202,9 +202,13 @@ def total_norm(tensors: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch
     if not grads:
         return torch.zeros(())
     # DTensor shards and whole (replicated) tensors cannot share one foreach call (ZeRO-3 keeps
-    # small parameters whole): one norm per kind, then the norm of those norms.
+    # small parameters whole), nor can DTensors on different meshes (tensor parallelism under
+    # ZeRO-2/3: 2-D (dp, tp) and 1-D dp): one norm per kind, then the norm of those norms.
+    kinds: dict = {}
+    for g in grads:
+        kinds.setdefault(g.device_mesh if hasattr(g, "full_tensor") else None, []).append(g)
     parts = []
-    for kind in ([g for g in grads if hasattr(g, "full_tensor")], [g for g in grads if not hasattr(g, "full_tensor")]):
+    for kind in kinds.values():
         if kind:
             norm = torch.nn.utils.get_total_norm(kind, norm_type=norm_type, foreach=True)
             parts.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

@@ -1,8 +1,8 @@
 """``deepspeed.runtime.utils``: the helpers DeepSpeed training scripts commonly call.
 
 Norms go through flexspeed's own :func:`~flexspeed.runtime.precision.total_norm` (DTensor shards
-at ZeRO-2/3 are reduced), so they are correct at every stage. flexspeed has no model
-parallelism: functions that take DeepSpeed's ``mpu`` refuse one.
+at ZeRO-2/3 and tensor-parallel shards are reduced), so they are correct at every stage and with
+``tensor_parallel.autotp_size``. flexspeed builds no Megatron ``mpu``: functions that take one refuse it.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ def set_random_seed(seed: int) -> None:
 
 
 def is_model_parallel_parameter(p: torch.Tensor) -> bool:
-    """False: flexspeed's training engines have no model-parallel parameters."""
-    return False
+    """Whether ``p`` is split by tensor parallelism (a DTensor on a mesh with a ``"tp"`` dimension)."""
+    mesh = getattr(p, "device_mesh", None)
+    return mesh is not None and "tp" in (getattr(mesh, "mesh_dim_names", None) or ())
 
 
 def move_to_device(item: Any, device: torch.device | str, criterion_func: Callable[[Any], bool] | None = None) -> Any:

@@ -401,6 +401,7 @@ class ShardedOptimizerDP(DataParallel):
         rank = _rank(self.group)
         pending = []
         for owner, tensors in self._layout:
+            tensors = [_local(t) for t in tensors]  # tensor parallelism: this rank's DTensor shards
             if owner == rank:
                 flat = _flatten_dense_tensors([t.detach() for t in tensors])
             else:
@@ -438,7 +439,7 @@ def _check_offload(settings: ZeroSettings, device: torch.device, notes: list[str
 
 
 def apply_zero(module: nn.Module, *, config: Any, device: torch.device,
-               group: dist.ProcessGroup | None = None) -> ZeroStrategy:
+               group: dist.ProcessGroup | None = None, mesh: Any = None) -> ZeroStrategy:
     """Wrap ``module`` for ``config.zero_optimization.stage`` and return the strategy.
 
     Args:
@@ -447,9 +448,14 @@ def apply_zero(module: nn.Module, *, config: Any, device: torch.device,
         config: the validated ``FlexConfig``.
         device: the device this rank computes on.
         group: the data-parallel process group (default: the world).
+        mesh: stages 2-3: the 1-D data-parallel DeviceMesh to shard over, a slice of a larger mesh when
+            other dimensions (tensor parallelism) are present; default: one built from ``group``.
     Returns:
         the ``ZeroStrategy`` the engine drives.
     """
+    from flexspeed.zero import as_meta_placeholders
+
+    as_meta_placeholders(module)  # zero.Init placeholders in DeepSpeed's 0-element form -> meta, full shape
     settings = ZeroSettings.from_config(config)
     notes: list[str] = []
     _check_offload(settings, device, notes)
@@ -457,7 +463,7 @@ def apply_zero(module: nn.Module, *, config: Any, device: torch.device,
         from flexspeed.runtime.fsdp import FullyShardedDP
 
         return FullyShardedDP(module, stage=settings.stage, device=device, group=group, settings=settings,
-                              notes=notes)
+                              notes=notes, mesh=mesh)
     if any(p.is_meta for p in module.parameters()):
         from flexspeed.zero import materialize_module
 

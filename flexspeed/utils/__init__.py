@@ -9,6 +9,7 @@ checkpoint's weights in one process.
 from __future__ import annotations
 
 from flexspeed.runtime.data import RepeatingLoader
+from flexspeed.utils.z3_leaf_module import set_z3_leaf_modules
 from flexspeed.utils.logging import log_dist, logger, print_dist
 from flexspeed.utils.tensor_fragment import (
     safe_get_full_fp32_param,
@@ -26,7 +27,7 @@ from flexspeed.utils.tensor_fragment import (
 )
 
 __all__ = [
-    "logger", "log_dist", "print_dist", "RepeatingLoader",
+    "logger", "log_dist", "print_dist", "RepeatingLoader", "set_z3_leaf_modules",
     "safe_get_full_fp32_param", "safe_set_full_fp32_param", "safe_get_full_grad", "safe_set_full_grad",
     "safe_get_full_optimizer_state", "safe_set_full_optimizer_state",
     "safe_get_local_fp32_param", "safe_set_local_fp32_param", "safe_get_local_grad", "safe_set_local_grad",

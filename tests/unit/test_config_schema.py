@@ -136,7 +136,7 @@ def test_tag_validation_case_insensitive_and_bfp16():
     assert cfg.checkpoint.tag_validation == "Fail" and cfg.communication_data_type == "bf16"
 
 
-@pytest.mark.parametrize("name", ["amp", "elasticity", "autotuning", "hybrid_engine", "comms_logger",
+@pytest.mark.parametrize("name", ["amp", "autotuning", "hybrid_engine", "comms_logger",
                                   "progressive_layer_drop", "eigenvalue", "data_efficiency", "nebula"])
 def test_unsupported_enabled_is_error_disabled_is_fine(name):
     e = error({name: {"enabled": True}})

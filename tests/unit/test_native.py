@@ -253,7 +253,9 @@ def test_disabled_and_failed_builds(monkeypatch, tmp_path) -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             assert native.library() is None
-        assert any("did not compile" in str(w.message) for w in caught)
+        built = [str(w.message) for w in caught if "was not built" in str(w.message)]
+        assert len(built) == 1 and "-march=no-such-cpu" in built[0] and "apt-get install gcc" in built[0], built
+        assert native.status()["state"] == "build failed" and "-march=no-such-cpu" in native.status()["command"]
     finally:
         monkeypatch.undo()
         native.library.cache_clear()

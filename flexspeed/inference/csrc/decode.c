@@ -7,12 +7,14 @@
  * memory bandwidth (AVX-512 where the compiler targets it, portable C otherwise).
  *
  * Threads: one job per call on the kernel's own workers (fs_pool.h: they spin briefly between
- * calls, then sleep); phases are separated by a spinning barrier, as a sleeping one costs more
- * than most phases.
+ * calls, then sleep), as many as the adaptive count picks for this kind of call; phases are
+ * separated by a barrier that spins briefly, then sleeps (fs_common.h).
+ * The ABI (every export, struct and enum) is declared in fs_abi.h.
  * Activations are fp32 throughout; results are written in fp32.
  *
  * Compiled at first use by flexspeed/inference/native.py (gcc -O3 -march=native -fopenmp).
  */
+#define _GNU_SOURCE /* RUSAGE_THREAD */
 #include "fs_common.h"
 #include "fs_products.h"
 #include "fs_ops.h"
@@ -49,6 +51,22 @@ int64_t fs_scratch_floats(const fs_layer *layers, int n_layers, const fs_linear 
 }
 
 int fs_fast_path(void) { return FS_FAST; }
+
+int fs_abi_version(void) { return FS_ABI_VERSION; }
+
+int64_t fs_struct_size(int id) {
+    switch (id) {
+    case FS_STRUCT_LINEAR: return (int64_t)sizeof(fs_linear);
+    case FS_STRUCT_NORM: return (int64_t)sizeof(fs_norm);
+    case FS_STRUCT_LAYER: return (int64_t)sizeof(fs_layer);
+    case FS_STRUCT_STEP: return (int64_t)sizeof(fs_step);
+    case FS_STRUCT_EMBED: return (int64_t)sizeof(fs_embed);
+    case FS_STRUCT_GEN: return (int64_t)sizeof(fs_gen);
+    case FS_STRUCT_ATTN: return (int64_t)sizeof(fs_attn);
+    case FS_STRUCT_POOL_STATS: return (int64_t)sizeof(fs_pool_stats);
+    default: return -1;
+    }
+}
 
 /* one thread's view of a call: its id, the barrier, its private scratch, the shared buffers */
 typedef struct {
@@ -237,22 +255,22 @@ static int forward_impl(const fs_layer *layers, int n_layers, const fs_norm *fin
     size_t shared = 0, prep = head ? xs_floats(head, B) : 0;
     for (int i = 0; i < n_layers; i++) {
         const fs_layer *l = &layers[i];
-        if (l->qkv.k != C || l->out.n != C || l->down.n != C) return -1;
+        if (l->qkv.k != C || l->out.n != C || l->down.n != C) return FS_ERR_SHAPE;
         size_t s = (size_t)B * (l->qkv.n + l->n_heads * l->head_dim + l->up.n + l->n_heads * st->t_max);
         shared = max_sz(shared, s + trans_floats(l, B, C, nt));
         prep = max_sz(prep, max_sz(max_sz(xs_floats(&l->qkv, B), xs_floats(&l->out, B)),
                                    max_sz(xs_floats(&l->up, B), xs_floats(&l->down, B))));
     }
-    if (head && head->k != C) return -1;
-    fs_barrier bar = {0, 0};
+    if (head && head->k != C) return FS_ERR_SHAPE;
+    fs_barrier bar = {0, 0, 0};
     fs_call call = {layers, n_layers, final_norm, head, x, logits, st, mode, out, &bar, shared, prep};
-    if (fs_use_pool()) {
-        fs_pool_run(forward_job, &call, nt);
-    } else {
-#pragma omp parallel num_threads(nt)
-        forward_job(&call, omp_get_thread_num(), omp_get_num_threads());
-    }
-    return 0;
+    /* a kind of call for the adaptive thread count: its shape, not its pointers (the layers of a
+     * tensor-parallel step share one kind) */
+    uint64_t key = fs_mix(fs_mix(fs_mix(1, (uint64_t)n_layers), (uint64_t)B), (uint64_t)C);
+    key = fs_mix(fs_mix(key, (uint64_t)mode), head ? (uint64_t)head->n : 0);
+    if (n_layers > 0) key = fs_mix(fs_mix(key, (uint64_t)layers[0].up.n), (uint64_t)layers[0].qkv.fmt);
+    fs_parallel(forward_job, &call, nt, key);
+    return FS_OK;
 }
 
 int fs_forward(const fs_layer *layers, int n_layers, const fs_norm *final_norm, const fs_linear *head, float *x,
@@ -262,7 +280,7 @@ int fs_forward(const fs_layer *layers, int n_layers, const fs_norm *final_norm, 
 
 /* one layer's attention (part 0) or MLP (part 1) projection into out (B, C); x is only read */
 int fs_layer_part(const fs_layer *layer, int part, const float *x, float *out, const fs_step *st) {
-    if (part != 0 && part != 1) return -2;
+    if (part != 0 && part != 1) return FS_ERR_ARG;
     return forward_impl(layer, 1, NULL, NULL, (float *)x, NULL, st, part + 1, out);
 }
 
@@ -277,32 +295,58 @@ int fs_layer_part(const fs_layer *layer, int part, const float *x, float *out, c
  * s+2 only after every rank has published s+1, i.e. finished reading call s. */
 typedef struct {
     volatile int64_t seq;
-    char pad[56];
+    volatile int32_t sleepers; /* ranks asleep on this rank's seq (a shared futex on its low word) */
+    char pad[52];
 } fs_seq;
 
 int64_t fs_shm_bytes(int world, int64_t cap) { return (int64_t)world * 64 + (int64_t)world * 2 * cap * 4; }
 
-/* x (n) <- the sum over ranks of x; with accum != NULL, accum += that sum instead (x unchanged) */
+/* futexes on the shared segment (mapped by every rank: not FUTEX_PRIVATE); the wait gives up
+ * after 10 ms so that the caller can check its timeout */
+static void fs_shared_wait(volatile int64_t *addr, int64_t seen) {
+#ifdef __linux__
+    struct timespec ts = {0, 10 * 1000 * 1000};
+    syscall(SYS_futex, (int *)addr, FUTEX_WAIT, (int)seen, &ts, NULL, 0); /* the low word (little-endian) */
+#else
+    (void)addr;
+    (void)seen;
+    sched_yield();
+#endif
+}
+
+static void fs_shared_wake(volatile int64_t *addr) {
+#ifdef __linux__
+    syscall(SYS_futex, (int *)addr, FUTEX_WAKE, 1 << 30, NULL, NULL, 0);
+#else
+    (void)addr;
+#endif
+}
+
+/* x (n) <- the sum over ranks of x; with accum != NULL, accum += that sum instead (x unchanged).
+ * Waiting for the other ranks spins briefly (not at all on a contended machine, see
+ * fs_wait_change), then sleeps on a shared futex, so that a rank that lost its core gets one. */
 int fs_shm_allreduce(void *seg, int rank, int world, int64_t cap, float *x, int64_t n, int64_t call,
                      double timeout_s, float *accum) {
-    if (n > cap) return -1;
+    if (n > cap) return FS_ERR_SHAPE;
     fs_seq *seqs = (fs_seq *)seg;
     float *bufs = (float *)((char *)seg + (size_t)world * 64);
     const int parity = (int)(call & 1);
     float *mine = bufs + ((size_t)rank * 2 + parity) * cap;
     memcpy(mine, x, sizeof(float) * n);
-    __atomic_store_n(&seqs[rank].seq, call, __ATOMIC_RELEASE);
+    __atomic_store_n(&seqs[rank].seq, call, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&seqs[rank].sleepers, __ATOMIC_SEQ_CST) > 0) fs_shared_wake(&seqs[rank].seq);
     for (int j = 0; j < world; j++) {
-        long spins = 0;
-        double since = 0.;
-        while (__atomic_load_n(&seqs[j].seq, __ATOMIC_ACQUIRE) < call) {
-            fs_pause();
-            if (++spins <= 20000) continue;
-            sched_yield(); /* the other rank is descheduled or slow: give the core back */
-            if (spins % 1024 == 0) {
-                const double now = omp_get_wtime();
-                if (since == 0.) since = now;
-                else if (now - since > timeout_s) return -2; /* a rank stopped answering */
+        double t0 = 0.;
+        int64_t s;
+        while ((s = __atomic_load_n(&seqs[j].seq, __ATOMIC_ACQUIRE)) < call) {
+            for (int i = 0; i < 64 && __atomic_load_n(&seqs[j].seq, __ATOMIC_ACQUIRE) < call; i++) fs_pause();
+            const double now = fs_now();
+            if (t0 == 0.) t0 = now;
+            if (now - t0 > timeout_s) return FS_ERR_TIMEOUT; /* a rank stopped answering */
+            if (now < fs_contended_until || now - t0 > fs_spin_s()) {
+                __atomic_add_fetch(&seqs[j].sleepers, 1, __ATOMIC_SEQ_CST);
+                fs_shared_wait(&seqs[j].seq, s); /* returns at once if seq has moved */
+                __atomic_sub_fetch(&seqs[j].sleepers, 1, __ATOMIC_SEQ_CST);
             }
         }
     }
@@ -355,12 +399,13 @@ void fs_argmax(const float *x, int64_t rows, int64_t n, int64_t *out) {
     }
 }
 
-/* out[i, :] = row ids[i] of L's weight, dequantized to fp32 (embedding lookups in a tied head) */
+/* out[i, :] = row ids[i] of L's weight, dequantized to fp32 (embedding lookups in a tied head);
+ * FS_ERR_RANGE for an id outside [0, n) */
 int fs_rows(const fs_linear *L, const int64_t *ids, int64_t n, float *out) {
     const int K = L->k;
     for (int64_t i = 0; i < n; i++) {
         const int64_t r = ids[i];
-        if (r < 0 || r >= L->n) return -1;
+        if (r < 0 || r >= L->n) return FS_ERR_RANGE;
         float *o = out + i * K;
         switch (L->fmt) {
         case FS_F32: memcpy(o, (const float *)L->w + r * K, sizeof(float) * K); break;
@@ -393,12 +438,12 @@ static int embed_rows(const fs_embed *e, const fs_gen *g, int B, int C, int col,
     for (int b = 0; b < B; b++) {
         float *x = g->x + (size_t)b * C;
         const int64_t id = g->seq[b * width + col];
-        if (fs_rows(&e->tok, &id, 1, x) != 0) return -3;
+        if (fs_rows(&e->tok, &id, 1, x) != 0) return FS_ERR_RANGE;
         if (e->round_bf16)
             for (int k = 0; k < C; k++) x[k] = bf16_to_f32(f32_to_bf16(x[k]));
         if (e->pos.n > 0) {
             const int64_t p = g->pos0[b] + j + e->pos_offset;
-            if (p < 0 || p >= e->pos.n) return -3;
+            if (p < 0 || p >= e->pos.n) return FS_ERR_RANGE;
             for (int k = 0; k < C; k++) {
                 const float s = x[k] + param(e->pos.w, e->pos.fmt, (int)(p * C + k));
                 x[k] = e->round_bf16 ? bf16_to_f32(f32_to_bf16(s)) : s;
@@ -412,7 +457,8 @@ static int embed_rows(const fs_embed *e, const fs_gen *g, int B, int C, int col,
  * logits and wrote it to seq[:, T]): each step embeds the previous token, runs the layers at
  * cache position T + j, bars eos before min_new, takes the argmax, gives finished rows the pad
  * id, and stops once every row has emitted an eos. Returns the number of new tokens in seq
- * (<= max_new), or a negative code (-1 shapes, -3 an id or position out of range). The
+ * (<= max_new), or a negative fs_status (FS_ERR_SHAPE, FS_ERR_RANGE: an id or position out of
+ * range, FS_ERR_NOMEM). The
  * Python loop's semantics, without its per-token costs (~0.1-0.3 ms a token: every torch op
  * after a step that streamed the weights through the caches runs cold). */
 int fs_generate(const fs_layer *layers, int n_layers, const fs_norm *final_norm, const fs_linear *head,
@@ -420,7 +466,7 @@ int fs_generate(const fs_layer *layers, int n_layers, const fs_norm *final_norm,
     const int B = st->B, C = st->C, V = head->n, hd = n_layers > 0 ? layers[0].head_dim : 0;
     const int64_t width = (int64_t)g->T + g->max_new;
     int64_t *next = malloc(sizeof(int64_t) * (size_t)B);
-    if (!next) return -4;
+    if (!next) return FS_ERR_NOMEM;
     int made = g->max_new;
     for (int j = 0; j + 1 < g->max_new; j++) {
         int rc = embed_rows(emb, g, B, C, g->T + j, j);
@@ -462,7 +508,7 @@ int fs_generate(const fs_layer *layers, int n_layers, const fs_norm *final_norm,
  * nthreads: the prompt's products dequantize a chunk of rows at a time and run a dense GEMM */
 int fs_dequant_rows(const fs_linear *L, int r0, int r1, void *out, int out_bf16, int nthreads) {
     const int K = L->k;
-    if (r0 < 0 || r1 > L->n || r0 > r1) return -1;
+    if (r0 < 0 || r1 > L->n || r0 > r1) return FS_ERR_RANGE;
 #pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static)
     for (int r = r0; r < r1; r++) {
         float row[8192];

@@ -15,20 +15,6 @@
 #define FS_ATTENTION_H
 #include <stdlib.h>
 
-typedef struct {
-    int32_t B, Hq, Hkv, T, hd, start, causal, fmt, nthreads;
-    float scale;
-    const void *q;
-    int64_t q_b, q_h, q_t; /* element strides of q (B, Hq, T, hd) */
-    const void *k;
-    int64_t k_b, k_h, k_t; /* k (B, Hkv, >= start + T, hd) */
-    const void *v;
-    int64_t v_b, v_h, v_t;
-    void *out;
-    int64_t o_b, o_h, o_t; /* out (B, Hq, T, hd) */
-    const uint8_t *mask;   /* (B or 1, T, start + T) bytes, 1 = may attend; NULL = no mask */
-    int64_t m_b, m_t;      /* its strides (m_b = 0: one mask for every row) */
-} fs_attn;
 
 static inline float attn_load(const void *p, int bf, int64_t i) {
     return bf ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
@@ -300,18 +286,16 @@ static void attention_job(void *arg, int tid, int nth) {
     free(buf);
 }
 
-/* 0 on success; -1 bad shapes, -2 out of memory */
+/* FS_OK; FS_ERR_SHAPE bad shapes, FS_ERR_NOMEM out of memory */
 int fs_attention(const fs_attn *a) {
-    if (a->B < 1 || a->T < 1 || a->hd < 1 || a->hd > 512 || a->Hkv < 1 || a->Hq % a->Hkv || a->start < 0) return -1;
-    if (a->fmt != FS_F32 && a->fmt != FS_BF16) return -1;
+    if (a->B < 1 || a->T < 1 || a->hd < 1 || a->hd > 512 || a->Hkv < 1 || a->Hq % a->Hkv || a->start < 0)
+        return FS_ERR_SHAPE;
+    if (a->fmt != FS_F32 && a->fmt != FS_BF16) return FS_ERR_SHAPE;
     fs_attn_call c = {a, a->T * (a->Hq / a->Hkv) >= 8, 0};
     const int nt = a->nthreads > 0 ? a->nthreads : 1;
-    if (fs_use_pool()) {
-        fs_pool_run(attention_job, &c, nt);
-    } else {
-#pragma omp parallel num_threads(nt)
-        attention_job(&c, omp_get_thread_num(), omp_get_num_threads());
-    }
-    return c.failed ? -2 : 0;
+    uint64_t key = fs_mix(fs_mix(fs_mix(2, (uint64_t)a->B), (uint64_t)a->Hq), (uint64_t)a->hd);
+    key = fs_mix(fs_mix(key, (uint64_t)a->T), (uint64_t)a->fmt);
+    fs_parallel(attention_job, &c, nt, key);
+    return c.failed ? FS_ERR_NOMEM : FS_OK;
 }
 #endif

@@ -1,5 +1,6 @@
-/* flexspeed native decode: types and helpers shared by the kernel's parts (one translation unit:
- * decode.c includes fs_common.h, fs_products.h, fs_ops.h in that order). */
+/* flexspeed native decode: helpers shared by the kernel's parts (one translation unit: decode.c
+ * includes fs_common.h, fs_products.h, fs_ops.h, fs_pool.h, fs_attention.h in that order; the
+ * types and exports are declared in fs_abi.h). */
 #ifndef FS_COMMON_H
 #define FS_COMMON_H
 #include <math.h>
@@ -7,73 +8,21 @@
 #include <sched.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#include "fs_abi.h"
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define FS_FAST 1
 #else
 #define FS_FAST 0
 #endif
-
-enum { FS_F32 = 0, FS_BF16 = 1, FS_I8 = 2, FS_I4 = 3 };
-enum { FS_RELU = 0, FS_GELU = 1, FS_GELU_TANH = 2, FS_SILU = 3, FS_IDENTITY = 4 };
-
-typedef struct {
-    int32_t fmt, n, k, group;      /* output rows, input features, int4 group size */
-    const void *w;                 /* (n, k) f32/bf16/int8; int4: (n, k/2) bytes, low nibble = even column */
-    const void *scales;            /* int8: f32 (n); int4: bf16 (n, k/group, 2) = [scale, zero] per row and group */
-    int32_t bias_fmt;              /* FS_F32 or FS_BF16 */
-    const void *bias;              /* (n) or NULL */
-    int32_t trans;                 /* fp32/bf16 only: w stored (k, n) (HF GPT-2's Conv1D) */
-} fs_linear;
-
-typedef struct {
-    int32_t kind;                  /* 0 LayerNorm, 1 RMSNorm, -1 none */
-    int32_t fmt;                   /* FS_F32 or FS_BF16 (weight and bias) */
-    float eps;
-    const void *w, *b;             /* (C); b may be NULL */
-} fs_norm;
-
-typedef struct {
-    fs_norm norm1, norm2;
-    fs_linear qkv, out, up, down;  /* qkv rows: [q heads | k heads | v heads]; up: [gate | up] when gated */
-    int32_t act, gated;
-    int32_t n_heads, n_kv, head_dim;
-    float scale;
-    void *kc, *vc;                 /* (B, n_kv, t_max, head_dim), fp32 or bf16 (kv_fmt) */
-    int32_t kv_fmt;                /* FS_F32 or FS_BF16 */
-    /* unfused models: qkv / up computed as up to 3 / 2 matrices side by side (qkv and up then only
-     * describe the whole: total rows, format, k, group); 0 = use qkv / up themselves */
-    int32_t n_qkv_parts, n_up_parts;
-    fs_linear qkv_parts[3], up_parts[2];
-} fs_layer;
-
-typedef struct {
-    int32_t B, C, start, t_max, nthreads;
-    int32_t valid_stride;          /* bytes between rows of valid */
-    const uint8_t *valid;          /* (B, >= start+1): 1 = attend to that key; NULL = all */
-    const float *cos, *sin;        /* rotary tables (B, head_dim), or NULL */
-    float *scratch;                /* fs_scratch_floats() floats */
-} fs_step;
-
-typedef struct {
-    fs_linear tok;                 /* token rows (V, C), any weight format */
-    fs_linear pos;                 /* learned position rows (P, C), or pos.n == 0 (none / rotary) */
-    int32_t pos_offset;            /* added to positions before the lookup (OPT: 2) */
-    int32_t round_bf16;            /* bf16 model: rows and their sum rounded to bf16, as torch's lookups */
-} fs_embed;
-
-typedef struct {                   /* greedy decoding from the second new token on (fs_generate) */
-    int32_t T, max_new, min_new;   /* prompt columns of seq; new tokens wanted; eos barred before min_new */
-    int32_t n_eos, pad;            /* eos ids; pad id for finished rows (< 0: none) */
-    const int64_t *eos;
-    int64_t *seq;                  /* (B, T + max_new): column T holds the first new token */
-    uint8_t *done;                 /* (B): 1 = the row has emitted an eos */
-    const int64_t *pos0;           /* (B): position of the first new token */
-    const float *cos, *sin;        /* rotary tables (max_new - 1, B, head_dim), or NULL */
-    float *logits;                 /* (B, V) scratch */
-    float *x;                      /* (B, C) scratch */
-} fs_gen;
 
 /* ------------------------------------------------------------------ helpers */
 
@@ -102,9 +51,92 @@ static inline void fs_pause(void) {
 #endif
 }
 
+/* ------------------------------------------------------------------ waiting
+ *
+ * Every wait of the kernel (a barrier between phases, the caller waiting for its workers) spins
+ * for at most fs_spin_s() (FLEXSPEED_NATIVE_SPIN_US, default 50 us: longer than the imbalance of
+ * a phase, far shorter than a scheduler slice), then sleeps on a futex; it does not spin at all for
+ * half a second after one of the kernel's threads lost its core inside a call. A thread that waits on a
+ * descheduled one therefore gives its core back within microseconds, and the scheduler can run
+ * the descheduled thread there; spinning until the other came back cost a whole slice (~3-8 ms)
+ * per barrier whenever another process took a core (benchmarks/generate.py's contended row). */
+
+static inline double fs_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static double fs_spin_s_value = -1.;
+static inline double fs_spin_s(void) {
+    double v = fs_spin_s_value;
+    if (v < 0.) {
+        const char *e = getenv("FLEXSPEED_NATIVE_SPIN_US");
+        v = e && *e ? atof(e) * 1e-6 : 50e-6;
+        if (v < 0.) v = 0.;
+        fs_spin_s_value = v;
+    }
+    return v;
+}
+
+static volatile int64_t fs_sleep_count; /* waits that slept (fs_pool_stats) */
+
+/* Until this time (fs_now), waits do not spin: a thread of a recent call lost its core to another
+ * process (fs_pool.h counts involuntary context switches per call), and spinning would only take
+ * time from whoever holds the core the waited-for thread needs. */
+static volatile double fs_contended_until;
+#define FS_CONTENDED_HOLD_S 0.5
+
+static void fs_futex_wait(volatile int *addr, int seen) {
+#ifdef __linux__
+    syscall(SYS_futex, (int *)addr, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+#else
+    (void)addr;
+    (void)seen;
+    sched_yield();
+#endif
+}
+
+static void fs_futex_wake(volatile int *addr) {
+#ifdef __linux__
+    syscall(SYS_futex, (int *)addr, FUTEX_WAKE_PRIVATE, 1 << 30, NULL, NULL, 0);
+#else
+    (void)addr;
+#endif
+}
+
+/* return once *addr != seen: spin up to fs_spin_s(), then sleep (counted in *sleepers, which the
+ * writer of *addr reads after its store to decide whether to wake anyone) */
+static void fs_wait_change(volatile int *addr, int seen, volatile int *sleepers) {
+    double t0 = 0.;
+    for (;;) {
+        for (int i = 0; i < 64; i++) {
+            if (__atomic_load_n(addr, __ATOMIC_ACQUIRE) != seen) return;
+            fs_pause();
+        }
+        const double t = fs_now();
+        if (t < fs_contended_until) break;
+        if (t0 == 0.) t0 = t;
+        else if (t - t0 > fs_spin_s()) break;
+    }
+    __atomic_add_fetch(&fs_sleep_count, 1, __ATOMIC_RELAXED);
+    while (__atomic_load_n(addr, __ATOMIC_ACQUIRE) == seen) {
+        __atomic_add_fetch(sleepers, 1, __ATOMIC_SEQ_CST);
+        fs_futex_wait(addr, seen); /* returns at once if *addr has moved */
+        __atomic_sub_fetch(sleepers, 1, __ATOMIC_SEQ_CST);
+    }
+}
+
+/* store v to *addr and wake whoever sleeps on it */
+static inline void fs_publish(volatile int *addr, int v, volatile int *sleepers) {
+    __atomic_store_n(addr, v, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(sleepers, __ATOMIC_SEQ_CST) > 0) fs_futex_wake(addr);
+}
+
 typedef struct {
     volatile int count;
     volatile int sense;
+    volatile int sleepers;
 } fs_barrier;
 
 static void barrier_wait(fs_barrier *b, int n, int *local) {
@@ -112,13 +144,10 @@ static void barrier_wait(fs_barrier *b, int n, int *local) {
     *local = !*local;
     if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == n) {
         __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&b->sense, *local, __ATOMIC_RELEASE);
+        fs_publish(&b->sense, *local, &b->sleepers);
         return;
     }
-    for (long spins = 0; __atomic_load_n(&b->sense, __ATOMIC_ACQUIRE) != *local; spins++) {
-        fs_pause();
-        if (spins > 20000) sched_yield(); /* the other thread was descheduled: give the core back */
-    }
+    fs_wait_change(&b->sense, !*local, &b->sleepers); /* sense cannot flip twice before we leave */
 }
 
 /* rows [r0, r1) of n split over threads, in multiples of 4 */

@@ -42,6 +42,8 @@ from flexspeed.inference.offload.chooser import available_memory
 from flexspeed.inference.offload.files import (ALIGN, AlignedBuffer, DirectFile, FileSpan, MappedFile, private_dir,
                                                safetensors_spans, write_tensor)
 from flexspeed.inference.offload.policy import OffloadPolicy, place_by_size
+from flexspeed.utils.logging import human_bytes
+from flexspeed.utils.progress import Progress
 
 __all__ = ["TensorSource", "WeightStore", "Fetched"]
 
@@ -314,27 +316,33 @@ class WeightStore:
 
     def _load_all(self, source: TensorSource) -> None:
         percents = self.policy.percents("w")
-        for j, layer in enumerate(self.arch.layers):
-            names: list[tuple[str, str]] = []
-            own: list[tuple[TensorSpec, str]] = []
-            for spec in layer.tensors:
-                key = source.resolve(spec.key, spec.stored_as)
-                got = source.shape(key)
-                if got != spec.shape:
-                    raise ConfigError(f"checkpoint tensor {key!r} has shape {got} but the model config implies "
-                                      f"{spec.shape}; the config does not match these weights", key="checkpoint")
-                names.append((spec.name, key))
-                if key not in self.entries and all(key != k for _, k in own):  # tied: placed where first seen
-                    own.append((spec, key))
-            tiers = place_by_size([self._stored_nbytes(s) for s, _ in own], percents)
-            fd = None
-            try:
-                for (spec, key), tier in zip(own, tiers):
-                    self.entries[key], fd = self._load_one(spec, key, tier, source, j, fd)
-            finally:
-                if fd is not None:
-                    os.close(fd)
-            self.layer_keys.append(names)
+        with Progress("offload: placing weights", len(self.arch.layers), "layers") as progress:
+            for j, layer in enumerate(self.arch.layers):
+                self._load_layer(source, j, layer, percents)
+                progress.update(1, note=", ".join(f"{t} {human_bytes(n)}" for t, n in self.tier_bytes().items() if n))
+
+    def _load_layer(self, source: TensorSource, j: int, layer, percents) -> None:
+        """Place layer ``j``'s tensors (tied ones where first seen) on their tiers."""
+        names: list[tuple[str, str]] = []
+        own: list[tuple[TensorSpec, str]] = []
+        for spec in layer.tensors:
+            key = source.resolve(spec.key, spec.stored_as)
+            got = source.shape(key)
+            if got != spec.shape:
+                raise ConfigError(f"checkpoint tensor {key!r} has shape {got} but the model config implies "
+                                  f"{spec.shape}; the config does not match these weights", key="checkpoint")
+            names.append((spec.name, key))
+            if key not in self.entries and all(key != k for _, k in own):  # tied: placed where first seen
+                own.append((spec, key))
+        tiers = place_by_size([self._stored_nbytes(s) for s, _ in own], percents)
+        fd = None
+        try:
+            for (spec, key), tier in zip(own, tiers):
+                self.entries[key], fd = self._load_one(spec, key, tier, source, j, fd)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        self.layer_keys.append(names)
 
     def _materialize(self, source: TensorSource, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One tensor in memory (floating ones in ``dtype``, default the compute dtype), copied once."""

@@ -1,0 +1,1 @@
+"""``deepspeed.checkpoint`` for flexspeed: checkpoint helpers DeepSpeed-integrating code imports (``utils``)."""

@@ -1,0 +1,71 @@
+"""DeepSpeed engine methods that Hugging Face's Trainer, Accelerate and Lightning call.
+
+A mixin of :class:`~flexspeed.runtime.engine.TrainingEngine` (kept apart from the training loop):
+
+- ``set_gradient_accumulation_boundary(is_boundary)``: the caller decides the accumulation boundary
+  (Accelerate calls ``engine.step()`` only on its boundary micro-step, so the engine's own micro-step
+  count must not decide); ``None`` hands the decision back to the engine's count.
+- ``zero_gather_16bit_weights_on_model_save()`` and ``_zero3_consolidated_16bit_state_dict()``: the
+  whole weights on rank 0 at ZeRO-3 for ``Trainer.save_model`` / ``Accelerator.get_state_dict``, in the
+  compute precision (bf16/fp16 when the config enables it, else fp32), as DeepSpeed returns them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DeepSpeedEngineExtras"]
+
+
+class DeepSpeedEngineExtras:
+    """DeepSpeed engine methods used by libraries that integrate DeepSpeed (see docs/integrations.md)."""
+
+    _boundary_override: bool | None = None
+
+    def set_gradient_accumulation_boundary(self, is_boundary: bool | None) -> None:
+        """Say whether the coming backward/step ends an accumulation cycle (DeepSpeed's name).
+
+        While set, ``is_gradient_accumulation_boundary()`` returns it: gradients are reduced in a
+        boundary backward and ``step()`` updates the weights only on a boundary, whatever the
+        micro-step count. ``None`` returns to counting ``gradient_accumulation_steps`` micro-steps.
+        """
+        if is_boundary is not None and not isinstance(is_boundary, bool):
+            raise TypeError(f"set_gradient_accumulation_boundary(is_boundary={is_boundary!r}) needs a bool (or None "
+                            "to let gradient_accumulation_steps decide)")
+        self._boundary_override = is_boundary
+
+    def zero_optimization_partition_weights(self) -> bool:
+        """Whether parameters are partitioned (ZeRO stage 3)."""
+        return self.zero_optimization_stage() == 3
+
+    def zero_gather_16bit_weights_on_model_save(self) -> bool:
+        """``zero_optimization.stage3_gather_16bit_weights_on_model_save`` of the config."""
+        return bool(self._config.zero_optimization.stage3_gather_16bit_weights_on_model_save)
+
+    def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters: bool = False
+                                             ) -> dict[str, torch.Tensor] | None:
+        """The whole model's state dict on rank 0 (CPU, compute precision), ``None`` on the other ranks.
+
+        Every rank must call it (the shards are gathered). Raises ``ValueError`` below stage 3, as DeepSpeed.
+        """
+        if not self.zero_optimization_partition_weights():
+            raise ValueError("this function requires ZeRO-3 mode")
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                ignore_frozen_params=exclude_frozen_parameters)
+        state = get_model_state_dict(self.module, options=opts)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if rank != 0:
+            return None
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision.mode)
+        if dtype is None:
+            return state
+        return {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in state.items()}
+
+    def _consolidated_16bit_state_dict(self, exclude_frozen_parameters: bool = False) -> Any:
+        """DeepSpeed's dispatcher: the ZeRO-3 consolidation (flexspeed has no training-time AutoTP)."""
+        return self._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters)
