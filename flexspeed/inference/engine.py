@@ -222,7 +222,19 @@ class InferenceEngine(nn.Module):
 
     @property
     def runner(self):
-        """The :class:`~flexspeed.inference.runners.DecodeRunner` this engine's ``generate`` drives."""
+        """The :class:`~flexspeed.inference.runners.DecodeRunner` this engine's ``generate`` drives.
+
+        Chosen again if ``module`` was changed since in a way that makes the held runner stale
+        (kernels injected into it, a shadowed block's modules replaced).
+        """
+        from flexspeed.inference.runners import remembered
+
+        held = self.runner_choice.runner
+        recorded = remembered(self.module) if self.offload is None else held
+        if (recorded is not None and recorded is not held) or not getattr(held, "current", lambda: True)():
+            from flexspeed.inference.runners import select_runner
+
+            self.runner_choice = select_runner(self.module, None, tp_group=self.tp_group)
         return self.runner_choice.runner
 
     @property
@@ -320,6 +332,7 @@ class InferenceEngine(nn.Module):
         if self.offload is not None:
             tiers = self.offload.store.tier_bytes()
             parts.append("offload " + " / ".join(f"{k} {human_bytes(v)}" for k, v in tiers.items()))
+        self.runner  # noqa: B018 - re-chosen if the module changed
         parts.append(f"decode: {self.runner_choice.describe()}")
         return ", ".join(parts)
 

@@ -80,6 +80,24 @@ class FusedRunner:
     """On CUDA, single-token steps replay a captured graph (see :mod:`flexspeed.inference.graphs`)."""
     _native: object | None = field(default=None, repr=False)
     _graphs: object | None = field(default=None, repr=False)
+    _shadowed: tuple | None = field(default=None, repr=False)
+    """For a shadow runner: the model's blocks and their modules when the wrappers were built."""
+
+    def shadow(self) -> None:
+        """Record the blocks this runner's own layers wrap (see :meth:`current`)."""
+        blocks = tuple(self.root.get_submodule(self.arch.layers_path))
+        self._shadowed = (blocks, tuple(tuple(b.modules()) for b in blocks))
+
+    def current(self) -> bool:
+        """The runner still computes what the model does: always for an injected model (its layers are
+        looked up in the model); for a shadow runner, unless a block or a module in one was replaced
+        since (kernels injected, weights quantized after the runner was chosen)."""
+        if self._shadowed is None:
+            return True
+        blocks, mods = self._shadowed
+        now = tuple(self.root.get_submodule(self.arch.layers_path))
+        return len(now) == len(blocks) and all(a is b for a, b in zip(now, blocks)) and all(
+            len(m) == len(n) and all(x is y for x, y in zip(m, n)) for m, n in zip((tuple(b.modules()) for b in now), mods))
 
     @property
     def layers(self) -> list[FusedDecoderLayer]:

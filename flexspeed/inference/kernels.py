@@ -493,7 +493,9 @@ def shadow_runner(model: nn.Module) -> tuple[FusedRunner | None, str]:
         return None, f"{type(model).__name__} is not a recognised family ({_SUPPORTED})"
     blocks = model.get_submodule(arch.layers_path)
     if not arch.copies:
-        return FusedRunner(model, arch, [arch.build(model, b, i) for i, b in enumerate(blocks)]), ""
+        runner = FusedRunner(model, arch, [arch.build(model, b, i) for i, b in enumerate(blocks)])
+        runner.shadow()
+        return runner, ""
     from flexspeed.inference.native import library
 
     ref = next(iter(model.parameters()), None)
@@ -506,6 +508,7 @@ def shadow_runner(model: nn.Module) -> tuple[FusedRunner | None, str]:
     except (ConfigError, AttributeError, TypeError) as exc:
         return None, f"its blocks cannot be wrapped ({exc})"
     runner = FusedRunner(model, arch, layers, ref.dtype)
+    runner.shadow()
     reason = runner.native_reason()
     return (runner, "") if reason is None else (None, f"the native kernel cannot run it ({reason})")
 

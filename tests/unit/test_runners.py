@@ -120,3 +120,21 @@ def test_offload_engine_runner_is_not_stored_on_the_model() -> None:
     assert engine.runner is engine.offload and "offload runner" in engine.describe()
     assert torch.equal(engine.generate(ids, max_new_tokens=4), ref)
     engine.offload.close()
+
+
+def test_engine_chooses_again_when_its_module_changes_after_init() -> None:
+    """Kernels injected (or weights quantized) into engine.module after init_inference: the held
+    shadow runner no longer computes what the model does, so the engine picks again."""
+    if library() is None:
+        pytest.skip("no native kernel: no shadow runner")
+    model = opt()
+    engine = flexspeed.init_inference(model, dtype=torch.float32)
+    first = engine.runner
+    assert "shadow" in first.describe() and first.current()
+    inject_kernels(engine.module, native=False)
+    assert not first.current()
+    again = engine.runner
+    assert again is not first and "fused runner" in again.describe() and "native_decode is off" in again.describe()
+    ids = torch.randint(3, V, (1, 5))
+    ref = opt().generate(ids, do_sample=False, max_new_tokens=4)
+    assert torch.equal(engine.generate(ids, max_new_tokens=4), ref)
