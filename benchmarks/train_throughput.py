@@ -13,15 +13,26 @@ optimizer steps interleaved (A B B A ...), so load from other processes hits bot
   parameters, as DeepSpeed's and flexspeed's do; this is the nearest path: the same parameter and
   optimizer-state layout, all-reducing once per step where flexspeed reduces each micro-step to the owners)
 - stage 3: flexspeed vs ``fully_shard(reshard_after_forward=True)`` per block, root default
-  (both with every parameter sharded: ``stage3_param_persistence_threshold: 0``)
+  (both with every parameter sharded: ``stage3_param_persistence_threshold: 0``; in bf16 both with
+  ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``, what flexspeed configures)
 
 Stage-3 runs reduce-scatter gradients on every micro-step in both columns (flexspeed's choice: a full
 gradient never outlives one block's backward). The metric is CPU-seconds per sample, summed over
 both ranks (``time.process_time`` of each rank process, so gloo's threads count too), from the
 median step; ``ratio`` = raw / flexspeed (>= 0.95 is the target). A measured DeepSpeed column
-(same API, same config) appears only if ``import deepspeed`` works; the DeepSpeed figures from
-ANCHORS.md (this machine kind, 30 steps, whole-run CPU time) are printed for reference.
+(same API, same config, interleaved with the other two) appears if ``import deepspeed`` works,
+with ``flexspeed / DeepSpeed``; the DeepSpeed figures from ANCHORS.md (this machine kind, 30 steps,
+whole-run CPU time) are printed for reference.
 
+Bytes moved: every ``torch.distributed`` all-gather and reduce-scatter a step starts through the
+Python API is counted on rank 0 (FSDP2's and DeepSpeed's ZeRO both call it; DDP's bucket all-reduces
+run inside its C++ reducer and are not seen): all-gather = bytes of the gathered output,
+reduce-scatter = bytes of the unreduced input, per optimizer step. With bf16 the stage-3 gathers
+should be half of fp32's (FSDP2 ``param_dtype``).
+
+Run it under DeepSpeed's interpreter to get the DeepSpeed column (flexspeed on PYTHONPATH):
+
+    PYTHONPATH=$PWD /work/dsvenv/bin/python benchmarks/train_throughput.py --precision bf16 --stages 3
     python benchmarks/train_throughput.py [--steps 10] [--warmup 2] [--reps 2] [--precision fp32 bf16]
                                           [--stages 0 1 2 3]
 """
@@ -36,6 +47,63 @@ import time
 
 MICRO, GAS, SEQ, VOCAB, LR = 8, 2, 128, 1024, 1e-4
 ANCHOR_DEEPSPEED = {("fp32", 0): 0.027, ("fp32", 1): 0.028, ("fp32", 2): 0.029, ("fp32", 3): 0.034}
+
+
+class CommBytes:
+    """Counts the bytes of ``torch.distributed`` all-gathers and reduce-scatters (see the module docstring).
+
+    ``install()`` wraps the module-level functions once per process, before any library captures them;
+    nested calls (one API function calling another) are counted once, at the outermost call.
+    """
+
+    GATHER = ("all_gather_single", "all_gather_into_tensor", "_all_gather_base", "all_gather")
+    SCATTER = ("reduce_scatter_single", "reduce_scatter_tensor", "_reduce_scatter_base", "reduce_scatter")
+
+    def __init__(self) -> None:
+        self.counts = {"all_gather": 0, "reduce_scatter": 0}
+        self._depth = 0
+
+    @staticmethod
+    def _nbytes(t) -> int:
+        if isinstance(t, (list, tuple)):
+            return sum(CommBytes._nbytes(x) for x in t)
+        return t.numel() * t.element_size() if hasattr(t, "numel") else 0
+
+    def _wrap(self, fn, kind: str, which: int):
+        def counted(*args, **kwargs):
+            if self._depth == 0:
+                names = ("output_tensor", "output", "output_tensor_list") if which == 0 else \
+                    ("input_tensor", "input", "input_list")
+                arg = args[which] if len(args) > which else next((kwargs[n] for n in names if n in kwargs), None)
+                self.counts[kind] += self._nbytes(arg)
+            self._depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+
+        counted._flexspeed_counted = True
+        return counted
+
+    def install(self) -> CommBytes:
+        import torch.distributed as dist
+        import torch.distributed.distributed_c10d as c10d
+
+        for names, kind, which in ((self.GATHER, "all_gather", 0), (self.SCATTER, "reduce_scatter", 1)):
+            for name in names:
+                fn = getattr(c10d, name, None)
+                if fn is None or getattr(fn, "_flexspeed_counted", False):
+                    continue
+                wrapped = self._wrap(fn, kind, which)
+                setattr(c10d, name, wrapped)
+                if getattr(dist, name, None) is fn:
+                    setattr(dist, name, wrapped)
+        return self
+
+    def take(self) -> dict[str, int]:
+        """The counts since the last ``take()``, reset."""
+        out, self.counts = self.counts, {"all_gather": 0, "reduce_scatter": 0}
+        return out
 
 
 def _batches(rank: int, n: int):
@@ -68,9 +136,14 @@ def _raw(stage: int, precision: str, batches):
         opt = (torch.optim.AdamW(net.parameters(), lr=LR) if stage == 0 else
                ZeroRedundancyOptimizer(net.parameters(), optimizer_class=torch.optim.AdamW, lr=LR))
     else:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        # what flexspeed configures: 16-bit gathers and compute, fp32 reduction, in bf16 runs
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if precision == "bf16" else MixedPrecisionPolicy()
         for block in model.transformer.h:
-            fully_shard(block, reshard_after_forward=stage == 3)
-        net = fully_shard(model, reshard_after_forward=None if stage == 3 else False)
+            fully_shard(block, reshard_after_forward=stage == 3, mp_policy=mp)
+        net = fully_shard(model, reshard_after_forward=None if stage == 3 else False, mp_policy=mp)
         opt = torch.optim.AdamW(net.parameters(), lr=LR)
     feed = itertools.cycle(batches)
 
@@ -130,6 +203,7 @@ def engine_stepper(engine, batches, gas: int):
 def _rank_main(rank: int, world: int, steps: int, warmup: int, reps: int, precisions: list[str],
                stages: list[int], names: list[str]) -> dict:
     """Per (precision, stage, name): per-step CPU seconds of this rank (all reps) and the last loss."""
+    comm = CommBytes().install()  # before DeepSpeed (or FSDP2) can capture the functions
     batches = _batches(rank, 8)
     out: dict = {}
     for precision in precisions:
@@ -143,11 +217,13 @@ def _rank_main(rank: int, world: int, steps: int, warmup: int, reps: int, precis
                 for k in range(steps):
                     order = names if (k + rep) % 2 == 0 else names[::-1]  # alternate who goes first
                     for name in order:
+                        comm.take()
                         t0 = time.process_time()
                         loss = float(steppers[name]())
                         cpu = time.process_time() - t0
-                        rec = out.setdefault((precision, stage, name), {"cpu": [], "loss": None})
+                        rec = out.setdefault((precision, stage, name), {"cpu": [], "loss": None, "bytes": []})
                         rec["cpu"].append(cpu)
+                        rec["bytes"].append(comm.take())
                         rec["loss"] = loss
                 del steppers
     return out
@@ -181,20 +257,33 @@ def main() -> None:
     per_step = MICRO * GAS * world
     print(f"\nCPU-seconds per sample, both ranks: median over {args.steps} x {args.reps} interleaved steps "
           f"(after {args.warmup} warm-up each; {MICRO}x{GAS}x{world} = {per_step} samples per step)")
-    ds_head = " DeepSpeed (measured) |" if "deepspeed" in names else ""
+    has_ds = "deepspeed" in names
+    ds_head = " DeepSpeed (measured) | flexspeed / DeepSpeed |" if has_ds else ""
     print(f"| precision | stage | flexspeed | raw PyTorch | ratio raw/flexspeed | last loss flexspeed / raw "
           f"|{ds_head} DeepSpeed (ANCHORS, 30 steps) |")
-    print("|---" * (8 if ds_head else 7) + "|")
+    print("|---" * (9 if has_ds else 7) + "|")
     for precision in args.precision:
         for stage in args.stages:
             cols = {name: _summary([r[(precision, stage, name)] for r in per_rank]) for name in names}
             (f_cpu, f_loss), (r_cpu, r_loss) = cols["flexspeed"], cols["raw"]
-            ds = f" {cols['deepspeed'][0] / per_step:.4f} |" if "deepspeed" in cols else ""
+            ds = f" {cols['deepspeed'][0] / per_step:.4f} | {f_cpu / cols['deepspeed'][0]:.3f} |" if has_ds else ""
             anchor = ANCHOR_DEEPSPEED.get((precision, stage), "-")
             print(f"| {precision} | {stage} | {f_cpu / per_step:.4f} | {r_cpu / per_step:.4f} | {r_cpu / f_cpu:.3f} | "
                   f"{f_loss:.4f} / {r_loss:.4f} |{ds} {anchor} |")
-    if "deepspeed" not in names:
-        print("(deepspeed is not installed: no measured DeepSpeed column)")
+    print("\nBytes moved per optimizer step on rank 0, MB (all-gather output / reduce-scatter input; DDP's C++ "
+          "all-reduces not counted)")
+    print("| precision | stage | " + " | ".join(f"{n} all-gather | {n} reduce-scatter" for n in names) + " |")
+    print("|---" * (2 + 2 * len(names)) + "|")
+    for precision in args.precision:
+        for stage in args.stages:
+            cells = []
+            for name in names:
+                steps_bytes = per_rank[0][(precision, stage, name)]["bytes"]
+                for kind in ("all_gather", "reduce_scatter"):
+                    cells.append(f"{statistics.median(b[kind] for b in steps_bytes) / 1e6:.2f}")
+            print(f"| {precision} | {stage} | " + " | ".join(cells) + " |")
+    if not has_ds:
+        print("(deepspeed is not installed: no measured DeepSpeed column; run under /work/dsvenv/bin/python)")
 
 
 if __name__ == "__main__":

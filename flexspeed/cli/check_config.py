@@ -10,7 +10,10 @@ import argparse
 import json
 import sys
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flexspeed.config.schema import FlexConfig
 
 __all__ = ["add_parser", "run", "summarize"]
 
@@ -29,7 +32,7 @@ def add_parser(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentP
     return parser
 
 
-def summarize(cfg: Any) -> dict[str, Any]:
+def summarize(cfg: FlexConfig) -> dict[str, Any]:
     """The fields check-config reports, from a resolved ``FlexConfig``."""
     zero = cfg.zero_optimization
 

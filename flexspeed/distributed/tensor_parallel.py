@@ -304,14 +304,15 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, plan: Mapping[str, Any
 # ----------------------------------------------------------------------------------------- meshes
 
 def _build_dp_tp_mesh(world_size: int, tp_size: int, device_type: str) -> Any:
-    """The 2-D ``("dp", "tp")`` DeviceMesh: tp ranks adjacent (``rank = dp_index * tp + tp_index``)."""
-    from torch.distributed.device_mesh import init_device_mesh
+    """The job's ``ParallelDims`` mesh, ``("dp", "pp", "tp")`` with ``pp = 1``: tp ranks adjacent
+    (``rank = dp_index * tp + tp_index``); ``mesh["dp"]`` and ``mesh["tp"]`` are its slices."""
+    from flexspeed.distributed.parallel_dims import ParallelDims
 
     if tp_size < 1 or world_size % tp_size:
         ok = [t for t in range(1, world_size + 1) if world_size % t == 0]
         raise ConfigError(f"tensor_parallel.autotp_size={tp_size} does not divide the world size {world_size}. Fix: "
                           f"use one of {ok}, or launch a multiple of {tp_size} processes", key=_KEY)
-    return init_device_mesh(device_type, (world_size // tp_size, tp_size), mesh_dim_names=("dp", "tp"))
+    return ParallelDims.from_world(world_size, tp=tp_size, tp_source=f"{_KEY}={tp_size}").build_mesh(device_type)
 
 
 # ----------------------------------------------------------------------------------------- ZeRO 0-1

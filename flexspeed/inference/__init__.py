@@ -3,7 +3,9 @@
 ``flexspeed.init_inference(model, config=None, **kwargs)`` returns an
 :class:`~flexspeed.inference.engine.InferenceEngine`. Submodules: ``config`` (the typed config
 and how sources merge), ``tp`` (automatic tensor parallelism), ``loading`` (checkpoints sliced
-per rank), ``engine``; and, from their own owners, ``generation``, ``kernels``, ``quant``.
+per rank), ``engine``, ``families`` (the model-family registry), ``runners`` (the decode runner
+and its selection), ``hf_generate`` (HF's generate loop over a runner); and, from their own
+owners, ``generation``, ``kernels``, ``quant``.
 Everything heavier than the config is imported on first use.
 """
 

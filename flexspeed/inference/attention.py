@@ -4,7 +4,11 @@ One step of a decoder over a preallocated KV cache needs the same three things w
 drives it: the mask of the new tokens against the cache (:func:`step_context`), rotary position
 embeddings (:func:`apply_rope`) and attention of one query per row over a cache buffer: written
 for Inductor to fuse in the compiled decode step (:func:`static_attention`), or as two batched
-matmuls for eager 16-bit decoding (:func:`decode_attention`).
+matmuls under a key mask (:func:`decode_attention`: the CUDA-graph step and eager 16-bit decoding
+of the offload runner). Prefill and the eager fused step use SDPA; the CPU decode steps the native
+kernel (``native.attention``, the native decoder). Four implementations: SDPA and the native
+kernel are the fast paths measured in docs/inference.md; the compiled and masked forms exist
+because Inductor and CUDA graphs need static shapes.
 """
 
 from __future__ import annotations
@@ -13,8 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["StepContext", "step_context", "apply_rope", "static_attention", "decode_attention",
-           "masked_decode_attention"]
+__all__ = ["StepContext", "step_context", "apply_rope", "static_attention", "decode_attention", "decode_valid"]
 
 
 @dataclass
@@ -73,15 +76,20 @@ def static_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     return y.view(B, hq, 1, hd).to(q.dtype)
 
 
-def masked_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-                            scale: float) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                     scale: float) -> torch.Tensor:
     """One query per row over the whole ``(B, Hkv, T_max, hd)`` cache, keys chosen by a tensor mask.
 
-    :func:`decode_attention` with the end position folded into ``valid``, so every shape is static
-    and nothing is read on the host (a CUDA graph replays it for every step of a generation).
+    ``softmax(q k^T) v`` as two batched matmuls with the query heads of a group stacked, softmax in
+    fp32. The whole contiguous cache buffer is read in place, where a ``[:end]`` slice is not
+    contiguous and a 16-bit CPU matmul first copies it (4x slower at batch 32 with OPT-1.3B's
+    heads); every shape is static and nothing is read on the host, so a CUDA graph replays it for
+    every step of a generation. The unwritten tail must be finite (buffers start zeroed). The eager
+    decode step of the fused runner's CUDA graphs and the offload runner's torch path share it
+    (:func:`decode_valid` builds ``valid`` from an end position).
 
     Args:
-        q: (B, Hq, 1, hd); valid: (B, T_max) bool, keys that may be attended.
+        q: (B, Hq, 1, hd); valid: (B or 1, T_max) bool, keys that may be attended.
     Returns:
         (B, Hq, 1, hd) in q's dtype.
     """
@@ -89,30 +97,21 @@ def masked_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     hkv = k.shape[1]
     qk = q.to(k.dtype).reshape(B, hkv, hq // hkv, hd)  # (B, Hkv, G, hd): the query heads of a group stacked
     s = torch.matmul(qk, k.transpose(-1, -2)).float() * scale  # (B, Hkv, G, T_max)
-    s = s.masked_fill(~valid.view(B, 1, 1, -1), float("-inf"))
+    s = s.masked_fill(~valid.view(valid.shape[0], 1, 1, -1), float("-inf"))
     y = torch.matmul(s.softmax(-1).to(v.dtype), v)  # (B, Hkv, G, hd)
     return y.reshape(B, hq, 1, hd).to(q.dtype)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, mask: torch.Tensor | None,
-                     scale: float) -> torch.Tensor:
-    """One query per row over ``(B, Hkv, S, hd)`` keys/values, positions ``>= end`` masked.
+def decode_valid(t_max: int, end: int, mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The keys a decode step may attend: positions ``< end``, and where ``mask`` (B, ..., end) is True.
 
-    ``softmax(q k^T) v`` as two batched matmuls with the query heads of a group stacked, softmax in
-    fp32. Given a whole contiguous cache buffer (``S = T_max``), the matmuls read it in place,
-    where a ``[:end]`` slice is not contiguous and a 16-bit CPU matmul first copies it (4x slower
-    at batch 32 with OPT-1.3B's heads); the unwritten tail must be finite (buffers start zeroed).
-
-    Args:
-        q: (B, Hq, 1, hd); mask: (B, 1, 1, end) bool, keys that may be attended, or ``None``.
     Returns:
-        (B, Hq, 1, hd) in v's dtype.
+        (B, T_max) bool, or (1, T_max) without ``mask``.
     """
-    B, hq, _, hd = q.shape
-    hkv, t_max = k.shape[1], k.shape[2]
-    s = torch.matmul(q.view(B, hkv, hq // hkv, hd), k.transpose(-1, -2)).float() * scale  # (B, Hkv, G, S)
-    if end < t_max:
-        s[..., end:] = float("-inf")
-    if mask is not None:
-        s[..., :end].masked_fill_(~mask.view(B, 1, 1, -1), float("-inf"))
-    return torch.matmul(s.softmax(-1).to(v.dtype), v).view(B, hq, 1, hd)  # (B, Hkv, G, hd) -> (B, Hq, 1, hd)
+    valid = (torch.arange(t_max, device=device) < end)[None]  # (1, T_max)
+    if mask is None:
+        return valid
+    rows = mask.reshape(mask.shape[0], -1)  # (B, end)
+    valid = valid.expand(rows.shape[0], t_max).clone()
+    valid[:, :end] &= rows
+    return valid

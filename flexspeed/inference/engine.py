@@ -71,13 +71,12 @@ def _tp_group(config: InferenceConfig, device_type: str) -> tuple[Any, int, Any]
     if world % tp:
         raise ConfigError(f"tp_size={tp} must divide the world size {world} (the remaining dimension is data "
                           "parallel); change tp_size or the number of processes", key=_TP_KEY)
-    from torch.distributed.device_mesh import init_device_mesh
+    from flexspeed.distributed.parallel_dims import ParallelDims
 
-    if world == tp:
-        mesh = init_device_mesh(device_type, (tp,), mesh_dim_names=("tp",))
-    else:
-        mesh = init_device_mesh(device_type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
-    return mesh.get_group("tp"), mesh.get_local_rank("tp"), mesh
+    dims = ParallelDims.from_world(world, tp=tp, world_source="the process group",
+                                   tp_source=f"{_TP_KEY}={tp}")
+    mesh = dims.mesh("tp", device_type)
+    return mesh.get_group(), mesh.get_local_rank(), mesh
 
 
 def _pick_device() -> torch.device:
@@ -152,13 +151,16 @@ class InferenceEngine(nn.Module):
         self._host_handles: list[Any] = []
         self._graphs: dict[Any, tuple[Any, Any, Any]] = {}
         self.offload: Any = None
-        if config.offload is not None:  # weights stay in the policy's tiers; the runner computes
-            from flexspeed.inference.offload.runner import build_offload_runner
+        from flexspeed.inference.runners import select_runner
 
-            self.offload = build_offload_runner(model.eval(), config, self.device)
-            self.module = model
+        if config.offload is not None:  # weights stay in the policy's tiers; the runner computes
+            self.module = model.eval()
+            self.runner_choice = select_runner(self.module, config, device=self.device)
+            self.offload = self.runner_choice.runner
         else:
             self.module = self._prepare(model)
+            self.runner_choice = select_runner(self.module, config, tp_group=self.tp_group)
+        """The :class:`~flexspeed.inference.runners.RunnerChoice`: the decode runner ``generate`` drives, and why."""
 
     # -------------------------------------------------------------------------------- preparation
 
@@ -187,10 +189,6 @@ class InferenceEngine(nn.Module):
         model = self._inject_and_quantize(model)
         if self.plan is not None:
             self.plan.attach(model, self.tp_group)  # modules may have been replaced
-            from flexspeed.inference.kernels import get_runner
-
-            if get_runner(model) is not None:  # the native decode step sums the ranks' partials itself
-                get_runner(model).tp_group = self.tp_group
         if on_host:  # after the passes that replace modules, so every final module is covered
             self._host_handles = _stream_from_host(model, self.device)
         return model
@@ -220,6 +218,23 @@ class InferenceEngine(nn.Module):
         return model
 
     # -------------------------------------------------------------------------------- properties
+
+    @property
+    def runner(self):
+        """The :class:`~flexspeed.inference.runners.DecodeRunner` this engine's ``generate`` drives.
+
+        Chosen again if ``module`` was changed since in a way that makes the held runner stale
+        (kernels injected into it, a shadowed block's modules replaced).
+        """
+        from flexspeed.inference.runners import remembered
+
+        held = self.runner_choice.runner
+        recorded = remembered(self.module) if self.offload is None else held
+        if (recorded is not None and recorded is not held) or not getattr(held, "current", lambda: True)():
+            from flexspeed.inference.runners import select_runner
+
+            self.runner_choice = select_runner(self.module, None, tp_group=self.tp_group)
+        return self.runner_choice.runner
 
     @property
     def config(self) -> InferenceConfig:
@@ -296,7 +311,7 @@ class InferenceEngine(nn.Module):
 
         input_ids = _to_device(input_ids, self.device)
         attention_mask = _to_device(attention_mask, self.device)
-        return generate(self.module, input_ids, attention_mask=attention_mask, **kwargs)
+        return generate(self.module, input_ids, attention_mask=attention_mask, runner=self.runner, **kwargs)
 
     def extra_repr(self) -> str:
         return f"tp_size={self.tp_size}, dtype={self.dtype}, device={self.device}"
@@ -316,6 +331,8 @@ class InferenceEngine(nn.Module):
         if self.offload is not None:
             tiers = self.offload.store.tier_bytes()
             parts.append("offload " + " / ".join(f"{k} {human_bytes(v)}" for k, v in tiers.items()))
+        self.runner  # noqa: B018 - re-chosen if the module changed
+        parts.append(f"decode: {self.runner_choice.describe()}")
         return ", ".join(parts)
 
     def describe_loading(self) -> str:

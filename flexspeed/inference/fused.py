@@ -21,9 +21,9 @@ import torch.nn as nn
 from flexspeed.inference.attention import StepContext, step_context
 
 if TYPE_CHECKING:
-    from flexspeed.inference.kernels import FusedDecoderLayer, _Arch
+    from flexspeed.inference.kernels import FusedDecoderLayer, ModelArch
 
-__all__ = ["FusedRunner", "KVCache"]
+__all__ = ["FusedRunner", "KVCache", "project"]
 
 
 @dataclass
@@ -38,7 +38,7 @@ class KVCache:
         return self.k[0].shape[2] if self.k else 0
 
 
-def _proj(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def project(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``mod(x)``; under ``torch.compile`` a one-row ``nn.Linear`` becomes a fused row-dot reduction.
 
     For one row, Inductor's generated reduction streams the weight at close to memory bandwidth,
@@ -63,7 +63,7 @@ class FusedRunner:
     """
 
     root: nn.Module
-    arch: _Arch
+    arch: ModelArch
     own_layers: list[FusedDecoderLayer] | None = None
     _dtype: torch.dtype | None = field(default=None, repr=False)
     compile_decode: bool = False
@@ -80,6 +80,24 @@ class FusedRunner:
     """On CUDA, single-token steps replay a captured graph (see :mod:`flexspeed.inference.graphs`)."""
     _native: object | None = field(default=None, repr=False)
     _graphs: object | None = field(default=None, repr=False)
+    _shadowed: tuple | None = field(default=None, repr=False)
+    """For a shadow runner: the model's blocks and their modules when the wrappers were built."""
+
+    def shadow(self) -> None:
+        """Record the blocks this runner's own layers wrap (see :meth:`current`)."""
+        blocks = tuple(self.root.get_submodule(self.arch.layers_path))
+        self._shadowed = (blocks, tuple(tuple(b.modules()) for b in blocks))
+
+    def current(self) -> bool:
+        """The runner still computes what the model does: always for an injected model (its layers are
+        looked up in the model); for a shadow runner, unless a block or a module in one was replaced
+        since (kernels injected, weights quantized after the runner was chosen)."""
+        if self._shadowed is None:
+            return True
+        blocks, mods = self._shadowed
+        now = tuple(self.root.get_submodule(self.arch.layers_path))
+        return len(now) == len(blocks) and all(a is b for a, b in zip(now, blocks)) and all(
+            len(m) == len(n) and all(x is y for x, y in zip(m, n)) for m, n in zip((tuple(b.modules()) for b in now), mods))
 
     @property
     def layers(self) -> list[FusedDecoderLayer]:
@@ -166,14 +184,33 @@ class FusedRunner:
             x = x[:, -1:]  # (B, 1, C): the head reads only what generation needs
         return self._head(x)
 
-    __call__ = forward
+    __call__ = step = forward
+
+    def describe(self) -> str:
+        """Which runner this is and where its single-token steps run (see :meth:`step_path`)."""
+        kind = "shadow" if self.own_layers is not None and self.arch.copies else "fused"
+        return f"{kind} runner ({self.arch.name}), single-token steps: {self.step_path()}"
+
+    def step_path(self) -> str:
+        """``"native C kernel"``, ``"CUDA graph"``, ``"torch.compile"`` or ``"eager torch (<why>)"``,
+        for a model on its current device (the native kernel serves up to :attr:`native_max_batch` rows)."""
+        ref = next((t for t in self.root.parameters()), None)
+        dev = ref.device.type if ref is not None else "cpu"
+        if dev == "cuda" and self._graphs_ok(ref):
+            return "CUDA graph"
+        if self.compile_decode and self._compiled_ok():
+            return "torch.compile"
+        reason = self.native_reason() if dev == "cpu" else "not on the CPU"
+        if reason is None:
+            return f"native C kernel (<= {self.native_max_batch} rows)"
+        return f"eager torch ({reason})"
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         for path in self.arch.final_paths:
             mod = self._module(path)
             if mod is not None:
-                x = _proj(mod, x)
-        return _proj(self.root.get_submodule(self.arch.head_path), x)  # (B, T, V)
+                x = project(mod, x)
+        return project(self.root.get_submodule(self.arch.head_path), x)  # (B, T, V)
 
     def native_available(self) -> bool:
         """The native decode kernel is built and this model lives on the CPU."""
@@ -192,6 +229,9 @@ class FusedRunner:
             return "native_decode is off"
         if self.compile_decode:
             return "compile_decode is on"
+        blocker = self.arch.native_blocker()
+        if blocker is not None:
+            return blocker
         if self._native is None:
             self._native = NativeDecoder(self)
         return self._native.unsupported()
@@ -244,7 +284,9 @@ class FusedRunner:
 
     def _compiled_ok(self) -> bool:
         # TP all-reduce hooks run inside the layers; keep them out of Dynamo's graphs
-        return getattr(self.root, "_flexspeed_tp_size", 1) == 1
+        from flexspeed.inference.tp import tp_size_of
+
+        return self.tp_group is None and tp_size_of(self.root) == 1
 
     def _static_forward(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, start: int,
                         key_mask: torch.Tensor | None) -> torch.Tensor:

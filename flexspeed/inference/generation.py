@@ -1,16 +1,11 @@
 """Autoregressive generation with a KV cache, left-padded batches, greedy or sampled decoding.
 
 ``generate(model, input_ids, attention_mask=None, max_new_tokens=20, ...)`` returns the prompt
-followed by the new tokens, ``(B, T_prompt + new)``, and picks the fastest correct path:
-
-1. **fused runner** (kernel-injected models, see ``kernels.inject_kernels``; flexspeed's GPT also
-   un-injected, through a runner that wraps its own modules): preallocated static KV cache
-   written in place, one layer at a time.
-2. **Hugging Face cache API** (any HF causal LM): the model's ``forward`` with a
-   ``DynamicCache``, ``attention_mask`` and ``position_ids``.
-3. **recompute** (any other module ``model(ids) -> logits``, or ``use_cache=False``): the whole
-   sequence is run again for every new token. Correct but O(T^2); rows with padding are run one
-   at a time on their unpadded tokens, since such a module takes no mask.
+followed by the new tokens, ``(B, T_prompt + new)``. It drives a
+:class:`~flexspeed.inference.runners.DecodeRunner`: the one passed as ``runner=`` (the
+inference engine passes its own), else :func:`~flexspeed.inference.runners.select_runner`'s
+choice (fused runner over a static KV cache, the model's own HF cache API, or recomputation;
+see :mod:`flexspeed.inference.runners` for when each applies).
 
 Batches are **left-padded**: ``attention_mask`` has zeros on the left; position ids are
 ``cumsum(mask) - 1`` (pads get 0), as HF does, so greedy output equals HF ``generate``.
@@ -22,11 +17,15 @@ sampling temperature, top-k, top-p. A row that emits an eos token is finished: i
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
-__all__ = ["generate", "resolve_special_tokens", "step_function", "apply_repetition_penalty", "apply_top_k",
+if TYPE_CHECKING:
+    from flexspeed.inference.runners import DecodeRunner
+
+__all__ = ["generate", "resolve_settings", "resolve_special_tokens", "step_function", "apply_repetition_penalty", "apply_top_k",
            "apply_top_p", "greedy_tokens"]
 
 
@@ -50,18 +49,6 @@ def resolve_special_tokens(model: nn.Module, eos_token_id: int | Sequence[int] |
     if pad is None and eos_list:
         pad = eos_list[0]
     return eos_list, (None if pad is None else int(pad))
-
-
-def _is_hf(model: nn.Module) -> bool:
-    return hasattr(model, "config") and hasattr(model, "can_generate") and hasattr(model, "get_input_embeddings")
-
-
-def _logits_of(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    return out[0]
 
 
 class _Sampler:
@@ -168,40 +155,111 @@ def _prepare_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
     return mask
 
 
+_FAST = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id",
+         "min_new_tokens", "repetition_penalty", "num_return_sequences", "use_cache")
+"""Generation settings flexspeed's own loop runs; everything else goes to HF's loop (``hf_generate``)."""
+_INERT = frozenset({"bos_token_id", "decoder_start_token_id", "transformers_version", "_from_model_config",
+                    "output_attentions", "output_hidden_states", "is_assistant", "cache_implementation",
+                    "compile_config", "disable_compile"})
+_PLAIN_DEFAULTS = dict(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, min_new_tokens=0,
+                       num_return_sequences=1, use_cache=True)
+
+
+def _hf_defaults() -> dict[str, Any]:
+    try:
+        from transformers import GenerationConfig
+    except ImportError:  # pragma: no cover - transformers is a test extra
+        return {}
+    return GenerationConfig._get_default_generation_params()
+
+
+def resolve_settings(model: nn.Module, given: dict[str, Any], generation_config: Any = None
+                     ) -> tuple[dict[str, Any], list[str]]:
+    """The generation settings of one call, and what (if anything) needs HF's own loop.
+
+    Precedence as in HF: the arguments, then ``generation_config`` (default: the model's), then
+    HF's defaults for an HF model (``top_k=50`` when sampling), else flexspeed's (no top-k); 20
+    new tokens when no length is set anywhere (as HF 5 does).
+
+    Returns:
+        (the :data:`_FAST` settings, the names of set options only HF's loop runs).
+    """
+    cfg = generation_config if generation_config is not None else getattr(model, "generation_config", None)
+    diff = cfg.to_diff_dict() if hasattr(cfg, "to_diff_dict") else {}
+    defaults = _hf_defaults() if cfg is not None else {}
+    out = {**_PLAIN_DEFAULTS, **{k: defaults[k] for k in _FAST if k in defaults and k != "max_length"}}
+    if cfg is None:
+        out["top_k"] = 0
+    for key in _FAST:
+        value = given.get(key, diff.get(key))
+        if value is not None:
+            out[key] = value
+    needs_hf = [k for k, v in diff.items() if k not in _FAST and k not in _INERT and not k.startswith("_")
+                and v is not None and v != defaults.get(k, None) and v is not False]
+    return out, needs_hf
+
+
 def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             max_new_tokens: int | None = None, *, do_sample: bool = False, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
-             pad_token_id: int | None = None, min_new_tokens: int = 0, max_length: int | None = None,
-             repetition_penalty: float = 1.0, num_return_sequences: int = 1, use_cache: bool = True,
-             generator: torch.Generator | int | None = None, **unsupported) -> torch.Tensor:
-    """Generate tokens after ``input_ids``.
+             max_new_tokens: int | None = None, *, do_sample: bool | None = None, temperature: float | None = None,
+             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
+             pad_token_id: int | None = None, min_new_tokens: int | None = None, max_length: int | None = None,
+             repetition_penalty: float | None = None, num_return_sequences: int | None = None,
+             use_cache: bool | None = None, generator: torch.Generator | int | None = None,
+             runner: DecodeRunner | None = None, streamer: Any = None, generation_config: Any = None,
+             **hf_kwargs: Any) -> Any:
+    """Generate tokens after ``input_ids``, with HF ``generate``'s arguments and defaults.
+
+    Greedy and sampled decoding with the arguments below run in flexspeed's own loop (the native
+    whole-loop greedy kernel where it applies). Every other argument HF's ``generate`` accepts
+    (``num_beams``, ``return_dict_in_generate``, ``output_scores``, ``stopping_criteria``,
+    ``logits_processor``, ``no_repeat_ngram_size``, ``min_p``, ...), and a ``generation_config``
+    that sets one, runs HF's own loop over the same runner (:mod:`flexspeed.inference.hf_generate`).
 
     Args:
         model: a kernel-injected model, an HF causal LM, or any ``model(ids) -> logits`` module.
         input_ids: (B, T) prompt tokens, left-padded.
         attention_mask: (B, T), 1 for tokens and 0 for (left) padding; inferred from the pad id
             as HF does when omitted.
-        max_new_tokens: tokens to add (default 20, or ``max_length - T`` when ``max_length`` is given).
+        max_new_tokens: tokens to add (default: the generation config's, else ``max_length - T``,
+            else 20).
         do_sample: sample (else greedy).
-        temperature, top_k, top_p: sampling filters (top_k 0/None and top_p 1.0 disable them).
+        temperature, top_k, top_p: sampling filters (HF models: ``top_k`` defaults to 50, as HF).
         eos_token_id: id(s) that finish a row (default: the model's generation config).
         pad_token_id: id emitted by finished rows (default: the model's, else the first eos).
         min_new_tokens: eos is suppressed until this many tokens are generated.
         max_length: cap on prompt + new tokens (``max_new_tokens`` wins if both are given).
         repetition_penalty: HF's (CTRL) penalty on tokens already in the sequence.
-        num_return_sequences: samples per prompt (rows are repeated; needs ``do_sample``).
+        num_return_sequences: samples per prompt (rows are repeated; needs ``do_sample`` or beams).
         use_cache: ``False`` recomputes the whole sequence each step (for checking).
-        generator: ``torch.Generator`` or an int seed for sampling.
+        generator: ``torch.Generator`` or an int seed for sampling (flexspeed's loop; HF's loop
+            takes an int seed only). Without one, sampling draws from torch's global generator
+            exactly as HF's ``generate`` does, so seeded runs give HF's tokens.
+        runner: the :class:`~flexspeed.inference.runners.DecodeRunner` to drive (the engine passes
+            its own); default :func:`~flexspeed.inference.runners.select_runner`'s choice.
+        streamer: an HF streamer (``put``/``end``): the prompt, then each new token as it is made.
+        generation_config: an HF ``GenerationConfig``; its values are the defaults of this call.
+        **hf_kwargs: any other argument of HF's ``generate``.
     Returns:
         (B * num_return_sequences, T + n) token ids, ``n <= max_new_tokens`` (fewer when every
-        row finished early).
+        row finished early); what HF returns (``GenerateOutput``...) where HF's loop ran.
     Raises:
-        ValueError: an invalid or unsupported argument (beam search, for instance), named.
+        ValueError: an invalid argument, named.
     """
-    if unsupported:
-        raise ValueError(f"generate() does not support {sorted(unsupported)}; it supports greedy and sampled "
-                         "decoding (do_sample, temperature, top_k, top_p, repetition_penalty, eos/pad/min/max "
-                         "lengths, num_return_sequences); use the model's own generate() for the others")
+    given = {k: v for k, v in dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                                   min_new_tokens=min_new_tokens, max_length=max_length,
+                                   repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences,
+                                   use_cache=use_cache).items() if v is not None}
+    settings, needs_hf = resolve_settings(model, given, generation_config)
+    hf_args = {k: v for k, v in hf_kwargs.items() if not (k in ("logits_processor", "stopping_criteria") and not v)}
+    if hf_args or needs_hf:
+        return _through_hf(model, runner, input_ids, attention_mask, settings, given, generator, streamer,
+                           generation_config, hf_args, sorted(hf_args) + needs_hf)
+    max_new_tokens, max_length = settings.get("max_new_tokens"), settings.get("max_length")
+    do_sample, temperature, top_k, top_p = (settings[k] for k in ("do_sample", "temperature", "top_k", "top_p"))
+    min_new_tokens, repetition_penalty = settings["min_new_tokens"], settings["repetition_penalty"]
+    num_return_sequences, use_cache = settings["num_return_sequences"], settings["use_cache"]
+    eos_token_id, pad_token_id = settings.get("eos_token_id"), settings.get("pad_token_id")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
     B, T = input_ids.shape
@@ -232,12 +290,29 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     if not bool(mask.all()):
         sampler.padding = torch.zeros_like(seq, dtype=torch.bool)
         sampler.padding[:, :T] = mask == 0
+    if streamer is not None:
+        streamer.put(seq[:, :T].cpu())
     if max_new_tokens == 0:
+        if streamer is not None:
+            streamer.end()
         return seq
-    step = step_function(model, input_ids, mask, max_new_tokens, use_cache)
+    try:
+        return _loop(model, input_ids, mask, seq, sampler, max_new_tokens, use_cache, runner, streamer, eos, pad,
+                     do_sample, repetition_penalty, min_new_tokens)
+    finally:
+        if streamer is not None:
+            streamer.end()
+
+
+def _loop(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, seq: torch.Tensor, sampler: _Sampler,
+          max_new_tokens: int, use_cache: bool, runner: DecodeRunner | None, streamer: Any, eos: list[int],
+          pad: int | None, do_sample: bool, repetition_penalty: float, min_new_tokens: int) -> torch.Tensor:
+    """flexspeed's decoding loop: fills ``seq`` (B, T + max_new) in place; returns its filled columns."""
+    B, T = input_ids.shape
+    step = step_function(model, input_ids, mask, max_new_tokens, use_cache, None if not use_cache else runner)
     # greedy decoding of a native-kernel model: everything after the first token in one C call
     on_cpu, eos_set, done = input_ids.device.type == "cpu", set(eos), [False] * B
-    fast = getattr(step, "greedy", None) if on_cpu and not do_sample and repetition_penalty == 1.0 else None
+    fast = step.greedy if on_cpu and not do_sample and repetition_penalty == 1.0 and streamer is None else None
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     eos_t = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
     with torch.inference_mode():
@@ -260,6 +335,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
                     finished |= torch.isin(nxt, eos_t)
                     if bool(finished.all()):
                         return seq[:, :T + i + 1]
+            if streamer is not None:
+                streamer.put(seq[:, T + i].cpu())
             if i == 0 and fast is not None and max_new_tokens > 1:
                 made = fast(seq, min_new_tokens, eos, pad, done)
                 if made is not None:
@@ -273,28 +350,24 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(dim=1) - 1).clamp_(min=0)  # (B, T); pads get 0, as HF
 
 
-def step_function(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new: int, use_cache: bool = True):
-    """The forward steps :func:`generate` runs, as a closure over a fresh cache.
+def step_function(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new: int, use_cache: bool = True,
+                  runner: DecodeRunner | None = None):
+    """The forward steps :func:`generate` runs, as a closure over a fresh cache of ``runner``.
 
     Args:
         ids, mask: (B, T) left-padded prompt tokens and their mask (1 for tokens).
         max_new: the most tokens any row will be given (sizes the cache).
+        runner: the runner to drive (default: :func:`~flexspeed.inference.runners.select_runner`'s).
     Returns:
         ``step``: ``step(None)`` runs the prompts, then ``step(tokens)`` feeds one new token
-        (B,) per row; both return the next-token logits (B, V). Picks the fused runner, HF's
-        cache API or recomputation, as :func:`generate` does.
+        (B,) per row; both return the next-token logits (B, V). ``step.greedy(seq, min_new, eos,
+        pad, done)`` runs the rest of a greedy generation in one call where the runner can
+        (returns how many new columns ``seq`` holds), else returns ``None``.
     """
-    from flexspeed.inference.kernels import build_runner, get_runner
+    if runner is None:
+        from flexspeed.inference.runners import select_runner
 
-    runner = get_runner(model) or (build_runner(model) if use_cache else None)
-    if runner is not None and use_cache:
-        return _runner_stepper(runner, ids, mask, max_new)
-    if _is_hf(model):
-        return _hf_stepper(model, ids, mask, max_new, use_cache)
-    return _recompute_stepper(model, ids, mask, max_new)
-
-
-def _runner_stepper(runner, ids: torch.Tensor, mask: torch.Tensor, max_new: int):
+        runner = select_runner(model, use_cache=use_cache).runner
     B, T = ids.shape
     longest = int(mask.sum(dim=1).max())
     if runner.max_positions is not None and longest + max_new > runner.max_positions:
@@ -310,70 +383,61 @@ def _runner_stepper(runner, ids: torch.Tensor, mask: torch.Tensor, max_new: int)
 
     def step(tokens: torch.Tensor | None) -> torch.Tensor:
         if tokens is None:
-            logits = runner(ids, pos, cache, 0, key_mask)
+            logits = runner.step(ids, pos, cache, 0, key_mask)
             state["start"] = T
         else:
             state["pos"] = state["pos"] + 1  # (B, 1)
-            logits = runner(tokens[:, None], state["pos"], cache, state["start"], key_mask)
+            logits = runner.step(tokens[:, None], state["pos"], cache, state["start"], key_mask)
             state["start"] += 1
         return logits[:, -1]  # (B, V)
 
     def greedy(seq: torch.Tensor, min_new: int, eos: list[int], pad: int | None, done: list[bool]) -> int | None:
-        """After the first new token: the rest natively, or ``None``."""
+        """After the first new token: the rest in one call of the runner, or ``None``."""
         if state["start"] != T:
             return None
         return runner.greedy(cache, key_mask, seq, T, state["pos"].reshape(-1) + 1, min_new, eos, pad, done)
 
-    if hasattr(runner, "greedy"):  # a fused runner (the offload runner has no native loop)
-        step.greedy = greedy
+    step.greedy = greedy
+    step.cache = cache
     return step
 
 
-def _hf_stepper(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new: int, use_cache: bool):
-    import inspect
+def _through_hf(model: nn.Module, runner: DecodeRunner | None, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None, settings: dict[str, Any], given: dict[str, Any],
+                generator: torch.Generator | int | None, streamer: Any, generation_config: Any,
+                hf_args: dict[str, Any], why: list[str]) -> Any:
+    """HF's ``generate`` loop over flexspeed's runner, for the options flexspeed's loop does not run."""
+    try:
+        from flexspeed.inference.hf_generate import hf_generate
+    except ImportError as exc:  # pragma: no cover - transformers is a test extra
+        raise ValueError(f"generate() options {why} run through transformers' generate loop; install "
+                         "transformers (pip install transformers)") from exc
+    if isinstance(generator, torch.Generator):
+        raise ValueError(f"generator=<torch.Generator> cannot drive transformers' generate loop (needed for {why}); "
+                         "pass an int seed, or seed torch.manual_seed(...) before the call")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+    T = input_ids.shape[1]
+    new = settings.get("max_new_tokens")
+    if new is None:
+        new = max(0, int(settings["max_length"]) - T) if settings.get("max_length") is not None else 20
+    if runner is None or not settings.get("use_cache", True):
+        from flexspeed.inference.runners import select_runner
 
-    from transformers import DynamicCache
-
-    B, T = ids.shape
-    full_mask = torch.ones(B, T + max_new, dtype=mask.dtype, device=ids.device)
-    full_mask[:, :T] = mask
-    full_ids = torch.zeros(B, T + max_new, dtype=ids.dtype, device=ids.device)
-    full_ids[:, :T] = ids
-    pos_all = torch.zeros(B, T + max_new, dtype=torch.long, device=ids.device)
-    pos_all[:, :T] = _positions(mask)
-    pos_all[:, T:] = pos_all[:, T - 1:T] + torch.arange(1, max_new + 1, device=ids.device)
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    cache = DynamicCache(config=model.config) if use_cache else None
-    state = {"len": T}
-
-    def step(tokens: torch.Tensor | None) -> torch.Tensor:
-        n = state["len"]
-        if tokens is not None:
-            full_ids[:, n] = tokens
-            n = state["len"] = n + 1
-        lo = 0 if (tokens is None or not use_cache) else n - 1
-        out = model(input_ids=full_ids[:, lo:n], attention_mask=full_mask[:, :n].contiguous(),
-                    position_ids=pos_all[:, lo:n], past_key_values=cache, use_cache=use_cache, **keep)
-        return _logits_of(out)[:, -1]
-
-    return step
-
-
-def _recompute_stepper(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new: int):
-    B, T = ids.shape
-    full = torch.zeros(B, T + max_new, dtype=ids.dtype, device=ids.device)
-    full[:, :T] = ids
-    starts = (T - mask.sum(dim=1)).tolist()  # first real token of each row
-    state = {"len": T}
-
-    def step(tokens: torch.Tensor | None) -> torch.Tensor:
-        if tokens is not None:
-            full[:, state["len"]] = tokens
-            state["len"] += 1
-        n = state["len"]
-        if all(s == 0 for s in starts):
-            return _logits_of(model(full[:, :n]))[:, -1]
-        rows = [_logits_of(model(full[b:b + 1, s:n]))[:, -1] for b, s in enumerate(starts)]
-        return torch.cat(rows)
-
-    return step
+        runner = select_runner(model, use_cache=settings.get("use_cache", True)).runner
+    longest = T if attention_mask is None else int(attention_mask.sum(dim=1).max())
+    if runner.max_positions is not None and longest + new > runner.max_positions:
+        raise ValueError(f"prompt ({longest} tokens) plus {new} new tokens exceeds the model's "
+                         f"{runner.max_positions} positions; generate fewer tokens or shorten the prompt")
+    kwargs = {**{k: v for k, v in given.items() if k != "use_cache"}, **hf_args}
+    if settings.get("max_new_tokens") is None and settings.get("max_length") is None:
+        kwargs["max_new_tokens"] = new  # HF's own default (20), stated: the cache is sized for it
+    if generation_config is not None:
+        kwargs["generation_config"] = generation_config
+    if streamer is not None:
+        kwargs["streamer"] = streamer
+    if isinstance(generator, int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(generator)
+            return hf_generate(model, runner, input_ids, attention_mask, T + new, **kwargs)
+    return hf_generate(model, runner, input_ids, attention_mask, T + new, **kwargs)

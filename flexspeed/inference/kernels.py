@@ -1,11 +1,13 @@
 """Kernel injection: fused decoder layers over a preallocated KV cache, and the runner that drives them.
 
 ``inject_kernels(model)`` swaps every decoder block of a recognised model, in place, for a
-:class:`FusedDecoderLayer`: one matmul for q, k and v (OPT's and Llama's three projections are
-concatenated; GPT-2's ``Conv1D`` becomes an ``nn.Linear``), one for Llama's gate and up
-projections, ``F.scaled_dot_product_attention`` (grouped-query attention included), and the
-model's own norms and activations. Recognised: flexspeed's :class:`~flexspeed.models.gpt.GPT`,
-HF ``GPT2LMHeadModel``, ``OPTForCausalLM`` and ``LlamaForCausalLM``.
+:class:`FusedDecoderLayer`: one matmul for q, k and v (separate projections are concatenated;
+GPT-2's ``Conv1D`` becomes an ``nn.Linear``; GPT-NeoX's per-head rows are reordered), one for a
+gated MLP's gate and up projections, ``F.scaled_dot_product_attention`` (grouped-query attention
+included), and the model's own norms and activations. Recognised: every family of
+:mod:`flexspeed.inference.families` (flexspeed's GPT, HF GPT-2, OPT, Llama, Mistral, Qwen2,
+Phi-3, Gemma, GPT-NeoX); the registry says where each part lives, :class:`ModelArch` builds the
+fused block from it.
 
 A fused layer has two entry points:
 
@@ -15,7 +17,7 @@ A fused layer has two entry points:
 - ``step(x, ctx, k_cache, v_cache)`` reads and writes one layer's slice of a :class:`KVCache`:
   static ``(B, H_kv, T_max, head_dim)`` buffers written in place, never concatenated.
 
-The :class:`FusedRunner` (``get_runner(model)``; kept outside the module tree) owns the order
+The :class:`FusedRunner` (``get_runner(model)``; never stored on the model) owns the order
 embeddings -> layers -> final norm -> ``lm_head`` and the cache, one layer at a time, so a later
 pass can stream weights per layer. ``flexspeed.inference.generation.generate`` uses it.
 
@@ -27,24 +29,28 @@ layer are read from the (possibly sharded) weight shapes.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from flexspeed.config.errors import ConfigError
-from flexspeed.inference.attention import StepContext, apply_rope, masked_decode_attention, static_attention
-from flexspeed.inference.fused import FusedRunner, KVCache, _proj
+from flexspeed.inference.attention import StepContext, apply_rope, decode_attention, static_attention
+from flexspeed.inference.families import SUPPORTED as _FAMILIES_SUPPORTED
+from flexspeed.inference.families import Dims, Family, family_for_model
+from flexspeed.inference.fused import FusedRunner, KVCache
+from flexspeed.inference.fused import project as _proj
 from flexspeed.inference.packed import PackedLinear, can_pack
 
 __all__ = ["inject_kernels", "get_runner", "build_runner", "supports_injection", "FusedDecoderLayer", "FusedRunner",
            "KVCache", "StepContext"]
 
 _KEY = "replace_with_kernel_inject"
-_SUPPORTED = "flexspeed GPT, HF GPT2LMHeadModel, OPTForCausalLM, LlamaForCausalLM"
+_SUPPORTED = _FAMILIES_SUPPORTED
 
 
 class FusedDecoderLayer(nn.Module):
@@ -64,6 +70,7 @@ class FusedDecoderLayer(nn.Module):
         super().__init__()
         self.head_dim, self.scale, self.act = head_dim, scale, act
         self.pre_norm, self.gated, self.host, self.layer_idx = pre_norm, gated, host, layer_idx
+        self.parallel = False
 
     def parts(self) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module, nn.Module, nn.Module]:
         """(norm1, qkv, out, norm2, up, down), looked up on each call (quantization may swap them)."""
@@ -79,14 +86,19 @@ class FusedDecoderLayer(nn.Module):
         k = k.view(B, T, hkv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.view(B, T, hkv, self.head_dim).transpose(1, 2)
         if rope is not None:
-            cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)  # (B, 1, T, hd)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)  # (B, 1, T, rotary_dim)
+            rd = cos.shape[-1]
+            if rd == self.head_dim:
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            else:  # partial rotary (GPT-NeoX, some Phi-3): the leading rd dims of each head turn
+                q = torch.cat((apply_rope(q[..., :rd], cos, sin), q[..., rd:]), dim=-1)
+                k = torch.cat((apply_rope(k[..., :rd], cos, sin), k[..., rd:]), dim=-1)
         return q, k, v
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                 is_causal: bool, out: nn.Module, valid: torch.Tensor | None = None) -> torch.Tensor:
         if valid is not None:  # static-shape decode: compiled (Inductor fuses the elementwise form) or a graph
-            attend = static_attention if torch.compiler.is_compiling() else masked_decode_attention
+            attend = static_attention if torch.compiler.is_compiling() else decode_attention
             y = attend(q, k, v, valid, self.scale)
         else:  # a cache kept in fp32 for a 16-bit model (see FusedRunner.cache_dtype): attend in fp32
             y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=is_causal,
@@ -104,6 +116,8 @@ class FusedDecoderLayer(nn.Module):
     def _block(self, x: torch.Tensor, attention: Callable[[nn.Module, nn.Module, torch.Tensor], torch.Tensor]
                ) -> torch.Tensor:
         norm1, qkv, out, norm2, up, down = self.parts()
+        if self.parallel:  # GPT-NeoX: both branches read the block's input
+            return x + attention(qkv, out, norm1(x)) + self._mlp(up, down, norm2(x))
         if self.pre_norm:
             x = x + attention(qkv, out, norm1(x))
             return x + self._mlp(up, down, norm2(x))
@@ -150,7 +164,7 @@ class FusedDecoderLayer(nn.Module):
             raise ConfigError("cross-attention is not supported by the fused layers; "
                               f"set {_KEY}=False for encoder-decoder use", key=_KEY)
         # transformers 5.24 renamed the blocks' ``past_key_values`` argument ``cache``
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        cache = kwargs.get("past_key_values", kwargs.get("cache", kwargs.get("layer_past")))
         mask = kwargs.get("attention_mask")
         rope = kwargs.get("position_embeddings")
 
@@ -163,60 +177,36 @@ class FusedDecoderLayer(nn.Module):
         return self._block(hidden_states, attention)
 
 
-def _container(**children: nn.Module) -> nn.Module:
-    box = nn.Module()
-    for name, child in children.items():
-        box.add_module(name, child)
-    return box
+def _place(root: nn.Module, path: str, module: nn.Module) -> tuple[nn.Module, str]:
+    """Put ``module`` at ``path`` under ``root`` (plain containers made on the way); (its parent, its name)."""
+    parent = root
+    *heads, leaf = path.split(".")
+    for part in heads:
+        if part not in parent._modules:
+            parent.add_module(part, nn.Module())
+        parent = parent._modules[part]
+    parent.add_module(leaf, module)
+    return parent, leaf
 
 
-class _GPTLayer(FusedDecoderLayer):
-    """flexspeed GPT and HF GPT-2: ``ln_1, attn.{c_attn, c_proj}, ln_2, mlp.{c_fc, c_proj}``."""
+class FamilyLayer(FusedDecoderLayer):
+    """A fused block of any :mod:`~flexspeed.inference.families` family, its parts kept at the host's names.
 
-    def __init__(self, ln_1: nn.Module, c_attn: nn.Module, c_proj: nn.Module, ln_2: nn.Module, c_fc: nn.Module,
-                 mlp_proj: nn.Module, **kw) -> None:
+    Row-parallel projections (``self_attn.o_proj``, ``mlp.c_proj``, ``fc2``, ``attention.dense``,
+    ...) stay at their original paths, so tensor parallelism and quantization find them; the
+    fused q/k/v sits next to where ``q_proj`` was (``self_attn.qkv``) or at the family's own fused
+    name (``attn.c_attn``, ``self_attn.qkv_proj``), the fused gate/up at ``mlp.gate_up``.
+    """
+
+    def __init__(self, parts: dict[str, tuple[str, nn.Module]], *, n_heads: int, n_kv_heads: int,
+                 parallel: bool = False, **kw) -> None:
         super().__init__(**kw)
-        self.ln_1, self.attn, self.ln_2 = ln_1, _container(c_attn=c_attn, c_proj=c_proj), ln_2
-        self.mlp = _container(c_fc=c_fc, c_proj=mlp_proj)
-        self.n_heads = self.n_kv_heads = _out_in(c_attn)[0] // 3 // self.head_dim
+        self.n_heads, self.n_kv_heads, self.parallel = n_heads, n_kv_heads, parallel
+        self._slots = [_place(self, *parts[role]) for role in ("norm1", "qkv", "out", "norm2", "up", "down")]
 
     def parts(self):
-        return self.ln_1, self.attn.c_attn, self.attn.c_proj, self.ln_2, self.mlp.c_fc, self.mlp.c_proj
+        return tuple(parent._modules[name] for parent, name in self._slots)
 
-
-class _OPTLayer(FusedDecoderLayer):
-    """OPT: ``self_attn_layer_norm, self_attn.{qkv, out_proj}, final_layer_norm, fc1, fc2``."""
-
-    def __init__(self, norm1: nn.Module, qkv: nn.Module, out_proj: nn.Module, norm2: nn.Module, fc1: nn.Module,
-                 fc2: nn.Module, **kw) -> None:
-        super().__init__(**kw)
-        self.self_attn_layer_norm, self.final_layer_norm = norm1, norm2
-        self.self_attn = _container(qkv=qkv, out_proj=out_proj)
-        self.fc1, self.fc2 = fc1, fc2
-        self.n_heads = self.n_kv_heads = _out_in(qkv)[0] // 3 // self.head_dim
-
-    def parts(self):
-        a = self.self_attn
-        return self.self_attn_layer_norm, a.qkv, a.out_proj, self.final_layer_norm, self.fc1, self.fc2
-
-
-class _LlamaLayer(FusedDecoderLayer):
-    """Llama: ``input_layernorm, self_attn.{qkv, o_proj}, post_attention_layernorm, mlp.{gate_up, down_proj}``."""
-
-    def __init__(self, norm1: nn.Module, qkv: nn.Module, o_proj: nn.Module, norm2: nn.Module, gate_up: nn.Module,
-                 down: nn.Module, n_heads: int, n_kv_heads: int, **kw) -> None:
-        super().__init__(gated=True, **kw)
-        self.input_layernorm, self.post_attention_layernorm = norm1, norm2
-        self.self_attn = _container(qkv=qkv, o_proj=o_proj)
-        self.mlp = _container(gate_up=gate_up, down_proj=down)
-        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-
-    def parts(self):
-        a, m = self.self_attn, self.mlp
-        return self.input_layernorm, a.qkv, a.o_proj, self.post_attention_layernorm, m.gate_up, m.down_proj
-
-
-# ------------------------------------------------------------------------------ weight fusion
 
 def _as_linear(module: nn.Module) -> nn.Linear:
     """``nn.Linear`` as is; HF ``Conv1D`` (weight ``(in, out)``) converted to one."""
@@ -278,118 +268,157 @@ def _cat_linears(*mods: nn.Module) -> nn.Linear:
 
 # ------------------------------------------------------------------------------ architectures
 
+def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return functools.partial(F.gelu, approximate="tanh")
+    table = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swish": F.silu}
+    if name not in table:
+        raise ConfigError(f"activation {name!r} has no fused form; set {_KEY}=False", key=_KEY)
+    return table[name]
+
+
+def _attr_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _heads_first_qkv(lin: nn.Linear, heads: int) -> nn.Linear:
+    """A fused projection whose rows are ``[q_h k_h v_h]`` per head (GPT-NeoX) reordered to ``[q | k | v]``."""
+    w = lin.weight.detach()
+    out = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, dtype=w.dtype, device=w.device)
+    with torch.no_grad():
+        out.weight.copy_(w.view(heads, 3, -1, w.shape[1]).transpose(0, 1).reshape(w.shape))
+        if lin.bias is not None:
+            out.bias.copy_(lin.bias.detach().view(heads, 3, -1).transpose(0, 1).reshape(-1))
+    out.requires_grad_(lin.weight.requires_grad)
+    return out
+
+
 @dataclass
-class _Arch:
-    name: str
-    layers_path: str
-    embed: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-    final_paths: tuple[str, ...]
-    build: Callable[[nn.Module, nn.Module, int], FusedDecoderLayer]
-    rope: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple] | None = None
-    max_positions: int | None = None
-    head_path: str = "lm_head"
-    copies: bool = True
-    """Building the fused layers copies weights (else they share the block's modules)."""
-    tables: Callable[[nn.Module], tuple[nn.Module, nn.Module | None, int]] | None = None
-    """(token table, learned position table or ``None``, position offset): what ``embed``
-    computes, as lookups the native greedy loop repeats; ``None`` if it cannot."""
+class ModelArch:
+    """A :class:`~flexspeed.inference.families.Family` bound to the fused runner: where the runner
+    finds the blocks, embeddings, final norm and head, and how it builds a fused block.
+
+    ``rope`` and ``tables`` are ``None`` where the family has no rotary table, or where its
+    embedding is not a plain lookup the native greedy loop can repeat.
+    """
+
+    family: Family
+    dims: Dims
+    rope: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple] | None = field(default=None, init=False)
+    tables: Callable[[nn.Module], tuple[nn.Module, nn.Module | None, int]] | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.family.rotary is not None:
+            self.rope = self._rope
+        if self.dims.embed_scale is None:
+            self.tables = self._tables
+
+    @property
+    def name(self) -> str:
+        return self.family.name
+
+    @property
+    def layers_path(self) -> str:
+        return self.family.layers
+
+    @property
+    def head_path(self) -> str:
+        return self.family.head
+
+    @property
+    def final_paths(self) -> tuple[str, ...]:
+        return tuple(self.family.final[r] for r in ("norm", "proj_out") if r in self.family.final)
+
+    @property
+    def max_positions(self) -> int | None:
+        return self.dims.max_positions
+
+    @property
+    def copies(self) -> bool:
+        """Building the fused layers copies weights (flexspeed's GPT: its fused layers share the block's)."""
+        return self.family.host != "gpt"
+
+    def native_blocker(self) -> str | None:
+        return self.family.native_blocker(self.dims)
+
+    def _optional(self, root: nn.Module, role: str) -> nn.Module | None:
+        path = self.family.embed.get(role)
+        if path is None:
+            return None
+        try:
+            return root.get_submodule(path)
+        except AttributeError:  # declared by the family, absent (None) in this model
+            return None
+
+    def embed(self, root: nn.Module, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Token (and learned position) embeddings (B, T) -> (B, T, C), as the host model computes them."""
+        x = root.get_submodule(self.family.embed["tok"])(ids)  # (B, T, C_emb)
+        proj_in = self._optional(root, "proj_in")
+        if proj_in is not None:
+            x = proj_in(x)
+        table = self._optional(root, "pos")
+        if table is not None:
+            x = x + F.embedding(pos + self.dims.pos_offset, table.weight)
+        return x  # (B, T, C)
+
+    def _rope(self, root: nn.Module, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return root.get_submodule(self.family.rotary)(x, pos)  # 2 x (B, T, rotary_dim)
+
+    def _tables(self, root: nn.Module) -> tuple[nn.Module, nn.Module | None, int]:
+        from flexspeed.inference.native import Unsupported
+
+        if self._optional(root, "proj_in") is not None:
+            raise Unsupported(f"{self.name}'s project_in follows the token lookup")
+        return root.get_submodule(self.family.embed["tok"]), self._optional(root, "pos"), self.dims.pos_offset
+
+    def build(self, root: nn.Module, block: nn.Module, idx: int, shadow: bool = False) -> FusedDecoderLayer:
+        """The fused form of decoder block ``idx``: weights copied into fused projections, or with
+        ``shadow`` the block's own modules read side by side (nothing copied, nothing changed)."""
+        fam, dims, roles = self.family, self.dims, self.family.block
+        mod = block.get_submodule
+        hd = dims.head_dim
+        if shadow or not self.copies:
+            lin, cat = (lambda m: m), ConcatLinear
+        else:
+            lin, cat = _as_linear, _cat_linears
+        if "qkv" in roles:
+            qkv = lin(mod(roles["qkv"]))
+            if fam.qkv_layout == "heads":
+                if shadow:
+                    raise ConfigError(f"{fam.name}'s per-head q/k/v rows cannot be read without reordering them; "
+                                      f"inject kernels ({_KEY}=True)", key=_KEY)
+                qkv = _heads_first_qkv(qkv, _out_in(qkv)[0] // (3 * hd))
+            per_kv = _out_in(qkv)[0] // hd // (dims.n_heads // dims.n_kv_heads + 2)  # (g + 2) rows of heads per kv head
+            hq, hkv = per_kv * dims.n_heads // dims.n_kv_heads, per_kv
+        else:
+            q, k, v = (mod(roles[r]) for r in ("q", "k", "v"))
+            hq, hkv = _out_in(q)[0] // hd, _out_in(k)[0] // hd
+            qkv = cat(q, k, v)
+        if "gate_up" in roles:
+            up = lin(mod(roles["gate_up"]))
+        elif "gate" in roles:
+            up = cat(mod(roles["gate"]), mod(roles["up"]))
+        else:
+            up = lin(mod(roles["up"]))
+        act = _attr_path(block, roles["act"]) if "act" in roles else _activation(dims.act)
+        parts = {"norm1": (roles["norm1"], mod(roles["norm1"])), "qkv": (fam.qkv_path(), qkv),
+                 "out": (roles["o"], lin(mod(roles["o"]))), "norm2": (roles["norm2"], mod(roles["norm2"])),
+                 "up": (fam.up_path(), up), "down": (roles["down"], lin(mod(roles["down"])))}
+        return FamilyLayer(parts, n_heads=hq, n_kv_heads=hkv, parallel=dims.parallel_residual, head_dim=hd,
+                           scale=dims.layer_scale(idx), act=act, pre_norm=dims.pre_norm, gated=dims.gated,
+                           host=fam.host, layer_idx=idx)
 
 
-def _gpt_layer(model: nn.Module, block: nn.Module, idx: int) -> FusedDecoderLayer:
-    hd = model.config.n_embd // model.config.n_head
-    return _GPTLayer(block.ln_1, block.attn.c_attn, block.attn.c_proj, block.ln_2, block.mlp.c_fc,
-                     block.mlp.c_proj, head_dim=hd, scale=1 / math.sqrt(hd), act=F.gelu, host="gpt", layer_idx=idx)
-
-
-def _gpt2_layer(model: nn.Module, block: nn.Module, idx: int, shadow: bool = False) -> FusedDecoderLayer:
-    if hasattr(block, "crossattention"):
-        raise ConfigError("GPT-2 with cross-attention (add_cross_attention=True) is not supported by the "
-                          f"fused layers; set {_KEY}=False", key=_KEY)
-    cfg, attn = model.config, block.attn
-    hd = cfg.n_embd // cfg.n_head
-    scale = getattr(attn, "scaling", (1 / math.sqrt(hd) if cfg.scale_attn_weights else 1.0))
-    lin = (lambda m: m) if shadow else _as_linear  # a shadow keeps the Conv1D modules (read transposed)
-    return _GPTLayer(block.ln_1, lin(attn.c_attn), lin(attn.c_proj), block.ln_2,
-                     lin(block.mlp.c_fc), lin(block.mlp.c_proj), head_dim=hd, scale=scale,
-                     act=block.mlp.act, host="hf_gpt2", layer_idx=idx)
-
-
-def _opt_layer(model: nn.Module, block: nn.Module, idx: int, shadow: bool = False) -> FusedDecoderLayer:
-    a = block.self_attn
-    hd = model.config.hidden_size // model.config.num_attention_heads
-    cat = ConcatLinear if shadow else _cat_linears
-    return _OPTLayer(block.self_attn_layer_norm, cat(a.q_proj, a.k_proj, a.v_proj), a.out_proj,
-                     block.final_layer_norm, block.fc1, block.fc2, head_dim=hd, scale=a.scaling,
-                     act=block.activation_fn, pre_norm=block.do_layer_norm_before, layer_idx=idx)
-
-
-def _llama_layer(model: nn.Module, block: nn.Module, idx: int, shadow: bool = False) -> FusedDecoderLayer:
-    a, m = block.self_attn, block.mlp
-    hd = a.head_dim
-    cat = ConcatLinear if shadow else _cat_linears
-    return _LlamaLayer(block.input_layernorm, cat(a.q_proj, a.k_proj, a.v_proj), a.o_proj,
-                       block.post_attention_layernorm, cat(m.gate_proj, m.up_proj), m.down_proj,
-                       n_heads=a.q_proj.weight.shape[0] // hd, n_kv_heads=a.k_proj.weight.shape[0] // hd,
-                       head_dim=hd, scale=a.scaling, act=m.act_fn, layer_idx=idx)
-
-
-# module-level (not lambdas) so that an injected model still pickles
-def _learned_pos_embed(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    return model.transformer.wte(ids) + model.transformer.wpe(pos)  # (B, T, C)
-
-
-def _learned_pos_tables(model: nn.Module) -> tuple[nn.Module, nn.Module, int]:
-    return model.transformer.wte, model.transformer.wpe, 0
-
-
-def _opt_tables(model: nn.Module) -> tuple[nn.Module, nn.Module, int]:
-    from flexspeed.inference.native import Unsupported
-
-    dec = model.model.decoder
-    if dec.project_in is not None:
-        raise Unsupported("OPT's project_in follows the token lookup")
-    return dec.embed_tokens, dec.embed_positions, getattr(dec.embed_positions, "offset", 2)
-
-
-def _llama_embed(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    return model.model.embed_tokens(ids)  # (B, T, C)
-
-
-def _llama_rope(model: nn.Module, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return model.model.rotary_emb(x, pos)  # 2 x (B, T, hd)
-
-
-def _opt_embed(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    dec = model.model.decoder
-    x = dec.embed_tokens(ids)  # (B, T, C_emb)
-    if dec.project_in is not None:
-        x = dec.project_in(x)
-    table = dec.embed_positions
-    return x + F.embedding(pos + getattr(table, "offset", 2), table.weight)  # (B, T, C)
-
-
-def _detect(model: nn.Module) -> _Arch | None:
-    from flexspeed.models.gpt import GPT
-
-    if isinstance(model, GPT):
-        return _Arch("gpt", "transformer.h", _learned_pos_embed,
-                     ("transformer.ln_f",), _gpt_layer, max_positions=model.config.block_size, copies=False,
-                     tables=_learned_pos_tables)
-    kind = getattr(getattr(model, "config", None), "model_type", None)
-    if not hasattr(model, "lm_head"):
+def _detect(model: nn.Module) -> ModelArch | None:
+    try:
+        found = family_for_model(model)
+    except ConfigError:  # a recognised family in a form flexspeed does not fuse (inject_kernels says which)
         return None
-    if kind == "gpt2":
-        return _Arch("gpt2", "transformer.h", _learned_pos_embed,
-                     ("transformer.ln_f",), _gpt2_layer, max_positions=model.config.n_positions,
-                     tables=_learned_pos_tables)
-    if kind == "opt":
-        return _Arch("opt", "model.decoder.layers", _opt_embed,
-                     ("model.decoder.final_layer_norm", "model.decoder.project_out"), _opt_layer,
-                     max_positions=model.config.max_position_embeddings, tables=_opt_tables)
-    if kind == "llama":
-        return _Arch("llama", "model.layers", _llama_embed, ("model.norm",), _llama_layer, rope=_llama_rope,
-                     tables=lambda m: (m.model.embed_tokens, None, 0))
-    return None
+    if found is None:
+        return None
+    return ModelArch(*found)
 
 
 def _set_child(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -422,41 +451,71 @@ def _pack_linears(layer: nn.Module) -> None:
 
 
 def supports_injection(model: nn.Module) -> bool:
-    """``inject_kernels`` recognises ``model``'s architecture (flexspeed GPT, HF GPT-2, OPT, Llama)."""
+    """``inject_kernels`` recognises ``model``'s family (see :mod:`flexspeed.inference.families`)."""
     return _detect(model) is not None
 
 
 def get_runner(model: nn.Module) -> FusedRunner | None:
-    """The runner of a kernel-injected model, or ``None``."""
-    return getattr(model, "_flexspeed_runner", None)
+    """The fused runner of a kernel-injected model (found, or built once from its fused blocks), or ``None``."""
+    from flexspeed.inference.runners import remember, remembered
+
+    runner = remembered(model)
+    if isinstance(runner, FusedRunner):
+        return runner
+    runner = injected_runner(model)
+    if runner is not None:
+        remember(model, runner)
+    return runner
 
 
-def build_runner(model: nn.Module) -> FusedRunner | None:
-    """A runner for an un-injected model, over the model's own modules (nothing is copied).
-
-    flexspeed's GPT always gets one. HF GPT-2, OPT and Llama get a *shadow* runner when the native
-    decode kernel is built and the model is on the CPU: q/k/v (and gate/up) stay separate
-    modules read side by side (:class:`ConcatLinear`), GPT-2's ``Conv1D`` weights are read
-    transposed, and single-token steps run natively; the model is not modified. ``None``
-    otherwise (inject them, or generate through their own cache API).
-    """
+def injected_runner(model: nn.Module) -> FusedRunner | None:
+    """A new runner over ``model``'s blocks if they are fused layers (an injected model), else ``None``."""
     arch = _detect(model)
     if arch is None:
         return None
     blocks = model.get_submodule(arch.layers_path)
+    if not len(blocks) or not all(isinstance(b, FusedDecoderLayer) for b in blocks):
+        return None
+    return FusedRunner(model, arch, None, None)
+
+
+def shadow_runner(model: nn.Module) -> tuple[FusedRunner | None, str]:
+    """A runner for an un-injected model over the model's own modules (nothing is copied), or
+    ``(None, why not)``.
+
+    flexspeed's GPT always gets one. HF GPT-2, OPT and Llama get a *shadow* runner when the native
+    decode kernel is built and the model is on the CPU: q/k/v (and gate/up) stay separate
+    modules read side by side (:class:`ConcatLinear`), GPT-2's ``Conv1D`` weights are read
+    transposed, and single-token steps run natively; the model is not modified.
+    """
+    arch = _detect(model)
+    if arch is None:
+        return None, f"{type(model).__name__} is not a recognised family ({_SUPPORTED})"
+    blocks = model.get_submodule(arch.layers_path)
     if not arch.copies:
-        return FusedRunner(model, arch, [arch.build(model, b, i) for i, b in enumerate(blocks)])
+        runner = FusedRunner(model, arch, [arch.build(model, b, i) for i, b in enumerate(blocks)])
+        runner.shadow()
+        return runner, ""
     from flexspeed.inference.native import library
 
     ref = next(iter(model.parameters()), None)
-    if library() is None or ref is None or ref.device.type != "cpu" or not ref.is_floating_point():
-        return None
+    if library() is None:
+        return None, "the native decode kernel is not available"
+    if ref is None or ref.device.type != "cpu" or not ref.is_floating_point():
+        return None, "a shadow runner needs floating-point weights on the CPU"
     try:
         layers = [arch.build(model, b, i, shadow=True) for i, b in enumerate(blocks)]
-    except (ConfigError, AttributeError, TypeError):
-        return None
+    except (ConfigError, AttributeError, TypeError) as exc:
+        return None, f"its blocks cannot be wrapped ({exc})"
     runner = FusedRunner(model, arch, layers, ref.dtype)
-    return runner if runner.native_reason() is None else None
+    runner.shadow()
+    reason = runner.native_reason()
+    return (runner, "") if reason is None else (None, f"the native kernel cannot run it ({reason})")
+
+
+def build_runner(model: nn.Module) -> FusedRunner | None:
+    """:func:`shadow_runner` without the reason (``None`` when there is none)."""
+    return shadow_runner(model)[0]
 
 
 def inject_kernels(module: nn.Module, dtype: torch.dtype | None = None, *, compile_decode: bool = False,
@@ -487,6 +546,7 @@ def inject_kernels(module: nn.Module, dtype: torch.dtype | None = None, *, compi
         return module
     arch = _detect(module)
     if arch is None:
+        family_for_model(module)  # raises the family's own reason, if it has one
         raise ConfigError(f"replace_with_kernel_inject=True but {type(module).__name__} is not a recognised "
                           f"architecture (supported: {_SUPPORTED}); set replace_with_kernel_inject=False to run "
                           "the model's own blocks", key=_KEY)
@@ -506,5 +566,7 @@ def inject_kernels(module: nn.Module, dtype: torch.dtype | None = None, *, compi
             blocks[i] = fused  # the old block (and its unfused weights) is released here
         if pack:
             _pack_head(module, arch.head_path, pack_tied_head)
-    object.__setattr__(module, "_flexspeed_runner", runner)
+    from flexspeed.inference.runners import remember
+
+    remember(module, runner)  # flexspeed's weak table: nothing is written onto the model
     return module

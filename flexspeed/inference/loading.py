@@ -196,6 +196,17 @@ def _targets(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str, bool
     return groups
 
 
+def _stored_names(model: nn.Module) -> Mapping[str, str]:
+    """Module path -> the name checkpoint files give it, where the model's family says they differ."""
+    from flexspeed.inference.families import family_for_model
+
+    try:
+        found = family_for_model(model)
+    except ConfigError:
+        return {}
+    return found[0].stored_names if found is not None else {}
+
+
 def _lookup(fqn: str, keys: Mapping[str, Any], prefix: str) -> str | None:
     if fqn in keys:
         return fqn
@@ -230,13 +241,14 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[st
     tp = plan.tp_size if plan else 1
     placements = plan.params if plan else {}
     prefix = getattr(model, "base_model_prefix", "") or ""
+    stored = _stored_names(model)
     report = LoadReport(files=files)
     used: set[str] = set()
     missing: list[str] = []
     groups = list(_targets(model).values())
     with Progress("init_inference: loading checkpoint", len(groups), "tensors") as progress:
         for group in groups:
-            _load_group(group, src, prefix, placements, rank, tp, dtype, used, missing, report)
+            _load_group(group, src, prefix, placements, rank, tp, dtype, used, missing, report, stored)
             progress.update(1, note=human_bytes(report.bytes_read))
     if missing and strict:
         raise ConfigError(f"{len(missing)} model tensors are not in the checkpoint, e.g. {missing[:4]}; "
@@ -248,9 +260,11 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[st
 
 def _load_group(group: list[tuple[str, nn.Module, str, bool]], src: _Sources, prefix: str, placements: Mapping,
                 rank: int, tp: int, dtype: torch.dtype | None, used: set[str], missing: list[str],
-                report: LoadReport) -> None:
-    """Read one (tied) tensor group's checkpoint entry into the model."""
+                report: LoadReport, stored: Mapping[str, str]) -> None:
+    """Read one (tied) tensor group's checkpoint entry into the model (``stored``: see :func:`_stored_names`)."""
     names = [g[0] for g in group]
+    names += [stored[n.rpartition(".")[0]] + "." + n.rpartition(".")[2] for n in names
+              if n.rpartition(".")[0] in stored]  # the family's name for it in files (GPT-NeoX: embed_out)
     key = next((k for k in (_lookup(n, src.where, prefix) for n in names) if k is not None), None)
     current = getattr(group[0][1], group[0][2])
     if key is None:

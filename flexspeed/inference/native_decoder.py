@@ -103,8 +103,10 @@ class NativeDecoder:
         return [layer.parts() for layer in r.layers], finals, r.root.get_submodule(r.arch.head_path)
 
     def _build(self, parts: list, finals: list, head: nn.Module) -> None:
+        from flexspeed.inference.tp import tp_size_of
+
         r = self.runner
-        if getattr(r.root, "_flexspeed_tp_size", 1) != 1 and getattr(r, "tp_group", None) is None:
+        if tp_size_of(r.root) != 1 and getattr(r, "tp_group", None) is None:
             raise Unsupported("the model is tensor-parallel but the runner has no tp_group (init_inference sets it)")
         keep: list[torch.Tensor] = []
         layers = (Layer * len(parts))()
@@ -130,7 +132,7 @@ class NativeDecoder:
         self.layers, self.final = layers, norm_struct(norms[0], "final norm")
         self.head = linear_struct(head, "lm_head", keep)
         self.keep = keep
-        self.tp_group = getattr(r, "tp_group", None) if getattr(r.root, "_flexspeed_tp_size", 1) != 1 else None
+        self.tp_group = getattr(r, "tp_group", None) if tp_size_of(r.root) != 1 else None
         if self.tp_group is not None:  # each rank computes its block of the (replicated) head's rows
             import torch.distributed as dist
 

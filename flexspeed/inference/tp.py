@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -62,6 +63,7 @@ __all__ = [
     "localize_attention",
     "is_linear",
     "take",
+    "tp_size_of",
 ]
 
 COLUMN_NAMES = frozenset({
@@ -340,20 +342,30 @@ def _int_attr(module: nn.Module, names: Iterable[str]) -> tuple[str, int] | None
     return None
 
 
-def _attention_shard(name: str, module: nn.Module, children: dict[str, nn.Module], tp: int) -> AttentionShard:
-    """Head counts of one attention module, validated against ``tp``."""
+def _attention_shard(name: str, module: nn.Module, children: dict[str, nn.Module], tp: int,
+                     dims: Any = None) -> AttentionShard:
+    """Head counts of one attention module, validated against ``tp``.
+
+    ``dims``: the model's :class:`~flexspeed.inference.families.Dims` when its family is in the
+    registry (its head counts are then read from the config, not guessed from attributes).
+    """
     hd_attr = _int_attr(module, _HEAD_SIZE_ATTRS)
     h_attr = _int_attr(module, _HEAD_ATTRS)
     kv_attr = _int_attr(module, _KV_HEAD_ATTRS)
+    if dims is not None:
+        h_attr, kv_attr = ("", dims.n_heads), ("", dims.n_kv_heads)
     cfg = getattr(module, "config", None)
     q = next((children[n] for n in ("q_proj", "query", "q") if n in children), None)
     k = next((children[n] for n in ("k_proj", "key", "k") if n in children), None)
-    hd = hd_attr[1] if hd_attr else None
+    hd = hd_attr[1] if hd_attr else (dims.head_dim if dims is not None else None)
     heads = h_attr[1] if h_attr else (_features(q)[1] // hd if q is not None and hd else None)
     heads = heads or getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
     if not heads:
         raise ConfigError(f"cannot tell how many heads {name} ({type(module).__name__}) has: it has none of the "
-                          f"attributes {_HEAD_ATTRS} or {_HEAD_SIZE_ATTRS}; add one, or set tp_size=1",
+                          f"attributes {_HEAD_ATTRS} or {_HEAD_SIZE_ATTRS} and its model is not a family flexspeed "
+                          "knows (flexspeed.inference.families); rename the attribute holding the head count to one "
+                          "of those (flexspeed then checks on meta tensors that the module can be split), pass "
+                          "injection_policy={BlockClass: (row-parallel child names)}, or set tp_size=1",
                           key=_TP_KEY)
     kv = kv_attr[1] if kv_attr else (_features(k)[1] // hd if k is not None and hd else None)
     kv = kv or getattr(cfg, "num_key_value_heads", None) or heads
@@ -433,6 +445,13 @@ def plan_tensor_parallel(model: nn.Module, tp_size: int,
                           "same module. Pass injection_policy={BlockClass: ('attn.out', 'mlp.fc_out')}",
                           key=_TP_KEY)
     modules = dict(model.named_modules())
+    from flexspeed.inference.families import family_for_model
+
+    try:
+        found = family_for_model(model)
+    except ConfigError:
+        found = None
+    dims = found[1] if found is not None else None
     by_parent: dict[str, dict[str, nn.Module]] = {}
     for c in cols:
         parent, _, leaf = c.rpartition(".")
@@ -440,7 +459,7 @@ def plan_tensor_parallel(model: nn.Module, tp_size: int,
     for parent, children in by_parent.items():
         if any(leaf in _QKV_NAMES for leaf in children):
             plan.attention[parent] = _attention_shard(parent or type(model).__name__, modules[parent],
-                                                      children, tp_size)
+                                                      children, tp_size, dims)
     for c in cols:
         parent, _, leaf = c.rpartition(".")
         mod = modules[c]
@@ -457,7 +476,73 @@ def plan_tensor_parallel(model: nn.Module, tp_size: int,
         if getattr(mod, "bias", None) is not None:
             plan.params[f"{r}.bias"] = Placement("rank0")
     plan.column, plan.row = cols, rows
+    for name, att in plan.attention.items():
+        if att.narrow_input:
+            _probe_attention(model, name, att, plan)
     return plan
+
+
+_FIX = ("derive every width from the per-rank weights instead of the input: `-1` in view/reshape "
+        "(`y.view(B, T, -1)`), split the fused projection by its own width (`qkv.split(qkv.shape[-1] // 3, dim=-1)`), "
+        "give the module a `head_dim` attribute and reshape with it; or pass injection_policy={BlockClass: "
+        "(row-parallel child names)} to split only what you name; or set tp_size=1")
+
+
+def _probe_attention(model: nn.Module, name: str, att: AttentionShard, plan: TensorParallelPlan) -> None:
+    """Run one attention module once on meta tensors with this rank's weight shapes (nothing moves).
+
+    A module that derives widths from its input (``C = x.shape[-1]``) gets a narrowed view of it
+    after sharding; whatever else it sizes from ``C`` (a LayerNorm over the full width, a constant
+    ``split``) then fails inside torch at the first forward. Found here instead, before any weight
+    is split, with the fix. Skipped where the unsharded module does not run on meta alone (it
+    needs more arguments than the hidden state, say): that says nothing about sharding.
+    """
+    from torch.func import functional_call
+
+    module = model.get_submodule(name)
+    label = f"{name or type(model).__name__} ({type(module).__name__})"
+    prefix = f"{name}." if name else ""
+    tensors = dict(module.named_parameters(remove_duplicate=False))
+    dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
+    x = torch.empty(2, 3, att.full_width, dtype=dtype, device="meta")
+    full = {n: torch.empty_like(t, device="meta") for n, t in tensors.items()}
+    try:
+        want = functional_call(module, full, (x,))
+    except Exception:  # noqa: BLE001 - the probe is inconclusive, not the model wrong
+        return
+    local = {n: torch.empty(plan.params[prefix + n].local_shape(t.shape, plan.tp_size), dtype=t.dtype, device="meta")
+             if prefix + n in plan.params else full[n] for n, t in tensors.items()}
+    saved = {a: getattr(module, a) for a in att.attrs}
+    state = _NarrowState(full=att.full_width, local=att.full_width // plan.tp_size)
+    handles = [module.register_forward_pre_hook(state.narrow, with_kwargs=True), module.register_forward_hook(state.clear)]
+    modules = dict(model.named_modules())
+    for col in plan.column:
+        if col.rpartition(".")[0] == name and col in modules:
+            handles.append(modules[col].register_forward_pre_hook(state.widen))
+    try:
+        for a, v in att.attrs.items():
+            setattr(module, a, v)
+        try:
+            got = functional_call(module, local, (x,))
+        except Exception as exc:  # noqa: BLE001 - reported with the fix
+            raise ConfigError(f"tensor parallelism cannot split {label} by its weights alone: with tp_size="
+                              f"{plan.tp_size} (heads {att.heads} -> {att.heads // plan.tp_size} per rank, width "
+                              f"{att.full_width} -> {att.full_width // plan.tp_size}) its forward fails: "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. The module "
+                              f"derives widths from its input (`C = x.shape[-1]`); {_FIX}", key=_TP_KEY) from None
+        finally:
+            state.clear(module, (), None)
+        shape_of = (lambda o: tuple(o.shape) if isinstance(o, torch.Tensor) else
+                    tuple(o[0].shape) if isinstance(o, (tuple, list)) and o and isinstance(o[0], torch.Tensor) else None)
+        if shape_of(got) != shape_of(want):
+            raise ConfigError(f"tensor parallelism cannot split {label} by its weights alone: with tp_size="
+                              f"{plan.tp_size} its output would be {shape_of(got)} instead of {shape_of(want)}. "
+                              f"The module derives widths from its input (`C = x.shape[-1]`); {_FIX}", key=_TP_KEY)
+    finally:
+        for a, v in saved.items():
+            setattr(module, a, v)
+        for h in handles:
+            h.remove()
 
 
 def _check_divisible(name: str, pieces: tuple[int, ...], tp: int) -> None:
@@ -468,6 +553,17 @@ def _check_divisible(name: str, pieces: tuple[int, ...], tp: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------- sharding
+
+_SHARDED: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+
+
+def tp_size_of(model: nn.Module) -> int:
+    """The tensor-parallel degree :func:`shard_module` split ``model`` for (1 if it did not)."""
+    try:
+        return _SHARDED.get(model, 1)
+    except TypeError:
+        return 1
+
 
 def take(tensor: torch.Tensor, placement: Placement, rank: int, tp: int) -> torch.Tensor:
     """This rank's part of a full ``tensor`` (a new tensor; meta stays meta)."""
@@ -487,7 +583,7 @@ def shard_module(model: nn.Module, plan: TensorParallelPlan, rank: int) -> None:
     """
     if plan.tp_size == 1:
         return
-    if getattr(model, "_flexspeed_tp_size", 1) != 1:
+    if tp_size_of(model) != 1:
         raise RuntimeError("this model is already split for tensor parallelism; build a fresh one")
     replaced: dict[int, nn.Parameter] = {}
     for fqn, placement in plan.params.items():
@@ -507,7 +603,7 @@ def shard_module(model: nn.Module, plan: TensorParallelPlan, rank: int) -> None:
         else:
             mod.in_features, mod.out_features = n_in, n_out
     localize_attention(model, plan)
-    model._flexspeed_tp_size = plan.tp_size
+    _SHARDED[model] = plan.tp_size  # flexspeed's weak table, not an attribute of the model
 
 
 def localize_attention(model: nn.Module, plan: TensorParallelPlan) -> None:

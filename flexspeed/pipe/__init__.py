@@ -23,7 +23,7 @@ __all__ = [
 _LAZY = {
     "PipelineEngine": "flexspeed.pipe.engine", "build_pipeline_engine": "flexspeed.pipe.engine",
     "execution_order": "flexspeed.pipe.schedule", "format_order": "flexspeed.pipe.schedule",
-    "bubble_fraction": "flexspeed.pipe.schedule", "export_sequential_state_dict": "flexspeed.pipe.checkpoint",
+    "bubble_fraction": "flexspeed.pipe.schedule", "export_sequential_state_dict": "flexspeed.pipe.module",
 }
 
 

@@ -1,39 +1,43 @@
 """``PipelineEngine``: DeepSpeed's pipeline engine on ``torch.distributed.pipelining``.
 
 One ``train_batch()`` pulls ``gradient_accumulation_steps`` micro-batches of
-``(inputs, labels)``, runs them through the configured schedule (1F1B, GPipe or interleaved
-1F1B; ``PipelineStage`` objects over this rank's ``StageModule`` chunks), then:
+``(inputs, labels)`` and runs them through the configured schedule (1F1B, GPipe or interleaved
+1F1B; ``PipelineStage`` objects over this rank's stage modules). Each stage module is wrapped by
+``apply_zero(..., group=dp)`` exactly as a whole model is in the data-parallel engine (ZeRO
+stages 0-3, :mod:`flexspeed.pipe.zero_stages`), so the schedule's last backward reduces (or
+reduce-scatters) the gradients over the data-parallel replicas. Then:
 
-1. sums the gradients of tied weights over the stages holding them,
-2. averages all gradients over the data-parallel (``dp``) mesh dimension,
-3. (fp16) unscales and skips the step on overflow anywhere,
-4. clips to the global norm over all stages,
-5. steps the optimizer (ZeRO-1: only this rank's shard, then broadcasts it) and scheduler,
+1. the gradients of tied weights are summed over the stages holding them,
+2. the shared optimizer step (:class:`~flexspeed.runtime.engine_base.EngineBase`): fp16 unscale
+   and overflow skip agreed by every rank, the global norm over all stages (each tied weight
+   counted once) and shards, clipping, optimizer and scheduler,
 
-and returns the mean loss over the micro-batches and data-parallel replicas on every rank.
-The loss is divided by the micro-batch count (and multiplied by the fp16 loss scale) inside
-the schedule's loss function, so gradients equal those of one big batch.
+and the mean loss over the micro-batches and replicas is returned on every rank. The loss is
+divided by the micro-batch count (and multiplied by the fp16 loss scale) inside the schedule's
+loss function, so gradients equal those of one big batch.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.distributed.pipelining import PipelineStage
 
 from flexspeed.config.errors import ConfigError
+from flexspeed.distributed.collectives import all_reduce_, broadcast_, grads_or_zeros
+from flexspeed.distributed.parallel_dims import ParallelDims
 from flexspeed.pipe.module import PipelineModule
 from flexspeed.pipe.schedule import build_schedule, validate_schedule
-from flexspeed.pipe.sync import ZeroOneSharding, all_reduce_, broadcast_, grads_or_zeros
-from flexspeed.pipe.topology import build_pipe_mesh
-from flexspeed.runtime.engine import PassThroughToModule
-from flexspeed.runtime.monitor import build_monitor
-from flexspeed.runtime.precision import LossScaler, NonFiniteGuard, PrecisionPolicy, clip_grads_, unscale_and_check_
+from flexspeed.pipe.zero_stages import StageStrategies, apply_zero_to_stages
+from flexspeed.runtime.engine_base import EngineBase
+from flexspeed.runtime.precision import LossScaler, PrecisionPolicy, total_norm
+
+if TYPE_CHECKING:
+    from flexspeed.config.schema import FlexConfig
 
 __all__ = ["PipelineEngine", "build_pipeline_engine"]
 
@@ -48,86 +52,48 @@ def _as_tuple(x: Any, what: str) -> tuple[torch.Tensor, ...]:
     return items
 
 
-class PipelineEngine(PassThroughToModule, nn.Module):
+class PipelineEngine(EngineBase):
     """Trains a ``PipelineModule`` with ``train_batch()`` (DeepSpeed's ``PipelineEngine`` API).
 
     Build it with ``flexspeed.initialize(model=pipeline_module, ...)`` (or
     ``build_pipeline_engine``). ``forward``, ``backward`` and ``step`` are not available: the
     schedule interleaves them across micro-batches, so one call, ``train_batch()``, does all.
+    The queries, the optimizer step and checkpointing are the data-parallel engine's
+    (:class:`~flexspeed.runtime.engine_base.EngineBase`).
     """
 
-    def __init__(self, *, module: PipelineModule, config: Any, device: torch.device,
+    def __init__(self, *, module: PipelineModule, config: FlexConfig, device: torch.device,
+                 strategy: StageStrategies, dims: ParallelDims, tie_groups: dict[str, dist.ProcessGroup],
                  optimizer: torch.optim.Optimizer | None = None, lr_scheduler: Any = None,
-                 training_dataloader: Any = None) -> None:
-        super().__init__()
-        self.module = module
-        self._config = config
-        self.device = device
-        self.optimizer = optimizer
-        self.lr_scheduler = lr_scheduler
-        self.training_dataloader = training_dataloader
-        self.precision = PrecisionPolicy(mode=config.precision, device_type=device.type)
-        self.loss_scaler = _loss_scaler(config) if config.precision == "fp16" else None
-        guard = getattr(config, "flexspeed_nonfinite", None)
-        self._nonfinite = NonFiniteGuard(guard.action, guard.max_consecutive_skips) \
-            if guard is not None and self.loss_scaler is None else None  # fp16: the loss scaler decides
-        self.global_steps = 0
-        self.global_samples = 0
-        self.skipped_steps = 0
+                 training_dataloader: Any = None, precision: PrecisionPolicy | None = None,
+                 loss_scaler: LossScaler | None = None, launch_env: Any = None) -> None:
+        super().__init__(strategy=strategy, config=config, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                         training_dataloader=training_dataloader,
+                         precision=precision or PrecisionPolicy(mode=config.precision, device_type=device.type),
+                         loss_scaler=loss_scaler, device=device, launch_env=launch_env, module=module)
+        self.parallel_dims = dims
+        self.pp_group = dims.group("pp", device.type)
+        self.num_stages = dims.pp
+        self.stage_id = module.stage_id
         self.micro_batches = int(config.gradient_accumulation_steps)
-        self._global_grad_norm: float | None = None
+        self._tie_groups = tie_groups
+        # the norm counts each tied weight once: on the lowest stage holding it
+        self._tie_counted = {key for key, owners in module.tied_stage_owners().items() if self.stage_id == owners[0]}
         self._data_iter: Iterator | None = None
         self._shapes: tuple | None = None
         self._loss_factor = 1.0
         self._compute_loss = True
-        self.monitor = build_monitor(config, rank=dist.get_rank(), device=device)
-        self._setup_topology()
         self._setup_schedule()
-        self.zero = None
-        if int(config.zero_optimization.stage) == 1 and self.dp_world_size > 1 and optimizer is not None:
-            self.zero = ZeroOneSharding([p for p in module.parameters() if p.requires_grad], self.dp_group)
-            self.zero.restrict(optimizer)
         self.zero_grad()
 
     # ---- set-up -----------------------------------------------------------------------------------
-    def _setup_topology(self) -> None:
-        module = self.module
-        topo = module.topology
-        self.mesh = build_pipe_mesh(topo, self.device.type)
-        self.pp_group = self.mesh.get_group("pp")
-        self.dp_group = self.mesh.get_group("dp")
-        self.num_stages = topo.num_stages
-        self.stage_id = module.stage_id
-        self.dp_world_size = topo.num_dp
-        self.dp_rank = module.dp_index
-        # tie groups: for each key held by several stages, one group per data-parallel replica;
-        # every rank creates every group (new_group is collective), keeping only its own
-        self._tie_groups: dict[str, dist.ProcessGroup] = {}
-        self._tie_counted: set[str] = set()  # keys whose norm this rank counts (lowest owner)
-        for key, owners in sorted(module.tied_stage_owners().items()):
-            if self.stage_id == owners[0]:
-                self._tie_counted.add(key)
-            if len(owners) < 2:
-                continue
-            for d in range(topo.num_dp):
-                ranks = [topo.rank_of(s, d) for s in owners]
-                group = dist.new_group(ranks)
-                if dist.get_rank() in ranks:
-                    self._tie_groups[key] = group
-        # identical replicas: dp rank 0's values everywhere, tied copies from their lowest stage
-        with torch.no_grad():
-            broadcast_(list(module.parameters()) + list(module.buffers()), self.dp_group, group_src=0)
-            tied = module.tied_parameters()
-            for key, group in self._tie_groups.items():
-                broadcast_(tied[key], group, group_src=0)
-
     def _setup_schedule(self) -> None:
         module = self.module
         for sm in module.stage_modules:
             sm.autocast = self.precision.autocast
         total = self.num_stages * module.virtual_stages
-        self.stages = [PipelineStage(sm, sm.stage_id, total, self.device, group=self.pp_group)
-                       for sm in module.stage_modules]
+        self.stages = [PipelineStage(self._strategy.stage_model(i), sm.stage_id, total, self.device,
+                                     group=self.pp_group) for i, sm in enumerate(module.stage_modules)]
         self._has_first = any(s.is_first for s in self.stages)
         self._has_last = any(s.is_last for s in self.stages)
         self._schedule = build_schedule(self._config.pipeline.schedule, self.stages, self.micro_batches, self._loss)
@@ -150,34 +116,7 @@ class PipelineEngine(PassThroughToModule, nn.Module):
                              "(e.g. .mean()), or pass loss_fn=... to PipelineModule")
         return loss.float() * self._loss_factor
 
-    # ---- DeepSpeed's queries ----------------------------------------------------------------------
-    @property
-    def config(self) -> Any:
-        return self._config
-
-    def train_batch_size(self) -> int:
-        return int(self._config.train_batch_size)
-
-    def train_micro_batch_size_per_gpu(self) -> int:
-        return int(self._config.train_micro_batch_size_per_gpu)
-
-    def gradient_accumulation_steps(self) -> int:
-        return self.micro_batches
-
-    def gradient_clipping(self) -> float:
-        return float(self._config.gradient_clipping or 0.0)
-
-    def zero_optimization_stage(self) -> int:
-        return int(self._config.zero_optimization.stage)
-
-    def fp16_enabled(self) -> bool:
-        return self.precision.mode == "fp16"
-
-    def bf16_enabled(self) -> bool:
-        return self.precision.mode == "bf16"
-
-    bfloat16_enabled = bf16_enabled  # DeepSpeed's name
-
+    # ---- DeepSpeed's pipeline queries ------------------------------------------------------------
     def is_first_stage(self) -> bool:
         return self.stage_id == 0
 
@@ -187,26 +126,6 @@ class PipelineEngine(PassThroughToModule, nn.Module):
     def is_gradient_accumulation_boundary(self) -> bool:
         return True  # train_batch() always ends on a boundary
 
-    @property
-    def global_rank(self) -> int:
-        return dist.get_rank()
-
-    @property
-    def world_size(self) -> int:
-        return dist.get_world_size()
-
-    @property
-    def loss_scale(self) -> float:
-        return self.loss_scaler.loss_scale if self.loss_scaler is not None else 1.0
-
-    def get_lr(self) -> list[float]:
-        """Learning rate of each optimizer param group."""
-        return [float(g["lr"]) for g in self.optimizer.param_groups] if self.optimizer is not None else []
-
-    def get_global_grad_norm(self) -> float | None:
-        """Gradient norm over all stages and replicas at the last step (before clipping)."""
-        return self._global_grad_norm
-
     def set_dataiterator(self, iterator: Iterator) -> None:
         """The iterator ``train_batch()`` reads when called without one."""
         self._data_iter = iterator
@@ -215,9 +134,6 @@ class PipelineEngine(PassThroughToModule, nn.Module):
         """DeepSpeed's: ``train_batch()`` reads ``loader`` from now on (the first and last stage read it)."""
         self.training_dataloader = loader
         self._data_iter = iter(loader)
-
-    def empty_partition_cache(self) -> None:
-        """DeepSpeed's ZeRO-3 cache release; a no-op here (stages hold only their own layers)."""
 
     # ---- what DeepSpeed's pipeline engine refuses ------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -306,61 +222,36 @@ class PipelineEngine(PassThroughToModule, nn.Module):
             self._reduce_gradients()
             self._take_model_step()
         loss = self._broadcast_loss(local)
-        self.global_steps += 1
+        self.micro_steps += self.micro_batches
         self.global_samples += self.train_batch_size()
         if mon.active:
             mon.add_loss(float(loss))
-        mon.on_step(self)
+        self._maybe_print()
         return loss
 
     def _reduce_gradients(self) -> None:
+        """Finish the data-parallel reduction (the wrappers did most in the last backward), then sum tied copies."""
+        self._strategy.after_backward()
         tied = self.module.tied_parameters()
         for key, group in self._tie_groups.items():
-            all_reduce_(grads_or_zeros(tied[key]), group)
-        if self.dp_world_size > 1:
-            params = [p for p in self.module.parameters() if p.requires_grad]
-            all_reduce_(grads_or_zeros(params), self.dp_group,
-                        average=self._config.gradient_allreduce_op != "sum")  # DeepSpeed's "sum": no division
+            # each stage holds the same shard of a tied weight (same shape, same data-parallel mesh)
+            all_reduce_([_local(g) for g in grads_or_zeros(tied[key])], group)
 
-    def _grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
-        """L2 norm of the whole model's gradient: this stage's squares summed over the pipeline."""
+    def _overflow_group(self) -> dist.ProcessGroup | None:
+        return None  # every stage of every replica skips together
+
+    def _grad_norm(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """L2 norm of the whole model's gradient: this stage's squares (shards reduced) summed over the pipeline."""
         skip = {id(p) for key, ps in self.module.tied_parameters().items() if key not in self._tie_counted for p in ps}
         counted = [p.grad for p in params if p.grad is not None and id(p) not in skip]
         sq = torch.zeros((), device=self.device, dtype=torch.float32)
         if counted:
-            sq = torch.nn.utils.get_total_norm(counted, 2.0, foreach=True).float() ** 2
+            sq = total_norm(counted).float().to(self.device) ** 2
         dist.all_reduce(sq, group=self.pp_group)
         return sq.sqrt()
 
-    def _take_model_step(self) -> None:
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        overflow = False
-        if self.loss_scaler is not None:
-            overflow = unscale_and_check_(params, 1.0 / self.loss_scaler.loss_scale, group=None)
-            self.loss_scaler.update_scale(overflow)
-        elif self._config.precision == "bf16" and self._config.bf16.check_grad_overflow:
-            overflow = unscale_and_check_(params, 1.0, group=None)
-        if overflow:
-            self.skipped_steps += 1
-            self._global_grad_norm = float("inf")
-            log.warning("flexspeed: %s gradient overflow at step %d; skipped%s", self._config.precision,
-                        self.global_steps, f", loss scale -> {self.loss_scale}" if self.loss_scaler else "")
-        else:
-            norm = self._grad_norm(params)
-            self._global_grad_norm = float(norm)
-            if self._nonfinite is not None and self._nonfinite.should_skip(norm, self.global_steps):
-                self.skipped_steps += 1
-            else:
-                if self.gradient_clipping() > 0:
-                    clip_grads_(params, self.gradient_clipping(), norm)
-                self.optimizer.step()
-                if self.zero is not None:
-                    self.zero.broadcast_updates()
-                if self.lr_scheduler is not None:
-                    self.lr_scheduler.step()
-        self.zero_grad()
-
     def zero_grad(self) -> None:
+        """Drop every gradient of this rank's stages (also of parameters the optimizer does not hold)."""
         for p in self.module.parameters():
             p.grad = None
 
@@ -413,33 +304,35 @@ class PipelineEngine(PassThroughToModule, nn.Module):
         return (loss, out if self._has_last else None) if return_logits else loss
 
     # ---- logging, state -------------------------------------------------------------------------
-    def progress(self, total_steps: int, desc: str = "train", initial: int | None = None,
-                 disable: bool | None = None) -> Any:
-        """A progress bar over ``train_batch()`` calls on rank 0 (loss, lr, tokens/s); see ``TrainingEngine.progress``."""
-        return self.monitor.progress(total_steps, desc=desc,
-                                     initial=self.global_steps if initial is None else initial, disable=disable)
+    # ---- checkpoints (the data-parallel engine's format, see flexspeed.runtime.checkpoint) ------------
+    def checkpoint_layout(self) -> dict[str, Any]:
+        """Recorded in the manifest: the degrees and the partition that wrote a checkpoint (loads need none of it)."""
+        module = self.module
+        return {**super().checkpoint_layout(), "num_stages": self.num_stages,
+                "virtual_stages": module.virtual_stages, "partition_bounds": module.partition_bounds()}
 
-    def module_state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's layers (keys ``"<layer index>.<param>"``)."""
-        return self.module.state_dict()
-
-    def save_checkpoint(self, save_dir: str, tag: str | None = None, client_state: dict | None = None,
-                        save_latest: bool = True, exclude_frozen_parameters: bool = False) -> bool:
-        """Save model, optimizer, scheduler and counters (collective; see ``flexspeed.pipe.checkpoint``)."""
-        from flexspeed.pipe.checkpoint import save_pipeline_checkpoint
-
-        return save_pipeline_checkpoint(self, save_dir, tag=tag, client_state=client_state or {},
-                                        save_latest=save_latest, exclude_frozen_parameters=exclude_frozen_parameters)
+    def checkpoint_keys_elsewhere(self, saved: set[str]) -> set[str]:
+        """Saved model keys of layers other pipeline ranks hold (not "unexpected" in a strict load)."""
+        entries = len(self.module._entries)
+        own = set(self.module._modules)
+        return {k for k in saved if k.partition(".")[0].isdigit() and int(k.partition(".")[0]) < entries
+                and k.partition(".")[0] not in own}
 
     def load_checkpoint(self, load_dir: str, tag: str | None = None, load_module_strict: bool = True,
                         load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
                         load_module_only: bool = False) -> tuple[str | None, dict | None]:
-        """Load a checkpoint saved by ``save_checkpoint`` under any partition (collective)."""
-        from flexspeed.pipe.checkpoint import load_pipeline_checkpoint
+        """Load a checkpoint saved under any pipeline layout, data-parallel size or ZeRO stage, or by the
+        data-parallel engine from the same layers (collective)."""
+        out = super().load_checkpoint(load_dir, tag=tag, load_module_strict=load_module_strict,
+                                      load_optimizer_states=load_optimizer_states,
+                                      load_lr_scheduler_states=load_lr_scheduler_states,
+                                      load_module_only=load_module_only)
+        self._data_iter = None  # the loader resumes at the restored position
+        return out
 
-        return load_pipeline_checkpoint(self, load_dir, tag=tag, load_module_strict=load_module_strict,
-                                        load_optimizer_states=load_optimizer_states and not load_module_only,
-                                        load_lr_scheduler_states=load_lr_scheduler_states and not load_module_only)
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _repeat(loader: Iterable) -> Iterator:
@@ -447,29 +340,13 @@ def _repeat(loader: Iterable) -> Iterator:
         yield from loader
 
 
-def _loss_scaler(config: Any) -> LossScaler:
-    f = config.fp16
-    # DeepSpeed's stage-0 fp16 optimizer has no hysteresis (its ZeRO stages do)
-    hysteresis = int(f.hysteresis) if config.zero_optimization.stage > 0 else 1
-    return LossScaler(loss_scale=float(f.loss_scale), initial_scale_power=int(f.initial_scale_power),
-                      loss_scale_window=int(f.loss_scale_window), hysteresis=hysteresis,
-                      consecutive_hysteresis=bool(f.consecutive_hysteresis), min_loss_scale=float(f.min_loss_scale))
-
-
-def _apply_config(module: PipelineModule, config: Any) -> None:
+def _apply_config(module: PipelineModule, config: FlexConfig) -> None:
     """Reconcile the ``pipeline`` config section with the module's own arguments."""
-    profiler = getattr(config, "flops_profiler", None)
-    if profiler is not None and profiler.enabled:
+    if config.flops_profiler.enabled:
         raise ConfigError("flops_profiler.enabled=true is not supported with a PipelineModule: each stage runs "
                           "only part of the model inside the schedule; profile the layers as a plain nn.Module "
                           "(no pipeline) or set flops_profiler.enabled to false", key="flops_profiler.enabled")
     pipe = config.pipeline
-    stage = int(config.zero_optimization.stage)
-    if stage >= 2:
-        raise ConfigError(f"zero_optimization.stage={stage} cannot be combined with pipeline parallelism: stages 2 "
-                          "and 3 shard gradients/parameters across data-parallel ranks while the pipeline "
-                          "accumulates them over micro-batches. Fix: use stage 0 or 1 (1 shards the optimizer "
-                          "state over the data-parallel ranks)", key="zero_optimization.stage")
     if pipe.stages != "auto" and int(pipe.stages) != module.num_stages:
         raise ConfigError(f"pipeline.stages={pipe.stages} but the PipelineModule has num_stages={module.num_stages}. "
                           "Fix: make them equal, or set pipeline.stages to \"auto\"", key="pipeline.stages")
@@ -495,68 +372,81 @@ def _apply_config(module: PipelineModule, config: Any) -> None:
                       int(config.gradient_accumulation_steps))
 
 
-def _build_optimizer(module: PipelineModule, config: Any, client: Any, model_parameters: Iterable | None) -> Any:
-    if isinstance(client, torch.optim.Optimizer):
-        return client
-    if client is not None and config.optimizer is not None:
-        raise ConfigError("the optimizer is given twice: a callable passed to initialize() and the config's "
-                          f"'optimizer' section (type {config.optimizer.type!r}). Fix: keep only one", key="optimizer")
-    params = list(model_parameters) if model_parameters is not None else [p for p in module.parameters()
-                                                                          if p.requires_grad]
-    if callable(client):
-        return client(params)
-    if config.optimizer is None:
-        return None
-    from flexspeed.runtime.optimizers import build_optimizer
-
-    return build_optimizer(config.optimizer.type, dict(config.optimizer.params or {}), params)
-
-
-def _build_scheduler(config: Any, client: Any, optimizer: Any) -> Any:
-    if client is not None:
-        return client(optimizer) if callable(client) and not hasattr(client, "step") else client
-    if config.scheduler is None or optimizer is None:
-        return None
-    from flexspeed.runtime.schedulers import build_scheduler
-
-    return build_scheduler(config.scheduler.type, dict(config.scheduler.params or {}), optimizer)
+def _tie_groups(module: PipelineModule, dims: ParallelDims) -> dict[str, dist.ProcessGroup]:
+    """For each tie key held by several stages: one group per data-parallel replica (every rank creates
+    every group, ``new_group`` being collective, and keeps its own)."""
+    groups: dict[str, dist.ProcessGroup] = {}
+    rank = dist.get_rank()
+    for key, owners in sorted(module.tied_stage_owners().items()):
+        if len(owners) < 2:
+            continue
+        for d in range(dims.dp):
+            ranks = [dims.rank_of(dp=d, pp=s) for s in owners]
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                groups[key] = group
+    return groups
 
 
-def build_pipeline_engine(*, model: PipelineModule, config: Any, optimizer: Any = None,
+def build_pipeline_engine(*, model: PipelineModule, config: FlexConfig, optimizer: Any = None,
                           model_parameters: Iterable | None = None, lr_scheduler: Any = None,
-                          training_data: Any = None, collate_fn: Callable | None = None
-                          ) -> tuple[PipelineEngine, Any, Any, Any]:
+                          training_data: Any = None, collate_fn: Callable | None = None, launch_env: Any = None,
+                          dims: ParallelDims | None = None) -> tuple[PipelineEngine, Any, Any, Any]:
     """What ``flexspeed.initialize`` returns for a ``PipelineModule``.
+
+    The same builders as the data-parallel engine (:mod:`flexspeed.runtime.builders`): the
+    client-vs-config checks, loss scaler, optimizer over the ZeRO strategy's parameters, scheduler.
 
     Args:
         model: the pipeline module.
         config: the resolved ``FlexConfig`` (batch triad over the data-parallel size).
         optimizer: a ``torch.optim.Optimizer`` over this rank's parameters, a callable
             ``params -> Optimizer``, or ``None`` to build the config's ``optimizer`` section.
-        model_parameters: parameters or param groups for a built optimizer (default: all
-            trainable parameters of this rank's stages).
+        model_parameters: parameters or param groups for a built optimizer (default: this rank's parameters).
         lr_scheduler: a scheduler, a callable ``optimizer -> scheduler``, or ``None`` (config).
         training_data: a ``Dataset`` for the engine's loader (micro-batch size from the config,
             sampled over the data-parallel ranks, incomplete last batch dropped).
         collate_fn: the loader's collate function.
+        launch_env: what ``init_distributed`` returned (for ``engine.local_rank``).
+        dims: the validated degrees (default: from the module's topology).
     Returns:
         ``(engine, optimizer, dataloader, lr_scheduler)``.
     """
     from flexspeed.distributed import default_device
+    from flexspeed.runtime.builders import (
+        build_loss_scaler,
+        build_optimizer,
+        build_scheduler,
+        check_optimizer_given_once,
+    )
     from flexspeed.runtime.data import FlexDataLoader
 
     if not dist.is_initialized():
         raise RuntimeError("pipeline parallelism needs torch.distributed: call flexspeed.init_distributed() first")
+    check_optimizer_given_once(config, optimizer, lr_scheduler)
     _apply_config(model, config)
     device = default_device()
     model.to(device)  # builds this rank's layers
-    opt = _build_optimizer(model, config, optimizer, model_parameters)
-    sched = _build_scheduler(config, lr_scheduler, opt)
+    topo = model.topology
+    if dims is None:
+        dims = topo.dims({"pp": f"PipelineModule(num_stages={topo.num_stages})",
+                          "dp": "the world size / pipeline stages"})
+    dims.build_mesh(device.type)
+    ties = _tie_groups(model, dims)
+    with torch.no_grad():  # tied copies start equal: the lowest stage's values (before any sharding)
+        tied = model.tied_parameters()
+        for key, group in ties.items():
+            broadcast_(tied[key], group, group_src=0)
+    # each stage module gets the data-parallel machinery a whole model gets (rank 0's weights, ZeRO)
+    strategy = apply_zero_to_stages(model, config=config, device=device, dp_mesh=dims.mesh("dp", device.type))
+    opt = build_optimizer(strategy, config, optimizer, model_parameters)
+    sched = build_scheduler(config, lr_scheduler, opt)
     loader = None
     if training_data is not None:
         loader = FlexDataLoader(training_data, batch_size=int(config.train_micro_batch_size_per_gpu),
-                                dp_rank=model.dp_index, dp_world_size=model.topology.num_dp, collate_fn=collate_fn,
-                                drop_last=True)
-    engine = PipelineEngine(module=model, config=config, device=device, optimizer=opt, lr_scheduler=sched,
-                            training_dataloader=loader)
+                                dp_rank=model.dp_index, dp_world_size=dims.dp, collate_fn=collate_fn, drop_last=True)
+    engine = PipelineEngine(module=model, config=config, device=device, strategy=strategy, dims=dims,
+                            tie_groups=ties, optimizer=opt, lr_scheduler=sched, training_dataloader=loader,
+                            precision=PrecisionPolicy(mode=config.precision, device_type=device.type),
+                            loss_scaler=build_loss_scaler(config), launch_env=launch_env)
     return engine, opt, loader, sched

@@ -33,7 +33,7 @@ from flexspeed.config.errors import ConfigError
 from flexspeed.pipe.partition import partition_layers
 from flexspeed.pipe.topology import PipeTopology, resolve_topology
 
-__all__ = ["LayerSpec", "TiedLayerSpec", "PipelineModule", "StageModule"]
+__all__ = ["LayerSpec", "TiedLayerSpec", "PipelineModule", "StageModule", "export_sequential_state_dict"]
 
 log = logging.getLogger("flexspeed")
 
@@ -492,7 +492,9 @@ class PipelineModule(nn.Module):
         all stages through CPU, so it suits models that fit one host's memory; for larger ones
         save a checkpoint and use ``flexspeed.pipe.export_sequential_state_dict``.
         """
-        local = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        # ZeRO-3 shards (DTensor) are gathered over their data-parallel group first (collective there too)
+        local = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
+                 for k, v in self.state_dict().items()}
         if not dist.is_initialized() or dist.get_world_size(group) == 1:
             return dict(sorted(local.items(), key=lambda kv: _sort_key(kv[0])))
         gathered: list[Any] = [None] * dist.get_world_size(group)
@@ -507,3 +509,25 @@ def _sort_key(fqn: str) -> int:
     """Layer index of a key; sorting by it is stable, so each layer keeps its parameter order."""
     head = fqn.partition(".")[0]
     return int(head) if head.isdigit() else 1 << 30
+
+
+def export_sequential_state_dict(checkpoint_dir: str, tag: str | None = None,
+                                 output_file: str | None = None) -> dict[str, torch.Tensor]:
+    """The model weights of a pipeline checkpoint as a plain ``nn.Sequential`` state dict, in one process.
+
+    The checkpoint is read, verified, by :func:`flexspeed.runtime.export.consolidate` (any pipeline
+    layout, data-parallel size or ZeRO stage); keys are ``"<layer index>.<param>"``, in layer order.
+
+    Args:
+        checkpoint_dir: a ``save_checkpoint`` root (with ``latest``) or a tag directory.
+        tag: the tag to read; default ``latest`` (or ``checkpoint_dir`` itself when it is one).
+        output_file: also write the result there (``.safetensors`` or a ``torch.save`` file, atomically).
+    Returns:
+        ``{"<layer index>.<param>": tensor}`` on CPU.
+    """
+    from flexspeed.runtime.export import consolidate, write_state_dict
+
+    out = dict(sorted(consolidate(checkpoint_dir, tag=tag).items(), key=lambda kv: _sort_key(kv[0])))
+    if output_file is not None:
+        write_state_dict(out, output_file)
+    return out

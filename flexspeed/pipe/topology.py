@@ -1,18 +1,19 @@
-"""Where each rank sits in the pipeline x data-parallel grid.
+"""Where each rank sits in the pipeline x data-parallel grid: DeepSpeed-named views of ``ParallelDims``.
 
-The world is a ``(dp, pp)`` ``DeviceMesh``: ``rank = dp_index * num_stages + stage_id``, so the
-stages of one pipeline are consecutive ranks (neighbours in a node exchange activations, the
-high-volume traffic) and each data-parallel group strides across pipelines.
+The degrees, their validation and the ``DeviceMesh`` all come from
+:class:`flexspeed.distributed.parallel_dims.ParallelDims` (``rank = dp_index * num_stages + stage_id``
+with no tensor parallelism, so the stages of one pipeline are consecutive ranks and each
+data-parallel group strides across pipelines). ``PipeTopology`` and ``PipeDataParallelTopology``
+keep DeepSpeed's names and queries for scripts that build or ask a topology directly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from flexspeed.distributed.parallel_dims import ParallelDims
 
-__all__ = ["PipeTopology", "PipeDataParallelTopology", "resolve_topology", "build_pipe_mesh"]
+__all__ = ["PipeTopology", "PipeDataParallelTopology", "resolve_topology"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,16 @@ class PipeTopology:
     @property
     def world_size(self) -> int:
         return self.num_stages * self.num_dp
+
+    def dims(self, sources: dict[str, str] | None = None) -> ParallelDims:
+        """The validated degrees this grid views (``dp = num_dp``, ``pp = num_stages``, ``tp = 1``)."""
+        return ParallelDims(dp=self.num_dp, pp=self.num_stages, world_size=self.world_size,
+                            sources=sources or {"pp": "PipeTopology.num_stages", "dp": "PipeTopology.num_dp"})
+
+    @classmethod
+    def from_dims(cls, dims: ParallelDims) -> PipeTopology:
+        """The pipeline view of ``dims`` (tensor parallelism, when present, is inside each stage)."""
+        return cls(num_stages=dims.pp, num_dp=dims.dp)
 
     def rank_of(self, stage_id: int, dp_index: int) -> int:
         """Global rank of pipeline stage ``stage_id`` in data-parallel replica ``dp_index``."""
@@ -72,17 +83,6 @@ def resolve_topology(num_stages: int | None, topology: PipeTopology | None, worl
         return topology
     if num_stages is None:
         raise ValueError("PipelineModule needs num_stages=... (pipeline-parallel degree) or topology=...")
-    if num_stages < 1 or world_size % num_stages != 0:
-        raise ValueError(f"num_stages={num_stages} must be >= 1 and divide the world size {world_size} "
-                         f"(world = stages x data-parallel). Fix: use one of "
-                         f"{[d for d in range(1, world_size + 1) if world_size % d == 0]}")
-    return PipeTopology(num_stages=num_stages, num_dp=world_size // num_stages)
-
-
-def build_pipe_mesh(topology: PipeTopology, device_type: str) -> DeviceMesh:
-    """The ``("dp", "pp")`` device mesh of the current process group for ``topology``."""
-    if not dist.is_initialized():
-        raise RuntimeError("pipeline parallelism needs torch.distributed: call flexspeed.init_distributed() first")
-    if dist.get_world_size() != topology.world_size:
-        raise ValueError(f"topology has {topology.world_size} ranks but the process group has {dist.get_world_size()}")
-    return init_device_mesh(device_type, (topology.num_dp, topology.num_stages), mesh_dim_names=("dp", "pp"))
+    dims = ParallelDims.from_world(world_size, pp=num_stages, pp_source=f"PipelineModule(num_stages={num_stages})",
+                                   world_source="the process group")
+    return PipeTopology.from_dims(dims)

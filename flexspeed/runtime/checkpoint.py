@@ -273,7 +273,21 @@ def _without(state: dict, names: set[str]) -> dict:
     return {k: v for k, v in state.items() if k not in names} if names else state
 
 
-def _engine_state(engine: Any, excluded: list[str]) -> dict:
+def _all_param_groups(engine: Any) -> list[dict] | None:
+    """The optimizer's param groups over every rank's parameters (collective): a pipeline rank holds only its
+    stages' parameters, and the one engine-state file must name them all for any later layout."""
+    if engine.optimizer is None:
+        return None
+    gathered = _all_gather(_fqn_param_groups(engine.module, engine.optimizer))
+    merged = [dict(g, params=list(g["params"])) for g in gathered[0]]
+    for groups in gathered[1:]:
+        for mine, theirs in zip(merged, groups):
+            seen = set(mine["params"])
+            mine["params"] += [p for p in theirs["params"] if p not in seen]
+    return merged
+
+
+def _engine_state(engine: Any, excluded: list[str], param_groups: list[dict] | None) -> dict:
     loader = getattr(engine, "training_dataloader", None)
     sched = getattr(engine, "lr_scheduler", None)
     scaler = getattr(engine, "loss_scaler", None)
@@ -285,8 +299,7 @@ def _engine_state(engine: Any, excluded: list[str]) -> dict:
         "lr_scheduler": sched.state_dict() if sched is not None and hasattr(sched, "state_dict") else None,
         "loss_scaler": scaler.state_dict() if scaler is not None else None,
         "dataloader": loader.state_dict() if loader is not None and hasattr(loader, "state_dict") else None,
-        "optimizer_param_groups": (_fqn_param_groups(engine.module, engine.optimizer)
-                                   if engine.optimizer is not None else None),
+        "optimizer_param_groups": param_groups,
         "excluded_model_keys": excluded,
         # read by export.consolidate(exclude_frozen_parameters=True) (DeepSpeed's zero_to_fp32 option)
         "frozen_parameters": [n for n, p in engine.module.named_parameters() if not p.requires_grad],
@@ -303,6 +316,7 @@ def _manifest(engine: Any, tag: str, world: int, has_optimizer: bool) -> dict:
             "zero_stage": int(getattr(strategy, "stage", 0)),
             "precision": getattr(getattr(engine, "precision", None), "mode", "fp32"),
             "global_steps": int(getattr(engine, "global_steps", 0)), "has_optimizer_state": has_optimizer,
+            "parallel": engine.checkpoint_layout(),
             # for `flexspeed export` to write a Hugging Face folder: config.json, tied weights once
             "model_config": model_config_dict(engine.module), "tied_parameters": tied_groups(engine.module),
             "files": {"tensors": f"{STATE_DIR}/ (torch.distributed.checkpoint)", "engine": ENGINE_FILE,
@@ -425,6 +439,7 @@ def prepare_save(engine: Any, save_dir: str | os.PathLike, tag: Any = None, clie
     excluded = [n for n, p in engine.module.named_parameters() if not p.requires_grad] \
         if exclude_frozen_parameters else []
     error, client_bytes, engine_bytes = "", b"", b""
+    param_groups = _all_param_groups(engine)
     try:  # everything a user can get wrong is found here, before any rank writes
         tag = validate_tag(tag)
         client_bytes = serialize_checked(dict(client_state or {}), "client_state",
@@ -432,7 +447,7 @@ def prepare_save(engine: Any, save_dir: str | os.PathLike, tag: Any = None, clie
                                          "and dicts (convert other objects, e.g. with vars() or str())")
         if rank == 0:
             engine_bytes = serialize_checked(
-                _engine_state(engine, excluded), "the engine state (scheduler, loss scaler, dataloader, "
+                _engine_state(engine, excluded, param_groups), "the engine state (scheduler, loss scaler, dataloader, "
                 "optimizer param groups)", "Fix: use schedulers/optimizers whose state_dict() holds only tensors, "
                 "numbers, strings and containers")
     except ValueError as e:

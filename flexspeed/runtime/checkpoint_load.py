@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.metadata import Metadata
 
 from flexspeed.runtime.checkpoint import (
     _all_gather,
@@ -202,7 +201,9 @@ def _read_tensors(engine: Any, staged: _Staged, integrity: Integrity, *, strict:
     state_dir = os.path.join(staged.path, STATE_DIR)
     metadata = SafeFileSystemReader(state_dir, integrity).read_metadata()
     model_sd, optim_sd = _state_dicts(engine, with_optimizer=with_optimizer, for_load=True)
-    _check_model_keys(model_sd, metadata, set(staged.meta.get("excluded_model_keys") or ()), strict, staged.path)
+    saved = {k[len("model."):] for k in metadata.state_dict_metadata if k.startswith("model.")}
+    _check_model_keys(model_sd, saved - engine.checkpoint_keys_elsewhere(saved),
+                      set(staged.meta.get("excluded_model_keys") or ()), strict, staged.path)
     target: dict[str, Any] = {"model": _fresh(model_sd)}
     if optim_sd is not None:
         available = {k for k in metadata.state_dict_metadata if k.startswith("optim.state.")}
@@ -239,8 +240,8 @@ def _apply(engine: Any, staged: _Staged, *, module_only: bool, load_lr_scheduler
         _set_rng_state(staged.rng)
 
 
-def _check_model_keys(model_sd: dict, metadata: Metadata, excluded: set[str], strict: bool, path: str) -> None:
-    saved = {k[len("model."):] for k, v in metadata.state_dict_metadata.items() if k.startswith("model.")}
+def _check_model_keys(model_sd: dict, saved: set[str], excluded: set[str], strict: bool, path: str) -> None:
+    """``saved``: the checkpoint's model keys this rank should hold (a pipeline rank: its own layers')."""
     missing = sorted(set(model_sd) - saved - excluded)
     unexpected = sorted(saved - set(model_sd))
     if strict and (missing or unexpected):
@@ -268,8 +269,9 @@ def _merge_optim(template: dict, loaded_state: dict, saved_groups: list | None, 
         state[fqn] = entry
     groups = template["param_groups"]
     if saved_groups:
-        if [sorted(g["params"]) for g in saved_groups] == [sorted(g["params"]) for g in current_groups] \
-                and len(groups) == len(saved_groups):
+        # each current group's parameters among the saved group's (a pipeline rank holds only its stages')
+        if len(saved_groups) == len(current_groups) == len(groups) and all(
+                set(cur["params"]) <= set(saved["params"]) for saved, cur in zip(saved_groups, current_groups)):
             groups = [{**{k: v for k, v in saved.items() if k != "params"}, "params": live["params"]}
                       for saved, live in zip(saved_groups, groups)]
         else:

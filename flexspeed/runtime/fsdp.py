@@ -12,9 +12,12 @@
 Gradients are reduce-scattered on every micro-step and accumulated as fp32 shards (DeepSpeed's
 behaviour: a full gradient never outlives one block's backward). ``communication_data_type``
 maps to ``MixedPrecisionPolicy(reduce_dtype=...)``: the wire format only, the result is cast
-back to fp32 before it is accumulated. FSDP2 replaces the parameters with DTensors, so the
-optimizer is built afterwards; a client optimizer made on the old parameters is re-pointed in
-place (same object, same groups and hyperparameters, state re-sharded).
+back to fp32 before it is accumulated. In bf16/fp16 runs ``param_dtype`` is the 16-bit type: the
+all-gathers move half the bytes and the blocks compute on 16-bit weights (as DeepSpeed's bf16 runs
+do), while the sharded master weights, optimizer state and reduction stay fp32. FSDP2 replaces the
+parameters with DTensors, so the optimizer is built afterwards; a client optimizer made on the old
+parameters is re-pointed in place (same object, same groups and hyperparameters, state
+re-sharded).
 """
 
 from __future__ import annotations
@@ -78,14 +81,27 @@ def persistent_params(module: nn.Module, threshold: int, cap: int = 2**63 - 1) -
 
 
 def _dp_mesh(device: torch.device, group: dist.ProcessGroup | None):
-    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    """The 1-D data-parallel mesh FSDP2 shards over: ``group``'s, or the world's (from ``ParallelDims``)."""
+    from flexspeed.distributed.parallel_dims import ParallelDims, mesh_from_group
 
     if not dist.is_initialized():
         raise RuntimeError("ZeRO stages 2-3 need torch.distributed initialised (a one-process group is fine). "
                            "Fix: call flexspeed.init_distributed() first, or use flexspeed.initialize()")
     if group is None:
-        return init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
-    return DeviceMesh.from_group(group, device.type, mesh_dim_names=("dp",))
+        return ParallelDims.from_process_group().mesh("dp", device.type)
+    return mesh_from_group(group, device.type, "dp")
+
+
+def _mp_policy(settings: ZeroSettings) -> Any:
+    """FSDP2's mixed precision from the run's precision: 16-bit runs all-gather 16-bit parameters (half the
+    bytes of fp32) and compute on them; the sharded master weights, the optimizer and the gradient
+    reduce-scatter stay fp32 unless ``communication_data_type`` says otherwise."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    reduce = settings.comm_dtype
+    if reduce is None and settings.param_dtype is not None:
+        reduce = torch.float32
+    return MixedPrecisionPolicy(param_dtype=settings.param_dtype, reduce_dtype=reduce)
 
 
 class FullyShardedDP(ZeroStrategy):
@@ -93,7 +109,7 @@ class FullyShardedDP(ZeroStrategy):
 
     def __init__(self, module: nn.Module, *, stage: int, device: torch.device, group: dist.ProcessGroup | None,
                  settings: ZeroSettings, notes: list[str] | None = None, mesh: Any = None) -> None:
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
         super().__init__(stage=stage, module=module, model=module, group=group, notes=list(notes or []),
                          grad_accum_dtype=settings.grad_accum_dtype)
@@ -116,7 +132,7 @@ class FullyShardedDP(ZeroStrategy):
         sync_initial_state(module, self.mesh.get_group())
         before = list(module.named_parameters(remove_duplicate=False))
         kwargs: dict[str, Any] = dict(mesh=self.mesh, offload_policy=offload,
-                                      mp_policy=MixedPrecisionPolicy(reduce_dtype=settings.comm_dtype),
+                                      mp_policy=_mp_policy(settings),
                                       ignored_params=set(self._persistent) or None)
         self.blocks = find_blocks(module)
         for block in self.blocks:

@@ -5,9 +5,11 @@
 3. resolve the config (batch triad, "auto") against the real world size; this also builds the
    optimizer/scheduler sections over stand-in parameters (the checks ``flexspeed check-config``
    makes, from the same code); configure ``flexspeed.checkpointing`` from the config
-4. dispatch on the model type: ``PipelineModule`` -> pipeline engine, else the data-parallel one
-5. precision policy and loss scaler; ZeRO strategy (wraps/shards the module)
-6. optimizer and scheduler (client object, client callable, or config section - never two)
+4. dispatch on the model type: ``PipelineModule`` -> pipeline engine (its degrees validated by
+   ``ParallelDims`` first), else the data-parallel one
+5. precision policy and loss scaler; ZeRO strategy (wraps/shards the module, or each pipeline stage)
+6. optimizer and scheduler (client object, client callable, or config section - never two), built by
+   ``flexspeed.runtime.builders`` for both engines
 7. dataloader; the engine
 """
 
@@ -44,92 +46,21 @@ def _is_pipeline_module(model: nn.Module) -> bool:
     return isinstance(model, PipelineModule)
 
 
-def _norm_opt_name(name: str) -> str:
-    return name.lower().replace("_", "")
-
-
-def _check_client_vs_config(kind: str, client: Any, section: Any) -> None:
-    """An optimizer/scheduler given both as an object and in the config must agree, else error."""
-    if client is None or section is None:
-        return
-    cls = type(client).__name__
-    cfg_type = section.type
-    same_type = _norm_opt_name(cls) == _norm_opt_name(cfg_type) or (
-        kind == "optimizer" and _norm_opt_name(cfg_type) == "adam" and cls == "AdamW")
-    diffs: list[str] = []
-    if kind == "optimizer" and same_type and callable(client) is False:
-        defaults = client.defaults
-        for key, value in (section.params or {}).items():
-            if key in defaults:
-                have = tuple(defaults[key]) if isinstance(defaults[key], (list, tuple)) else defaults[key]
-                want = tuple(value) if isinstance(value, (list, tuple)) else value
-                if have != want:
-                    diffs.append(f"{kind}.params.{key}: config {value!r} vs client object {defaults[key]!r}")
-    if not same_type or diffs or kind == "scheduler" and section.params:
-        detail = "; ".join(diffs) or f"config {kind}.type={cfg_type!r} vs client object {cls}"
-        raise ConfigError(
-            f"the {kind} is given twice, as an object passed to initialize() and in the config, and they "
-            f"differ ({detail}). Fix: remove the '{kind}' section from the config, or stop passing {kind}=...",
-            key=kind)
-
-
-def _build_optimizer(strategy: Any, cfg: Any, client: Any, model_parameters: Iterable | None) -> Any:
-    from flexspeed.runtime.optimizers import build_optimizer
-
-    allow = bool(getattr(cfg, "zero_allow_untested_optimizer", False))
-    if isinstance(client, torch.optim.Optimizer):
-        return strategy.build_optimizer(client, None, allow)
-    if callable(client):
-        return strategy.build_optimizer(None, client, allow)
-    if cfg.optimizer is None:
-        return None
-    groups = list(model_parameters) if model_parameters is not None else None
-
-    def factory(params: list) -> torch.optim.Optimizer:
-        # keep the user's param groups (e.g. no weight decay on biases) when they gave them
-        # (re-pointed at the sharded parameters when ZeRO replaced them)
-        use = strategy.map_params(groups) if groups else params
-        return build_optimizer(cfg.optimizer.type, dict(cfg.optimizer.params or {}), use)
-
-    return strategy.build_optimizer(None, factory, allow)
-
-
-def _build_scheduler(cfg: Any, client: Any, optimizer: Any) -> Any:
-    if client is not None:
-        if callable(client) and not hasattr(client, "step"):
-            return client(optimizer)
-        driven = getattr(client, "optimizer", None)
-        if isinstance(driven, torch.optim.Optimizer) and driven is not optimizer:
-            # DeepSpeed asserts this (its isinstance(_LRScheduler) test misses torch >= 2.2's schedulers)
-            from flexspeed.runtime.engine import EngineUsageError
-
-            made = "built from the config" if optimizer is not None else "none"
-            raise EngineUsageError(
-                f"Client Optimizer (type = {type(optimizer).__name__}, {made}) is not instantiated but Client LR "
-                f"Scheduler is instantiated: the {type(client).__name__} passed as lr_scheduler= drives another "
-                f"optimizer ({type(driven).__name__}), which the engine never steps. Fix: pass that optimizer as "
-                "optimizer=... too, or pass lr_scheduler= as a callable optimizer -> scheduler")
-        return client
-    if cfg.scheduler is None or optimizer is None:
-        return None
-    from flexspeed.runtime.schedulers import build_scheduler
-
-    return build_scheduler(cfg.scheduler.type, dict(cfg.scheduler.params or {}), optimizer)
 
 
 def _initialize_pipeline(raw: dict, env: Any, *, model: nn.Module, **engine_args: Any) -> tuple[Any, Any, Any, Any]:
-    """``initialize()`` for a ``PipelineModule``: the batch triad over the data-parallel size, then the pipeline engine."""
+    """``initialize()`` for a ``PipelineModule``: the degrees validated (``ParallelDims``, before any collective),
+    the batch triad over the data-parallel size, then the pipeline engine."""
     from flexspeed.config import build_config
+    from flexspeed.distributed.parallel_dims import ParallelDims
     from flexspeed.pipe.engine import build_pipeline_engine
     from flexspeed.runtime.activation_checkpointing import checkpointing
     from flexspeed.utils.tensor_fragment import register_optimizer
 
     stages = int(model.num_stages)
-    if env.world_size % stages:
-        raise ConfigError(f"world size {env.world_size} (from {env.source}) is not a multiple of the "
-                          f"PipelineModule's num_stages={stages}. Fix: launch a multiple of {stages} processes",
-                          key="pipeline")
-    cfg = build_config(config=raw, world_size=env.world_size // stages,
+    dims = ParallelDims.from_world(env.world_size, pp=stages, world_source=env.source,
+                                   pp_source=f"the PipelineModule's num_stages={stages}")
+    cfg = build_config(config=raw, world_size=dims.dp,
                        world_size_source=f"{env.source} / {stages} pipeline stages = data-parallel size",
                        hidden_size=_hidden_size(model))
     checkpointing.configure_from_config(cfg)
@@ -137,7 +68,8 @@ def _initialize_pipeline(raw: dict, env: Any, *, model: nn.Module, **engine_args
         raise ConfigError("(automatic saves and resume) is not implemented for the pipeline engine yet. Fix: remove "
                           "checkpoint.save_dir and its keys, and call engine.save_checkpoint/load_checkpoint",
                           key="checkpoint.save_dir")
-    engine, opt, loader, sched = build_pipeline_engine(model=model, config=cfg, **engine_args)
+    engine, opt, loader, sched = build_pipeline_engine(model=model, config=cfg, dims=dims, launch_env=env,
+                                                       **engine_args)
     register_optimizer(opt, stage=engine.zero_optimization_stage(), group=engine.dp_group)
     return engine, opt, loader, sched
 
@@ -171,13 +103,19 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     from flexspeed.runtime.data import FlexDataLoader
     from flexspeed.runtime.engine import TrainingEngine
     from flexspeed.runtime.activation_checkpointing import checkpointing
-    from flexspeed.runtime.precision import LossScaler, PrecisionPolicy
+    from flexspeed.runtime.builders import (
+        build_loss_scaler,
+        build_optimizer,
+        build_scheduler,
+        check_optimizer_given_once,
+    )
+    from flexspeed.runtime.precision import PrecisionPolicy
     from flexspeed.runtime.fsdp_reuse import is_fsdp_sharded
     from flexspeed.runtime.zero import apply_zero
     from flexspeed.utils.tensor_fragment import register_optimizer
 
     if model is None:  # DeepSpeed asserts: an AssertionError too
-        from flexspeed.runtime.engine import EngineUsageError
+        from flexspeed.runtime.engine_base import EngineUsageError
 
         hint = (" (the model was passed positionally, where DeepSpeed's signature has args)"
                 if isinstance(args, nn.Module) else "")
@@ -211,26 +149,11 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
                        f"{env.source} / tensor_parallel.autotp_size {tp_size} = data-parallel size",
                        hidden_size=_hidden_size(model))
     checkpointing.configure_from_config(cfg)  # the model's flexspeed.checkpointing.checkpoint() calls
-    _check_client_vs_config("optimizer", optimizer if isinstance(optimizer, torch.optim.Optimizer) else None,
-                            cfg.optimizer)
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and cfg.optimizer is not None:
-        raise ConfigError("the optimizer is given twice: a callable passed to initialize() and the config's "
-                          f"'optimizer' section (type {cfg.optimizer.type!r}). Fix: keep only one", key="optimizer")
-    _check_client_vs_config("scheduler", lr_scheduler if hasattr(lr_scheduler, "step") else None, cfg.scheduler)
+    check_optimizer_given_once(cfg, optimizer, lr_scheduler)
 
     device = default_device()
     precision = PrecisionPolicy(mode=cfg.precision, device_type=device.type)
-    scaler = None
-    if cfg.precision == "fp16":
-        f = cfg.fp16
-        scaler = LossScaler(loss_scale=float(f.loss_scale), initial_scale_power=int(f.initial_scale_power),
-                            loss_scale_window=int(f.loss_scale_window),
-                            # DeepSpeed's stage-0 fp16 optimizer has no hysteresis (its ZeRO stages do)
-                            hysteresis=int(f.hysteresis) if cfg.zero_optimization.stage > 0 else 1,
-                            consecutive_hysteresis=bool(f.consecutive_hysteresis),
-                            min_loss_scale=float(f.min_loss_scale),
-                            # ... nor the error at the minimum scale (it keeps skipping there), its ZeRO stages raise
-                            raise_error_at_min_scale=cfg.zero_optimization.stage > 0)
+    scaler = build_loss_scaler(cfg)
     if not any(p.is_meta for p in model.parameters()) and not is_fsdp_sharded(model):  # (sharded: already placed)
         model = model.to(device)
     if tp_size > 1:  # the 2-D (dp, tp) mesh, TP, then ZeRO over dp (flexspeed.distributed.tensor_parallel)
@@ -245,8 +168,8 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
         from flexspeed.runtime.export import gather_before_save_pretrained
 
         gather_before_save_pretrained(model)
-    opt = _build_optimizer(strategy, cfg, optimizer, model_parameters)
-    sched = _build_scheduler(cfg, lr_scheduler, opt)
+    opt = build_optimizer(strategy, cfg, optimizer, model_parameters)
+    sched = build_scheduler(cfg, lr_scheduler, opt)
 
     loader = None
     if training_data is not None:

@@ -36,11 +36,14 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from flexspeed.config.errors import ConfigError
+
+if TYPE_CHECKING:
+    from flexspeed.config.schema import FlexConfig
 
 __all__ = ["Monitor", "build_monitor", "require_monitor_packages", "CsvMonitor", "TensorBoardMonitor", "WandbMonitor", "WallClockTimers",
            "ProgressBar", "count_tokens", "csv_file_name"]
@@ -116,7 +119,7 @@ def _import_wandb() -> Any:
     return wandb
 
 
-def require_monitor_packages(config: Any) -> None:
+def require_monitor_packages(config: FlexConfig) -> None:
     """Import the packages of the scalar writers ``config`` enables (the check ``build_monitor`` makes).
 
     Raises:
@@ -396,7 +399,7 @@ class Monitor:
             writer.close()
 
 
-def build_monitor(config: Any, rank: int, device: torch.device | None = None) -> Monitor:
+def build_monitor(config: FlexConfig, rank: int, device: torch.device | None = None) -> Monitor:
     """The monitor the config asks for; writers exist on rank 0 only (other ranks log nothing).
 
     Args:

@@ -13,14 +13,17 @@ What is left to ``initialize()`` depends on what only it has: the model (hidden 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from flexspeed.config.schema import FlexConfig
 
 __all__ = ["check_buildable"]
 
 
-def check_buildable(cfg: Any) -> None:
+def check_buildable(cfg: FlexConfig) -> None:
     """Dry-build the optimizer and scheduler sections of a resolved ``FlexConfig``.
 
     Args:
@@ -33,7 +36,7 @@ def check_buildable(cfg: Any) -> None:
     _check_monitors(cfg)
 
 
-def _param_groups_needed(cfg: Any) -> int:
+def _param_groups_needed(cfg: FlexConfig) -> int:
     """Param groups the stand-in optimizer gets: the longest per-group list in ``scheduler.params``."""
     if cfg.scheduler is None:
         return 1
@@ -41,7 +44,7 @@ def _param_groups_needed(cfg: Any) -> int:
     return max([1, *lengths])  # an empty list is the scheduler's to reject, with its own key
 
 
-def _stand_in_optimizer(cfg: Any) -> torch.optim.Optimizer | None:
+def _stand_in_optimizer(cfg: FlexConfig) -> torch.optim.Optimizer | None:
     """The config's optimizer over one-element stand-in parameters, as ``initialize()`` builds it."""
     if cfg.optimizer is None:
         return None
@@ -54,7 +57,7 @@ def _stand_in_optimizer(cfg: Any) -> torch.optim.Optimizer | None:
     return optimizer
 
 
-def _check_scheduler(cfg: Any, optimizer: torch.optim.Optimizer | None) -> None:
+def _check_scheduler(cfg: FlexConfig, optimizer: torch.optim.Optimizer | None) -> None:
     if cfg.scheduler is None:
         return
     from flexspeed.runtime.schedulers import build_scheduler, validate_scheduler_params
@@ -65,7 +68,7 @@ def _check_scheduler(cfg: Any, optimizer: torch.optim.Optimizer | None) -> None:
     build_scheduler(cfg.scheduler.type, dict(cfg.scheduler.params), optimizer)
 
 
-def _check_monitors(cfg: Any) -> None:
+def _check_monitors(cfg: FlexConfig) -> None:
     from flexspeed.runtime.monitor import require_monitor_packages
 
     require_monitor_packages(cfg)

@@ -27,7 +27,7 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,9 @@ import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from flexspeed.config.errors import ConfigError
+
+if TYPE_CHECKING:
+    from flexspeed.config.schema import FlexConfig
 
 __all__ = ["ZeroStrategy", "DataParallel", "ShardedOptimizerDP", "ZeroSettings", "apply_zero", "OptimizerFactory",
            "tensor_bytes", "partition_params", "check_shardable", "sync_initial_state", "warn_once"]
@@ -126,10 +129,15 @@ def check_shardable(optimizer: torch.optim.Optimizer, stage: int, allow_untested
 
 @dataclass(frozen=True)
 class ZeroSettings:
-    """Everything ``apply_zero`` reads from the config, read in one place."""
+    """Everything ``apply_zero`` reads from the config, read in one place (:meth:`from_config`).
+
+    The field defaults describe a plain data-parallel run for direct construction in tests; a
+    real run takes every value from the ``FlexConfig``, whose schema holds the defaults.
+    """
 
     stage: int = 0
     comm_dtype: torch.dtype | None = None  # communication_data_type; None = the gradient's dtype (fp32)
+    param_dtype: torch.dtype | None = None  # stages 2-3: dtype of gathered parameters (bf16/fp16 runs)
     predivide: float = 1.0  # gradient_predivide_factor when prescale_gradients is on
     bucket_cap_mb: float | None = None  # stages 0/1: DDP bucket, from a non-default reduce_bucket_size
     reduce_bucket_size_set: bool = False
@@ -137,53 +145,58 @@ class ZeroSettings:
     offload_optimizer: str = "none"
     offload_param: str = "none"
     pin_memory: bool = False
-    persistence_threshold: int = 100_000  # stage 3: parameters with fewer elements stay whole
+    persistence_threshold: int = 0  # stage 3: parameters with fewer elements stay whole
     persistence_cap: int = 2**63 - 1  # stage 3: most elements kept whole in total
     prefetch_bucket_size: int | None = None  # stage 3, only when not the default
     allow_untested: bool = False
     ignore_unused_parameters: bool = True  # stages 0-1: DDP looks for parameters forward did not reach
 
     @classmethod
-    def from_config(cls, config: Any) -> ZeroSettings:
-        """Read a ``FlexConfig`` (or anything with the same attribute names)."""
+    def from_config(cls, config: FlexConfig) -> ZeroSettings:
+        """Read a resolved ``FlexConfig`` (no ``"auto"`` left in the fields read here).
+
+        Raises:
+            ConfigError: a size still ``"auto"`` (a config that was not resolved against a model).
+        """
         zc = config.zero_optimization
         explicit = {name for name in ("reduce_bucket_size", "stage3_prefetch_bucket_size") if _non_default(zc, name)}
-        stage = int(zc.stage)
-        offload_opt = getattr(zc, "offload_optimizer", None)
-        offload_par = getattr(zc, "offload_param", None)
-        bucket = getattr(zc, "reduce_bucket_size", None)
-        bucket_mb = bucket * 4 / 2**20 if "reduce_bucket_size" in explicit and _is_number(bucket) else None
-        threshold = getattr(zc, "stage3_param_persistence_threshold", 100_000)
-        cap = getattr(zc, "stage3_model_persistence_threshold", 2**63 - 1)
-        prefetch = getattr(zc, "stage3_prefetch_bucket_size", None)
-        data_types = getattr(config, "data_types", None)
-        accum = _DTYPES.get(getattr(data_types, "grad_accum_dtype", None) or "fp32")
+        accum = _DTYPES[config.data_types.grad_accum_dtype or "fp32"]
         return cls(
-            stage=stage,
-            comm_dtype=_COMM_DTYPES.get(getattr(config, "communication_data_type", None)),
-            predivide=float(getattr(config, "gradient_predivide_factor", 1.0) or 1.0)
-            if getattr(config, "prescale_gradients", False) else 1.0,
-            bucket_cap_mb=bucket_mb,
+            stage=zc.stage,
+            comm_dtype=_COMM_DTYPES[config.communication_data_type],
+            # 16-bit runs gather 16-bit parameters (half the bytes); master weights, optimizer and
+            # the gradient reduction stay fp32 (reduce_dtype below)
+            param_dtype=_DTYPES[config.precision] if config.precision != "fp32" else None,
+            predivide=float(config.gradient_predivide_factor) if config.prescale_gradients else 1.0,
+            bucket_cap_mb=_resolved(zc, "reduce_bucket_size") * 4 / 2**20 if "reduce_bucket_size" in explicit
+            else None,
             reduce_bucket_size_set="reduce_bucket_size" in explicit,
             grad_accum_dtype=None if accum == torch.float32 else accum,
-            offload_optimizer=str(getattr(offload_opt, "device", "none") or "none"),
-            offload_param=str(getattr(offload_par, "device", "none") or "none"),
-            pin_memory=bool(getattr(offload_opt, "pin_memory", False) or getattr(offload_par, "pin_memory", False)),
-            persistence_threshold=int(threshold) if _is_number(threshold) else 100_000,
-            persistence_cap=int(cap) if _is_number(cap) else 2**63 - 1,
-            prefetch_bucket_size=int(prefetch) if "stage3_prefetch_bucket_size" in explicit and _is_number(prefetch)
-            else None,
-            allow_untested=bool(getattr(config, "zero_allow_untested_optimizer", False)),
-            ignore_unused_parameters=bool(getattr(zc, "ignore_unused_parameters", True)),
+            offload_optimizer=zc.offload_optimizer.device if zc.offload_optimizer is not None else "none",
+            offload_param=zc.offload_param.device if zc.offload_param is not None else "none",
+            pin_memory=any(o is not None and o.pin_memory for o in (zc.offload_optimizer, zc.offload_param)),
+            persistence_threshold=_resolved(zc, "stage3_param_persistence_threshold"),
+            persistence_cap=zc.stage3_model_persistence_threshold,
+            prefetch_bucket_size=_resolved(zc, "stage3_prefetch_bucket_size")
+            if "stage3_prefetch_bucket_size" in explicit else None,
+            allow_untested=config.zero_allow_untested_optimizer,
+            ignore_unused_parameters=zc.ignore_unused_parameters,
         )
+
+
+def _resolved(section: Any, name: str) -> int:
+    """``section.name`` as an int; ``"auto"`` here means the config skipped resolution against a model."""
+    value = getattr(section, name)
+    if not _is_number(value):
+        raise ConfigError(f"zero_optimization.{name}={value!r} was not resolved: \"auto\" sizes come from the "
+                          "model's hidden size. Fix: build the config with flexspeed.config.build_config(..., "
+                          "hidden_size=...) or set a number", key=f"zero_optimization.{name}")
+    return int(value)
 
 
 def _non_default(section: Any, name: str) -> bool:
     """Whether ``section.name`` differs from its schema default (resolved configs set every field)."""
-    fields = getattr(type(section), "model_fields", {})
-    if name in fields:
-        return getattr(section, name, None) != fields[name].default
-    return name in getattr(section, "model_fields_set", set())
+    return getattr(section, name) != type(section).model_fields[name].default
 
 
 def _is_number(value: Any) -> bool:
@@ -450,7 +463,7 @@ def _check_offload(settings: ZeroSettings, device: torch.device, notes: list[str
                           '"stage": 2', key="zero_optimization.offload_optimizer")
 
 
-def apply_zero(module: nn.Module, *, config: Any, device: torch.device,
+def apply_zero(module: nn.Module, *, config: FlexConfig, device: torch.device,
                group: dist.ProcessGroup | None = None, mesh: Any = None) -> ZeroStrategy:
     """Wrap ``module`` for ``config.zero_optimization.stage`` and return the strategy.
 
@@ -460,8 +473,8 @@ def apply_zero(module: nn.Module, *, config: Any, device: torch.device,
         config: the validated ``FlexConfig``.
         device: the device this rank computes on.
         group: the data-parallel process group (default: the world).
-        mesh: stages 2-3: the 1-D data-parallel DeviceMesh to shard over, a slice of a larger mesh when
-            other dimensions (tensor parallelism) are present; default: one built from ``group``.
+        mesh: the data-parallel ``DeviceMesh`` from ``ParallelDims.mesh("dp")`` (stages 2-3 shard over it, so
+            FSDP2 composes with the other dimensions of the same root mesh); default: a mesh over ``group``.
     Returns:
         the ``ZeroStrategy`` the engine drives.
     """
@@ -474,7 +487,7 @@ def apply_zero(module: nn.Module, *, config: Any, device: torch.device,
     grad_sum = getattr(config, "gradient_allreduce_op", "mean") == "sum"
     # stage 2 runs as DeepSpeed's (full parameters, partitioned gradients: flexspeed.runtime.zero2) except
     # with optimizer offload on an accelerator (FSDP2's CPUOffloadPolicy provides it) and over a
-    # tensor-parallel model (``mesh``: its DTensor parameters are sharded over dp by FSDP2)
+    # ``mesh`` (tensor or pipeline parallelism: the stage composes with the other mesh dimensions on FSDP2)
     offload = device.type != "cpu" and "cpu" in (settings.offload_optimizer, settings.offload_param)
     fsdp = settings.stage == 3 or (settings.stage == 2 and (offload or mesh is not None))
     from flexspeed.runtime.fsdp_reuse import AdoptedFullyShardedDP, is_fsdp_sharded
@@ -486,13 +499,17 @@ def apply_zero(module: nn.Module, *, config: Any, device: torch.device,
         from flexspeed.runtime.fsdp import FullyShardedDP
 
         if grad_sum:
-            why = "" if settings.stage == 3 else "and tensor parallelism " if mesh is not None else \
+            why = "" if settings.stage == 3 else "and tensor or pipeline parallelism " if mesh is not None else \
                 "and optimizer offload "
             raise ConfigError(f'gradient_allreduce_op="sum" is not supported with ZeRO stage {settings.stage} '
                               f'{why}(FSDP2 averages). Fix: use "mean" and multiply the learning rate by the '
                               "data-parallel size", key="gradient_allreduce_op")
-        return FullyShardedDP(module, stage=settings.stage, device=device, group=group, settings=settings,
-                              notes=notes, mesh=mesh)
+        if mesh is not None:
+            group = mesh.get_group()
+        return FullyShardedDP(module, stage=settings.stage, device=device, group=group, mesh=mesh,
+                              settings=settings, notes=notes)
+    if mesh is not None:
+        group = mesh.get_group()
     if any(p.is_meta for p in module.parameters()):
         from flexspeed.zero import materialize_module
 

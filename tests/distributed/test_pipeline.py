@@ -113,7 +113,8 @@ def config(schedule: str, virtual: int, *, zero: int = 0, precision: str = "fp32
            "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": LR,
                                                         "warmup_num_steps": 3}},
            "pipeline": {"schedule": schedule, "virtual_stages": virtual},
-           "zero_optimization": {"stage": zero}, "steps_per_print": 1000}
+           "zero_optimization": {"stage": zero, **({"stage3_param_persistence_threshold": 0} if zero == 3 else {})},
+           "steps_per_print": 1000}
     if precision == "bf16":
         cfg["bf16"] = {"enabled": True}
     if precision == "fp16":

@@ -179,6 +179,18 @@ def _grid(rank: int, world: int, ckpt_dir: str) -> dict:
             res["native_tp"][n] = {"reason": reason, "equal": bool(torch.equal(got, want)),
                                    "diff": (step_native.float() - step_torch.float()).abs().max().item(),
                                    "scale": step_torch.abs().max().item()}
+    from tests.unit._families import build as family_model
+    from tests.unit._families import padded_batch
+
+    res["families_tp"] = {}  # the registry's head counts drive the plan; greedy tokens as unsharded
+    ids, mask = padded_batch()
+    for n in ("mistral", "qwen2", "phi3", "gemma", "gpt_neox"):
+        want = generate(family_model(n), ids, mask, max_new_tokens=6, eos_token_id=None, pad_token_id=0)
+        for inject in (False, True):
+            engine = flexspeed.init_inference(family_model(n), tensor_parallel={"tp_size": 2},
+                                              replace_with_kernel_inject=inject)
+            got = engine.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None, pad_token_id=0)
+            res["families_tp"][f"{n} inject={inject}"] = bool(torch.equal(want, got))
     return res
 
 
@@ -299,3 +311,74 @@ def test_detection_errors():
 def test_policy_columns_are_the_other_linears():
     plan = plan_tensor_parallel(build("opt"), 2, {"OPTDecoderLayer": ("self_attn.out_proj", "fc2")})
     assert _kinds(plan) == ({"q_proj", "k_proj", "v_proj", "fc1"}, {"out_proj", "fc2"})
+
+
+def test_registry_families_generate_under_tp(grid):
+    """Mistral, Qwen2, Phi-3, Gemma, GPT-NeoX at tp_size 2, plain and injected: greedy tokens as unsharded."""
+    for rank, res in enumerate(grid):
+        bad = [k for k, ok in res["families_tp"].items() if not ok]
+        assert not bad, f"rank {rank}: {bad}"
+
+
+def test_width_from_input_is_found_on_meta_before_weights_move():
+    """The issue's model: a GPT block that splits by ``C = x.shape[-1]`` and normalises q over the
+    full width, heads in an attribute named ``h``. First the head count is asked for (with the
+    names to use); with ``n_head`` the one-step meta probe finds the LayerNorm that cannot take a
+    per-rank width and says what to change, before any parameter is replaced."""
+    import torch.nn as nn
+
+    class Attn(nn.Module):
+        def __init__(self, C: int, heads: int, attr: str) -> None:
+            super().__init__()
+            self.c_attn, self.c_proj, self.q_norm = nn.Linear(C, 3 * C), nn.Linear(C, C), nn.LayerNorm(C)
+            setattr(self, attr, heads)
+            self.attr = attr
+
+        def forward(self, x):
+            B, T, C = x.shape
+            q, k, v = self.c_attn(x).split(C, dim=2)
+            q = self.q_norm(q)
+            H = getattr(self, self.attr)
+            q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    class Model(nn.Module):
+        def __init__(self, attr: str) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([Attn(256, 4, attr) for _ in range(2)])
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = x + b(x)
+            return x
+
+    with pytest.raises(ConfigError, match="cannot tell how many heads.*injection_policy"):
+        plan_tensor_parallel(Model("h"), 2)
+    model = Model("n_head")
+    before = {n: p for n, p in model.named_parameters()}
+    with pytest.raises(ConfigError, match=r"blocks.0 \(Attn\) by its weights alone.*normalized_shape=\[256\].*"
+                                          r"`-1` in view/reshape"):
+        plan_tensor_parallel(model, 2)
+    assert all(p is before[n] and p.shape == before[n].shape for n, p in model.named_parameters())
+    assert model.blocks[0].n_head == 4 and not model.blocks[0]._forward_pre_hooks
+
+    class Fixed(Attn):  # the fix the message names: the norm over head_dim, widths from the weights
+        def __init__(self, C, heads, attr):
+            super().__init__(C, heads, attr)
+            self.q_norm = nn.LayerNorm(C // heads)
+
+        def forward(self, x):
+            B, T, _ = x.shape
+            qkv = self.c_attn(x)
+            q, k, v = qkv.split(qkv.shape[-1] // 3, dim=2)
+            H = self.n_head
+            q, k, v = (t.reshape(B, T, H, -1).transpose(1, 2) for t in (q, k, v))
+            q = self.q_norm(q)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    fixed = Model("n_head")
+    fixed.blocks = nn.ModuleList([Fixed(256, 4, "n_head") for _ in range(2)])
+    plan = plan_tensor_parallel(fixed, 2)
+    assert len(plan.attention) == 2

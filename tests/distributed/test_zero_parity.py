@@ -13,8 +13,11 @@ Tolerances, and why:
   relative per value, and the mean averages it down). Single weights are not compared: Adam
   turns a flipped rounding in an element whose gradient is ~0 into a whole lr-sized step (the
   observed max is ~2.5 steps). Instead the weight difference, as a fraction of how far the
-  reference moved from the initial weights, must stay under 10% (observed 2-3.5%), and every
-  ZeRO stage must track stage 0 within 1e-4 in loss (observed ~1e-6).
+  reference moved from the initial weights, must stay under 10% (observed 2-4%). Stage 1 must
+  track stage 0 within 1e-4 in loss (observed ~1e-6: the same compute). Stages 2-3 all-gather
+  16-bit parameters (FSDP2 ``param_dtype``) and compute on them - embeddings and residual sums
+  in 16 bits, as DeepSpeed's 16-bit runs do - so they track stage 0 within the reference tolerance
+  above (observed <= 2e-4 in bf16).
 - fp16 uses a dynamic loss scale starting at 2^8 (exact power-of-two scaling; no overflow here).
 """
 
@@ -136,8 +139,11 @@ def _check(results: list[list[dict]], cases: list[dict], world: int) -> None:
         if case["stage"] == 0:
             stage0[key] = got
         elif key in stage0:
-            torch.testing.assert_close(torch.tensor(got), torch.tensor(stage0[key]), rtol=0,
-                                       atol=STAGE_LOSS_TOL_16BIT, msg=f"{msg} vs stage 0")
+            # stages 2-3 compute on the 16-bit parameters FSDP2 gathers (embeddings and residuals in 16 bits,
+            # as DeepSpeed's 16-bit runs): they track stage 0's autocast within the reference tolerance
+            tol = STAGE_LOSS_TOL_16BIT if case["stage"] == 1 else LOSS_TOL[case["precision"]]
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(stage0[key]), rtol=0, atol=tol,
+                                       msg=f"{msg} vs stage 0")
 
 
 # ---- features checked in the same world-size-2 group -------------------------------------------

@@ -51,7 +51,7 @@ def train_tokenizer(folder: str, vocab: int = 384, chat: bool = True) -> None:
 
 
 def save_model(folder: str, family: str = "llama", vocab: int = 384, positions: int = 256) -> None:
-    """A tiny random ``family`` model (llama, opt, gpt2, gpt_neox) in ``folder``; ids 0/1/2 = bos/eos/pad."""
+    """A tiny random ``family`` model (llama, opt, gpt2, gpt_neox, bloom) in ``folder``; ids 0/1/2 = bos/eos/pad."""
     import transformers as tf
 
     tf.utils.logging.set_verbosity_error()
@@ -70,10 +70,13 @@ def save_model(folder: str, family: str = "llama", vocab: int = 384, positions: 
         cfg = tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=vocab, n_positions=positions,
                             initializer_range=0.2, **ids)
         model = tf.GPT2LMHeadModel(cfg)
-    else:
+    elif family == "gpt_neox":
         cfg = tf.GPTNeoXConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                vocab_size=vocab, max_position_embeddings=positions, initializer_range=0.2, **ids)
         model = tf.GPTNeoXForCausalLM(cfg)
+    else:  # bloom: a family outside flexspeed's registry (ALiBi)
+        cfg = tf.BloomConfig(n_layer=2, hidden_size=64, n_head=4, vocab_size=vocab, initializer_range=0.2, **ids)
+        model = tf.BloomForCausalLM(cfg)
     model.eval().save_pretrained(folder)
 
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from flexspeed.inference.attention import decode_attention, masked_decode_attention
+from flexspeed.inference.attention import decode_attention, decode_valid
 from flexspeed.inference.graphs import DecodeGraphs
 from flexspeed.inference.kernels import get_runner, inject_kernels
 from tests.unit.test_kernels import NAMES, V, build, padded_batch
 
 
-def test_masked_attention_equals_decode_attention() -> None:
+def test_masked_decode_attention_equals_sdpa_over_the_prefix() -> None:
     g = torch.Generator().manual_seed(0)
     B, hq, hkv, T, hd, end = 3, 8, 2, 12, 16, 7
     q, k, v = torch.randn(B, hq, 1, hd, generator=g), torch.randn(B, hkv, T, hd, generator=g), \
@@ -26,8 +27,10 @@ def test_masked_attention_equals_decode_attention() -> None:
     mask[1, :3] = False
     valid = torch.zeros(B, T, dtype=torch.bool)
     valid[:, :end] = mask
-    want = decode_attention(q, k, v, end, mask[:, None, None, :], 0.25)
-    torch.testing.assert_close(masked_decode_attention(q, k, v, valid, 0.25), want, rtol=0, atol=1e-6)
+    want = F.scaled_dot_product_attention(q, k[:, :, :end], v[:, :, :end], attn_mask=mask[:, None, None, :],
+                                          scale=0.25, enable_gqa=True)
+    torch.testing.assert_close(decode_attention(q, k, v, valid, 0.25), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(decode_valid(T, end, mask[:, None, None, :], q.device), valid)
 
 
 @pytest.mark.parametrize("name", NAMES)

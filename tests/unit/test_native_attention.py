@@ -111,7 +111,7 @@ def test_offload_runner_logits_equal_with_and_without_the_kernel(monkeypatch) ->
     calls = []
     real = native.attention
     monkeypatch.setattr(native, "attention", lambda *a, **k: calls.append(1) or real(*a, **k))
-    runner = eng.module._flexspeed_runner
+    runner = eng.runner
     with_kernel = runner.logits(ids, mask)
     assert calls
     monkeypatch.setattr(offload_cache, "NATIVE_ATTENTION", False)

@@ -315,7 +315,7 @@ def test_decode_over_whole_buffer_equals_attention_over_the_prefix(padded: bool)
     """The 16-bit decode step reads the full cache buffers in place, masking the unwritten tail."""
     import torch.nn.functional as F
 
-    from flexspeed.inference.attention import decode_attention
+    from flexspeed.inference.attention import decode_attention, decode_valid
 
     g = torch.Generator().manual_seed(0)
     B, hq, hkv, t_max, hd, end = 3, 8, 2, 24, 16, 13
@@ -328,7 +328,7 @@ def test_decode_over_whole_buffer_equals_attention_over_the_prefix(padded: bool)
     if padded:
         mask = torch.ones(B, 1, 1, end, dtype=torch.bool)
         mask[1, ..., :5] = False  # row 1 is left-padded
-    got = decode_attention(q, k_buf, v_buf, end, mask, 0.25)
+    got = decode_attention(q, k_buf, v_buf, decode_valid(t_max, end, mask, q.device), 0.25)
     want = F.scaled_dot_product_attention(q.float(), k_buf[:, :, :end].float(), v_buf[:, :, :end].float(),
                                           attn_mask=mask, scale=0.25, enable_gqa=True)
     assert got.shape == (B, hq, 1, hd) and got.dtype == torch.bfloat16

@@ -116,7 +116,7 @@ def test_slot_rows_are_freed_and_reused(tmp_path) -> None:
 
 
 def test_static_batching_for_a_family_without_fused_kernels(tmp_path) -> None:
-    folder = make_folder(str(tmp_path), "gpt_neox")
+    folder = make_folder(str(tmp_path), "bloom")  # outside the family registry
     ref = Reference(folder)
     model = load_text_model(folder)
     assert model.fused_runner is None

@@ -10,9 +10,11 @@ its head, in placement order, and (2) three functions that compute on a dict of 
 - ``layer(w, x, ctx, attend) -> x``      (B, T, C) -> (B, T, C); ``attend(q, k, v)`` owns the KV cache
 - ``head(w, x) -> logits``               (B, T, C) -> (B, T, V)
 
-Supported: HF OPT (pre- and post-norm, ``project_in/out``), Llama (GQA; RoPE default, linear and
-llama3 scaling), GPT-2 (``Conv1D`` weights), and flexspeed's :class:`~flexspeed.models.gpt.GPT`.
-Configs are read from a dict (``config.json``) or a config object, with each family's defaults.
+Supported: every family of :mod:`flexspeed.inference.families` (flexspeed GPT, HF GPT-2 with
+``Conv1D`` weights, OPT pre- and post-norm with ``project_in/out``, Llama, Mistral, Qwen2, Phi-3,
+Gemma, GPT-NeoX; GQA, RoPE default/linear/llama3 scaling, partial rotary, parallel residual).
+The registry reads the config (a ``config.json`` dict or a config object, with each family's
+defaults) and names the tensors by role; this module turns the roles into checkpoint keys.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ import torch.nn.functional as F
 
 from flexspeed.config.errors import ConfigError
 from flexspeed.inference.attention import StepContext, apply_rope
+from flexspeed.inference.families import SUPPORTED, Dims, Family, config_of_model, family_for_config, inv_freq
 
 __all__ = ["TensorSpec", "LayerSpec", "Arch", "arch_from_config", "config_of_module", "SUPPORTED"]
 
-SUPPORTED = "HF OPTForCausalLM, LlamaForCausalLM, GPT2LMHeadModel and flexspeed GPT"
 _KEY = "offload"
 
 
@@ -46,6 +48,8 @@ class TensorSpec:
     """Expected shape (checked against the checkpoint)."""
     kind: str = "vector"
     """``"linear"`` (out, in), ``"conv1d"`` (in, out), ``"embedding"`` (rows, C), ``"vector"``."""
+    stored_as: tuple[str, ...] = ()
+    """Other keys the tensor has in checkpoint files (GPT-NeoX saves ``lm_head`` as ``embed_out``)."""
 
     @property
     def matrix(self) -> bool:
@@ -112,6 +116,10 @@ class Arch:
             h = x.float()
             h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.opts["eps"])
             return weight * h.to(x.dtype)
+        if self.opts["norm"] == "rms1p":  # Gemma: (1 + w) * x, all in fp32
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.opts["eps"])
+            return (h * (1.0 + weight.float())).to(x.dtype)
         return F.layer_norm(x, (x.shape[-1],), weight, w.get(name + ".b"), self.opts["eps"])
 
     def _linear(self, x: torch.Tensor, w: Mapping[str, Any], name: str) -> torch.Tensor:
@@ -137,6 +145,8 @@ class Arch:
     def embed(self, w: Mapping[str, Any], ids: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Token (and position) embeddings: ids, pos (B, T) -> (B, T, C)."""
         x = self._lookup(w["tok"], ids, dtype)  # (B, T, C_emb)
+        if self.opts.get("embed_scale") is not None:  # Gemma: sqrt(hidden), rounded to the table's dtype
+            x = x * torch.tensor(self.opts["embed_scale"], dtype=x.dtype)
         if "proj_in.w" in w:
             x = self._linear(x, w, "proj_in")
         if "pos" in w:
@@ -148,8 +158,8 @@ class Arch:
         inv = self.opts.get("inv_freq")
         if inv is None:
             return None
-        freqs = pos.float()[..., None] * inv.to(pos.device)  # (B, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+        freqs = pos.float()[..., None] * inv.to(pos.device)  # (B, T, rotary_dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, rotary_dim)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def layer(self, w: Mapping[str, Any], x: torch.Tensor, ctx: StepContext, index: int,
@@ -159,24 +169,37 @@ class Arch:
         hd, hq, hkv = self.head_dim, self.n_heads, self.n_kv_heads
 
         def attention(h: torch.Tensor) -> torch.Tensor:
-            if "qkv.w" in w:  # GPT-2 / flexspeed GPT: one fused projection
+            if self.opts.get("qkv_heads"):  # GPT-NeoX: rows [q_h k_h v_h] per head
+                q, k, v = self._linear(h, w, "qkv").view(B, T, hq, 3 * hd).chunk(3, dim=-1)
+            elif "qkv.w" in w:  # GPT-2 / flexspeed GPT / Phi-3: one fused projection [q | k | v]
                 q, k, v = self._linear(h, w, "qkv").split([hq * hd, hkv * hd, hkv * hd], dim=-1)
             else:
                 q, k, v = self._linear(h, w, "q"), self._linear(h, w, "k"), self._linear(h, w, "v")
-            q = q.view(B, T, hq, hd).transpose(1, 2)  # (B, Hq, T, hd)
-            k = k.view(B, T, hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
-            v = v.view(B, T, hkv, hd).transpose(1, 2)
+            q = q.reshape(B, T, hq, hd).transpose(1, 2)  # (B, Hq, T, hd)
+            k = k.reshape(B, T, hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+            v = v.reshape(B, T, hkv, hd).transpose(1, 2)
             if ctx.rope is not None:
-                cos, sin = ctx.rope[0].unsqueeze(1), ctx.rope[1].unsqueeze(1)  # (B, 1, T, hd)
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                cos, sin = ctx.rope[0].unsqueeze(1), ctx.rope[1].unsqueeze(1)  # (B, 1, T, rotary_dim)
+                rd = cos.shape[-1]
+                if rd == hd:
+                    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                else:  # partial rotary: the leading rd dims of each head
+                    q = torch.cat((apply_rope(q[..., :rd], cos, sin), q[..., rd:]), dim=-1)
+                    k = torch.cat((apply_rope(k[..., :rd], cos, sin), k[..., rd:]), dim=-1)
             y = attend(q, k, v)  # (B, Hq, T, hd)
             return self._linear(y.transpose(1, 2).reshape(B, T, hq * hd), w, "o")  # (B, T, C)
 
         act = self.opts["act"]
-        if self.opts.get("gated"):
+        if "gate_up.w" in w:  # Phi-3: one [gate | up] projection
+            def mlp(h: torch.Tensor) -> torch.Tensor:
+                gate, up = self._linear(h, w, "gate_up").chunk(2, dim=-1)
+                return self._linear(act(gate.contiguous()).mul_(up), w, "down")
+        elif self.opts.get("gated"):
             mlp = lambda h: self._linear(act(self._linear(h, w, "gate")).mul_(self._linear(h, w, "up")), w, "down")  # noqa: E731
         else:
             mlp = lambda h: self._linear(act(self._linear(h, w, "fc1")), w, "fc2")  # noqa: E731
+        if self.opts.get("parallel"):  # GPT-NeoX: both branches read the layer's input
+            return x + attention(self._norm(x, w, "ln1")) + mlp(self._norm(x, w, "ln2"))
         if self.opts.get("pre_norm", True):
             x = x + attention(self._norm(x, w, "ln1"))
             return x + mlp(self._norm(x, w, "ln2"))
@@ -226,142 +249,70 @@ def _lin(name: str, prefix: str, out_f: int, in_f: int, bias: bool, conv1d: bool
     return specs + ([_t(name + ".b", prefix + ".bias", (out_f,))] if bias else [])
 
 
-def _opt(cfg: Any) -> Arch:
-    c, L = _get(cfg, "hidden_size", 768), _get(cfg, "num_hidden_layers", 12)
-    heads, ffn, vocab = _get(cfg, "num_attention_heads", 12), _get(cfg, "ffn_dim", 3072), _get(cfg, "vocab_size", 50272)
-    emb_dim, max_pos = _get(cfg, "word_embed_proj_dim", c), _get(cfg, "max_position_embeddings", 2048)
-    bias, affine = bool(_get(cfg, "enable_bias", True)), bool(_get(cfg, "layer_norm_elementwise_affine", True))
-    pre = bool(_get(cfg, "do_layer_norm_before", True))
-    final_norm = pre and not _get(cfg, "_remove_final_layer_norm", False)
-    tied = bool(_get(cfg, "tie_word_embeddings", True))
-    d = "model.decoder"
-    embed = [_t("tok", f"{d}.embed_tokens.weight", (vocab, emb_dim), "embedding"),
-             _t("pos", f"{d}.embed_positions.weight", (max_pos + 2, c), "embedding")]
-    if emb_dim != c:
-        embed.append(_t("proj_in.w", f"{d}.project_in.weight", (c, emb_dim), "linear"))
+def _arch(fam: Family, dims: Dims) -> Arch:
+    """The offload form of a registry family: its tensors by role, as checkpoint keys, in placement order."""
+    c, L, hd, hq, hkv = dims.hidden, dims.n_layers, dims.head_dim, dims.n_heads, dims.n_kv_heads
+    emb, conv = dims.emb_dim or c, fam.conv1d
+    roles = fam.block
+    embed = [_t("tok", f"{fam.embed['tok']}.weight", (dims.vocab, emb), "embedding")]
+    if "pos" in fam.embed:
+        embed.append(_t("pos", f"{fam.embed['pos']}.weight", (dims.max_positions + dims.pos_offset, c), "embedding"))
+    if dims.emb_dim:
+        embed.append(_t("proj_in.w", f"{fam.embed['proj_in']}.weight", (c, emb), "linear"))
     layers = [LayerSpec("embed", -1, tuple(embed))]
     for i in range(L):
-        p = f"{d}.layers.{i}"
-        specs = _norm_specs("ln1", f"{p}.self_attn_layer_norm", c, True, affine)
-        for n, m in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj")):
-            specs += _lin(n, f"{p}.self_attn.{m}", c, c, bias)
-        specs += _norm_specs("ln2", f"{p}.final_layer_norm", c, True, affine)
-        specs += _lin("fc1", f"{p}.fc1", ffn, c, bias) + _lin("fc2", f"{p}.fc2", c, ffn, bias)
+        p = f"{fam.layers}.{i}"
+        specs = _norm_specs("ln1", f"{p}.{roles['norm1']}", c, dims.norm_bias, dims.norm_affine)
+        if "qkv" in roles:
+            specs += _lin("qkv", f"{p}.{roles['qkv']}", (hq + 2 * hkv) * hd, c, dims.qkv_bias, conv)
+        else:
+            specs += _lin("q", f"{p}.{roles['q']}", hq * hd, c, dims.qkv_bias)
+            specs += _lin("k", f"{p}.{roles['k']}", hkv * hd, c, dims.qkv_bias)
+            specs += _lin("v", f"{p}.{roles['v']}", hkv * hd, c, dims.qkv_bias)
+        specs += _lin("o", f"{p}.{roles['o']}", c, hq * hd, dims.o_bias, conv)
+        specs += _norm_specs("ln2", f"{p}.{roles['norm2']}", c, dims.norm_bias, dims.norm_affine)
+        if "gate_up" in roles:
+            specs += _lin("gate_up", f"{p}.{roles['gate_up']}", 2 * dims.ffn, c, dims.mlp_bias)
+        elif dims.gated:
+            specs += _lin("gate", f"{p}.{roles['gate']}", dims.ffn, c, dims.mlp_bias)
+            specs += _lin("up", f"{p}.{roles['up']}", dims.ffn, c, dims.mlp_bias)
+        else:
+            specs += _lin("fc1", f"{p}.{roles['up']}", dims.ffn, c, dims.mlp_bias, conv)
+        specs += _lin("fc2" if not dims.gated else "down", f"{p}.{roles['down']}", c, dims.ffn, dims.mlp_bias, conv)
         layers.append(LayerSpec("decoder", i, tuple(specs)))
-    head = _norm_specs("lnf", f"{d}.final_layer_norm", c, True, affine) if final_norm else []
-    if emb_dim != c:
-        head.append(_t("proj_out.w", f"{d}.project_out.weight", (emb_dim, c), "linear"))
-    head.append(_t("lm.w", f"{d}.embed_tokens.weight" if tied else "lm_head.weight", (vocab, emb_dim), "linear"))
+    head = []
+    if dims.final_norm:
+        head += _norm_specs("lnf", f"{fam.final['norm']}", c, dims.norm_bias, dims.norm_affine)
+    if dims.emb_dim:
+        head.append(_t("proj_out.w", f"{fam.final['proj_out']}.weight", (emb, c), "linear"))
+    lm = f"{fam.embed['tok']}.weight" if dims.tied else f"{fam.head}.weight"
+    alias = fam.stored_names.get(lm.rpartition(".")[0])
+    head.append(TensorSpec("lm.w", lm, (dims.vocab, emb), "linear", (f"{alias}.weight",) if alias else ()))
     layers.append(LayerSpec("head", L, tuple(head)))
-    opts = dict(norm="layer", eps=1e-5, act=_act(_get(cfg, "activation_function", "relu"), "activation_function"),
-                pre_norm=pre, pos_offset=2, final_norm_no_affine=final_norm and not affine)
-    return Arch("opt", L, c, heads, heads, c // heads, vocab, max_pos, layers, _get(cfg, "eos_token_id", 2),
-                _get(cfg, "pad_token_id", 1), opts)
-
-
-def _inv_freq(cfg: Any, hd: int) -> torch.Tensor:
-    params = dict(_get(cfg, "rope_parameters", None) or _get(cfg, "rope_scaling", None) or {})
-    theta = float(params.get("rope_theta", _get(cfg, "rope_theta", 10000.0)))
-    kind = params.get("rope_type", params.get("type", "default"))
-    inv = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)  # (hd/2,)
-    if kind == "linear":
-        inv = inv / float(params["factor"])
-    elif kind == "llama3":  # long wavelengths slowed by `factor`, short ones kept, a smooth ramp between
-        factor, lo, hi = float(params["factor"]), float(params["low_freq_factor"]), float(params["high_freq_factor"])
-        old_ctx = float(params["original_max_position_embeddings"])
-        wavelen = 2 * math.pi / inv
-        ramp = ((old_ctx / wavelen - lo) / (hi - lo)).clamp(0, 1)
-        inv = torch.where(wavelen > old_ctx / lo, inv / factor, torch.where(wavelen < old_ctx / hi, inv,
-                                                                             (1 - ramp) * inv / factor + ramp * inv))
-    elif kind != "default":
-        raise NotImplementedError(f"rope_parameters.rope_type={kind!r} is not supported by the offload runner; "
-                                  "supported: default, linear, llama3")
-    return inv.float()
-
-
-def _llama(cfg: Any) -> Arch:
-    c, L = _get(cfg, "hidden_size", 4096), _get(cfg, "num_hidden_layers", 32)
-    heads = _get(cfg, "num_attention_heads", 32)
-    kv, ffn = _get(cfg, "num_key_value_heads", heads), _get(cfg, "intermediate_size", 11008)
-    vocab = _get(cfg, "vocab_size", 32000)
-    hd = _get(cfg, "head_dim", c // heads)
-    abias, mbias = bool(_get(cfg, "attention_bias", False)), bool(_get(cfg, "mlp_bias", False))
-    tied = bool(_get(cfg, "tie_word_embeddings", False))
-    layers = [LayerSpec("embed", -1, (_t("tok", "model.embed_tokens.weight", (vocab, c), "embedding"),))]
-    for i in range(L):
-        p = f"model.layers.{i}"
-        specs = _norm_specs("ln1", f"{p}.input_layernorm", c, bias=False)
-        a = f"{p}.self_attn"
-        specs += _lin("q", f"{a}.q_proj", heads * hd, c, abias) + _lin("k", f"{a}.k_proj", kv * hd, c, abias)
-        specs += _lin("v", f"{a}.v_proj", kv * hd, c, abias) + _lin("o", f"{a}.o_proj", c, heads * hd, abias)
-        specs += _norm_specs("ln2", f"{p}.post_attention_layernorm", c, bias=False)
-        specs += _lin("gate", f"{p}.mlp.gate_proj", ffn, c, mbias) + _lin("up", f"{p}.mlp.up_proj", ffn, c, mbias)
-        specs += _lin("down", f"{p}.mlp.down_proj", c, ffn, mbias)
-        layers.append(LayerSpec("decoder", i, tuple(specs)))
-    head = [_t("lnf.w", "model.norm.weight", (c,)),
-            _t("lm.w", "model.embed_tokens.weight" if tied else "lm_head.weight", (vocab, c), "linear")]
-    layers.append(LayerSpec("head", L, tuple(head)))
-    opts = dict(norm="rms", eps=float(_get(cfg, "rms_norm_eps", 1e-6)), gated=True, inv_freq=_inv_freq(cfg, hd),
-                act=_act(_get(cfg, "hidden_act", "silu"), "hidden_act"), scale=hd ** -0.5)
-    return Arch("llama", L, c, heads, kv, hd, vocab, None, layers, _get(cfg, "eos_token_id", 2),
-                _get(cfg, "pad_token_id", None), opts)
-
-
-def _gpt_like(cfg: Any, family: str) -> Arch:
-    hf = family == "gpt2"
-    c, L, heads = _get(cfg, "n_embd", 768), _get(cfg, "n_layer", 12), _get(cfg, "n_head", 12)
-    vocab = _get(cfg, "vocab_size", 50257)
-    max_pos = _get(cfg, "n_positions", 1024) if hf else _get(cfg, "block_size", 128)
-    ffn = _get(cfg, "n_inner", 4 * c) if hf else 4 * c
-    bias = True if hf else bool(_get(cfg, "bias", True))
-    tied = bool(_get(cfg, "tie_word_embeddings", True)) if hf else bool(_get(cfg, "tie_weights", False))
-    t = "transformer"
-    layers = [LayerSpec("embed", -1, (_t("tok", f"{t}.wte.weight", (vocab, c), "embedding"),
-                                      _t("pos", f"{t}.wpe.weight", (max_pos, c), "embedding")))]
-    for i in range(L):
-        p = f"{t}.h.{i}"
-        specs = _norm_specs("ln1", f"{p}.ln_1", c, bias) + _lin("qkv", f"{p}.attn.c_attn", 3 * c, c, bias, hf)
-        specs += _lin("o", f"{p}.attn.c_proj", c, c, bias, hf) + _norm_specs("ln2", f"{p}.ln_2", c, bias)
-        specs += _lin("fc1", f"{p}.mlp.c_fc", ffn, c, bias, hf) + _lin("fc2", f"{p}.mlp.c_proj", c, ffn, bias, hf)
-        layers.append(LayerSpec("decoder", i, tuple(specs)))
-    head = _norm_specs("lnf", f"{t}.ln_f", c, bias)
-    head.append(_t("lm.w", f"{t}.wte.weight" if tied else "lm_head.weight", (vocab, c), "linear"))
-    layers.append(LayerSpec("head", L, tuple(head)))
-    hd = c // heads
-    if hf:
-        if _get(cfg, "add_cross_attention", False):
-            raise NotImplementedError("add_cross_attention=True (GPT-2 with cross-attention) is not supported by the "
-                                      "offload runner; use a decoder-only GPT-2")
-        opts = dict(norm="layer", eps=float(_get(cfg, "layer_norm_epsilon", 1e-5)),
-                    act=_act(_get(cfg, "activation_function", "gelu_new"), "activation_function"),
-                    conv1d=frozenset({"qkv", "o", "fc1", "fc2"}),
-                    scale=(hd ** -0.5) if _get(cfg, "scale_attn_weights", True) else 1.0,
-                    inverse_layer_scale=bool(_get(cfg, "scale_attn_by_inverse_layer_idx", False)))
-        return Arch("gpt2", L, c, heads, heads, hd, vocab, max_pos, layers, _get(cfg, "eos_token_id", 50256),
-                    _get(cfg, "pad_token_id", None), opts)
-    opts = dict(norm="layer", eps=1e-5, act=_ACTS["gelu"])
-    return Arch("gpt", L, c, heads, heads, hd, vocab, max_pos, layers, None, None, opts)
-
-
-_FAMILIES: dict[str, Callable[[Any], Arch]] = {
-    "opt": _opt, "llama": _llama, "gpt2": lambda c: _gpt_like(c, "gpt2"),
-    "flexspeed_gpt": lambda c: _gpt_like(c, "gpt"), "flexspeed-gpt": lambda c: _gpt_like(c, "gpt"),
-}
+    opts: dict[str, Any] = dict(norm=dims.norm, eps=dims.eps, act=_act(dims.act, "hidden_act"), pre_norm=dims.pre_norm,
+                                pos_offset=dims.pos_offset, gated=dims.gated, parallel=dims.parallel_residual,
+                                scale=dims.scale or hd ** -0.5, inverse_layer_scale=dims.inverse_layer_scale,
+                                final_norm_no_affine=dims.final_norm and not dims.norm_affine,
+                                qkv_heads=fam.qkv_layout == "heads", embed_scale=dims.embed_scale)
+    if conv:
+        opts["conv1d"] = frozenset({"qkv", "o", "fc1", "fc2"})
+    if dims.rotary_dim:
+        opts["inv_freq"] = inv_freq(dims)
+    return Arch(fam.name, L, c, hq, hkv, hd, dims.vocab, dims.max_positions, layers, dims.eos_token_id,
+                dims.pad_token_id, opts)
 
 
 def arch_from_config(cfg: Any) -> Arch:
-    """The :class:`Arch` of a config dict/object (``model_type`` opt, llama, gpt2 or flexspeed_gpt).
+    """The :class:`Arch` of a config dict/object (any ``model_type`` of :mod:`flexspeed.inference.families`).
 
     Raises:
         ConfigError: the model type is not supported (key ``offload``).
     """
-    kind = _get(cfg, "model_type", None)
-    if kind is None and all(_get(cfg, k) is not None for k in ("n_layer", "n_head", "n_embd", "block_size")):
-        kind = "flexspeed_gpt"  # a flexspeed GPTConfig
-    if kind not in _FAMILIES:
-        raise ConfigError(f"model_type={kind!r} is not supported by offloaded generation (supported: {SUPPORTED}); "
-                          "drop offload=... to run the model in memory", key=_KEY)
-    return _FAMILIES[kind](cfg)
+    found = family_for_config(cfg)
+    if found is None:
+        raise ConfigError(f"model_type={_get(cfg, 'model_type', None)!r} is not supported by offloaded generation "
+                          f"(supported: {SUPPORTED}); drop offload=... to run the model in memory", key=_KEY)
+    return _arch(*found)
 
 
 def config_of_module(model: Any) -> Any:
@@ -370,11 +321,7 @@ def config_of_module(model: Any) -> Any:
     Raises:
         ConfigError: the module has no recognisable config.
     """
-    from flexspeed.models.gpt import GPT
-
-    if isinstance(model, GPT):
-        return {**model.config.to_dict(), "model_type": "flexspeed_gpt"}
-    cfg = getattr(model, "config", None)
+    cfg = config_of_model(model)
     if cfg is None:
         raise ConfigError(f"{type(model).__name__} has no .config to read its architecture from; offloaded generation "
                           f"supports {SUPPORTED}", key=_KEY)

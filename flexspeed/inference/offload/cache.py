@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from flexspeed.inference import native
-from flexspeed.inference.attention import decode_attention
+from flexspeed.inference.attention import decode_attention, decode_valid
 from flexspeed.inference.offload.files import ALIGN, private_dir, tensor_bytes
 from flexspeed.inference.offload.policy import OffloadPolicy, place_by_size
 
@@ -246,7 +246,9 @@ def attend(work: _Work, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start
             return out
     if q.shape[2] == 1 and home == q.device and "k" in work.data and _decodes_by_matmul(q):
         # the whole contiguous buffers, read in place: a 16-bit CPU matmul copies a [:end] slice first
-        return decode_attention(q, work.data["k"], work.data["v"], start + 1, mask, scale)
+        keys_all = work.data["k"]
+        return decode_attention(q, keys_all, work.data["v"], decode_valid(keys_all.shape[2], start + 1, mask, q.device),
+                                scale)
     if home != q.device and cpu_compute:
         return _attention(q.to(home), keys, values, None if mask is None else mask.to(home), is_causal,
                           scale).to(q.device)
@@ -276,7 +278,7 @@ def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
     blocks are too small to pay off at one query.
     """
     if q.shape[2] == 1 and _decodes_by_matmul(q):
-        return decode_attention(q, keys, values, keys.shape[2], mask, scale)
+        return decode_attention(q, keys, values, decode_valid(keys.shape[2], keys.shape[2], mask, q.device), scale)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=is_causal, scale=scale,
                                           enable_gqa=q.shape[1] != keys.shape[1])
 

@@ -1,8 +1,8 @@
 """The offload runner: what ``init_inference(..., offload=...)`` builds instead of the in-memory path.
 
 :class:`OffloadRunner` has the interface of the fused runner of ``kernels.py``
-(``new_cache``, ``runner(ids, pos, cache, start, key_mask)``, ``max_positions``) and is attached
-to the model the same way, so :func:`flexspeed.inference.generation.generate` (and the engine's
+(``new_cache``, ``runner(ids, pos, cache, start, key_mask)``, ``max_positions``) and is recorded for
+the model (``runners.remember``), so :func:`flexspeed.inference.generation.generate` (and the engine's
 ``generate``) drive it unchanged: left padding, sampling, eos handling all come from there.
 
 Where the weights come from:
@@ -118,7 +118,14 @@ class OffloadRunner:
             self.on_step(dt)
         return out
 
-    __call__ = forward
+    __call__ = step = forward
+
+    def greedy(self, *args: Any) -> None:
+        """No whole-loop greedy decoding: every step streams the weights (see ``DecodeRunner``)."""
+        return None
+
+    def describe(self) -> str:
+        return f"offload runner ({self.arch.family}, {self.policy.describe()})"
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Full-sequence logits (B, T, V), as a model's forward gives them (left padding allowed)."""
@@ -155,7 +162,9 @@ class OffloadRunner:
 
 def get_offload_runner(model: nn.Module) -> OffloadRunner | None:
     """The offload runner attached to ``model`` by ``init_inference(..., offload=...)``, or ``None``."""
-    runner = getattr(model, "_flexspeed_runner", None)
+    from flexspeed.inference.runners import remembered
+
+    runner = remembered(model)
     return runner if isinstance(runner, OffloadRunner) else None
 
 
@@ -260,5 +269,7 @@ def build_offload_runner(model: nn.Module, config: Any, device: torch.device) ->
         _release_module(model)
     del source
     runner = OffloadRunner(arch, store, policy, device, dtype)
-    object.__setattr__(model, "_flexspeed_runner", runner)
+    from flexspeed.inference.runners import remember
+
+    remember(model, runner)  # flexspeed's weak table: nothing is written onto the model
     return runner

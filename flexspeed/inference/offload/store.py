@@ -98,7 +98,7 @@ class TensorSource:
                               "the model with real weights", key="checkpoint")
         return cls(tensors=tensors, origin=f"{type(model).__name__} in memory")
 
-    def resolve(self, key: str) -> str:
+    def resolve(self, key: str, stored_as: tuple[str, ...] = ()) -> str:
         """The stored key for an architecture key (``model.``/``transformer.`` prefixes optional).
 
         Raises:
@@ -106,7 +106,7 @@ class TensorSource:
         """
         have = self.spans.keys() | self.tensors.keys()
         head, _, rest = key.partition(".")
-        for cand in (key, rest, f"model.{key}", f"{head}.model.{rest}"):
+        for cand in (key, rest, f"model.{key}", f"{head}.model.{rest}", *stored_as):
             if cand and cand in have:
                 return cand
         raise ConfigError(f"tensor {key!r} is not in {self.origin} (it has e.g. {sorted(have)[:4]}); the config does "
@@ -326,7 +326,7 @@ class WeightStore:
         names: list[tuple[str, str]] = []
         own: list[tuple[TensorSpec, str]] = []
         for spec in layer.tensors:
-            key = source.resolve(spec.key)
+            key = source.resolve(spec.key, spec.stored_as)
             got = source.shape(key)
             if got != spec.shape:
                 raise ConfigError(f"checkpoint tensor {key!r} has shape {got} but the model config implies "

@@ -36,13 +36,16 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
 from flexspeed.accelerator import get_accelerator
+
+if TYPE_CHECKING:
+    from flexspeed.config.schema import FlexConfig
 
 __all__ = [
     "configure", "is_configured", "reset", "checkpoint", "non_reentrant_checkpoint", "CheckpointFunction",
@@ -176,7 +179,7 @@ def configure(mpu_: Any, deepspeed_config: Any = None, partition_activations: bo
     _apply(mpu_, deepspeed_config, given, source="user")
 
 
-def configure_from_config(cfg: Any) -> None:
+def configure_from_config(cfg: FlexConfig) -> None:
     """What ``initialize()`` calls: configure from ``cfg`` unless the script called :func:`configure`."""
     if _configured_by == "user":
         log.info("flexspeed.checkpointing: keeping the settings of the script's own configure() call; the config's "

@@ -1,0 +1,162 @@
+"""HF ``generate``'s API on flexspeed: every argument class either runs in flexspeed's loop or in
+HF's own loop over flexspeed's runner, with HF's outputs (fp32; greedy and beams token for token,
+sampling under the same ``torch.manual_seed``). Each check runs the un-injected model (its
+shadow/HF-cache runner), the kernel-injected model, and ``init_inference``'s engine."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import flexspeed
+from flexspeed.inference.generation import generate
+from flexspeed.inference.kernels import inject_kernels
+
+from ._families import build, padded_batch
+
+tf = pytest.importorskip("transformers")
+tf.utils.logging.set_verbosity_error()
+
+
+@pytest.fixture(scope="module", params=["opt", "llama"])
+def models(request):
+    model = build(request.param)
+    injected = inject_kernels(copy.deepcopy(model))
+    engine = flexspeed.init_inference(copy.deepcopy(model), dtype=torch.float32, replace_with_kernel_inject=True)
+    return model, {"plain": lambda *a, **k: generate(model, *a, **k),
+                   "injected": lambda *a, **k: generate(injected, *a, **k),
+                   "engine": engine.generate}
+
+
+def _same(a, b) -> None:
+    if isinstance(b, torch.Tensor):
+        assert torch.equal(a, b), (a, b)
+        return
+    assert torch.equal(a.sequences, b.sequences)
+    for name in ("scores", "logits"):
+        if getattr(b, name, None) is not None:
+            assert len(getattr(a, name)) == len(getattr(b, name))
+            for x, y in zip(getattr(a, name), getattr(b, name)):
+                finite = torch.isfinite(y)
+                assert torch.equal(finite, torch.isfinite(x))
+                torch.testing.assert_close(x[finite], y[finite], rtol=0, atol=1e-4)
+    if getattr(b, "sequences_scores", None) is not None:
+        torch.testing.assert_close(a.sequences_scores, b.sequences_scores, rtol=0, atol=1e-4)
+
+
+def _check(models, seed: int | None = None, **kw) -> None:
+    model, ours = models
+    ids, mask = padded_batch()
+    kw.setdefault("max_new_tokens", 8)
+    if seed is not None:
+        torch.manual_seed(seed)
+    ref = model.generate(ids, attention_mask=mask, **kw)
+    for name, fn in ours.items():
+        if seed is not None:
+            torch.manual_seed(seed)
+        _same(fn(ids, attention_mask=mask, **kw), ref)
+
+
+def test_greedy(models) -> None:
+    _check(models, do_sample=False)
+
+
+def test_seeded_sampling_with_filters(models) -> None:
+    _check(models, seed=3, do_sample=True, temperature=0.8, top_k=20, top_p=0.9)
+    _check(models, seed=4, do_sample=True, num_return_sequences=2)  # top_k=50 by HF's default
+
+
+def test_generation_config_defaults_are_honoured(models) -> None:
+    model, ours = models
+    gc = tf.GenerationConfig(do_sample=True, temperature=0.7, top_k=10, max_new_tokens=6, pad_token_id=0,
+                             eos_token_id=2)
+    _check(models, seed=5, generation_config=gc)
+    saved = model.generation_config
+    try:  # the model's own generation_config (do_sample=True there) is the default of every call
+        model.generation_config = copy.deepcopy(gc)
+        ids, mask = padded_batch()
+        torch.manual_seed(6)
+        ref = model.generate(ids, attention_mask=mask)
+        torch.manual_seed(6)
+        assert torch.equal(generate(model, ids, attention_mask=mask), ref)
+    finally:
+        model.generation_config = saved
+
+
+def test_beam_search(models) -> None:
+    _check(models, num_beams=3)
+    _check(models, num_beams=4, num_return_sequences=2, length_penalty=0.5, early_stopping=True)
+
+
+def test_return_dict_and_scores(models) -> None:
+    _check(models, return_dict_in_generate=True, output_scores=True, output_logits=True)
+    _check(models, num_beams=2, return_dict_in_generate=True, output_scores=True)
+
+
+def test_processor_arguments(models) -> None:
+    _check(models, no_repeat_ngram_size=2)
+    _check(models, seed=7, do_sample=True, min_p=0.1)
+    _check(models, bad_words_ids=[[5], [7, 8]], min_length=12)
+
+
+def test_custom_logits_processor_and_stopping_criteria(models) -> None:
+    class Ban(tf.LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return scores.index_fill(1, torch.tensor([10, 11, 12]), float("-inf"))
+
+    class StopAfter(tf.StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids.shape[1] >= 13 + (input_ids[:, -1] % 2 == 0).long()  # per-row decision
+
+    _check(models, logits_processor=tf.LogitsProcessorList([Ban()]))
+    _check(models, stopping_criteria=tf.StoppingCriteriaList([StopAfter()]), max_new_tokens=10)
+
+
+class Collect(tf.generation.BaseStreamer if hasattr(tf, "generation") else object):
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor] = []
+        self.ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        self.parts.append(value.clone())
+
+    def end(self) -> None:
+        self.ended = True
+
+
+@pytest.mark.parametrize("extra", [{}, {"no_repeat_ngram_size": 2}, {"do_sample": True}])
+def test_streamer_sees_what_hf_streams(models, extra) -> None:
+    model, ours = models
+    ids, mask = padded_batch()
+    ids, mask = ids[:1], mask[:1]  # HF's streamers take one row
+    want = Collect()
+    torch.manual_seed(8)
+    model.generate(ids, attention_mask=mask, max_new_tokens=6, streamer=want, **extra)
+    for name, fn in ours.items():
+        got = Collect()
+        torch.manual_seed(8)
+        fn(ids, attention_mask=mask, max_new_tokens=6, streamer=got, **extra)
+        assert got.ended and len(got.parts) == len(want.parts), name
+        assert all(torch.equal(a.reshape(-1), b.reshape(-1)) for a, b in zip(got.parts, want.parts)), name
+
+
+def test_streamer_with_beams_is_refused_as_hf_refuses_it(models) -> None:
+    model, ours = models
+    ids, mask = padded_batch()
+    with pytest.raises(ValueError, match="streamer"):
+        ours["engine"](ids[:1], attention_mask=mask[:1], max_new_tokens=4, num_beams=2, streamer=Collect())
+
+
+def test_api_benchmark_quick_smoke(capsys: pytest.CaptureFixture) -> None:
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "generate_api.py"
+    spec = importlib.util.spec_from_file_location("bench_generate_api", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--quick", "--dtype", "fp32"])
+    assert {r["case"] for r in rows} == set(bench.CASES) and all(r["fs_tok_s"] > 0 for r in rows)
+    assert "fs/HF" in capsys.readouterr().out
