@@ -490,6 +490,10 @@ def apply_zero(module: nn.Module, *, config: FlexConfig, device: torch.device,
     # ``mesh`` (tensor or pipeline parallelism: the stage composes with the other mesh dimensions on FSDP2)
     offload = device.type != "cpu" and "cpu" in (settings.offload_optimizer, settings.offload_param)
     fsdp = settings.stage == 3 or (settings.stage == 2 and (offload or mesh is not None))
+    if grad_sum and mesh is not None:
+        raise ConfigError('gradient_allreduce_op="sum" is not supported with tensor or pipeline parallelism yet '
+                          '(their data-parallel reduction averages). Fix: use "mean" (the default) and multiply the '
+                          "learning rate by the data-parallel size", key="gradient_allreduce_op")
     from flexspeed.runtime.fsdp_reuse import AdoptedFullyShardedDP, is_fsdp_sharded
 
     if is_fsdp_sharded(module):  # a second initialize() on a model an earlier one sharded at stage 3
@@ -499,8 +503,7 @@ def apply_zero(module: nn.Module, *, config: FlexConfig, device: torch.device,
         from flexspeed.runtime.fsdp import FullyShardedDP
 
         if grad_sum:
-            why = "" if settings.stage == 3 else "and tensor or pipeline parallelism " if mesh is not None else \
-                "and optimizer offload "
+            why = "" if settings.stage == 3 else "and optimizer offload "
             raise ConfigError(f'gradient_allreduce_op="sum" is not supported with ZeRO stage {settings.stage} '
                               f'{why}(FSDP2 averages). Fix: use "mean" and multiply the learning rate by the '
                               "data-parallel size", key="gradient_allreduce_op")

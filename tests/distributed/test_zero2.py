@@ -6,8 +6,8 @@
 - gradients are partitioned: after a boundary backward each trainable parameter's gradient is held by
   exactly one rank (its owner), and the buckets were reduced while backward ran.
 - ``gradient_allreduce_op: "sum"`` at stages 0, 1, 2: SGD on summed gradients equals a single-process SGD
-  at ``lr * world`` on the mean gradient (1e-6), and the pipeline engine's summed run equals its averaged
-  run at twice the lr; stage 3 refuses "sum" (as DeepSpeed's config does).
+  at ``lr * world`` on the mean gradient (1e-6); stage 3 refuses "sum" (as DeepSpeed's config does), and
+  so does the pipeline engine (not implemented there yet).
 - parameters used on one rank only, on none, or inside a reentrant activation checkpoint give the
   weights of a single-process run on the mean of both ranks' losses (1e-6; DDP itself refuses reentrant
   checkpoints with unused parameters); ``ignore_unused_parameters: false`` names the unused one on every rank.
@@ -181,6 +181,12 @@ def pipe_run(rank: int, op: str, lr: float) -> dict:
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "steps_per_print": 1000,
            "optimizer": {"type": "SGD", "params": {"lr": lr}}, "gradient_clipping": 0.0,
            "gradient_allreduce_op": op}
+    if op == "sum":  # not implemented in the pipeline engine yet: a ConfigError naming the key
+        try:
+            flexspeed.initialize(model=module, config=cfg)
+        except flexspeed.ConfigError as e:
+            return {"error": str(e)}
+        return {"error": None}
     engine, _, _, _ = flexspeed.initialize(model=module, config=cfg)
     g = torch.Generator().manual_seed(5 + rank)
     data = [(torch.randn(4, 8, generator=g), torch.randn(4, 1, generator=g)) for _ in range(2 * STEPS)]
@@ -204,7 +210,7 @@ def _zero2(rank: int, world: int) -> dict:
     return {"full": full_run(rank), "sum": {s: sum_run(rank, s) for s in (0, 1, 2)},
             "partial": partial_run(rank, 2), "strict": partial_run(rank, 2, False),
             "reinit": reinit_run(rank), "stage3_sum": stage3_sum,
-            "pipe": {(op, lr): pipe_run(rank, op, lr) for op, lr in (("sum", 0.05), ("mean", 0.1), ("mean", 0.05))}}
+            "pipe": {(op, lr): pipe_run(rank, op, lr) for op, lr in (("sum", 0.05),)}}
 
 
 @pytest.fixture(scope="module")
@@ -260,12 +266,10 @@ def test_gradient_allreduce_op_sum_at_stages_0_1_2(world2):
     assert "not supported with ZeRO stage 3" in world2[0]["stage3_sum"], world2[0]["stage3_sum"]
 
 
-def test_gradient_allreduce_op_sum_in_the_pipeline_engine(world2):
-    for r in world2:  # summed over 2 ranks at lr = averaged at 2 x lr (SGD), and not the average at lr
-        summed, mean2, mean1 = r["pipe"][("sum", 0.05)], r["pipe"][("mean", 0.1)], r["pipe"][("mean", 0.05)]
-        for k, v in mean2.items():
-            torch.testing.assert_close(summed[k], v, rtol=0, atol=1e-6, msg=k)
-        assert any(not torch.allclose(summed[k], mean1[k], atol=1e-4) for k in mean1)
+def test_gradient_allreduce_op_sum_refused_in_the_pipeline_engine(world2):
+    for r in world2:  # every rank refuses, naming the key and the fix
+        err = r["pipe"][("sum", 0.05)]["error"]
+        assert err and "gradient_allreduce_op" in err and "pipeline" in err and "Fix" in err, err
 
 
 def _partial_reference() -> dict:
