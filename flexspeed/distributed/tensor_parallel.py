@@ -576,6 +576,18 @@ def stage_tp_plans(stage_modules: list[nn.Module], tp_size: int, plan: Mapping[s
                 raise ConfigError(f"the tensor-parallel plan names {name!r}; with a PipelineModule plan names are "
                                   f"'<layer index>.<submodule>' (layer index 0..{(num_layers or 1) - 1}), as in "
                                   "PipelineModule.named_modules()", key=f"plan[{name!r}]")
+        # what a stage sends to the next must be whole: a layer that splits (column) must also join (row)
+        kinds: dict[str, set[str]] = {}
+        for name, style in plan.items():
+            kind = str(style).lower() if not isinstance(style, ParallelStyle) else type(style).__name__.lower()
+            kinds.setdefault(str(name).partition(".")[0], set()).add("col" if "col" in kind else "row")
+        for layer, seen in sorted(kinds.items()):
+            if seen == {"col"}:
+                raise ConfigError(f"the tensor-parallel plan splits layer {layer}'s outputs (colwise) but joins none "
+                                  "of them (no rowwise module in that layer), so the layer would hand a tp shard to "
+                                  "the next one, possibly on another pipeline stage. Fix: pair each colwise entry "
+                                  f"with the rowwise module that consumes it inside layer {layer}",
+                                  key=f"plan[{layer!r}]")
     out: list[dict[str, Any] | None] = []
     for sm in stage_modules:
         if plan is not None:

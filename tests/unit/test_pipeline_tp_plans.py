@@ -38,7 +38,9 @@ def test_user_plans_use_the_pipeline_module_names():
         stage_tp_plans(stages, 2, {"blocks.1.fc1": "colwise"}, num_layers=3)
     assert "layer index" in str(err.value) and err.value.key == "plan['blocks.1.fc1']"
     with pytest.raises(ConfigError):
-        stage_tp_plans(stages, 2, {"1.fc9": "colwise"}, num_layers=3)  # not a submodule of layer 1
+        stage_tp_plans(stages, 2, {"1.fc9": "colwise", "1.fc2": "rowwise"}, num_layers=3)  # no such submodule
+    with pytest.raises(ConfigError, match="joins none"):  # a stage would send a tp shard to the next stage
+        stage_tp_plans(stages, 2, {"1.fc1": "colwise"}, num_layers=3)
 
 
 def test_topology_places_tp_innermost():
