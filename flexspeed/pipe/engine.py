@@ -308,8 +308,9 @@ class PipelineEngine(EngineBase):
     def checkpoint_layout(self) -> dict[str, Any]:
         """Recorded in the manifest: the degrees and the partition that wrote a checkpoint (loads need none of it)."""
         module = self.module
-        return {**super().checkpoint_layout(), "tp": self.parallel_dims.tp, "num_stages": self.num_stages,
-                "virtual_stages": module.virtual_stages, "partition_bounds": module.partition_bounds()}
+        return {**super().checkpoint_layout(), "pp": self.num_stages, "tp": self.parallel_dims.tp,
+                "num_stages": self.num_stages, "virtual_stages": module.virtual_stages,
+                "partition_bounds": module.partition_bounds()}
 
     def checkpoint_keys_elsewhere(self, saved: set[str]) -> set[str]:
         """Saved model keys of layers other pipeline ranks hold (not "unexpected" in a strict load)."""
