@@ -373,6 +373,21 @@ def _apply_config(module: PipelineModule, config: FlexConfig, tp: int = 1) -> No
                       int(config.gradient_accumulation_steps))
 
 
+def _agree_or_raise(problem: ConfigError | None, device: torch.device) -> None:
+    """One world all-reduce of "this rank's stage cannot be planned": a rank whose check failed raises its
+    ConfigError, the others one naming those ranks, before anything is sharded or a mesh is built."""
+    flags = torch.zeros(dist.get_world_size(), device=device)
+    flags[dist.get_rank()] = float(problem is not None)
+    dist.all_reduce(flags)
+    if problem is not None:
+        raise problem
+    bad = [r for r, f in enumerate(flags.tolist()) if f]
+    if bad:
+        raise ConfigError(f"tensor parallelism cannot be applied to the pipeline stages of rank(s) {bad} (their "
+                          "error names the layer and the fix); nothing was sharded",
+                          key="tensor_parallel.autotp_size")
+
+
 def _tie_groups(module: PipelineModule, dims: ParallelDims) -> dict[str, dist.ProcessGroup]:
     """For each tie key held by several stages: one group per data-parallel replica and tensor-parallel rank
     (every rank creates every group, ``new_group`` being collective, and keeps its own)."""
@@ -448,7 +463,12 @@ def build_pipeline_engine(*, model: PipelineModule, config: FlexConfig, optimize
                               "tensor-parallel ones inside initialize(), so an optimizer built before cannot hold "
                               "them. Fix: pass a callable params -> optimizer, or the config's optimizer section",
                               key="tensor_parallel.autotp_size")
-        tp_plans = stage_tp_plans(model.stage_modules, tp, tp_plan, num_layers=len(model._entries))
+        problem: ConfigError | None = None
+        try:
+            tp_plans = stage_tp_plans(model.stage_modules, tp, tp_plan, num_layers=len(model._entries))
+        except ConfigError as err:
+            problem = err
+        _agree_or_raise(problem, device)  # every rank stops together (else the others would wait in the mesh)
     dims.build_mesh(device.type)
     ties = _tie_groups(model, dims)
     with torch.no_grad():  # tied copies start equal: the lowest stage's values (before any sharding)

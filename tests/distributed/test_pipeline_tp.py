@@ -104,6 +104,42 @@ def grid8(rank: int, world: int) -> dict | None:
     return out if rank == 0 else None
 
 
+class OddBlock(Block):
+    """fc1 with 33 outputs: tp 2 cannot split it."""
+
+    def __init__(self, width: int) -> None:
+        nn.Module.__init__(self)
+        self.fc1 = nn.Linear(width, 33)
+        self.fc2 = nn.Linear(33, width)
+
+
+def bad_plan(rank: int, world: int) -> dict:
+    import flexspeed
+    from flexspeed.config.errors import ConfigError
+    from flexspeed.pipe import PipelineModule
+
+    model = PipelineModule([LayerSpec(nn.Linear, 8, 16), LayerSpec(Block, 16), LayerSpec(OddBlock, 16)],
+                           num_stages=2, loss_fn=F.mse_loss, partition_method="uniform")
+    try:
+        flexspeed.initialize(model=model, config=tp_config(1))
+    except ConfigError as err:
+        return {"key": err.key, "msg": str(err), "layers": sorted(model._modules),
+                "sharded": any(hasattr(p, "to_local") for p in model.parameters())}
+    return {"key": None, "msg": "initialized", "layers": [], "sharded": None}
+
+
+def test_a_stage_tp_cannot_split_stops_every_rank_before_anything_is_sharded():
+    res = run_ranks(bad_plan, world_size=4, timeout=300)
+    odd = [r for r, got in enumerate(res) if "2" in got["layers"]]
+    assert odd and len(odd) < 4, res
+    for rank, got in enumerate(res):
+        assert got["key"] == "tensor_parallel.autotp_size" and got["sharded"] is False, (rank, got)
+        if rank in odd:  # names the layer and the numbers
+            assert "fc1" in got["msg"] and "33" in got["msg"], got["msg"]
+        else:  # the others name the ranks that failed
+            assert f"rank(s) {odd}" in got["msg"], got["msg"]
+
+
 # ---- the reference --------------------------------------------------------------------------------
 def reference(dp: int, autocast: bool = False) -> tuple[list[float], dict]:
     from flexspeed.runtime.optimizers import build_optimizer
