@@ -48,7 +48,8 @@ def _is_pipeline_module(model: nn.Module) -> bool:
 
 
 
-def _initialize_pipeline(raw: dict, env: Any, *, model: nn.Module, **engine_args: Any) -> tuple[Any, Any, Any, Any]:
+def _initialize_pipeline(raw: dict, env: Any, *, model: nn.Module, tp: tuple = (1, None, None),
+                         **engine_args: Any) -> tuple[Any, Any, Any, Any]:
     """``initialize()`` for a ``PipelineModule``: the degrees validated (``ParallelDims``, before any collective),
     the batch triad over the data-parallel size, then the pipeline engine."""
     from flexspeed.config import build_config
@@ -58,10 +59,12 @@ def _initialize_pipeline(raw: dict, env: Any, *, model: nn.Module, **engine_args
     from flexspeed.utils.tensor_fragment import register_optimizer
 
     stages = int(model.num_stages)
-    dims = ParallelDims.from_world(env.world_size, pp=stages, world_source=env.source,
-                                   pp_source=f"the PipelineModule's num_stages={stages}")
+    dims = ParallelDims.from_world(env.world_size, pp=stages, tp=tp[0], world_source=env.source,
+                                   pp_source=f"the PipelineModule's num_stages={stages}",
+                                   tp_source=f"tensor_parallel.autotp_size={tp[0]}")
+    per_replica = f"{stages} pipeline stages" + (f" x tensor_parallel.autotp_size {tp[0]}" if tp[0] > 1 else "")
     cfg = build_config(config=raw, world_size=dims.dp,
-                       world_size_source=f"{env.source} / {stages} pipeline stages = data-parallel size",
+                       world_size_source=f"{env.source} / {per_replica} = data-parallel size",
                        hidden_size=_hidden_size(model))
     checkpointing.configure_from_config(cfg)
     if cfg.checkpoint.save_dir is not None:
@@ -69,7 +72,7 @@ def _initialize_pipeline(raw: dict, env: Any, *, model: nn.Module, **engine_args
                           "checkpoint.save_dir and its keys, and call engine.save_checkpoint/load_checkpoint",
                           key="checkpoint.save_dir")
     engine, opt, loader, sched = build_pipeline_engine(model=model, config=cfg, dims=dims, launch_env=env,
-                                                       **engine_args)
+                                                       tp_plan=tp[1], tp_dtype=tp[2], **engine_args)
     register_optimizer(opt, stage=engine.zero_optimization_stage(), group=engine.dp_group)
     return engine, opt, loader, sched
 
@@ -136,12 +139,9 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     from flexspeed.distributed.tensor_parallel import resolve_tp
 
     tp_size, tp_plan, tp_dtype = resolve_tp(raw, model, env.world_size)  # tensor_parallel.autotp_size / tp_model_init
-    if _is_pipeline_module(model):
-        if tp_size > 1:
-            raise ConfigError(f"tensor_parallel.autotp_size={tp_size} with a PipelineModule is not supported yet. "
-                              "Fix: remove tensor_parallel (or set autotp_size to 1) for pipeline training",
-                              key="tensor_parallel.autotp_size")
-        return _initialize_pipeline(raw, env, model=model, optimizer=optimizer, model_parameters=model_parameters,
+    if _is_pipeline_module(model):  # dp x pp x tp: each stage tensor-parallel, then ZeRO over dp
+        return _initialize_pipeline(raw, env, model=model, tp=(tp_size, tp_plan, tp_dtype), optimizer=optimizer,
+                                    model_parameters=model_parameters,
                                     lr_scheduler=lr_scheduler, training_data=training_data, collate_fn=collate_fn)
 
     cfg = build_config(config=raw, world_size=env.world_size // tp_size,
