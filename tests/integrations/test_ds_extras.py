@@ -125,3 +125,14 @@ def test_lightning_convert_and_groups_under_identity(tmp_path):
     assert res["optimizer_isinstance"]
     assert res["dp"] == [1, 0, 1, 0, 1, 1]
     assert "sequence parallel" in res["sp_group"] and "Fix" in res["sp_group"]
+
+
+def test_save_after_destroy_is_refused(tmp_path):
+    """destroy() releases the optimizer state (Accelerate's teardown): a later save would not resume, so it says so."""
+    engine = _engine()
+    engine.backward(engine(torch.ones(2, 4)).sum())
+    engine.step()
+    engine.destroy()
+    with pytest.raises(RuntimeError, match="after engine.destroy"):
+        engine.save_checkpoint(str(tmp_path))
+    assert not any(tmp_path.iterdir())
