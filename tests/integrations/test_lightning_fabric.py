@@ -64,10 +64,10 @@ def test_fabric_save_load_resumes(tmp_path):
 def test_lightning_trainer_save_and_resume(tmp_path):
     """Trainer.fit with FlexspeedTrainerStrategy (ZeRO-3): trainer.save_checkpoint after 2 optimizer steps, then a
     fresh Trainer with other initial weights fit(ckpt_path=) repeats the straight run's last losses exactly.
-    About 70 s: runs with FLEXSPEED_SLOW=1 (or -m slow)."""
+    About 70 s: runs with FLEXSPEED_SLOW=1."""
     import os
 
-    if os.environ.get("FLEXSPEED_SLOW") != "1" and "slow" not in (os.environ.get("PYTEST_ADDOPTS") or ""):
+    if os.environ.get("FLEXSPEED_SLOW") != "1":
         pytest.skip("slow (about 70 s): run with FLEXSPEED_SLOW=1")
     from tests.integrations import _lightning_runs as L
 
