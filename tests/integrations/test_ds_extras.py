@@ -21,18 +21,19 @@ ROOT = Path(__file__).resolve().parents[2]
 CFG = {"train_batch_size": 2, "steps_per_print": float("inf"), "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}}
 
 
-def _engine(seed: int = 0):
+def _engine(seed: int = 0, stage: int = 0):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
-    engine, *_ = flexspeed.initialize(model=model, config=dict(CFG))
+    engine, *_ = flexspeed.initialize(model=model, config={**CFG, "zero_optimization": {"stage": stage}})
     return engine
 
 
-def test_engine_compile_trains_like_eager():
+@pytest.mark.parametrize("stage", [0, 3])
+def test_engine_compile_trains_like_eager(stage):
     x, y = torch.randn(2, 4, generator=torch.Generator().manual_seed(1)), torch.randn(2, 2)
     losses = []
     for compiled in (False, True):
-        engine = _engine()
+        engine = _engine(stage=stage)
         if compiled:
             engine.compile(backend="eager", compile_kwargs={"backend": "ignored", "fullgraph": False})
             assert engine.is_compiled and engine.module._compiled_call_impl is not None
