@@ -278,7 +278,7 @@ class EngineBase(PassThroughToModule, nn.Module):
         """Save model, optimizer, scheduler, counters and RNG (collective; see ``flexspeed.runtime.checkpoint``)."""
         from flexspeed.runtime.checkpoint import save_checkpoint
 
-        if getattr(self, "_optimizer_released", False) and self.global_steps > 0:
+        if getattr(self, "_optimizer_released", False) and self.global_steps > 0 and not self.optimizer.state:
             raise RuntimeError(f"save_checkpoint({save_dir!r}) after engine.destroy(): destroy() released the "
                                "optimizer state, so the checkpoint could not resume training. Fix: save before "
                                "destroy() (or save the weights alone with save_16bit_model)")
