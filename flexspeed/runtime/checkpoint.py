@@ -300,6 +300,8 @@ def _engine_state(engine: Any, excluded: list[str], param_groups: list[dict] | N
         "loss_scaler": scaler.state_dict() if scaler is not None else None,
         "dataloader": loader.state_dict() if loader is not None and hasattr(loader, "state_dict") else None,
         "optimizer_param_groups": param_groups,
+        # DeepSpeed's optimizer-file entry that Lightning's convert_zero_checkpoint_to_fp32_state_dict reads
+        "optimizer_state_dict": {"zero_stage": int(getattr(getattr(engine, "_strategy", None), "stage", 0))},
         "excluded_model_keys": excluded,
         # read by export.consolidate(exclude_frozen_parameters=True) (DeepSpeed's zero_to_fp32 option)
         "frozen_parameters": [n for n, p in engine.module.named_parameters() if not p.requires_grad],
