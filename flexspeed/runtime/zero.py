@@ -146,6 +146,8 @@ class ZeroSettings:
     persistence_threshold: int = 0  # stage 3: parameters with fewer elements stay whole
     persistence_cap: int = 2**63 - 1  # stage 3: most elements kept whole in total
     prefetch_bucket_size: int | None = None  # stage 3, only when not the default
+    max_live_parameters: int = 0  # stage 3: most elements gathered at once; 0 = reshard every block
+    max_reuse_distance: int = 0  # stage 3: keep a block gathered if reused within this many elements
     allow_untested: bool = False
     ignore_unused_parameters: bool = True  # stages 0-1: DDP looks for parameters forward did not reach
 
@@ -177,6 +179,8 @@ class ZeroSettings:
             persistence_cap=zc.stage3_model_persistence_threshold,
             prefetch_bucket_size=_resolved(zc, "stage3_prefetch_bucket_size")
             if "stage3_prefetch_bucket_size" in explicit else None,
+            max_live_parameters=zc.stage3_max_live_parameters,
+            max_reuse_distance=zc.stage3_max_reuse_distance,
             allow_untested=config.zero_allow_untested_optimizer,
             ignore_unused_parameters=zc.ignore_unused_parameters,
         )
