@@ -15,7 +15,8 @@ optimizer steps interleaved (A B B A ...), so load from other processes hits bot
   ``stage3_max_live_parameters`` / ``stage3_max_reuse_distance`` (1e9 each: this 3.7M-parameter model
   stays gathered from forward to backward, one all-gather per block per micro-step, as DeepSpeed
   does), both with every parameter sharded (``stage3_param_persistence_threshold: 0``); in bf16 both
-  with ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``, what flexspeed configures.
+  with ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16)``, what flexspeed configures
+  (DeepSpeed's default ``communication_data_type`` in bf16 runs).
   ``--stage3-budget 0`` sets both budgets to 0 in every column (every block released after forward
   and gathered again in backward: the ZeRO-3 memory floor, two all-gathers per micro-step).
 
@@ -145,8 +146,8 @@ def _raw(stage: int, precision: str, batches):
     else:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        # what flexspeed configures: 16-bit gathers and compute, fp32 reduction, in bf16 runs
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        # what flexspeed configures: 16-bit gathers, compute and reduction in bf16 runs
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16) \
             if precision == "bf16" else MixedPrecisionPolicy()
         from flexspeed.runtime.fsdp import reshard_plan
 

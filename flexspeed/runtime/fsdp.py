@@ -18,7 +18,8 @@ behaviour: a full gradient never outlives one block's backward). ``communication
 maps to ``MixedPrecisionPolicy(reduce_dtype=...)``: the wire format only, the result is cast
 back to fp32 before it is accumulated. In bf16/fp16 runs ``param_dtype`` is the 16-bit type: the
 all-gathers move half the bytes and the blocks compute on 16-bit weights (as DeepSpeed's bf16 runs
-do), while the sharded master weights, optimizer state and reduction stay fp32. FSDP2 replaces the
+do), while the sharded master weights and optimizer state stay fp32; unset, ``communication_data_type``
+is DeepSpeed's default (bf16 reduction in bf16 runs, fp32 in fp16 runs, see :func:`_mp_policy`). FSDP2 replaces the
 parameters with DTensors, so the optimizer is built afterwards; a client optimizer made on the old
 parameters is re-pointed in place (same object, same groups and hyperparameters, state
 re-sharded).
@@ -126,13 +127,18 @@ def _dp_mesh(device: torch.device, group: dist.ProcessGroup | None):
 
 def _mp_policy(settings: ZeroSettings) -> Any:
     """FSDP2's mixed precision from the run's precision: 16-bit runs all-gather 16-bit parameters (half the
-    bytes of fp32) and compute on them; the sharded master weights, the optimizer and the gradient
-    reduce-scatter stay fp32 unless ``communication_data_type`` says otherwise."""
+    bytes of fp32) and compute on them; the sharded master weights and the optimizer stay fp32.
+
+    The reduce-scatter's wire dtype is ``communication_data_type``; unset, it is DeepSpeed's default for
+    the run: bf16 in bf16 runs (the gradients FSDP2 reduces were computed on bf16 weights and are bf16
+    already, so an fp32 wire would only defer the rounding of the cross-rank sum), fp32 otherwise (fp16
+    keeps fp32: a sum of loss-scaled fp16 gradients can overflow). Reduced shards are cast to fp32 before
+    they are accumulated."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     reduce = settings.comm_dtype
     if reduce is None and settings.param_dtype is not None:
-        reduce = torch.float32
+        reduce = torch.bfloat16 if settings.param_dtype == torch.bfloat16 else torch.float32
     return MixedPrecisionPolicy(param_dtype=settings.param_dtype, reduce_dtype=reduce)
 
 

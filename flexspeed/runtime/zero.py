@@ -164,8 +164,8 @@ class ZeroSettings:
         return cls(
             stage=zc.stage,
             comm_dtype=_COMM_DTYPES[config.communication_data_type],
-            # 16-bit runs gather 16-bit parameters (half the bytes); master weights, optimizer and
-            # the gradient reduction stay fp32 (reduce_dtype below)
+            # 16-bit runs gather 16-bit parameters (half the bytes); master weights and optimizer
+            # stay fp32 (stages 2-3 reduce bf16 gradients in bf16 unless comm_dtype says: fsdp._mp_policy)
             param_dtype=_DTYPES[config.precision] if config.precision != "fp32" else None,
             predivide=float(config.gradient_predivide_factor) if config.prescale_gradients else 1.0,
             bucket_cap_mb=_resolved(zc, "reduce_bucket_size") * 4 / 2**20 if "reduce_bucket_size" in explicit
