@@ -12,9 +12,15 @@ optimizer steps interleaved (A B B A ...), so load from other processes hits bot
 - stage 2: flexspeed vs DDP + ``ZeroRedundancyOptimizer(AdamW)`` (PyTorch has no stage 2 that keeps full
   parameters, as DeepSpeed's and flexspeed's do; this is the nearest path: the same parameter and
   optimizer-state layout, all-reducing once per step where flexspeed reduces each micro-step to the owners)
-- stage 3: flexspeed vs ``fully_shard(reshard_after_forward=True)`` per block, root default
-  (both with every parameter sharded: ``stage3_param_persistence_threshold: 0``; in bf16 both with
-  ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``, what flexspeed configures)
+- stage 3: flexspeed vs ``fully_shard`` per block, root default, each block's
+  ``reshard_after_forward`` from ``flexspeed.runtime.fsdp.reshard_plan`` with DeepSpeed's default
+  ``stage3_max_live_parameters`` / ``stage3_max_reuse_distance`` (1e9 each: this 3.7M-parameter model
+  stays gathered from forward to backward, one all-gather per block per micro-step, as DeepSpeed
+  does), both with every parameter sharded (``stage3_param_persistence_threshold: 0``); in bf16 both
+  with ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16)``, what flexspeed configures
+  (DeepSpeed's default ``communication_data_type`` in bf16 runs).
+  ``--stage3-budget 0`` sets both budgets to 0 in every column (every block released after forward
+  and gathered again in backward: the ZeRO-3 memory floor, two all-gathers per micro-step).
 
 Stage-3 runs reduce-scatter gradients on every micro-step in both columns (flexspeed's choice: a full
 gradient never outlives one block's backward). The metric is CPU-seconds per sample, summed over
@@ -30,11 +36,14 @@ run inside its C++ reducer and are not seen): all-gather = bytes of the gathered
 reduce-scatter = bytes of the unreduced input, per optimizer step. With bf16 the stage-3 gathers
 should be half of fp32's (FSDP2 ``param_dtype``).
 
+Peak memory: ``--only NAME`` runs one column alone (no interleaving) and prints each rank's peak
+RSS (``ru_maxrss``), so a column's memory is not hidden under another's.
+
 Run it under DeepSpeed's interpreter to get the DeepSpeed column (flexspeed on PYTHONPATH):
 
     PYTHONPATH=$PWD /work/dsvenv/bin/python benchmarks/train_throughput.py --precision bf16 --stages 3
     python benchmarks/train_throughput.py [--steps 10] [--warmup 2] [--reps 2] [--precision fp32 bf16]
-                                          [--stages 0 1 2 3]
+                                          [--stages 0 1 2 3] [--stage3-budget N] [--only NAME]
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ import statistics
 import time
 
 MICRO, GAS, SEQ, VOCAB, LR = 8, 2, 128, 1024, 1e-4
+BUDGET = [10**9]  # stage3_max_live_parameters and stage3_max_reuse_distance in every column (--stage3-budget)
 ANCHOR_DEEPSPEED = {("fp32", 0): 0.027, ("fp32", 1): 0.028, ("fp32", 2): 0.029, ("fp32", 3): 0.034}
 
 
@@ -138,11 +148,17 @@ def _raw(stage: int, precision: str, batches):
     else:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        # what flexspeed configures: 16-bit gathers and compute, fp32 reduction, in bf16 runs
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        # what flexspeed configures: 16-bit gathers, compute and reduction in bf16 runs
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16) \
             if precision == "bf16" else MixedPrecisionPolicy()
-        for block in model.transformer.h:
-            fully_shard(block, reshard_after_forward=stage == 3, mp_policy=mp)
+        from flexspeed.runtime.fsdp import reshard_plan
+
+        blocks = list(model.transformer.h)
+        numels = [sum(p.numel() for p in b.parameters()) for b in blocks]
+        root = sum(p.numel() for p in model.parameters()) - sum(numels)
+        plan = reshard_plan(numels, root, BUDGET[0], BUDGET[0]) if stage == 3 else [False] * len(blocks)
+        for block, reshard in zip(blocks, plan):
+            fully_shard(block, reshard_after_forward=reshard, mp_policy=mp)
         net = fully_shard(model, reshard_after_forward=None if stage == 3 else False, mp_policy=mp)
         opt = torch.optim.AdamW(net.parameters(), lr=LR)
     feed = itertools.cycle(batches)
@@ -176,7 +192,8 @@ def _engine(lib: str, stage: int, precision: str, batches):
     model = GPT()
     cfg = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": GAS,
            "optimizer": {"type": "AdamW", "params": {"lr": LR}}, "gradient_clipping": 1.0,
-           "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+           "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0,
+                                 "stage3_max_live_parameters": BUDGET[0], "stage3_max_reuse_distance": BUDGET[0]},
            "steps_per_print": 1000}
     if precision == "bf16":
         cfg["bf16"] = {"enabled": True}
@@ -201,8 +218,12 @@ def engine_stepper(engine, batches, gas: int):
 
 
 def _rank_main(rank: int, world: int, steps: int, warmup: int, reps: int, precisions: list[str],
-               stages: list[int], names: list[str]) -> dict:
-    """Per (precision, stage, name): per-step CPU seconds of this rank (all reps) and the last loss."""
+               stages: list[int], names: list[str], budget: int, profile: int = 0) -> dict:
+    """Per (precision, stage, name): per-step CPU seconds of this rank (all reps) and the last loss;
+    ``"peak_rss"``: this rank's peak resident memory in bytes."""
+    import resource
+
+    BUDGET[0] = budget
     comm = CommBytes().install()  # before DeepSpeed (or FSDP2) can capture the functions
     batches = _batches(rank, 8)
     out: dict = {}
@@ -225,8 +246,24 @@ def _rank_main(rank: int, world: int, steps: int, warmup: int, reps: int, precis
                         rec["cpu"].append(cpu)
                         rec["bytes"].append(comm.take())
                         rec["loss"] = loss
+                if profile and rep == 0:  # every rank steps (collectives), rank 0's table is kept
+                    for name in names:
+                        table = _profile(steppers[name], profile)
+                        if rank == 0:
+                            out[("profile", precision, stage, name)] = table
                 del steppers
+    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out
+
+
+def _profile(step, n: int) -> str:
+    """``torch.profiler`` table of ``n`` steps of ``step`` on this rank: where the CPU time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
 
 
 def _summary(recs: list[dict]) -> tuple[float, float]:
@@ -241,6 +278,13 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3], choices=[0, 1, 2, 3])
+    parser.add_argument("--stage3-budget", type=int, default=10**9,
+                        help="stage3_max_live_parameters = stage3_max_reuse_distance in every column "
+                             "(DeepSpeed's default 1e9; 0 = release every block after forward)")
+    parser.add_argument("--only", choices=["flexspeed", "raw", "deepspeed"],
+                        help="run one column alone, to read its peak RSS per rank")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also profile N steps of each column on rank 0 (torch.profiler) and print the tables")
     args = parser.parse_args()
     names = ["flexspeed", "raw"]
     try:
@@ -249,14 +293,32 @@ def main() -> None:
         names.append("deepspeed")
     except ImportError:
         pass
+    if args.only:
+        if args.only not in names:
+            parser.error(f"--only {args.only}: not available here (deepspeed not importable)")
+        names = [args.only]
     from flexspeed.testing import run_ranks
 
     world = 2
     per_rank = run_ranks(_rank_main, world_size=world, timeout=3600, env={"OMP_NUM_THREADS": "1"},
-                         args=(args.steps, args.warmup, args.reps, args.precision, args.stages, names))
+                         args=(args.steps, args.warmup, args.reps, args.precision, args.stages, names,
+                                 args.stage3_budget, args.profile))
     per_step = MICRO * GAS * world
     print(f"\nCPU-seconds per sample, both ranks: median over {args.steps} x {args.reps} interleaved steps "
           f"(after {args.warmup} warm-up each; {MICRO}x{GAS}x{world} = {per_step} samples per step)")
+    for key, table in per_rank[0].items():
+        if key[0] == "profile":
+            print(f"\n## torch.profiler, rank 0, {args.profile} steps: {key[1]} stage {key[2]} {key[3]}\n{table}")
+    rss = " / ".join(f"{r['peak_rss'] / 2**20:.0f}" for r in per_rank)
+    if args.only:
+        print(f"| precision | stage | {args.only} CPU-s per sample | peak RSS per rank, MiB |\n|---|---|---|---|")
+        for precision in args.precision:
+            for stage in args.stages:
+                cpu, _ = _summary([r[(precision, stage, args.only)] for r in per_rank])
+                print(f"| {precision} | {stage} | {cpu / per_step:.4f} | {rss} |")
+        return
+    print(f"(stage3_max_live_parameters = stage3_max_reuse_distance = {args.stage3_budget}; peak RSS per rank of "
+          f"the whole interleaved run: {rss} MiB)")
     has_ds = "deepspeed" in names
     ds_head = " DeepSpeed (measured) | flexspeed / DeepSpeed |" if has_ds else ""
     print(f"| precision | stage | flexspeed | raw PyTorch | ratio raw/flexspeed | last loss flexspeed / raw "

@@ -2,10 +2,14 @@
 
 - stage 2: ``reshard_after_forward=False``: each block's full parameters are gathered once per
   micro-step in forward and kept through backward; gradients and optimizer state are sharded.
-- stage 3: ``reshard_after_forward=True`` on every repeated block (children of an
-  ``nn.ModuleList``, or the classes named in a Hugging Face model's ``_no_split_modules``), so
-  at most a block or two is whole at a time; the root keeps FSDP2's default (gathered from its
-  forward to its backward). Parameters with fewer than ``stage3_param_persistence_threshold``
+- stage 3: every repeated block (children of an ``nn.ModuleList``, or the classes named in a
+  Hugging Face model's ``_no_split_modules``) is its own FSDP2 unit; the root keeps FSDP2's default
+  (gathered from its forward to its backward). Whether a block is released after its forward
+  follows DeepSpeed's ``stage3_max_reuse_distance`` and ``stage3_max_live_parameters`` (see
+  :func:`reshard_plan`): a block whose parameters are used again (in backward) within the reuse
+  distance stays gathered if the live-parameter budget allows, so it is all-gathered once per
+  micro-step instead of twice; with budgets of 0 every block is released (at most a block or two
+  whole at a time). Parameters with fewer than ``stage3_param_persistence_threshold``
   elements stay whole on every rank (FSDP2 ``ignored_params``); their gradients are all-reduced
   here, once per accumulation boundary.
 
@@ -14,7 +18,8 @@ behaviour: a full gradient never outlives one block's backward). ``communication
 maps to ``MixedPrecisionPolicy(reduce_dtype=...)``: the wire format only, the result is cast
 back to fp32 before it is accumulated. In bf16/fp16 runs ``param_dtype`` is the 16-bit type: the
 all-gathers move half the bytes and the blocks compute on 16-bit weights (as DeepSpeed's bf16 runs
-do), while the sharded master weights, optimizer state and reduction stay fp32. FSDP2 replaces the
+do), while the sharded master weights and optimizer state stay fp32; unset, ``communication_data_type``
+is DeepSpeed's default (bf16 reduction in bf16 runs, fp32 in fp16 runs, see :func:`_mp_policy`). FSDP2 replaces the
 parameters with DTensors, so the optimizer is built afterwards; a client optimizer made on the old
 parameters is re-pointed in place (same object, same groups and hyperparameters, state
 re-sharded).
@@ -41,7 +46,7 @@ from flexspeed.runtime.zero import (
     warn_once,
 )
 
-__all__ = ["FullyShardedDP", "find_blocks", "persistent_params"]
+__all__ = ["FullyShardedDP", "find_blocks", "persistent_params", "reshard_plan"]
 
 
 def find_blocks(module: nn.Module) -> list[nn.Module]:
@@ -80,6 +85,34 @@ def persistent_params(module: nn.Module, threshold: int, cap: int = 2**63 - 1) -
     return out
 
 
+def reshard_plan(block_numels: list[int], root_numel: int, max_live: int, max_reuse: int) -> list[bool]:
+    """Per block (forward order): ``True`` = release its gathered parameters after forward (FSDP2
+    ``reshard_after_forward``), ``False`` = keep them gathered until its backward.
+
+    DeepSpeed keeps a gathered parameter when its next use comes within ``stage3_max_reuse_distance``
+    elements of parameters used in between. Block ``i`` is next used in backward, after the later
+    blocks and the root's own parameters ran forward and backward: reuse distance
+    ``2 * (sum(block_numels[i+1:]) + root_numel)``. Blocks are kept from the last one backwards (the
+    shortest distances first) while that distance is below ``max_reuse`` and the parameters whole at
+    the end of forward stay within ``stage3_max_live_parameters``: the root, the kept blocks and, while
+    any block is released, the two largest released ones (the one computing and FSDP2's one
+    prefetched). DeepSpeed uses the live budget to bound prefetching only; here it also bounds what is
+    kept, so peak gathered memory never exceeds it because of this choice.
+    """
+    n = len(block_numels)
+    reshard = [True] * n
+    kept = 0
+    for i in range(n - 1, -1, -1):
+        distance = 2 * (sum(block_numels[i + 1:]) + root_numel)
+        released = sorted((block_numels[j] for j in range(i)), reverse=True)[:2]
+        live = root_numel + kept + block_numels[i] + sum(released)
+        if distance >= max_reuse or live > max_live:
+            break
+        reshard[i] = False
+        kept += block_numels[i]
+    return reshard
+
+
 def _dp_mesh(device: torch.device, group: dist.ProcessGroup | None):
     """The 1-D data-parallel mesh FSDP2 shards over: ``group``'s, or the world's (from ``ParallelDims``)."""
     from flexspeed.distributed.parallel_dims import ParallelDims, mesh_from_group
@@ -94,13 +127,18 @@ def _dp_mesh(device: torch.device, group: dist.ProcessGroup | None):
 
 def _mp_policy(settings: ZeroSettings) -> Any:
     """FSDP2's mixed precision from the run's precision: 16-bit runs all-gather 16-bit parameters (half the
-    bytes of fp32) and compute on them; the sharded master weights, the optimizer and the gradient
-    reduce-scatter stay fp32 unless ``communication_data_type`` says otherwise."""
+    bytes of fp32) and compute on them; the sharded master weights and the optimizer stay fp32.
+
+    The reduce-scatter's wire dtype is ``communication_data_type``; unset, it is DeepSpeed's default for
+    the run: bf16 in bf16 runs (the gradients FSDP2 reduces were computed on bf16 weights and are bf16
+    already, so an fp32 wire would only defer the rounding of the cross-rank sum), fp32 otherwise (fp16
+    keeps fp32: a sum of loss-scaled fp16 gradients can overflow). Reduced shards are cast to fp32 before
+    they are accumulated."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     reduce = settings.comm_dtype
     if reduce is None and settings.param_dtype is not None:
-        reduce = torch.float32
+        reduce = torch.bfloat16 if settings.param_dtype == torch.bfloat16 else torch.float32
     return MixedPrecisionPolicy(param_dtype=settings.param_dtype, reduce_dtype=reduce)
 
 
@@ -135,8 +173,9 @@ class FullyShardedDP(ZeroStrategy):
                                       mp_policy=_mp_policy(settings),
                                       ignored_params=set(self._persistent) or None)
         self.blocks = find_blocks(module)
-        for block in self.blocks:
-            fully_shard(block, reshard_after_forward=stage == 3, **kwargs)
+        self.reshard = self._reshard_plan(module, settings) if stage == 3 else [False] * len(self.blocks)
+        for block, reshard in zip(self.blocks, self.reshard):
+            fully_shard(block, reshard_after_forward=reshard, **kwargs)
         fully_shard(module, reshard_after_forward=None if stage == 3 else False, **kwargs)
         if meta:
             from flexspeed.zero import materialize_module
@@ -156,6 +195,21 @@ class FullyShardedDP(ZeroStrategy):
         if settings.predivide != 1.0:
             warn_once("gradient_predivide_factor is ignored at stages 2-3: FSDP2 divides by the world size "
                       "itself (same mean gradient; only the rounding point differs)", self.notes)
+
+    def _reshard_plan(self, module: nn.Module, settings: ZeroSettings) -> list[bool]:
+        """:func:`reshard_plan` on this model's sharded element counts (persistent parameters excluded)."""
+        whole = {id(p) for p in self._persistent}
+        in_blocks = {id(p) for b in self.blocks for p in b.parameters()}
+        numels = [sum(p.numel() for p in b.parameters() if id(p) not in whole) for b in self.blocks]
+        root = sum(p.numel() for p in module.parameters() if id(p) not in whole and id(p) not in in_blocks)
+        plan = reshard_plan(numels, root, settings.max_live_parameters, settings.max_reuse_distance)
+        kept = plan.count(False)
+        if self.blocks:
+            self.notes.append(
+                f"stage3_max_reuse_distance={settings.max_reuse_distance}, stage3_max_live_parameters="
+                f"{settings.max_live_parameters}: {kept} of {len(plan)} block(s) stay gathered from forward to "
+                f"backward ({sum(n for n, r in zip(numels, plan) if not r)} elements)")
+        return plan
 
     def _set_prefetch(self, bucket_elements: int) -> None:
         """Map ``stage3_prefetch_bucket_size`` onto FSDP2 explicit prefetch of the next k blocks."""

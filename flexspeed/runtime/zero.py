@@ -148,6 +148,8 @@ class ZeroSettings:
     persistence_threshold: int = 0  # stage 3: parameters with fewer elements stay whole
     persistence_cap: int = 2**63 - 1  # stage 3: most elements kept whole in total
     prefetch_bucket_size: int | None = None  # stage 3, only when not the default
+    max_live_parameters: int = 0  # stage 3: most elements gathered at once; 0 = reshard every block
+    max_reuse_distance: int = 0  # stage 3: keep a block gathered if reused within this many elements
     allow_untested: bool = False
     ignore_unused_parameters: bool = True  # stages 0-1: DDP looks for parameters forward did not reach
 
@@ -164,8 +166,8 @@ class ZeroSettings:
         return cls(
             stage=zc.stage,
             comm_dtype=_COMM_DTYPES[config.communication_data_type],
-            # 16-bit runs gather 16-bit parameters (half the bytes); master weights, optimizer and
-            # the gradient reduction stay fp32 (reduce_dtype below)
+            # 16-bit runs gather 16-bit parameters (half the bytes); master weights and optimizer
+            # stay fp32 (stages 2-3 reduce bf16 gradients in bf16 unless comm_dtype says: fsdp._mp_policy)
             param_dtype=_DTYPES[config.precision] if config.precision != "fp32" else None,
             predivide=float(config.gradient_predivide_factor) if config.prescale_gradients else 1.0,
             bucket_cap_mb=_resolved(zc, "reduce_bucket_size") * 4 / 2**20 if "reduce_bucket_size" in explicit
@@ -179,6 +181,8 @@ class ZeroSettings:
             persistence_cap=zc.stage3_model_persistence_threshold,
             prefetch_bucket_size=_resolved(zc, "stage3_prefetch_bucket_size")
             if "stage3_prefetch_bucket_size" in explicit else None,
+            max_live_parameters=zc.stage3_max_live_parameters,
+            max_reuse_distance=zc.stage3_max_reuse_distance,
             allow_untested=config.zero_allow_untested_optimizer,
             ignore_unused_parameters=zc.ignore_unused_parameters,
         )

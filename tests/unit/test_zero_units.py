@@ -12,7 +12,7 @@ import torch.nn as nn
 import flexspeed
 from flexspeed.config import ConfigError, build_config
 from flexspeed.models import GPT, GPTConfig
-from flexspeed.runtime.fsdp import find_blocks, persistent_params
+from flexspeed.runtime.fsdp import find_blocks, persistent_params, reshard_plan
 from flexspeed.runtime.zero import (DataParallel, ShardedOptimizerDP, ZeroSettings, _check_offload, apply_zero,
                                     check_shardable, partition_params)
 
@@ -117,6 +117,34 @@ def test_untested_optimizer_needs_the_config_flag():
     check_shardable(Lamb(params), stage=2, allow_untested=False)
     with pytest.raises(ConfigError, match="LBFGS"):
         check_shardable(torch.optim.LBFGS(params), stage=2, allow_untested=False)
+
+
+def test_settings_read_live_and_reuse_budgets():
+    s = ZeroSettings.from_config(_cfg(zero_optimization={"stage": 3, "stage3_max_live_parameters": 123,
+                                                         "stage3_max_reuse_distance": 45}))
+    assert (s.max_live_parameters, s.max_reuse_distance) == (123, 45)
+    d = ZeroSettings.from_config(_cfg(zero_optimization={"stage": 3}))
+    assert (d.max_live_parameters, d.max_reuse_distance) == (10**9, 10**9)  # DeepSpeed's defaults
+
+
+def test_reshard_plan_keeps_blocks_within_reuse_distance_and_live_budget():
+    blocks, root = [100, 100, 100, 100], 50
+    # DeepSpeed's defaults on a small model: everything stays gathered into backward
+    assert reshard_plan(blocks, root, 10**9, 10**9) == [False] * 4
+    # budgets of 0: every block is released after forward (all-gathered again in backward)
+    assert reshard_plan(blocks, root, 0, 10**9) == [True] * 4
+    assert reshard_plan(blocks, root, 10**9, 0) == [True] * 4
+    # reuse distance of block i = 2 * (later blocks + root): 100, 300, 500, 700
+    assert reshard_plan(blocks, root, 10**9, 301) == [True, True, False, False]
+    assert reshard_plan(blocks, root, 10**9, 300) == [True, True, True, False]
+    # live at the end of forward: root + kept + the two largest released blocks (computing, prefetched):
+    # keeping block 3 needs 50 + 100 + 200; keeping 3 and 2 needs 50 + 200 + 200 (released: 0, 1);
+    # keeping 3, 2, 1 needs 50 + 300 + 100; keeping all needs 50 + 400
+    assert reshard_plan(blocks, root, 349, 10**9) == [True] * 4
+    assert reshard_plan(blocks, root, 350, 10**9) == [True, True, True, False]
+    assert reshard_plan(blocks, root, 449, 10**9) == [True, True, True, False]
+    assert reshard_plan(blocks, root, 450, 10**9) == [False] * 4
+    assert reshard_plan([], root, 10**9, 10**9) == []
 
 
 # ---- block detection ---------------------------------------------------------------------------------
