@@ -227,6 +227,7 @@ class PipelineEngine(EngineBase):
         if mon.active:
             mon.add_loss(float(loss))
         self._maybe_print()
+        self._after_optimizer_step()  # checkpoint.save_interval (flexspeed.runtime.autosave)
         return loss
 
     def _reduce_gradients(self) -> None:

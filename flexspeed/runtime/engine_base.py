@@ -102,6 +102,7 @@ class EngineBase(PassThroughToModule, nn.Module):
         self._dp_rank = dist.get_rank(strategy.group) if dist.is_initialized() else 0
         # log line, timers, scalar writers, FLOPs profile, progress bar (see flexspeed.runtime.monitor)
         self.monitor = build_monitor(config, rank=self.global_rank, device=device)
+        self.autosaver: Any = None  # set by initialize() from the checkpoint section (flexspeed.runtime.autosave)
 
     # ---- configuration queries (DeepSpeed names) -------------------------------------------------
     @property
@@ -217,6 +218,11 @@ class EngineBase(PassThroughToModule, nn.Module):
                     self.lr_scheduler.step(**(lr_kwargs or {}))
         self.optimizer.zero_grad(set_to_none=True)
         self.global_steps += 1
+
+    def _after_optimizer_step(self) -> None:
+        """After each optimizer step of either engine: the interval save (``checkpoint.save_interval``)."""
+        if self.autosaver is not None:
+            self.autosaver.after_step(self)
 
     def zero_grad(self) -> None:
         if self.optimizer is not None:
