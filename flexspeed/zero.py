@@ -14,6 +14,13 @@ model's whenever that model's initialisation is its layers' ``reset_parameters``
 construction order (``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``, ...). Custom
 initialisation done in a constructor (``self.apply(self._init_weights)``) runs on meta tensors
 and has no effect: pass it as ``param_init_fn``. Buffers are built normally (they are small).
+
+Arithmetic on a parameter while it has no values would be lost, so inside ``Init`` it raises at that
+line, naming the parameter and the fix (:class:`_PlaceholderWriteGuard`): ``p.data = p.data + 1``,
+``p.data.mul_(2)``, ``p += 1``, ``p.copy_(t)``, ``p[0] = v`` on a parameter built under ``Init`` (outside a
+``GatheredParameters`` block). Value-free fills (``normal_``, ``uniform_``, ``zero_``, ``fill_``, and
+``torch.nn.init``, which skips meta tensors) stay allowed: they are the initialisers ``reset_parameters`` /
+``param_init_fn`` run again when ``initialize()`` fills the shards.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from flexspeed.runtime.zero import warn_once
 
@@ -126,11 +135,17 @@ class Init:
         self._record = InitRecord(torch.get_rng_state(), self.seed, self.param_init_fn, self.group)
         _install_movable_placeholders()
         self._hook = nn.modules.module.register_module_parameter_registration_hook(self._on_parameter)
+        self._guard = _PlaceholderWriteGuard()
+        self._guard.__enter__()
         _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         _ACTIVE.pop()
+        guard = getattr(self, "_guard", None)
+        if guard is not None:
+            self._guard = None
+            guard.__exit__(None, None, None)
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -159,6 +174,69 @@ class Init:
         if self._empty_placeholders:
             self._made.append(placeholder)  # a strong reference until exit (swap_tensors refuses weakly held ones)
         return placeholder
+
+
+# in-place methods that write no value derived from the tensor or from data (initialisers, metadata)
+_VALUE_FREE = frozenset({"uniform_", "normal_", "zero_", "fill_", "random_", "bernoulli_", "exponential_",
+                         "cauchy_", "log_normal_", "geometric_", "fill_diagonal_", "requires_grad_",
+                         "share_memory_", "retain_grad", "resize_", "detach_"})
+_WRITES = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                     "__imod__", "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
+                     "__irshift__"})
+
+
+def _param_label(p: nn.Parameter) -> str:
+    for ref, name in p._fs_owners:
+        module = ref()
+        if module is not None:
+            return f"{type(module).__name__}.{name} (shape {tuple(p.ds_shape)})"
+    return f"a parameter of shape {tuple(p.ds_shape)}"
+
+
+class _PlaceholderWriteGuard(TorchFunctionMode):
+    """Active inside ``Init``: a write of values into a parameter that has none yet (a placeholder, its ``.data``
+    or a view of them) raises at that line instead of being lost when ``initialize()`` fills the parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._aliases = WeakIdKeyDictionary()  # tensor -> the placeholder whose (absent) storage it shows
+
+    def _placeholder(self, t: Any) -> nn.Parameter | None:
+        if not isinstance(t, torch.Tensor):
+            return None
+        if _is_placeholder(t):
+            return t
+        p = self._aliases.get(t)
+        return p if p is not None and _is_placeholder(p) else None
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        target = self._placeholder(args[0]) if args else None
+        out_target = self._placeholder(kwargs.get("out"))
+        if out_target is not None:
+            self._refuse(out_target, f"{name}(..., out=<it>)")
+        if target is not None:
+            attr = getattr(getattr(func, "__self__", None), "__name__", "")
+            if name == "__set__" and attr == "data":
+                self._refuse(target, ".data = <a new value>")
+            if name in _WRITES or (name.endswith("_") and not name.startswith("_") and name not in _VALUE_FREE):
+                self._refuse(target, f"{name}()")
+        result = func(*args, **kwargs)
+        if target is not None and isinstance(result, torch.Tensor) and result is not target:
+            attr = getattr(getattr(func, "__self__", None), "__name__", "")
+            if (name == "__get__" and attr == "data") or result._is_view():
+                self._aliases[result] = target
+        return result
+
+    @staticmethod
+    def _refuse(p: nn.Parameter, what: str) -> None:
+        raise RuntimeError(
+            f"zero.Init: {what} on parameter {_param_label(p)} would be lost: a parameter built under zero.Init "
+            "holds no values until flexspeed.initialize() (or deepspeed.initialize()) fills its shards by running "
+            "reset_parameters() again. Fix: compute it in the module's reset_parameters(), or pass "
+            "zero.Init(param_init_fn=fn) where fn(module) does it (it runs on whole temporary copies), or build "
+            "this module outside zero.Init (or with zero.Init(enabled=False))")
 
 
 def _find_record(module: nn.Module) -> InitRecord | None:
@@ -452,6 +530,8 @@ class GatheredParameters:
         placeholders = {id(p) for p in self._placeholders}
         with torch.no_grad():
             for p, full in zip(self.params, self.full):
+                if id(p) in placeholders:  # its storage now: `p.data = new` inside the block replaced the yielded one
+                    full = p.detach()
                 group = p.device_mesh.get_group() if isinstance(p, DTensor) else _group_of(p)
                 if dist.is_initialized() and dist.get_world_size(group) > 1:
                     src = dist.get_global_rank(group, self.modifier_rank) if group is not None else self.modifier_rank

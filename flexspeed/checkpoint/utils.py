@@ -1,7 +1,8 @@
 """``deepspeed.checkpoint.utils``: ``clone_tensors_for_torch_save``.
 
 Accelerate calls it on ``model.state_dict()`` before saving at ZeRO stages 0-2, where DeepSpeed's
-parameters are whole tensors. flexspeed's stage 2 keeps parameters as FSDP2 DTensor shards, so a
+parameters are whole tensors, as flexspeed's are (stage 2 included). Where parameters are FSDP2
+DTensor shards (stage 3, stage 2 with CPU offload on an accelerator, tensor parallelism), a
 DTensor is gathered into its whole value first (a collective: every rank of its mesh calls this with
 the same tensors, as every rank calls ``Accelerator.get_state_dict``).
 """

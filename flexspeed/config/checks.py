@@ -137,11 +137,19 @@ def _check_sparse_gradients(cfg: FlexConfig) -> None:
 
 
 def _check_gradient_allreduce_op(cfg: FlexConfig) -> None:
-    if cfg.gradient_allreduce_op == "sum":
+    if cfg.gradient_allreduce_op == "sum" and int(getattr(cfg.tensor_parallel, "autotp_size", 1) or 1) > 1:
         raise ConfigError(
-            "got \"sum\" (gradients summed, not averaged, over data-parallel ranks): flexspeed does not implement "
-            'it. Fix: remove the key or set "mean" (the default), and multiply the learning rate by the '
-            "data-parallel size if the run relied on summed gradients.",
+            "got \"sum\" with tensor_parallel.autotp_size > 1: flexspeed's tensor-parallel training averages the "
+            'data-parallel gradients. Fix: use "mean" (the default) and multiply the learning rate by the '
+            "data-parallel size",
+            key="gradient_allreduce_op",
+        )
+    # DeepSpeed's own refusal: ZeRO-3 partitions parameters and always averages
+    if cfg.gradient_allreduce_op == "sum" and cfg.zero_optimization.stage == 3:
+        raise ConfigError(
+            "got \"sum\": gradient_allreduce_op='sum' is not supported with ZeRO stage 3 (as in DeepSpeed). "
+            'Fix: use "mean" (the default) and multiply the learning rate by the data-parallel size, or use '
+            "ZeRO stage 0-2",
             key="gradient_allreduce_op",
         )
 

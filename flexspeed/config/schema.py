@@ -106,8 +106,8 @@ class FlexConfig(Section):
     sparse_gradients: Bool = False
     """Reduce embedding gradients as sparse tensors (not implemented: must be false)."""
     gradient_allreduce_op: Literal["mean", "sum"] = "mean"
-    """How gradients combine over data-parallel ranks (case-insensitive): ``"mean"``, DeepSpeed's default.
-    ``"sum"`` is not implemented (a ConfigError)."""
+    """How gradients combine over data-parallel ranks (case-insensitive): ``"mean"``, DeepSpeed's default, or
+    ``"sum"`` (a plain sum: no predivide factor; ZeRO stages 0-2, as in DeepSpeed)."""
     communication_data_type: Dtype | None = None
     """Data type of gradient reduction (null = the gradients' dtype); ``"bfp16"`` means bf16."""
     data_types: DataTypesConfig = Field(default_factory=DataTypesConfig)

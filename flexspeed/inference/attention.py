@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["StepContext", "step_context", "apply_rope", "static_attention", "decode_attention", "decode_valid"]
+__all__ = ["StepContext", "step_context", "apply_rope", "static_attention", "decode_attention", "decode_valid",
+           "window_keys"]
 
 
 @dataclass
@@ -34,20 +35,26 @@ class StepContext:
 
 
 def step_context(T: int, start: int, key_mask: torch.Tensor | None, device: torch.device,
-                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepContext:
+                 rope: tuple[torch.Tensor, torch.Tensor] | None = None, window: int | None = None) -> StepContext:
     """The mask of ``T`` new tokens written at cache positions ``start:start+T``.
 
     Args:
         key_mask: ``(B, >= start+T)`` bool, False at left padding; ``None`` when no row is padded.
+        window: sliding attention window (a query at cache column ``i`` attends columns
+            ``> i - window``, as HF's Mistral/Qwen2 masks), ``None``: full causal attention.
     Returns:
         No mask when SDPA's own causal flag (prefill from 0) or nothing at all (one new token)
         is exact; else a boolean ``(B or 1, 1, T, start+T)`` mask: causal within the new tokens,
         everything cached before them, never a padded key.
     """
-    if key_mask is None and (start == 0 or T == 1):
-        return StepContext(start, None, T > 1, rope)
     end = start + T
+    if window is not None and end <= window:
+        window = None  # no query reaches past its window yet
+    if key_mask is None and window is None and (start == 0 or T == 1):
+        return StepContext(start, None, T > 1, rope)
     causal = torch.ones(T, end, dtype=torch.bool, device=device).tril(diagonal=start)  # (T, end)
+    if window is not None:
+        causal &= ~torch.ones(T, end, dtype=torch.bool, device=device).tril(diagonal=start - window)
     mask = causal[None, None] if key_mask is None else causal[None, None] & key_mask[:, None, None, :end]
     return StepContext(start, mask, False, rope)
 
@@ -100,6 +107,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     s = s.masked_fill(~valid.view(valid.shape[0], 1, 1, -1), float("-inf"))
     y = torch.matmul(s.softmax(-1).to(v.dtype), v)  # (B, Hkv, G, hd)
     return y.reshape(B, hq, 1, hd).to(q.dtype)
+
+
+def window_keys(index: torch.Tensor | int, t_max: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """(1, T_max) bool: the columns a query at cache column ``index`` may attend under a sliding
+    ``window`` (those ``> index - window``), or ``None`` without a window."""
+    if window is None:
+        return None
+    return (torch.arange(t_max, device=device) > index - window)[None]
 
 
 def decode_valid(t_max: int, end: int, mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:

@@ -38,6 +38,7 @@ from flexspeed.inference.offload.policy import OffloadPolicy
 __all__ = [
     "InferenceConfig",
     "InferenceTPConfig",
+    "InferenceMoEConfig",
     "QuantConfig",
     "WeightQuantConfig",
     "resolve_inference_config",
@@ -60,7 +61,6 @@ _COMPUTE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.
 
 # DeepSpeed inference keys flexspeed knows but does not implement, with the reason.
 _UNSUPPORTED: dict[str, str] = {
-    "moe": "mixture-of-experts inference is not supported",
     "zero": "ZeRO-Inference is configured through flexspeed.initialize(), not init_inference()",
     "save_mp_checkpoint_path": "saving pre-sharded tensor-parallel checkpoints is not supported; "
                                "flexspeed slices unsharded checkpoints at load time instead",
@@ -142,6 +142,16 @@ class QuantConfig(_Section):
     """Weight quantization parameters."""
 
 
+class InferenceMoEConfig(_Section):
+    """``moe``: DeepSpeed's mixture-of-experts inference section; only "off" is accepted.
+
+    DeepSpeed also takes a bool here (``"moe": false`` is ``{"enabled": false}``).
+    """
+
+    enabled: bool = False
+    """Mixture-of-experts inference (not supported: ``true`` is a ConfigError)."""
+
+
 class InferenceConfig(_Section):
     """Everything ``init_inference`` reads; build it with :func:`resolve_inference_config`."""
 
@@ -176,6 +186,14 @@ class InferenceConfig(_Section):
     """Triton kernels; not supported (must stay False)."""
     offload: OffloadPolicy | None = None
     """Offloaded generation (FlexLLMGen's policy: weights/cache/activations on device, CPU, disk); ``None``: in memory."""
+    moe: InferenceMoEConfig = InferenceMoEConfig()
+    """Mixture-of-experts inference: only disabled (``false`` or ``{"enabled": false}``) is accepted."""
+
+    @field_validator("moe", mode="before")
+    @classmethod
+    def _moe_bool(cls, v: Any) -> Any:
+        # DeepSpeed: moe: Union[bool, DeepSpeedMoEConfig]; a bool is the section's "enabled"
+        return {"enabled": v} if isinstance(v, bool) else v
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -363,6 +381,9 @@ def _loc_to_key(loc: tuple) -> str:
 
 
 def _check_semantics(cfg: InferenceConfig) -> None:
+    if cfg.moe.enabled:
+        raise ConfigError("is a DeepSpeed inference option flexspeed does not support: mixture-of-experts "
+                          'inference is not supported. Fix: remove "moe" or set it to false', key="moe")
     if cfg.use_triton:
         raise ConfigError("Triton kernels are not supported by flexspeed; set use_triton=False",
                           key="use_triton")

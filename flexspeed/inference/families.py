@@ -70,6 +70,9 @@ class Dims:
     final_norm: bool = True
     eos_token_id: Any = None
     pad_token_id: Any = None
+    windows: tuple[int | None, ...] = ()
+    """Per decoder layer, the sliding attention window (a query attends the ``window`` newest keys,
+    itself included: HF's ``kv_idx > q_idx - window``), ``None`` for full attention; empty: none."""
 
     def layer_scale(self, index: int) -> float:
         """Softmax scale of decoder layer ``index``."""
@@ -127,8 +130,6 @@ class Family:
             return f"{self.name}'s parallel residual is not in the native kernel"
         if dims.rotary_dim and dims.rotary_dim != dims.head_dim:
             return f"{self.name} rotates {dims.rotary_dim} of {dims.head_dim} head dims (partial rotary)"
-        if dims.norm == "rms1p":
-            return f"{self.name}'s (1 + weight) RMSNorm is not in the native kernel"
         return None
 
 
@@ -215,18 +216,24 @@ def _llama_like(cfg: Any, *, act: str = "silu", qkv_bias: bool | None = None, wi
     hd = _get(cfg, "head_dim", c // heads)
     abias = bool(_get(cfg, "attention_bias", False)) if qkv_bias is None else qkv_bias
     rope = _rope_params(cfg)
-    limit = None
+    layers = _get(cfg, "num_hidden_layers", 32)
+    windows: tuple[int | None, ...] = ()
     if window and _get(cfg, "sliding_window", None) is not None and _get(cfg, "use_sliding_window", True):
-        limit = int(_get(cfg, "sliding_window"))  # beyond it the model attends over a window, the runner does not
-    return Dims(n_layers=_get(cfg, "num_hidden_layers", 32), hidden=c, n_heads=heads,
+        w = int(_get(cfg, "sliding_window"))
+        kinds = _get(cfg, "layer_types", None)  # Qwen2: only layers >= max_window_layers slide
+        windows = tuple(w if kinds is None or kinds[i] == "sliding_attention" else None for i in range(layers))
+        if all(x is None for x in windows):
+            windows = ()
+    return Dims(n_layers=layers, hidden=c, n_heads=heads,
                 n_kv_heads=_get(cfg, "num_key_value_heads", heads), head_dim=hd,
-                ffn=_get(cfg, "intermediate_size", 11008), vocab=_get(cfg, "vocab_size", 32000), max_positions=limit,
+                ffn=_get(cfg, "intermediate_size", 11008), vocab=_get(cfg, "vocab_size", 32000), max_positions=None,
                 norm=norm, eps=float(_get(cfg, "rms_norm_eps", 1e-6)), act=_get(cfg, "hidden_act", act),
                 norm_bias=False, gated=True, rotary_dim=int(hd * float(rope.get("partial_rotary_factor", 1.0))),
                 rope=rope, qkv_bias=abias, o_bias=bool(_get(cfg, "attention_bias", False)) and qkv_bias is None,
                 mlp_bias=bool(_get(cfg, "mlp_bias", False)), tied=bool(_get(cfg, "tie_word_embeddings", tied)),
                 embed_scale=float(c ** 0.5) if embed_scale else None, scale=hd ** -0.5,
-                eos_token_id=_get(cfg, "eos_token_id", 2), pad_token_id=_get(cfg, "pad_token_id", None))
+                eos_token_id=_get(cfg, "eos_token_id", 2), pad_token_id=_get(cfg, "pad_token_id", None),
+                windows=windows)
 
 
 def _gpt_neox(cfg: Any) -> Dims:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from flexspeed.inference.attention import StepContext, step_context
+from flexspeed.inference.attention import StepContext, step_context, window_keys
 
 if TYPE_CHECKING:
     from flexspeed.inference.kernels import FusedDecoderLayer, ModelArch
@@ -145,16 +145,40 @@ class FusedRunner:
             vs.append(torch.zeros(shape, dtype=dt, device=ref.device))
         return KVCache(ks, vs)
 
-    def context(self, x: torch.Tensor, pos: torch.Tensor, start: int, key_mask: torch.Tensor | None) -> StepContext:
+    def context(self, x: torch.Tensor, pos: torch.Tensor, start: int, key_mask: torch.Tensor | None,
+                window: int | None = None, rope: tuple | None = None) -> StepContext:
         """Mask and rotary tables for new tokens at cache positions ``start:start+T``.
 
         Args:
             x: embedded tokens (B, T, C) (dtype/device for the rotary tables).
             pos: position ids (B, T).
             key_mask: (B, >= start+T) bool, False for padding; ``None`` if there is none.
+            window: the layers' sliding attention window, ``None`` for full attention.
+            rope: the rotary tables, when already computed for another context of this step.
         """
-        rope = self.arch.rope(self.root, x, pos) if self.arch.rope is not None else None
-        return step_context(x.shape[1], start, key_mask, x.device, rope)
+        if rope is None and self.arch.rope is not None:
+            rope = self.arch.rope(self.root, x, pos)
+        return step_context(x.shape[1], start, key_mask, x.device, rope, window)
+
+    @property
+    def windows(self) -> tuple[int | None, ...]:
+        """Per layer, its sliding attention window (``None``: full); empty when no layer slides."""
+        dims = getattr(self.arch, "dims", None)
+        return tuple(getattr(dims, "windows", ()) or ())
+
+    def _window_mask(self, B: int, start: int, key_mask: torch.Tensor | None,
+                     device: torch.device) -> torch.Tensor | None | bool:
+        """The key mask of one native step at column ``start`` with the layers' sliding window
+        folded in: ``key_mask`` itself where no window reaches back past column 0 yet, a
+        (B, start + 1) mask when every layer has the same window, ``False`` when the layers'
+        windows differ (the native step takes one mask for all layers: the step runs eagerly)."""
+        ws = self.windows
+        if not ws or all(w is None or start + 1 <= w for w in ws):
+            return key_mask
+        if len(set(ws)) != 1:
+            return False
+        keys = window_keys(start, start + 1, ws[0], device).expand(B, start + 1)
+        return keys if key_mask is None else keys & key_mask[:, :start + 1]
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, start: int,
                 key_mask: torch.Tensor | None = None, last_only: bool = True) -> torch.Tensor:
@@ -168,9 +192,10 @@ class FusedRunner:
             if graphs.owns(cache):
                 return graphs.step(ids, pos, cache, start, key_mask)
         x = self.arch.embed(self.root, ids, pos)  # (B, T, C)
-        if ids.shape[1] == 1 and self._native_ok(x, cache):
+        keys = self._window_mask(x.shape[0], start, key_mask, x.device) if ids.shape[1] == 1 else False
+        if keys is not False and self._native_ok(x, cache):
             rope = self.arch.rope(self.root, x, pos) if self.arch.rope is not None else None
-            return self._native.forward(x, cache.k, cache.v, start, key_mask, rope)  # (B, 1, V)
+            return self._native.forward(x, cache.k, cache.v, start, keys, rope)  # (B, 1, V)
         if ids.shape[1] == 1 and self.compile_decode and self._compiled_ok():
             try:
                 return self._static_forward(x, pos, cache, start, key_mask)
@@ -178,8 +203,12 @@ class FusedRunner:
                 warnings.warn(f"compiled decode failed ({type(exc).__name__}: {exc}); running eagerly", stacklevel=2)
                 self.compile_decode = False
         ctx = self.context(x, pos, start, key_mask)
+        ctxs = {None: ctx}
+        for w in set(self.windows) - {None}:  # sliding-window layers (Mistral, Qwen2): their own mask
+            ctxs[w] = self.context(x, pos, start, key_mask, w, ctx.rope)
+        ws = self.windows
         for i, layer in enumerate(self.layers):
-            x = layer.step(x, ctx, cache.k[i], cache.v[i])
+            x = layer.step(x, ctxs[ws[i]] if ws else ctx, cache.k[i], cache.v[i])
         if last_only:
             x = x[:, -1:]  # (B, 1, C): the head reads only what generation needs
         return self._head(x)
@@ -240,8 +269,8 @@ class FusedRunner:
                min_new: int, eos: list[int], pad: int | None, done: list[bool]) -> int | None:
         """The rest of a greedy generation in one native call (see :meth:`NativeDecoder.greedy`),
         or ``None`` where single-token steps do not run natively."""
-        if not self._native_ok(seq, cache):
-            return None
+        if not self._native_ok(seq, cache) or any(w is not None and seq.shape[1] > w for w in self.windows):
+            return None  # past a sliding window, each step's mask moves: the per-step path applies it
         return self._native.greedy(cache.k, cache.v, key_mask, seq, T, pos0, min_new, eos, pad, done)
 
     def _native_ok(self, x: torch.Tensor, cache: KVCache) -> bool:
@@ -278,8 +307,10 @@ class FusedRunner:
         x = self.arch.embed(self.root, ids, pos)  # (B, 1, C)
         valid = (torch.arange(cache.max_len, device=x.device) <= index) & key_mask  # (B, T_max)
         rope = self.arch.rope(self.root, x, pos) if self.arch.rope is not None else None
+        ws = self.windows
         for i, layer in enumerate(self.layers):
-            x = layer.static_step(x, cache.k[i], cache.v[i], index, valid, rope)
+            keys = window_keys(index, cache.max_len, ws[i], x.device) if ws else None
+            x = layer.static_step(x, cache.k[i], cache.v[i], index, valid if keys is None else valid & keys, rope)
         return self._head(x)
 
     def _compiled_ok(self) -> bool:
@@ -298,8 +329,10 @@ class FusedRunner:
         index = torch.tensor([start], device=x.device)
         rope = self.arch.rope(self.root, x, pos) if self.arch.rope is not None else None
         step, head = _compiled()
+        ws = self.windows
         for i, layer in enumerate(self.layers):
-            x = step(layer, x, cache.k[i], cache.v[i], index, valid, rope)
+            keys = window_keys(start, t_max, ws[i], x.device) if ws else None
+            x = step(layer, x, cache.k[i], cache.v[i], index, valid if keys is None else valid & keys, rope)
         return head(self, x)
 
 

@@ -32,6 +32,7 @@ class RunnerCache:
     """
 
     is_compileable = False
+    is_croppable = True  # assisted decoding drops rejected draft tokens with :meth:`crop`
 
     def __init__(self, runner: Any, max_len: int) -> None:
         self.runner, self.max_len = runner, max_len
@@ -44,6 +45,25 @@ class RunnerCache:
 
     def get_mask_sizes(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
         return self.seen, 0
+
+    def activate_past_recording(self, **kwargs: Any) -> None:
+        """Nothing to record: a static cache keeps every column, :meth:`crop` only moves its length."""
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` positions (a negative value: drop that many from the end),
+        as HF's ``DynamicCache.crop``. The static buffers keep their columns; the next step
+        overwrites them and attends only up to its own position, so only the length moves."""
+        keep = self.seen + max_length if max_length < 0 else min(max_length, self.seen)
+        if keep < 0:
+            raise ValueError(f"cannot crop {-max_length} tokens from a cache holding {self.seen}")
+        from flexspeed.inference.runners import TokenCache
+
+        if isinstance(self.store, TokenCache) and self.store.past is not None:
+            self.store.past.crop(keep)
+        elif self.store is not None and not hasattr(self.store, "k"):
+            raise ValueError(f"assisted decoding cannot roll back the {type(self.runner).__name__}'s cache; "
+                             "run without assistant_model (the offload runner streams its cache)")
+        self.seen = keep
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         """Rows follow ``beam_idx`` (beam search keeps the best continuations), in place."""
@@ -111,7 +131,7 @@ def _lm_class():
             return True
 
         def _supports_logits_to_keep(self) -> bool:
-            return False
+            return True  # assisted decoding asks for the logits of every draft token
 
         def _valid_auto_compile_criteria(self, *args: Any, **kwargs: Any) -> bool:
             return False
@@ -123,12 +143,14 @@ def _lm_class():
             return None
 
         def prepare_inputs_for_generation(self, input_ids: torch.Tensor, cache: RunnerCache | None = None,
-                                          attention_mask: torch.Tensor | None = None, **kwargs: Any) -> dict:
-            return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache}
+                                          attention_mask: torch.Tensor | None = None,
+                                          logits_to_keep: int | None = None, **kwargs: Any) -> dict:
+            return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache,
+                    "logits_to_keep": logits_to_keep}
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     position_ids: torch.Tensor | None = None, cache: RunnerCache | None = None,
-                    **kwargs: Any) -> Any:
+                    logits_to_keep: int | None = None, **kwargs: Any) -> Any:
             if cache is None:
                 raise ValueError("flexspeed's HF-generate bridge needs its RunnerCache; call hf_generate()")
             B, n = input_ids.shape
@@ -141,9 +163,11 @@ def _lm_class():
             if cache.key_mask is not None:
                 cache.key_mask[:, :n] = mask.bool()
             pos = (mask.long().cumsum(1) - 1).clamp_(min=0)[:, start:n]  # (B, new)
-            logits = self.runner.step(input_ids[:, start:n], pos, cache.store, start, cache.key_mask)
+            keep = min(int(logits_to_keep or 1), n - start)  # > 1: assisted decoding's draft tokens
+            logits = self.runner.step(input_ids[:, start:n], pos, cache.store, start, cache.key_mask,
+                                      last_only=keep == 1)
             cache.seen = n
-            return CausalLMOutputWithPast(logits=logits[:, -1:].float())
+            return CausalLMOutputWithPast(logits=logits[:, -keep:].float(), cache=cache)
 
     return _RunnerLM
 

@@ -598,8 +598,18 @@ def _maybe_parts(mod: nn.Module, what: str, keep: list, slots) -> tuple[Linear, 
     return Linear(first.fmt, sum(t.n for t in structs), first.k, first.group, None, None, F32, None), len(structs)
 
 
-def norm_struct(mod: nn.Module, what: str) -> Norm:
+def norm_struct(mod: nn.Module, what: str, keep: list[torch.Tensor] | None = None, one_plus: bool = False) -> Norm:
+    """The kernel's view of a LayerNorm or RMSNorm. ``one_plus``: Gemma's RMSNorm, which scales by
+    ``1 + weight`` in fp32; the kernel reads an fp32 copy of ``1 + weight`` appended to ``keep``
+    (``hidden`` floats per norm), so the model's own parameter is read, not changed."""
     w, b = getattr(mod, "weight", None), getattr(mod, "bias", None)
+    if one_plus:
+        eps = getattr(mod, "eps", None) or getattr(mod, "variance_epsilon", None)
+        if w is None or eps is None or keep is None:
+            raise Unsupported(f"{what}: a (1 + weight) RMSNorm needs its weight and eps")
+        w1 = (1.0 + w.detach().float()).contiguous()
+        keep.append(w1)
+        return Norm(1, _fmt(w1, f"{what}.weight"), float(eps), w1.data_ptr(), None)
     if isinstance(mod, nn.LayerNorm):
         kind, eps = 0, mod.eps
     elif isinstance(mod, nn.RMSNorm) or hasattr(mod, "variance_epsilon"):

@@ -109,6 +109,7 @@ class NativeDecoder:
         if tp_size_of(r.root) != 1 and getattr(r, "tp_group", None) is None:
             raise Unsupported("the model is tensor-parallel but the runner has no tp_group (init_inference sets it)")
         keep: list[torch.Tensor] = []
+        one_plus = getattr(getattr(r.arch, "dims", None), "norm", "") == "rms1p"  # Gemma: (1 + w) * x
         layers = (Layer * len(parts))()
         for i, (layer, (n1, qkv, out, n2, up, down)) in enumerate(zip(r.layers, parts)):
             if not layer.pre_norm:
@@ -116,7 +117,8 @@ class NativeDecoder:
             p = f"layer {i}"
             hq, hkv, hd = layer.n_heads, layer.n_kv_heads, layer.head_dim
             s = layers[i]
-            s.norm1, s.norm2 = norm_struct(n1, f"{p} norm1"), norm_struct(n2, f"{p} norm2")
+            s.norm1, s.norm2 = norm_struct(n1, f"{p} norm1", keep, one_plus), norm_struct(n2, f"{p} norm2", keep,
+                                                                                             one_plus)
             s.qkv, s.n_qkv_parts = _maybe_parts(qkv, f"{p} qkv", keep, s.qkv_parts)
             s.up, s.n_up_parts = _maybe_parts(up, f"{p} up", keep, s.up_parts)
             s.out, s.down = linear_struct(out, f"{p} out", keep), linear_struct(down, f"{p} down", keep)
@@ -129,7 +131,7 @@ class NativeDecoder:
         norms = [m for m in finals if m is not None]
         if len(norms) != 1:
             raise Unsupported("the model has a projection after its final norm (OPT project_out)")
-        self.layers, self.final = layers, norm_struct(norms[0], "final norm")
+        self.layers, self.final = layers, norm_struct(norms[0], "final norm", keep, one_plus)
         self.head = linear_struct(head, "lm_head", keep)
         self.keep = keep
         self.tp_group = getattr(r, "tp_group", None) if tp_size_of(r.root) != 1 else None

@@ -10,8 +10,11 @@ How, without installing anything: a fresh temporary folder holds a ``deepspeed``
 (it installs :class:`DeepSpeedAliasFinder` and hands over to the compatibility layer) and a
 ``deepspeed-<version>.dist-info`` with the metadata. The folder goes first on ``sys.path`` here and on
 ``PYTHONPATH`` for child processes (torchrun's workers, dataloader workers), so their ``import
-deepspeed`` finds it first; it is removed when the process that made it exits. Processes started
-without it - and every process outside such a run - see whatever ``deepspeed`` is installed, unchanged.
+deepspeed`` finds it first; it is removed when the process that made it exits. A folder whose maker
+was killed (SIGKILL: no exit handler ran) is removed by the next ``activate()`` of the same user: each
+folder names its maker (``owner``: pid and start time), and one whose maker is gone is stale. Processes
+started without it - and every process outside such a run - see whatever ``deepspeed`` is installed,
+unchanged.
 
 Module mapping: ``deepspeed`` is :mod:`flexspeed.integrations.deepspeed`; ``deepspeed.a.b`` is
 ``flexspeed.integrations.deepspeed.a.b`` where the compatibility layer has that module (where
@@ -28,16 +31,19 @@ import importlib.machinery
 import importlib.util
 import os
 import shutil
+import stat
 import sys
 import tempfile
 from types import ModuleType
 
 __all__ = ["DEEPSPEED_BASE_VERSION", "ENV_VAR", "distribution_version", "activate", "is_active",
-           "DeepSpeedAliasFinder", "write_identity_dir"]
+           "DeepSpeedAliasFinder", "write_identity_dir", "remove_stale_identity_dirs"]
 
 DEEPSPEED_BASE_VERSION = "0.19.8"
 ENV_VAR = "FLEXSPEED_AS_DEEPSPEED"  # the identity folder of this run; children reuse it
 _COMPAT = "flexspeed.integrations.deepspeed"
+_PREFIX = "flexspeed-as-deepspeed-"
+_OWNER = "owner"  # "<pid> <start time>" of the process that made the folder
 _BOOTSTRAP = ("# written by flexspeed (python -m flexspeed.as_deepspeed): `import deepspeed` is flexspeed's\n"
               "# DeepSpeed compatibility layer in this process; see flexspeed/integrations/identity.py\n"
               "from flexspeed.integrations.identity import _become_deepspeed\n"
@@ -116,7 +122,9 @@ def _become_deepspeed() -> None:
 
 def write_identity_dir(parent: str | None = None) -> str:
     """A new folder holding the bootstrap ``deepspeed`` package and the distribution metadata."""
-    root = tempfile.mkdtemp(prefix="flexspeed-as-deepspeed-", dir=parent)
+    root = tempfile.mkdtemp(prefix=_PREFIX, dir=parent)
+    with open(os.path.join(root, _OWNER), "w", encoding="utf-8") as f:
+        f.write(f"{os.getpid()} {_start_time(os.getpid())}\n")
     version = distribution_version()
     os.makedirs(os.path.join(root, "deepspeed"))
     with open(os.path.join(root, "deepspeed", "__init__.py"), "w", encoding="utf-8") as f:
@@ -136,6 +144,61 @@ def write_identity_dir(parent: str | None = None) -> str:
     return root
 
 
+def _start_time(pid: int) -> str:
+    """The start time of process ``pid`` (clock ticks since boot, Linux), ``"?"`` where unknown: with the pid it
+    tells a live maker from a later process that reused its pid."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "?"
+
+
+def _maker_alive(pid: int, start: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process has that pid
+        return True
+    return start == "?" or _start_time(pid) in (start, "?")
+
+
+def remove_stale_identity_dirs(parent: str | None = None) -> list[str]:
+    """Remove this user's identity folders in ``parent`` (default: the temp folder) whose maker is gone.
+
+    A folder is removed only when it is a real directory (no symlink) owned by this user, named like one,
+    and its ``owner`` file names a pid that is not running (or now runs a process started later). Folders
+    without a readable ``owner`` file are left alone. Returns the removed paths.
+    """
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(_PREFIX):
+            continue
+        path = os.path.join(parent, name)
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+                continue
+            owner_file = os.path.join(path, _OWNER)
+            if os.path.islink(owner_file):
+                continue
+            with open(owner_file, encoding="utf-8") as f:
+                pid_text, start = (f.read().split() + ["?"])[:2]
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            continue
+        if pid != os.getpid() and not _maker_alive(pid, start):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def is_active() -> bool:
     """Whether this process runs with the DeepSpeed identity."""
     return any(isinstance(f, DeepSpeedAliasFinder) for f in sys.meta_path)
@@ -150,6 +213,7 @@ def activate() -> str:
     """
     root = os.environ.get(ENV_VAR)
     if not root or not os.path.isdir(os.path.join(root, "deepspeed")):
+        remove_stale_identity_dirs()  # left by makers killed with SIGKILL
         root = write_identity_dir()
         atexit.register(shutil.rmtree, root, True)
         os.environ[ENV_VAR] = root

@@ -317,9 +317,8 @@ class FlexspeedTrainerStrategy(_trainer_strategy_base()):
 
     def teardown(self) -> None:
         # Lightning moves the module and optimizer state to the CPU here; sharded (DTensor) parameters are not
-        # moved that way: the engine's destroy() releases the optimizer state and gradients instead
-        if isinstance(self.model, nn.Module) and hasattr(self.model, "destroy"):
-            self.model.destroy()
+        # moved that way, so the engine is left as it is (as Lightning's DeepSpeed strategy does):
+        # trainer.save_checkpoint after fit still writes a resumable checkpoint
         if self.cluster_environment is not None:
             self.cluster_environment.teardown()
         self.precision_plugin.teardown()

@@ -265,8 +265,8 @@ class PipelineEngine(EngineBase):
     def _broadcast_loss(self, local: torch.Tensor | None) -> torch.Tensor:
         """Mean over data-parallel replicas of the last stage's value, on every rank (one all-reduce)."""
         value = torch.zeros((), device=self.device, dtype=torch.float32)
-        if local is not None:
-            value = local.float().reshape(()) / self.dp_world_size
+        if local is not None:  # every tp rank of the last stage holds the same value
+            value = local.float().reshape(()) / (self.dp_world_size * self.parallel_dims.tp)
         dist.all_reduce(value)
         return value
 
@@ -306,7 +306,7 @@ class PipelineEngine(EngineBase):
         if self._has_last:
             per_mb = torch.stack([x.detach().float().reshape(()) for x in losses]) / self.dp_world_size
         if bcast_loss:
-            dist.all_reduce(per_mb)
+            dist.all_reduce(per_mb.div_(self.parallel_dims.tp))  # the tp ranks of the last stage agree
         else:
             dist.all_reduce(per_mb, group=self.dp_group)
         loss: Any = per_mb.mean() if reduce_output == "avg" else list(per_mb.unbind())
@@ -317,8 +317,9 @@ class PipelineEngine(EngineBase):
     def checkpoint_layout(self) -> dict[str, Any]:
         """Recorded in the manifest: the degrees and the partition that wrote a checkpoint (loads need none of it)."""
         module = self.module
-        return {**super().checkpoint_layout(), "num_stages": self.num_stages,
-                "virtual_stages": module.virtual_stages, "partition_bounds": module.partition_bounds()}
+        return {**super().checkpoint_layout(), "pp": self.num_stages, "tp": self.parallel_dims.tp,
+                "num_stages": self.num_stages, "virtual_stages": module.virtual_stages,
+                "partition_bounds": module.partition_bounds()}
 
     def checkpoint_keys_elsewhere(self, saved: set[str]) -> set[str]:
         """Saved model keys of layers other pipeline ranks hold (not "unexpected" in a strict load)."""
@@ -349,7 +350,7 @@ def _repeat(loader: Iterable) -> Iterator:
         yield from loader
 
 
-def _apply_config(module: PipelineModule, config: FlexConfig) -> None:
+def _apply_config(module: PipelineModule, config: FlexConfig, tp: int = 1) -> None:
     """Reconcile the ``pipeline`` config section with the module's own arguments."""
     if config.flops_profiler.enabled:
         raise ConfigError("flops_profiler.enabled=true is not supported with a PipelineModule: each stage runs "
@@ -376,31 +377,48 @@ def _apply_config(module: PipelineModule, config: FlexConfig) -> None:
         module.activation_checkpoint_interval = interval
         for sm in module.__dict__["_stage_modules"]:
             sm.checkpoint_interval = interval
-    module.configure(virtual_stages=int(pipe.virtual_stages))
+    module.configure(virtual_stages=int(pipe.virtual_stages), tp=tp)
     validate_schedule(pipe.schedule, module.num_stages, int(pipe.virtual_stages),
                       int(config.gradient_accumulation_steps))
 
 
+def _agree_or_raise(problem: ConfigError | None, device: torch.device) -> None:
+    """One world all-reduce of "this rank's stage cannot be planned": a rank whose check failed raises its
+    ConfigError, the others one naming those ranks, before anything is sharded or a mesh is built."""
+    flags = torch.zeros(dist.get_world_size(), device=device)
+    flags[dist.get_rank()] = float(problem is not None)
+    dist.all_reduce(flags)
+    if problem is not None:
+        raise problem
+    bad = [r for r, f in enumerate(flags.tolist()) if f]
+    if bad:
+        raise ConfigError(f"tensor parallelism cannot be applied to the pipeline stages of rank(s) {bad} (their "
+                          "error names the layer and the fix); nothing was sharded",
+                          key="tensor_parallel.autotp_size")
+
+
 def _tie_groups(module: PipelineModule, dims: ParallelDims) -> dict[str, dist.ProcessGroup]:
-    """For each tie key held by several stages: one group per data-parallel replica (every rank creates
-    every group, ``new_group`` being collective, and keeps its own)."""
+    """For each tie key held by several stages: one group per data-parallel replica and tensor-parallel rank
+    (every rank creates every group, ``new_group`` being collective, and keeps its own)."""
     groups: dict[str, dist.ProcessGroup] = {}
     rank = dist.get_rank()
     for key, owners in sorted(module.tied_stage_owners().items()):
         if len(owners) < 2:
             continue
         for d in range(dims.dp):
-            ranks = [dims.rank_of(dp=d, pp=s) for s in owners]
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                groups[key] = group
+            for t in range(dims.tp):
+                ranks = [dims.rank_of(dp=d, pp=s, tp=t) for s in owners]
+                group = dist.new_group(ranks)
+                if rank in ranks:
+                    groups[key] = group
     return groups
 
 
 def build_pipeline_engine(*, model: PipelineModule, config: FlexConfig, optimizer: Any = None,
                           model_parameters: Iterable | None = None, lr_scheduler: Any = None,
                           training_data: Any = None, collate_fn: Callable | None = None, launch_env: Any = None,
-                          dims: ParallelDims | None = None) -> tuple[PipelineEngine, Any, Any, Any]:
+                          dims: ParallelDims | None = None, tp_plan: Any = None,
+                          tp_dtype: str | None = None) -> tuple[PipelineEngine, Any, Any, Any]:
     """What ``flexspeed.initialize`` returns for a ``PipelineModule``.
 
     The same builders as the data-parallel engine (:mod:`flexspeed.runtime.builders`): the
@@ -417,7 +435,10 @@ def build_pipeline_engine(*, model: PipelineModule, config: FlexConfig, optimize
             sampled over the data-parallel ranks, incomplete last batch dropped).
         collate_fn: the loader's collate function.
         launch_env: what ``init_distributed`` returned (for ``engine.local_rank``).
-        dims: the validated degrees (default: from the module's topology).
+        dims: the validated degrees (default: from the module's topology). With ``dims.tp > 1`` each stage
+            module is sharded over the tp mesh (``apply_tensor_parallel``) before ZeRO wraps it over dp.
+        tp_plan: a user tensor-parallel plan in the PipelineModule's names (``"<layer>.<submodule>"``).
+        tp_dtype: ``tp_model_init``'s dtype, checked against the config's precision.
     Returns:
         ``(engine, optimizer, dataloader, lr_scheduler)``.
     """
@@ -433,21 +454,49 @@ def build_pipeline_engine(*, model: PipelineModule, config: FlexConfig, optimize
     if not dist.is_initialized():
         raise RuntimeError("pipeline parallelism needs torch.distributed: call flexspeed.init_distributed() first")
     check_optimizer_given_once(config, optimizer, lr_scheduler)
-    _apply_config(model, config)
+    tp = dims.tp if dims is not None else 1
+    _apply_config(model, config, tp)
     device = default_device()
     model.to(device)  # builds this rank's layers
     topo = model.topology
     if dims is None:
         dims = topo.dims({"pp": f"PipelineModule(num_stages={topo.num_stages})",
                           "dp": "the world size / pipeline stages"})
+    tp_plans = None
+    if tp > 1:  # everything a user can get wrong, before a collective runs or a weight moves
+        from flexspeed.distributed.tensor_parallel import _check_dtype, stage_tp_plans
+
+        _check_dtype(tp_dtype, config.precision)
+        if isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError("with tensor_parallel.autotp_size > 1 a PipelineModule's parameters are replaced by "
+                              "tensor-parallel ones inside initialize(), so an optimizer built before cannot hold "
+                              "them. Fix: pass a callable params -> optimizer, or the config's optimizer section",
+                              key="tensor_parallel.autotp_size")
+        problem: ConfigError | None = None
+        try:
+            tp_plans = stage_tp_plans(model.stage_modules, tp, tp_plan, num_layers=len(model._entries))
+        except ConfigError as err:
+            problem = err
+        _agree_or_raise(problem, device)  # every rank stops together (else the others would wait in the mesh)
     dims.build_mesh(device.type)
     ties = _tie_groups(model, dims)
     with torch.no_grad():  # tied copies start equal: the lowest stage's values (before any sharding)
         tied = model.tied_parameters()
         for key, group in ties.items():
             broadcast_(tied[key], group, group_src=0)
-    # each stage module gets the data-parallel machinery a whole model gets (rank 0's weights, ZeRO)
-    strategy = apply_zero_to_stages(model, config=config, device=device, dp_mesh=dims.mesh("dp", device.type))
+    tp_notes: list[str] = []
+    if tp_plans is not None:  # each stage module sharded over its tp group (tp rank 0's weights) ...
+        from flexspeed.distributed.tensor_parallel import _remap_params, apply_tensor_parallel_to_stages
+
+        names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        tp_notes = apply_tensor_parallel_to_stages(model.stage_modules, dims.mesh("tp", device.type), tp_plans)
+        after = dict(model.named_parameters(remove_duplicate=False))
+        if model_parameters is not None:
+            model_parameters = _remap_params(model_parameters, {i: after[n] for i, n in names.items()})
+    # ... then gets the data-parallel machinery a whole model gets (rank 0's weights, ZeRO)
+    strategy = apply_zero_to_stages(model, config=config, device=device, dp_mesh=dims.mesh("dp", device.type),
+                                    tensor_parallel=tp_plans is not None)
+    strategy.notes.extend(tp_notes)
     opt = build_optimizer(strategy, config, optimizer, model_parameters)
     sched = build_scheduler(config, lr_scheduler, opt)
     loader = None

@@ -202,6 +202,7 @@ class PipelineModule(nn.Module):
         self._num_stages_arg = num_stages
         self._topology_arg = topology
         self._virtual_stages = virtual_stages
+        self._tp = 1  # tensor-parallel ranks per stage (configure(tp=...) from tensor_parallel.autotp_size)
         self._entries = [self._describe(i, layer) for i, layer in enumerate(layers)]
         self._built = False
         self._building = False
@@ -249,6 +250,17 @@ class PipelineModule(nn.Module):
         if self._num_stages_arg is None:
             raise ValueError("PipelineModule needs num_stages=... (pipeline-parallel degree) or topology=...")
         return self._num_stages_arg
+
+    def set_checkpoint_interval(self, interval: int) -> None:
+        """Recompute activations every ``interval`` layers from now on (0 = off), as DeepSpeed's setter does.
+
+        Takes effect at the next forward, also on a module already partitioned into stages.
+        """
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
+            raise ValueError(f"set_checkpoint_interval({interval!r}): the interval must be an int >= 0 (0 = off)")
+        self.activation_checkpoint_interval = interval
+        for sm in self.__dict__["_stage_modules"]:
+            sm.checkpoint_interval = interval
 
     @property
     def virtual_stages(self) -> int:
@@ -302,8 +314,16 @@ class PipelineModule(nn.Module):
         return "\n".join(lines)
 
     # ---- building ---------------------------------------------------------------------------------
-    def configure(self, *, virtual_stages: int) -> None:
-        """Fix the number of model chunks per rank (the engine calls this from the config)."""
+    def configure(self, *, virtual_stages: int, tp: int = 1) -> None:
+        """Fix the number of model chunks per rank and the tensor-parallel degree inside each stage
+        (the engine calls this from the config)."""
+        if self._built and tp != self.topology.num_tp:
+            raise ConfigError(
+                f"tensor_parallel.autotp_size={tp}, but this PipelineModule was already partitioned over "
+                f"{self.topology.num_tp} tensor-parallel rank(s) (its parameters were used before "
+                "flexspeed.initialize). Fix: do not touch its parameters before initialize",
+                key="tensor_parallel.autotp_size")
+        self._tp = tp
         if self._built and virtual_stages != self.virtual_stages:
             raise ConfigError(
                 f"pipeline.virtual_stages={virtual_stages}, but this PipelineModule was already partitioned with "
@@ -331,7 +351,8 @@ class PipelineModule(nn.Module):
         num_stages = self._topology_arg.num_stages if self._topology_arg is not None else self._num_stages_arg
         if num_stages is None and world == 1:
             num_stages = 1
-        topo = resolve_topology(num_stages if self._topology_arg is None else None, self._topology_arg, world)
+        topo = resolve_topology(num_stages if self._topology_arg is None else None, self._topology_arg, world,
+                                tp=self._tp)
         self.topology = topo
         self.stage_id, self.dp_index = topo.coords(rank)
         bounds = self.partition_bounds()

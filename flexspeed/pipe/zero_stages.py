@@ -52,7 +52,7 @@ def _refuse_chunk_sharing(module: PipelineModule, stage: int, dp: int) -> None:
 
 
 def apply_zero_to_stages(module: PipelineModule, *, config: FlexConfig, device: torch.device,
-                         dp_mesh: DeviceMesh) -> StageStrategies:
+                         dp_mesh: DeviceMesh, tensor_parallel: bool = False) -> StageStrategies:
     """Wrap each local stage module with ``apply_zero(..., group=group)``.
 
     Args:
@@ -60,6 +60,9 @@ def apply_zero_to_stages(module: PipelineModule, *, config: FlexConfig, device: 
         config: the resolved config (``zero_optimization`` is read by ``apply_zero``).
         device: this rank's device.
         dp_mesh: the data-parallel sub-mesh of the job's ``ParallelDims`` (the ranks holding the same stages).
+        tensor_parallel: the stage modules were sharded over tp (``apply_tensor_parallel``) before: stages 0-1
+            take :class:`~flexspeed.distributed.tensor_parallel.TensorParallelDP` (DDP does not take DTensor
+            parameters), stages 2-3 FSDP2 over ``dp_mesh`` on the 2-D DTensors, as the data-parallel engine does.
     Returns:
         one strategy over all local stages.
     Raises:
@@ -68,8 +71,18 @@ def apply_zero_to_stages(module: PipelineModule, *, config: FlexConfig, device: 
     stage = config.zero_optimization.stage
     group = dp_mesh.get_group()
     _refuse_chunk_sharing(module, stage, dist.get_world_size(group))
-    parts = [apply_zero(sm, config=config, device=device, mesh=dp_mesh) for sm in module.stage_modules]
-    return StageStrategies(parts, module=module, group=group)
+    if tensor_parallel and stage < 2:
+        from flexspeed.distributed.tensor_parallel import TensorParallelDP
+        from flexspeed.runtime.zero import ZeroSettings, _check_offload
+
+        settings = ZeroSettings.from_config(config)
+        notes: list[str] = []
+        _check_offload(settings, device, notes)
+        parts: list[ZeroStrategy] = [TensorParallelDP(sm, stage=stage, group=group, settings=settings, notes=notes)
+                                     for sm in module.stage_modules]
+    else:
+        parts = [apply_zero(sm, config=config, device=device, mesh=dp_mesh) for sm in module.stage_modules]
+    return StageStrategies(parts, module=module, group=group, tensor_parallel=tensor_parallel)
 
 
 class StageStrategies(ZeroStrategy):
@@ -82,11 +95,13 @@ class StageStrategies(ZeroStrategy):
     _repoint = FullyShardedDP._repoint
     _fsdp_params = FullyShardedDP._fsdp_params
 
-    def __init__(self, parts: list[ZeroStrategy], *, module: torch.nn.Module, group: dist.ProcessGroup) -> None:
+    def __init__(self, parts: list[ZeroStrategy], *, module: torch.nn.Module, group: dist.ProcessGroup,
+                 tensor_parallel: bool = False) -> None:
         stage = parts[0].stage
         super().__init__(stage=stage, module=module, model=module, group=group,
                          notes=[n for p in parts for n in p.notes])
         self.parts = parts
+        self.tensor_parallel = tensor_parallel
         self._param_map: dict[int, torch.Tensor] = {}
         self._persistent: list[torch.Tensor] = []
         for part in parts:
@@ -131,7 +146,8 @@ class StageStrategies(ZeroStrategy):
                         allow_untested: bool = False) -> torch.optim.Optimizer | None:
         """One optimizer over every local chunk's parameters (sharded as the stage says)."""
         if self.stage >= 2:
-            return FullyShardedDP.build_optimizer(self, client, factory, allow_untested)
+            optimizer = FullyShardedDP.build_optimizer(self, client, factory, allow_untested)
+            return self._one_kind_per_foreach(optimizer)
         if client is not None:
             optimizer = client
         elif factory is not None:
@@ -140,8 +156,17 @@ class StageStrategies(ZeroStrategy):
             return None
         check_shardable(optimizer, self.stage, allow_untested)
         first = self.parts[0]
-        if isinstance(first, ShardedOptimizerDP) and dist.get_world_size(self.group) > 1:
+        if self.stage == 1 and isinstance(first, ShardedOptimizerDP) and dist.get_world_size(self.group) > 1:
             first._shard(optimizer)  # partitions the optimizer's parameters of all chunks over the replicas
+        return self._one_kind_per_foreach(optimizer)
+
+    def _one_kind_per_foreach(self, optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
+        """Tensor-parallel stages mix DTensor (sharded) and plain (replicated) parameters, which one foreach
+        kernel cannot take together (as the data-parallel engine's TP path does)."""
+        if optimizer is not None and self.tensor_parallel:
+            from flexspeed.runtime.fsdp import _no_foreach_across_kinds
+
+            _no_foreach_across_kinds(optimizer)
         return optimizer
 
     # ---- memory ----------------------------------------------------------------------------------

@@ -238,14 +238,23 @@ def _state_dicts(engine: Any, *, with_optimizer: bool, exclude_frozen: bool = Fa
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
-    opts = StateDictOptions(full_state_dict=False, ignore_frozen_params=exclude_frozen)
+    # frozen parameters are dropped here, not by torch's ignore_frozen_params: torch expects each
+    # of them in module.state_dict(), and a model whose state_dict() leaves one out (DeepSpeed's
+    # exclude_frozen_parameters test replaces it) must still save
+    opts = StateDictOptions(full_state_dict=False)
     module, optim = engine.module, engine.optimizer
+    frozen = {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad} \
+        if exclude_frozen else set()
+
+    def model_only() -> dict:
+        return _without(get_model_state_dict(module, options=opts), frozen)
+
     if not with_optimizer or optim is None:
-        return get_model_state_dict(module, options=opts), None
+        return model_only(), None
     if not optim.state and not for_load:
         # nothing stepped yet: torch's get_state_dict would initialise the state (a step at lr 0),
         # which would change the run being saved; there is no state to save
-        return get_model_state_dict(module, options=opts), {"state": {}, "param_groups": []}
+        return model_only(), {"state": {}, "param_groups": []}
     # torch allocates an empty optimizer's state with a zero-gradient step, but skips it when any
     # gradient exists (e.g. a load after a backward): hide the gradients from it for the moment
     stashed = [(p, p.grad) for g in optim.param_groups for p in g["params"] if p.grad is not None] \
@@ -253,10 +262,15 @@ def _state_dicts(engine: Any, *, with_optimizer: bool, exclude_frozen: bool = Fa
     for p, _ in stashed:
         p.grad = None
     try:
-        return get_state_dict(module, optim, options=opts)
+        model_sd, optim_sd = get_state_dict(module, optim, options=opts)
+        return _without(model_sd, frozen), optim_sd
     finally:
         for p, grad in stashed:
             p.grad = grad
+
+
+def _without(state: dict, names: set[str]) -> dict:
+    return {k: v for k, v in state.items() if k not in names} if names else state
 
 
 def _all_param_groups(engine: Any) -> list[dict] | None:
@@ -286,6 +300,8 @@ def _engine_state(engine: Any, excluded: list[str], param_groups: list[dict] | N
         "loss_scaler": scaler.state_dict() if scaler is not None else None,
         "dataloader": loader.state_dict() if loader is not None and hasattr(loader, "state_dict") else None,
         "optimizer_param_groups": param_groups,
+        # DeepSpeed's optimizer-file entry that Lightning's convert_zero_checkpoint_to_fp32_state_dict reads
+        "optimizer_state_dict": {"zero_stage": int(getattr(getattr(engine, "_strategy", None), "stage", 0))},
         "excluded_model_keys": excluded,
         # read by export.consolidate(exclude_frozen_parameters=True) (DeepSpeed's zero_to_fp32 option)
         "frozen_parameters": [n for n, p in engine.module.named_parameters() if not p.requires_grad],

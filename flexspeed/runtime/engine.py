@@ -116,7 +116,7 @@ class TrainingEngine(DeepSpeedEngineExtras, EngineBase):
 
     def _refuse_unused_parameters(self) -> None:
         """``ignore_unused_parameters: false``: every trainable parameter must have a gradient by now."""
-        unused = [n for n, p in self.module.named_parameters() if p.requires_grad and p.grad is None]
+        unused = self._strategy.params_without_grad()
         if unused:
             more = f" (and {len(unused) - 10} more)" if len(unused) > 10 else ""
             raise EngineUsageError(

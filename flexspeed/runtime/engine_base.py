@@ -26,7 +26,6 @@ from flexspeed.runtime.precision import (
     NonFiniteGuard,
     PrecisionPolicy,
     clip_grads_,
-    global_grad_norm,
     unscale_and_check_,
 )
 from flexspeed.runtime.zero import ZeroStrategy
@@ -187,8 +186,8 @@ class EngineBase(PassThroughToModule, nn.Module):
         return self._strategy.grad_group()
 
     def _grad_norm(self, params: list[torch.Tensor]) -> torch.Tensor:
-        """The global gradient norm (DTensor shards reduced; replicated gradients as they are)."""
-        return global_grad_norm(params)
+        """The global gradient norm (DTensor shards reduced, stage-2 partitions summed; replicated as they are)."""
+        return self._strategy.grad_norm(params)
 
     def _take_model_step(self, lr_kwargs: dict | None = None) -> None:
         """Unscale/check, norm, guard, clip, step the optimizer and the scheduler, zero the gradients."""
@@ -274,6 +273,7 @@ class EngineBase(PassThroughToModule, nn.Module):
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
             self.optimizer.state.clear()
+            self._optimizer_released = True  # a later save would hold no optimizer state: refused there
 
     def module_state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
@@ -291,6 +291,10 @@ class EngineBase(PassThroughToModule, nn.Module):
         """Save model, optimizer, scheduler, counters and RNG (collective; see ``flexspeed.runtime.checkpoint``)."""
         from flexspeed.runtime.checkpoint import save_checkpoint
 
+        if getattr(self, "_optimizer_released", False) and self.global_steps > 0 and not self.optimizer.state:
+            raise RuntimeError(f"save_checkpoint({save_dir!r}) after engine.destroy(): destroy() released the "
+                               "optimizer state, so the checkpoint could not resume training. Fix: save before "
+                               "destroy() (or save the weights alone with save_16bit_model)")
         return save_checkpoint(self, save_dir, tag=tag, client_state=client_state or {}, save_latest=save_latest,
                                exclude_frozen_parameters=exclude_frozen_parameters)
 

@@ -8,6 +8,9 @@ A mixin of :class:`~flexspeed.runtime.engine.TrainingEngine` (kept apart from th
 - ``zero_gather_16bit_weights_on_model_save()`` and ``_zero3_consolidated_16bit_state_dict()``: the
   whole weights on rank 0 at ZeRO-3 for ``Trainer.save_model`` / ``Accelerator.get_state_dict``, in the
   compute precision (bf16/fp16 when the config enables it, else fp32), as DeepSpeed returns them.
+- ``compile(backend=, compile_kwargs=)`` and ``is_compiled``: Accelerate's dynamo-plugin path; the wrapped
+  module is compiled in place with ``nn.Module.compile`` (``torch.compile``), so its hooks (ZeRO-3 gathers)
+  keep running around the compiled forward, as DeepSpeed does without DeepCompile.
 """
 
 from __future__ import annotations
@@ -24,6 +27,35 @@ class DeepSpeedEngineExtras:
     """DeepSpeed engine methods used by libraries that integrate DeepSpeed (see docs/integrations.md)."""
 
     _boundary_override: bool | None = None
+    _compile_kwargs: dict | None = None
+
+    def compile(self, backend: Any = "inductor", compile_kwargs: dict | None = None, schedule: Any = None,
+                compiled_autograd_enabled: bool = False) -> None:
+        """Compile the wrapped module in place with ``torch.compile`` (DeepSpeed's signature).
+
+        ``backend`` wins over a ``backend`` inside ``compile_kwargs`` (as DeepSpeed). A second call is a no-op.
+        DeepCompile's ``schedule`` and compiled autograd are not implemented: passing them raises, naming the
+        argument. The engine stays the object to call; ``engine.module`` is the same module, now compiled.
+        """
+        if schedule is not None:
+            raise NotImplementedError(f"engine.compile(schedule={schedule!r}): DeepCompile schedules are not "
+                                      "implemented by flexspeed. Fix: call engine.compile() without schedule")
+        if compiled_autograd_enabled:
+            raise NotImplementedError("engine.compile(compiled_autograd_enabled=True) is not implemented by "
+                                      "flexspeed. Fix: leave compiled_autograd_enabled=False")
+        if compile_kwargs is not None and not isinstance(compile_kwargs, dict):
+            raise TypeError(f"engine.compile(compile_kwargs={compile_kwargs!r}) needs a dict of torch.compile "
+                            "arguments")
+        if self.is_compiled:
+            return
+        kwargs = {**(compile_kwargs or {}), "backend": backend}
+        self.module.compile(**kwargs)
+        self._compile_kwargs = kwargs
+
+    @property
+    def is_compiled(self) -> bool:
+        """Whether :meth:`compile` compiled the module."""
+        return self._compile_kwargs is not None
 
     def set_gradient_accumulation_boundary(self, is_boundary: bool | None) -> None:
         """Say whether the coming backward/step ends an accumulation cycle (DeepSpeed's name).

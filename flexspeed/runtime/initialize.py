@@ -46,18 +46,10 @@ def _is_pipeline_module(model: nn.Module) -> bool:
     return isinstance(model, PipelineModule)
 
 
-def _refuse_sharded_model(model: nn.Module) -> None:
-    """A model an earlier ``initialize()`` sharded (ZeRO stage 2-3) cannot be wrapped again."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if any(isinstance(m, FSDPModule) for m in model.modules()):
-        raise ValueError(
-            "initialize() got a model an earlier initialize() already sharded at ZeRO stage 2 or 3 (FSDP2 shards a "
-            "module once; DeepSpeed can wrap the same model again). Fix: build a fresh model for the second "
-            "engine, or keep using the first engine")
 
 
-def _initialize_pipeline(raw: dict, env: Any, *, model: nn.Module, **engine_args: Any) -> tuple[Any, Any, Any, Any]:
+def _initialize_pipeline(raw: dict, env: Any, *, model: nn.Module, tp: tuple = (1, None, None),
+                         **engine_args: Any) -> tuple[Any, Any, Any, Any]:
     """``initialize()`` for a ``PipelineModule``: the degrees validated (``ParallelDims``, before any collective),
     the batch triad over the data-parallel size, then the pipeline engine."""
     from flexspeed.config import build_config
@@ -67,14 +59,16 @@ def _initialize_pipeline(raw: dict, env: Any, *, model: nn.Module, **engine_args
     from flexspeed.utils.tensor_fragment import register_optimizer
 
     stages = int(model.num_stages)
-    dims = ParallelDims.from_world(env.world_size, pp=stages, world_source=env.source,
-                                   pp_source=f"the PipelineModule's num_stages={stages}")
+    dims = ParallelDims.from_world(env.world_size, pp=stages, tp=tp[0], world_source=env.source,
+                                   pp_source=f"the PipelineModule's num_stages={stages}",
+                                   tp_source=f"tensor_parallel.autotp_size={tp[0]}")
+    per_replica = f"{stages} pipeline stages" + (f" x tensor_parallel.autotp_size {tp[0]}" if tp[0] > 1 else "")
     cfg = build_config(config=raw, world_size=dims.dp,
-                       world_size_source=f"{env.source} / {stages} pipeline stages = data-parallel size",
+                       world_size_source=f"{env.source} / {per_replica} = data-parallel size",
                        hidden_size=_hidden_size(model))
     checkpointing.configure_from_config(cfg)
     engine, opt, loader, sched = build_pipeline_engine(model=model, config=cfg, dims=dims, launch_env=env,
-                                                       **engine_args)
+                                                       tp_plan=tp[1], tp_dtype=tp[2], **engine_args)
     register_optimizer(opt, stage=engine.zero_optimization_stage(), group=engine.dp_group)
     from flexspeed.runtime.autosave import build_autosaver
 
@@ -118,6 +112,7 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
         check_optimizer_given_once,
     )
     from flexspeed.runtime.precision import PrecisionPolicy
+    from flexspeed.runtime.fsdp_reuse import is_fsdp_sharded
     from flexspeed.runtime.zero import apply_zero
     from flexspeed.utils.tensor_fragment import register_optimizer
 
@@ -143,12 +138,9 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     from flexspeed.distributed.tensor_parallel import resolve_tp
 
     tp_size, tp_plan, tp_dtype = resolve_tp(raw, model, env.world_size)  # tensor_parallel.autotp_size / tp_model_init
-    if _is_pipeline_module(model):
-        if tp_size > 1:
-            raise ConfigError(f"tensor_parallel.autotp_size={tp_size} with a PipelineModule is not supported yet. "
-                              "Fix: remove tensor_parallel (or set autotp_size to 1) for pipeline training",
-                              key="tensor_parallel.autotp_size")
-        return _initialize_pipeline(raw, env, model=model, optimizer=optimizer, model_parameters=model_parameters,
+    if _is_pipeline_module(model):  # dp x pp x tp: each stage tensor-parallel, then ZeRO over dp
+        return _initialize_pipeline(raw, env, model=model, tp=(tp_size, tp_plan, tp_dtype), optimizer=optimizer,
+                                    model_parameters=model_parameters,
                                     lr_scheduler=lr_scheduler, training_data=training_data, collate_fn=collate_fn)
 
     cfg = build_config(config=raw, world_size=env.world_size // tp_size,
@@ -161,8 +153,7 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
     device = default_device()
     precision = PrecisionPolicy(mode=cfg.precision, device_type=device.type)
     scaler = build_loss_scaler(cfg)
-    _refuse_sharded_model(model)
-    if not any(p.is_meta for p in model.parameters()):
+    if not any(p.is_meta for p in model.parameters()) and not is_fsdp_sharded(model):  # (sharded: already placed)
         model = model.to(device)
     if tp_size > 1:  # the 2-D (dp, tp) mesh, TP, then ZeRO over dp (flexspeed.distributed.tensor_parallel)
         from flexspeed.distributed.tensor_parallel import setup_tensor_parallel
@@ -172,7 +163,7 @@ def initialize(args: argparse.Namespace | None = None, model: nn.Module | None =
             model_parameters=model_parameters)
     else:
         strategy = apply_zero(model, config=cfg, device=device)
-    if strategy.stage >= 2 or tp_size > 1:  # HF models keep a working save_pretrained over sharded parameters
+    if (strategy.stage >= 2 and is_fsdp_sharded(model)) or tp_size > 1:  # HF save_pretrained over DTensor shards
         from flexspeed.runtime.export import gather_before_save_pretrained
 
         gather_before_save_pretrained(model)

@@ -11,7 +11,9 @@ engine knows nothing else about sharding.
 - stage 1: DDP all-reduces gradients; each rank keeps optimizer state for, and updates, only
   its own partition of the parameters, then every owner broadcasts what it updated
   (:class:`ShardedOptimizerDP`). The optimizer object stays the caller's own.
-- stages 2 and 3: FSDP2 ``fully_shard`` (see :mod:`flexspeed.runtime.fsdp`).
+- stage 2: stage 1's partition plus gradient partitioning, full parameters in the module
+  (:mod:`flexspeed.runtime.zero2`; FSDP2 with CPU offload on an accelerator).
+- stage 3: FSDP2 ``fully_shard`` (see :mod:`flexspeed.runtime.fsdp`).
 
 Gradients are produced, accumulated and reduced in fp32 at every stage (flexspeed computes in
 16 bits under autocast over fp32 master weights). ``data_types.grad_accum_dtype`` "bf16"/"fp16"
@@ -245,6 +247,16 @@ class ZeroStrategy:
         """Ranks over which gradients may differ after reduction (for the overflow flag)."""
         return None
 
+    def grad_norm(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """The global gradient norm the engine reports and clips to (stage 2 sums its partitions)."""
+        from flexspeed.runtime.precision import global_grad_norm
+
+        return global_grad_norm(params)
+
+    def params_without_grad(self) -> list[str]:
+        """Names of trainable parameters without a gradient after this accumulation step, on any rank."""
+        return [n for n, p in self.module.named_parameters() if p.requires_grad and p.grad is None]
+
     def after_step(self) -> None:
         """Hook after the optimizer step (e.g. re-broadcast updated partitions)."""
 
@@ -459,7 +471,7 @@ def apply_zero(module: nn.Module, *, config: FlexConfig, device: torch.device,
 
     Args:
         module: the model, on ``device`` - or on the meta device when built under ``flexspeed.zero.Init``
-            (it is materialised here: as local shards at stages 2-3, whole at stages 0-1).
+            (it is materialised here: as local shards at stage 3, whole at stages 0-2).
         config: the validated ``FlexConfig``.
         device: the device this rank computes on.
         group: the data-parallel process group (default: the world).
@@ -474,9 +486,29 @@ def apply_zero(module: nn.Module, *, config: FlexConfig, device: torch.device,
     settings = ZeroSettings.from_config(config)
     notes: list[str] = []
     _check_offload(settings, device, notes)
-    if settings.stage >= 2:
+    grad_sum = getattr(config, "gradient_allreduce_op", "mean") == "sum"
+    # stage 2 runs as DeepSpeed's (full parameters, partitioned gradients: flexspeed.runtime.zero2) except
+    # with optimizer offload on an accelerator (FSDP2's CPUOffloadPolicy provides it) and over a
+    # ``mesh`` (tensor or pipeline parallelism: the stage composes with the other mesh dimensions on FSDP2)
+    offload = device.type != "cpu" and "cpu" in (settings.offload_optimizer, settings.offload_param)
+    fsdp = settings.stage == 3 or (settings.stage == 2 and (offload or mesh is not None))
+    if grad_sum and mesh is not None:
+        raise ConfigError('gradient_allreduce_op="sum" is not supported with tensor or pipeline parallelism yet '
+                          '(their data-parallel reduction averages). Fix: use "mean" (the default) and multiply the '
+                          "learning rate by the data-parallel size", key="gradient_allreduce_op")
+    from flexspeed.runtime.fsdp_reuse import AdoptedFullyShardedDP, is_fsdp_sharded
+
+    if is_fsdp_sharded(module):  # a second initialize() on a model an earlier one sharded at stage 3
+        return AdoptedFullyShardedDP(module, stage=settings.stage, device=device, group=group, settings=settings,
+                                     notes=notes)
+    if fsdp:
         from flexspeed.runtime.fsdp import FullyShardedDP
 
+        if grad_sum:
+            why = "" if settings.stage == 3 else "and optimizer offload "
+            raise ConfigError(f'gradient_allreduce_op="sum" is not supported with ZeRO stage {settings.stage} '
+                              f'{why}(FSDP2 averages). Fix: use "mean" and multiply the learning rate by the '
+                              "data-parallel size", key="gradient_allreduce_op")
         if mesh is not None:
             group = mesh.get_group()
         return FullyShardedDP(module, stage=settings.stage, device=device, group=group, mesh=mesh,
@@ -487,9 +519,17 @@ def apply_zero(module: nn.Module, *, config: FlexConfig, device: torch.device,
         from flexspeed.zero import materialize_module
 
         materialize_module(module, device, group=group)
+    if settings.stage == 2:
+        from flexspeed.runtime.zero2 import PartitionedGradientsDP
+
+        return PartitionedGradientsDP(module, group=group, settings=settings, grad_sum=grad_sum, notes=notes)
     cls = DataParallel if settings.stage == 0 else ShardedOptimizerDP
-    strategy = cls(module, device=device, group=group, comm_dtype=settings.comm_dtype, predivide=settings.predivide,
-                   bucket_cap_mb=settings.bucket_cap_mb, grad_accum_dtype=settings.grad_accum_dtype,
-                   find_unused_parameters=settings.ignore_unused_parameters)
+    strategy = cls(module, device=device, group=group, comm_dtype=None if grad_sum else settings.comm_dtype,
+                   predivide=1.0 if grad_sum else settings.predivide, bucket_cap_mb=settings.bucket_cap_mb,
+                   grad_accum_dtype=settings.grad_accum_dtype, find_unused_parameters=settings.ignore_unused_parameters)
+    if grad_sum and isinstance(strategy.model, nn.parallel.DistributedDataParallel):
+        from flexspeed.runtime.zero2 import sum_comm_hook
+
+        strategy.model.register_comm_hook(group or dist.group.WORLD, sum_comm_hook(settings.comm_dtype))
     strategy.notes.extend(notes)
     return strategy

@@ -6,9 +6,12 @@ autocast), so "the fp32 parameter" is the parameter itself. How much of it a ran
 - stages 0 and 1: the whole parameter and, after ``backward``, its whole (reduced) gradient.
   Optimizer state at stage 1 lives only on the rank that owns the parameter's update; the
   getters fetch it from there (a collective over the data-parallel group).
-- stages 2 and 3: FSDP2 ``DTensor`` shards; the getters all-gather (``full_tensor()``) and the
-  setters keep this rank's shard of the full value given. Parameters below stage 3's persistence
-  threshold stay whole on every rank.
+- stage 2: whole parameters as at stage 1; the gradient (on the accumulation boundary) and the
+  optimizer state live on the owning rank only, and the getters fetch them from there. The
+  setters write where the gradient or state is held (nowhere before the first ``backward``/step).
+- stage 3 (and stage 2 with optimizer offload on an accelerator): FSDP2 ``DTensor`` shards; the
+  getters all-gather (``full_tensor()``) and the setters keep this rank's shard of the full value
+  given. Parameters below stage 3's persistence threshold stay whole on every rank.
 
 As in DeepSpeed, at stages 1-3 every rank of the data-parallel group must make the same calls
 in the same order (they are collectives); call the gradient functions after ``engine.backward``
@@ -90,7 +93,7 @@ def _assign_full(target: torch.Tensor, value: torch.Tensor) -> None:
 
 # ---- parameters ---------------------------------------------------------------------------------------
 def safe_get_full_fp32_param(param: torch.Tensor) -> torch.Tensor:
-    """The whole parameter in fp32 (a new tensor, on the parameter's device); all-gathered at stages 2-3."""
+    """The whole parameter in fp32 (a new tensor, on the parameter's device); all-gathered at stage 3."""
     return _full(param.detach()).float().clone()
 
 
@@ -100,35 +103,47 @@ def safe_set_full_fp32_param(param: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def safe_get_local_fp32_param(param: torch.Tensor) -> torch.Tensor:
-    """This rank's part of the parameter in fp32: its shard at stages 2-3, else the whole parameter."""
+    """This rank's part of the parameter in fp32: its shard at stage 3, else the whole parameter."""
     return _local(param.detach()).float()
 
 
 @torch.no_grad()
 def safe_set_local_fp32_param(param: torch.Tensor, value: torch.Tensor) -> None:
-    """Overwrite this rank's part of the parameter (its shard at stages 2-3)."""
+    """Overwrite this rank's part of the parameter (its shard at stage 3)."""
     _local(param).copy_(value)
 
 
 # ---- gradients ----------------------------------------------------------------------------------------
 def safe_get_full_grad(param: torch.Tensor) -> torch.Tensor | None:
-    """The whole gradient of ``param`` (all-gathered at stages 2-3), or ``None`` if it has none."""
+    """The whole gradient of ``param`` (all-gathered at stage 3, fetched from its owner at stage 2),
+    or ``None`` if no rank has one."""
     grad = param.grad
-    if grad is None:
+    if isinstance(grad, DTensor):
+        return grad.full_tensor()
+    owner = _owner(param)
+    if not _sharded_by_rank(owner, stages=(2,)):
+        return grad
+    src = _holder(owner, grad is not None)
+    if src is None:
         return None
-    return grad.full_tensor() if isinstance(grad, DTensor) else grad
+    buf = grad.detach().clone() if grad is not None else torch.empty_like(param.detach())
+    dist.broadcast(buf, src=dist.get_global_rank(owner.group, src) if owner.group else src, group=owner.group)
+    return buf
 
 
 @torch.no_grad()
 def safe_set_full_grad(param: torch.Tensor, value: torch.Tensor) -> None:
-    """Replace the gradient of ``param`` with the full ``value`` (created if ``param`` has none)."""
+    """Replace the gradient of ``param`` with the full ``value`` (created if ``param`` has none; at
+    stage 2 only where the gradient is held - its owner, after ``backward``)."""
     if param.grad is None:
+        if _sharded_by_rank(_owner(param), stages=(2,)):
+            return  # another rank owns this gradient (or none exists yet), as in DeepSpeed's partitions
         param.grad = torch.zeros_like(param)
     _assign_full(param.grad, value)
 
 
 def safe_get_local_grad(param: torch.Tensor) -> torch.Tensor | None:
-    """This rank's part of the gradient (its shard at stages 2-3), or ``None``."""
+    """This rank's part of the gradient (its shard at stage 3), or ``None``."""
     return None if param.grad is None else _local(param.grad)
 
 
@@ -163,9 +178,10 @@ def _holder(owner: _Owner, has: bool) -> int | None:
     return next((r for r, f in enumerate(flags) if f), None)
 
 
-def _sharded_by_rank(owner: _Owner | None) -> bool:
-    """Stage 1 (and a pipeline's stage 1): state lives on one rank of a group of several."""
-    return (owner is not None and owner.stage == 1 and dist.is_initialized()
+def _sharded_by_rank(owner: _Owner | None, stages: tuple[int, ...] = (1, 2)) -> bool:
+    """Stages 1-2 (and a pipeline's stage 1): optimizer state (stage 2: the gradient too) lives on one
+    rank of a group of several."""
+    return (owner is not None and owner.stage in stages and dist.is_initialized()
             and dist.get_world_size(owner.group) > 1)
 
 
@@ -198,12 +214,12 @@ def safe_set_full_optimizer_state(param: torch.Tensor, value: torch.Tensor, opti
     owner = _owner(param)
     target = None if owner is None else _state(param, owner, optim_state_key)
     if target is None:
-        return  # no state here (another rank owns it at stage 1, or no step yet), as in DeepSpeed
+        return  # no state here (another rank owns it at stages 1-2, or no step yet), as in DeepSpeed
     _assign_full(target, value)
 
 
 def safe_get_local_optimizer_state(param: torch.Tensor, optim_state_key: str) -> torch.Tensor | None:
-    """This rank's part of the optimizer state (its shard at stages 2-3), or ``None`` if not held here."""
+    """This rank's part of the optimizer state (its shard at stage 3), or ``None`` if not held here."""
     owner = _owner(param)
     value = None if owner is None else _state(param, owner, optim_state_key)
     return None if value is None else _local(value)
@@ -215,5 +231,5 @@ def safe_set_local_optimizer_state(param: torch.Tensor, value: torch.Tensor, opt
     local = safe_get_local_optimizer_state(param, optim_state_key)
     if local is None:
         raise ValueError(f"this rank holds no optimizer state {optim_state_key!r} for the parameter. Fix: call it "
-                         "after the first engine.step(), on the rank that owns the parameter at stage 1")
+                         "after the first engine.step(), on the rank that owns the parameter at stages 1-2")
     local.copy_(value)

@@ -28,6 +28,8 @@ __all__ = [
     "convert_zero_checkpoint_to_state_dict",
     "convert_zero_checkpoint_to_fp32_state_dict",
     "load_state_dict_from_zero_checkpoint",
+    "get_model_state_file",
+    "get_optim_files",
     "main",
 ]
 
@@ -48,6 +50,59 @@ def get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir: str | os.PathLike, 
     del lazy_mode  # real tensors already support the .contiguous() a lazy_mode caller makes
     return consolidate(checkpoint_dir, tag=tag, dtype=torch.float32,
                        exclude_frozen_parameters=exclude_frozen_parameters)
+
+
+def _tag_file(checkpoint_dir: str | os.PathLike, name: str, what: str) -> str:
+    """``checkpoint_dir/name`` of a complete flexspeed tag directory (no symlink), else FileNotFoundError."""
+    from flexspeed.runtime.checkpoint_io import read_manifest
+    from flexspeed.runtime.checkpoint_verify import check_not_link
+
+    folder = os.fspath(checkpoint_dir)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"Directory '{folder}' doesn't exist")
+    read_manifest(folder)  # a complete flexspeed checkpoint tag (CheckpointError names what is wrong)
+    file = os.path.join(folder, name)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"can't find the {what} file at '{file}'")
+    check_not_link(file, what)
+    return file
+
+
+def get_model_state_file(checkpoint_dir: str | os.PathLike, zero_stage: int) -> str:
+    """The file of a tag directory holding the non-tensor model state: flexspeed's ``client_state.pt``.
+
+    DeepSpeed returns ``mp_rank_00_model_states.pt`` (stage <= 2) or ``zero_pp_rank_0_mp_rank_00_model_states.pt``
+    (stage 3), whose extra keys are what ``save_checkpoint(client_state=...)`` stored; flexspeed keeps those keys
+    in ``client_state.pt`` at every stage (the weights are in ``state/``, read them with
+    :func:`get_fp32_state_dict_from_zero_checkpoint`). ``torch.load(..., weights_only=True)`` reads it.
+
+    Raises:
+        FileNotFoundError: no such directory or file (DeepSpeed's error); ValueError: ``zero_stage`` not 0-3.
+    """
+    if isinstance(zero_stage, bool) or not isinstance(zero_stage, int) or not 0 <= zero_stage <= 3:
+        raise ValueError(f"zero_stage={zero_stage!r} must be 0, 1, 2 or 3")
+    from flexspeed.runtime.checkpoint_io import CLIENT_FILE
+
+    return _tag_file(checkpoint_dir, CLIENT_FILE, "model states")
+
+
+def get_optim_files(checkpoint_dir: str | os.PathLike) -> list[str]:
+    """The files of a tag directory holding the optimizer's non-tensor state: ``[engine_state.pt]``.
+
+    Loaded, it has DeepSpeed's ``optimizer_state_dict["zero_stage"]`` (the stage the checkpoint was saved at) and
+    the optimizer's param groups; the optimizer's tensors are in ``state/`` (resharded on load at any world
+    size, so there is one such file, not one per rank).
+
+    Raises:
+        FileNotFoundError: no such directory, or the checkpoint was saved without an optimizer.
+    """
+    file = _tag_file(checkpoint_dir, "engine_state.pt", "optimizer states")
+    from flexspeed.runtime.checkpoint_io import read_manifest
+
+    if not read_manifest(os.fspath(checkpoint_dir)).get("has_optimizer_state", False):
+        raise FileNotFoundError(f"can't find optimizer states in '{os.fspath(checkpoint_dir)}': it was saved "
+                                "without an optimizer")
+    return [file]
 
 
 def _output_dtype(dtype: str | torch.dtype) -> torch.dtype:

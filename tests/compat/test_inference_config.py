@@ -10,7 +10,8 @@ names the architectures it knows and the fix). The ports assert that error and t
 assertions on the merged config, which ``init_inference`` builds with ``resolve_inference_config``
 (the engine's ``_config``). flexspeed stores ``dtype`` by name (``"fp32"`` for ``torch.float32``).
 DeepSpeed's ``DeepSpeedInferenceConfig(moe=...)`` class is flexspeed's ``InferenceConfig``; ``moe``
-is refused when true (no MoE inference: deliberate) and, a gap, when false too.
+(``InferenceMoEConfig``) takes a bool as DeepSpeed's does; it is refused when enabled (no MoE
+inference: deliberate).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 import flexspeed as deepspeed
 from flexspeed.config.errors import ConfigError
-from flexspeed.inference.config import canonical_dtype, resolve_inference_config
+from flexspeed.inference.config import InferenceMoEConfig, canonical_dtype, resolve_inference_config
 from tests.compat._ds_common import create_config_from_dict
 
 NOT_RECOGNISED = r"\[replace_with_kernel_inject\] replace_with_kernel_inject=True but Module is not a recognised"
@@ -56,12 +57,13 @@ class TestInferenceConfig:
             deepspeed.init_inference(torch.nn.Module(), config=config_json)
         assert resolve_inference_config(config=config_json).replace_with_kernel_inject
 
-    @pytest.mark.parametrize("value", [True, pytest.param(False, marks=pytest.mark.xfail(
-        strict=True, raises=ConfigError, reason="gap: the inference config refuses \"moe\": false too (a disabled "
-                                                "section; the training config accepts those)"))])
+    @pytest.mark.parametrize("value", [True, False])
     def test_moe_backward_compat_bool(self, value):
-        if value:
+        # DeepSpeed: `moe` accepts a bool (moe: Union[bool, DeepSpeedMoEConfig]) and builds the section
+        if value:  # deliberate: MoE inference is refused when enabled
             with pytest.raises(ConfigError, match=r"\[moe\] .*mixture-of-experts inference is not supported"):
                 resolve_inference_config(moe=value)
         else:
-            assert resolve_inference_config(moe=value) is not None
+            config = resolve_inference_config(moe=value)
+            assert isinstance(config.moe, InferenceMoEConfig)
+            assert config.moe.enabled == value

@@ -11,7 +11,7 @@ buffer, which flexspeed refuses (docs/compat.md, activation checkpointing): the 
 and configures without it. Not applicable: the three reentrant cases test DeepSpeed's choice between
 its reentrant and non-reentrant checkpoint functions (``engine._reentrant_activation_checkpointing``,
 ``activation_checkpoint_func``); flexspeed's pipeline always recomputes with torch's non-reentrant
-checkpoint. Gap: ``PipelineModule.set_checkpoint_interval`` (xfail).
+checkpoint. ``PipelineModule.set_checkpoint_interval`` passes.
 """
 
 from __future__ import annotations
@@ -98,9 +98,6 @@ class TestPipeModuleSequential:
 
 
 class TestPipeModuleCheckpointInterval:
-    @pytest.mark.xfail(strict=True, raises=AttributeError,
-                       reason="gap: PipelineModule has no set_checkpoint_interval() (nor DeepSpeed's cached "
-                              "is_checkpointable_results); set activation_checkpoint_interval before initialize()")
     def test_set_checkpoint_interval(self):
         model = PipelineModule(layers=mixed_param_model(), num_stages=1, activation_checkpoint_interval=4)
         model.set_checkpoint_interval(1)

@@ -1,5 +1,5 @@
 """On 2 gloo ranks: ``flexspeed.utils.safe_get_full_*`` at ZeRO stages 1-3 (optimizer state owned by
-one rank at stage 1, DTensor shards at 2-3) equal a one-process reference, and
+one rank at stages 1-2, the gradient too at stage 2, DTensor shards at 3) equal a one-process reference, and
 ``flexspeed.checkpointing`` with ``partition_activations`` keeps half of each checkpointed input
 per model-parallel rank with gradients equal to the plain run. One spawned group runs every case."""
 
@@ -132,9 +132,10 @@ def test_safe_get_full_matches_one_process(results, stage):
                 torch.testing.assert_close(a, b, **tol, msg=lambda m: f"rank {rank} stage {stage} {name}: {m}")
         assert torch.equal(got["after_set"], torch.full_like(got["after_set"], float(stage)))
     total = sum(p.numel() for p in _model().parameters())
-    if stage == 1:  # each parameter's Adam state lives on one rank only, yet every rank got it
-        assert results[0][1]["held"] + results[1][1]["held"] == len(ref["grads"])
-        assert 0 < results[0][1]["held"] < len(ref["grads"])
+    if stage in (1, 2):  # each parameter's Adam state (stage 2: gradient too) on one rank only, yet every rank got it
+        assert results[0][stage]["held"] + results[1][stage]["held"] == len(ref["grads"])
+        assert 0 < results[0][stage]["held"] < len(ref["grads"])
+        assert results[0][stage]["local"] == [p.numel() for p in _model().parameters()]  # whole parameters
     else:  # shards: each rank holds half of every parameter
         assert sum(results[0][stage]["local"]) + sum(results[1][stage]["local"]) == total
         assert sum(results[0][stage]["local"]) < total

@@ -203,3 +203,74 @@ def test_crafted_pickles_in_any_pipeline_checkpoint_file_are_refused(saved):
             assert not ran, f"{name}: a pickle ran code"
             assert kind in ("CheckpointError", "UnsafeCheckpointError"), (name, kind, message)
             assert "before anything was changed" in message, (name, message)
+
+
+# ---- dp2 x pp2 (ZeRO-3) -> pp2 x tp2: tensor parallelism inside the stages (test_pipeline_tp's model) ------------
+def _save_tp_model(rank: int, world: int, root: str) -> dict:
+    from tests.distributed import test_pipeline_tp as tpm
+
+    engine = tpm.make_engine(3, tp=1)
+    losses = tpm.train(engine, range(STEPS))
+    engine.save_checkpoint(root, client_state={"note": "pp"})
+    return {"losses": losses}
+
+
+def _resume_pp2_tp2(rank: int, world: int, root: str, out: str, zero: int) -> dict:
+    from tests.distributed import test_pipeline_tp as tpm
+
+    engine = tpm.make_engine(zero, tp=2)
+    path, client = engine.load_checkpoint(root)
+    loaded = engine.module.to_sequential_state_dict()
+    opt_state = len(engine.optimizer.state)
+    losses = tpm.train(engine, range(STEPS, STEPS + MORE))
+    engine.save_checkpoint(out)  # a pp x tp checkpoint, for `flexspeed export`
+    return {"path": path, "client": client, "loaded": loaded, "losses": losses, "steps": engine.global_steps,
+            "opt_state": opt_state, "dtensors": sum(hasattr(p, "to_local") for p in engine.module.parameters()),
+            "state": engine.module.to_sequential_state_dict(), "layout": engine.checkpoint_layout()}
+
+
+def _tp_reference(dps: list[int]) -> tuple[list[float], list[dict]]:
+    """test_pipeline_tp's reference, keeping the state after every step; step s uses ``dps[s]`` replicas' batch."""
+    from flexspeed.runtime.optimizers import build_optimizer
+    from tests.distributed import test_pipeline_tp as tpm
+    from tests.distributed.test_pipeline import CLIP, set_deepspeed_lr
+
+    model = tpm.reference_model()
+    opt = build_optimizer("Adam", config("1f1b", 1)["optimizer"]["params"], model.parameters())
+    losses, states = [], []
+    for step, dp in enumerate(dps):
+        x, y = tpm.batch(step, dp)
+        opt.zero_grad()
+        loss = mse(model(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        set_deepspeed_lr(opt, step + 1)
+        opt.step()
+        losses.append(loss.item())
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return losses, states
+
+
+def test_saved_at_dp2_pp2_zero3_resumes_at_pp2_tp2_and_exports(tmp_path):
+    from flexspeed.runtime.export import consolidate
+
+    root, out = str(tmp_path / "dp2pp2"), str(tmp_path / "pp2tp2")
+    saved = run_ranks(_save_tp_model, world_size=4, args=(root,), timeout=300)[0]
+    # after the resume one replica (dp1): the global batch is one replica's
+    losses, states = _tp_reference([2] * STEPS + [1] * MORE)
+    torch.testing.assert_close(torch.tensor(saved["losses"]), torch.tensor(losses[:STEPS]), rtol=0, atol=1e-5)
+    got = run_ranks(_resume_pp2_tp2, world_size=4, args=(root, out, 1), timeout=300)[0]
+    what = "dp2 x pp2 ZeRO-3 -> pp2 x tp2 ZeRO-1"
+    assert got["path"] == os.path.join(root, f"global_step{STEPS}") and got["client"] == {"note": "pp"}, what
+    assert got["dtensors"] > 0 and got["layout"]["tp"] == 2, got["layout"]  # the blocks really are tensor-parallel
+    assert got["opt_state"] > 0, what  # Adam's moments came back (sharded over tp like their parameters)
+    for k, v in states[STEPS - 1].items():
+        torch.testing.assert_close(got["loaded"][k], v, rtol=0, atol=1e-5, msg=lambda m, k=k: f"{what} {k}: {m}")
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(losses[STEPS:]), rtol=0, atol=1e-5,
+                               msg=lambda m: f"{what} losses after the resume: {m}")
+    assert got["steps"] == STEPS + MORE
+    # `flexspeed export` consolidates the pp x tp checkpoint into whole tensors
+    state = consolidate(out)
+    assert set(state) == set(states[-1])
+    for k, v in states[-1].items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=1e-5, msg=lambda m, k=k: f"export {k}: {m}")

@@ -5,7 +5,8 @@ same GPU (same seed, data and batches).
 Tolerances are the CPU tier's (``tests/distributed/test_zero_parity.py``, which explains them):
 fp32 losses and weights within 1e-5 absolute (TF32 is off, see ``conftest.py``); bf16 / fp16 losses
 within 5e-4 / 2e-4 of a reference under the same autocast, weights within 10% of the reference's
-own update, every stage within 1e-4 of stage 0 in loss.
+own update; stage 1 within 1e-4 of stage 0 in loss (stage 3 gathers 16-bit weights as DeepSpeed does,
+so it is held to the reference tolerance, as in the CPU tier).
 
     .venv/bin/python -m pytest tests/gpu -v
 """
@@ -98,8 +99,8 @@ def test_stages_and_accumulation_match_plain_pytorch(precision: str) -> None:
             if precision != "fp32":
                 if stage0 is None:
                     stage0 = got["losses"]
-                torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(stage0), rtol=0,
-                                           atol=STAGE_LOSS_TOL_16BIT)
+                tol = STAGE_LOSS_TOL_16BIT if stage == 1 else LOSS_TOL[precision]  # as test_zero_parity.py
+                torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(stage0), rtol=0, atol=tol)
 
 
 @pytest.mark.cuda_only

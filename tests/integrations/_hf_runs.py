@@ -199,6 +199,56 @@ def rank_accelerate_grid(rank: int, world: int, out_dir: str) -> dict:
             for stage, bf16 in ((2, False), (3, False), (3, True))}
 
 
+class LiveBytes:
+    """A dispatch mode that follows every CPU storage made by a torch op inside it until the storage is freed;
+    ``peak`` is the most bytes alive at once (storages made outside torch ops, e.g. safetensors' mmap, are not
+    counted)."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+                result = func(*args, **(kwargs or {}))
+                outer._see(result)
+                return result
+
+        self._mode = _Mode()
+        self._live: dict[int, tuple] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _see(self, result) -> None:  # noqa: ANN001
+        import torch
+        from torch.multiprocessing.reductions import StorageWeakRef
+        from torch.utils._pytree import tree_leaves
+
+        added = False
+        for t in tree_leaves(result):
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.is_meta:
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if storage.nbytes() == 0 or (key in self._live and not self._live[key][0].expired()):
+                continue
+            self._live[key] = (StorageWeakRef(storage), storage.nbytes())
+            added = True
+        if added:
+            for key in [k for k, (ref, _) in self._live.items() if ref.expired()]:
+                del self._live[key]
+            self.current = sum(n for _, n in self._live.values())
+            self.peak = max(self.peak, self.current)
+
+    def __enter__(self) -> "LiveBytes":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:  # noqa: ANN002
+        self._mode.__exit__(*exc)
+
+
 def rank_zero3_from_pretrained(rank: int, world: int, out_dir: str) -> dict:
     """HF's ZeRO-3 load path: ``from_pretrained`` under ``zero.Init`` + ``GatheredParameters(modifier_rank=0)``.
 
@@ -223,12 +273,15 @@ def rank_zero3_from_pretrained(rank: int, world: int, out_dir: str) -> dict:
         want = plain(input_ids=ids).logits
     cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "steps_per_print": float("inf")}
     keep = HfDeepSpeedConfig(cfg)  # HF's switch for the ZeRO-3 load path (kept alive while loading)
-    model = LlamaForCausalLM.from_pretrained(folder)
+    with LiveBytes() as live:  # every CPU storage any torch op makes during the load, while it is alive
+        model = LlamaForCausalLM.from_pretrained(folder)
     params = list(model.parameters())
     chunk_numel = sum(p.ds_tensor.numel() for p in params if p.ds_tensor is not None)
     out = {"all_placeholders": all(p.numel() == 0 and p.device.type == "cpu" and p.ds_tensor is not None
                                    for p in params),
-           "chunk_numel": chunk_numel, "full_numel": sum(p.ds_numel for p in params)}
+           "chunk_numel": chunk_numel, "full_numel": sum(p.ds_numel for p in params),
+           "peak_bytes": live.peak, "largest_param_bytes": max(p.ds_numel for p in params) * 4,
+           "model_bytes": sum(p.ds_numel for p in params) * 4}
     import deepspeed
 
     engine, *_ = deepspeed.initialize(model=model, config=cfg)

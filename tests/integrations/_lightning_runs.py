@@ -154,3 +154,53 @@ def rank_fabric_resume(rank: int, world: int, out_dir: str) -> dict:
     resumed: list = []
     _fabric_steps(fabric, model, opt, batches[4:], resumed)
     return {"after": after, "resumed": resumed, "step": state["step"]}
+
+
+def rank_trainer_resume(rank: int, world: int, out_dir: str) -> dict:
+    """Trainer.fit with FlexspeedTrainerStrategy (ZeRO-3, accumulate 2): 2 epochs straight; then 1 epoch,
+    trainer.save_checkpoint, and a fresh Trainer (other initial weights) fit(ckpt_path=) for the second.
+
+    One epoch is 2 optimizer steps (16 samples, 2 ranks, batch 2, accumulation 2), so the save falls on an epoch
+    end and the resumed run sees the batches of the straight run's second epoch."""
+    import os
+
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader
+
+    from flexspeed.integrations.lightning import FlexspeedTrainerStrategy
+    from tests.integrations._hf_runs import TokenData, tiny_llama
+
+    class Module(pl.LightningModule):
+        def __init__(self, seed: int) -> None:
+            super().__init__()
+            self.net = tiny_llama(seed)
+            self.losses: list[float] = []
+
+        def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+            loss = self.net(**batch).loss
+            self.losses.append(float(loss.detach()))
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.01)
+
+    def fit(seed: int, max_epochs: int, ckpt_path: str | None = None, save: str | None = None) -> list[float]:
+        module = Module(seed)
+        trainer = pl.Trainer(accelerator="cpu", devices=2, accumulate_grad_batches=2, gradient_clip_val=1.0,
+                             strategy=FlexspeedTrainerStrategy(config={"zero_optimization": {"stage": 3},
+                                                                       "steps_per_print": 10 ** 6}),
+                             max_epochs=max_epochs, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False)
+        data = torch.utils.data.Subset(TokenData(), range(16))
+        trainer.fit(module, DataLoader(data, batch_size=2, shuffle=False), ckpt_path=ckpt_path)
+        if save is not None:
+            trainer.save_checkpoint(save)
+        return module.losses
+
+    path = os.path.join(out_dir, "trainer-ckpt")
+    straight = fit(0, 2)
+    first = fit(0, 1, save=path)
+    resumed = fit(1, 2, ckpt_path=path)
+    return {"straight": straight, "first": first, "resumed": resumed,
+            "saved": sorted(os.listdir(path)) if rank == 0 else None}

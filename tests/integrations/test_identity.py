@@ -134,3 +134,44 @@ def test_launch_as_deepspeed_two_workers(tmp_path):
         assert name == "flexspeed.integrations.deepspeed" and "+flexspeed." in version
     plain = _run(["-m", "flexspeed", "launch", "--nproc-per-node", "1", str(script)])
     assert plain.returncode != 0 and "No module named 'deepspeed'" in plain.stdout + plain.stderr
+
+
+def test_stale_identity_folder_of_a_killed_maker_is_removed_next_start(tmp_path):
+    """SIGKILL runs no exit handler, so the maker's folder stays; the next start removes it (maker gone), and keeps
+    a live maker's folder, a folder without an owner file and a symlink named like one."""
+    import signal
+
+    from flexspeed.integrations.identity import remove_stale_identity_dirs
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
+    env.pop("FLEXSPEED_AS_DEEPSPEED", None)
+    code = ("import os, signal, sys\nfrom flexspeed.integrations.identity import activate\n"
+            "print(activate(), flush=True)\n"
+            "sys.stdin.readline() if len(sys.argv) > 1 else os.kill(os.getpid(), signal.SIGKILL)\n")
+    live = subprocess.Popen([sys.executable, "-c", code, "wait"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        kept = live.stdout.readline().strip()
+        killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert killed.returncode == -signal.SIGKILL
+        stale = killed.stdout.strip()
+        assert os.path.isdir(stale) and os.path.dirname(stale) == str(tmp_path)
+        (tmp_path / "flexspeed-as-deepspeed-noowner").mkdir()
+        os.symlink(stale, tmp_path / "flexspeed-as-deepspeed-link")
+        assert remove_stale_identity_dirs(str(tmp_path)) == [stale]
+        assert not os.path.exists(stale) and os.path.isdir(kept)
+        assert (tmp_path / "flexspeed-as-deepspeed-noowner").is_dir()
+        assert os.path.islink(tmp_path / "flexspeed-as-deepspeed-link")
+        # the next start does it by itself
+        again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        stale2 = again.stdout.strip()
+        assert os.path.isdir(stale2)
+        fresh = subprocess.run([sys.executable, "-c", "from flexspeed.integrations.identity import activate; "
+                                "print(activate())"], capture_output=True, text=True, env=env, timeout=120)
+        assert fresh.returncode == 0, fresh.stderr
+        assert not os.path.exists(stale2) and os.path.isdir(kept)
+    finally:
+        live.stdin.write("\n")
+        live.stdin.close()
+        live.wait(timeout=60)
+    assert not os.path.exists(kept)  # its maker exited normally

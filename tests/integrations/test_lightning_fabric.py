@@ -58,3 +58,21 @@ def test_fabric_save_load_resumes(tmp_path):
     for res in results:
         assert res["step"] == 4 and len(res["resumed"]) == 4
         assert res["resumed"] == res["after"], res
+
+
+@pytest.mark.slow
+def test_lightning_trainer_save_and_resume(tmp_path):
+    """Trainer.fit with FlexspeedTrainerStrategy (ZeRO-3): trainer.save_checkpoint after 2 optimizer steps, then a
+    fresh Trainer with other initial weights fit(ckpt_path=) repeats the straight run's last losses exactly.
+    About 70 s: runs with FLEXSPEED_SLOW=1."""
+    import os
+
+    if os.environ.get("FLEXSPEED_SLOW") != "1":
+        pytest.skip("slow (about 70 s): run with FLEXSPEED_SLOW=1")
+    from tests.integrations import _lightning_runs as L
+
+    results = run_ranks(L.rank_trainer_resume, 2, (str(tmp_path),), init_process_group=False, timeout=600)
+    for res in results:
+        assert len(res["straight"]) == 8 and res["first"] == res["straight"][:4]
+        assert res["resumed"] == res["straight"][4:], res
+    assert "latest" in results[0]["saved"]

@@ -179,3 +179,37 @@ def test_no_sync_context():
     with engine.no_sync():
         engine.backward(_loss(engine))
     assert engine.module[0].weight.grad is not None
+
+
+def test_second_initialize_adopts_or_refuses_a_stage3_sharded_model():
+    """DeepSpeed builds a second engine on the same model; at stage 3 flexspeed adopts FSDP2's sharding."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    z3 = {"stage": 3, "stage3_param_persistence_threshold": 10}  # the 32-element weight sharded, the rest whole
+    first, *_ = flexspeed.initialize(model=model, config=_cfg(zero_optimization=z3))
+    first.backward(_loss(first))
+    first.step()
+    first.backward(_loss(first, 1))
+    first.step()
+    second, opt, *_ = flexspeed.initialize(model=model, config=_cfg(zero_optimization=z3))
+    assert second.module is model and "adopted" in " ".join(second._strategy.notes)
+    w0 = model[0].weight.full_tensor().clone()
+    for seed in (2, 3):
+        second.backward(_loss(second, seed))
+        second.step()
+    assert not torch.equal(model[0].weight.full_tensor(), w0) and second.global_steps == 1
+    for other, why in ((_cfg(zero_optimization={"stage": 2}), "zero_optimization.stage=2"),
+                       (_cfg(zero_optimization={"stage": 3}), "persistence_threshold=100000")):
+        with pytest.raises(ValueError, match=why):
+            flexspeed.initialize(model=model, config=other)
+
+
+def test_stage2_keeps_the_users_module_and_plain_parameters():
+    model = _model()
+    engine, opt, *_ = flexspeed.initialize(model=model, config=_cfg(zero_optimization={"stage": 2}))
+    params = list(model.parameters())
+    for seed in range(4):
+        engine.backward(_loss(engine, seed))
+        engine.step()
+    assert engine.module is model and type(model) is nn.Sequential
+    assert all(type(p) is nn.Parameter for p in model.parameters()) and list(model.parameters()) == params
+    assert engine.zero_optimization_stage() == 2 and engine.global_steps == 2

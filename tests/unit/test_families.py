@@ -109,3 +109,65 @@ def test_checkpoint_names_the_family_declares_are_read(tmp_path) -> None:
     ids, mask = padded_batch()
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(engine.generate(ids, attention_mask=mask, max_new_tokens=6), ref)
+
+
+def _windowed(name: str, window: int, layer_types=None):
+    common = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=97, initializer_range=0.2, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=0, sliding_window=window)
+    torch.manual_seed(0)
+    if name == "mistral":
+        return tf.MistralForCausalLM(tf.MistralConfig(**common)).eval()
+    extra = {"layer_types": layer_types} if layer_types else {}
+    return tf.Qwen2ForCausalLM(tf.Qwen2Config(use_sliding_window=True, max_window_layers=0, **extra,
+                                              **common)).eval()
+
+
+@pytest.mark.parametrize("name,layer_types", [("mistral", None), ("qwen2", None),
+                                              ("qwen2", ["full_attention", "sliding_attention"])])
+def test_sliding_window_generation_past_the_window_equals_hf(name: str, layer_types) -> None:
+    """A window of 4 keys and prompts of 9 tokens + 12 new: every step past the window attends
+    only its window (fused prefill mask, native or eager single-token steps; one layer full and
+    one sliding for Qwen2's ``layer_types``), token for token HF's greedy ``generate``."""
+    from flexspeed.inference.runners import select_runner
+
+    model = _windowed(name, 4, layer_types)
+    fam, dims = family_for_model(model)
+    assert dims.windows == (tuple(4 if t == "sliding_attention" else None for t in layer_types) if layer_types
+                            else (4, 4))
+    ids, mask = padded_batch()
+    kw = dict(max_new_tokens=12, pad_token_id=0, eos_token_id=None)
+    ref = model.generate(ids, attention_mask=mask, do_sample=False, **kw)
+    full = _windowed(name, 64, layer_types)  # the same weights attending everything: a different answer
+    assert not torch.equal(full.generate(ids, attention_mask=mask, do_sample=False, **kw), ref)
+    injected = inject_kernels(copy.deepcopy(model))
+    assert select_runner(model).runner.max_positions is None  # no cap at the window
+    for m in (model, injected):
+        assert torch.equal(generate(m, ids, mask, **kw), ref)
+        assert torch.equal(generate(m, ids[:1], mask[:1], **kw), ref[:1])  # unpadded: the native greedy path
+        torch.manual_seed(3)
+        sampled = {**kw, "eos_token_id": 2, "min_new_tokens": 12, "do_sample": True, "top_k": 0}
+        want = model.generate(ids, attention_mask=mask, **sampled)
+        torch.manual_seed(3)
+        assert torch.equal(generate(m, ids, mask, **sampled), want)  # one step at a time, eagerly
+
+
+def test_gemma_runs_on_the_native_kernel_with_and_without_injection() -> None:
+    """Gemma's (1 + w) RMSNorm (an fp32 copy of 1 + w) and scaled embedding on the native step:
+    the un-injected model gets a shadow runner; one native step's logits equal HF's (fp32)."""
+    from flexspeed.inference.native import library
+    from flexspeed.inference.runners import select_runner
+
+    if library() is None:
+        pytest.skip("the native decode kernel is not built")
+    model = build("gemma")
+    ids, _ = padded_batch()
+    for m in (model, inject_kernels(copy.deepcopy(model))):
+        runner = select_runner(m).runner
+        assert "native C kernel" in runner.describe(), runner.describe()
+        cache = runner.new_cache(1, 12)
+        with torch.no_grad():
+            runner.step(ids[:1], torch.arange(9)[None], cache, 0)
+            got = runner.step(ids[:1, :1], torch.tensor([[9]]), cache, 9)
+            want = model(torch.cat([ids[:1], ids[:1, :1]], 1)).logits[:, -1:]
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)

@@ -46,9 +46,10 @@ def _same(a, b) -> None:
         torch.testing.assert_close(a.sequences_scores, b.sequences_scores, rtol=0, atol=1e-4)
 
 
-def _check(models, seed: int | None = None, **kw) -> None:
+def _check(models, seed: int | None = None, ids=None, mask=None, **kw) -> None:
     model, ours = models
-    ids, mask = padded_batch()
+    if ids is None:
+        ids, mask = padded_batch()
     kw.setdefault("max_new_tokens", 8)
     if seed is not None:
         torch.manual_seed(seed)
@@ -160,3 +161,44 @@ def test_api_benchmark_quick_smoke(capsys: pytest.CaptureFixture) -> None:
     rows = bench.main(["--quick", "--dtype", "fp32"])
     assert {r["case"] for r in rows} == set(bench.CASES) and all(r["fs_tok_s"] > 0 for r in rows)
     assert "fs/HF" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra", [{}, {"seed": 9, "do_sample": True}])
+def test_assistant_model_drafts_are_cropped_and_outputs_equal_hf(models, extra, monkeypatch) -> None:
+    """Assisted (speculative) decoding: HF's loop verifies the assistant's draft tokens in one
+    step of flexspeed's runner and crops the rejected ones (a perturbed assistant: some drafts
+    are rejected, so ``RunnerCache.crop`` really moves the cache back)."""
+    from flexspeed.inference.hf_generate import RunnerCache
+
+    model, _ = models
+    assistant = copy.deepcopy(model)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(2)
+        for p in assistant.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    crops: list[int] = []
+    real = RunnerCache.crop
+    monkeypatch.setattr(RunnerCache, "crop", lambda self, n: (crops.append(n), real(self, n))[1])
+    ids, mask = padded_batch()
+    # HF's assisted loop takes one row; assistant_model is passed through to it
+    _check(models, assistant_model=assistant, **{**{"max_new_tokens": 12, "do_sample": False}, **extra},
+           ids=ids[:1], mask=mask[:1])
+    assert crops and any(n < 0 for n in crops), crops  # drafts were rejected and dropped
+
+
+def test_crop_semantics() -> None:
+    class Runner:
+        pass
+
+    from flexspeed.inference.hf_generate import RunnerCache
+
+    cache = RunnerCache(Runner(), 16)
+    cache.seen = 10
+    cache.crop(-3)
+    assert cache.get_seq_length() == 7
+    cache.crop(5)
+    assert cache.get_seq_length() == 5
+    cache.crop(9)  # longer than held: unchanged, as DynamicCache.crop
+    assert cache.get_seq_length() == 5
+    with pytest.raises(ValueError, match="cannot crop"):
+        cache.crop(-6)

@@ -81,6 +81,23 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert len(calls) == 2
 
 
+def test_set_checkpoint_interval_changes_a_built_module():
+    module = PipelineModule(specs(), seed_layers=True, activation_checkpoint_interval=0)
+    x = torch.randn(5, 4)
+    module(x)  # built, no recomputation
+    calls = []
+    module.stage_modules[0].layers["0"].register_forward_hook(lambda *a: calls.append(1))
+    module(x).sum().backward()
+    assert len(calls) == 1
+    module.set_checkpoint_interval(2)  # DeepSpeed's setter: the next forward recomputes
+    assert module.activation_checkpoint_interval == 2
+    calls.clear()
+    module(x).sum().backward()
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="set_checkpoint_interval"):
+        module.set_checkpoint_interval(-1)
+
+
 def test_tied_positions_on_one_rank_share_one_module():
     head = TiedLayerSpec("emb", nn.Embedding, 10, 4, forward_fn=lambda e, h: h @ e.weight.t())
     module = PipelineModule([TiedLayerSpec("emb", nn.Embedding, 10, 4), LayerSpec(nn.Linear, 4, 4), head])

@@ -298,7 +298,9 @@ def _arch(fam: Family, dims: Dims) -> Arch:
         opts["conv1d"] = frozenset({"qkv", "o", "fc1", "fc2"})
     if dims.rotary_dim:
         opts["inv_freq"] = inv_freq(dims)
-    return Arch(fam.name, L, c, hq, hkv, hd, dims.vocab, dims.max_positions, layers, dims.eos_token_id,
+    # the offload runner attends over every cached key: a sliding-window model is capped at its window
+    limit = min((w for w in dims.windows if w is not None), default=dims.max_positions)
+    return Arch(fam.name, L, c, hq, hkv, hd, dims.vocab, limit, layers, dims.eos_token_id,
                 dims.pad_token_id, opts)
 
 

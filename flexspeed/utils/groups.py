@@ -1,0 +1,98 @@
+"""``deepspeed.utils.groups`` on flexspeed's process groups: the data-parallel and sequence-parallel queries
+that transformers and Accelerate make.
+
+The groups come from :class:`~flexspeed.distributed.parallel_dims.ParallelDims` over the current process group
+(``from_process_group``: flexspeed's engines outside pipelines use the world as the data-parallel group, as
+DeepSpeed does without an ``mpu``). flexspeed has no sequence parallelism: its degree is 1 and this rank is rank 0
+of it, as DeepSpeed answers without a sequence-parallel ``mpu``; asking for the sequence-parallel *group*
+raises DeepSpeed's ``KeyError`` with the fix. Like DeepSpeed's, these need ``torch.distributed`` started, and
+the first data-parallel group query is a collective (every rank makes it; the group is then reused).
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from flexspeed.distributed.parallel_dims import ParallelDims
+
+__all__ = ["_get_data_parallel_group", "_get_data_parallel_world_size", "_get_data_parallel_rank",
+           "_get_data_parallel_group_ranks", "_get_model_parallel_world_size", "_get_sequence_parallel_group",
+           "_get_sequence_parallel_world_size", "_get_sequence_parallel_rank", "_get_sequence_data_parallel_group",
+           "_get_sequence_data_parallel_world_size", "_get_sequence_data_parallel_rank",
+           "_get_expert_parallel_group_dict"]
+
+_DIMS: dict[int, ParallelDims] = {}  # world size -> the degrees (their meshes cached inside)
+
+
+def _require_dist() -> None:
+    if not dist.is_initialized():
+        raise RuntimeError("deepspeed.utils.groups needs torch.distributed started (dist is not initialized). Fix: "
+                           "call deepspeed.init_distributed() (or deepspeed.initialize) first")
+
+
+def _dims() -> ParallelDims:
+    _require_dist()
+    world = dist.get_world_size()
+    if world not in _DIMS:
+        _DIMS.clear()
+        _DIMS[world] = ParallelDims.from_process_group()
+    return _DIMS[world]
+
+
+def _device_type() -> str:
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
+def _get_data_parallel_group() -> dist.ProcessGroup:
+    """The data-parallel process group (all ranks; collective on first use)."""
+    return _dims().group("dp", _device_type())
+
+
+def _get_data_parallel_world_size() -> int:
+    return dist.get_world_size(group=_get_data_parallel_group())
+
+
+def _get_data_parallel_rank() -> int:
+    return dist.get_rank(group=_get_data_parallel_group())
+
+
+def _get_data_parallel_group_ranks() -> list[int]:
+    return _dims().ranks_along("dp", dist.get_rank())
+
+
+def _get_model_parallel_world_size() -> int:
+    """Tensor x pipeline degree of the data-parallel layout these queries describe (1)."""
+    dims = _dims()
+    return dims.tp * dims.pp
+
+
+def _get_sequence_parallel_world_size() -> int:
+    _require_dist()
+    return 1
+
+
+def _get_sequence_parallel_rank() -> int:
+    return 0
+
+
+def _get_sequence_parallel_group() -> dist.ProcessGroup:
+    raise KeyError("No sequence parallel group found: flexspeed does not implement DeepSpeed's Ulysses sequence "
+                   "parallelism (deepspeed.runtime.sequence_parallel). Fix: set the sequence-parallel size to 1 "
+                   "(Accelerate's ParallelismConfig sp_size, transformers' parallelism_config), or run with DeepSpeed")
+
+
+def _get_sequence_data_parallel_group() -> dist.ProcessGroup:
+    return _get_data_parallel_group()
+
+
+def _get_sequence_data_parallel_world_size() -> int:
+    return _get_data_parallel_world_size()
+
+
+def _get_sequence_data_parallel_rank() -> int:
+    return _get_data_parallel_rank()
+
+
+def _get_expert_parallel_group_dict() -> dict:
+    """No expert-parallel groups are registered here (flexspeed's MoE keeps its own, see flexspeed.moe)."""
+    return {}
