@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from flexspeed.config.errors import ConfigError
 
 __all__ = ["initialize"]
 
