@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-
 __all__ = ["initialize"]
 
 
