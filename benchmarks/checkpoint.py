@@ -6,8 +6,11 @@ parameters; AdamW), take one optimizer step so the optimizer state exists, then
 
 - save: ``engine.save_checkpoint`` (all ranks, wall time of the slowest), median of ``--reps``;
 - load: ``engine.load_checkpoint`` into a fresh engine at the same world size and stage, verified
-  (every record's sha256 checked as it is read) and, interleaved, a copy without checksums (as
-  saved before they existed): the difference is the verification overhead (target < 10%);
+  (every record's CRC-32 checked as it is read) and, interleaved in pairs (order alternating, a warm-up
+  pair dropped), a copy without checksums (as saved before they existed): the difference of the medians,
+  each pair's overhead (median [min, max]: the spread on a noisy machine), and the share of the verified
+  load its loading thread spent verifying (inline checksums + waiting for the verify thread; target < 10%),
+  and the CRC-32 time on all threads over the load time (the verify thread's work overlaps the load);
 - the save-side checksum cost: each rank hashing its share of the data files (part of save s);
 - bytes on disk of one tag, against the 12 bytes/parameter of fp32 weights + Adam's two moments;
 - raw PyTorch baseline (same group): rank 0 ``torch.save`` of the full model + optimizer state
@@ -26,7 +29,7 @@ its own fresh process (peak RSS over the RSS after imports): the streaming folde
 (``flexspeed export CKPT OUT/ --max-shard-size 200MB``) against consolidating the whole state dict in
 memory and writing it (the single-file ``.pt`` path). Target: <= 1.2 x the largest shard + 0.5 GB.
 
-    python benchmarks/checkpoint.py [--worlds 1 2 4] [--stages 0 1 2 3] [--reps 3] [--export-peak | --stall]
+    python benchmarks/checkpoint.py [--worlds 1 2 4] [--stages 0 1 2 3] [--reps 5] [--export-peak | --stall]
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -122,30 +126,33 @@ def _group(rank: int, world: int, root: str, stages: list, reps: int) -> list:
         save_dir = os.path.join(root, f"w{world}s{stage}")
         saves = [_timed(lambda i=i: engine.save_checkpoint(save_dir, tag=f"t{i}")) for i in range(reps)]
         fresh = _engine(world, stage)
-        loads, unverified, hash_s, share = _verified_vs_unverified(fresh, save_dir, rank, world, reps)
+        loads, unverified, hash_s, share, crc_cpu = _verified_vs_unverified(fresh, save_dir, rank, world, reps)
         raw_save, raw_load, raw_bytes = _raw_torch(engine, save_dir, reps) if stage == 0 else (None, None, None)
         if rank == 0:
             rows.append({"world": world, "stage": stage, "save_s": statistics.median(saves),
                          "load_s": statistics.median(loads), "bytes": _dir_bytes(os.path.join(save_dir, "t0")),
                          "unverified_load_s": statistics.median(unverified), "hash_s": hash_s,
-                         "checksum_share": share,
+                         "pair_overheads": sorted(v / u - 1 for v, u in zip(loads, unverified)),
+                         "checksum_share": share, "crc_cpu_share": crc_cpu,
                          "raw_save_s": raw_save, "raw_load_s": raw_load, "raw_bytes": raw_bytes})
     return rows
 
 
 def _verified_vs_unverified(engine, save_dir: str, rank: int, world: int, reps: int
-                            ) -> tuple[list, list, float, float]:
+                            ) -> tuple[list, list, float, float, float]:
     """Load times of tag t0 with its checksums and of a copy without them (as saved before checksums
-    existed), interleaved; the largest share of a verified load spent checksumming (timed inside it, so
-    immune to the noise between two loads on a busy machine); and the save-side checksum cost (each
-    rank hashing its share of the data files)."""
+    existed), interleaved in pairs after one warm-up pair, the order alternating (verified first, then
+    unverified first) so neither side always meets the warmer cache; the largest share of a verified load
+    its loading thread spent verifying (checksums of small files and records inline, plus waiting for the
+    verify thread's checks of large ones; timed inside the load, so immune to the noise between two loads
+    on a busy machine); and the save-side checksum cost (each rank hashing its share of the data files)."""
     import json
     import warnings
 
     import torch.distributed as dist
 
+    from flexspeed.runtime import checkpoint_io, checkpoint_verify
     from flexspeed.runtime.checkpoint_io import read_metadata
-    from flexspeed.runtime import checkpoint_verify
     from flexspeed.runtime.checkpoint_verify import hash_state_files
 
     plain = save_dir + "-unverified"
@@ -159,34 +166,55 @@ def _verified_vs_unverified(engine, save_dir: str, rank: int, world: int, reps: 
         with open(file, "w") as f:
             json.dump(manifest, f)
     dist.barrier()
-    verified, unverified, in_checksum = [], [], []
-    spent = [0.0]
-    real = checkpoint_verify.checksum
+    verified, unverified, in_verify, crc_cpu = [], [], [], []
+    spent, cpu = [0.0], [0.0]
+    loader = threading.get_ident()
+    real_checksum = checkpoint_verify.checksum
+    real_wait = checkpoint_io.SafeFileSystemReader._raise_failed_check
 
-    def timed_checksum(*args):  # the time a load spends checksumming, measured inside it
+    def timed_checksum(*args):  # spent: on the loading thread; cpu: on any thread (the verify thread overlaps)
         t0 = time.perf_counter()
         try:
-            return real(*args)
+            return real_checksum(*args)
+        finally:
+            took = time.perf_counter() - t0
+            cpu[0] += took
+            if threading.get_ident() == loader:
+                spent[0] += took
+
+    def timed_wait(self):  # the loading thread waiting for the verify thread's checks
+        t0 = time.perf_counter()
+        try:
+            return real_wait(self)
         finally:
             spent[0] += time.perf_counter() - t0
 
     checkpoint_verify.checksum = timed_checksum
+    checkpoint_io.SafeFileSystemReader._raise_failed_check = timed_wait
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for _ in range(reps):
+            for i in range(reps + 1):
                 spent[0] = 0.0
-                verified.append(_timed(lambda: engine.load_checkpoint(save_dir, tag="t0")))
-                in_checksum.append(spent[0] / verified[-1])
-                unverified.append(_timed(lambda: engine.load_checkpoint(plain, tag="t0")))
+                sides = [(verified, save_dir), (unverified, plain)]
+                for out, where in sides if i % 2 == 0 else sides[::-1]:
+                    if out is verified:
+                        spent[0] = cpu[0] = 0.0
+                    took = _timed(lambda where=where: engine.load_checkpoint(where, tag="t0"))
+                    if i > 0:  # pair 0 warms the caches and is dropped
+                        out.append(took)
+                        if out is verified:
+                            in_verify.append(spent[0] / took)
+                            crc_cpu.append(cpu[0] / took)
     finally:
-        checkpoint_verify.checksum = real
+        checkpoint_verify.checksum = real_checksum
+        checkpoint_io.SafeFileSystemReader._raise_failed_check = real_wait
     state_dir = os.path.join(save_dir, "t0", "state")
     metadata = read_metadata(state_dir)
     files = sorted({str(i.relative_path) for i in metadata.storage_data.values()})
     hash_s = statistics.median(_timed(lambda: hash_state_files(state_dir, files[rank::world], metadata))
                                for _ in range(reps))
-    return verified, unverified, hash_s, max(in_checksum)
+    return verified, unverified, hash_s, max(in_verify), max(crc_cpu)
 
 
 def _stall_group(rank: int, world: int, root: str, stages: list, reps: int) -> list:
@@ -239,7 +267,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--export-peak", action="store_true", help="only the export peak-memory comparison")
     ap.add_argument("--stall", action="store_true", help="only the training stall per save, sync vs async")
     args = ap.parse_args()
@@ -302,20 +330,26 @@ def _reshard_load(rank: int, world: int, path: str) -> float:
     return _timed(lambda: engine.load_checkpoint(path, tag="t0"))
 
 
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):+.1%} [{min(values):+.1%}, {max(values):+.1%}]"
+
+
 def _print_table(rows: list[dict], extra: list[str], n_params: int, reps: int) -> None:
     print()
     print(f"GPT {n_params / 1e6:.2f}M parameters, AdamW, fp32; medians of {reps}; wall seconds of the slowest rank; "
           f"12 B/param = fp32 weights + Adam's two moments")
     print()
-    print("| world | stage | save s | of it crc32 s | load s | unverified load s | difference | crc32 share of load | "
-          "MB on disk | B/param | torch.save s (rank 0) | torch.load s | torch.save MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| world | stage | save s | of it crc32 s | load s | unverified load s | difference | paired overhead "
+          "median [min, max] | verify share of load (max) | CRC CPU, all threads (max) | MB on disk | B/param | torch.save s (rank 0) | "
+          "torch.load s | torch.save MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         raw = ("-", "-", "-") if r["raw_save_s"] is None else (
             f"{r['raw_save_s']:.3f}", f"{r['raw_load_s']:.3f}", f"{r['raw_bytes'] / 1e6:.1f}")
         overhead = (r["load_s"] - r["unverified_load_s"]) / r["unverified_load_s"]
         print(f"| {r['world']} | {r['stage']} | {r['save_s']:.3f} | {r['hash_s']:.3f} | {r['load_s']:.3f} | "
-              f"{r['unverified_load_s']:.3f} | {overhead:+.1%} | {r['checksum_share']:.1%} | {r['bytes'] / 1e6:.1f} | "
+              f"{r['unverified_load_s']:.3f} | {overhead:+.1%} | {_spread(r['pair_overheads'])} | "
+              f"{r['checksum_share']:.1%} | {r['crc_cpu_share']:.1%} | {r['bytes'] / 1e6:.1f} | "
               f"{r['bytes'] / n_params:.1f} | {raw[0]} | {raw[1]} | {raw[2]} |")
     for line in extra:
         print(line)

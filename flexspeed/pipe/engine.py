@@ -29,6 +29,7 @@ from torch.distributed.pipelining import PipelineStage
 
 from flexspeed.config.errors import ConfigError
 from flexspeed.distributed.collectives import all_reduce_, broadcast_, grads_or_zeros
+from flexspeed.distributed.heartbeat import note
 from flexspeed.distributed.parallel_dims import ParallelDims
 from flexspeed.pipe.module import PipelineModule
 from flexspeed.pipe.schedule import build_schedule, validate_schedule
@@ -214,19 +215,25 @@ class PipelineEngine(EngineBase):
         scale = self.loss_scale
         self._loss_factor, self._compute_loss = scale / self.micro_batches, True
         losses: list[torch.Tensor] = []
+        step = self.global_steps
+        note(f"pipeline step {step}: {self._config.pipeline.schedule} schedule, stage {self.stage_id} of "
+             f"{self.num_stages} (forward/backward with p2p send/recv between stages)")
         with mon.timed("pipeline"):  # forward and backward, interleaved by the schedule
             self._schedule.step(*(inputs if self._has_first else ()), target=labels if self._has_last else None,
                                 losses=losses if self._has_last else None, return_outputs=False)
         local = torch.stack([x.detach() for x in losses]).sum() / scale if self._has_last else None
         with mon.timed("step"):
+            note(f"pipeline step {step}: data-parallel gradient reduction and tied-weight all_reduce")
             self._reduce_gradients()
             self._take_model_step()
+        note(f"pipeline step {step}: loss all_reduce")
         loss = self._broadcast_loss(local)
         self.micro_steps += self.micro_batches
         self.global_samples += self.train_batch_size()
         if mon.active:
             mon.add_loss(float(loss))
         self._maybe_print()
+        self._after_optimizer_step()  # checkpoint.save_interval (flexspeed.runtime.autosave)
         return loss
 
     def _reduce_gradients(self) -> None:
@@ -286,6 +293,8 @@ class PipelineEngine(EngineBase):
             inputs, labels = self._next_microbatches(data_iter)
             self._loss_factor, self._compute_loss = 1.0, compute_loss
             losses: list[torch.Tensor] = []
+            note(f"pipeline eval_batch at step {self.global_steps}, stage {self.stage_id} (forward with p2p "
+                 "send/recv between stages)")
             with torch.no_grad():
                 out = self._schedule.eval(*(inputs if self._has_first else ()),
                                           target=labels if self._has_last else None,

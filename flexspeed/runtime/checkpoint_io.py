@@ -169,6 +169,9 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a checkpoint's metadata")
 
 
+_INLINE_CHECK = 256 << 10  # records below this size are checksummed on the loading thread (see _slice_file)
+
+
 class SafeFileSystemReader(FileSystemReader):
     """DCP's file reader with its ``.metadata`` pickle restricted and unsafe data refused.
 
@@ -216,7 +219,9 @@ class SafeFileSystemReader(FileSystemReader):
         file.seek(sinfo.offset)
         data = file.read(sinfo.length)
         path = os.path.join(os.fspath(self.path), sinfo.relative_path)
-        if self._checks is None:  # not called from read_data: check now
+        if self._checks is None or sinfo.length < _INLINE_CHECK:
+            # not called from read_data, or a small record (a step counter, a bias): checked now, since handing
+            # it to the verify thread costs more than its checksum
             self.integrity.verify_slice(path, sinfo.offset, sinfo.length, data)
         else:  # checksummed on a second thread (zlib releases the GIL) while torch deserialises the record
             # into a fresh tensor; read_data waits for every check before it returns

@@ -44,7 +44,6 @@ class TrainingEngine(DeepSpeedEngineExtras, EngineBase):
                          training_dataloader=training_dataloader, precision=precision, loss_scaler=loss_scaler,
                          device=device, launch_env=launch_env)
         self._inside_no_sync = False
-        self.autosaver: Any = None  # set by initialize() from the checkpoint section (flexspeed.runtime.autosave)
 
     def is_gradient_accumulation_boundary(self) -> bool:
         """True on the micro-step whose ``step()`` will update the weights (or as set_gradient_accumulation_boundary says)."""
@@ -146,8 +145,7 @@ class TrainingEngine(DeepSpeedEngineExtras, EngineBase):
         self.global_samples += samples
         if boundary:
             self._maybe_print()
-            if self.autosaver is not None:  # checkpoint.save_interval (flexspeed.runtime.autosave)
-                self.autosaver.after_step(self)
+            self._after_optimizer_step()  # checkpoint.save_interval (flexspeed.runtime.autosave)
 
     def train(self, mode: bool = True) -> TrainingEngine:
         """Set train/eval mode on the module and on its data-parallel wrapper."""

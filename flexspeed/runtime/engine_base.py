@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from flexspeed.distributed.heartbeat import note
 from flexspeed.runtime.monitor import build_monitor
 from flexspeed.runtime.precision import (
     LossScaler,
@@ -101,6 +102,7 @@ class EngineBase(PassThroughToModule, nn.Module):
         self._dp_rank = dist.get_rank(strategy.group) if dist.is_initialized() else 0
         # log line, timers, scalar writers, FLOPs profile, progress bar (see flexspeed.runtime.monitor)
         self.monitor = build_monitor(config, rank=self.global_rank, device=device)
+        self.autosaver: Any = None  # set by initialize() from the checkpoint section (flexspeed.runtime.autosave)
 
     # ---- configuration queries (DeepSpeed names) -------------------------------------------------
     @property
@@ -189,12 +191,17 @@ class EngineBase(PassThroughToModule, nn.Module):
 
     def _take_model_step(self, lr_kwargs: dict | None = None) -> None:
         """Unscale/check, norm, guard, clip, step the optimizer and the scheduler, zero the gradients."""
+        # a heartbeat note before each collective of the step (one each, no per-tensor cost): a hang names it
+        step = self.global_steps
         params = self._strategy.grad_params()
         overflow = False
+        bf16_check = self._config.precision == "bf16" and self._config.bf16.check_grad_overflow
+        if self.loss_scaler is not None or bf16_check:
+            note(f"step {step}: gradient overflow check (all_reduce)")
         if self.loss_scaler is not None:
             overflow = unscale_and_check_(params, 1.0 / self.loss_scaler.loss_scale, self._overflow_group())
             self.loss_scaler.update_scale(overflow)
-        elif self._config.precision == "bf16" and self._config.bf16.check_grad_overflow:
+        elif bf16_check:
             overflow = unscale_and_check_(params, 1.0, self._overflow_group())
         if overflow:
             self.skipped_steps += 1
@@ -203,6 +210,7 @@ class EngineBase(PassThroughToModule, nn.Module):
                         self.global_steps, f", loss scale -> {self.loss_scale}" if self.loss_scaler else "")
         else:
             clip = self.gradient_clipping()
+            note(f"step {step}: global gradient norm for clipping (all_reduce)")
             norm = self._grad_norm(params)
             self._global_grad_norm = norm
             if self._nonfinite is not None and self._nonfinite.should_skip(norm, self.global_steps, self._last_loss):
@@ -210,12 +218,18 @@ class EngineBase(PassThroughToModule, nn.Module):
             else:
                 if clip > 0:
                     clip_grads_(params, clip, norm)
+                note(f"step {step}: optimizer step")
                 self.optimizer.step()
                 self._strategy.after_step()
                 if self.lr_scheduler is not None:
                     self.lr_scheduler.step(**(lr_kwargs or {}))
         self.optimizer.zero_grad(set_to_none=True)
         self.global_steps += 1
+
+    def _after_optimizer_step(self) -> None:
+        """After each optimizer step of either engine: the interval save (``checkpoint.save_interval``)."""
+        if self.autosaver is not None:
+            self.autosaver.after_step(self)
 
     def zero_grad(self) -> None:
         if self.optimizer is not None:

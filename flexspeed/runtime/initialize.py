@@ -23,8 +23,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from flexspeed.config.errors import ConfigError
-
 __all__ = ["initialize"]
 
 
@@ -67,13 +65,12 @@ def _initialize_pipeline(raw: dict, env: Any, *, model: nn.Module, tp: tuple = (
                        world_size_source=f"{env.source} / {per_replica} = data-parallel size",
                        hidden_size=_hidden_size(model))
     checkpointing.configure_from_config(cfg)
-    if cfg.checkpoint.save_dir is not None:
-        raise ConfigError("(automatic saves and resume) is not implemented for the pipeline engine yet. Fix: remove "
-                          "checkpoint.save_dir and its keys, and call engine.save_checkpoint/load_checkpoint",
-                          key="checkpoint.save_dir")
     engine, opt, loader, sched = build_pipeline_engine(model=model, config=cfg, dims=dims, launch_env=env,
                                                        tp_plan=tp[1], tp_dtype=tp[2], **engine_args)
     register_optimizer(opt, stage=engine.zero_optimization_stage(), group=engine.dp_group)
+    from flexspeed.runtime.autosave import build_autosaver
+
+    engine.autosaver = build_autosaver(engine, cfg)  # checkpoint.save_dir/save_interval/auto_resume
     return engine, opt, loader, sched
 
 

@@ -35,6 +35,7 @@ import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from flexspeed.config.errors import ConfigError
+from flexspeed.distributed.heartbeat import note
 
 if TYPE_CHECKING:
     from flexspeed.config.schema import FlexConfig
@@ -427,6 +428,7 @@ class ShardedOptimizerDP(DataParallel):
     def _broadcast_updates(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._local_steps:
             return
+        note("ZeRO-1 broadcast of the updated parameter partitions (after the optimizer step)")
         rank = _rank(self.group)
         pending = []
         for owner, tensors in self._layout:

@@ -198,8 +198,14 @@ def _same(a: dict, b: dict) -> bool:
 def _matrix_group(rank: int, world: int, root: str) -> dict:
     import torch.distributed as dist
 
+    from flexspeed.runtime import checkpoint_io
+
     out = {}
+    inline = checkpoint_io._INLINE_CHECK
     for stage in (2, 3):
+        # these small records are checked on the loading thread; at stage 3 every record goes to the verify
+        # thread instead (what large records do), so the matrix covers both paths
+        checkpoint_io._INLINE_CHECK = inline if stage == 2 else 0
         engine, loader = build(world, stage, zero_optimization={"stage": stage,
                                                                "stage3_param_persistence_threshold": 0})
         it = iter(loader)

@@ -20,6 +20,7 @@ from flexspeed.distributed.timeout import DEFAULT_TIMEOUT, config_timeout, resol
 from flexspeed.testing import RanksFailed, run_ranks
 
 SCRIPT = Path(__file__).with_name("_hang_script.py")
+ACTIVITY_SCRIPT = Path(__file__).with_name("_activity_hang_script.py")
 TIMEOUT_S = 10
 
 
@@ -49,9 +50,9 @@ def test_config_key_validated():
         config_timeout({"flexspeed_distributed": {"heartbeat_interval": -1}})
 
 
-def _launch_hang(tmp_path: Path, mode: str) -> tuple[str, float, float]:
+def _launch_hang(tmp_path: Path, mode: str, script: Path = SCRIPT) -> tuple[str, float, float]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-m", "flexspeed", "launch", "--nproc-per-node", "2", str(SCRIPT), mode,
+    proc = subprocess.Popen([sys.executable, "-m", "flexspeed", "launch", "--nproc-per-node", "2", str(script), mode,
                              str(TIMEOUT_S), str(tmp_path)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -81,6 +82,16 @@ def test_sleeping_rank_is_named(tmp_path):
     assert "rank 1 is alive" in out and "did not reach the collective" in out and "forward step 2" in out, out
     summary = [line for line in out.splitlines() if line.startswith("flexspeed launch: flexspeed diagnosis")]
     assert summary and "rank 1 is alive" in summary[0], out
+
+
+@pytest.mark.parametrize("where, activity", [
+    ("p2p", "pipeline step 2: 1f1b schedule, stage 1 of 2 (forward/backward with p2p send/recv between stages)"),
+    ("gradnorm", "step 2: global gradient norm for clipping (all_reduce)")])
+def test_rank_stopped_inside_a_collective_is_named_with_it(tmp_path, where, activity):
+    """The notes at collective boundaries (pipeline p2p, the gradient-norm all_reduce) name where rank 1 stopped."""
+    out, stopped, ended = _launch_hang(tmp_path, where, ACTIVITY_SCRIPT)
+    assert ended - stopped <= TIMEOUT_S + 30, f"ended {ended - stopped:.1f} s after the stop:\n{out}"
+    assert "rank 1 stopped answering" in out and f"its last activity was {activity!r}" in out, out
 
 
 # ---- a save that fails on one rank --------------------------------------------------------------------
