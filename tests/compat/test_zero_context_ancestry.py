@@ -6,12 +6,11 @@ Plumbing: world 1 in this process (DeepSpeed's "serial" variant runs without a l
 in the session's spawned group. fp16 in DeepSpeed's config is bf16 here (the CPU has no fp16).
 
 Deliberate difference (test_subclass_param_init): under flexspeed's ``zero.Init`` the parameters are
-built on the meta device, so the ``.data`` arithmetic in the constructors has no values to work on;
-the parameters are filled by ``initialize()`` from each module's ``reset_parameters()`` or
-``param_init_fn`` (docs/zero.md). The port asserts that a module without either is refused with that
-fix, and that ``param_init_fn`` gives the values DeepSpeed's test expects
-(``test_subclass_param_init_without_cpu``; DeepSpeed's case itself first calls ``.cpu()`` on the model, which
-moves nothing: the placeholders stay as they are).
+placeholders without values until ``initialize()`` fills them from each module's ``reset_parameters()``
+or ``param_init_fn`` (docs/zero.md), so the ``.data`` arithmetic in DeepSpeed's constructors would be
+lost. flexspeed refuses it at that line, naming the parameter and the fix, instead of losing it
+silently. The port asserts that error (with and without DeepSpeed's ``.cpu()``), then runs the fix the
+error names - the same arithmetic as a ``param_init_fn`` - and checks DeepSpeed's expected values.
 """
 
 from __future__ import annotations
@@ -59,27 +58,36 @@ def _son_values(module):
         module.param_grandpa.fill_(4.0)
 
 
+class _PlainSon(torch.nn.Module):
+    """Son's parameters without the constructor arithmetic (the fix the error names)."""
+
+    def __init__(self):
+        super().__init__()
+        self.param_grandpa = torch.nn.Parameter(torch.ones(5))
+        self.param_pa = torch.nn.Parameter(torch.ones(5))
+        self.param = torch.nn.Parameter(torch.ones(5))
+
+
+_REFUSAL = r"\.data = <a new value> on parameter .*param_grandpa.*would be lost.*Fix: .*reset_parameters\(\).*param_init_fn"
+
+
 class TestSerialParamInit:
     def test_subclass_param_init(self):
-        with deepspeed.zero.Init(config=CONFIG):
-            model = Son().cpu()  # DeepSpeed's case: moving a module built under Init
-        # all params are partitioned placeholders (DeepSpeed: ds_status NOT_AVAILABLE); no data moved
-        for p in (model.param_grandpa, model.param_pa, model.param):
-            assert p.ds_status == deepspeed.zero.ZeroParamStatus.NOT_AVAILABLE and p.ds_numel == 5 and p.is_meta
-        # the weights: see the deliberate difference above (test_subclass_param_init_without_cpu)
+        with pytest.raises(RuntimeError, match=_REFUSAL):
+            with deepspeed.zero.Init(config=CONFIG):
+                Son().cpu()  # DeepSpeed's case: the constructor's arithmetic is refused at its line
 
     def test_subclass_param_init_without_cpu(self):
-        """The rest of DeepSpeed's case, without ``.cpu()``: the deliberate difference above."""
+        """The fix the refusal names: the constructors' arithmetic as a param_init_fn gives DeepSpeed's values."""
         try:
-            with deepspeed.zero.Init(config=CONFIG):
-                model = Son()
-            # all params are built without storage (DeepSpeed: partitioned, ds_status NOT_AVAILABLE)
-            assert model.param_grandpa.is_meta and model.param_pa.is_meta and model.param.is_meta
-            with pytest.raises(ValueError, match=r"has no reset_parameters\(\) to fill them.*param_init_fn"):
-                deepspeed.initialize(model=model, config=CONFIG)
-            destroy_group()
+            with pytest.raises(RuntimeError, match=_REFUSAL):
+                with deepspeed.zero.Init(config=CONFIG):
+                    Son()
             with deepspeed.zero.Init(config=CONFIG, param_init_fn=_son_values):
-                model = Son()
+                model = _PlainSon()
+            # all params are placeholders (DeepSpeed: partitioned, ds_status NOT_AVAILABLE)
+            for p in (model.param_grandpa, model.param_pa, model.param):
+                assert p.ds_status == deepspeed.zero.ZeroParamStatus.NOT_AVAILABLE and p.ds_numel == 5
             deepspeed.initialize(model=model, config=CONFIG)
             ones = torch.ones(5)
             with deepspeed.zero.GatheredParameters(list(model.parameters(recurse=False))) as full:
