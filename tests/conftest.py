@@ -9,6 +9,22 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_configure(config):
+    """``-m slow`` selects the slow tier: it also sets FLEXSPEED_SLOW=1 for spawned rank groups."""
+    if "slow" in (config.getoption("-m") or "") and "not slow" not in config.getoption("-m"):
+        os.environ["FLEXSPEED_SLOW"] = "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The default suite (CI) skips ``slow``-marked tests; ``FLEXSPEED_SLOW=1`` or ``-m slow`` runs them."""
+    if os.environ.get("FLEXSPEED_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow tier: run with FLEXSPEED_SLOW=1 (or -m slow)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def portable_build(tmp_path):
     """``run(script, folder)``: ``script`` in a subprocess whose native kernel is built for generic

@@ -1,4 +1,4 @@
-"""tests/compat: ``slow``-marked ports run only when asked (``FLEXSPEED_SLOW=1`` or ``-m slow``).
+"""tests/compat: ``slow``-marked ports run only when asked (``FLEXSPEED_SLOW=1`` or ``-m slow``; see tests/conftest.py).
 
 The default suite keeps DeepSpeed's ported tests inside its time budget; the slower
 parametrisations (more ZeRO stages, 4-rank groups, the DeepSpeedExamples scripts) are one
@@ -10,20 +10,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
-
-def pytest_configure(config):
-    if "slow" in (config.getoption("-m") or "") and "not slow" not in config.getoption("-m"):
-        os.environ["FLEXSPEED_SLOW"] = "1"  # the spawned rank groups register their slow cases too
-
-
-def pytest_collection_modifyitems(config, items):
-    if os.environ.get("FLEXSPEED_SLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="slow: run with FLEXSPEED_SLOW=1 (or -m slow)")
-    for item in items:
-        if "slow" in item.keywords and item.path.is_relative_to(os.path.dirname(__file__)):
-            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,9 @@ same loop as Accelerate's DDP run. Accelerate decides the accumulation boundary 
 there (``set_gradient_accumulation_boundary``), so a wrong boundary shows as different losses.
 
 Tolerances: per-micro-step losses fp32 1e-4 (reduction order only), bf16 2e-2 (flexspeed's bf16 parity
-tolerance); final weights from ``accelerator.get_state_dict`` fp32 1e-4, bf16 1e-2 (ZeRO-3 returns 16-bit weights).
+tolerance); final weights from ``accelerator.get_state_dict`` fp32 1e-4, bf16 3e-2 (ZeRO-3 computes on bf16-gathered
+weights, as DeepSpeed does, and returns 16-bit weights; AdamW at lr 1e-2 moves a weight whose tiny gradient
+changes sign by up to 2e-2 per step: tests/distributed/test_pipeline_zero.py's bf16 weight bound).
 """
 
 from __future__ import annotations
@@ -27,4 +29,4 @@ def test_accelerate_deepspeed_plugin_matches_ddp(tmp_path):
             for a, b in zip(res["ds"], res["ddp"]):
                 assert abs(a - b) <= (2e-2 if bf16 else 1e-4), (rank, name, res)
             if rank == 0:
-                assert res["keys_equal"] and res["max_weight_diff"] <= (1e-2 if bf16 else 1e-4), (name, res)
+                assert res["keys_equal"] and res["max_weight_diff"] <= (3e-2 if bf16 else 1e-4), (name, res)

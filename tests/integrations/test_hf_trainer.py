@@ -7,7 +7,7 @@ Trainer run in the same processes:
   2e-2, the bf16 tolerance of flexspeed's parity tests (both runs compute under bf16 autocast with fp32
   master weights, so they agree far closer in practice);
 - ``save_model``: the saved weights equal the DDP run's (fp32 1e-4; bf16: DeepSpeed saves 16-bit weights, so
-  within bf16 rounding of values ~1, 1e-2);
+  within bf16 rounding plus bf16 compute on gathered weights, 3e-2: see WEIGHT_TOL);
 - ``resume_from_checkpoint``: a new Trainer resumed from the step-2 checkpoint logs the same losses for steps 3-4.
 """
 
@@ -22,7 +22,10 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 LOSS_TOL = {"fp32": 1e-3, "bf16": 2e-2}
-WEIGHT_TOL = {"fp32": 1e-4, "bf16": 1e-2}
+# bf16: ZeRO-3 computes on bf16-gathered weights (as DeepSpeed does) where DDP casts fp32 weights under
+# autocast, and AdamW at lr 1e-2 moves a weight whose tiny gradient changes sign by up to 2e-2 per step:
+# 3e-2 max-abs over 4 steps, the bound tests/distributed/test_pipeline_zero.py states for bf16 weights
+WEIGHT_TOL = {"fp32": 1e-4, "bf16": 3e-2}
 
 
 @pytest.mark.parametrize("stage", [2, 3])
