@@ -11,6 +11,8 @@ the first data-parallel group query is a collective (every rank makes it; the gr
 
 from __future__ import annotations
 
+import weakref
+
 import torch.distributed as dist
 
 from flexspeed.distributed.parallel_dims import ParallelDims
@@ -21,7 +23,9 @@ __all__ = ["_get_data_parallel_group", "_get_data_parallel_world_size", "_get_da
            "_get_sequence_data_parallel_world_size", "_get_sequence_data_parallel_rank",
            "_get_expert_parallel_group_dict"]
 
-_DIMS: dict[int, ParallelDims] = {}  # world size -> the degrees (their meshes cached inside)
+# (weak reference to the default group, its degrees with their meshes cached inside): weak, so that a
+# destroyed group is not kept alive until interpreter teardown, and a new group never gets the old meshes.
+_DIMS: list[tuple[weakref.ref, ParallelDims]] = []
 
 
 def _require_dist() -> None:
@@ -32,11 +36,10 @@ def _require_dist() -> None:
 
 def _dims() -> ParallelDims:
     _require_dist()
-    world = dist.get_world_size()
-    if world not in _DIMS:
-        _DIMS.clear()
-        _DIMS[world] = ParallelDims.from_process_group()
-    return _DIMS[world]
+    group = dist.distributed_c10d._get_default_group()
+    if not _DIMS or _DIMS[0][0]() is not group:
+        _DIMS[:] = [(weakref.ref(group), ParallelDims.from_process_group())]
+    return _DIMS[0][1]
 
 
 def _device_type() -> str:
