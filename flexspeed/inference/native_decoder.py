@@ -15,8 +15,10 @@ import tempfile
 import torch
 import torch.nn as nn
 
-from flexspeed.inference.native import (BF16, F32, I4, I8, Layer, Linear, Step, Unsupported, _activation,
-                                        _maybe_parts, library, linear_struct, norm_struct)
+from flexspeed.inference.native import library
+from flexspeed.inference.native_abi import BF16, F32, I4, I8, Gen, Layer, Linear, Step
+from flexspeed.inference.native_structs import (Unsupported, activation_code, embed_struct, linear_struct,
+                                                norm_struct, parts_struct)
 
 __all__ = ["NativeDecoder", "ShmAllReduce"]
 
@@ -119,10 +121,10 @@ class NativeDecoder:
             s = layers[i]
             s.norm1, s.norm2 = norm_struct(n1, f"{p} norm1", keep, one_plus), norm_struct(n2, f"{p} norm2", keep,
                                                                                              one_plus)
-            s.qkv, s.n_qkv_parts = _maybe_parts(qkv, f"{p} qkv", keep, s.qkv_parts)
-            s.up, s.n_up_parts = _maybe_parts(up, f"{p} up", keep, s.up_parts)
+            s.qkv, s.n_qkv_parts = parts_struct(qkv, f"{p} qkv", keep, s.qkv_parts)
+            s.up, s.n_up_parts = parts_struct(up, f"{p} up", keep, s.up_parts)
             s.out, s.down = linear_struct(out, f"{p} out", keep), linear_struct(down, f"{p} down", keep)
-            s.act, s.gated = _activation(layer.act), int(layer.gated)
+            s.act, s.gated = activation_code(layer.act), int(layer.gated)
             s.n_heads, s.n_kv, s.head_dim, s.scale = hq, hkv, hd, float(layer.scale)
             if hq % hkv or s.qkv.n != (hq + 2 * hkv) * hd or s.out.k != hq * hd:
                 raise Unsupported(f"{p}: projection shapes do not match {hq} heads, {hkv} kv heads of {hd}")
@@ -250,8 +252,6 @@ class NativeDecoder:
         new tokens into ``seq`` and returns how many new columns it holds, or ``None`` when the
         model's embeddings are not lookups the kernel can repeat (the caller's loop goes on).
         """
-        from flexspeed.inference.native import Gen, embed_struct
-
         runner = self.runner
         if self.tp_group is not None or runner.arch.tables is None or (pad is not None and pad < 0):
             return None

@@ -23,7 +23,7 @@ import warnings
 import pytest
 import torch
 
-from flexspeed.inference import native
+from flexspeed.inference import native, native_abi
 
 needs_lib = pytest.mark.skipif(native.library() is None, reason="no C compiler: the native kernel is not built")
 
@@ -82,7 +82,7 @@ def test_a_mirror_out_of_step_with_the_real_library_is_refused(monkeypatch) -> N
 
     structs = list(native.STRUCTS)
     structs[structs.index(native.Step)] = Step
-    monkeypatch.setattr(native, "STRUCTS", tuple(structs))
+    monkeypatch.setattr(native_abi, "STRUCTS", tuple(structs))
     with pytest.raises(native.NativeABIError, match=f"Step: C {ctypes.sizeof(native.Step)} bytes, ctypes {ctypes.sizeof(Step)}"):
         native.check_abi(native.library())
 
