@@ -22,7 +22,7 @@ __all__ = ["ABI_VERSION", "EXPORTS", "STRUCTS", "Linear", "Norm", "Layer", "Step
 HEADER = Path(__file__).parent / "csrc" / "fs_abi.h"
 
 
-ABI_VERSION = 2  # FS_ABI_VERSION
+ABI_VERSION = 3  # FS_ABI_VERSION
 F32, BF16, I8, I4 = 0, 1, 2, 3  # enum fs_format
 RELU, GELU, GELU_TANH, SILU = 0, 1, 2, 3  # enum fs_activation
 THREADS_ENV, THREADS_OPENMP, THREADS_POOL = -1, 0, 1  # enum fs_threads_mode
@@ -46,8 +46,8 @@ class Norm(ctypes.Structure):
 
 class Layer(ctypes.Structure):
     _fields_ = [("norm1", Norm), ("norm2", Norm), ("qkv", Linear), ("out", Linear), ("up", Linear), ("down", Linear),
-                ("act", _I), ("gated", _I), ("n_heads", _I), ("n_kv", _I), ("head_dim", _I),
-                ("scale", ctypes.c_float), ("kc", _P), ("vc", _P), ("kv_fmt", _I), ("n_qkv_parts", _I),
+                ("act", _I), ("gated", _I), ("parallel", _I), ("rot_dim", _I), ("n_heads", _I), ("n_kv", _I),
+                ("head_dim", _I), ("scale", ctypes.c_float), ("kc", _P), ("vc", _P), ("kv_fmt", _I), ("n_qkv_parts", _I),
                 ("n_up_parts", _I), ("qkv_parts", Linear * 3), ("up_parts", Linear * 2)]
 
 
