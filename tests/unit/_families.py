@@ -17,8 +17,9 @@ def build(name: str, **overrides) -> nn.Module:
     import transformers as tf
 
     torch.manual_seed(0)
-    common = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                  vocab_size=V, initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0, **overrides)
+    common = {**dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                     vocab_size=V, initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+              **overrides}
     if name == "gpt":
         return GPT(n_layer=2, n_embd=64, n_head=4, vocab_size=V, block_size=64).eval()
     if name == "gpt2":

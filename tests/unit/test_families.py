@@ -191,6 +191,7 @@ def test_gpt_neox_runs_on_the_native_kernel(rotary_pct: float, parallel: bool) -
     assert (dims.rotary_dim, dims.parallel_residual) == (int(16 * rotary_pct), parallel)
     engine = flexspeed.init_inference(copy.deepcopy(model), replace_with_kernel_inject=True, dtype="fp32")
     runner = engine.runner
+    assert runner.native_reason() is None, runner.native_reason()
     assert "single-token steps: native C kernel" in runner.describe(), runner.describe()
     ids, mask = padded_batch()
     cache = runner.new_cache(1, 12)
@@ -216,6 +217,7 @@ def test_phi3_partial_rotary_runs_on_the_native_kernel() -> None:
     model = build("phi3", partial_rotary_factor=0.5)
     assert family_for_model(model)[1].rotary_dim == 8
     engine = flexspeed.init_inference(copy.deepcopy(model), replace_with_kernel_inject=True, dtype="fp32")
+    assert engine.runner.native_reason() is None, engine.runner.native_reason()
     assert "single-token steps: native C kernel" in engine.runner.describe(), engine.runner.describe()
     ids, mask = padded_batch()
     kw = dict(max_new_tokens=12, pad_token_id=0, eos_token_id=None)
