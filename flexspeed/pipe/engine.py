@@ -464,9 +464,10 @@ def build_pipeline_engine(*, model: PipelineModule, config: FlexConfig, optimize
                           "dp": "the world size / pipeline stages"})
     tp_plans = None
     if tp > 1:  # everything a user can get wrong, before a collective runs or a weight moves
-        from flexspeed.distributed.tensor_parallel import _check_dtype, stage_tp_plans
+        from flexspeed.distributed.tensor_parallel import check_tp_dtype
+        from flexspeed.pipe.stage_tp import stage_tp_plans
 
-        _check_dtype(tp_dtype, config.precision)
+        check_tp_dtype(tp_dtype, config.precision)
         if isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError("with tensor_parallel.autotp_size > 1 a PipelineModule's parameters are replaced by "
                               "tensor-parallel ones inside initialize(), so an optimizer built before cannot hold "
@@ -486,13 +487,14 @@ def build_pipeline_engine(*, model: PipelineModule, config: FlexConfig, optimize
             broadcast_(tied[key], group, group_src=0)
     tp_notes: list[str] = []
     if tp_plans is not None:  # each stage module sharded over its tp group (tp rank 0's weights) ...
-        from flexspeed.distributed.tensor_parallel import _remap_params, apply_tensor_parallel_to_stages
+        from flexspeed.distributed.tensor_parallel import remap_params
+        from flexspeed.pipe.stage_tp import apply_tensor_parallel_to_stages
 
         names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         tp_notes = apply_tensor_parallel_to_stages(model.stage_modules, dims.mesh("tp", device.type), tp_plans)
         after = dict(model.named_parameters(remove_duplicate=False))
         if model_parameters is not None:
-            model_parameters = _remap_params(model_parameters, {i: after[n] for i, n in names.items()})
+            model_parameters = remap_params(model_parameters, {i: after[n] for i, n in names.items()})
     # ... then gets the data-parallel machinery a whole model gets (rank 0's weights, ZeRO)
     strategy = apply_zero_to_stages(model, config=config, device=device, dp_mesh=dims.mesh("dp", device.type),
                                     tensor_parallel=tp_plans is not None)

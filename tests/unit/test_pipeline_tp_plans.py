@@ -6,7 +6,7 @@ import pytest
 import torch.nn as nn
 
 from flexspeed.config.errors import ConfigError
-from flexspeed.distributed.tensor_parallel import stage_tp_plans
+from flexspeed.pipe.stage_tp import stage_tp_plans
 from flexspeed.pipe.module import StageModule
 from flexspeed.pipe.topology import PipeTopology, resolve_topology
 from tests.distributed.test_pipeline_tp import Block

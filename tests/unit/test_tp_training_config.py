@@ -9,11 +9,11 @@ from flexspeed.config import validate_config
 from flexspeed.config.errors import ConfigError
 from flexspeed.distributed.tensor_parallel import (
     PackedColwise,
-    _build_dp_tp_mesh,
-    _user_plan,
+    build_dp_tp_mesh,
     derive_tp_plan,
     resolve_tp,
     tp_model_init,
+    validate_tp_plan,
 )
 from flexspeed.models import GPT, GPTConfig
 
@@ -81,19 +81,19 @@ def test_unplannable_models_name_module_numbers_and_fix(make, tp, pattern):
 
 def test_user_plan():
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
-    plan = _user_plan(model, {"0": "colwise", "2": "rowwise"}, 2)
+    plan = validate_tp_plan(model, {"0": "colwise", "2": "rowwise"}, 2)
     assert _styles(plan) == {"0": "_ColwiseAny", "2": "_RowwiseAny"}
-    fused = _user_plan(gpt(), {"transformer.h.0.attn.c_attn": "colwise", "transformer.h.0.attn.c_proj": "rowwise"}, 2)
+    fused = validate_tp_plan(gpt(), {"transformer.h.0.attn.c_attn": "colwise", "transformer.h.0.attn.c_proj": "rowwise"}, 2)
     assert fused.styles["transformer.h.0.attn.c_attn"].pieces == (32, 32, 32)  # not a contiguous q|k mix
     assert fused.layout.attention["transformer.h.0.attn"].attrs == {"n_head": 2, "n_embd": 16}
     with pytest.raises(ConfigError, match=r"\[plan\['3'\]\].*not a submodule of Sequential"):
-        _user_plan(model, {"3": "colwise"}, 2)
+        validate_tp_plan(model, {"3": "colwise"}, 2)
     with pytest.raises(ConfigError, match=r"\[plan\['1'\]\].*\(ReLU\) the style 'colwise'"):
-        _user_plan(model, {"1": "colwise"}, 2)
+        validate_tp_plan(model, {"1": "colwise"}, 2)
     with pytest.raises(ConfigError, match=r"'diagonal'"):
-        _user_plan(model, {"0": "diagonal"}, 2)
+        validate_tp_plan(model, {"0": "diagonal"}, 2)
     with pytest.raises(ConfigError, match=r"0 \(Linear\) has 16 output features, which autotp_size=3 does not divide"):
-        _user_plan(model, {"0": "colwise"}, 3)
+        validate_tp_plan(model, {"0": "colwise"}, 3)
 
 
 def test_config_section_accepts_deepspeed_keys_and_refuses_unimplemented():
@@ -124,7 +124,7 @@ def test_degree_must_divide_world_and_sources_must_agree():
     with pytest.raises(ConfigError, match=r"autotp_size=3 does not divide the world size 4.*\[1, 2, 4\]"):
         resolve_tp({"tensor_parallel": {"autotp_size": 3}}, model, 4)
     with pytest.raises(ConfigError, match=r"autotp_size=3 does not divide the world size 4"):
-        _build_dp_tp_mesh(4, 3, "cpu")
+        build_dp_tp_mesh(4, 3, "cpu")
     tp_model_init(model, 2, torch.bfloat16)
     assert resolve_tp({}, model, 4) == (2, None, "bf16")  # from tp_model_init alone: flexspeed builds the group
     with pytest.raises(ConfigError, match=r"autotp_size=4 in the config differs from tp_model_init\(tp_size=2\)"):
