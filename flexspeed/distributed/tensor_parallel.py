@@ -187,6 +187,8 @@ def _column_style(module: nn.Module, pieces: tuple[int, ...]) -> ParallelStyle:
 def _rekey(err: ConfigError) -> ConfigError:
     msg = str(err).split("] ", 1)[1] if err.key else str(err)
     msg = msg.replace("tp_size=", "autotp_size=").replace("or set autotp_size=1", "or set autotp_size to one of those")
+    msg = msg.replace("set tp_size to", "set tensor_parallel.autotp_size to").replace(
+        "with injection_policy", "with a plan: flexspeed.tp_model_init(model, tp_size, dtype, plan={...})")
     if "injection_policy" in msg or "cannot tell" in msg:
         msg += (". For training: make the module's views use -1 (or record head_dim/num_heads on it), or give a plan "
                 "with flexspeed.tp_model_init(model, tp_size, dtype, plan={'module.name': 'colwise' | 'rowwise'})")

@@ -460,8 +460,10 @@ def _probe_attention(model: nn.Module, name: str, att: AttentionShard, plan: Ten
 def _check_divisible(name: str, pieces: tuple[int, ...], tp: int) -> None:
     bad = [p for p in pieces if p % tp]
     if bad:
-        raise ConfigError(f"tp_size={tp} does not divide the width {bad[0]} of {name}; choose a tp_size that "
-                          "divides it", key=_TP_KEY)
+        ok = [t for t in range(1, tp + 1) if all(p % t == 0 for p in pieces)]
+        raise ConfigError(f"tp_size={tp} does not divide the width {bad[0]} of {name}. Fix: set tp_size to one of "
+                          f"{ok} (or a larger divisor of {bad[0]}), or leave the layer unsplit with injection_policy",
+                          key=_TP_KEY)
 
 
 def localize_attention(model: nn.Module, plan: TensorParallelPlan) -> None:
