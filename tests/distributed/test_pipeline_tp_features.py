@@ -11,10 +11,16 @@ LM head at the last stage) with three MLP blocks (``fc1`` column-, ``fc2`` row-p
 - fp16 with dynamic loss scaling (initial scale 2**8; overflow agreed by every rank),
 
 and each run is compared with one process training the same model on the same seeds and global
-batches (DeepSpeed's WarmupLR, clipping on the global norm). Tolerances: fp32 1e-5 on losses and
-weights (observed ~1e-7: the row-parallel sum adds two partial products in another order); fp16
-3e-2 against the fp32 reference, test_pipeline's fp16 bound (fp16 rounding of activations and
-gradients).
+batches (DeepSpeed's WarmupLR, clipping on the global norm). Tolerances, against the fp32
+reference: fp32 1e-5 on losses and weights (observed 1.9e-6 on losses of ~2.8, 3e-8 on weights:
+the row-parallel sum adds the two partial products in another order); fp16 3e-3 on losses and
+1e-3 on weights (observed 9.4e-4 / 1.5e-4: fp16 rounding of activations and gradients). The
+weights move 6.3e-3 over the run, so every bound is tighter than the training itself.
+
+The default tier runs ``CASES`` (tied + interleaved + checkpointed together, and fp16) inside
+test_pipeline_tp's 4-rank group, which is spawned anyway (spawning 4 ranks costs ~15-40 s on a
+busy machine); this file's own group, slow tier, runs each feature alone (ZeRO-3 with
+checkpointing) and the default cases again.
 """
 
 from __future__ import annotations
@@ -30,12 +36,15 @@ from tests.distributed.test_pipeline import CLIP, GAS, MICRO, SEED, STEPS, SEQ, 
 from tests.distributed.test_pipeline_tp import Block
 
 HID = 16
-FP32, FP16 = 1e-5, 3e-2
+TOL = {"fp32": (1e-5, 1e-5), "fp16": (3e-3, 1e-3)}  # (losses, weights)
 CASES = {  # name: (schedule, virtual stages, activation_checkpoint_interval, precision, zero stage)
+    "interleaved_checkpointed": ("interleaved_1f1b", 2, 1, "fp32", 1),
+    "fp16": ("1f1b", 1, 0, "fp16", 1),
+}
+SLOW_CASES = {
     "tied_1f1b": ("1f1b", 1, 0, "fp32", 1),
     "interleaved": ("interleaved_1f1b", 2, 0, "fp32", 1),
     "checkpointed": ("1f1b", 1, 1, "fp32", 3),
-    "fp16": ("1f1b", 1, 0, "fp16", 1),
 }
 
 
@@ -92,11 +101,12 @@ def run_case(schedule: str, virtual: int, ckpt: int, precision: str, zero: int) 
             "dims": (engine.parallel_dims.dp, engine.parallel_dims.pp, engine.parallel_dims.tp),
             "dtensors": sum(hasattr(p, "to_local") for p in engine.module.parameters()),
             "scale": engine.loss_scale if precision == "fp16" else None,
+            "checkpoint_interval": min(sm.checkpoint_interval for sm in engine.module.stage_modules),
             "notes": list(engine._strategy.notes)}
 
 
 def grid(rank: int, world: int) -> dict | None:
-    out = {name: run_case(*args) for name, args in CASES.items()}
+    out = {name: run_case(*args) for name, args in {**CASES, **SLOW_CASES}.items()}
     return out if rank == 0 else None
 
 
@@ -124,20 +134,29 @@ def results() -> dict:
     return run_ranks(grid, world_size=4, timeout=600)[0]
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [*CASES, *SLOW_CASES])
 def test_pp2_tp2_with_pipeline_features_matches_the_single_process_reference(results, name):
+    check_case(name, results[name])
+
+
+def check_case(name: str, got: dict) -> None:
+    """``got`` (rank 0's :func:`run_case` result) against the single-process reference, at ``TOL``."""
     losses, state = reference()
-    got = results[name]
-    tol = FP16 if CASES[name][3] == "fp16" else FP32
+    _, virtual, ckpt, precision, _ = {**CASES, **SLOW_CASES}[name]
+    loss_tol, weight_tol = TOL[precision]
     assert got["dims"] == (1, 2, 2) and got["dtensors"] > 0, (got["dims"], got["notes"])
-    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(losses), rtol=0, atol=tol,
+    assert sum("tensor parallelism tp=2" in n for n in got["notes"]) == virtual, got["notes"]  # each chunk sharded
+    assert got["checkpoint_interval"] == ckpt
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(losses), rtol=0, atol=loss_tol,
                                msg=lambda m: f"{name} losses: {m}")
     assert set(got["state"]) == set(state), name
     for k, v in state.items():
-        torch.testing.assert_close(got["state"][k].float(), v, rtol=0, atol=tol, msg=lambda m, k=k: f"{name} {k}: {m}")
+        torch.testing.assert_close(got["state"][k].float(), v, rtol=0, atol=weight_tol,
+                                   msg=lambda m, k=k: f"{name} {k}: {m}")
     torch.testing.assert_close(got["state"]["0.weight"], got["state"]["4.weight"], rtol=0, atol=0)  # still tied
-    if name == "fp16":
-        assert got["scale"] is not None and got["scale"] > 0
+    if precision == "fp16":
+        assert got["scale"] == 2.0 ** 8  # dynamic loss scaling on, at the config's initial scale (no overflow)
 
 
 def test_the_reference_moves_the_tied_weight():
