@@ -8,7 +8,6 @@ against the tp degree before anything moves (ConfigError naming the module, the 
 fix). Inference TP (:mod:`flexspeed.inference.tp`) shards local tensors from it; training TP
 (:mod:`flexspeed.distributed.tensor_parallel`) maps it to DTensor parallel styles.
 
-
 Detection rules (auto mode): for every module, its Linear children named like
 ``q_proj k_proj v_proj c_attn query_key_value qkv_proj Wqkv qkv gate_proj up_proj gate_up_proj
 fc1 c_fc dense_h_to_4h w1 w3 fc_in`` are column-parallel and those named like ``o_proj out_proj
@@ -27,6 +26,7 @@ size from its *input* width (``B, T, C = x.shape; hs = C // n_head``) and reshap
 ``(B, T, C)``; for those a forward pre-hook hands the module a narrowed view ``x[..., :C/tp]``
 (so ``C``, ``hs`` and the final ``view`` are the per-rank values) while a pre-hook on each of its
 column-parallel children swaps the full input back in, so the projections still read all of
+``x``. The hooks live in :mod:`flexspeed.distributed.tp_hooks`. See docs/inference.md.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ COLUMN_NAMES = frozenset({
 })
 ROW_NAMES = frozenset({"o_proj", "out_proj", "c_proj", "dense", "fc2", "down_proj", "dense_4h_to_h", "w2", "fc_out"})
 QKV_NAMES = frozenset({"q_proj", "k_proj", "v_proj", "c_attn", "query_key_value", "qkv_proj", "Wqkv", "qkv",
-                        "query", "key", "value", "q", "k", "v"})
+                       "query", "key", "value", "q", "k", "v"})
 BLOCK_QKV_NAMES = frozenset({"c_attn", "qkv_proj", "Wqkv", "qkv"})  # weight rows are [q | k | v]
 FUSED_GATE_UP_NAMES = frozenset({"gate_up_proj"})  # weight rows are [gate | up]
 _HEAD_ATTRS = ("num_heads", "n_head", "num_attention_heads", "n_heads")
@@ -73,6 +73,7 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def is_conv1d(module: nn.Module) -> bool:
+    """An HF ``Conv1D`` (a Linear whose weight is stored ``(in, out)``), recognised without importing transformers."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
 
@@ -322,6 +323,8 @@ def _alibi_arg(module: nn.Module) -> int | None:
 
 
 def fused_pieces(leaf: str, out: int, att: AttentionShard | None) -> tuple[int, ...]:
+    """The widths a column layer's output rows concatenate: ``(q, k, v)`` for a fused qkv, ``(gate, up)``
+    for ``gate_up_proj``, else the whole width; each piece is cut into tp parts separately."""
     if leaf in BLOCK_QKV_NAMES and att is not None:
         q, kv = att.heads * att.head_dim, att.kv_heads * att.head_dim
         if q + 2 * kv == out:

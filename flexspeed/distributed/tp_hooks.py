@@ -19,6 +19,7 @@ __all__ = ["planned_module", "all_reduce_hook", "AlibiSlice", "NarrowState"]
 
 
 def planned_module(model: nn.Module, name: str, what: str) -> nn.Module:
+    """``model.get_submodule(name)``, or a RuntimeError saying a later pass replaced the planned ``what``."""
     try:
         return model.get_submodule(name)
     except AttributeError:
@@ -27,6 +28,7 @@ def planned_module(model: nn.Module, name: str, what: str) -> nn.Module:
 
 
 def all_reduce_hook(group: dist.ProcessGroup | None):
+    """A forward hook summing a row-parallel layer's partial output over ``group`` in place."""
     def hook(module: nn.Module, args: tuple, output: Any) -> Any:
         out = output[0] if isinstance(output, tuple) else output
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)

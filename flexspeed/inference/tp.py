@@ -13,6 +13,7 @@ Why local tensors plus an explicit all-reduce instead of DTensor's ``parallelize
 the result is exact on gloo/CPU, every parameter stays a plain tensor that quantization can
 replace, and checkpoint slices can be loaded straight into it. The TP group still comes from
 a :class:`~torch.distributed.device_mesh.DeviceMesh` (see ``engine.py``).
+
 The plan comes from the discovery shared with training TP, :mod:`flexspeed.distributed.tp_discovery`
 (detection rules, head bookkeeping, validation); this module shards local tensors from it.
 See docs/inference.md.

@@ -152,3 +152,22 @@ def test_check_config_counts_the_triad_over_data_parallel_ranks(tmp_path, capsys
     assert json.loads(capsys.readouterr().out)["train_batch_size"] == 2 * 2 * 4  # dp = 8 / 2
     assert main(["check-config", str(path), "--world-size", "3", "--json"]) == 1
     assert "autotp_size=2 does not divide the world size 3" in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_inference_and_training_tp_share_one_discovery_through_public_names():
+    import ast
+    import inspect
+
+    import flexspeed.distributed.tensor_parallel as training
+    import flexspeed.distributed.tp_discovery as discovery
+    import flexspeed.inference.tp as inference
+    import flexspeed.pipe.engine as pipe_engine
+    import flexspeed.pipe.stage_tp as stage_tp
+
+    assert inference.plan_tensor_parallel is discovery.plan_tensor_parallel is training.plan_tensor_parallel
+    assert inference.localize_attention is training.localize_attention
+    for module in (training, inference, stage_tp, pipe_engine):
+        for node in ast.walk(ast.parse(inspect.getsource(module))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("flexspeed"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{module.__name__} imports {private} from {node.module}"
