@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 
 from flexspeed.config.errors import ConfigError
+from flexspeed.distributed.tp_discovery import is_conv1d
 
 __all__ = ["QuantLinear", "QuantEmbedding", "quantize_linears", "int4_kernel_layout", "pack_plain", "unpack_plain"]
 
@@ -51,18 +52,14 @@ _KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes aten's int4 CPU kernel accept
 _NATIVE_ROWS = 16  # up to this many rows, "auto" uses flexspeed's native products (flexspeed.inference.native)
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
-
-
 def _is_linear_like(module: nn.Module) -> bool:
     """``nn.Linear``, HF ``Conv1D`` or a kernel-injected ``PackedLinear``."""
-    return isinstance(module, nn.Linear) or _is_conv1d(module) or type(module).__name__ == "PackedLinear"
+    return isinstance(module, nn.Linear) or is_conv1d(module) or type(module).__name__ == "PackedLinear"
 
 
 def _dense_weight(module: nn.Module) -> torch.Tensor:
     """The ``(out, in)`` weight of a Linear-like layer (HF ``Conv1D`` stores ``(in, out)``)."""
-    return module.weight.detach().t() if _is_conv1d(module) else module.weight.detach()
+    return module.weight.detach().t() if is_conv1d(module) else module.weight.detach()
 
 
 # --------------------------------------------------------------------------- int4 byte orders

@@ -46,7 +46,7 @@ from flexspeed.runtime.zero import (
     warn_once,
 )
 
-__all__ = ["FullyShardedDP", "find_blocks", "persistent_params", "reshard_plan"]
+__all__ = ["FullyShardedDP", "find_blocks", "persistent_params", "reshard_plan", "no_foreach_across_kinds"]
 
 
 def find_blocks(module: nn.Module) -> list[nn.Module]:
@@ -301,7 +301,7 @@ class FullyShardedDP(ZeroStrategy):
             check_shardable(optimizer, self.stage, allow_untested)
         else:
             return None
-        _no_foreach_across_kinds(optimizer)
+        no_foreach_across_kinds(optimizer)
         return optimizer
 
     def _repoint(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -375,7 +375,7 @@ def _as_list(params: Any) -> list:
     return [params] if torch.is_tensor(params) else list(params)
 
 
-def _no_foreach_across_kinds(optimizer: torch.optim.Optimizer) -> None:
+def no_foreach_across_kinds(optimizer: torch.optim.Optimizer) -> None:
     """Turn off torch's multi-tensor path in groups that mix DTensor shards and whole parameters.
 
     ``torch._foreach_*`` kernels refuse lists mixing DTensor and plain tensors; stage 3 with a
