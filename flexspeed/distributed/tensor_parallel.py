@@ -61,7 +61,7 @@ from flexspeed.inference.tp import (
     localize_attention,
     plan_tensor_parallel,
 )
-from flexspeed.runtime.zero import ShardedOptimizerDP, ZeroSettings, ZeroStrategy, _check_offload
+from flexspeed.runtime.zero import ShardedOptimizerDP, ZeroSettings, ZeroStrategy, check_offload
 
 __all__ = ["TrainingTPPlan", "PackedColwise", "derive_tp_plan", "apply_tensor_parallel", "TensorParallelDP",
            "setup_tensor_parallel", "tp_model_init", "resolve_tp"]
@@ -352,14 +352,14 @@ class TensorParallelDP(ShardedOptimizerDP):
 
     def build_optimizer(self, client: torch.optim.Optimizer | None, factory: Any,
                         allow_untested: bool = False) -> torch.optim.Optimizer | None:
-        from flexspeed.runtime.fsdp import _no_foreach_across_kinds
+        from flexspeed.runtime.fsdp import no_foreach_across_kinds
 
         if self.stage == 1:
             optimizer = ShardedOptimizerDP.build_optimizer(self, client, factory, allow_untested)
         else:
             optimizer = ZeroStrategy.build_optimizer(self, client, factory, allow_untested)
         if optimizer is not None:
-            _no_foreach_across_kinds(optimizer)
+            no_foreach_across_kinds(optimizer)
         return optimizer
 
     def grad_group(self) -> dist.ProcessGroup | None:
@@ -511,7 +511,7 @@ def setup_tensor_parallel(model: nn.Module, *, config: Any, device: torch.device
     probe = derive_tp_plan(model, tp_size) if plan is None else _user_plan(model, plan, tp_size)
     settings = ZeroSettings.from_config(config)
     notes: list[str] = []
-    _check_offload(settings, device, notes)
+    check_offload(settings, device, notes)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and not callable(optimizer):
         optimizer = None
     if isinstance(optimizer, torch.optim.Optimizer) and optimizer.state:

@@ -97,7 +97,6 @@ class CheckpointingSettings:
 _settings = CheckpointingSettings()
 _configured_by: str | None = None  # None, "user" (configure()) or "initialize"
 mpu: Any = None
-_warned: set[str] = set()
 
 # DeepSpeed's module globals, read-only views of the settings (``checkpointing.CPU_CHECKPOINT``)
 _GLOBALS = {"PARTITION_ACTIVATIONS": "partition_activations", "CPU_CHECKPOINT": "cpu_checkpointing",
