@@ -55,8 +55,7 @@ from flexspeed.runtime.checkpoint_verify import (
     validate_engine_state,
     validate_manifest,
 )
-from flexspeed.runtime.zero import warn_once
-from flexspeed.utils.logging import ensure_handler, human_bytes
+from flexspeed.utils.logging import ensure_handler, human_bytes, warn_once
 
 __all__ = ["load_checkpoint"]
 

@@ -120,7 +120,7 @@ def settings() -> CheckpointingSettings:
 
 
 def _note_once(message: str) -> None:
-    from flexspeed.runtime.zero import warn_once
+    from flexspeed.utils.logging import warn_once
 
     warn_once(message)
 
