@@ -237,7 +237,7 @@ def wait_for_pending_saves() -> None:
 def _flush_at_exit() -> None:
     from flexspeed import distributed as fdist
 
-    if getattr(fdist, "_crashed", False):
+    if fdist.crashed():
         return  # a crashing rank's peers may be gone: do not wait on a write that needs them
     for saver in list(_savers):
         try:
