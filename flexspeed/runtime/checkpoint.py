@@ -304,7 +304,7 @@ def _engine_state(engine: Any, excluded: list[str], param_groups: list[dict] | N
         "dataloader": loader.state_dict() if loader is not None and hasattr(loader, "state_dict") else None,
         "optimizer_param_groups": param_groups,
         # DeepSpeed's optimizer-file entry that Lightning's convert_zero_checkpoint_to_fp32_state_dict reads
-        "optimizer_state_dict": {"zero_stage": int(getattr(getattr(engine, "_strategy", None), "stage", 0))},
+        "optimizer_state_dict": {"zero_stage": int(getattr(getattr(engine, "zero_strategy", None), "stage", 0))},
         "excluded_model_keys": excluded,
         # read by export.consolidate(exclude_frozen_parameters=True) (DeepSpeed's zero_to_fp32 option)
         "frozen_parameters": [n for n, p in engine.module.named_parameters() if not p.requires_grad],
@@ -314,7 +314,7 @@ def _engine_state(engine: Any, excluded: list[str], param_groups: list[dict] | N
 def _manifest(engine: Any, tag: str, world: int, has_optimizer: bool) -> dict:
     from flexspeed import __version__
 
-    strategy = getattr(engine, "_strategy", None)
+    strategy = getattr(engine, "zero_strategy", None)
     return {"format": "flexspeed-checkpoint", "format_version": FORMAT_VERSION, "tag": tag,
             "created_unix": time.time(), "flexspeed": __version__, "torch": torch.__version__,
             "world_size": world, "dp_world_size": int(getattr(engine, "dp_world_size", world)),

@@ -96,7 +96,7 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: Any = None, l
     load_dir = os.path.abspath(validate_dir(load_dir, what="load_dir"))
     staged, error = None, None
     try:
-        with engine._strategy.local_optimizer_steps():
+        with engine.zero_strategy.local_optimizer_steps():
             staged = _read(engine, load_dir, tag, strict=load_module_strict, module_only=load_module_only,
                            with_optimizer=bool(load_optimizer_states and not load_module_only
                                                and engine.optimizer is not None))
@@ -110,7 +110,7 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: Any = None, l
         warnings.warn(f"flexspeed: no 'latest' file in {load_dir}, so there is no checkpoint to load; "
                       "returning (None, None). Fix: pass tag=... to load a specific checkpoint", stacklevel=3)
         return None, None
-    with engine._strategy.local_optimizer_steps():
+    with engine.zero_strategy.local_optimizer_steps():
         _apply(engine, staged, module_only=load_module_only, load_lr_scheduler_states=load_lr_scheduler_states)
     if rank_world()[0] == 0:
         ensure_handler().info("loaded checkpoint %s (%s%s) in %.1f s", staged.path, human_bytes(dir_bytes(staged.path)),
