@@ -89,10 +89,6 @@ def _timed(fn) -> float:
     return float(took)
 
 
-def _dir_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
-
-
 def _raw_torch(engine, root: str, reps: int) -> tuple[float, float, int]:
     """Rank-0 torch.save of full state dicts, then every rank loads it (the hand-written baseline)."""
     import torch
@@ -119,6 +115,8 @@ def _raw_torch(engine, root: str, reps: int) -> tuple[float, float, int]:
 
 
 def _group(rank: int, world: int, root: str, stages: list, reps: int) -> list:
+    from flexspeed.runtime.checkpoint import dir_bytes
+
     rows = []
     for stage in stages:
         engine = _engine(world, stage)
@@ -130,7 +128,7 @@ def _group(rank: int, world: int, root: str, stages: list, reps: int) -> list:
         raw_save, raw_load, raw_bytes = _raw_torch(engine, save_dir, reps) if stage == 0 else (None, None, None)
         if rank == 0:
             rows.append({"world": world, "stage": stage, "save_s": statistics.median(saves),
-                         "load_s": statistics.median(loads), "bytes": _dir_bytes(os.path.join(save_dir, "t0")),
+                         "load_s": statistics.median(loads), "bytes": dir_bytes(os.path.join(save_dir, "t0")),
                          "unverified_load_s": statistics.median(unverified), "hash_s": hash_s,
                          "pair_overheads": sorted(v / u - 1 for v, u in zip(loads, unverified)),
                          "checksum_share": share, "crc_cpu_share": crc_cpu,

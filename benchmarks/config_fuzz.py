@@ -145,11 +145,9 @@ def _initialize(cfg: dict) -> tuple[str, Any]:
     except ConfigError as e:
         return "error", (e.key, str(e))
     finally:
-        from flexspeed.runtime.autosave import _savers
+        from flexspeed.runtime.autosave import wait_for_pending_saves
 
-        for saver in list(_savers):
-            saver.wait()
-            _savers.discard(saver)
+        wait_for_pending_saves()
         if dist.is_initialized():
             dist.destroy_process_group()
 

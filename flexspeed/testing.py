@@ -6,6 +6,11 @@ torchrun-style environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_A
 returns the list of per-rank return values (which must be picklable). Every group has a
 timeout: a hung or crashed rank terminates the whole group and raises ``RanksFailed`` with the
 failing rank's traceback, so a test can never hang CI.
+
+``run_cli("launch", "--nproc-per-node", "2", script, ...)`` runs ``python -m flexspeed ...`` (a launcher
+and its workers, or ``flexspeed demo``) in its own session and returns its exit code and merged output;
+past its timeout the whole session is killed and ``RanksFailed`` carries the output so far.
+``start_cli``/``wait_cli`` are the two halves, for jobs that run side by side (two "nodes").
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ from __future__ import annotations
 import os
 import pickle
 import queue as queue_mod
+import signal
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -21,7 +29,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-__all__ = ["run_ranks", "free_port", "RanksFailed"]
+__all__ = ["run_ranks", "free_port", "RanksFailed", "run_cli", "start_cli", "wait_cli", "kill_tree"]
 
 
 class RanksFailed(RuntimeError):
@@ -130,3 +138,66 @@ def run_ranks(fn: Callable, world_size: int = 2, args: tuple = (), *, timeout: f
     if errors:
         raise RanksFailed("\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+def _children() -> dict[int, list[int]]:
+    """Parent pid -> child pids, from ``/proc`` (empty where there is none)."""
+    out: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # exited meanwhile
+            out.setdefault(ppid, []).append(int(entry))
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``, every process descended from it and their process groups (never the caller's group)."""
+    children, tree, i = _children(), [pid], 0
+    while i < len(tree):
+        tree += children.get(tree[i], [])
+        i += 1
+    own = os.getpgrp()
+    for p in tree:
+        try:
+            group = os.getpgid(p)
+            if group != own:
+                os.killpg(group, signal.SIGKILL)
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def start_cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``python -m flexspeed *argv`` in a new session, stdout and stderr merged into one text pipe.
+
+    The child sees this process's environment with ``OMP_NUM_THREADS=1`` and ``PYTHONPATH`` set to this
+    interpreter's ``sys.path`` (so it imports the same flexspeed), then ``env`` on top.
+    """
+    full = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "flexspeed", *argv], env=full, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_cli(proc: subprocess.Popen, timeout: float = 300.0) -> tuple[int, str]:
+    """``(exit code, output)`` of a :func:`start_cli` job.
+
+    Raises:
+        RanksFailed: the job ran past ``timeout`` seconds; it and every process it started are killed first
+            (torchrun starts each worker in a session of its own), and the message holds the output so far.
+    """
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        out, _ = proc.communicate()
+        raise RanksFailed(f"{' '.join(map(str, proc.args[1:]))} ran past {timeout:g} s:\n{out}") from None
+    return proc.returncode, out
+
+
+def run_cli(*argv: str, env: dict[str, str] | None = None, timeout: float = 300.0) -> tuple[int, str]:
+    """Run ``python -m flexspeed *argv`` to the end: :func:`start_cli` then :func:`wait_cli`."""
+    return wait_cli(start_cli(*argv, env=env), timeout)

@@ -37,7 +37,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from flexspeed.runtime.zero import warn_once
+from flexspeed.utils.logging import warn_once
 
 __all__ = ["Init", "GatheredParameters", "InitRecord", "materialize_module", "as_meta_placeholders",
            "ZeroParamStatus", "ZeroParamType"]

@@ -257,8 +257,8 @@ class DeepSpeedAccelerator(abc.ABC):
 
     # ---- DeepSpeed's native ops ------------------------------------------------------------------
     def create_op_builder(self, class_name: str) -> Any:
-        raise NotImplementedError(
-            f"create_op_builder({class_name!r}): flexspeed builds none of DeepSpeed's native ops; it runs "
+        raise ValueError(
+            f"create_op_builder(class_name={class_name!r}): flexspeed builds none of DeepSpeed's native ops; it runs "
             "PyTorch's kernels. Fix: use flexspeed.ops.adam.FusedAdam / DeepSpeedCPUAdam (torch.optim Adam "
             "underneath), or a torch.optim optimizer")
 

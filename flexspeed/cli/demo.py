@@ -95,7 +95,7 @@ def _load_base(path: str | None) -> dict:
 
 def _train(args: argparse.Namespace, config_path: str) -> int:
     """Run the ranks through ``flexspeed launch``; the exit code (124 after ``--timeout``)."""
-    from flexspeed.testing import free_port
+    from flexspeed.testing import free_port, kill_tree
 
     cmd = [sys.executable, "-m", "flexspeed", "launch", "--nproc-per-node", str(args.nproc), "--master-addr",
            "127.0.0.1", "--master-port", str(free_port()), "--rdzv-timeout", "60", "--no-local-rank",
@@ -116,7 +116,7 @@ def _train(args: argparse.Namespace, config_path: str) -> int:
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)  # the workers too: torchrun starts each in a session of its own
             proc.wait()
         return 124
     except KeyboardInterrupt:

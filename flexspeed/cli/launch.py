@@ -240,7 +240,7 @@ def torchrun_argv(*, nnodes: int | str, nproc_per_node: int, node_rank: int, mas
     return argv + (["-m"] if module else []) + [script, *script_args]
 
 
-def _nnodes(text: str) -> int | str:
+def parse_nnodes(text: str) -> int | str:
     """``--nnodes``: ``N``, or ``MIN:MAX`` for an elastic job (torchrun's c10d rendezvous admits MIN to MAX nodes)."""
     lo, sep, hi = text.partition(":")
     try:
@@ -260,7 +260,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> ar
     p.add_argument("--nproc-per-node", "--nproc_per_node", "--num_gpus", "--num-gpus", type=int, default=None,
                    dest="nproc_per_node", metavar="N",
                    help="processes per node (default: the hostfile's slots, else the GPU count, else 1)")
-    p.add_argument("--nnodes", "--num_nodes", "--num-nodes", type=_nnodes, default=None, dest="nnodes", metavar="N",
+    p.add_argument("--nnodes", "--num_nodes", "--num-nodes", type=parse_nnodes, default=None, dest="nnodes",
+                   metavar="N",
                    help="number of nodes, or MIN:MAX for an elastic job (default 1, or from Slurm / the hostfile)")
     p.add_argument("--node-rank", "--node_rank", type=int, default=None, dest="node_rank", metavar="R",
                    help="this node's index, 0..nnodes-1 (default 0)")
@@ -306,7 +307,7 @@ def _default_nproc() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
 
 
-def _plan(args: argparse.Namespace) -> _Plan:
+def make_plan(args: argparse.Namespace) -> _Plan:
     """Resolve hostfile / Slurm / flags into what to run. Raises ValueError with the fix."""
     if isinstance(args.nnodes, str) and (args.hostfile or args.include or args.exclude):
         raise ValueError(f"--nnodes {args.nnodes} (elastic) cannot be combined with a hostfile selection")
@@ -370,7 +371,7 @@ def _node_command(args: argparse.Namespace, plan: _Plan, node_rank: int, host: s
 
 def run(args: argparse.Namespace) -> int:
     try:
-        plan = _plan(args)
+        plan = make_plan(args)
     except (ValueError, OSError) as e:
         print(f"flexspeed launch: {e}", file=sys.stderr)
         return 2

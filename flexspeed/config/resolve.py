@@ -52,6 +52,7 @@ from flexspeed.config.errors import ConfigError
 from flexspeed.config.schema import FlexConfig
 from flexspeed.config.sections import ZeroConfig
 from flexspeed.config.validate import format_value, model_validate, validate_config
+from flexspeed.utils.logging import warn_once
 
 __all__ = ["resolve_config", "resolve_batch_triad", "build_config", "OPTIMIZER_AUTO", "SCHEDULER_AUTO"]
 
@@ -270,17 +271,10 @@ def _resolve_zero(zero: dict[str, Any], hidden_size: int | None) -> None:
 
 def _warn_defaulted(defaulted: list[str]) -> None:
     """Once per distinct set: name every ``"auto"`` that got a default value rather than the run's."""
-    import warnings
-
     message = (f'config "auto" values filled with defaults (no trainer supplied them): {", ".join(defaulted)}. '
                'Fix: set these keys to the values your run needs (the Hugging Face Trainer fills them from its '
                "arguments when it passes the config)")
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, UserWarning, stacklevel=4)
-
-
-_WARNED: set[str] = set()
+    warn_once(message, stacklevel=4)
 
 
 def _resolve_params(data: dict[str, Any], defaulted: list[str]) -> None:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import flexspeed._torch_check  # noqa: F401  (refuse a torch older than flexspeed supports)
 
 __all__ = ["LaunchEnv", "detect_launch_env", "init_distributed", "default_backend", "default_device",
-           "first_slurm_host"]
+           "first_slurm_host", "crashed"]
 
 
 @dataclass(frozen=True)
@@ -217,6 +217,11 @@ def _start_heartbeat(section: dict | None) -> None:
 
 
 _crashed = False
+
+
+def crashed() -> bool:
+    """True once an uncaught exception reached ``sys.excepthook`` in this process (after init_distributed)."""
+    return _crashed
 
 
 @functools.cache

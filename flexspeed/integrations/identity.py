@@ -57,7 +57,7 @@ def distribution_version() -> str:
     return f"{DEEPSPEED_BASE_VERSION}+flexspeed.{flexspeed.__version__}"
 
 
-def _target(fullname: str) -> str | None:
+def alias_target(fullname: str) -> str | None:
     """The flexspeed module that plays DeepSpeed module ``fullname`` (None: none does)."""
     if fullname == "deepspeed":
         return _COMPAT
@@ -99,7 +99,7 @@ class DeepSpeedAliasFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path=None, target=None):  # noqa: ANN001 - importlib's protocol
         if fullname != "deepspeed" and not fullname.startswith("deepspeed."):
             return None
-        real = _target(fullname)
+        real = alias_target(fullname)
         if real is None:
             raise ModuleNotFoundError(
                 f"No module named {fullname!r}: this process runs with flexspeed's DeepSpeed identity "

@@ -116,8 +116,9 @@ class FlexspeedStrategy(DDPStrategy):
         return self._engine
 
     def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        raise NotImplementedError("FlexspeedStrategy sets up the model and its optimizer together. Fix: call "
-                                  "fabric.setup(model, optimizer) instead of fabric.setup_optimizers(optimizer)")
+        raise TypeError(f"fabric.setup_optimizers({type(optimizer).__name__}): FlexspeedStrategy sets up the model "
+                        "and its optimizer together, not an optimizer alone. Fix: call fabric.setup(model, optimizer) "
+                        "instead of fabric.setup_optimizers(optimizer)")
 
     def module_to_device(self, module: nn.Module) -> None:
         if not any(p.is_meta or getattr(p, "ds_shape", None) is not None for p in module.parameters()):
@@ -161,9 +162,10 @@ class FlexspeedStrategy(DDPStrategy):
 
     def clip_gradients_norm(self, module: nn.Module, optimizer: Any, max_norm: float | int, norm_type: float | int = 2.0,
                             error_if_nonfinite: bool = True) -> torch.Tensor:
-        raise NotImplementedError("FlexspeedStrategy clips gradients in engine.step() from the config. Fix: set "
-                                  f'"gradient_clipping": {max_norm} in the DeepSpeed config instead of calling '
-                                  "fabric.clip_gradients")
+        raise ValueError(f"fabric.clip_gradients(max_norm={max_norm!r}): FlexspeedStrategy clips gradients in "
+                         "engine.step(), from the config, so a clipping call has nothing to clip. Fix: set "
+                         f'"gradient_clipping": {max_norm} in the DeepSpeed config instead of calling '
+                         "fabric.clip_gradients")
 
     def _require_engine(self, what: str) -> Any:
         if self._engine is None:

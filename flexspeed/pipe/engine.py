@@ -350,7 +350,7 @@ def _repeat(loader: Iterable) -> Iterator:
         yield from loader
 
 
-def _apply_config(module: PipelineModule, config: FlexConfig, tp: int = 1) -> None:
+def apply_config(module: PipelineModule, config: FlexConfig, tp: int = 1) -> None:
     """Reconcile the ``pipeline`` config section with the module's own arguments."""
     if config.flops_profiler.enabled:
         raise ConfigError("flops_profiler.enabled=true is not supported with a PipelineModule: each stage runs "
@@ -468,7 +468,7 @@ def build_pipeline_engine(*, model: PipelineModule, config: FlexConfig, optimize
         raise RuntimeError("pipeline parallelism needs torch.distributed: call flexspeed.init_distributed() first")
     check_optimizer_given_once(config, optimizer, lr_scheduler)
     tp = dims.tp if dims is not None else 1
-    _apply_config(model, config, tp)
+    apply_config(model, config, tp)
     device = default_device()
     model.to(device)  # builds this rank's layers
     topo = model.topology

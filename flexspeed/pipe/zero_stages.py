@@ -90,10 +90,10 @@ class StageStrategies(ZeroStrategy):
 
     # stages 2-3: the optimizer is re-pointed at the sharded parameters of every chunk with
     # FullyShardedDP's own logic, over the merged parameter map of the chunks
-    _map_one = FullyShardedDP._map_one
-    _current_ids = FullyShardedDP._current_ids
-    _repoint = FullyShardedDP._repoint
-    _fsdp_params = FullyShardedDP._fsdp_params
+    map_param = FullyShardedDP.map_param
+    param_ids = FullyShardedDP.param_ids
+    repoint = FullyShardedDP.repoint
+    fsdp_param_records = FullyShardedDP.fsdp_param_records
 
     def __init__(self, parts: list[ZeroStrategy], *, module: torch.nn.Module, group: dist.ProcessGroup,
                  tensor_parallel: bool = False) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from flexspeed.runtime.checkpoint import rank_world
 from flexspeed.runtime.checkpoint_io import (
     MANIFEST,
     TMP_PREFIX,
@@ -48,15 +49,9 @@ _STEP_TAG = re.compile(r"global_step(\d+)")
 _savers: weakref.WeakSet[AutoSaver] = weakref.WeakSet()
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _broadcast_from_0(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank (directory listings must agree even if a file system lags)."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     if world == 1:
         return obj
     box = [obj if rank == 0 else None]
@@ -101,7 +96,7 @@ class AutoSaver:
         self.keep_last = keep_last
         self.async_save = async_save
         self._group = None
-        if async_save and _rank_world()[1] > 1:
+        if async_save and rank_world()[1] > 1:
             # collectives of the background writer run on a group of their own (every rank creates it here)
             kwargs = {"timeout": timeout} if timeout is not None else {}
             self._group = dist.new_group(backend="gloo", **kwargs)
@@ -122,7 +117,7 @@ class AutoSaver:
         """Load the newest good tag of ``save_dir`` into ``engine``; returns its path, or None if there is none."""
         from flexspeed.runtime.checkpoint_load import load_checkpoint
 
-        rank, _ = _rank_world()
+        rank, _ = rank_world()
         if rank == 0:
             remove_leftovers(self.save_dir)
         candidates = _broadcast_from_0(newest_tags(self.save_dir) if rank == 0 else None)
@@ -242,7 +237,7 @@ def wait_for_pending_saves() -> None:
 def _flush_at_exit() -> None:
     from flexspeed import distributed as fdist
 
-    if getattr(fdist, "_crashed", False):
+    if fdist.crashed():
         return  # a crashing rank's peers may be gone: do not wait on a write that needs them
     for saver in list(_savers):
         try:

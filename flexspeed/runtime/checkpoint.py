@@ -97,14 +97,16 @@ log = logging.getLogger("flexspeed")
 
 
 # ---- collective helpers ---------------------------------------------------------------------------
-def _rank_world() -> tuple[int, int]:
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) in the default group; (0, 1) when torch.distributed is not initialized."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def _all_gather(obj: Any, group: Any = None) -> list[Any]:
-    rank, world = _rank_world()
+def all_gather(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order (just ``[obj]`` in a single process)."""
+    rank, world = rank_world()
     if world == 1:
         return [obj]
     out: list[Any] = [None] * world
@@ -123,7 +125,7 @@ def _agree_on(action: Any, what: str, *, group: Any = None) -> Any:
         result = action()
     except Exception as e:  # noqa: BLE001 - every failure must reach the agreement, named
         error = f"{what}: {type(e).__name__}: {e}"
-    rank, world = _rank_world()
+    rank, world = rank_world()
     if world == 1:
         if error is not None:
             raise CheckpointError(f"save_checkpoint failed {error}")
@@ -146,9 +148,9 @@ def _tag_validation_mode(engine: Any) -> str:
 
 def _agree(tag: str, error: str, mode: str) -> tuple[str, str]:
     """One all-gather: every rank's tag and local error. Returns (rank 0's tag, nonce)."""
-    rank, _ = _rank_world()
+    rank, _ = rank_world()
     nonce = f"{time.time_ns():x}{os.getpid():x}"
-    gathered = _all_gather((tag, nonce, error))
+    gathered = all_gather((tag, nonce, error))
     errors = [f"rank {r}: {e}" for r, (_, _, e) in enumerate(gathered) if e]
     if errors:
         raise ValueError("save_checkpoint failed before writing anything:\n" + "\n".join(errors))
@@ -180,7 +182,8 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
+    """Restore the torch (CPU, CUDA), Python and NumPy random states saved with a checkpoint."""
     torch.set_rng_state(state["torch_cpu"])
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
@@ -206,7 +209,7 @@ def _scalar_to_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
-def _tensor_tree(optim_state: dict) -> dict:
+def tensor_tree(optim_state: dict) -> dict:
     """Optimizer per-parameter state with tensor leaves only (numbers become 0-dim tensors)."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     for fqn, entry in optim_state.items():
@@ -220,7 +223,7 @@ def _tensor_tree(optim_state: dict) -> dict:
     return out
 
 
-def _fqn_param_groups(module: torch.nn.Module, optim: torch.optim.Optimizer) -> list[dict]:
+def fqn_param_groups(module: torch.nn.Module, optim: torch.optim.Optimizer) -> list[dict]:
     """The optimizer's param groups with each parameter named by its (first) FQN in ``module``."""
     names: dict[int, str] = {}
     for name, param in module.named_parameters(remove_duplicate=False):
@@ -230,7 +233,7 @@ def _fqn_param_groups(module: torch.nn.Module, optim: torch.optim.Optimizer) -> 
             for g in optim.param_groups]
 
 
-def _state_dicts(engine: Any, *, with_optimizer: bool, exclude_frozen: bool = False,
+def state_dicts(engine: Any, *, with_optimizer: bool, exclude_frozen: bool = False,
                  for_load: bool = False) -> tuple[dict, dict | None]:
     """(model state, optimizer state ``{"state": {fqn: {...}}, "param_groups": [...]}``), sharded, by FQN.
 
@@ -278,7 +281,7 @@ def _all_param_groups(engine: Any) -> list[dict] | None:
     stages' parameters, and the one engine-state file must name them all for any later layout."""
     if engine.optimizer is None:
         return None
-    gathered = _all_gather(_fqn_param_groups(engine.module, engine.optimizer))
+    gathered = all_gather(fqn_param_groups(engine.module, engine.optimizer))
     merged = [dict(g, params=list(g["params"])) for g in gathered[0]]
     for groups in gathered[1:]:
         for mine, theirs in zip(merged, groups):
@@ -301,7 +304,7 @@ def _engine_state(engine: Any, excluded: list[str], param_groups: list[dict] | N
         "dataloader": loader.state_dict() if loader is not None and hasattr(loader, "state_dict") else None,
         "optimizer_param_groups": param_groups,
         # DeepSpeed's optimizer-file entry that Lightning's convert_zero_checkpoint_to_fp32_state_dict reads
-        "optimizer_state_dict": {"zero_stage": int(getattr(getattr(engine, "_strategy", None), "stage", 0))},
+        "optimizer_state_dict": {"zero_stage": int(getattr(getattr(engine, "zero_strategy", None), "stage", 0))},
         "excluded_model_keys": excluded,
         # read by export.consolidate(exclude_frozen_parameters=True) (DeepSpeed's zero_to_fp32 option)
         "frozen_parameters": [n for n, p in engine.module.named_parameters() if not p.requires_grad],
@@ -311,7 +314,7 @@ def _engine_state(engine: Any, excluded: list[str], param_groups: list[dict] | N
 def _manifest(engine: Any, tag: str, world: int, has_optimizer: bool) -> dict:
     from flexspeed import __version__
 
-    strategy = getattr(engine, "_strategy", None)
+    strategy = getattr(engine, "zero_strategy", None)
     return {"format": "flexspeed-checkpoint", "format_version": FORMAT_VERSION, "tag": tag,
             "created_unix": time.time(), "flexspeed": __version__, "torch": torch.__version__,
             "world_size": world, "dp_world_size": int(getattr(engine, "dp_world_size", world)),
@@ -388,7 +391,7 @@ class SaveJob:
 
             metadata, mine = _agree_on(rng_and_hashes, f"writing {os.path.join(tmp, rng_name)} or hashing its "
                                        "shards", group=group)
-            gathered = _all_gather(mine, group=group)
+            gathered = all_gather(mine, group=group)
 
             def rank0_part() -> None:
                 for name, data in self.rank0_files.items():
@@ -409,7 +412,7 @@ class SaveJob:
         if rank == 0:
             where = os.path.join(self.save_dir, self.tag)
             ensure_handler().info("saved checkpoint %s (%s, %d rank(s)) in %.1f s", where,
-                                  human_bytes(_dir_bytes(where)), world, time.perf_counter() - self.started)
+                                  human_bytes(dir_bytes(where)), world, time.perf_counter() - self.started)
 
 
 def _clone_tree(tree: Any) -> Any:
@@ -435,7 +438,7 @@ def prepare_save(engine: Any, save_dir: str | os.PathLike, tag: Any = None, clie
 
     wait_for_pending_saves()  # an asynchronous save in flight commits first (and its temporaries are not stale)
     save_dir = validate_dir(save_dir, what="save_dir")
-    rank, world = _rank_world()
+    rank, world = rank_world()
     started = time.perf_counter()
     tag = f"global_step{int(engine.global_steps)}" if tag is None else tag
     excluded = [n for n, p in engine.module.named_parameters() if not p.requires_grad] \
@@ -471,12 +474,12 @@ def prepare_save(engine: Any, save_dir: str | os.PathLike, tag: Any = None, clie
                     "step): the gradients accumulated so far are not saved", tag, engine.micro_steps, gas)
     note(f"save_checkpoint tag {tag}")
     try:
-        model_sd, optim_sd = _agree_on(lambda: _state_dicts(engine, with_optimizer=True,
+        model_sd, optim_sd = _agree_on(lambda: state_dicts(engine, with_optimizer=True,
                                                             exclude_frozen=exclude_frozen_parameters),
                                        "collecting the model and optimizer state")
         tensors: dict[str, Any] = {"model": model_sd}
         if optim_sd is not None:
-            tensors["optim"] = {"state": _tensor_tree(optim_sd["state"])}
+            tensors["optim"] = {"state": tensor_tree(optim_sd["state"])}
         buf = io.BytesIO()
         torch.save(_rng_state(), buf)
         return SaveJob(save_dir=save_dir, tag=tag, nonce=nonce, tmp=tmp, save_latest=save_latest, rank=rank,
@@ -492,7 +495,7 @@ def prepare_save(engine: Any, save_dir: str | os.PathLike, tag: Any = None, clie
         raise
 
 
-def _dir_bytes(path: str) -> int:
+def dir_bytes(path: str) -> int:
     """Bytes of the regular files under ``path`` (links not followed)."""
     total = 0
     for root, _, files in os.walk(path):

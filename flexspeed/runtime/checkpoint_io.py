@@ -169,7 +169,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a checkpoint's metadata")
 
 
-_INLINE_CHECK = 256 << 10  # records below this size are checksummed on the loading thread (see _slice_file)
+INLINE_CHECK_BYTES = 256 << 10  # records below this size are checksummed on the loading thread (see _slice_file)
 
 
 class SafeFileSystemReader(FileSystemReader):
@@ -219,7 +219,7 @@ class SafeFileSystemReader(FileSystemReader):
         file.seek(sinfo.offset)
         data = file.read(sinfo.length)
         path = os.path.join(os.fspath(self.path), sinfo.relative_path)
-        if self._checks is None or sinfo.length < _INLINE_CHECK:
+        if self._checks is None or sinfo.length < INLINE_CHECK_BYTES:
             # not called from read_data, or a small record (a step counter, a bias): checked now, since handing
             # it to the verify thread costs more than its checksum
             self.integrity.verify_slice(path, sinfo.offset, sinfo.length, data)

@@ -23,13 +23,13 @@ from typing import Any
 import torch
 
 from flexspeed.runtime.checkpoint import (
-    _all_gather,
-    _dir_bytes,
-    _fqn_param_groups,
-    _rank_world,
-    _set_rng_state,
-    _state_dicts,
-    _tensor_tree,
+    all_gather,
+    dir_bytes,
+    fqn_param_groups,
+    rank_world,
+    set_rng_state,
+    state_dicts,
+    tensor_tree,
     log,
 )
 from flexspeed.runtime.checkpoint_io import (
@@ -55,8 +55,7 @@ from flexspeed.runtime.checkpoint_verify import (
     validate_engine_state,
     validate_manifest,
 )
-from flexspeed.runtime.zero import warn_once
-from flexspeed.utils.logging import ensure_handler, human_bytes
+from flexspeed.utils.logging import ensure_handler, human_bytes, warn_once
 
 __all__ = ["load_checkpoint"]
 
@@ -97,7 +96,7 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: Any = None, l
     load_dir = os.path.abspath(validate_dir(load_dir, what="load_dir"))
     staged, error = None, None
     try:
-        with engine._strategy.local_optimizer_steps():
+        with engine.zero_strategy.local_optimizer_steps():
             staged = _read(engine, load_dir, tag, strict=load_module_strict, module_only=load_module_only,
                            with_optimizer=bool(load_optimizer_states and not load_module_only
                                                and engine.optimizer is not None))
@@ -111,10 +110,10 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: Any = None, l
         warnings.warn(f"flexspeed: no 'latest' file in {load_dir}, so there is no checkpoint to load; "
                       "returning (None, None). Fix: pass tag=... to load a specific checkpoint", stacklevel=3)
         return None, None
-    with engine._strategy.local_optimizer_steps():
+    with engine.zero_strategy.local_optimizer_steps():
         _apply(engine, staged, module_only=load_module_only, load_lr_scheduler_states=load_lr_scheduler_states)
-    if _rank_world()[0] == 0:
-        ensure_handler().info("loaded checkpoint %s (%s%s) in %.1f s", staged.path, human_bytes(_dir_bytes(staged.path)),
+    if rank_world()[0] == 0:
+        ensure_handler().info("loaded checkpoint %s (%s%s) in %.1f s", staged.path, human_bytes(dir_bytes(staged.path)),
                               ", weights only" if load_module_only else "", time.perf_counter() - started)
     return staged.path, staged.client_state
 
@@ -125,12 +124,12 @@ _ERRORS = {"CheckpointError": CheckpointError, "UnsafeCheckpointError": UnsafeCh
 
 def _agree_or_raise(error: tuple[str, str] | None) -> None:
     """One all-gather of every rank's outcome; any failure raises the same error on every rank."""
-    gathered = _all_gather(error)
+    gathered = all_gather(error)
     failed = [(r, e) for r, e in enumerate(gathered) if e is not None]
     if not failed:
         return
     rank, (kind, message) = failed[0]
-    _, world = _rank_world()
+    _, world = rank_world()
     where = f"on rank {rank} " if world > 1 else ""
     others = f" (also failed on rank(s) {[r for r, _ in failed[1:]]})" if len(failed) > 1 else ""
     text = f"load_checkpoint failed {where}before anything was changed{others}: {message}"
@@ -140,7 +139,7 @@ def _agree_or_raise(error: tuple[str, str] | None) -> None:
 def _read(engine: Any, load_dir: str, tag: Any, *, strict: bool, module_only: bool,
           with_optimizer: bool) -> _Staged | None:
     """This rank's part of the checkpoint, read and verified; the engine is not changed."""
-    rank, _ = _rank_world()
+    rank, _ = rank_world()
     if tag is None:
         tag = read_latest(load_dir)
         if tag is None:
@@ -200,7 +199,7 @@ def _read_tensors(engine: Any, staged: _Staged, integrity: Integrity, *, strict:
     """Model (and optimizer) tensors of this rank's shard into fresh tensors, each record verified."""
     state_dir = os.path.join(staged.path, STATE_DIR)
     metadata = SafeFileSystemReader(state_dir, integrity).read_metadata()
-    model_sd, optim_sd = _state_dicts(engine, with_optimizer=with_optimizer, for_load=True)
+    model_sd, optim_sd = state_dicts(engine, with_optimizer=with_optimizer, for_load=True)
     saved = {k[len("model."):] for k in metadata.state_dict_metadata if k.startswith("model.")}
     _check_model_keys(model_sd, saved - engine.checkpoint_keys_elsewhere(saved),
                       set(staged.meta.get("excluded_model_keys") or ()), strict, staged.path)
@@ -215,14 +214,14 @@ def _read_tensors(engine: Any, staged: _Staged, integrity: Integrity, *, strict:
                                   "restart the optimizer deliberately")
         # parameters with no saved state (never stepped) must end up with none, as in the saving run
         wanted = {fqn: {k: v for k, v in leaves.items() if f"optim.state.{fqn}.{k}" in available}
-                  for fqn, leaves in _tensor_tree(optim_sd["state"]).items()}
+                  for fqn, leaves in tensor_tree(optim_sd["state"]).items()}
         target["optim"] = {"state": _fresh({fqn: leaves for fqn, leaves in wanted.items() if leaves})}
     safe_dcp_load(target, state_dir, what=f"loading the tensors of {staged.path}", no_dist=True,
                   allow_partial_load=True, integrity=integrity)
     staged.model_sd = target["model"]
     if optim_sd is not None:
         staged.optim_sd = _merge_optim(optim_sd, target["optim"]["state"], staged.meta.get("optimizer_param_groups"),
-                                       _fqn_param_groups(engine.module, engine.optimizer))
+                                       fqn_param_groups(engine.module, engine.optimizer))
 
 
 def _apply(engine: Any, staged: _Staged, *, module_only: bool, load_lr_scheduler_states: bool) -> None:
@@ -237,7 +236,7 @@ def _apply(engine: Any, staged: _Staged, *, module_only: bool, load_lr_scheduler
                        optim_state_dict=staged.optim_sd, options=options)
     if not module_only:
         _restore_engine(engine, staged.meta, load_lr_scheduler_states=load_lr_scheduler_states)
-        _set_rng_state(staged.rng)
+        set_rng_state(staged.rng)
 
 
 def _check_model_keys(model_sd: dict, saved: set[str], excluded: set[str], strict: bool, path: str) -> None:
@@ -258,7 +257,7 @@ def _merge_optim(template: dict, loaded_state: dict, saved_groups: list | None, 
     """The optimizer state dict to set: loaded tensors (numbers restored) and the saved hyperparameters.
 
     ``template`` is torch's state dict of the live optimizer; ``saved_groups``/``current_groups``
-    are param groups named by :func:`_fqn_param_groups`, compared to match groups by their members.
+    are param groups named by :func:`fqn_param_groups`, compared to match groups by their members.
     """
     state: dict[str, dict] = {}
     for fqn, leaves in loaded_state.items():

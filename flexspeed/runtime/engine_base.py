@@ -104,6 +104,11 @@ class EngineBase(PassThroughToModule, nn.Module):
         self.monitor = build_monitor(config, rank=self.global_rank, device=device)
         self.autosaver: Any = None  # set by initialize() from the checkpoint section (flexspeed.runtime.autosave)
 
+    @property
+    def zero_strategy(self) -> ZeroStrategy:
+        """The ZeRO strategy wrapping the module (stage, group, notes); checkpointing and export read it."""
+        return self._strategy
+
     # ---- configuration queries (DeepSpeed names) -------------------------------------------------
     @property
     def config(self) -> FlexConfig:

@@ -34,15 +34,15 @@ class DeepSpeedEngineExtras:
         """Compile the wrapped module in place with ``torch.compile`` (DeepSpeed's signature).
 
         ``backend`` wins over a ``backend`` inside ``compile_kwargs`` (as DeepSpeed). A second call is a no-op.
-        DeepCompile's ``schedule`` and compiled autograd are not implemented: passing them raises, naming the
-        argument. The engine stays the object to call; ``engine.module`` is the same module, now compiled.
+        DeepCompile's ``schedule`` and compiled autograd are not implemented: passing them raises ValueError,
+        naming the argument. The engine stays the object to call; ``engine.module`` is the same module, now compiled.
         """
         if schedule is not None:
-            raise NotImplementedError(f"engine.compile(schedule={schedule!r}): DeepCompile schedules are not "
-                                      "implemented by flexspeed. Fix: call engine.compile() without schedule")
+            raise ValueError(f"engine.compile(schedule={schedule!r}): flexspeed has no DeepCompile, so it takes no "
+                             "schedule. Fix: call engine.compile() without schedule (plain torch.compile)")
         if compiled_autograd_enabled:
-            raise NotImplementedError("engine.compile(compiled_autograd_enabled=True) is not implemented by "
-                                      "flexspeed. Fix: leave compiled_autograd_enabled=False")
+            raise ValueError(f"engine.compile(compiled_autograd_enabled={compiled_autograd_enabled!r}): flexspeed "
+                             "does not run compiled autograd. Fix: leave compiled_autograd_enabled=False")
         if compile_kwargs is not None and not isinstance(compile_kwargs, dict):
             raise TypeError(f"engine.compile(compile_kwargs={compile_kwargs!r}) needs a dict of torch.compile "
                             "arguments")

@@ -256,7 +256,7 @@ def save_16bit_model(engine: Any, save_dir: str | os.PathLike, save_filename: st
     if not name or os.path.basename(name) != name or name in (".", ".."):
         raise ValueError(f"save_filename={save_filename!r} must be a plain file name inside save_dir. "
                          "Fix: pass e.g. 'pytorch_model.bin' or 'model.safetensors'")
-    stage = int(getattr(getattr(engine, "_strategy", None), "stage", 0))
+    stage = int(getattr(getattr(engine, "zero_strategy", None), "stage", 0))
     if stage == 3 and not _stage3_gather_allowed(engine):
         warnings.warn("save_16bit_model: nothing saved, because ZeRO stage 3 needs "
                       "zero_optimization.stage3_gather_16bit_weights_on_model_save=true to gather full weights. "

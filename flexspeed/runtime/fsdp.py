@@ -113,7 +113,7 @@ def reshard_plan(block_numels: list[int], root_numel: int, max_live: int, max_re
     return reshard
 
 
-def _dp_mesh(device: torch.device, group: dist.ProcessGroup | None):
+def dp_mesh(device: torch.device, group: dist.ProcessGroup | None):
     """The 1-D data-parallel mesh FSDP2 shards over: ``group``'s, or the world's (from ``ParallelDims``)."""
     from flexspeed.distributed.parallel_dims import ParallelDims, mesh_from_group
 
@@ -151,7 +151,7 @@ class FullyShardedDP(ZeroStrategy):
 
         super().__init__(stage=stage, module=module, model=module, group=group, notes=list(notes or []),
                          grad_accum_dtype=settings.grad_accum_dtype)
-        self.mesh = mesh if mesh is not None else _dp_mesh(device, group)
+        self.mesh = mesh if mesh is not None else dp_mesh(device, group)
         self._world = self.mesh.size()
         self._comm_dtype = settings.comm_dtype
         self._sync = True
@@ -272,30 +272,32 @@ class FullyShardedDP(ZeroStrategy):
         out = []
         for item in params:
             if isinstance(item, dict):
-                out.append({**item, "params": [self._map_one(p) for p in _as_list(item["params"])]})
+                out.append({**item, "params": [self.map_param(p) for p in _as_list(item["params"])]})
             else:
-                out.append(self._map_one(item))
+                out.append(self.map_param(item))
         return out
 
-    def _map_one(self, p: torch.Tensor) -> torch.Tensor:
+    def map_param(self, p: torch.Tensor) -> torch.Tensor:
+        """The sharded parameter that replaced pre-sharding parameter ``p`` (``p`` itself if it is current)."""
         new = self._param_map.get(id(p))
         if new is not None:
             return new
-        if id(p) in self._current_ids():
+        if id(p) in self.param_ids():
             return p
         raise ConfigError(
             f"the optimizer (or model_parameters) holds a tensor of shape {tuple(p.shape)} that is not a parameter "
             "of the model, so ZeRO cannot shard it. Fix: build the optimizer over model.parameters() (or groups of "
             "them)", key="zero_optimization.stage")
 
-    def _current_ids(self) -> set[int]:
+    def param_ids(self) -> set[int]:
+        """``id`` of every parameter the wrapped module holds now."""
         return {id(q) for q in self.module.parameters()}
 
     def build_optimizer(self, client: torch.optim.Optimizer | None, factory: OptimizerFactory | None,
                         allow_untested: bool = False) -> torch.optim.Optimizer | None:
         if client is not None:
             check_shardable(client, self.stage, allow_untested)
-            optimizer = self._repoint(client)
+            optimizer = self.repoint(client)
         elif factory is not None:
             optimizer = factory(list(self.module.parameters()))
             check_shardable(optimizer, self.stage, allow_untested)
@@ -304,7 +306,7 @@ class FullyShardedDP(ZeroStrategy):
         no_foreach_across_kinds(optimizer)
         return optimizer
 
-    def _repoint(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    def repoint(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Re-point ``optimizer`` (made on the pre-sharding parameters) at the sharded ones, in place.
 
         Param groups keep their order and hyperparameters; state tensors shaped like their
@@ -315,7 +317,7 @@ class FullyShardedDP(ZeroStrategy):
         new_state: dict[torch.Tensor, dict] = defaultdict(dict)
         mapped = {}
         for group in optimizer.param_groups:
-            group["params"] = [mapped.setdefault(id(p), self._map_one(p)) for p in group["params"]]
+            group["params"] = [mapped.setdefault(id(p), self.map_param(p)) for p in group["params"]]
         for old, state in optimizer.state.items():
             new = mapped.get(id(old), old)
             for key, value in state.items():
@@ -333,7 +335,7 @@ class FullyShardedDP(ZeroStrategy):
         Between forward and backward (stage 2) the module's attributes are the gathered full
         tensors, so the shards are read from FSDP2's own records rather than ``module.parameters()``.
         """
-        fsdp_params = self._fsdp_params()
+        fsdp_params = self.fsdp_param_records()
         if fsdp_params is None:  # FSDP2 internals moved in a future torch: count what the module shows
             return super().memory_breakdown(optimizer)
         from flexspeed.runtime.zero import tensor_bytes
@@ -350,7 +352,7 @@ class FullyShardedDP(ZeroStrategy):
         return {"parameters": tensor_bytes(shards), "gradients": tensor_bytes(p.grad for p in shards),
                 "optimizer_states": opt_bytes, "gathered_parameters": gathered}
 
-    def _fsdp_params(self) -> list | None:
+    def fsdp_param_records(self) -> list | None:
         """FSDP2's per-parameter records (``FSDPParam``), or None if this torch does not expose them."""
         from torch.distributed.fsdp import FSDPModule
 

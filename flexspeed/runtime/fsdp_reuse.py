@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from flexspeed.runtime.fsdp import FullyShardedDP, _dp_mesh, find_blocks, persistent_params
+from flexspeed.runtime.fsdp import FullyShardedDP, dp_mesh, find_blocks, persistent_params
 from flexspeed.runtime.zero import ZeroSettings, ZeroStrategy
 
 __all__ = ["is_fsdp_sharded", "AdoptedFullyShardedDP"]
@@ -52,7 +52,7 @@ class AdoptedFullyShardedDP(FullyShardedDP):
                               grad_accum_dtype=settings.grad_accum_dtype)
         sharded = [p for p in module.parameters() if isinstance(p, DTensor)]
         # every parameter below the persistence threshold: nothing sharded, a mesh over the same group
-        self.mesh = sharded[0].device_mesh if sharded else _dp_mesh(device, group)
+        self.mesh = sharded[0].device_mesh if sharded else dp_mesh(device, group)
         self._world = self.mesh.size()
         want = dist.get_world_size(group) if dist.is_initialized() else 1
         if self._world != want:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import inspect
 import math
 import re
-import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
 from flexspeed.config.errors import ConfigError, did_you_mean
+from flexspeed.utils.logging import warn_once
 
 __all__ = ["Lamb", "Lion", "FusedAdam", "DeepSpeedCPUAdam", "build_optimizer", "is_supported_for_zero",
            "optimizer_names"]
@@ -36,13 +36,6 @@ _IGNORED = {
     "fp32_optimizer_states": "optimizer states take the dtype of the (fp32 master) parameters",
 }
 _ADAM_EXTRAS = ["adam_w_mode", "torch_adam", "bias_correction", *_IGNORED]
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def _foreach_buckets(params: list[torch.Tensor], foreach: bool | None) -> list[list[int]]:
@@ -373,7 +366,7 @@ def _adam_mode(name: str, params: dict[str, Any]) -> type:
         raise ConfigError("contradicts type 'AdamW' (decoupled weight decay). For L2-style Adam use "
                           "\"type\": \"Adam\" with \"adam_w_mode\": false.", key="optimizer.params.adam_w_mode")
     if params.pop("torch_adam", True) is False:
-        _warn_once("optimizer.params.torch_adam=false is ignored: flexspeed always runs torch.optim's "
+        warn_once("optimizer.params.torch_adam=false is ignored: flexspeed always runs torch.optim's "
                    "Adam/AdamW (set \"fused\": true for the fused kernel).")
     if params.pop("bias_correction", True) is not True:
         raise ConfigError("torch.optim's Adam always applies bias correction; remove bias_correction or "
@@ -447,7 +440,7 @@ def _construct(name: str, cls: type, groups: list[Any], kwargs: dict[str, Any],
     except RuntimeError as err:
         if not kwargs.get("fused") or "fused" not in str(err):
             raise
-        _warn_once(f"optimizer.params.fused=true is ignored: {err}. Running the unfused kernel.")
+        warn_once(f"optimizer.params.fused=true is ignored: {err}. Running the unfused kernel.")
         return cls(groups, **{k: v for k, v in kwargs.items() if k != "fused"})
     except (TypeError, ValueError, KeyError, IndexError) as err:
         # KeyError/IndexError: torch indexes a malformed value, e.g. betas={} or betas=[]
@@ -494,7 +487,7 @@ def build_optimizer(type_name: str, params: Mapping[str, Any] | None,
     for key, why in _IGNORED.items():
         if key in params:
             params.pop(key)
-            _warn_once(f"optimizer.params.{key} is ignored: {why}.")
+            warn_once(f"optimizer.params.{key} is ignored: {why}.")
     if name in ("Adam", "AdamW"):
         cls = _adam_mode(name, params)
         defaults = _signature_defaults(cls)

@@ -24,7 +24,6 @@ micro-step; it does not save memory.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,6 +35,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from flexspeed.config.errors import ConfigError
 from flexspeed.distributed.heartbeat import note
+from flexspeed.utils.logging import warn_once  # re-exported (``__all__``): the engine's notes use it
 
 if TYPE_CHECKING:
     from flexspeed.config.schema import FlexConfig
@@ -48,16 +48,6 @@ OptimizerFactory = Callable[[list], torch.optim.Optimizer]
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _COMM_DTYPES = {**_DTYPES, None: None}
-_warned: set[str] = set()
-
-
-def warn_once(message: str, notes: list[str] | None = None) -> None:
-    """Emit ``message`` as a UserWarning once per process, and record it in ``notes``."""
-    if notes is not None and message not in notes:
-        notes.append(message)
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
@@ -75,11 +65,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _world(group: dist.ProcessGroup | None) -> int:
+def group_size(group: dist.ProcessGroup | None) -> int:
+    """Size of ``group`` (None: the world); 1 when torch.distributed is not initialized."""
     return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
-def _rank(group: dist.ProcessGroup | None) -> int:
+def group_rank(group: dist.ProcessGroup | None) -> int:
+    """This process's rank in ``group`` (None: the world); 0 when torch.distributed is not initialized."""
     return dist.get_rank(group) if dist.is_initialized() else 0
 
 
@@ -100,7 +92,7 @@ def sync_initial_state(module: nn.Module, group: dist.ProcessGroup | None) -> No
     Meta tensors (a model built under ``flexspeed.zero.Init``) are skipped: ``materialize_module``
     fills them from rank 0's random state. Stages 0-1 get the same from DDP's construction.
     """
-    if _world(group) == 1:
+    if group_size(group) == 1:
         return
     from flexspeed.distributed.collectives import broadcast_
 
@@ -292,7 +284,7 @@ class ZeroStrategy:
         """One log line of :meth:`memory_breakdown` in MiB (for ``"memory_breakdown": true``)."""
         mb = self.memory_breakdown(optimizer)
         parts = ", ".join(f"{k}={v / 2**20:.2f}MiB" for k, v in mb.items())
-        return f"[flexspeed] rank {_rank(None)} ZeRO-{self.stage} model states: {parts}"
+        return f"[flexspeed] rank {group_rank(None)} ZeRO-{self.stage} model states: {parts}"
 
     @torch.no_grad()
     def _round_grads(self, dtype: torch.dtype) -> None:
@@ -336,7 +328,7 @@ class DataParallel(ZeroStrategy):
                  comm_dtype: torch.dtype | None = None, predivide: float = 1.0,
                  bucket_cap_mb: float | None = None, find_unused_parameters: bool = False,
                  grad_accum_dtype: torch.dtype | None = None) -> None:
-        if _world(group) > 1:
+        if group_size(group) > 1:
             kwargs = {"bucket_cap_mb": bucket_cap_mb} if bucket_cap_mb else {}
             model = nn.parallel.DistributedDataParallel(
                 module, device_ids=[device.index] if device.type == "cuda" else None, process_group=group,
@@ -388,7 +380,7 @@ class ShardedOptimizerDP(DataParallel):
     def build_optimizer(self, client: torch.optim.Optimizer | None, factory: OptimizerFactory | None,
                         allow_untested: bool = False) -> torch.optim.Optimizer | None:
         optimizer = super().build_optimizer(client, factory, allow_untested)
-        if optimizer is not None and _world(self.group) > 1:
+        if optimizer is not None and group_size(self.group) > 1:
             self._shard(optimizer)
         return optimizer
 
@@ -401,7 +393,7 @@ class ShardedOptimizerDP(DataParallel):
             self._local_steps = False
 
     def _shard(self, optimizer: torch.optim.Optimizer) -> None:
-        world, rank = _world(self.group), _rank(self.group)
+        world, rank = group_size(self.group), group_rank(self.group)
         # frozen parameters get no owner (DeepSpeed partitions trainable ones only), so they do
         # not unbalance the partition or leave a rank owning nothing that is ever stepped
         params = [p for p in _unique_params(optimizer) if p.requires_grad]
@@ -430,7 +422,7 @@ class ShardedOptimizerDP(DataParallel):
         if self._local_steps:
             return
         note("ZeRO-1 broadcast of the updated parameter partitions (after the optimizer step)")
-        rank = _rank(self.group)
+        rank = group_rank(self.group)
         pending = []
         for owner, tensors in self._layout:
             tensors = [_local(t) for t in tensors]  # tensor parallelism: this rank's DTensor shards

@@ -34,7 +34,8 @@ import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from flexspeed.config.errors import ConfigError
-from flexspeed.runtime.zero import ShardedOptimizerDP, ZeroSettings, ZeroStrategy, _rank, _world, sync_initial_state
+from flexspeed.runtime.zero import (ShardedOptimizerDP, ZeroSettings, ZeroStrategy, group_rank, group_size,
+                                    sync_initial_state)
 
 __all__ = ["PartitionedGradientsDP", "sum_comm_hook", "DEFAULT_BUCKET_ELEMENTS"]
 
@@ -161,7 +162,7 @@ class PartitionedGradientsDP(ShardedOptimizerDP):
         gradients of trainable parameters outside the optimizer (the same on every rank) once."""
         from flexspeed.runtime.precision import total_norm
 
-        if _world(self.group) == 1 or not self._owner:
+        if group_size(self.group) == 1 or not self._owner:
             return total_norm([p.grad for p in params if p.grad is not None])
         own = [p.grad for p in params if p.grad is not None and self._owner.get(id(p)) is not None]
         shared = [p.grad for p in params if p.grad is not None and self._owner.get(id(p), -1) is None]
@@ -174,12 +175,12 @@ class PartitionedGradientsDP(ShardedOptimizerDP):
 
     def params_without_grad(self) -> list[str]:
         """Trainable parameters no rank produced a gradient for (a collective over the group at stage 2)."""
-        if _world(self.group) == 1 or not self._owner:
+        if group_size(self.group) == 1 or not self._owner:
             return super().params_without_grad()
-        me = _rank(self.group)
+        me = group_rank(self.group)
         local = [self._names[id(p)] for p in _unique(self.module.parameters())
                  if id(p) in self._owner and self._owner[id(p)] in (me, None) and p.grad is None]
-        gathered: list[Any] = [None] * _world(self.group)
+        gathered: list[Any] = [None] * group_size(self.group)
         dist.all_gather_object(gathered, local, group=self.group)
         return sorted(set().union(*gathered))
 
@@ -282,12 +283,12 @@ class PartitionedGradientsDP(ShardedOptimizerDP):
     def _complete(self, r: _Reduction) -> None:
         """Wait for one reduction; its owner (every rank for an all-reduce) adds it to the partition."""
         r.work.wait()
-        if r.owner is not None and r.owner != _rank(self.group):
+        if r.owner is not None and r.owner != group_rank(self.group):
             return
         flat = r.flat
         if self._average:
             flat = flat.float() if flat.dtype != torch.float32 else flat
-            flat.mul_(self._predivide / _world(self.group))
+            flat.mul_(self._predivide / group_size(self.group))
         *grads, used = _unflatten_dense_tensors(flat, [*r.params, torch.empty(len(r.params))])
         for p, g, n in zip(r.params, grads, used.tolist()):
             if n <= 0:

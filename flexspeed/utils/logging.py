@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 __all__ = ["logger", "log_dist", "print_dist", "ensure_handler", "human_bytes", "LEVEL_ENV"]
 
@@ -92,3 +93,23 @@ def print_dist(message: str, ranks: list[int] | None = None) -> None:
     text = _rank_message(message, ranks)
     if text is not None:
         print(text, flush=True)
+
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str, notes: list[str] | None = None, *, stacklevel: int = 2) -> None:
+    """Emit ``message`` as a UserWarning once per process, and record it in ``notes``.
+
+    ``stacklevel`` counts as ``warnings.warn``'s does, from the caller of this function (2: its caller).
+    """
+    if notes is not None and message not in notes:
+        notes.append(message)
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, UserWarning, stacklevel=stacklevel + 1)
+
+
+def reset_warn_once() -> None:
+    """Forget which messages :func:`warn_once` emitted, so each is emitted again (once): for tests."""
+    _warned.clear()

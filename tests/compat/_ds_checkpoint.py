@@ -12,7 +12,7 @@ Differences from DeepSpeed's helper, all plumbing:
   optimizer (``pass``) is the one that applies;
 - ``sparse_tensor_module_names`` is not compared (flexspeed has no sparse gradients);
 - "the optimizer file is not read when ``load_optimizer_states=False``" watches flexspeed's
-  ``_state_dicts`` (which adds the optimizer to what is read) where DeepSpeed watches
+  ``state_dicts`` (which adds the optimizer to what is read) where DeepSpeed watches
   ``_get_optimizer_ckpt_name``.
 """
 
@@ -151,7 +151,7 @@ def checkpoint_correctness_verification(config_dict, models, hidden_dim, tmpdir,
     loaded_model = create_deepspeed_model(config_dict=config_dict, model=models[1], base_optimizer=base_optimizers[1])
     assert list(trained_model.parameters())[0].dtype == list(loaded_model.parameters())[0].dtype
 
-    with patch.object(flex_checkpoint, "_state_dicts", wraps=flex_checkpoint._state_dicts) as reads:
+    with patch.object(flex_checkpoint, "state_dicts", wraps=flex_checkpoint.state_dicts) as reads:
         loaded_model.load_checkpoint(save_folder, tag=save_tag, load_optimizer_states=load_optimizer_states,
                                      load_lr_scheduler_states=load_lr_scheduler_states,
                                      load_module_only=load_module_only)

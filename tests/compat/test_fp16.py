@@ -149,7 +149,7 @@ class TestFP16OptimizerForMoE:
     @pytest.mark.parametrize("case", ["test_unfused_gradnorm", "test_fused_gradnorm", "test_lamb_gradnorm[False]",
                                       "test_lamb_gradnorm[True]"])
     def test_moe_is_absent(self, case):
-        with pytest.raises(NotImplementedError, match="MoE has no flexspeed counterpart"):
+        with pytest.raises(ValueError, match=r"MoE\(num_experts=2\): MoE has no flexspeed counterpart.*Fix"):
             deepspeed.moe.layer.MoE(hidden_size=10, expert=torch.nn.Linear(10, 10), num_experts=2)
         with pytest.raises(DeepSpeedConfigError, match=r"\[moe\] flexspeed does not implement"):
             deepspeed.initialize(model=SimpleModel(4), config={"train_batch_size": 1, "moe": {"enabled": True}})

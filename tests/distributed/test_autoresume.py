@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from flexspeed.testing import run_ranks
+from flexspeed.testing import run_cli, run_ranks
 
 SCRIPT = Path(__file__).with_name("_autoresume_script.py")
 PIPE_SCRIPT = Path(__file__).with_name("_pipe_autoresume_script.py")
@@ -27,18 +24,9 @@ STEPS = 12
 def _launch(out: Path, kill_step: int, kill_micro: int, stage: int, async_save: bool, script: Path = SCRIPT,
             nproc: int = 2) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-m", "flexspeed", "launch", "--max-restarts", "1", "--nproc-per-node",
-                             str(nproc), str(script), str(out), str(STEPS), str(kill_step), str(kill_micro),
-                             str(stage), "1" if async_save else "0"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        text, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        text, _ = proc.communicate()
-        pytest.fail(f"the job ran past 300 s:\n{text}")
-    assert proc.returncode == 0, text
+    code, text = run_cli("launch", "--max-restarts", "1", "--nproc-per-node", str(nproc), str(script), str(out),
+                         str(STEPS), str(kill_step), str(kill_micro), str(stage), "1" if async_save else "0")
+    assert code == 0, text
     return text
 
 

@@ -201,11 +201,11 @@ def _matrix_group(rank: int, world: int, root: str) -> dict:
     from flexspeed.runtime import checkpoint_io
 
     out = {}
-    inline = checkpoint_io._INLINE_CHECK
+    inline = checkpoint_io.INLINE_CHECK_BYTES
     for stage in (2, 3):
         # these small records are checked on the loading thread; at stage 3 every record goes to the verify
         # thread instead (what large records do), so the matrix covers both paths
-        checkpoint_io._INLINE_CHECK = inline if stage == 2 else 0
+        checkpoint_io.INLINE_CHECK_BYTES = inline if stage == 2 else 0
         engine, loader = build(world, stage, zero_optimization={"stage": stage,
                                                                "stage3_param_persistence_threshold": 0})
         it = iter(loader)

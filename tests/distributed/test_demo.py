@@ -6,29 +6,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 
-import pytest
+from flexspeed.testing import run_cli
 
 STEPS = 300  # ~35% exact match with the default seed; 600 (the default) gives ~99%
 
 
 def test_demo_learns_addition(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.Popen([sys.executable, "-m", "flexspeed", "demo", "--steps", str(STEPS), "--out", str(out),
-                             "--timeout", "240"], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"flexspeed demo ran past 300s:\n{log}")
-    assert proc.returncode == 0, log
+    code, log = run_cli("demo", "--steps", str(STEPS), "--out", str(out), "--timeout", "240", timeout=300)
+    assert code == 0, log
     m = re.search(r"\[demo\] accuracy: (\d+)/(\d+) = ([\d.]+)% exact match on held-out questions \(chance: 0\.1%\)",
                   log)
     assert m, log

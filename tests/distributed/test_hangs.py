@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
-import subprocess
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -17,7 +14,7 @@ import pytest
 
 from flexspeed.config.errors import ConfigError
 from flexspeed.distributed.timeout import DEFAULT_TIMEOUT, config_timeout, resolve_timeout
-from flexspeed.testing import RanksFailed, run_ranks
+from flexspeed.testing import run_cli, run_ranks
 
 SCRIPT = Path(__file__).with_name("_hang_script.py")
 ACTIVITY_SCRIPT = Path(__file__).with_name("_activity_hang_script.py")
@@ -51,19 +48,11 @@ def test_config_key_validated():
 
 
 def _launch_hang(tmp_path: Path, mode: str, script: Path = SCRIPT) -> tuple[str, float, float]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-m", "flexspeed", "launch", "--nproc-per-node", "2", str(script), mode,
-                             str(TIMEOUT_S), str(tmp_path)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"the job with a {mode}ped rank ran past 180 s:\n{out}")
+    code, out = run_cli("launch", "--nproc-per-node", "2", str(script), mode, str(TIMEOUT_S), str(tmp_path),
+                        timeout=180)
     ended = time.time()
     stopped = float((tmp_path / "stopped_at").read_text())
-    assert proc.returncode != 0, out
+    assert code != 0, out
     return out, stopped, ended
 
 

@@ -5,16 +5,14 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
-from flexspeed.testing import free_port
+from flexspeed.testing import RanksFailed, free_port, start_cli, wait_cli
 
 # Each worker reports what it saw; every process group it joins has a timeout.
 WORKER = textwrap.dedent('''
@@ -48,19 +46,11 @@ def _script(tmp_path: Path, declares_local_rank: bool = False) -> Path:
 
 
 def _launch(*argv: str, env: dict | None = None) -> subprocess.Popen:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "flexspeed", "launch", *argv], env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return start_cli("launch", *argv, env=env)
 
 
-def _wait(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers
-        out, _ = proc.communicate()
-        pytest.fail(f"flexspeed launch ran past {timeout}s:\n{out}")
-    return proc.returncode, out
+def _wait(proc: subprocess.Popen) -> tuple[int, str]:
+    return wait_cli(proc, timeout=120)
 
 
 def _reports(out_dir: Path, n: int) -> list[dict]:
@@ -108,3 +98,28 @@ def test_failure_without_restarts_is_reported(tmp_path):
     code, out = _wait(_launch("--nproc-per-node", "2", str(script), str(tmp_path),
                               env={"DIE_ON_FIRST_ATTEMPT": "1"}))
     assert code != 0 and "worker failed" in out, out
+
+
+def test_wait_cli_kills_the_launcher_and_its_workers_past_the_timeout(tmp_path):
+    script = tmp_path / "sleeper.py"
+    script.write_text("import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(600)\n")
+    pid_file = tmp_path / "pid"
+    proc = start_cli("launch", "--nproc-per-node", "1", str(script), str(pid_file))
+    deadline = time.monotonic() + 120
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.2)
+    worker = int(pid_file.read_text())
+    with pytest.raises(RanksFailed, match=r"launch --nproc-per-node 1 .* ran past 1 s"):
+        wait_cli(proc, timeout=1)
+    assert proc.returncode is not None  # the launcher is gone ...
+    for _ in range(50):  # ... and so is its worker (or it is a zombie waiting for init to reap it)
+        try:
+            state = Path(f"/proc/{worker}/stat").read_text().split(")")[-1].split()[0]
+        except FileNotFoundError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"worker {worker} still running (state {state})")

@@ -90,7 +90,7 @@ def case(zero: int, precision: str = "fp32") -> dict:
     params = list(engine.module.parameters())
     return {"losses": losses, "state": engine.module.to_sequential_state_dict(), "norm": engine.get_global_grad_norm(),
             "dims": (engine.parallel_dims.dp, engine.parallel_dims.pp, engine.parallel_dims.tp),
-            "dtensors": sum(hasattr(p, "to_local") for p in params), "notes": list(engine._strategy.notes)}
+            "dtensors": sum(hasattr(p, "to_local") for p in params), "notes": list(engine.zero_strategy.notes)}
 
 
 def grid4(rank: int, world: int) -> dict | None:

@@ -40,7 +40,7 @@ def _case(kind: str, schedule: str, virtual: int, zero: int, precision: str = "f
     return {"losses": losses, "state": engine.module.to_sequential_state_dict(),
             "sharded": sum(hasattr(p, "to_local") for p in params), "params": len(params),
             "opt_states": len(engine.optimizer.state), "stage": engine.zero_optimization_stage(),
-            "norm": engine.get_global_grad_norm(), "dp": engine.dp_world_size, "wrapped": engine._strategy.describe(),
+            "norm": engine.get_global_grad_norm(), "dp": engine.dp_world_size, "wrapped": engine.zero_strategy.describe(),
             "memory": engine.memory_breakdown()}
 
 

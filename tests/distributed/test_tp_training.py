@@ -171,7 +171,7 @@ def _run_case(name: str, stage: int, tp: int, precision: str, *rest: str) -> dic
     assert any(is_model_parallel_parameter(p) for p in engine.module.parameters())
     losses = train(engine, loader)
     return {"losses": losses, "state": full_state(engine) if precision == "fp32" else None,
-            "notes": [n for n in engine._strategy.notes if "tensor parallelism" in n]}
+            "notes": [n for n in engine.zero_strategy.notes if "tensor parallelism" in n]}
 
 
 def _grid(rank: int, world: int, cases: list) -> dict:

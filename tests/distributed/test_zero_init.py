@@ -101,7 +101,7 @@ def _gpt_under_init(rank: int, world: int) -> dict:
     import flexspeed
     from flexspeed.models import GPT
 
-    with flexspeed.zero.Init(seed=3, param_init_fn=GPT._init_weights):
+    with flexspeed.zero.Init(seed=3, param_init_fn=GPT.init_weights):
         model = make_model()
     cfg = zero_config(stage=3, precision="fp32", gas=1, micro=4, world=world)
     cfg["gradient_clipping"] = 0.5

@@ -104,7 +104,7 @@ def test_provided_names_resolve_and_refused_ones_say_the_fix(tmp_path):
     out = _run_walk(tmp_path)
     assert out["missing"] == []
     tp = out["refused"]["deepspeed.tp_model_init"]
-    assert tp.startswith("NotImplementedError") and "tensor_parallel.autotp_size" in tp and "Fix" in tp
+    assert tp.startswith("ConfigError: [tensor_parallel.autotp_size] tensor_parallel.autotp_size=") and "Fix" in tp
     sp = out["refused"]["deepspeed.runtime.sequence_parallel.ulysses_sp"]
     assert sp.startswith("ModuleNotFoundError") and "--as-deepspeed" in sp and "Fix" in sp
     assert "offload_param.device" in out["nvme"] and "Fix" in out["nvme"]

@@ -171,9 +171,9 @@ def test_profile_logs_forward_and_recompute(caplog):
 
 
 def test_no_effect_settings_are_said_once():
-    from flexspeed.runtime import zero
+    from flexspeed.utils.logging import reset_warn_once
 
-    zero._warned.clear()
+    reset_warn_once()
     with pytest.warns(UserWarning, match="partition_activations=true has no effect"):
         ck.configure(None, partition_activations=True)
     with pytest.warns(UserWarning, match="number_checkpoints=4 has no effect"):

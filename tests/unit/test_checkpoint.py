@@ -342,7 +342,7 @@ def test_save_16bit_model_single_process(saved, tmp_path):
 
 
 def test_save_16bit_model_stage3_needs_the_gather_flag(tmp_path):
-    stub = SimpleNamespace(_strategy=SimpleNamespace(stage=3),
+    stub = SimpleNamespace(zero_strategy=SimpleNamespace(stage=3),
                            config=SimpleNamespace(zero_optimization=SimpleNamespace(
                                stage3_gather_16bit_weights_on_model_save=False)))
     with warnings.catch_warnings(record=True) as caught:

@@ -186,8 +186,10 @@ def test_accelerator_cpu(monkeypatch):
     assert acc.total_memory() > acc.available_memory() > 0
     acc.synchronize()
     acc.empty_cache()
-    with pytest.raises(NotImplementedError, match="native ops"):
+    with pytest.raises(ValueError, match=r"create_op_builder\(class_name='FusedAdamBuilder'\).*native ops.*Fix"):
         acc.create_op_builder("FusedAdamBuilder")
+    with pytest.raises(ValueError, match=r"class_name='CPUAdamBuilder'"):
+        acc.get_op_builder("CPUAdamBuilder")
     with pytest.raises(TypeError):
         set_accelerator(object())
     monkeypatch.setattr(acc_mod, "_current", None)

@@ -8,8 +8,8 @@ import json
 import warnings
 
 from flexspeed.cli.main import main
-from flexspeed.config import resolve as resolve_mod
 from flexspeed.config.resolve import resolve_config
+from flexspeed.utils.logging import reset_warn_once
 
 HF = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1,
       "bf16": {"enabled": "auto"}, "gradient_clipping": "auto",
@@ -18,8 +18,8 @@ HF = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gra
                                                    "warmup_num_steps": 10}}}
 
 
-def test_defaulted_auto_values_are_named_once(monkeypatch) -> None:
-    monkeypatch.setattr(resolve_mod, "_WARNED", set())
+def test_defaulted_auto_values_are_named_once() -> None:
+    reset_warn_once()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cfg = resolve_config(HF, world_size=2, dataloader_batch_size=4)
@@ -33,16 +33,16 @@ def test_defaulted_auto_values_are_named_once(monkeypatch) -> None:
     assert cfg.scheduler.params["warmup_max_lr"] == 0.001
 
 
-def test_no_warning_without_auto(monkeypatch) -> None:
-    monkeypatch.setattr(resolve_mod, "_WARNED", set())
+def test_no_warning_without_auto() -> None:
+    reset_warn_once()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         resolve_config({"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}, world_size=2)
     assert not [w for w in caught if '"auto"' in str(w.message)]
 
 
-def test_check_config_reports_it(tmp_path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(resolve_mod, "_WARNED", set())
+def test_check_config_reports_it(tmp_path, capsys) -> None:
+    reset_warn_once()
     path = tmp_path / "hf.json"
     path.write_text(json.dumps(HF))
     assert main(["check-config", str(path), "--world-size", "2", "--batch-size", "4", "--json"]) == 0

@@ -191,7 +191,7 @@ def test_second_initialize_adopts_or_refuses_a_stage3_sharded_model():
     first.backward(_loss(first, 1))
     first.step()
     second, opt, *_ = flexspeed.initialize(model=model, config=_cfg(zero_optimization=z3))
-    assert second.module is model and "adopted" in " ".join(second._strategy.notes)
+    assert second.module is model and "adopted" in " ".join(second.zero_strategy.notes)
     w0 = model[0].weight.full_tensor().clone()
     for seed in (2, 3):
         second.backward(_loss(second, seed))

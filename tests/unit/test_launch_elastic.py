@@ -7,14 +7,14 @@ import argparse
 
 import pytest
 
-from flexspeed.cli.launch import _nnodes, _plan, torchrun_argv
+from flexspeed.cli.launch import parse_nnodes, make_plan, torchrun_argv
 
 
 def test_nnodes_values():
-    assert _nnodes("2") == 2 and _nnodes("1:4") == "1:4" and _nnodes("3:3") == 3
+    assert parse_nnodes("2") == 2 and parse_nnodes("1:4") == "1:4" and parse_nnodes("3:3") == 3
     for bad in ("0", "4:1", "a", "1:b", "0:2"):
         with pytest.raises(argparse.ArgumentTypeError):
-            _nnodes(bad)
+            parse_nnodes(bad)
 
 
 def test_min_max_uses_c10d_rendezvous():
@@ -31,8 +31,8 @@ def _args(**kw):
 
 def test_plan_checks():
     with pytest.raises(ValueError, match="--master-addr"):
-        _plan(_args(nnodes="1:2"))
-    plan = _plan(_args(nnodes="1:2", master_addr="10.0.0.1", node_rank=1))
+        make_plan(_args(nnodes="1:2"))
+    plan = make_plan(_args(nnodes="1:2", master_addr="10.0.0.1", node_rank=1))
     assert plan.nnodes == "1:2" and plan.node_rank == 1
     with pytest.raises(ValueError, match="hostfile"):
-        _plan(_args(nnodes="1:2", include="localhost:0"))
+        make_plan(_args(nnodes="1:2", include="localhost:0"))

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from flexspeed.config.errors import ConfigError
-from flexspeed.runtime import optimizers as opt_mod
 from flexspeed.runtime.optimizers import Lamb, Lion, build_optimizer, is_supported_for_zero, optimizer_names
+from flexspeed.utils.logging import reset_warn_once
 
 
 def _params(seed: int = 0, dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
@@ -26,8 +26,10 @@ def _grads(params, step: int) -> list[torch.Tensor]:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_warnings(monkeypatch):
-    monkeypatch.setattr(opt_mod, "_warned", set())
+def _fresh_warnings():
+    reset_warn_once()
+    yield
+    reset_warn_once()
 
 
 # -- names, classes, hyperparameters ---------------------------------------------------------------

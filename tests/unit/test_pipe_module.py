@@ -142,17 +142,17 @@ def _cfg(flops_profiler: bool = False, **pipe):
 
 
 def test_engine_config_reconciliation():
-    from flexspeed.pipe.engine import _apply_config
+    from flexspeed.pipe.engine import apply_config
 
     with pytest.raises(ConfigError, match=r"\[flops_profiler.enabled\].*PipelineModule"):
-        _apply_config(PipelineModule(specs(), num_stages=1), _cfg(flops_profiler=True))
+        apply_config(PipelineModule(specs(), num_stages=1), _cfg(flops_profiler=True))
     with pytest.raises(ConfigError, match=r"\[pipeline.stages\].*stages=2.*num_stages=1"):
-        _apply_config(PipelineModule(specs(), num_stages=1), _cfg(stages=2))
+        apply_config(PipelineModule(specs(), num_stages=1), _cfg(stages=2))
     with pytest.raises(ConfigError, match=r"\[gradient_accumulation_steps\]"):
-        _apply_config(PipelineModule(specs(), num_stages=8), _cfg())
+        apply_config(PipelineModule(specs(), num_stages=8), _cfg())
     module = PipelineModule(specs(), num_stages=1)
-    _apply_config(module, _cfg(partition_method="uniform", activation_checkpoint_interval=2))
+    apply_config(module, _cfg(partition_method="uniform", activation_checkpoint_interval=2))
     assert module.partition_method == "uniform" and module.activation_checkpoint_interval == 2
     with pytest.raises(ConfigError, match=r"\[pipeline.partition_method\]"):
-        _apply_config(PipelineModule(specs(), num_stages=1, partition_method="type:Linear"),
+        apply_config(PipelineModule(specs(), num_stages=1, partition_method="type:Linear"),
                       _cfg(partition_method="uniform"))

@@ -15,7 +15,10 @@ from types import ModuleType
 from typing import Any
 
 import flexspeed
-from flexspeed.integrations.identity import DEEPSPEED_BASE_VERSION, _target, distribution_version
+from flexspeed.config.errors import ConfigError
+# a module alias, private so that ``dir(deepspeed)`` shows DeepSpeed's names only
+from flexspeed.integrations import identity as _identity
+from flexspeed.integrations.identity import DEEPSPEED_BASE_VERSION, distribution_version
 
 __version__ = distribution_version()
 __version_major__, __version_minor__, __version_patch__ = (int(x) for x in DEEPSPEED_BASE_VERSION.split("."))
@@ -25,10 +28,10 @@ __git_branch__ = "unknown"
 
 def tp_model_init(model: Any, tp_size: int, dtype: Any, config: Any = None, **kwargs: Any) -> Any:
     """DeepSpeed's AutoTP for training: not available in flexspeed (a clear error at start)."""
-    raise NotImplementedError(
+    raise ConfigError(
         f"tensor_parallel.autotp_size={tp_size}: DeepSpeed's training-time AutoTP (deepspeed.tp_model_init) is not "
         "implemented by flexspeed. Fix: remove 'tensor_parallel.autotp_size' from the DeepSpeed config (use ZeRO "
-        "stage 2/3 for memory), or run with DeepSpeed itself")
+        "stage 2/3 for memory), or run with DeepSpeed itself", key="tensor_parallel.autotp_size")
 
 
 def __getattr__(name: str) -> Any:
@@ -43,7 +46,7 @@ def __getattr__(name: str) -> Any:
     except AttributeError:
         value = None
     if value is None or isinstance(value, ModuleType):
-        real = _target(f"deepspeed.{name}")
+        real = _identity.alias_target(f"deepspeed.{name}")
         if real is not None:
             return importlib.import_module(real)
     if value is None:

@@ -97,7 +97,6 @@ class CheckpointingSettings:
 _settings = CheckpointingSettings()
 _configured_by: str | None = None  # None, "user" (configure()) or "initialize"
 mpu: Any = None
-_warned: set[str] = set()
 
 # DeepSpeed's module globals, read-only views of the settings (``checkpointing.CPU_CHECKPOINT``)
 _GLOBALS = {"PARTITION_ACTIVATIONS": "partition_activations", "CPU_CHECKPOINT": "cpu_checkpointing",
@@ -121,7 +120,7 @@ def settings() -> CheckpointingSettings:
 
 
 def _note_once(message: str) -> None:
-    from flexspeed.runtime.zero import warn_once
+    from flexspeed.utils.logging import warn_once
 
     warn_once(message)
 

@@ -10,13 +10,13 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-from flexspeed.integrations.identity import _target
+from flexspeed.integrations import identity as _identity  # a private alias: keeps the namespace DeepSpeed's
 
 
 def __getattr__(name: str) -> Any:
     if name.startswith("__"):
         raise AttributeError(name)
-    real = _target(f"deepspeed.runtime.{name}")
+    real = _identity.alias_target(f"deepspeed.runtime.{name}")
     if real is not None:
         return importlib.import_module(real)
     import flexspeed.runtime
