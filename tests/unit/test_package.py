@@ -79,3 +79,35 @@ def test_report_json():
                          check=True)
     info = json.loads(out.stdout)
     assert info["backends"]["gloo"] is True and info["torch"].startswith("2.")
+
+
+def _package_sources():
+    import pathlib
+
+    import flexspeed
+
+    root = pathlib.Path(flexspeed.__file__).parent
+    return root, sorted(root.rglob("*.py"))
+
+
+def test_no_private_name_imported_across_flexspeed_modules():
+    """One concept, one owner: a name another module needs is public in its home module (DESIGN.md section 6).
+    Third-party private names (torch, lightning) are outside this rule."""
+    import ast
+
+    root, files = _package_sources()
+    found = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("flexspeed")):
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                if private:
+                    found.append(f"{path.relative_to(root)}:{node.lineno} imports {private} from "
+                                 f"{'.' * node.level}{node.module or ''}")
+    assert not found, "\n".join(found)
+
+
+def test_no_library_file_over_600_lines():
+    root, files = _package_sources()
+    long = {str(p.relative_to(root)): n for p in files if (n := len(p.read_text().splitlines())) > 600}
+    assert not long, f"split these by concern: {long}"
