@@ -54,7 +54,8 @@ def _run(rank: int, world: int, zero: dict, precision: str) -> dict:
         losses.append(float(loss))
         if len(losses) == 6:
             break
-    return {"reshard": list(strategy.reshard), "gathered": gathered, "units": len(strategy.units), "peak_gathered": peak_gathered,
+    return {"reshard": list(strategy.reshard), "gathered": gathered, "units": len(strategy.units),
+            "fused": [(g["fused"], g["foreach"]) for g in engine.optimizer.param_groups], "peak_gathered": peak_gathered,
             "losses": losses, "state": full_state(engine.module), "notes": list(strategy.notes)}
 
 
@@ -69,6 +70,7 @@ def _all(rank: int, world: int) -> dict:
         "last_only": {**per_block, "stage3_max_reuse_distance": 2 * (blocks[1] + root)},
         "pair": {"reduce_bucket_size": sum(blocks)},  # both blocks one unit, the root's parameters apart
         "one_unit": {},  # DeepSpeed's bucket sizes (5e8, 5e7): the whole model is the root's unit
+        "nothing_whole": {"stage3_param_persistence_threshold": 0},  # only DTensor shards in the group
     }
     out = {name: _run(rank, world, zero, "fp32") for name, zero in settings.items()}
     out["bf16_default"] = _run(rank, world, per_block, "bf16")
@@ -99,6 +101,11 @@ def test_bucket_and_live_knobs_choose_units_and_which_stay_gathered():
     assert r["default"]["peak_gathered"] >= 4 * sum(blocks)  # fp32 blocks kept whole
     assert r["no_live"]["peak_gathered"] <= 4 * root  # only the root (FSDP2 keeps it into backward)
     assert r["bf16_no_live"]["peak_gathered"] < r["bf16_default"]["peak_gathered"]
+    # AdamW over DTensor shards only runs torch's fused kernel; a group mixing whole parameters keeps
+    # the per-tensor path (foreach refuses mixed lists); both are the same update
+    assert r["nothing_whole"]["fused"] == [(True, False)], r["nothing_whole"]["fused"]
+    assert r["default"]["fused"] == [(None, False)], r["default"]["fused"]
+    torch.testing.assert_close(r["nothing_whole"]["losses"], r["default"]["losses"], rtol=1e-5, atol=1e-6)
     # neither the grouping nor when parameters are gathered changes the numbers
     for ref, names in (("default", ("no_live", "no_reuse", "last_only", "pair", "one_unit")),
                        ("bf16_default", ("bf16_no_live", "bf16_one_unit"))):
