@@ -27,7 +27,9 @@ optimizer steps interleaved (A B B A ...), so load from other processes hits bot
   per micro-step).
 
 Stage-3 runs reduce-scatter gradients on every micro-step in both columns (flexspeed's choice: a full
-gradient never outlives one block's backward). The metric is CPU-seconds per sample, summed over
+gradient never outlives one unit's backward). The raw column keeps ``torch.optim.AdamW``'s default
+(multi-tensor) path; flexspeed runs the fused kernel on DTensor shards (docs/zero.md, "The
+optimizer step at stage 3"). The metric is CPU-seconds per sample, summed over
 both ranks (``time.process_time`` of each rank process, so gloo's threads count too), from the
 median step; ``ratio`` = raw / flexspeed (>= 0.95 is the target). A measured DeepSpeed column
 (same API, same config, interleaved with the other two) appears if ``import deepspeed`` works,

@@ -17,8 +17,8 @@
   here, once per accumulation boundary.
 
 Gradients are reduce-scattered on every micro-step and accumulated as fp32 shards (DeepSpeed's
-behaviour: a full gradient never outlives one block's backward). ``communication_data_type``
-maps to ``MixedPrecisionPolicy(reduce_dtype=...)``: the wire format only, the result is cast
+behaviour: a full gradient never outlives one unit's backward, a unit being at most a reduce
+bucket). ``communication_data_type`` maps to ``MixedPrecisionPolicy(reduce_dtype=...)``: the wire format only, the result is cast
 back to fp32 before it is accumulated. In bf16/fp16 runs ``param_dtype`` is the 16-bit type: the
 all-gathers move half the bytes and the blocks compute on 16-bit weights (as DeepSpeed's bf16 runs
 do), while the sharded master weights and optimizer state stay fp32; unset, ``communication_data_type``
