@@ -2,6 +2,12 @@
 
 Prints the resolved batch triad, ZeRO stage, precision, optimizer and scheduler (a JSON object
 with ``--json``). An invalid config prints the error (no traceback) and exits with status 1.
+
+The world is split as ``initialize()`` splits it: ``dp x pp x tp`` through
+:class:`~flexspeed.distributed.parallel_dims.ParallelDims` (``pp`` from ``--pipeline-stages`` or an
+integer ``pipeline.stages``, ``tp`` from ``tensor_parallel.autotp_size``), so a world size the
+degrees do not divide is the same ConfigError as at runtime, and the batch triad is counted over
+the data-parallel size ``world / (pp x tp)``.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from flexspeed.config.schema import FlexConfig
 
-__all__ = ["add_parser", "run", "summarize"]
+__all__ = ["add_parser", "run", "summarize", "resolve_dims"]
 
 
 def add_parser(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -23,7 +29,9 @@ def add_parser(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentP
     parser = subparsers.add_parser(name, help=help_text, description=help_text)
     parser.add_argument("config", metavar="FILE", help="ds_config.json (JSON or HJSON) or base64-encoded JSON")
     parser.add_argument("--world-size", type=int, default=None, metavar="N",
-                        help="data-parallel world size to resolve the batch triad for (default 1)")
+                        help="number of processes to validate for (default: one model replica, pp x tp)")
+    parser.add_argument("--pipeline-stages", type=int, default=None, metavar="P",
+                        help="the PipelineModule's num_stages (default: pipeline.stages when an integer, else 1)")
     parser.add_argument("--batch-size", type=int, default=None, metavar="B",
                         help='data-loader batch size, fills train_micro_batch_size_per_gpu: "auto"')
     parser.add_argument("--hidden-size", type=int, default=None, metavar="H",
@@ -53,26 +61,54 @@ def summarize(cfg: FlexConfig) -> dict[str, Any]:
     }
 
 
+def resolve_dims(raw: dict, world_size: int | None, pipeline_stages: int | None = None) -> Any:
+    """The validated ``ParallelDims`` ``initialize()`` would build for config ``raw`` on ``world_size`` ranks.
+
+    Args:
+        raw: the loaded config dict.
+        world_size: ``--world-size`` (None: one model replica, ``pp x tp`` ranks).
+        pipeline_stages: ``--pipeline-stages`` (None: an integer ``pipeline.stages``, else 1).
+
+    Raises:
+        ConfigError: a degree that does not divide the world size (as at runtime: ``resolve_tp``, then
+            ``ParallelDims.from_world``), or a non-positive ``--pipeline-stages``.
+    """
+    from flexspeed.config import ConfigError
+    from flexspeed.distributed.parallel_dims import ParallelDims
+    from flexspeed.distributed.tensor_parallel import resolve_tp
+
+    stages = (raw.get("pipeline") or {}).get("stages", "auto")
+    if pipeline_stages is not None:
+        pp, pp_source = pipeline_stages, f"--pipeline-stages {pipeline_stages}"
+        if isinstance(stages, int) and not isinstance(stages, bool) and stages != pp:
+            raise ConfigError(f"pipeline.stages={stages} but --pipeline-stages {pp}. Fix: make them equal, or set "
+                              'pipeline.stages to "auto"', key="pipeline.stages")
+    elif isinstance(stages, int) and not isinstance(stages, bool):
+        pp, pp_source = stages, f"pipeline.stages={stages}"
+    else:
+        pp, pp_source = 1, "no pipeline (1); pass --pipeline-stages P for a PipelineModule"
+    tp = resolve_tp(raw, None, world_size or 0)[0]
+    tp_source = f"tensor_parallel.autotp_size={tp}" if tp > 1 else "no tensor parallelism (1)"
+    if world_size is None:
+        return ParallelDims.from_world(pp * tp if pp > 0 else 1, pp=pp, tp=tp, pp_source=pp_source,
+                                       tp_source=tp_source, world_source="default: one model replica, pp x tp; "
+                                       "pass --world-size N")
+    return ParallelDims.from_world(world_size, pp=pp, tp=tp, world_source=f"--world-size {world_size}",
+                                   pp_source=pp_source, tp_source=tp_source)
+
+
 def run(args: argparse.Namespace) -> int:
     """Validate ``args.config``; print the summary; return 0 if valid, 1 if not."""
-    from flexspeed.config import ConfigError, build_config
+    from flexspeed.config import ConfigError, build_config, load_config
 
-    if args.world_size is None:
-        world_size, source = 1, "default; pass --world-size N"
-    else:
-        world_size, source = args.world_size, f"--world-size {args.world_size}"
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            from flexspeed.config import load_config
-            from flexspeed.distributed.tensor_parallel import resolve_tp
-
             raw = load_config(config=args.config)
-            tp = resolve_tp(raw, None, world_size if args.world_size is not None else 0)[0]
-            if tp > 1 and args.world_size is None:
-                world_size, source = tp, "default: one tensor-parallel group; pass --world-size N"
-            if tp > 1:  # the batch triad is over world / autotp_size
-                world_size, source = world_size // tp, f"{source} / tensor_parallel.autotp_size {tp}"
+            dims = resolve_dims(raw, args.world_size, args.pipeline_stages)
+            source = f"{dims.source('world')}" + (f" / (pp {dims.pp} x tp {dims.tp}) = data-parallel size"
+                                                  if dims.pp * dims.tp > 1 else "")
+            world_size = dims.dp
             cfg = build_config(raw, world_size=world_size, world_size_source=source,
                                dataloader_batch_size=args.batch_size, hidden_size=args.hidden_size)
     except ConfigError as exc:
@@ -85,9 +121,11 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(cfg)
     if args.json:
         print(json.dumps({"ok": True, "config": args.config, "world_size": world_size,
-                          "world_size_source": source, **summary, "warnings": notes}))
+                          "world_size_source": source, "dp": dims.dp, "pp": dims.pp, "tp": dims.tp, **summary,
+                          "warnings": notes}))
         return 0
     print(f"{args.config}: OK (world size {world_size}, {source})")
+    print(f"  {'parallelism':<32} {dims.describe()}")
     for key, value in summary.items():
         if isinstance(value, dict):
             params = ", ".join(f"{k}={json.dumps(v)}" for k, v in value["params"].items())

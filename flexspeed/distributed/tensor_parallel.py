@@ -3,7 +3,7 @@
 ``apply_tensor_parallel(model, tp_mesh, plan=None)`` shards a model's transformer blocks over
 the ranks of ``tp_mesh`` with PyTorch's DTensor parallel styles. Without a plan, one is derived
 from the module tree by the same discovery inference TP uses
-(:func:`flexspeed.inference.tp.plan_tensor_parallel`: layer names, head counts, fused widths),
+(:func:`flexspeed.distributed.tp_discovery.plan_tensor_parallel`: layer names, head counts, fused widths),
 mapped to styles:
 
 - a column layer (``q_proj k_proj v_proj gate_proj up_proj fc1 c_fc ...``) ->
@@ -49,22 +49,23 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_modul
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from flexspeed.config.errors import ConfigError, did_you_mean
-from flexspeed.inference.tp import (
-    _QKV_NAMES,
+from flexspeed.distributed.tp_discovery import (
+    QKV_NAMES,
     Placement,
     TensorParallelPlan,
-    _attention_shard,
-    _features,
-    _is_conv1d,
-    _pieces,
+    attention_shard,
+    fused_pieces,
+    is_conv1d,
     is_linear,
+    linear_features,
     localize_attention,
     plan_tensor_parallel,
 )
-from flexspeed.runtime.zero import ShardedOptimizerDP, ZeroSettings, ZeroStrategy, _check_offload
+from flexspeed.runtime.zero import ShardedOptimizerDP, ZeroSettings, ZeroStrategy, check_offload
 
-__all__ = ["TrainingTPPlan", "PackedColwise", "derive_tp_plan", "apply_tensor_parallel", "TensorParallelDP",
-           "setup_tensor_parallel", "tp_model_init", "resolve_tp"]
+__all__ = ["TrainingTPPlan", "PackedColwise", "derive_tp_plan", "validate_tp_plan", "apply_tensor_parallel",
+           "TensorParallelDP", "setup_tensor_parallel", "tp_model_init", "resolve_tp", "check_tp_dtype", "remap_params",
+           "build_dp_tp_mesh"]
 
 _KEY = "tensor_parallel.autotp_size"
 _PLAN_HINT = ("Fix: choose a tensor_parallel.autotp_size that divides it, or give your own plan with "
@@ -97,7 +98,7 @@ class _ColwiseAny(ColwiseParallel):
     """``ColwiseParallel`` that also takes an HF ``Conv1D`` (weight ``(in, out)``: shard dim 1)."""
 
     def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
-        if not _is_conv1d(module):
+        if not is_conv1d(module):
             return super()._apply(module, device_mesh)
         return distribute_module(module, device_mesh, partial(_partition, {"weight": Shard(1), "bias": Shard(0)},
                                                               self.src_data_rank),
@@ -109,7 +110,7 @@ class _RowwiseAny(RowwiseParallel):
     """``RowwiseParallel`` that also takes an HF ``Conv1D`` (weight ``(in, out)``: shard dim 0)."""
 
     def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
-        if not _is_conv1d(module):
+        if not is_conv1d(module):
             return super()._apply(module, device_mesh)
         self.desired_input_layouts = (Shard(-1),)
         return distribute_module(module, device_mesh, partial(_partition, {"weight": Shard(0), "bias": Replicate()},
@@ -155,7 +156,7 @@ class PackedColwise(ParallelStyle):
     def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
         tp, rank = device_mesh.size(), device_mesh.get_local_rank()
         rows = torch.cat([torch.arange(a, b) for a, b in Placement("shard", 0, self.pieces).ranges(rank, tp)])
-        module.forward = types.MethodType(_packed_forward(rows, _is_conv1d(module), device_mesh.get_group()), module)
+        module.forward = types.MethodType(_packed_forward(rows, is_conv1d(module), device_mesh.get_group()), module)
         return module
 
     def __repr__(self) -> str:
@@ -186,6 +187,8 @@ def _column_style(module: nn.Module, pieces: tuple[int, ...]) -> ParallelStyle:
 def _rekey(err: ConfigError) -> ConfigError:
     msg = str(err).split("] ", 1)[1] if err.key else str(err)
     msg = msg.replace("tp_size=", "autotp_size=").replace("or set autotp_size=1", "or set autotp_size to one of those")
+    msg = msg.replace("set tp_size to", "set tensor_parallel.autotp_size to").replace(
+        "with injection_policy", "with a plan: flexspeed.tp_model_init(model, tp_size, dtype, plan={...})")
     if "injection_policy" in msg or "cannot tell" in msg:
         msg += (". For training: make the module's views use -1 (or record head_dim/num_heads on it), or give a plan "
                 "with flexspeed.tp_model_init(model, tp_size, dtype, plan={'module.name': 'colwise' | 'rowwise'})")
@@ -211,8 +214,8 @@ def derive_tp_plan(model: nn.Module, tp_size: int) -> TrainingTPPlan:
     return plan
 
 
-def _user_plan(model: nn.Module, plan: Mapping[str, Any], tp: int) -> TrainingTPPlan:
-    """Validate a user plan ``{module name: "colwise" | "rowwise" | ParallelStyle}``.
+def validate_tp_plan(model: nn.Module, plan: Mapping[str, Any], tp: int) -> TrainingTPPlan:
+    """Validate a user plan ``{module name: "colwise" | "rowwise" | ParallelStyle}`` for ``model`` at ``tp``.
 
     A ``"colwise"`` layer the shared discovery knows as fused (``c_attn``-style ``[q | k | v]``,
     ``gate_up_proj``) becomes :class:`PackedColwise`, so a plan cannot silently mix q with k.
@@ -235,7 +238,7 @@ def _user_plan(model: nn.Module, plan: Mapping[str, Any], tp: int) -> TrainingTP
             what = type(mod).__name__
             raise ConfigError(f"the plan gives {name!r} ({what}) the style {style!r}; a plan entry is 'colwise' or "
                               "'rowwise' on an nn.Linear / HF Conv1D, or a torch ParallelStyle object", key=key)
-        n_in, n_out = _features(mod)
+        n_in, n_out = linear_features(mod)
         width = n_out if kind == "colwise" else n_in
         if width % tp:
             raise ConfigError(f"{name} ({type(mod).__name__}) has {width} {'output' if kind == 'colwise' else 'input'} "
@@ -247,9 +250,9 @@ def _user_plan(model: nn.Module, plan: Mapping[str, Any], tp: int) -> TrainingTP
         parent, _, leaf = c.rpartition(".")
         by_parent.setdefault(parent, {})[leaf] = modules[c]
     for parent, children in by_parent.items():
-        if any(leaf in _QKV_NAMES for leaf in children):
+        if any(leaf in QKV_NAMES for leaf in children):
             try:
-                out.layout.attention[parent] = _attention_shard(parent, modules[parent], children, tp)
+                out.layout.attention[parent] = attention_shard(parent, modules[parent], children, tp)
             except ConfigError as e:
                 raise _rekey(e) from None
     for name, kind in kinds.items():
@@ -257,7 +260,7 @@ def _user_plan(model: nn.Module, plan: Mapping[str, Any], tp: int) -> TrainingTP
             out.styles[name] = _RowwiseAny()
             continue
         parent, _, leaf = name.rpartition(".")
-        pieces = _pieces(leaf, _features(modules[name])[1], out.layout.attention.get(parent))
+        pieces = fused_pieces(leaf, linear_features(modules[name])[1], out.layout.attention.get(parent))
         if any(p % tp for p in pieces):
             raise ConfigError(f"{name} is a fused layer of widths {pieces}, which autotp_size={tp} does not all "
                               f"divide. {_PLAN_HINT}", key=_KEY)
@@ -278,7 +281,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, plan: Mapping[str, Any
         ConfigError: the plan cannot be derived or is invalid; raised before any weight moves.
     """
     tp = tp_mesh.size()
-    tplan = derive_tp_plan(model, tp) if plan is None else _user_plan(model, plan, tp)
+    tplan = derive_tp_plan(model, tp) if plan is None else validate_tp_plan(model, plan, tp)
     if tp == 1:
         return tplan
     if any(isinstance(p, DTensor) for p in model.parameters()):
@@ -303,7 +306,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, plan: Mapping[str, Any
 
 # ----------------------------------------------------------------------------------------- meshes
 
-def _build_dp_tp_mesh(world_size: int, tp_size: int, device_type: str) -> Any:
+def build_dp_tp_mesh(world_size: int, tp_size: int, device_type: str) -> Any:
     """The job's ``ParallelDims`` mesh, ``("dp", "pp", "tp")`` with ``pp = 1``: tp ranks adjacent
     (``rank = dp_index * tp + tp_index``); ``mesh["dp"]`` and ``mesh["tp"]`` are its slices."""
     from flexspeed.distributed.parallel_dims import ParallelDims
@@ -352,14 +355,14 @@ class TensorParallelDP(ShardedOptimizerDP):
 
     def build_optimizer(self, client: torch.optim.Optimizer | None, factory: Any,
                         allow_untested: bool = False) -> torch.optim.Optimizer | None:
-        from flexspeed.runtime.fsdp import _no_foreach_across_kinds
+        from flexspeed.runtime.fsdp import no_foreach_across_kinds
 
         if self.stage == 1:
             optimizer = ShardedOptimizerDP.build_optimizer(self, client, factory, allow_untested)
         else:
             optimizer = ZeroStrategy.build_optimizer(self, client, factory, allow_untested)
         if optimizer is not None:
-            _no_foreach_across_kinds(optimizer)
+            no_foreach_across_kinds(optimizer)
         return optimizer
 
     def grad_group(self) -> dist.ProcessGroup | None:
@@ -481,7 +484,8 @@ def resolve_tp(raw: Mapping[str, Any], model: nn.Module | None,
     return tp, plan, dtype
 
 
-def _check_dtype(dtype: str | None, precision: str) -> None:
+def check_tp_dtype(dtype: str | None, precision: str) -> None:
+    """Raise a ConfigError when ``tp_model_init``'s ``dtype`` is not the config's ``precision`` (None: nothing to check)."""
     if dtype is not None and dtype != precision:
         raise ConfigError(f"tp_model_init(dtype={dtype}) but the config trains in {precision}. Fix: enable "
                           f'"{dtype}" in the config ({{"{dtype}": {{"enabled": true}}}}, none for fp32) or pass '
@@ -506,19 +510,19 @@ def setup_tensor_parallel(model: nn.Module, *, config: Any, device: torch.device
     Returns:
         ``(strategy, optimizer, model_parameters)``.
     """
-    _check_dtype(dtype, config.precision)
+    check_tp_dtype(dtype, config.precision)
     # validate everything a user can get wrong before a collective runs or a weight moves
-    probe = derive_tp_plan(model, tp_size) if plan is None else _user_plan(model, plan, tp_size)
+    probe = derive_tp_plan(model, tp_size) if plan is None else validate_tp_plan(model, plan, tp_size)
     settings = ZeroSettings.from_config(config)
     notes: list[str] = []
-    _check_offload(settings, device, notes)
+    check_offload(settings, device, notes)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and not callable(optimizer):
         optimizer = None
     if isinstance(optimizer, torch.optim.Optimizer) and optimizer.state:
         raise ConfigError("the optimizer passed to initialize() already has state, and tensor parallelism replaces "
                           "the parameters it refers to. Fix: pass a fresh optimizer (or a callable params -> "
                           "optimizer)", key=_KEY)
-    mesh = _build_dp_tp_mesh(dist.get_world_size(), tp_size, device.type)
+    mesh = build_dp_tp_mesh(dist.get_world_size(), tp_size, device.type)
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     applied = apply_tensor_parallel(model, mesh["tp"], plan)
     assert applied.styles.keys() == probe.styles.keys()
@@ -528,7 +532,7 @@ def setup_tensor_parallel(model: nn.Module, *, config: Any, device: torch.device
         for group in optimizer.param_groups:
             group["params"] = [remap.get(id(p), p) for p in group["params"]]
     if model_parameters is not None:
-        model_parameters = _remap_params(model_parameters, remap)
+        model_parameters = remap_params(model_parameters, remap)
     dp_mesh = mesh["dp"]
     if settings.stage >= 2:
         from flexspeed.runtime.zero import apply_zero
@@ -541,7 +545,8 @@ def setup_tensor_parallel(model: nn.Module, *, config: Any, device: torch.device
     return strategy, optimizer, model_parameters
 
 
-def _remap_params(params: Any, remap: dict[int, torch.Tensor]) -> list:
+def remap_params(params: Any, remap: dict[int, torch.Tensor]) -> list:
+    """``params`` (tensors or param-group dicts) with each tensor replaced by ``remap[id(tensor)]`` where present."""
     out = []
     for item in params:
         if isinstance(item, dict):
@@ -550,73 +555,3 @@ def _remap_params(params: Any, remap: dict[int, torch.Tensor]) -> list:
         else:
             out.append(remap.get(id(item), item))
     return out
-
-
-# ----------------------------------------------------------------------------------------- pipelines
-
-def stage_tp_plans(stage_modules: list[nn.Module], tp_size: int, plan: Mapping[str, Any] | None = None,
-                   num_layers: int | None = None) -> list[dict[str, Any] | None]:
-    """The plan for each of a rank's pipeline stage modules (validated; nothing moves).
-
-    A stage module holds its layers as ``layers.<index>``; a user ``plan`` names the
-    ``PipelineModule``'s own (canonical) names, ``"<index>.<submodule>"``, and each stage takes
-    the entries of its layers. Without a plan each stage's is derived; a stage with no splittable
-    layer (e.g. only an output head) runs replicated over tp (``None``).
-
-    Raises:
-        ConfigError: a plan entry that does not start with a layer index, or a stage whose layers
-            tp does not divide (naming the module, the numbers and the fix) - before any collective.
-    """
-    from flexspeed.inference.tp import _find_layers
-
-    if plan is not None:
-        for name in plan:
-            head = str(name).partition(".")[0]
-            if not head.isdigit() or (num_layers is not None and int(head) >= num_layers):
-                raise ConfigError(f"the tensor-parallel plan names {name!r}; with a PipelineModule plan names are "
-                                  f"'<layer index>.<submodule>' (layer index 0..{(num_layers or 1) - 1}), as in "
-                                  "PipelineModule.named_modules()", key=f"plan[{name!r}]")
-        # what a stage sends to the next must be whole: a layer that splits (column) must also join (row)
-        kinds: dict[str, set[str]] = {}
-        for name, style in plan.items():
-            kind = str(style).lower() if not isinstance(style, ParallelStyle) else type(style).__name__.lower()
-            kinds.setdefault(str(name).partition(".")[0], set()).add("col" if "col" in kind else "row")
-        for layer, seen in sorted(kinds.items()):
-            if seen == {"col"}:
-                raise ConfigError(f"the tensor-parallel plan splits layer {layer}'s outputs (colwise) but joins none "
-                                  "of them (no rowwise module in that layer), so the layer would hand a tp shard to "
-                                  "the next one, possibly on another pipeline stage. Fix: pair each colwise entry "
-                                  f"with the rowwise module that consumes it inside layer {layer}",
-                                  key=f"plan[{layer!r}]")
-    out: list[dict[str, Any] | None] = []
-    for sm in stage_modules:
-        if plan is not None:
-            own = {f"layers.{k}": v for k, v in plan.items() if str(k).partition(".")[0] in sm.layers}
-            if own:
-                _user_plan(sm, own, tp_size)  # validates
-            out.append(own or None)
-            continue
-        _, rows = _find_layers(sm, None)
-        if not rows:
-            out.append(None)
-            continue
-        derive_tp_plan(sm, tp_size)  # validates
-        out.append({})  # derive again when applying (the styles are stateful objects)
-    return out
-
-
-def apply_tensor_parallel_to_stages(stage_modules: list[nn.Module], tp_mesh: Any,
-                                    plans: list[dict[str, Any] | None]) -> list[str]:
-    """Shard each stage module over ``tp_mesh`` with its plan from :func:`stage_tp_plans`; one note per stage."""
-    notes = []
-    for sm, plan in zip(stage_modules, plans):
-        if plan is None:
-            from flexspeed.distributed.collectives import broadcast_
-
-            # nothing to split: the stage runs replicated over tp, from tp rank 0's weights
-            broadcast_([*sm.parameters(), *sm.buffers()], tp_mesh.get_group(), group_src=0)
-            notes.append(f"pipeline stage {sm.stage_id}: no splittable layer, replicated over tp={tp_mesh.size()}")
-            continue
-        applied = apply_tensor_parallel(sm, tp_mesh, plan or None)
-        notes.append(f"pipeline stage {sm.stage_id}: tensor parallelism {applied.describe()}")
-    return notes

@@ -382,19 +382,32 @@ def _apply_config(module: PipelineModule, config: FlexConfig, tp: int = 1) -> No
                       int(config.gradient_accumulation_steps))
 
 
-def _agree_or_raise(problem: ConfigError | None, device: torch.device) -> None:
-    """One world all-reduce of "this rank's stage cannot be planned": a rank whose check failed raises its
-    ConfigError, the others one naming those ranks, before anything is sharded or a mesh is built."""
-    flags = torch.zeros(dist.get_world_size(), device=device)
-    flags[dist.get_rank()] = float(problem is not None)
+def _agree_or_raise(problem: ConfigError | None, device: torch.device, *, planned: bool = True, tp: int = 1) -> None:
+    """One world all-reduce of "this rank's stage cannot be planned" and "this rank's stages split a layer".
+
+    A rank whose check failed raises its ConfigError, the others one naming those ranks; a pipeline in
+    which no stage has a layer to split is refused too (tp would only replicate every stage). Both before
+    anything is sharded or a mesh is built.
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    flags = torch.zeros(2 * world, device=device)
+    flags[rank] = float(problem is not None)
+    flags[world + rank] = float(planned)
     dist.all_reduce(flags)
     if problem is not None:
         raise problem
-    bad = [r for r, f in enumerate(flags.tolist()) if f]
+    bad = [r for r, f in enumerate(flags[:world].tolist()) if f]
     if bad:
         raise ConfigError(f"tensor parallelism cannot be applied to the pipeline stages of rank(s) {bad} (their "
                           "error names the layer and the fix); nothing was sharded",
                           key="tensor_parallel.autotp_size")
+    if not flags[world:].any():
+        raise ConfigError(f"tensor_parallel.autotp_size={tp}, but no pipeline stage has a layer tensor parallelism "
+                          "can split: no layer holds Linear children named like q_proj/c_attn/fc1 (column) with "
+                          "o_proj/c_proj/fc2 (row), and no plan was given, so every stage would only be replicated "
+                          f"over {tp} ranks. Fix: set tensor_parallel.autotp_size to 1, or give a plan: "
+                          "flexspeed.tp_model_init(model, tp_size, dtype, plan={'<layer index>.<submodule>': "
+                          "'colwise' | 'rowwise'})", key="tensor_parallel.autotp_size")
 
 
 def _tie_groups(module: PipelineModule, dims: ParallelDims) -> dict[str, dist.ProcessGroup]:
@@ -464,9 +477,10 @@ def build_pipeline_engine(*, model: PipelineModule, config: FlexConfig, optimize
                           "dp": "the world size / pipeline stages"})
     tp_plans = None
     if tp > 1:  # everything a user can get wrong, before a collective runs or a weight moves
-        from flexspeed.distributed.tensor_parallel import _check_dtype, stage_tp_plans
+        from flexspeed.distributed.tensor_parallel import check_tp_dtype
+        from flexspeed.pipe.stage_tp import stage_tp_plans
 
-        _check_dtype(tp_dtype, config.precision)
+        check_tp_dtype(tp_dtype, config.precision)
         if isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError("with tensor_parallel.autotp_size > 1 a PipelineModule's parameters are replaced by "
                               "tensor-parallel ones inside initialize(), so an optimizer built before cannot hold "
@@ -477,7 +491,9 @@ def build_pipeline_engine(*, model: PipelineModule, config: FlexConfig, optimize
             tp_plans = stage_tp_plans(model.stage_modules, tp, tp_plan, num_layers=len(model._entries))
         except ConfigError as err:
             problem = err
-        _agree_or_raise(problem, device)  # every rank stops together (else the others would wait in the mesh)
+        planned = tp_plans is not None and any(p is not None for p in tp_plans)
+        _agree_or_raise(problem, device, planned=planned, tp=tp)  # every rank stops together (else the others
+        # would wait in the mesh)
     dims.build_mesh(device.type)
     ties = _tie_groups(model, dims)
     with torch.no_grad():  # tied copies start equal: the lowest stage's values (before any sharding)
@@ -486,13 +502,14 @@ def build_pipeline_engine(*, model: PipelineModule, config: FlexConfig, optimize
             broadcast_(tied[key], group, group_src=0)
     tp_notes: list[str] = []
     if tp_plans is not None:  # each stage module sharded over its tp group (tp rank 0's weights) ...
-        from flexspeed.distributed.tensor_parallel import _remap_params, apply_tensor_parallel_to_stages
+        from flexspeed.distributed.tensor_parallel import remap_params
+        from flexspeed.pipe.stage_tp import apply_tensor_parallel_to_stages
 
         names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         tp_notes = apply_tensor_parallel_to_stages(model.stage_modules, dims.mesh("tp", device.type), tp_plans)
         after = dict(model.named_parameters(remove_duplicate=False))
         if model_parameters is not None:
-            model_parameters = _remap_params(model_parameters, {i: after[n] for i, n in names.items()})
+            model_parameters = remap_params(model_parameters, {i: after[n] for i, n in names.items()})
     # ... then gets the data-parallel machinery a whole model gets (rank 0's weights, ZeRO)
     strategy = apply_zero_to_stages(model, config=config, device=device, dp_mesh=dims.mesh("dp", device.type),
                                     tensor_parallel=tp_plans is not None)

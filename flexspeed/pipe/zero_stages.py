@@ -73,11 +73,11 @@ def apply_zero_to_stages(module: PipelineModule, *, config: FlexConfig, device: 
     _refuse_chunk_sharing(module, stage, dist.get_world_size(group))
     if tensor_parallel and stage < 2:
         from flexspeed.distributed.tensor_parallel import TensorParallelDP
-        from flexspeed.runtime.zero import ZeroSettings, _check_offload
+        from flexspeed.runtime.zero import ZeroSettings, check_offload
 
         settings = ZeroSettings.from_config(config)
         notes: list[str] = []
-        _check_offload(settings, device, notes)
+        check_offload(settings, device, notes)
         parts: list[ZeroStrategy] = [TensorParallelDP(sm, stage=stage, group=group, settings=settings, notes=notes)
                                      for sm in module.stage_modules]
     else:
@@ -164,9 +164,9 @@ class StageStrategies(ZeroStrategy):
         """Tensor-parallel stages mix DTensor (sharded) and plain (replicated) parameters, which one foreach
         kernel cannot take together (as the data-parallel engine's TP path does)."""
         if optimizer is not None and self.tensor_parallel:
-            from flexspeed.runtime.fsdp import _no_foreach_across_kinds
+            from flexspeed.runtime.fsdp import no_foreach_across_kinds
 
-            _no_foreach_across_kinds(optimizer)
+            no_foreach_across_kinds(optimizer)
         return optimizer
 
     # ---- memory ----------------------------------------------------------------------------------

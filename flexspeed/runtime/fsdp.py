@@ -49,7 +49,8 @@ from flexspeed.runtime.zero import (
     warn_once,
 )
 
-__all__ = ["FullyShardedDP", "find_blocks", "persistent_params", "reshard_plan", "shard_units", "unit_handles"]
+__all__ = ["FullyShardedDP", "find_blocks", "persistent_params", "reshard_plan", "shard_units", "unit_handles",
+           "no_foreach_across_kinds"]
 
 
 def find_blocks(module: nn.Module) -> list[nn.Module]:
@@ -364,7 +365,7 @@ class FullyShardedDP(ZeroStrategy):
             check_shardable(optimizer, self.stage, allow_untested)
         else:
             return None
-        _no_foreach_across_kinds(optimizer)
+        no_foreach_across_kinds(optimizer)
         _fused_adam_on_shards(optimizer)
         return optimizer
 
@@ -468,7 +469,7 @@ def _as_list(params: Any) -> list:
     return [params] if torch.is_tensor(params) else list(params)
 
 
-def _no_foreach_across_kinds(optimizer: torch.optim.Optimizer) -> None:
+def no_foreach_across_kinds(optimizer: torch.optim.Optimizer) -> None:
     """Turn off torch's multi-tensor path in groups that mix DTensor shards and whole parameters.
 
     ``torch._foreach_*`` kernels refuse lists mixing DTensor and plain tensors; stage 3 with a

@@ -41,7 +41,8 @@ if TYPE_CHECKING:
     from flexspeed.config.schema import FlexConfig
 
 __all__ = ["ZeroStrategy", "DataParallel", "ShardedOptimizerDP", "ZeroSettings", "apply_zero", "OptimizerFactory",
-           "tensor_bytes", "partition_params", "check_shardable", "sync_initial_state", "warn_once"]
+           "tensor_bytes", "partition_params", "check_shardable", "sync_initial_state", "warn_once",
+           "check_offload"]
 
 OptimizerFactory = Callable[[list], torch.optim.Optimizer]
 
@@ -451,7 +452,7 @@ class ShardedOptimizerDP(DataParallel):
                     t.copy_(new)
 
 
-def _check_offload(settings: ZeroSettings, device: torch.device, notes: list[str]) -> None:
+def check_offload(settings: ZeroSettings, device: torch.device, notes: list[str]) -> None:
     """nvme is refused; cpu offload at stage 1, or anywhere on a CPU-only run, is explained."""
     for key, where in (("offload_optimizer", settings.offload_optimizer), ("offload_param", settings.offload_param)):
         if where == "nvme":
@@ -493,7 +494,7 @@ def apply_zero(module: nn.Module, *, config: FlexConfig, device: torch.device,
     as_meta_placeholders(module)  # zero.Init placeholders in DeepSpeed's 0-element form -> meta, full shape
     settings = ZeroSettings.from_config(config)
     notes: list[str] = []
-    _check_offload(settings, device, notes)
+    check_offload(settings, device, notes)
     grad_sum = getattr(config, "gradient_allreduce_op", "mean") == "sum"
     # stage 2 runs as DeepSpeed's (full parameters, partitioned gradients: flexspeed.runtime.zero2) except
     # with optimizer offload on an accelerator (FSDP2's CPUOffloadPolicy provides it) and over a

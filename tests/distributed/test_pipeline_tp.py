@@ -94,8 +94,12 @@ def case(zero: int, precision: str = "fp32") -> dict:
 
 
 def grid4(rank: int, world: int) -> dict | None:
+    from tests.distributed import test_pipeline_tp_features as features
+
     out = {z: case(z) for z in ((0, 1, 2, 3) if SLOW else (1, 3))}
     out["bf16_1"] = case(1, "bf16")
+    # tied embeddings + interleaved schedule + activation checkpointing, and fp16 (same spawn, no extra start-up)
+    out["features"] = {name: features.run_case(*args) for name, args in features.CASES.items()}
     return out if rank == 0 else None
 
 
@@ -113,13 +117,10 @@ class OddBlock(Block):
         self.fc2 = nn.Linear(33, width)
 
 
-def bad_plan(rank: int, world: int) -> dict:
+def refused(model) -> dict:
     import flexspeed
     from flexspeed.config.errors import ConfigError
-    from flexspeed.pipe import PipelineModule
 
-    model = PipelineModule([LayerSpec(nn.Linear, 8, 16), LayerSpec(Block, 16), LayerSpec(OddBlock, 16)],
-                           num_stages=2, loss_fn=F.mse_loss, partition_method="uniform")
     try:
         flexspeed.initialize(model=model, config=tp_config(1))
     except ConfigError as err:
@@ -128,16 +129,32 @@ def bad_plan(rank: int, world: int) -> dict:
     return {"key": None, "msg": "initialized", "layers": [], "sharded": None}
 
 
+def bad_plan(rank: int, world: int) -> dict:
+    from flexspeed.pipe import PipelineModule
+
+    odd = PipelineModule([LayerSpec(nn.Linear, 8, 16), LayerSpec(Block, 16), LayerSpec(OddBlock, 16)],
+                         num_stages=2, loss_fn=F.mse_loss, partition_method="uniform")
+    plain = PipelineModule([LayerSpec(nn.Linear, 8, 16), LayerSpec(nn.Tanh), LayerSpec(nn.Linear, 16, 16)],
+                           num_stages=2, loss_fn=F.mse_loss, partition_method="uniform")
+    return {"odd": refused(odd), "nothing": refused(plain)}
+
+
 def test_a_stage_tp_cannot_split_stops_every_rank_before_anything_is_sharded():
     res = run_ranks(bad_plan, world_size=4, timeout=300)
-    odd = [r for r, got in enumerate(res) if "2" in got["layers"]]
+    odd = [r for r, got in enumerate(res) if "2" in got["odd"]["layers"]]
     assert odd and len(odd) < 4, res
-    for rank, got in enumerate(res):
+    for rank, both in enumerate(res):
+        got = both["odd"]
         assert got["key"] == "tensor_parallel.autotp_size" and got["sharded"] is False, (rank, got)
         if rank in odd:  # names the layer and the numbers
             assert "fc1" in got["msg"] and "33" in got["msg"], got["msg"]
         else:  # the others name the ranks that failed
             assert f"rank(s) {odd}" in got["msg"], got["msg"]
+        # a pipeline with no layer to split anywhere: refused on every rank, not silently replicated
+        got = both["nothing"]
+        assert got["key"] == "tensor_parallel.autotp_size" and got["sharded"] is False, (rank, got)
+        assert "autotp_size=2" in got["msg"] and "no pipeline stage has a layer" in got["msg"], got["msg"]
+        assert "Fix: set tensor_parallel.autotp_size to 1" in got["msg"], got["msg"]
 
 
 # ---- the reference --------------------------------------------------------------------------------
@@ -168,8 +185,13 @@ def assert_matches(got: dict, losses: list[float], state: dict, what: str, loss_
         torch.testing.assert_close(got["state"][k], v, rtol=0, atol=weight_tol, msg=lambda m, k=k: f"{what} {k}: {m}")
 
 
-def test_pp2_tp2_matches_the_single_process_reference():
-    res = run_ranks(grid4, world_size=4, timeout=600)[0]
+@pytest.fixture(scope="module")
+def grid4_results() -> dict:
+    return run_ranks(grid4, world_size=4, timeout=600)[0]
+
+
+def test_pp2_tp2_matches_the_single_process_reference(grid4_results):
+    res = grid4_results
     losses, state = reference(1)
     for zero in (0, 1, 2, 3) if SLOW else (1, 3):
         got = res[zero]
@@ -180,6 +202,13 @@ def test_pp2_tp2_matches_the_single_process_reference():
         assert got["norm"] > CLIP  # clipping was active, on the norm over stages and tp shards
     losses, state = reference(1, autocast=True)
     assert_matches(res["bf16_1"], losses, state, what="pp2 x tp2 bf16", loss_tol=BF16_LOSS, weight_tol=BF16_WEIGHT)
+
+
+@pytest.mark.parametrize("name", ["interleaved_checkpointed", "fp16"])
+def test_pp2_tp2_with_tied_embeddings_interleaving_checkpointing_and_fp16(grid4_results, name):
+    from tests.distributed.test_pipeline_tp_features import check_case
+
+    check_case(name, grid4_results["features"][name])
 
 
 @pytest.mark.skipif(not SLOW, reason="8 ranks: set FLEXSPEED_SLOW=1")

@@ -100,3 +100,48 @@ def test_cli_help(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 0 and "--world-size" in capsys.readouterr().out
+
+
+# ---- dp x pp x tp -------------------------------------------------------------------------------
+PIPE_TP = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "tensor_parallel": {"autotp_size": 2}}
+
+
+def test_pipeline_and_tensor_degrees_leave_the_data_parallel_size(tmp_path, capsys):
+    path = write(tmp_path, PIPE_TP)
+    assert main(["check-config", path, "--world-size", "8", "--pipeline-stages", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["dp"], report["pp"], report["tp"]) == (2, 2, 2)
+    assert report["train_batch_size"] == 2 * 2 * 2  # the triad counts dp = 8 / (2 x 2) replicas
+    assert main(["check-config", write(tmp_path, {**PIPE_TP, "pipeline": {"stages": 2}}, "staged.json"),
+                 "--world-size", "8", "--json"]) == 0  # pp from an integer pipeline.stages
+    assert json.loads(capsys.readouterr().out)["dp"] == 2
+    assert main(["check-config", path, "--pipeline-stages", "2", "--json"]) == 0  # default: one replica
+    report = json.loads(capsys.readouterr().out)
+    assert (report["dp"], report["pp"], report["tp"]) == (1, 2, 2) and report["train_batch_size"] == 4
+
+
+def test_a_world_that_pp_times_tp_does_not_divide_is_the_runtime_error(tmp_path, capsys):
+    from flexspeed.config import ConfigError
+    from flexspeed.distributed.parallel_dims import ParallelDims
+
+    # tp 2 divides 6, pp 2 x tp 2 = 4 does not: the check the tp-only path missed
+    assert main(["check-config", write(tmp_path, PIPE_TP), "--world-size", "6", "--pipeline-stages", "2",
+                 "--json"]) == 1
+    got = json.loads(capsys.readouterr().out)
+    with pytest.raises(ConfigError) as runtime:  # what initialize() raises for a PipelineModule(num_stages=2)
+        ParallelDims.from_world(6, pp=2, tp=2, world_source="--world-size 6", pp_source="--pipeline-stages 2",
+                                tp_source="tensor_parallel.autotp_size=2")
+    assert got["error"] == str(runtime.value) and got["key"] == runtime.value.key
+    assert "pp 2" in got["error"] and "tp 2" in got["error"] and "world size 6" in got["error"]
+    assert "use a pipeline degree in" in got["error"]  # the fix
+
+
+def test_pipeline_stages_flag_and_config_must_agree(tmp_path, capsys):
+    path = write(tmp_path, {**PIPE_TP, "pipeline": {"stages": 4}})
+    assert main(["check-config", path, "--world-size", "8", "--pipeline-stages", "2", "--json"]) == 1
+    got = json.loads(capsys.readouterr().out)
+    assert got["key"] == "pipeline.stages" and "pipeline.stages=4" in got["error"] and "--pipeline-stages 2" in got[
+        "error"]
+    assert main(["check-config", write(tmp_path, PIPE_TP, "plain.json"), "--world-size", "8", "--pipeline-stages", "0",
+                 "--json"]) == 1
+    assert "must be a positive integer" in json.loads(capsys.readouterr().out)["error"]

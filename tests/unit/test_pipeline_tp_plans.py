@@ -6,7 +6,7 @@ import pytest
 import torch.nn as nn
 
 from flexspeed.config.errors import ConfigError
-from flexspeed.distributed.tensor_parallel import stage_tp_plans
+from flexspeed.pipe.stage_tp import stage_tp_plans
 from flexspeed.pipe.module import StageModule
 from flexspeed.pipe.topology import PipeTopology, resolve_topology
 from tests.distributed.test_pipeline_tp import Block
@@ -50,3 +50,25 @@ def test_topology_places_tp_innermost():
     assert topo.rank_of(1, 1, 1) == 7
     with pytest.raises(ValueError, match="num_tp"):
         resolve_topology(None, PipeTopology(num_stages=2, num_dp=4), 8, tp=2)
+
+
+def test_tp_that_does_not_divide_a_stage_attention_heads_names_the_module_the_numbers_and_the_fix():
+    from flexspeed.models.gpt import Block as GPTBlock
+    from flexspeed.models.gpt import GPTConfig
+
+    stage = _stage(1, {3: GPTBlock(GPTConfig(n_head=3, n_embd=24))})
+    with pytest.raises(ConfigError) as err:
+        stage_tp_plans([stage], 2)
+    msg = str(err.value)
+    assert err.value.key == "tensor_parallel.autotp_size"
+    assert "autotp_size=2" in msg and "3 attention heads" in msg and "layers.3.attn" in msg, msg
+    assert "use one of [1, 3]" in msg, msg  # the fix
+    assert stage_tp_plans([_stage(1, {3: GPTBlock(GPTConfig(n_head=4, n_embd=24))})], 2) == [{}]
+
+
+def test_tp_that_does_not_divide_the_hidden_width_of_a_stage_layer_names_it():
+    with pytest.raises(ConfigError) as err:
+        stage_tp_plans([_stage(0, {2: Block(6)})], 5)  # fc1: 6 -> 24 outputs, which 5 does not divide
+    msg = str(err.value)
+    assert err.value.key == "tensor_parallel.autotp_size", msg
+    assert "autotp_size=5 does not divide the width 24 of layers.2.fc1" in msg and "Fix" in msg, msg

@@ -9,11 +9,11 @@ from flexspeed.config import validate_config
 from flexspeed.config.errors import ConfigError
 from flexspeed.distributed.tensor_parallel import (
     PackedColwise,
-    _build_dp_tp_mesh,
-    _user_plan,
+    build_dp_tp_mesh,
     derive_tp_plan,
     resolve_tp,
     tp_model_init,
+    validate_tp_plan,
 )
 from flexspeed.models import GPT, GPTConfig
 
@@ -81,19 +81,19 @@ def test_unplannable_models_name_module_numbers_and_fix(make, tp, pattern):
 
 def test_user_plan():
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
-    plan = _user_plan(model, {"0": "colwise", "2": "rowwise"}, 2)
+    plan = validate_tp_plan(model, {"0": "colwise", "2": "rowwise"}, 2)
     assert _styles(plan) == {"0": "_ColwiseAny", "2": "_RowwiseAny"}
-    fused = _user_plan(gpt(), {"transformer.h.0.attn.c_attn": "colwise", "transformer.h.0.attn.c_proj": "rowwise"}, 2)
+    fused = validate_tp_plan(gpt(), {"transformer.h.0.attn.c_attn": "colwise", "transformer.h.0.attn.c_proj": "rowwise"}, 2)
     assert fused.styles["transformer.h.0.attn.c_attn"].pieces == (32, 32, 32)  # not a contiguous q|k mix
     assert fused.layout.attention["transformer.h.0.attn"].attrs == {"n_head": 2, "n_embd": 16}
     with pytest.raises(ConfigError, match=r"\[plan\['3'\]\].*not a submodule of Sequential"):
-        _user_plan(model, {"3": "colwise"}, 2)
+        validate_tp_plan(model, {"3": "colwise"}, 2)
     with pytest.raises(ConfigError, match=r"\[plan\['1'\]\].*\(ReLU\) the style 'colwise'"):
-        _user_plan(model, {"1": "colwise"}, 2)
+        validate_tp_plan(model, {"1": "colwise"}, 2)
     with pytest.raises(ConfigError, match=r"'diagonal'"):
-        _user_plan(model, {"0": "diagonal"}, 2)
+        validate_tp_plan(model, {"0": "diagonal"}, 2)
     with pytest.raises(ConfigError, match=r"0 \(Linear\) has 16 output features, which autotp_size=3 does not divide"):
-        _user_plan(model, {"0": "colwise"}, 3)
+        validate_tp_plan(model, {"0": "colwise"}, 3)
 
 
 def test_config_section_accepts_deepspeed_keys_and_refuses_unimplemented():
@@ -124,7 +124,7 @@ def test_degree_must_divide_world_and_sources_must_agree():
     with pytest.raises(ConfigError, match=r"autotp_size=3 does not divide the world size 4.*\[1, 2, 4\]"):
         resolve_tp({"tensor_parallel": {"autotp_size": 3}}, model, 4)
     with pytest.raises(ConfigError, match=r"autotp_size=3 does not divide the world size 4"):
-        _build_dp_tp_mesh(4, 3, "cpu")
+        build_dp_tp_mesh(4, 3, "cpu")
     tp_model_init(model, 2, torch.bfloat16)
     assert resolve_tp({}, model, 4) == (2, None, "bf16")  # from tp_model_init alone: flexspeed builds the group
     with pytest.raises(ConfigError, match=r"autotp_size=4 in the config differs from tp_model_init\(tp_size=2\)"):
@@ -152,3 +152,22 @@ def test_check_config_counts_the_triad_over_data_parallel_ranks(tmp_path, capsys
     assert json.loads(capsys.readouterr().out)["train_batch_size"] == 2 * 2 * 4  # dp = 8 / 2
     assert main(["check-config", str(path), "--world-size", "3", "--json"]) == 1
     assert "autotp_size=2 does not divide the world size 3" in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_inference_and_training_tp_share_one_discovery_through_public_names():
+    import ast
+    import inspect
+
+    import flexspeed.distributed.tensor_parallel as training
+    import flexspeed.distributed.tp_discovery as discovery
+    import flexspeed.inference.tp as inference
+    import flexspeed.pipe.engine as pipe_engine
+    import flexspeed.pipe.stage_tp as stage_tp
+
+    assert inference.plan_tensor_parallel is discovery.plan_tensor_parallel is training.plan_tensor_parallel
+    assert inference.localize_attention is training.localize_attention
+    for module in (training, inference, stage_tp, pipe_engine):
+        for node in ast.walk(ast.parse(inspect.getsource(module))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("flexspeed"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{module.__name__} imports {private} from {node.module}"

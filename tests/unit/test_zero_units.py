@@ -13,7 +13,7 @@ import flexspeed
 from flexspeed.config import ConfigError, build_config
 from flexspeed.models import GPT, GPTConfig
 from flexspeed.runtime.fsdp import find_blocks, persistent_params, reshard_plan, shard_units
-from flexspeed.runtime.zero import (DataParallel, ShardedOptimizerDP, ZeroSettings, _check_offload, apply_zero,
+from flexspeed.runtime.zero import (DataParallel, ShardedOptimizerDP, ZeroSettings, check_offload, apply_zero,
                                     check_shardable, partition_params)
 
 
@@ -48,19 +48,19 @@ def test_nvme_and_misplaced_offload_are_refused():
     with pytest.raises(ConfigError, match="nvme"):
         _cfg(zero_optimization={"stage": 3, "offload_param": {"device": "nvme"}})
     with pytest.raises(ConfigError, match="nvme") as e:  # also when a config slips through
-        _check_offload(ZeroSettings(stage=3, offload_optimizer="nvme"), torch.device("cpu"), [])
+        check_offload(ZeroSettings(stage=3, offload_optimizer="nvme"), torch.device("cpu"), [])
     assert e.value.key == "zero_optimization.offload_optimizer.device"
     with pytest.raises(ConfigError, match="stage 3"):
-        _check_offload(ZeroSettings(stage=2, offload_param="cpu"), torch.device("cpu"), [])
+        check_offload(ZeroSettings(stage=2, offload_param="cpu"), torch.device("cpu"), [])
     with pytest.raises(ConfigError, match="stages 2 and 3"):
-        _check_offload(ZeroSettings(stage=1, offload_optimizer="cpu"), torch.device("cuda", 0), [])
+        check_offload(ZeroSettings(stage=1, offload_optimizer="cpu"), torch.device("cuda", 0), [])
 
 
 def test_cpu_offload_on_a_cpu_run_is_a_noted_no_op():
     notes: list[str] = []
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
-        _check_offload(ZeroSettings(stage=3, offload_param="cpu", offload_optimizer="cpu"), torch.device("cpu"), notes)
+        check_offload(ZeroSettings(stage=3, offload_param="cpu", offload_optimizer="cpu"), torch.device("cpu"), notes)
     assert len(notes) == 1 and "no effect" in notes[0]
 
 
