@@ -12,18 +12,24 @@ optimizer steps interleaved (A B B A ...), so load from other processes hits bot
 - stage 2: flexspeed vs DDP + ``ZeroRedundancyOptimizer(AdamW)`` (PyTorch has no stage 2 that keeps full
   parameters, as DeepSpeed's and flexspeed's do; this is the nearest path: the same parameter and
   optimizer-state layout, all-reducing once per step where flexspeed reduces each micro-step to the owners)
-- stage 3: flexspeed vs ``fully_shard`` per block, root default, each block's
+- stage 3: flexspeed vs ``fully_shard`` on the units flexspeed builds (``flexspeed.runtime.fsdp.shard_units``:
+  consecutive blocks grouped up to min(DeepSpeed's default ``reduce_bucket_size`` 5e8,
+  ``stage3_prefetch_bucket_size`` 5e7, ``stage3_max_live_parameters``) elements; this 3.7M-parameter
+  model fits one bucket, so with the default budgets the root is the only unit: one all-gather and
+  one reduce-scatter per micro-step, as DeepSpeed's buckets do), root default, each unit's
   ``reshard_after_forward`` from ``flexspeed.runtime.fsdp.reshard_plan`` with DeepSpeed's default
-  ``stage3_max_live_parameters`` / ``stage3_max_reuse_distance`` (1e9 each: this 3.7M-parameter model
-  stays gathered from forward to backward, one all-gather per block per micro-step, as DeepSpeed
-  does), both with every parameter sharded (``stage3_param_persistence_threshold: 0``); in bf16 both
+  ``stage3_max_live_parameters`` / ``stage3_max_reuse_distance`` (1e9 each: the model stays gathered
+  from forward to backward, as DeepSpeed does), both with every parameter sharded (``stage3_param_persistence_threshold: 0``); in bf16 both
   with ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16)``, what flexspeed configures
   (DeepSpeed's default ``communication_data_type`` in bf16 runs).
-  ``--stage3-budget 0`` sets both budgets to 0 in every column (every block released after forward
-  and gathered again in backward: the ZeRO-3 memory floor, two all-gathers per micro-step).
+  ``--stage3-budget 0`` sets both budgets to 0 in every column (every block its own unit, released
+  after forward and gathered again in backward: the ZeRO-3 memory floor, two all-gathers per block
+  per micro-step).
 
 Stage-3 runs reduce-scatter gradients on every micro-step in both columns (flexspeed's choice: a full
-gradient never outlives one block's backward). The metric is CPU-seconds per sample, summed over
+gradient never outlives one unit's backward). The raw column keeps ``torch.optim.AdamW``'s default
+(multi-tensor) path; flexspeed runs the fused kernel on DTensor shards (docs/zero.md, "The
+optimizer step at stage 3"). The metric is CPU-seconds per sample, summed over
 both ranks (``time.process_time`` of each rank process, so gloo's threads count too), from the
 median step; ``ratio`` = raw / flexspeed (>= 0.95 is the target). A measured DeepSpeed column
 (same API, same config, interleaved with the other two) appears if ``import deepspeed`` works,
@@ -151,14 +157,18 @@ def _raw(stage: int, precision: str, batches):
         # what flexspeed configures: 16-bit gathers, compute and reduction in bf16 runs
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16) \
             if precision == "bf16" else MixedPrecisionPolicy()
-        from flexspeed.runtime.fsdp import reshard_plan
+        from flexspeed.runtime.fsdp import reshard_plan, shard_units
 
         blocks = list(model.transformer.h)
         numels = [sum(p.numel() for p in b.parameters()) for b in blocks]
         root = sum(p.numel() for p in model.parameters()) - sum(numels)
-        plan = reshard_plan(numels, root, BUDGET[0], BUDGET[0]) if stage == 3 else [False] * len(blocks)
-        for block, reshard in zip(blocks, plan):
-            fully_shard(block, reshard_after_forward=reshard, mp_policy=mp)
+        # the units flexspeed builds: DeepSpeed's default bucket sizes (reduce 5e8, prefetch 5e7) and the budget
+        groups = shard_units(numels, root, min(5 * 10**7, BUDGET[0]))
+        unit_numels = [sum(numels[i] for i in g) for g in groups]
+        plan = reshard_plan(unit_numels, root + sum(numels) - sum(unit_numels), BUDGET[0], BUDGET[0])
+        for group, reshard in zip(groups, plan):
+            members = [blocks[i] for i in group]
+            fully_shard(members if len(members) > 1 else members[0], reshard_after_forward=reshard, mp_policy=mp)
         net = fully_shard(model, reshard_after_forward=None if stage == 3 else False, mp_policy=mp)
         opt = torch.optim.AdamW(net.parameters(), lr=LR)
     feed = itertools.cycle(batches)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from flexspeed.runtime.fsdp import FullyShardedDP, dp_mesh, find_blocks, persistent_params
+from flexspeed.runtime.fsdp import FullyShardedDP, dp_mesh, find_blocks, persistent_params, unit_handles
 from flexspeed.runtime.zero import ZeroSettings, ZeroStrategy
 
 __all__ = ["is_fsdp_sharded", "AdoptedFullyShardedDP"]
@@ -68,6 +68,7 @@ class AdoptedFullyShardedDP(FullyShardedDP):
         self._persistent = whole
         self._param_map = {}  # the parameters are already the sharded ones
         self.blocks = find_blocks(module)
+        self.units = unit_handles(self.blocks)
         self._explain_ignored_knobs(settings)
         self.notes.append("adopted the FSDP2 sharding an earlier initialize() made (the first engine should no "
                           "longer be used)")

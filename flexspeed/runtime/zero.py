@@ -135,6 +135,8 @@ class ZeroSettings:
     predivide: float = 1.0  # gradient_predivide_factor when prescale_gradients is on
     bucket_cap_mb: float | None = None  # stages 0/1: DDP bucket, from a non-default reduce_bucket_size
     reduce_bucket_size_set: bool = False
+    reduce_bucket_elements: int = 500_000_000  # stage 3: bounds the blocks grouped in one FSDP2 unit
+    prefetch_bucket_elements: int = 50_000_000  # stage 3: bounds them too (stage3_prefetch_bucket_size)
     grad_accum_dtype: torch.dtype | None = None  # None: exact fp32 accumulation
     offload_optimizer: str = "none"
     offload_param: str = "none"
@@ -167,6 +169,8 @@ class ZeroSettings:
             bucket_cap_mb=_resolved(zc, "reduce_bucket_size") * 4 / 2**20 if "reduce_bucket_size" in explicit
             else None,
             reduce_bucket_size_set="reduce_bucket_size" in explicit,
+            reduce_bucket_elements=_resolved(zc, "reduce_bucket_size"),
+            prefetch_bucket_elements=_resolved(zc, "stage3_prefetch_bucket_size"),
             grad_accum_dtype=None if accum == torch.float32 else accum,
             offload_optimizer=zc.offload_optimizer.device if zc.offload_optimizer is not None else "none",
             offload_param=zc.offload_param.device if zc.offload_param is not None else "none",

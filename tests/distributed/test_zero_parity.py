@@ -240,7 +240,7 @@ def comm_dtype_run(stage: int, rank: int, world: int, key: str) -> dict:
 
 
 def knobs_run(rank: int, world: int) -> dict:
-    """Stage 3 with the bucket knobs set: prefetch is mapped, reduce_bucket_size explained."""
+    """Stage 3 with the bucket knobs set: prefetch is mapped, reduce_bucket_size groups blocks into units."""
     import warnings
 
     import flexspeed
@@ -374,9 +374,11 @@ def test_zero_stages_world1_match_single_process():
     _check(results, cases, world=1)
 
 
-def test_bucket_knobs_map_to_fsdp2_prefetch_or_are_explained(world2):
+def test_bucket_knobs_map_to_fsdp2_prefetch_and_units(world2):
     knobs = world2[0]["knobs"]
     assert knobs["n_blocks"] == 2 and knobs["prefetch"] == 1, knobs
-    assert any("prefetching 1 block" in n for n in knobs["notes"]), knobs["notes"]
-    assert any("reduce_bucket_size is ignored" in n for n in knobs["notes"]), knobs["notes"]
+    assert any("prefetching 1 unit" in n for n in knobs["notes"]), knobs["notes"]
+    # a 1000-element bucket is smaller than a block: one FSDP2 unit (one reduce-scatter) per block, no warning
+    assert any("2 block(s) in 2 unit(s)" in n for n in knobs["notes"]), knobs["notes"]
+    assert not knobs["warned"], knobs["warned"]
     assert "ZeRO-3 model states: parameters=" in knobs["report"], knobs["report"]

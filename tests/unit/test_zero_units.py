@@ -12,7 +12,7 @@ import torch.nn as nn
 import flexspeed
 from flexspeed.config import ConfigError, build_config
 from flexspeed.models import GPT, GPTConfig
-from flexspeed.runtime.fsdp import find_blocks, persistent_params, reshard_plan
+from flexspeed.runtime.fsdp import find_blocks, persistent_params, reshard_plan, shard_units
 from flexspeed.runtime.zero import (DataParallel, ShardedOptimizerDP, ZeroSettings, check_offload, apply_zero,
                                     check_shardable, partition_params)
 
@@ -145,6 +145,23 @@ def test_reshard_plan_keeps_blocks_within_reuse_distance_and_live_budget():
     assert reshard_plan(blocks, root, 449, 10**9) == [True, True, True, False]
     assert reshard_plan(blocks, root, 450, 10**9) == [False] * 4
     assert reshard_plan([], root, 10**9, 10**9) == []
+
+
+
+def test_shard_units_groups_consecutive_blocks_within_one_bucket():
+    blocks, root = [100, 100, 100, 100], 50
+    # the whole model within one bucket: no block unit, the root's unit holds everything
+    assert shard_units(blocks, root, 450) == []
+    assert shard_units(blocks, root, 10**9) == []
+    # one element short of that: blocks grouped greedily in forward order, the root apart
+    assert shard_units(blocks, root, 449) == [[0, 1, 2, 3]]
+    assert shard_units(blocks, root, 250) == [[0, 1], [2, 3]]
+    assert shard_units(blocks, root, 300) == [[0, 1, 2], [3]]
+    # a bucket smaller than a block (or 0, a live budget of 0): every block its own unit
+    assert shard_units(blocks, root, 99) == [[0], [1], [2], [3]]
+    assert shard_units(blocks, root, 0) == [[0], [1], [2], [3]]
+    assert shard_units([50, 300, 50, 50], root, 120) == [[0], [1], [2, 3]]
+    assert shard_units([], root, 10) == []
 
 
 # ---- block detection ---------------------------------------------------------------------------------
