@@ -172,7 +172,7 @@ class _PathState:
     measured: dict[str, float] = field(default_factory=dict)  # per-step seconds of the last probe
     choice: str | None = None  # None: probing
     since: int = 0  # steps on ``choice`` since the probe ended
-    recent: float | None = None  # moving average of the chosen path's step time
+    recent: float = 0.0  # moving average of the chosen path's step time
     probes: int = 0
     why: str = "first steps"
 
@@ -256,7 +256,7 @@ class DecodePathChooser:
         if path != st.choice:
             return
         st.since += steps
-        st.recent = per if st.recent is None or steps > 1 else (st.recent + per) / 2
+        st.recent = per if steps > 1 else (st.recent + per) / 2  # a chunk is an average already
         ratio = st.recent / st.measured[path]
         if st.since >= self.reprobe_every:
             self._reprobe(key, st, f"{st.since} steps since the last probe")
@@ -269,7 +269,7 @@ class DecodePathChooser:
             times = self.agree(times)  # every rank decides on the same numbers
         st.measured = {"native": times[0], "torch": times[1]}
         st.choice = "native" if times[0] <= times[1] else "torch"
-        st.since, st.recent, st.probes = 0, None, st.probes + 1
+        st.since, st.recent, st.probes = 0, st.measured[st.choice], st.probes + 1
         log.debug("decode path for %s: %s (probe %d, %s; native %.3f ms, torch %.3f ms a step)", key, st.choice,
                   st.probes, st.why, times[0] * 1e3, times[1] * 1e3)
 
