@@ -172,7 +172,8 @@ class _PathState:
     measured: dict[str, float] = field(default_factory=dict)  # per-step seconds of the last probe
     choice: str | None = None  # None: probing
     since: int = 0  # steps on ``choice`` since the probe ended
-    recent: float = 0.0  # moving average of the chosen path's step time
+    recent: float = 0.0  # moving average of the chosen path's single-step time
+    chunk: float | None = None  # per-step time of the first greedy-loop run after the probe
     probes: int = 0
     why: str = "first steps"
 
@@ -186,7 +187,9 @@ class DecodePathChooser:
     the same logits to fp32 rounding) and keeps the path with the lower median step time. It probes
     again after ``reprobe_every`` steps on the chosen path, or when that path's step time moves by
     more than ``jump`` times (up or down) from what the probe measured (another process started or
-    stopped competing for the cores). State is kept per batch size (``key``). ``mode`` pins one
+    stopped competing for the cores): single steps as a moving average against the probe's median,
+    runs of the native greedy loop (no Python between steps, so faster per step than the probe's
+    single steps) against the first such run after the probe. State is kept per batch size (``key``). ``mode`` pins one
     path (``"native"``/``"torch"``) for benchmarks and tests. Under tensor parallelism (``agree``
     given) every rank must take the same path in the same step: the probe's times are reduced over
     the ranks (``agree``) and only the step count triggers a new probe, never a rank's own times.
@@ -256,8 +259,12 @@ class DecodePathChooser:
         if path != st.choice:
             return
         st.since += steps
-        st.recent = per if steps > 1 else (st.recent + per) / 2  # a chunk is an average already
-        ratio = st.recent / st.measured[path]
+        if steps > 1:  # a run of the greedy loop in C: no Python between steps, so it has its own baseline
+            st.chunk = st.chunk or per
+            ratio = per / st.chunk
+        else:
+            st.recent = 0.75 * st.recent + 0.25 * per
+            ratio = st.recent / st.measured[path]
         if st.since >= self.reprobe_every:
             self._reprobe(key, st, f"{st.since} steps since the last probe")
         elif self.agree is None and not 1 / self.jump <= ratio <= self.jump:
@@ -269,7 +276,7 @@ class DecodePathChooser:
             times = self.agree(times)  # every rank decides on the same numbers
         st.measured = {"native": times[0], "torch": times[1]}
         st.choice = "native" if times[0] <= times[1] else "torch"
-        st.since, st.recent, st.probes = 0, st.measured[st.choice], st.probes + 1
+        st.since, st.recent, st.chunk, st.probes = 0, st.measured[st.choice], None, st.probes + 1
         log.debug("decode path for %s: %s (probe %d, %s; native %.3f ms, torch %.3f ms a step)", key, st.choice,
                   st.probes, st.why, times[0] * 1e3, times[1] * 1e3)
 

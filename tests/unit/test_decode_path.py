@@ -78,10 +78,24 @@ def test_step_time_jump_triggers_a_probe_up_and_down() -> None:
     assert c.state(1).choice == "native" and c.state(1).probes == 1
     # native slows 4x (another process took its cores): the moving average passes 1.5x, a probe
     assert steps(c, clock, {"native": 4.0, "torch": 2.0}, 4) == ["native", "native", "torch", "torch"]
-    assert c.state(1).choice == "torch" and "native step time moved 2.50x" in c.state(1).why
-    # torch gets 3x faster (the load went away): a probe again, native wins once more
-    assert steps(c, clock, {"native": 0.5, "torch": 0.6}, 5) == ["torch", "native", "torch", "native", "native"]
-    assert c.state(1).choice == "native" and "torch step time moved 0.65x" in c.state(1).why
+    assert c.state(1).choice == "torch" and "native step time moved 1.75x" in c.state(1).why  # .75 * 1 + .25 * 4
+    # torch gets 3x faster (the load went away): after three steps the average is below 1 / 1.5, a
+    # probe again, and native wins once more
+    assert steps(c, clock, {"native": 0.5, "torch": 0.6}, 6) == ["torch"] * 3 + ["native", "torch", "native"]
+    assert c.state(1).choice == "native" and "torch step time moved 0.60x" in c.state(1).why
+
+
+def test_native_loop_runs_have_their_own_baseline() -> None:
+    """A run of the greedy loop in C is faster per step than the probe's single steps (no Python
+    between steps): that is no jump; a later run slower than the first by > ``jump`` is."""
+    clock = Clock()
+    c = DecodePathChooser(probe_steps=1, reprobe_every=1000, jump=1.5, clock=clock)
+    steps(c, clock, {"native": 1.0, "torch": 2.0}, 2)
+    c.record(1, "native", 0.3 * 30, steps=30)  # 0.3 a step against the probe's 1.0: the baseline
+    c.record(1, "native", 0.4 * 30, steps=30)
+    assert c.state(1).choice == "native" and c.state(1).probes == 1
+    c.record(1, "native", 0.5 * 30, steps=30)  # 1.67x the first run
+    assert c.state(1).choice is None and "native step time moved 1.67x" in c.state(1).why
 
 
 def test_chunks_of_steps_count_and_budget_the_native_loop() -> None:
