@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from flexspeed.inference.attention import StepContext, step_context, window_keys
+from flexspeed.inference.packed import onednn_linear
 
 if TYPE_CHECKING:
     from flexspeed.inference.kernels import FusedDecoderLayer, ModelArch
@@ -49,7 +50,15 @@ def project(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if mod.bias is not None:
             y = y + mod.bias
         return y.view(*x.shape[:-1], -1)
+    if type(mod) is nn.Linear and x.numel() >= PROMPT_ROWS * x.shape[-1] and not torch.compiler.is_compiling():
+        y = onednn_linear(x, mod.weight, mod.bias)  # a prompt over plain weights (the native kernel's)
+        if y is not None:
+            return y
     return mod(x)
+
+
+PROMPT_ROWS = 32
+"""Rows from which a plain ``nn.Linear`` of a fused layer runs through oneDNN (:func:`onednn_linear`)."""
 
 
 
