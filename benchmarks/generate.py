@@ -44,7 +44,7 @@ own forward) and the native
 kernel's thread statistics (time slices its threads lost inside calls, re-measurements and
 switches of its adaptive thread count).
 
-    python benchmarks/generate.py [--quick] [--models opt,gpt2] [--batches 1,16] [--reps 3] [--compile] [--no-tp]
+    python benchmarks/generate.py [--quick] [--models opt,gpt2,neox] [--batches 1,16] [--reps 3] [--compile] [--no-tp]
                                   [--no-contended] [--load-procs 4] [--load-burst-ms 2] [--load-sleep-ms 6]
 """
 
@@ -73,6 +73,7 @@ import torch.nn as nn  # noqa: E402
 SHAPES = {
     "opt": dict(layers=12, hidden=768, ffn=3072, heads=12, vocab=50272),
     "gpt2": dict(layers=12, hidden=768, ffn=3072, heads=12, vocab=50257),
+    "neox": dict(layers=12, hidden=768, ffn=3072, heads=12, vocab=50304),  # Pythia-160M (rotary_pct 0.25)
 }
 QUICK = dict(layers=2, hidden=64, ffn=256, heads=4, vocab=512)
 
@@ -87,6 +88,12 @@ def build(name: str, shape: dict) -> nn.Module:
                            num_attention_heads=shape["heads"], vocab_size=shape["vocab"],
                            word_embed_proj_dim=shape["hidden"], max_position_embeddings=2048)
         return tf.OPTForCausalLM(cfg).eval()
+    if name == "neox":  # partial rotary, parallel residual
+        cfg = tf.GPTNeoXConfig(num_hidden_layers=shape["layers"], hidden_size=shape["hidden"],
+                               intermediate_size=shape["ffn"], num_attention_heads=shape["heads"],
+                               vocab_size=shape["vocab"], rotary_pct=0.25, use_parallel_residual=True,
+                               max_position_embeddings=2048, bos_token_id=0, eos_token_id=0)
+        return tf.GPTNeoXForCausalLM(cfg).eval()
     cfg = tf.GPT2Config(n_layer=shape["layers"], n_embd=shape["hidden"], n_inner=shape["ffn"], n_head=shape["heads"],
                         vocab_size=shape["vocab"], n_positions=1024, bos_token_id=0, eos_token_id=0)
     return tf.GPT2LMHeadModel(cfg).eval()

@@ -125,11 +125,12 @@ class Family:
         return self.block["up"]
 
     def native_blocker(self, dims: Dims) -> str | None:
-        """Why the native decode kernel cannot compute this family's layers (``None``: it can)."""
-        if dims.parallel_residual:
-            return f"{self.name}'s parallel residual is not in the native kernel"
-        if dims.rotary_dim and dims.rotary_dim != dims.head_dim:
-            return f"{self.name} rotates {dims.rotary_dim} of {dims.head_dim} head dims (partial rotary)"
+        """Why the native decode kernel cannot compute this family's layers (``None``: it can). The
+        kernel turns the leading ``rotary_dim`` dims of each head (GPT-NeoX's ``rotary_pct``, a
+        ``partial_rotary_factor``) and runs the parallel residual; an odd rotary width it cannot pair."""
+        if dims.rotary_dim % 2 or dims.rotary_dim > dims.head_dim:
+            return (f"{self.name} rotates {dims.rotary_dim} of {dims.head_dim} head dims (the kernel turns an even "
+                    "number, at most head_dim)")
         return None
 
 

@@ -9,11 +9,11 @@ weight byte once (fp32, bf16, int8 per-channel, int4 group-wise in the ``plain``
 attention over the fp32 KV cache, and the final norm + ``lm_head``.
 
 The library's whole interface (every export, struct and enum) is declared in ``csrc/fs_abi.h``;
-the ctypes mirrors below follow it, and :func:`library` checks the header's ``FS_ABI_VERSION``
-and the size of every struct against them when it loads the library (a mismatch raises
-:class:`NativeABIError`). A negative return code from the kernel raises :class:`NativeError`
-(:class:`NativeOutOfMemory` / :class:`NativeIndexError` for out of memory and an id out of range)
-instead of quietly running torch's path.
+its ctypes mirrors live in :mod:`~flexspeed.inference.native_abi` (re-exported here), and
+:func:`library` checks the header's ``FS_ABI_VERSION`` and the size of every struct against them
+when it loads the library (a mismatch raises :class:`NativeABIError`). A negative return code
+from the kernel raises :class:`NativeError` (:class:`NativeOutOfMemory` / :class:`NativeIndexError`
+for out of memory and an id out of range) instead of quietly running torch's path.
 
 It is compiled with the system C compiler (``$CC``, else ``gcc`` or ``cc``; ``-O3
 -march=native -fopenmp``) into ``$FLEXSPEED_CACHE_DIR`` (default ``~/.cache/flexspeed``), keyed by
@@ -23,7 +23,8 @@ compiler, or when the build fails, it is ``None`` after one warning that names t
 command and the fix, and :func:`status` (shown by ``flexspeed report``) says the same.
 
 :class:`~flexspeed.inference.native_decoder.NativeDecoder` maps a fused runner's modules onto the
-kernel's structs (this module holds the build, the structs and the small entry points).
+kernel's structs (:mod:`~flexspeed.inference.native_structs`); this module holds the build and
+the small entry points.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import functools
 import hashlib
 import os
 import platform
-import re
 import shlex
 import shutil
 import subprocess
@@ -43,176 +43,29 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-__all__ = ["library", "status", "attention", "linear_struct", "norm_struct", "quant_matmul", "gather_rows",
-           "argmax_rows", "pool_stats", "set_adaptive", "check", "Unsupported", "NativeError", "NativeABIError",
-           "NativeOutOfMemory", "NativeIndexError", "ABI_VERSION", "EXPORTS"]
+# the ABI's mirrors and errors, and the module -> struct mapping, re-exported: `native.Step`, `native.check_abi`
+from flexspeed.inference.native_abi import (ABI_VERSION, BF16, EXPORTS, F32, STRUCTS, Attn, Embed, Gen, Layer,
+                                            Linear, NativeABIError, NativeError, NativeIndexError, NativeOutOfMemory,
+                                            Norm, PoolStats, Step, check, check_abi, declare, header_exports)
+from flexspeed.inference.native_structs import (Unsupported, embed_struct, linear_struct, norm_struct,
+                                                table_struct)
+
+__all__ = ["library", "status", "attention", "quant_matmul", "gather_rows", "dequant_rows", "argmax_rows",
+           "pool_stats", "set_adaptive",
+           # re-exported from native_abi / native_structs
+           "ABI_VERSION", "EXPORTS", "STRUCTS", "Linear", "Norm", "Layer", "Step", "Embed", "Gen", "Attn", "PoolStats",
+           "check", "check_abi", "header_exports", "NativeError", "NativeABIError", "NativeOutOfMemory",
+           "NativeIndexError", "Unsupported", "linear_struct", "norm_struct", "table_struct", "embed_struct"]
 
 _CSRC = Path(__file__).parent / "csrc"
 _SRC = _CSRC / "decode.c"  # includes the csrc/*.h beside it
-_HEADER = _CSRC / "fs_abi.h"
 _FLAGS = ["-O3", "-fopenmp", "-pthread", "-shared", "-fPIC", "-std=gnu11"]
 
 
 def _flags() -> list[str]:
     # FLEXSPEED_NATIVE_MARCH picks the target (default: this CPU); e.g. x86-64 builds the portable path
     return [f"-march={os.environ.get('FLEXSPEED_NATIVE_MARCH', 'native')}", *_FLAGS]
-
-
-# ---------------------------------------------------------------------------------- the ABI (fs_abi.h)
-
-ABI_VERSION = 2  # FS_ABI_VERSION
-F32, BF16, I8, I4 = 0, 1, 2, 3  # enum fs_format
-RELU, GELU, GELU_TANH, SILU = 0, 1, 2, 3  # enum fs_activation
-THREADS_ENV, THREADS_OPENMP, THREADS_POOL = -1, 0, 1  # enum fs_threads_mode
-OK, ERR_SHAPE, ERR_NOMEM, ERR_RANGE, ERR_TIMEOUT, ERR_ARG = 0, -1, -2, -3, -4, -5  # enum fs_status
-_STATUS_TEXT = {ERR_SHAPE: "shapes that do not fit together", ERR_NOMEM: "out of memory",
-                ERR_RANGE: "a token id or position outside its table",
-                ERR_TIMEOUT: "a tensor-parallel rank stopped answering", ERR_ARG: "an argument outside its allowed values"}
-_P = ctypes.c_void_p
-_I = ctypes.c_int32
-_L = ctypes.c_int64
-
-
-class Linear(ctypes.Structure):
-    _fields_ = [("fmt", _I), ("n", _I), ("k", _I), ("group", _I), ("w", _P), ("scales", _P), ("bias_fmt", _I),
-                ("bias", _P), ("trans", _I)]
-
-
-class Norm(ctypes.Structure):
-    _fields_ = [("kind", _I), ("fmt", _I), ("eps", ctypes.c_float), ("w", _P), ("b", _P)]
-
-
-class Layer(ctypes.Structure):
-    _fields_ = [("norm1", Norm), ("norm2", Norm), ("qkv", Linear), ("out", Linear), ("up", Linear), ("down", Linear),
-                ("act", _I), ("gated", _I), ("n_heads", _I), ("n_kv", _I), ("head_dim", _I),
-                ("scale", ctypes.c_float), ("kc", _P), ("vc", _P), ("kv_fmt", _I), ("n_qkv_parts", _I),
-                ("n_up_parts", _I), ("qkv_parts", Linear * 3), ("up_parts", Linear * 2)]
-
-
-class Step(ctypes.Structure):
-    _fields_ = [("B", _I), ("C", _I), ("start", _I), ("t_max", _I), ("nthreads", _I), ("valid_stride", _I),
-                ("valid", _P), ("cos", _P), ("sin", _P), ("scratch", _P)]
-
-
-class Embed(ctypes.Structure):
-    _fields_ = [("tok", Linear), ("pos", Linear), ("pos_offset", _I), ("round_bf16", _I)]
-
-
-class Gen(ctypes.Structure):
-    _fields_ = [("T", _I), ("max_new", _I), ("min_new", _I), ("n_eos", _I), ("pad", _I), ("eos", _P), ("seq", _P),
-                ("done", _P), ("pos0", _P), ("cos", _P), ("sin", _P), ("logits", _P), ("x", _P)]
-
-
-class Attn(ctypes.Structure):
-    _fields_ = [("B", _I), ("Hq", _I), ("Hkv", _I), ("T", _I), ("hd", _I), ("start", _I), ("causal", _I), ("fmt", _I),
-                ("nthreads", _I), ("scale", ctypes.c_float), ("q", _P), ("q_b", _L), ("q_h", _L), ("q_t", _L),
-                ("k", _P), ("k_b", _L), ("k_h", _L), ("k_t", _L), ("v", _P), ("v_b", _L), ("v_h", _L), ("v_t", _L),
-                ("out", _P), ("o_b", _L), ("o_h", _L), ("o_t", _L), ("mask", _P), ("m_b", _L), ("m_t", _L)]
-
-
-class PoolStats(ctypes.Structure):
-    _fields_ = [("calls", _L), ("explored", _L), ("switches", _L), ("preempted", _L), ("sleeps", _L),
-                ("current", _I), ("requested", _I)]
-
-
-STRUCTS = (Linear, Norm, Layer, Step, Embed, Gen, Attn, PoolStats)  # in enum fs_struct_id's order
-
-
-def _ptr(cls) -> type:
-    return ctypes.POINTER(cls)
-
-
-# export -> (restype, argtypes), exactly the functions fs_abi.h declares
-EXPORTS: dict[str, tuple] = {
-    "fs_abi_version": (ctypes.c_int, []),
-    "fs_struct_size": (_L, [ctypes.c_int]),
-    "fs_fast_path": (ctypes.c_int, []),
-    "fs_set_threads": (ctypes.c_int, [ctypes.c_int]),
-    "fs_set_adaptive": (ctypes.c_int, [ctypes.c_int]),
-    "fs_pool_stats_get": (None, [_ptr(PoolStats)]),
-    "fs_scratch_floats": (_L, [_ptr(Layer), ctypes.c_int, _ptr(Linear), ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                               ctypes.c_int]),
-    "fs_forward": (ctypes.c_int, [_ptr(Layer), ctypes.c_int, _ptr(Norm), _ptr(Linear), _P, _P, _ptr(Step)]),
-    "fs_layer_part": (ctypes.c_int, [_ptr(Layer), ctypes.c_int, _P, _P, _ptr(Step)]),
-    "fs_generate": (ctypes.c_int, [_ptr(Layer), ctypes.c_int, _ptr(Norm), _ptr(Linear), _ptr(Embed), _ptr(Step),
-                                   _ptr(Gen)]),
-    "fs_attention": (ctypes.c_int, [_ptr(Attn)]),
-    "fs_argmax": (None, [_P, _L, _L, _P]),
-    "fs_rows": (ctypes.c_int, [_ptr(Linear), _P, _L, _P]),
-    "fs_dequant_rows": (ctypes.c_int, [_ptr(Linear), ctypes.c_int, ctypes.c_int, _P, ctypes.c_int, ctypes.c_int]),
-    "fs_shm_bytes": (_L, [ctypes.c_int, _L]),
-    "fs_shm_allreduce": (ctypes.c_int, [_P, ctypes.c_int, ctypes.c_int, _L, _P, _L, _L, ctypes.c_double, _P]),
-}
-
-
-class NativeABIError(RuntimeError):
-    """The compiled library and native.py's ctypes mirrors disagree (version or a struct's size)."""
-
-
-class NativeError(RuntimeError):
-    """A kernel call returned a negative status code (``code``; ``export`` names the call)."""
-
-    def __init__(self, export: str, code: int, what: str = "") -> None:
-        self.export, self.code = export, code
-        reason = _STATUS_TEXT.get(code, "an unknown failure")
-        super().__init__(f"flexspeed's native kernel failed in {export}{' (' + what + ')' if what else ''}: "
-                         f"{reason} (code {code})")
-
-
-class NativeOutOfMemory(NativeError, MemoryError):
-    """The kernel could not allocate a working buffer."""
-
-
-class NativeIndexError(NativeError, IndexError):
-    """A token id or position outside its table."""
-
-
-def check(rc: int, export: str, what: str = "") -> int:
-    """``rc`` when it is not negative; otherwise the error that its ``fs_status`` code names."""
-    if rc >= 0:
-        return rc
-    cls = {ERR_NOMEM: NativeOutOfMemory, ERR_RANGE: NativeIndexError}.get(rc, NativeError)
-    raise cls(export, rc, what)
-
-
-def check_abi(lib) -> None:
-    """Raise :class:`NativeABIError` unless ``lib`` has every export of ``EXPORTS``, the same ABI
-    version and the same size for every struct as the mirrors here."""
-    missing = [name for name in EXPORTS if not hasattr(lib, name)]
-    if missing:
-        raise NativeABIError(f"the native library {_lib_name(lib)} lacks the exports {missing} that "
-                             f"flexspeed/inference/native.py declares; {_ABI_FIX}")
-    version = int(lib.fs_abi_version())
-    if version != ABI_VERSION:
-        raise NativeABIError(f"the native library {_lib_name(lib)} has ABI version {version}, flexspeed/inference/"
-                             f"native.py expects {ABI_VERSION}; {_ABI_FIX}")
-    wrong = []
-    for i, cls in enumerate(STRUCTS):
-        size = int(lib.fs_struct_size(i))
-        if size != ctypes.sizeof(cls):
-            wrong.append(f"{cls.__name__}: C {size} bytes, ctypes {ctypes.sizeof(cls)}")
-    if wrong:
-        raise NativeABIError(f"the native library {_lib_name(lib)} and its ctypes mirrors in flexspeed/inference/"
-                             f"native.py disagree on struct sizes ({'; '.join(wrong)}); {_ABI_FIX}")
-
-
-_ABI_FIX = ("csrc/fs_abi.h and the mirrors in native.py must change together (bump FS_ABI_VERSION and ABI_VERSION); "
-            "delete stale builds in $FLEXSPEED_CACHE_DIR (default ~/.cache/flexspeed) or set FLEXSPEED_NATIVE=0")
-
-
-def _lib_name(lib) -> str:
-    return getattr(lib, "_name", None) or repr(lib)
-
-
-def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    for name, (restype, argtypes) in EXPORTS.items():
-        fn = getattr(lib, name, None)
-        if fn is not None:
-            fn.restype, fn.argtypes = restype, argtypes
-    return lib
 
 
 # ---------------------------------------------------------------------------------- the build
@@ -332,7 +185,7 @@ def library() -> ctypes.CDLL | None:
         _not_built("build failed", f"no writable cache directory ($FLEXSPEED_CACHE_DIR, {tempfile.gettempdir()})",
                    "set FLEXSPEED_CACHE_DIR to a writable directory", compiler=cc)
         return None
-    lib = _declare(ctypes.CDLL(str(path)))
+    lib = declare(ctypes.CDLL(str(path)))
     try:
         check_abi(lib)
     except NativeABIError as exc:
@@ -343,10 +196,7 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def header_exports() -> list[str]:
-    """The function names ``csrc/fs_abi.h`` declares (what ``EXPORTS`` must mirror)."""
-    text = re.sub(r"/\*.*?\*/", "", _HEADER.read_text(), flags=re.S)
-    return re.findall(r"^\s*(?:const\s+)?[A-Za-z_][A-Za-z0-9_]*\s*\**\s*(fs_[a-z0-9_]+)\s*\(", text, flags=re.M)
+# ---------------------------------------------------------------------------------- entry points
 
 
 def pool_stats() -> dict | None:
@@ -412,92 +262,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, mas
         a.mask, a.m_b, a.m_t = m.data_ptr(), m.stride(0) if m.shape[0] > 1 else 0, m.stride(1)
     check(lib.fs_attention(ctypes.byref(a)), "fs_attention", f"B={B} Hq={hq} T={T} hd={hd} start={start}")
     return out.transpose(1, 2)
-
-
-class Unsupported(Exception):
-    """A module the kernel cannot run (the message says which and why)."""
-
-
-def _fmt(t: torch.Tensor, what: str) -> int:
-    if t.device.type != "cpu" or not t.is_contiguous():
-        raise Unsupported(f"{what} is not a contiguous CPU tensor")
-    if t.dtype == torch.float32:
-        return F32
-    if t.dtype == torch.bfloat16:
-        return BF16
-    raise Unsupported(f"{what} is {t.dtype} (the kernel reads fp32, bf16, int8 and int4 weights)")
-
-
-def linear_struct(mod: nn.Module | None, what: str, keep: list | None = None) -> Linear:
-    """The kernel's view of an ``nn.Linear`` or ``QuantLinear`` (int8, or int4 in the plain order).
-
-    int4 scales are copied into the row-major ``(N, K/group, 2)`` order the kernel reads (one row's
-    scales in one or two cache lines; the module's ``(K/group, N, 2)`` order makes every group of a
-    row a different line, and those lines thrash the L1 cache's sets); the copy, as large as the
-    module's ``qparams``, is appended to ``keep``, which must outlive the struct.
-    """
-    from flexspeed.inference.quant import QuantLinear
-
-    if mod is None:
-        raise Unsupported(f"{what} is missing")
-    bias = getattr(mod, "bias", None)
-    bias_fmt = _fmt(bias, f"{what}.bias") if bias is not None else F32
-    bias_ptr = bias.data_ptr() if bias is not None else None
-    if type(mod) is nn.Linear:
-        w = mod.weight.detach()
-        return Linear(_fmt(w, f"{what}.weight"), w.shape[0], w.shape[1], 0, w.data_ptr(), None, bias_fmt, bias_ptr)
-    if type(mod).__name__ == "Conv1D":  # HF GPT-2: weight (in, out), read transposed
-        w = mod.weight.detach()
-        return Linear(_fmt(w, f"{what}.weight"), w.shape[1], w.shape[0], 0, w.data_ptr(), None, bias_fmt, bias_ptr, 1)
-    if isinstance(mod, QuantLinear):
-        if mod.qweight.device.type != "cpu":
-            raise Unsupported(f"{what} is not on the CPU")
-        if mod.num_bits == 8:
-            return Linear(I8, mod.out_features, mod.in_features, 0, mod.qweight.data_ptr(), mod.qparams.data_ptr(),
-                          bias_fmt, bias_ptr)
-        if mod.layout != "plain" or mod.in_features % 2:
-            raise Unsupported(f"{what} holds int4 weights in aten's blocked order (quantize with the native "
-                              "kernel loaded to get the plain order)")
-        rows_major = _rows_major_scales(mod)
-        if keep is not None:
-            keep.append(rows_major)
-        return Linear(I4, mod.out_features, mod.in_features, mod.group_size, mod.qweight.data_ptr(),
-                      rows_major.data_ptr(), bias_fmt, bias_ptr)
-    raise Unsupported(f"{what} is a {type(mod).__name__} (the kernel reads nn.Linear and QuantLinear)")
-
-
-def table_struct(mod: nn.Module, what: str, keep: list) -> tuple[Linear, torch.dtype]:
-    """The kernel's view of an embedding table (``nn.Embedding`` or a ``QuantEmbedding`` tied to
-    an int8 / plain int4 head) and the dtype its lookups return."""
-    from flexspeed.inference.quant import QuantEmbedding
-
-    if isinstance(mod, QuantEmbedding):
-        return linear_struct(mod.source, what, keep), mod._dtype_probe.dtype
-    if isinstance(mod, nn.Embedding) and mod.max_norm is None:
-        w = mod.weight.detach()
-        return Linear(_fmt(w, f"{what}.weight"), w.shape[0], w.shape[1], 0, w.data_ptr(), None, F32, None), w.dtype
-    raise Unsupported(f"{what} is a {type(mod).__name__} (the kernel reads nn.Embedding and QuantEmbedding tables)")
-
-
-def embed_struct(tok: nn.Module, pos: nn.Module | None, offset: int, keep: list) -> tuple[Embed, torch.dtype]:
-    """The kernel's token (+ learned position) lookup, and the dtype the model's lookup returns."""
-    t, dtype = table_struct(tok, "token embedding", keep)
-    p, pdtype = (table_struct(pos, "position embedding", keep) if pos is not None else (Linear(), dtype))
-    if dtype not in (torch.float32, torch.bfloat16) or pdtype != dtype:
-        raise Unsupported(f"embedding lookups in {dtype} / {pdtype} (the kernel repeats fp32 and bf16 lookups)")
-    return Embed(t, p, int(offset), int(dtype == torch.bfloat16)), dtype
-
-
-def _rows_major_scales(mod) -> torch.Tensor:
-    """An int4 ``QuantLinear``'s scales as ``(N_padded, K/group, 2)``, made once per ``qparams``
-    (cached on the module, outside its state; shared by every user of the kernel)."""
-    q = mod.qparams
-    key = (q.data_ptr(), q._version)
-    cached = mod.__dict__.get("_native_scales")
-    if cached is None or cached[0] != key:
-        cached = (key, q.transpose(0, 1).contiguous())
-        mod.__dict__["_native_scales"] = cached
-    return cached[1]
 
 
 _SCRATCH = threading.local()
@@ -579,64 +343,3 @@ def quant_matmul(mod, x2: torch.Tensor) -> torch.Tensor | None:
     check(lib.fs_forward(None, 0, None, ctypes.byref(lin), x.data_ptr(), y.data_ptr(), ctypes.byref(step)),
           "fs_forward", f"({M}, {K}) @ ({lin.n}, {lin.k}).T")
     return y
-
-
-def _maybe_parts(mod: nn.Module, what: str, keep: list, slots) -> tuple[Linear, int]:
-    """(the whole, number of parts): a ``ConcatLinear``'s parts go to ``slots``, the whole then only
-    describes them (total rows, their common format)."""
-    parts = getattr(mod, "parts", None)
-    if parts is None or type(mod).__name__ != "ConcatLinear":
-        return linear_struct(mod, what, keep), 0
-    if len(parts) > len(slots):
-        raise Unsupported(f"{what} has {len(parts)} parts (the kernel takes {len(slots)})")
-    structs = [linear_struct(m, f"{what}[{i}]", keep) for i, m in enumerate(parts)]
-    if len({(t.fmt, t.k, t.group) for t in structs}) != 1:
-        raise Unsupported(f"{what}: its parts differ in format or input size")
-    for i, t in enumerate(structs):
-        slots[i] = t
-    first = structs[0]
-    return Linear(first.fmt, sum(t.n for t in structs), first.k, first.group, None, None, F32, None), len(structs)
-
-
-def norm_struct(mod: nn.Module, what: str, keep: list[torch.Tensor] | None = None, one_plus: bool = False) -> Norm:
-    """The kernel's view of a LayerNorm or RMSNorm. ``one_plus``: Gemma's RMSNorm, which scales by
-    ``1 + weight`` in fp32; the kernel reads an fp32 copy of ``1 + weight`` appended to ``keep``
-    (``hidden`` floats per norm), so the model's own parameter is read, not changed."""
-    w, b = getattr(mod, "weight", None), getattr(mod, "bias", None)
-    if one_plus:
-        eps = getattr(mod, "eps", None) or getattr(mod, "variance_epsilon", None)
-        if w is None or eps is None or keep is None:
-            raise Unsupported(f"{what}: a (1 + weight) RMSNorm needs its weight and eps")
-        w1 = (1.0 + w.detach().float()).contiguous()
-        keep.append(w1)
-        return Norm(1, _fmt(w1, f"{what}.weight"), float(eps), w1.data_ptr(), None)
-    if isinstance(mod, nn.LayerNorm):
-        kind, eps = 0, mod.eps
-    elif isinstance(mod, nn.RMSNorm) or hasattr(mod, "variance_epsilon"):
-        kind = 1
-        eps = getattr(mod, "variance_epsilon", None) or getattr(mod, "eps", None)
-        if eps is None:
-            eps = torch.finfo(w.dtype if w is not None else torch.float32).eps
-        b = None
-    else:
-        raise Unsupported(f"{what} is a {type(mod).__name__} (the kernel knows LayerNorm and RMSNorm)")
-    if w is None:
-        raise Unsupported(f"{what} has no weight")
-    fmt = _fmt(w.detach(), f"{what}.weight")
-    if b is not None and _fmt(b.detach(), f"{what}.bias") != fmt:
-        raise Unsupported(f"{what}: weight and bias differ in dtype")
-    return Norm(kind, fmt, float(eps), w.data_ptr(), b.data_ptr() if b is not None else None)
-
-
-def _activation(act) -> int:
-    """The kernel's code for ``act``, found by evaluating it (modules and functions alike)."""
-    x = torch.linspace(-6, 6, 97)
-    try:
-        y = act(x)
-    except Exception as exc:  # noqa: BLE001 - anything unusual is simply unsupported
-        raise Unsupported(f"activation {act!r} failed on a probe: {exc}") from None
-    candidates = [(RELU, F.relu(x)), (GELU, F.gelu(x)), (GELU_TANH, F.gelu(x, approximate="tanh")), (SILU, F.silu(x))]
-    for code, ref in candidates:
-        if isinstance(y, torch.Tensor) and y.shape == x.shape and torch.allclose(y.float(), ref, atol=1e-5, rtol=1e-5):
-            return code
-    raise Unsupported(f"activation {act!r} is not ReLU, GELU (erf or tanh) or SiLU")

@@ -15,8 +15,10 @@ import tempfile
 import torch
 import torch.nn as nn
 
-from flexspeed.inference.native import (BF16, F32, I4, I8, Layer, Linear, Step, Unsupported, _activation,
-                                        _maybe_parts, library, linear_struct, norm_struct)
+from flexspeed.inference.native import library
+from flexspeed.inference.native_abi import BF16, F32, I4, I8, Gen, Layer, Linear, Step
+from flexspeed.inference.native_structs import (Unsupported, activation_code, embed_struct, linear_struct,
+                                                norm_struct, parts_struct)
 
 __all__ = ["NativeDecoder", "ShmAllReduce"]
 
@@ -109,7 +111,8 @@ class NativeDecoder:
         if tp_size_of(r.root) != 1 and getattr(r, "tp_group", None) is None:
             raise Unsupported("the model is tensor-parallel but the runner has no tp_group (init_inference sets it)")
         keep: list[torch.Tensor] = []
-        one_plus = getattr(getattr(r.arch, "dims", None), "norm", "") == "rms1p"  # Gemma: (1 + w) * x
+        dims = getattr(r.arch, "dims", None)
+        one_plus = getattr(dims, "norm", "") == "rms1p"  # Gemma: (1 + w) * x
         layers = (Layer * len(parts))()
         for i, (layer, (n1, qkv, out, n2, up, down)) in enumerate(zip(r.layers, parts)):
             if not layer.pre_norm:
@@ -119,11 +122,14 @@ class NativeDecoder:
             s = layers[i]
             s.norm1, s.norm2 = norm_struct(n1, f"{p} norm1", keep, one_plus), norm_struct(n2, f"{p} norm2", keep,
                                                                                              one_plus)
-            s.qkv, s.n_qkv_parts = _maybe_parts(qkv, f"{p} qkv", keep, s.qkv_parts)
-            s.up, s.n_up_parts = _maybe_parts(up, f"{p} up", keep, s.up_parts)
+            s.qkv, s.n_qkv_parts = parts_struct(qkv, f"{p} qkv", keep, s.qkv_parts)
+            s.up, s.n_up_parts = parts_struct(up, f"{p} up", keep, s.up_parts)
             s.out, s.down = linear_struct(out, f"{p} out", keep), linear_struct(down, f"{p} down", keep)
-            s.act, s.gated = _activation(layer.act), int(layer.gated)
+            s.act, s.gated, s.parallel = activation_code(layer.act), int(layer.gated), int(layer.parallel)
             s.n_heads, s.n_kv, s.head_dim, s.scale = hq, hkv, hd, float(layer.scale)
+            s.rot_dim = getattr(dims, "rotary_dim", 0) or hd  # GPT-NeoX rotary_pct < 1: the leading dims only
+            if s.rot_dim % 2 or s.rot_dim > hd:
+                raise Unsupported(f"{p}: rotary embeddings over {s.rot_dim} of {hd} head dims (odd, or more)")
             if hq % hkv or s.qkv.n != (hq + 2 * hkv) * hd or s.out.k != hq * hd:
                 raise Unsupported(f"{p}: projection shapes do not match {hq} heads, {hkv} kv heads of {hd}")
             if s.down.k != (s.up.n // 2 if layer.gated else s.up.n):
@@ -250,8 +256,6 @@ class NativeDecoder:
         new tokens into ``seq`` and returns how many new columns it holds, or ``None`` when the
         model's embeddings are not lookups the kernel can repeat (the caller's loop goes on).
         """
-        from flexspeed.inference.native import Gen, embed_struct
-
         runner = self.runner
         if self.tp_group is not None or runner.arch.tables is None or (pad is not None and pad < 0):
             return None
@@ -271,6 +275,7 @@ class NativeDecoder:
             positions = pos0[:, None] + torch.arange(max_new - 1)
             cos, sin = (t.to(torch.float32).transpose(0, 1).contiguous()
                         for t in runner.arch.rope(runner.root, torch.empty(B, max_new - 1, 1, dtype=dtype), positions))
+            self._check_rope_width(cos.shape[-1])
         step, held = self._step(B, C, T, t_max, nt, None, None)
         if key_mask is not None:  # every column: the kernel reads keys 0..start of each step
             valid = key_mask.contiguous()
@@ -303,9 +308,17 @@ class NativeDecoder:
             step.valid, step.valid_stride = valid.data_ptr(), valid.stride(0)
         if rope is not None:
             cos, sin = (t.reshape(B, -1).to(torch.float32).contiguous() for t in rope)
+            self._check_rope_width(cos.shape[-1])
             keep += [cos, sin]
             step.cos, step.sin = cos.data_ptr(), sin.data_ptr()
         return step, keep
+
+    def _check_rope_width(self, width: int) -> None:
+        """The model's rotary tables turn as many dims per head as the layers were built for."""
+        want = self.layers[0].rot_dim if len(self.layers) else width
+        if width != want:
+            raise ValueError(f"the model's rotary tables are {width} wide, its layers rotate {want} dims per head "
+                             "(the family's rotary_dim / partial_rotary_factor disagrees with its rotary module)")
 
     def _forward_tp(self, h: torch.Tensor, start: int, t_max: int, nt: int, key_mask: torch.Tensor | None,
                     rope: tuple | None) -> torch.Tensor:
@@ -318,12 +331,17 @@ class NativeDecoder:
         if self._shm is None or self._shm.cap < need:
             self._shm = ShmAllReduce(self.lib, self.tp_group, need)
         step, keep = self._step(B, C, start, t_max, nt, key_mask, rope)
-        part = torch.empty(B, C)
+        part, part2 = torch.empty(B, C), torch.empty(B, C)
         for layer in self.layers:
             for half in (0, 1):
-                rc = self.lib.fs_layer_part(ctypes.byref(layer), half, h.data_ptr(), part.data_ptr(), ctypes.byref(step))
+                out = part2 if layer.parallel and half else part
+                rc = self.lib.fs_layer_part(ctypes.byref(layer), half, h.data_ptr(), out.data_ptr(), ctypes.byref(step))
                 if rc != 0:
                     raise RuntimeError(f"native decode kernel rejected the shapes (code {rc})")
+                if layer.parallel and half == 0:
+                    continue  # parallel residual: both halves read this h; their sum is reduced once
+                if layer.parallel:
+                    part += part2
                 self._shm(part, accum=h)  # h += sum over ranks
         mine = torch.empty(B, self.head.n)
         rc = self.lib.fs_forward(None, 0, self._final_p, self._head_p, h.data_ptr(), mine.data_ptr(), ctypes.byref(step))

@@ -42,7 +42,7 @@ import torch.nn as nn
 
 from flexspeed.config.errors import ConfigError
 
-__all__ = ["QuantLinear", "QuantEmbedding", "quantize_linears", "int4_kernel_layout"]
+__all__ = ["QuantLinear", "QuantEmbedding", "quantize_linears", "int4_kernel_layout", "pack_plain", "unpack_plain"]
 
 _BITS_KEY = "quant.weight.num_bits"
 _GROUP_KEY = "quant.weight.group_size"
@@ -67,13 +67,13 @@ def _dense_weight(module: nn.Module) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- int4 byte orders
 
-def _unpack_plain(packed: torch.Tensor) -> torch.Tensor:
+def unpack_plain(packed: torch.Tensor) -> torch.Tensor:
     """``(N, K/2)`` bytes, low nibble = even column -> ``(N, K)`` values 0..15."""
     n = packed.shape[0]
     return torch.stack([packed & 15, packed >> 4], dim=-1).view(n, -1)
 
 
-def _pack_plain(q: torch.Tensor) -> torch.Tensor:
+def pack_plain(q: torch.Tensor) -> torch.Tensor:
     """``(N, K)`` values 0..15 -> ``(N, K/2)`` bytes, low nibble = even column."""
     q = q.to(torch.uint8)
     return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
@@ -125,7 +125,7 @@ def _gather_blocked(packed: torch.Tensor, n_rows: int, k: int, rows: torch.Tenso
 
 
 def _gather_plain(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    return _unpack_plain(packed[rows])
+    return unpack_plain(packed[rows])
 
 
 @functools.cache
@@ -270,7 +270,7 @@ class QuantLinear(nn.Module):
             sz = torch.stack([scale, zero], -1).to(torch.bfloat16).transpose(0, 1)  # (K/g, n, 2)
             self.qparams[:, r0:r1] = sz.view(torch.int16)
             if self.layout == "plain":
-                self.qweight[r0:r1] = _pack_plain(q)
+                self.qweight[r0:r1] = pack_plain(q)
             else:  # chunks start on a block, so the packer's blocks line up with the whole matrix's
                 packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
                 self.qweight[r0:r1] = packed.view(n, -1)
@@ -302,7 +302,7 @@ class QuantLinear(nn.Module):
     def _values(self, r0: int, r1: int) -> torch.Tensor:
         """int4 values 0..15 of output rows ``r0:r1``, ``(r1 - r0, K)`` uint8."""
         if self.layout == "plain":
-            return _unpack_plain(self.qweight[r0:r1])
+            return unpack_plain(self.qweight[r0:r1])
         return _unpack_blocked(self.qweight, self.rows, self.in_features, r0, r1, self.layout, self.block)
 
     def _dequant(self, vals: torch.Tensor, rows: slice | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -386,7 +386,7 @@ class QuantLinear(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.num_bits == 4 and self.layout != "plain":  # save the machine-independent order, unpadded
             vals = torch.cat([self._values(r0, r1) for r0, r1 in self._row_chunks()])[:self.out_features]
-            destination[prefix + "qweight"] = _pack_plain(vals)
+            destination[prefix + "qweight"] = pack_plain(vals)
             destination[prefix + "qparams"] = self.qparams[:, :self.out_features].clone()
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
@@ -399,7 +399,7 @@ class QuantLinear(nn.Module):
             for k in keys:
                 if k in missing_keys:
                     missing_keys.remove(k)
-            vals = _unpack_plain(state_dict[keys[0]]).to(torch.int32)  # (N, K)
+            vals = unpack_plain(state_dict[keys[0]]).to(torch.int32)  # (N, K)
             n = vals.shape[0]
             if n < self.rows:
                 vals = torch.cat([vals, vals.new_zeros(self.rows - n, vals.shape[1])])

@@ -5,13 +5,13 @@ The groups come from :class:`~flexspeed.distributed.parallel_dims.ParallelDims` 
 (``from_process_group``: flexspeed's engines outside pipelines use the world as the data-parallel group, as
 DeepSpeed does without an ``mpu``). flexspeed has no sequence parallelism: its degree is 1 and this rank is rank 0
 of it, as DeepSpeed answers without a sequence-parallel ``mpu``; asking for the sequence-parallel *group*
-raises DeepSpeed's ``KeyError`` with the fix. Like DeepSpeed's, these need ``torch.distributed`` started, and
-the first data-parallel group query is a collective (every rank makes it; the group is then reused).
+raises DeepSpeed's ``KeyError`` with the fix. Like DeepSpeed's, these need ``torch.distributed``
+started. The data-parallel group is the default group itself (what a one-dimensional mesh over the
+whole world uses), so no query is a collective and nothing here keeps a group alive after
+``destroy_process_group()``.
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch.distributed as dist
 
@@ -23,10 +23,6 @@ __all__ = ["_get_data_parallel_group", "_get_data_parallel_world_size", "_get_da
            "_get_sequence_data_parallel_world_size", "_get_sequence_data_parallel_rank",
            "_get_expert_parallel_group_dict"]
 
-# (weak reference to the default group, its degrees with their meshes cached inside): weak, so that a
-# destroyed group is not kept alive until interpreter teardown, and a new group never gets the old meshes.
-_DIMS: list[tuple[weakref.ref, ParallelDims]] = []
-
 
 def _require_dist() -> None:
     if not dist.is_initialized():
@@ -35,20 +31,15 @@ def _require_dist() -> None:
 
 
 def _dims() -> ParallelDims:
+    """The degrees over the current process group (arithmetic only: no mesh is built)."""
     _require_dist()
-    group = dist.distributed_c10d._get_default_group()
-    if not _DIMS or _DIMS[0][0]() is not group:
-        _DIMS[:] = [(weakref.ref(group), ParallelDims.from_process_group())]
-    return _DIMS[0][1]
-
-
-def _device_type() -> str:
-    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return ParallelDims.from_process_group()
 
 
 def _get_data_parallel_group() -> dist.ProcessGroup:
-    """The data-parallel process group (all ranks; collective on first use)."""
-    return _dims().group("dp", _device_type())
+    """The data-parallel process group: all ranks, the default group."""
+    _require_dist()
+    return dist.distributed_c10d._get_default_group()
 
 
 def _get_data_parallel_world_size() -> int:

@@ -159,29 +159,31 @@ def _grid(rank: int, world: int, ckpt_dir: str) -> dict:
     from flexspeed.inference.kernels import get_runner
     from flexspeed.inference.native import library
 
+    from tests.unit._families import V as FAMILY_V
+    from tests.unit._families import build as family_model
+    from tests.unit._families import padded_batch
+
     if library() is None:
         res["native_tp"] = "skipped"
     else:  # the native decode step: partial projections summed through shared memory, head rows split
         res["native_tp"] = {}
-        for n in ("gpt2", "llama"):
-            engine = flexspeed.init_inference(build(n), tensor_parallel={"tp_size": 2}, replace_with_kernel_inject=True)
+        for n in ("gpt2", "llama", "gpt_neox"):  # GPT-NeoX: partial rotary, parallel residual (one reduce a layer)
+            model, ids = (family_model(n), x % FAMILY_V) if n == "gpt_neox" else (build(n), x)
+            engine = flexspeed.init_inference(model, tensor_parallel={"tp_size": 2}, replace_with_kernel_inject=True)
             runner = get_runner(engine.module)
             reason = runner.native_reason()
             with torch.no_grad():
-                got = engine.generate(x[:, :8], max_new_tokens=6, min_new_tokens=6)
+                got = engine.generate(ids[:, :8], max_new_tokens=6, min_new_tokens=6)
                 cache = runner.new_cache(2, 16)
                 pos = torch.arange(8).expand(2, 8)
-                runner(x[:2, :8], pos, cache, 0)
-                step_native = runner(x[:2, 8:9], pos[:, -1:] + 1, cache, 8)
+                runner(ids[:2, :8], pos, cache, 0)
+                step_native = runner(ids[:2, 8:9], pos[:, -1:] + 1, cache, 8)
                 runner.native_decode = False
-                want = engine.generate(x[:, :8], max_new_tokens=6, min_new_tokens=6)
-                step_torch = runner(x[:2, 8:9], pos[:, -1:] + 1, cache, 8)
+                want = engine.generate(ids[:, :8], max_new_tokens=6, min_new_tokens=6)
+                step_torch = runner(ids[:2, 8:9], pos[:, -1:] + 1, cache, 8)
             res["native_tp"][n] = {"reason": reason, "equal": bool(torch.equal(got, want)),
                                    "diff": (step_native.float() - step_torch.float()).abs().max().item(),
                                    "scale": step_torch.abs().max().item()}
-    from tests.unit._families import build as family_model
-    from tests.unit._families import padded_batch
-
     res["families_tp"] = {}  # the registry's head counts drive the plan; greedy tokens as unsharded
     ids, mask = padded_batch()
     for n in ("mistral", "qwen2", "phi3", "gemma", "gpt_neox"):

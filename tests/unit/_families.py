@@ -11,13 +11,15 @@ V = 97
 NINE = ("gpt", "gpt2", "opt", "llama", "mistral", "qwen2", "phi3", "gemma", "gpt_neox")
 
 
-def build(name: str) -> nn.Module:
-    """A 2-layer random model of family ``name`` (init std 0.2: logits far from flat), fp32, eval mode."""
+def build(name: str, **overrides) -> nn.Module:
+    """A 2-layer random model of family ``name`` (init std 0.2: logits far from flat), fp32, eval mode;
+    ``overrides``: config keys of an HF family (GPT-NeoX's ``rotary_pct``, ``use_parallel_residual``)."""
     import transformers as tf
 
     torch.manual_seed(0)
-    common = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                  vocab_size=V, initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common = {**dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                     vocab_size=V, initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+              **overrides}
     if name == "gpt":
         return GPT(n_layer=2, n_embd=64, n_head=4, vocab_size=V, block_size=64).eval()
     if name == "gpt2":
@@ -38,7 +40,7 @@ def build(name: str) -> nn.Module:
     if name == "gemma":
         return tf.GemmaForCausalLM(tf.GemmaConfig(num_key_value_heads=2, head_dim=16, **common)).eval()
     if name == "gpt_neox":
-        cfg = tf.GPTNeoXConfig(rotary_pct=0.5, max_position_embeddings=64, **common)
+        cfg = tf.GPTNeoXConfig(**{"rotary_pct": 0.5, "max_position_embeddings": 64, **common})
         return tf.GPTNeoXForCausalLM(cfg).eval()
     raise KeyError(name)
 

@@ -171,3 +171,56 @@ def test_gemma_runs_on_the_native_kernel_with_and_without_injection() -> None:
             got = runner.step(ids[:1, :1], torch.tensor([[9]]), cache, 9)
             want = model(torch.cat([ids[:1], ids[:1, :1]], 1)).logits[:, -1:]
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("rotary_pct", [0.25, 1.0])
+@pytest.mark.parametrize("parallel", [True, False])
+def test_gpt_neox_runs_on_the_native_kernel(rotary_pct: float, parallel: bool) -> None:
+    """GPT-NeoX's partial rotary (the leading ``rotary_pct * head_dim`` dims of each head turn, the
+    rest pass through) and parallel residual (``x + attn(ln1(x)) + mlp(ln2(x))``) in the C step:
+    through init_inference with kernel injection the runner's single-token steps are native, one
+    native step's logits equal HF's (fp32, atol 1e-4), and greedy tokens equal HF ``generate`` for a
+    left-padded batch (one native step per token) and an unpadded row (the native greedy loop)."""
+    import flexspeed
+    from flexspeed.inference.native import library
+
+    if library() is None:
+        pytest.skip("the native decode kernel is not built")
+    model = build("gpt_neox", rotary_pct=rotary_pct, use_parallel_residual=parallel)
+    _, dims = family_for_model(model)
+    assert (dims.rotary_dim, dims.parallel_residual) == (int(16 * rotary_pct), parallel)
+    engine = flexspeed.init_inference(copy.deepcopy(model), replace_with_kernel_inject=True, dtype="fp32")
+    runner = engine.runner
+    assert runner.native_reason() is None, runner.native_reason()
+    assert "single-token steps: native C kernel" in runner.describe(), runner.describe()
+    ids, mask = padded_batch()
+    cache = runner.new_cache(1, 12)
+    with torch.no_grad():
+        runner.step(ids[:1], torch.arange(9)[None], cache, 0)
+        got = runner.step(ids[:1, :1], torch.tensor([[9]]), cache, 9)
+        want = model(torch.cat([ids[:1], ids[:1, :1]], 1)).logits[:, -1:]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    kw = dict(max_new_tokens=12, pad_token_id=0, eos_token_id=None)
+    ref = model.generate(ids, attention_mask=mask, do_sample=False, **kw)
+    assert torch.equal(engine.generate(ids, attention_mask=mask, **kw), ref)
+    assert torch.equal(engine.generate(ids[:1], attention_mask=mask[:1], **kw), ref[:1])
+
+
+def test_phi3_partial_rotary_runs_on_the_native_kernel() -> None:
+    """A Phi-3 with ``partial_rotary_factor`` 0.5 (as Phi-4-mini's 0.75): the native step turns the
+    leading half of each head; greedy tokens equal HF ``generate`` (padded batch and one row)."""
+    import flexspeed
+    from flexspeed.inference.native import library
+
+    if library() is None:
+        pytest.skip("the native decode kernel is not built")
+    model = build("phi3", partial_rotary_factor=0.5)
+    assert family_for_model(model)[1].rotary_dim == 8
+    engine = flexspeed.init_inference(copy.deepcopy(model), replace_with_kernel_inject=True, dtype="fp32")
+    assert engine.runner.native_reason() is None, engine.runner.native_reason()
+    assert "single-token steps: native C kernel" in engine.runner.describe(), engine.runner.describe()
+    ids, mask = padded_batch()
+    kw = dict(max_new_tokens=12, pad_token_id=0, eos_token_id=None)
+    ref = model.generate(ids, attention_mask=mask, do_sample=False, **kw)
+    assert torch.equal(engine.generate(ids, attention_mask=mask, **kw), ref)
+    assert torch.equal(engine.generate(ids[:1], attention_mask=mask[:1], **kw), ref[:1])

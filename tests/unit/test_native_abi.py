@@ -23,7 +23,7 @@ import warnings
 import pytest
 import torch
 
-from flexspeed.inference import native
+from flexspeed.inference import native, native_abi
 
 needs_lib = pytest.mark.skipif(native.library() is None, reason="no C compiler: the native kernel is not built")
 
@@ -64,8 +64,10 @@ class _FakeLib:
 
 def test_version_mismatch_is_a_clear_error() -> None:
     sizes = [ctypes.sizeof(c) for c in native.STRUCTS]
-    with pytest.raises(native.NativeABIError, match=r"fake.so has ABI version 1, .*expects 2.*FS_ABI_VERSION"):
-        native.check_abi(_FakeLib(1, sizes))
+    old = native.ABI_VERSION - 1
+    with pytest.raises(native.NativeABIError,
+                       match=rf"fake.so has ABI version {old}, .*expects {native.ABI_VERSION}.*FS_ABI_VERSION"):
+        native.check_abi(_FakeLib(old, sizes))
 
 
 def test_struct_size_mismatch_names_the_struct() -> None:
@@ -82,7 +84,7 @@ def test_a_mirror_out_of_step_with_the_real_library_is_refused(monkeypatch) -> N
 
     structs = list(native.STRUCTS)
     structs[structs.index(native.Step)] = Step
-    monkeypatch.setattr(native, "STRUCTS", tuple(structs))
+    monkeypatch.setattr(native_abi, "STRUCTS", tuple(structs))
     with pytest.raises(native.NativeABIError, match=f"Step: C {ctypes.sizeof(native.Step)} bytes, ctypes {ctypes.sizeof(Step)}"):
         native.check_abi(native.library())
 

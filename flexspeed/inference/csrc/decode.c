@@ -34,10 +34,19 @@ static size_t trans_floats(const fs_layer *l, int B, int C, int nthreads) {
     return (size_t)(nthreads > 0 ? nthreads : 1) * B * w;
 }
 
+/* (B, C) blocks of private scratch per thread: the normed input, and for parallel-residual layers
+ * the MLP's normed input too (norm2 of the layer's input, taken before attention adds to it) */
+static int priv_blocks(const fs_layer *layers, int n_layers) {
+    for (int i = 0; i < n_layers; i++)
+        if (layers[i].parallel) return 2;
+    return 1;
+}
+
 /* floats of scratch fs_forward needs for these layers (+ head), B rows, t_max keys, nthreads */
 int64_t fs_scratch_floats(const fs_layer *layers, int n_layers, const fs_linear *head, int B, int C, int t_max,
                           int nthreads) {
-    size_t shared = 0, priv = (size_t)B * C; /* priv: normed input + int4 prep, per thread */
+    /* priv: normed input(s) + int4 prep, per thread */
+    size_t shared = 0, priv = (size_t)priv_blocks(layers, n_layers) * B * C;
     size_t prep = head ? xs_floats(head, B) : 0;
     for (int i = 0; i < n_layers; i++) {
         const fs_layer *l = &layers[i];
@@ -74,6 +83,7 @@ typedef struct {
     fs_barrier *bar;
     const fs_step *st;
     float *x, *out, *h, *xs;       /* residual (B, C); TP output; private normed input; private prep */
+    float *h2;                     /* private (B, C): norm2 of a parallel-residual layer's input */
     float *qkv, *att, *up, *scores, *tpart;
 } fs_ctx;
 
@@ -99,16 +109,17 @@ static void project_residual(const fs_linear *L, const float *in, int ld, fs_ctx
     fs_sync(c);
 }
 
-/* rotary embedding and cache write, split over (row, head) */
+/* rotary embedding of the leading rot_dim dims of each q and k head (the rest pass through), and
+ * the cache write, split over (row, head) */
 static void rope_and_cache(const fs_layer *l, fs_ctx *c) {
-    const int hd = l->head_dim, hq = l->n_heads, hkv = l->n_kv, qn = l->qkv.n;
+    const int hd = l->head_dim, hq = l->n_heads, hkv = l->n_kv, qn = l->qkv.n, rd = l->rot_dim;
     const fs_step *st = c->st;
     for (int p = c->tid; p < c->B * (hq + hkv); p += c->nth) {
         const int b = p / (hq + hkv), hh = p % (hq + hkv);
         float *v = c->qkv + (size_t)b * qn + (size_t)hh * hd; /* a q head, then the k heads */
         if (st->cos) {
-            const float *cs = st->cos + (size_t)b * hd, *sn = st->sin + (size_t)b * hd;
-            const int half = hd / 2;
+            const float *cs = st->cos + (size_t)b * rd, *sn = st->sin + (size_t)b * rd;
+            const int half = rd / 2;
             for (int d = 0; d < half; d++) {
                 const float a = v[d], e = v[d + half];
                 v[d] = a * cs[d] - e * sn[d];
@@ -181,19 +192,24 @@ static void layer_attention(const fs_layer *l, fs_ctx *c) {
     project_residual(&l->out, c->att, l->n_heads * l->head_dim, c);
 }
 
-/* up (+ activation, + gate), then down + residual */
-static void layer_mlp(const fs_layer *l, fs_ctx *c) {
+/* up (+ activation, + gate), then down + residual; normed: the MLP's input already normed (a
+ * parallel-residual layer's norm2 of the layer input), or NULL to norm the residual stream now */
+static void layer_mlp(const fs_layer *l, fs_ctx *c, const float *normed) {
     const int B = c->B, C = c->C, un = l->up.n, f = l->gated ? un / 2 : un;
     int r0, r1;
-    norm_rows(&l->norm2, c->x, c->h, B, C);
-    prepare(&l->up, c->h, B, C, c->xs);
+    const float *in = normed;
+    if (!in) {
+        norm_rows(&l->norm2, c->x, c->h, B, C);
+        in = c->h;
+    }
+    prepare(&l->up, in, B, C, c->xs);
     if (l->up.trans && !l->n_up_parts && !l->gated) {
-        trans_mt(&l->up, c->h, B, C, c->up, un, c->tpart, c->tid, c->nth, c->bar, &c->sense, &r0, &r1);
+        trans_mt(&l->up, in, B, C, c->up, un, c->tpart, c->tid, c->nth, c->bar, &c->sense, &r0, &r1);
     } else {
         split_rows(f, c->tid, c->nth, &r0, &r1);
-        parts_rows(&l->up, l->up_parts, l->n_up_parts, c->h, B, C, c->xs, c->up, un, r0, r1);
+        parts_rows(&l->up, l->up_parts, l->n_up_parts, in, B, C, c->xs, c->up, un, r0, r1);
     }
-    if (l->gated) parts_rows(&l->up, l->up_parts, l->n_up_parts, c->h, B, C, c->xs, c->up, un, f + r0, f + r1);
+    if (l->gated) parts_rows(&l->up, l->up_parts, l->n_up_parts, in, B, C, c->xs, c->up, un, f + r0, f + r1);
     for (int m = 0; m < B; m++) {
         float *um = c->up + (size_t)m * un;
         activate_rows(l->act, um + r0, l->gated ? um + f + r0 : NULL, r1 - r0);
@@ -213,6 +229,7 @@ typedef struct {
     float *out;
     fs_barrier *bar;
     size_t shared, prep;
+    int blocks;                    /* priv_blocks() */
 } fs_call;
 
 /* one thread's share of a call */
@@ -222,9 +239,10 @@ static void forward_job(void *arg, int tid, int nth) {
     const int B = st->B, C = st->C;
     fs_ctx c = {.tid = tid, .nth = nth, .sense = 0, .B = B, .C = C, .mode = a->mode, .bar = a->bar, .st = st,
                 .x = a->x, .out = a->out};
-    float *priv = st->scratch + a->shared + (size_t)tid * ((size_t)B * C + a->prep);
+    float *priv = st->scratch + a->shared + (size_t)tid * ((size_t)a->blocks * B * C + a->prep);
     c.h = priv;
-    c.xs = priv + (size_t)B * C;
+    c.h2 = a->blocks > 1 ? priv + (size_t)B * C : NULL;
+    c.xs = priv + (size_t)a->blocks * B * C;
     for (int li = 0; li < a->n_layers; li++) {
         const fs_layer *l = &a->layers[li];
         c.qkv = st->scratch;
@@ -232,8 +250,14 @@ static void forward_job(void *arg, int tid, int nth) {
         c.up = c.att + (size_t)B * l->n_heads * l->head_dim;
         c.scores = c.up + (size_t)B * l->up.n;
         c.tpart = c.scores + (size_t)B * l->n_heads * st->t_max; /* transposed products' partials */
+        const float *normed = NULL;
+        if (a->mode == 0 && l->parallel) { /* both halves read the layer's input: norm2 it before attention
+                                            * adds to x (no thread writes x before the barrier after qkv) */
+            norm_rows(&l->norm2, c.x, c.h2, B, C);
+            normed = c.h2;
+        }
         if (a->mode != 2) layer_attention(l, &c);
-        if (a->mode != 1) layer_mlp(l, &c);
+        if (a->mode != 1) layer_mlp(l, &c, normed);
     }
     if (a->head) {
         int r0, r1;
@@ -245,10 +269,20 @@ static void forward_job(void *arg, int tid, int nth) {
     }
 }
 
+/* FS_OK when every layer's rotary width fits its heads and the tables' common width, else FS_ERR_SHAPE */
+static int check_rotary(const fs_layer *layers, int n_layers, const fs_step *st) {
+    if (!st->cos) return FS_OK;
+    for (int i = 0; i < n_layers; i++) {
+        const int rd = layers[i].rot_dim;
+        if (rd <= 0 || rd % 2 || rd > layers[i].head_dim || rd != layers[0].rot_dim) return FS_ERR_SHAPE;
+    }
+    return FS_OK;
+}
+
 /* x (B, C) fp32 in/out (the residual stream); logits (B, head->n) fp32 when head != NULL.
  * mode 0: whole layers, residual adds into x. mode 1 / 2: one layer's attention / MLP half only,
  * its projection written to out (B, C) and x left alone (tensor parallelism: the caller sums the
- * ranks' outputs, then adds them to x). */
+ * ranks' outputs, then adds them to x; for a parallel-residual layer both halves read the same x). */
 static int forward_impl(const fs_layer *layers, int n_layers, const fs_norm *final_norm, const fs_linear *head,
                         float *x, float *logits, const fs_step *st, int mode, float *out) {
     const int B = st->B, C = st->C, nt = st->nthreads > 0 ? st->nthreads : 1;
@@ -261,9 +295,10 @@ static int forward_impl(const fs_layer *layers, int n_layers, const fs_norm *fin
         prep = max_sz(prep, max_sz(max_sz(xs_floats(&l->qkv, B), xs_floats(&l->out, B)),
                                    max_sz(xs_floats(&l->up, B), xs_floats(&l->down, B))));
     }
-    if (head && head->k != C) return FS_ERR_SHAPE;
+    if ((head && head->k != C) || check_rotary(layers, n_layers, st) != FS_OK) return FS_ERR_SHAPE;
     fs_barrier bar = {0, 0, 0};
-    fs_call call = {layers, n_layers, final_norm, head, x, logits, st, mode, out, &bar, shared, prep};
+    fs_call call = {layers, n_layers, final_norm, head, x, logits, st, mode, out, &bar, shared, prep,
+                    priv_blocks(layers, n_layers)};
     /* a kind of call for the adaptive thread count: its shape, not its pointers (the layers of a
      * tensor-parallel step share one kind) */
     uint64_t key = fs_mix(fs_mix(fs_mix(1, (uint64_t)n_layers), (uint64_t)B), (uint64_t)C);
@@ -463,7 +498,7 @@ static int embed_rows(const fs_embed *e, const fs_gen *g, int B, int C, int col,
  * after a step that streamed the weights through the caches runs cold). */
 int fs_generate(const fs_layer *layers, int n_layers, const fs_norm *final_norm, const fs_linear *head,
                 const fs_embed *emb, fs_step *st, fs_gen *g) {
-    const int B = st->B, C = st->C, V = head->n, hd = n_layers > 0 ? layers[0].head_dim : 0;
+    const int B = st->B, C = st->C, V = head->n, rd = n_layers > 0 ? layers[0].rot_dim : 0;
     const int64_t width = (int64_t)g->T + g->max_new;
     int64_t *next = malloc(sizeof(int64_t) * (size_t)B);
     if (!next) return FS_ERR_NOMEM;
@@ -473,8 +508,8 @@ int fs_generate(const fs_layer *layers, int n_layers, const fs_norm *final_norm,
         if (rc == 0) {
             st->start = g->T + j;
             if (g->cos) {
-                st->cos = g->cos + (size_t)j * B * hd;
-                st->sin = g->sin + (size_t)j * B * hd;
+                st->cos = g->cos + (size_t)j * B * rd;
+                st->sin = g->sin + (size_t)j * B * rd;
             }
             rc = forward_impl(layers, n_layers, final_norm, head, g->x, g->logits, st, 0, NULL);
         }

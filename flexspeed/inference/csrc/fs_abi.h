@@ -1,10 +1,10 @@
 /* flexspeed native decode: the library's whole ABI, in one place.
  *
  * Every enum, every struct passed across the boundary and every exported function is declared
- * here and nowhere else; flexspeed/inference/native.py mirrors them with ctypes and, when it
+ * here and nowhere else; flexspeed/inference/native_abi.py mirrors them with ctypes and, when it
  * loads the library, checks fs_abi_version() and fs_struct_size() of every struct against its
  * mirrors (a mismatch is an error, never a silent misread). Change anything here -> bump
- * FS_ABI_VERSION and the mirrors in native.py (tests/unit/test_native_abi.py checks that both
+ * FS_ABI_VERSION and the mirrors in native_abi.py (tests/unit/test_native_abi.py checks that both
  * sides name the same exports).
  *
  * Return codes: 0 (FS_OK) or a positive count on success, a negative fs_status on failure;
@@ -13,7 +13,7 @@
 #define FS_ABI_H
 #include <stdint.h>
 
-#define FS_ABI_VERSION 2
+#define FS_ABI_VERSION 3
 
 /* ------------------------------------------------------------------ enums */
 
@@ -59,6 +59,9 @@ typedef struct {
     fs_norm norm1, norm2;
     fs_linear qkv, out, up, down;  /* qkv rows: [q heads | k heads | v heads]; up: [gate | up] when gated */
     int32_t act, gated;            /* fs_activation */
+    int32_t parallel;              /* 1: x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX); 0: two residuals in turn */
+    int32_t rot_dim;               /* leading dims of each q/k head the rotary tables turn (even, <= head_dim;
+                                    * GPT-NeoX's rotary_pct < 1: fewer); the tables are rot_dim wide */
     int32_t n_heads, n_kv, head_dim;
     float scale;
     void *kc, *vc;                 /* (B, n_kv, t_max, head_dim), fp32 or bf16 (kv_fmt) */
@@ -73,7 +76,7 @@ typedef struct {
     int32_t B, C, start, t_max, nthreads;
     int32_t valid_stride;          /* bytes between rows of valid */
     const uint8_t *valid;          /* (B, >= start+1): 1 = attend to that key; NULL = all */
-    const float *cos, *sin;        /* rotary tables (B, head_dim), or NULL */
+    const float *cos, *sin;        /* rotary tables (B, rot_dim), or NULL */
     float *scratch;                /* fs_scratch_floats() floats */
 } fs_step;
 
@@ -91,7 +94,7 @@ typedef struct {                   /* greedy decoding from the second new token 
     int64_t *seq;                  /* (B, T + max_new): column T holds the first new token */
     uint8_t *done;                 /* (B): 1 = the row has emitted an eos */
     const int64_t *pos0;           /* (B): position of the first new token */
-    const float *cos, *sin;        /* rotary tables (max_new - 1, B, head_dim), or NULL */
+    const float *cos, *sin;        /* rotary tables (max_new - 1, B, rot_dim), or NULL */
     float *logits;                 /* (B, V) scratch */
     float *x;                      /* (B, C) scratch */
 } fs_gen;

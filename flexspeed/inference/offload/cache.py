@@ -40,7 +40,7 @@ def kv_group(head_dim: int) -> int:
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(..., hd) -> packed (..., hd/2) uint8 and params (..., hd/g, 2) float16 ``[scale, min]``."""
-    from flexspeed.inference.quant import _pack_plain
+    from flexspeed.inference.quant import pack_plain
 
     hd = x.shape[-1]
     g = kv_group(hd)
@@ -49,18 +49,18 @@ def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = ((xg.amax(-1) - lo) / 15).half().float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = ((xg - lo[..., None]) / scale[..., None]).round_().clamp_(0, 15)
-    packed = _pack_plain(q.reshape(-1, hd)).view(*x.shape[:-1], hd // 2)
+    packed = pack_plain(q.reshape(-1, hd)).view(*x.shape[:-1], hd // 2)
     params = torch.stack([scale, lo], -1).half().view(*x.shape[:-1], hd // g, 2)
     return packed, params
 
 
 def dequantize_kv(packed: torch.Tensor, params: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of :func:`quantize_kv`: -> (..., hd) in ``dtype``."""
-    from flexspeed.inference.quant import _unpack_plain
+    from flexspeed.inference.quant import unpack_plain
 
     hd = packed.shape[-1] * 2
     ng = params.shape[-2]
-    vals = _unpack_plain(packed.reshape(-1, hd // 2)).view(-1, ng, hd // ng).float()
+    vals = unpack_plain(packed.reshape(-1, hd // 2)).view(-1, ng, hd // ng).float()
     p = params.reshape(-1, ng, 2).float()
     return (vals * p[..., :1] + p[..., 1:]).view(*packed.shape[:-1], hd).to(dtype)
 
