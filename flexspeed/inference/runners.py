@@ -182,8 +182,8 @@ class DecodePathChooser:
     """Measures a fused runner's single-token steps on the native kernel and on torch's path, and
     runs the faster one; the only place that decides between them.
 
-    A probe alternates the two paths (native, torch, native, ...) for ``probe_steps`` steps each on
-    the real generation (same model, same cache: both paths write the same keys and values and give
+    A probe alternates the two paths (native, torch, native, ...) for ``probe_steps`` steps each (or
+    until, after a pair, one is ``clear`` times slower than the other) on the real generation (same model, same cache: both paths write the same keys and values and give
     the same logits to fp32 rounding) and keeps the path with the lower median step time. It probes
     again after ``reprobe_every`` steps on the chosen path, or when that path's step time moves by
     more than ``jump`` times (up or down) from what the probe measured (another process started or
@@ -201,7 +201,7 @@ class DecodePathChooser:
     """
 
     def __init__(self, mode: str = "auto", *, probe_steps: int = 3, reprobe_every: int = 256, jump: float = 1.5,
-                 clock: Callable[[], float] = time.perf_counter,
+                 clear: float = 2.0, clock: Callable[[], float] = time.perf_counter,
                  agree: Callable[[list[float]], list[float]] | None = None) -> None:
         if mode not in DECODE_PATHS:
             raise ValueError(f"decode_path={mode!r} is not one of {DECODE_PATHS}; use 'auto' to measure both")
@@ -209,7 +209,7 @@ class DecodePathChooser:
             raise ValueError(f"probe_steps={probe_steps} and reprobe_every={reprobe_every} must be >= 1 and "
                              f"jump={jump} > 1")
         self.mode, self.probe_steps, self.reprobe_every, self.jump = mode, probe_steps, reprobe_every, jump
-        self.clock, self.agree = clock, agree
+        self.clock, self.agree, self.clear = clock, agree, clear
         self.states: dict[Any, _PathState] = {}
         self.last: dict[str, float] = {}  # the latest step time of each path (pinned modes too)
 
@@ -253,7 +253,7 @@ class DecodePathChooser:
         st = self.state(key)
         if st.choice is None:
             st.samples[path].append(per)
-            if min(len(v) for v in st.samples.values()) >= self.probe_steps:
+            if min(len(v) for v in st.samples.values()) >= self.probe_steps or self._clear(st):
                 self._decide(key, st)
             return
         if path != st.choice:
@@ -269,6 +269,15 @@ class DecodePathChooser:
             self._reprobe(key, st, f"{st.since} steps since the last probe")
         elif self.agree is None and not 1 / self.jump <= ratio <= self.jump:
             self._reprobe(key, st, f"{path} step time moved {ratio:.2f}x from the probe's")
+
+    def _clear(self, st: _PathState) -> bool:
+        """Both paths measured equally often and one is ``clear`` times slower: no need to run it
+        again (on a bf16 model, a torch step can cost 10x a native one)."""
+        n, t = st.samples["native"], st.samples["torch"]
+        if not n or len(n) != len(t):
+            return False
+        a, b = statistics.median(n), statistics.median(t)
+        return max(a, b) >= self.clear * min(a, b)
 
     def _decide(self, key: Any, st: _PathState) -> None:
         times = [statistics.median(st.samples["native"]), statistics.median(st.samples["torch"])]

@@ -49,17 +49,24 @@ def steps(chooser: DecodePathChooser, clock: Clock, cost: dict[str, float], n: i
 
 def test_probe_alternates_then_runs_the_faster_path_both_ways() -> None:
     clock = Clock()
-    c = DecodePathChooser(probe_steps=3, reprobe_every=1000, clock=clock)
+    c = DecodePathChooser(probe_steps=3, reprobe_every=1000, clear=10.0, clock=clock)
     assert steps(c, clock, {"native": 1.0, "torch": 2.0}, 8) == ["native", "torch"] * 3 + ["native"] * 2
     assert c.state(1).choice == "native" and c.state(1).measured == {"native": 1.0, "torch": 2.0}
-    c2 = DecodePathChooser(probe_steps=3, reprobe_every=1000, clock=clock)
+    c2 = DecodePathChooser(probe_steps=3, reprobe_every=1000, clear=10.0, clock=clock)
     assert steps(c2, clock, {"native": 3.0, "torch": 2.0}, 8)[6:] == ["torch", "torch"]
     assert "batch 1: torch" in c2.describe() and "native 3000.00 ms, torch 2000.00 ms" in c2.describe()
 
 
+def test_a_clear_winner_ends_the_probe_early() -> None:
+    clock = Clock()
+    c = DecodePathChooser(probe_steps=3, reprobe_every=1000, clear=2.0, clock=clock)
+    assert steps(c, clock, {"native": 1.0, "torch": 2.5}, 4) == ["native", "torch", "native", "native"]
+    assert c.state(1).measured == {"native": 1.0, "torch": 2.5}
+
+
 def test_reprobe_after_n_steps_switches_when_the_race_changed(caplog) -> None:
     clock = Clock()
-    c = DecodePathChooser(probe_steps=2, reprobe_every=5, jump=100.0, clock=clock)
+    c = DecodePathChooser(probe_steps=2, reprobe_every=5, jump=100.0, clear=10.0, clock=clock)
     with caplog.at_level(logging.DEBUG, logger=LOG):
         first = steps(c, clock, {"native": 1.0, "torch": 2.0}, 9)  # probe (4), 5 on native
         # torch got faster and native slower, but within ``jump``: only the step count notices
