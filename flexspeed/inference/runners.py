@@ -253,7 +253,8 @@ class DecodePathChooser:
         st = self.state(key)
         if st.choice is None:
             st.samples[path].append(per)
-            if min(len(v) for v in st.samples.values()) >= self.probe_steps or self._clear(st):
+            # under tensor parallelism the probe's length must not depend on a rank's own times
+            if min(len(v) for v in st.samples.values()) >= self.probe_steps or (self.agree is None and self._clear(st)):
                 self._decide(key, st)
             return
         if path != st.choice:

@@ -140,9 +140,11 @@ def test_tensor_parallel_ranks_agree_and_ignore_their_own_jumps() -> None:
         seen.append(list(times))
         return [times[0], 0.5]
 
-    c = DecodePathChooser(probe_steps=1, reprobe_every=1000, clock=clock, agree=agree)
-    steps(c, clock, {"native": 1.0, "torch": 2.0}, 2)
-    assert seen == [[1.0, 2.0]] and c.state(1).choice == "torch"
+    c = DecodePathChooser(probe_steps=2, reprobe_every=1000, clock=clock, agree=agree)
+    # a clear winner after one pair does not end the probe: every rank runs the same steps and
+    # calls the collective at the same step, whatever its own times
+    assert steps(c, clock, {"native": 1.0, "torch": 20.0}, 4) == ["native", "torch"] * 2
+    assert seen == [[1.0, 20.0]] and c.state(1).choice == "torch"
     steps(c, clock, {"native": 1.0, "torch": 50.0}, 10)  # a rank's own jump: no probe (ranks would diverge)
     assert c.state(1).probes == 1 and c.state(1).choice == "torch"
 
