@@ -185,9 +185,10 @@ class DecodePathChooser:
     A probe alternates the two paths (native, torch, native, ...) for ``probe_steps`` steps each (or
     until, after a pair, one is ``clear`` times slower than the other) on the real generation (same model, same cache: both paths write the same keys and values and give
     the same logits to fp32 rounding) and keeps the path with the lower median step time. It probes
-    again after ``reprobe_every`` steps on the chosen path, or when that path's step time moves by
-    more than ``jump`` times (up or down) from what the probe measured (another process started or
-    stopped competing for the cores): single steps as a moving average against the probe's median,
+    again after ``reprobe_every`` steps on the chosen path, or when that path's step time grows by
+    more than ``jump`` times from what the probe measured (another process started competing for
+    the cores), or torch's shrinks by as much (the load went away: the native kernel, which loses
+    most under load, may win again; a native step that got faster needs no probe): single steps as a moving average against the probe's median,
     runs of the native greedy loop (no Python between steps, so faster per step than the probe's
     single steps) against the first such run after the probe. State is kept per batch size (``key``). ``mode`` pins one
     path (``"native"``/``"torch"``) for benchmarks and tests. Under tensor parallelism (``agree``
@@ -268,7 +269,7 @@ class DecodePathChooser:
             ratio = st.recent / st.measured[path]
         if st.since >= self.reprobe_every:
             self._reprobe(key, st, f"{st.since} steps since the last probe")
-        elif self.agree is None and not 1 / self.jump <= ratio <= self.jump:
+        elif self.agree is None and (ratio > self.jump or (ratio < 1 / self.jump and path == "torch")):
             self._reprobe(key, st, f"{path} step time moved {ratio:.2f}x from the probe's")
 
     def _clear(self, st: _PathState) -> bool:

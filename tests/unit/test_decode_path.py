@@ -90,6 +90,9 @@ def test_step_time_jump_triggers_a_probe_up_and_down() -> None:
     # probe again, and native wins once more
     assert steps(c, clock, {"native": 0.5, "torch": 0.6}, 6) == ["torch"] * 3 + ["native", "torch", "native"]
     assert c.state(1).choice == "native" and "torch step time moved 0.60x" in c.state(1).why
+    # native getting faster still (more load gone) is no reason to run torch again
+    probes = c.state(1).probes
+    assert set(steps(c, clock, {"native": 0.1, "torch": 0.6}, 6)) == {"native"} and c.state(1).probes == probes
 
 
 def test_native_loop_runs_have_their_own_baseline() -> None:
