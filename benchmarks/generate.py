@@ -13,8 +13,13 @@ medians are reported. Configurations:
 - ``inject fp32`` / ``inject bf16``: ``replace_with_kernel_inject=True`` (fused layers, static KV cache).
 - ``inject bf16 int8`` / ``int4``: plus weight quantization (int4: group 64).
 - ``inject bf16 compiled`` (``--compile``): decode step under ``torch.compile``.
-- ``inject bf16 torch-only`` / ``inject fp32 torch-only``: injection with the native decode
-  kernel off (torch's kernels on oneDNN-packed weights), to show what the kernel adds.
+- Every configuration above runs flexspeed's default ``decode_path="auto"``: its runner measures
+  its single-token steps on the native kernel and on torch's path and runs the faster (the
+  decision and the times it was made on are printed after the tables). For comparison:
+- ``inject bf16 native-pinned`` / ``inject fp32 native-pinned``: ``decode_path="native"``.
+- ``inject bf16 torch-only`` / ``inject fp32 torch-only``: ``decode_path="torch"``: injection
+  with the native decode kernel off (torch's kernels on oneDNN-packed weights), to show what the
+  kernel adds.
 - ``tp2 inject bf16``: tensor parallel over 2 ranks (gloo, 1 thread each), via ``run_ranks``.
 
 Columns: tok/s = batch x new / wall time of one ``generate`` call; ``vs HF`` against HF in the same
@@ -227,8 +232,9 @@ def configurations(name: str, shape: dict, compile_decode: bool,
         return lambda ids, new: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
                                                min_new_tokens=new, do_sample=False, pad_token_id=0)
 
-    def fs(**kw):
+    def fs(label, **kw):
         engine = flexspeed.init_inference(copy.deepcopy(base), **kw)
+        ENGINES[label] = engine
         return engine.module, lambda ids, new: engine.generate(ids, max_new_tokens=new, min_new_tokens=new)
 
     out = [("HF fp32", "fp32", base, hf(base)), ("HF bf16", "bf16", hf16, hf(hf16))]
@@ -238,29 +244,35 @@ def configurations(name: str, shape: dict, compile_decode: bool,
     for bits in (8, 4):
         specs.append((f"inject bf16 int{bits}", "bf16", dict(dtype="bf16", replace_with_kernel_inject=True,
                                                               quant={"enabled": True, "weight": {"num_bits": bits}})))
+    for dt in ("fp32", "bf16"):  # the two paths the adaptive choice picks from, each pinned
+        specs.append((f"inject {dt} native-pinned", dt, dict(dtype=dt, replace_with_kernel_inject=True,
+                                                             decode_path="native")))
     for label, dt, kw in specs:
         if only is None or label in only:
-            out.append((label, dt, *fs(**kw)))
-    for dt, torch_dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):  # torch's kernels, packed weights
-        if dt == "bf16" or only is None or f"inject {dt} torch-only" in only:
-            out.append(_torch_only(base, dt, torch_dt))
+            out.append((label, dt, *fs(label, **kw)))
+    for dt in ("fp32", "bf16"):  # torch's kernels, packed weights (always built: the ratios need them)
+        label = f"inject {dt} torch-only"
+        out.append((label, dt, *fs(label, dtype=dt, replace_with_kernel_inject=True, decode_path="torch")))
     if compile_decode and (only is None or "inject bf16 compiled" in only):
         from flexspeed.inference.kernels import get_runner
 
-        model, run = fs(dtype="bf16", replace_with_kernel_inject=True)
+        model, run = fs("inject bf16 compiled", dtype="bf16", replace_with_kernel_inject=True)
         get_runner(model).compile_decode = True
         out.append(("inject bf16 compiled", "bf16", model, run))
     return out
 
 
-def _torch_only(base: nn.Module, dt: str, torch_dt: torch.dtype) -> tuple:
-    import flexspeed
-    from flexspeed.inference.kernels import inject_kernels
+ENGINES: dict[str, object] = {}
+"""label -> the inference engine of a flexspeed configuration (its runner's decode-path decisions)."""
 
-    engine = flexspeed.init_inference(copy.deepcopy(base), dtype=dt)
-    inject_kernels(engine.module, torch_dt, native=False)
-    return (f"inject {dt} torch-only", dt, engine.module,
-            lambda ids, new: engine.generate(ids, max_new_tokens=new, min_new_tokens=new))
+
+def decode_paths() -> dict[str, str]:
+    """label -> what each configuration's runner decided about its decode path, and on what times."""
+    out = {}
+    for label, engine in ENGINES.items():
+        paths = getattr(engine.runner, "paths", None)
+        out[label] = paths.describe() if paths is not None else engine.runner.describe()
+    return out
 
 
 def measure(configs, batch: int, prompt: int, new: int, reps: int, vocab: int,
@@ -377,6 +389,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows: list[dict] = []
     try:
         for name in args.models.split(","):
+            ENGINES.clear()
             shape = QUICK if quick else SHAPES[name]
             configs = configurations(name, shape, args.compile,
                                      set(args.configs.split(",")) if args.configs else None)
@@ -407,7 +420,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             load.pause()
                 for cond, table in (("idle", times), ("contended", contended)):
                     rows += _rows(cond, name, batch, new, table, sizes, bws, stats)
-                print(f"  {name} batch {batch} done", flush=True)
+                print(f"  {name} batch {batch} done; decode paths:", flush=True)
+                for label, text in decode_paths().items():
+                    print(f"    {label:24} {text}", flush=True)
     finally:
         if load is not None:
             load.close()
@@ -439,6 +454,9 @@ def _rows(cond: str, name: str, batch: int, new: int, times: dict, sizes: dict, 
                        vs_torch=rate[label] / rate.get(f"inject {dt} torch-only", rate["inject bf16 torch-only"]),
                        decode_vs_torch=decode_s.get(f"inject {dt} torch-only", decode_s["inject bf16 torch-only"])
                        / decode)
+            pinned = f"inject {dt} native-pinned"
+            if pinned in rate:
+                row["vs_native"] = rate[label] / rate[pinned]
             if label in stats:
                 row["native"] = stats[label]
         out.append(row)
@@ -446,32 +464,34 @@ def _rows(cond: str, name: str, batch: int, new: int, times: dict, sizes: dict, 
 
 
 def _print_table(rows: list[dict], title: str) -> None:
-    head = (f"{'model':6} {'config':22} {'batch':>5} {'tok/s':>8} {'vs HF':>6} {'weights MB':>10} {'read MB':>8} "
+    head = (f"{'model':6} {'config':24} {'batch':>5} {'tok/s':>8} {'vs HF':>6} {'weights MB':>10} {'read MB':>8} "
             f"{'GB/s':>5} {'floor ms':>8} {'decode ms':>9} {'x floor':>7} {'prefill s':>9}")
     print(f"\n{title}\n" + head + "\n" + "-" * len(head))
     for r in rows:
         if "note" in r:
-            print(f"{r['model']:6} {r['config']:22} {r['batch']:>5} {r['note']}")
+            print(f"{r['model']:6} {r['config']:24} {r['batch']:>5} {r['note']}")
             continue
-        print(f"{r['model']:6} {r['config']:22} {r['batch']:>5} {r['tok_s']:>8.1f} {r['vs_hf']:>6.2f} "
+        print(f"{r['model']:6} {r['config']:24} {r['batch']:>5} {r['tok_s']:>8.1f} {r['vs_hf']:>6.2f} "
               f"{r['weights_mb']:>10.1f} {r['read_mb']:>8.1f} {r['bw_gbs']:>5.1f} {r['floor_ms']:>8.2f} {r['decode_ms']:>9.2f} "
               f"{r['x_floor']:>7.2f} {r['prefill_s']:>9.3f}")
 
 
 def _print_contended(rows: list[dict], load: str) -> None:
-    head = (f"{'model':6} {'config':22} {'batch':>5} {'tok/s':>8} {'vs HF':>6} {'vs torch':>8} {'decode ms':>9} "
+    head = (f"{'model':6} {'config':24} {'batch':>5} {'tok/s':>8} {'vs HF':>6} {'vs torch':>8} {'vs native':>9} "
+            f"{'decode ms':>9} "
             f"{'dec vs torch':>12} "
             f"{'lost slices':>11} {'re-measured':>11} {'switches':>8} {'slept':>7} {'calls':>7}")
     print(f"\ncontended ({load})\n" + head + "\n" + "-" * len(head))
     for r in rows:
         if "note" in r:
-            print(f"{r['model']:6} {r['config']:22} {r['batch']:>5} {r['note']}")
+            print(f"{r['model']:6} {r['config']:24} {r['batch']:>5} {r['note']}")
             continue
         n = r.get("native") or {}
         native = (f"{n.get('preempted', 0):>11} {n.get('explored', 0):>11} {n.get('switches', 0):>8} "
                   f"{n.get('sleeps', 0):>7} {n.get('calls', 0):>7}") if n.get("calls") else f"{'-':>11}"
-        print(f"{r['model']:6} {r['config']:22} {r['batch']:>5} {r['tok_s']:>8.1f} {r['vs_hf']:>6.2f} "
-              f"{r['vs_torch']:>8.2f} {r['decode_ms']:>9.2f} {r['decode_vs_torch']:>12.2f} {native}")
+        vs_native = f"{r['vs_native']:>9.2f}" if "vs_native" in r else f"{'-':>9}"
+        print(f"{r['model']:6} {r['config']:24} {r['batch']:>5} {r['tok_s']:>8.1f} {r['vs_hf']:>6.2f} "
+              f"{r['vs_torch']:>8.2f} {vs_native} {r['decode_ms']:>9.2f} {r['decode_vs_torch']:>12.2f} {native}")
 
 
 if __name__ == "__main__":

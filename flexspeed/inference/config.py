@@ -188,6 +188,11 @@ class InferenceConfig(_Section):
     """Offloaded generation (FlexLLMGen's policy: weights/cache/activations on device, CPU, disk); ``None``: in memory."""
     moe: InferenceMoEConfig = InferenceMoEConfig()
     """Mixture-of-experts inference: only disabled (``false`` or ``{"enabled": false}``) is accepted."""
+    decode_path: Literal["auto", "native", "torch"] = "auto"
+    """Where single-token decode steps run on the CPU when the native C kernel applies: ``"auto"``
+    measures the native kernel and torch's path on the generation itself and runs the faster (again
+    when the machine's load changes); ``"native"`` / ``"torch"`` pin one (benchmarks, tests).
+    ``"torch"`` with kernel injection also packs the weights for oneDNN, as the torch path prefers."""
 
     @field_validator("moe", mode="before")
     @classmethod

@@ -203,7 +203,7 @@ class InferenceEngine(nn.Module):
                                   "fused blocks return exactly what the host model's own layer loop expects (a "
                                   "tensor in transformers 5 and the flexspeed GPT), so the model's forward and "
                                   "generate keep working; remove return_tuple or set it to true", key="return_tuple")
-            model = inject_kernels(model, cfg.compute_dtype or _model_dtype(model))
+            model = inject_kernels(model, cfg.compute_dtype or _model_dtype(model), native=cfg.decode_path != "torch")
         bits = cfg.quantize_bits
         if bits is not None:
             from flexspeed.inference.quant import quantize_linears
@@ -233,7 +233,7 @@ class InferenceEngine(nn.Module):
         if (recorded is not None and recorded is not held) or not getattr(held, "current", lambda: True)():
             from flexspeed.inference.runners import select_runner
 
-            self.runner_choice = select_runner(self.module, None, tp_group=self.tp_group)
+            self.runner_choice = select_runner(self.module, self._config, tp_group=self.tp_group)
         return self.runner_choice.runner
 
     @property

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from flexspeed.inference.attention import StepContext, step_context, window_keys
+from flexspeed.inference.packed import onednn_linear
 
 if TYPE_CHECKING:
     from flexspeed.inference.kernels import FusedDecoderLayer, ModelArch
@@ -49,7 +50,15 @@ def project(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if mod.bias is not None:
             y = y + mod.bias
         return y.view(*x.shape[:-1], -1)
+    if type(mod) is nn.Linear and x.numel() >= PROMPT_ROWS * x.shape[-1] and not torch.compiler.is_compiling():
+        y = onednn_linear(x, mod.weight, mod.bias)  # a prompt over plain weights (the native kernel's)
+        if y is not None:
+            return y
     return mod(x)
+
+
+PROMPT_ROWS = 32
+"""Rows from which a plain ``nn.Linear`` of a fused layer runs through oneDNN (:func:`onednn_linear`)."""
 
 
 
@@ -70,9 +79,11 @@ class FusedRunner:
     """Run single-token steps through ``torch.compile`` (static shapes; falls back to eager on failure)."""
     cache_dtype: torch.dtype | None = None
     """KV cache dtype; ``None`` picks one (see :meth:`new_cache`)."""
-    native_decode: bool = True
-    """Run single-token steps of up to :attr:`native_max_batch` rows through the native C kernel
-    (:mod:`flexspeed.inference.native`) where it is available and supports the model."""
+    decode_path: str = "auto"
+    """Where single-token steps of up to :attr:`native_max_batch` rows run when the native C kernel
+    (:mod:`flexspeed.inference.native`) is available and supports the model: ``"auto"`` measures
+    both paths and runs the faster (:class:`~flexspeed.inference.runners.DecodePathChooser`),
+    ``"native"`` / ``"torch"`` pin one (config key ``decode_path``)."""
     native_max_batch: int = 16
     tp_group: object | None = None
     """The tensor-parallel process group of a sharded model (set by ``init_inference``)."""
@@ -82,6 +93,36 @@ class FusedRunner:
     _graphs: object | None = field(default=None, repr=False)
     _shadowed: tuple | None = field(default=None, repr=False)
     """For a shadow runner: the model's blocks and their modules when the wrappers were built."""
+    _paths: object | None = field(default=None, repr=False)
+
+    @property
+    def native_decode(self) -> bool:
+        """The native kernel may run single-token steps (``decode_path`` is not ``"torch"``);
+        setting it pins ``decode_path`` to ``"native"`` (True) or ``"torch"`` (False)."""
+        return self.decode_path != "torch"
+
+    @native_decode.setter
+    def native_decode(self, on: bool) -> None:
+        self.decode_path = "native" if on else "torch"
+
+    @property
+    def paths(self):
+        """The :class:`~flexspeed.inference.runners.DecodePathChooser` deciding native kernel or
+        torch for every single-token step (made again when :attr:`decode_path` changes)."""
+        from flexspeed.inference.runners import DecodePathChooser
+
+        if (self._paths is None or self._paths.mode != self.decode_path
+                or (self._paths.agree is None) != (self.tp_group is None)):
+            self._paths = DecodePathChooser(self.decode_path, agree=self._agree if self.tp_group is not None else None)
+        return self._paths
+
+    def _agree(self, times: list[float]) -> list[float]:
+        """The probe's step times, the slowest over the tensor-parallel ranks (one decision for all)."""
+        import torch.distributed as dist
+
+        t = torch.tensor(times, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.tp_group)
+        return t.tolist()
 
     def shadow(self) -> None:
         """Record the blocks this runner's own layers wrap (see :meth:`current`)."""
@@ -137,6 +178,8 @@ class FusedRunner:
                                                                                                 torch.float16):
             native = (dt == torch.bfloat16 and self.native_decode and not self.compile_decode
                       and batch <= self.native_max_batch and self.native_reason() is None)
+            # "auto" keeps a bf16 cache: the native path reads it at full speed, and a probe that
+            # finds torch faster on it (its attention over bf16 is slower) has measured that cost
             dt = torch.bfloat16 if native else torch.float32
         ks, vs = [], []
         for layer in self.layers:
@@ -193,10 +236,22 @@ class FusedRunner:
                 return graphs.step(ids, pos, cache, start, key_mask)
         x = self.arch.embed(self.root, ids, pos)  # (B, T, C)
         keys = self._window_mask(x.shape[0], start, key_mask, x.device) if ids.shape[1] == 1 else False
-        if keys is not False and self._native_ok(x, cache):
+        if keys is False or not self.native_capable(x, cache):
+            return self._torch_forward(x, pos, cache, start, key_mask, last_only)
+
+        def native() -> torch.Tensor:
             rope = self.arch.rope(self.root, x, pos) if self.arch.rope is not None else None
             return self._native.forward(x, cache.k, cache.v, start, keys, rope)  # (B, 1, V)
-        if ids.shape[1] == 1 and self.compile_decode and self._compiled_ok():
+
+        return self.paths.run(x.shape[0], native, lambda: self._torch_forward(x, pos, cache, start, key_mask,
+                                                                              last_only))
+
+    __call__ = step = forward
+
+    def _torch_forward(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, start: int,
+                       key_mask: torch.Tensor | None, last_only: bool) -> torch.Tensor:
+        """The step on torch's path: compiled (``compile_decode``, single tokens) or eager layers."""
+        if x.shape[1] == 1 and self.compile_decode and self._compiled_ok():
             try:
                 return self._static_forward(x, pos, cache, start, key_mask)
             except Exception as exc:  # an op without a compiled form, no C++ compiler, ...
@@ -212,8 +267,6 @@ class FusedRunner:
         if last_only:
             x = x[:, -1:]  # (B, 1, C): the head reads only what generation needs
         return self._head(x)
-
-    __call__ = step = forward
 
     def describe(self) -> str:
         """Which runner this is and where its single-token steps run (see :meth:`step_path`)."""
@@ -231,7 +284,7 @@ class FusedRunner:
             return "torch.compile"
         reason = self.native_reason() if dev == "cpu" else "not on the CPU"
         if reason is None:
-            return f"native C kernel (<= {self.native_max_batch} rows)"
+            return f"native C kernel or torch (<= {self.native_max_batch} rows; {self.paths.describe()})"
         return f"eager torch ({reason})"
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
@@ -267,14 +320,31 @@ class FusedRunner:
 
     def greedy(self, cache: KVCache, key_mask: torch.Tensor | None, seq: torch.Tensor, T: int, pos0: torch.Tensor,
                min_new: int, eos: list[int], pad: int | None, done: list[bool]) -> int | None:
-        """The rest of a greedy generation in one native call (see :meth:`NativeDecoder.greedy`),
-        or ``None`` where single-token steps do not run natively."""
-        if not self._native_ok(seq, cache) or any(w is not None and seq.shape[1] > w for w in self.windows):
+        """Greedy decoding after column ``T`` in native calls (see :meth:`NativeDecoder.greedy`), as far
+        as :attr:`paths` lets the native path run before it looks again (so fewer columns than
+        ``seq`` has may come back: the caller's loop goes on from there); ``None`` where the next
+        step is not native."""
+        if not self.native_capable(seq, cache) or any(w is not None and seq.shape[1] > w for w in self.windows):
             return None  # past a sliding window, each step's mask moves: the per-step path applies it
-        return self._native.greedy(cache.k, cache.v, key_mask, seq, T, pos0, min_new, eos, pad, done)
+        B = seq.shape[0]
+        budget = self.paths.native_budget(B)
+        if budget == 0:
+            return None
+        width = seq.shape[1] if budget is None else min(seq.shape[1], T + 1 + budget)
+        part = seq if width == seq.shape[1] else seq[:, :width].contiguous()
+        t0 = self.paths.clock()
+        made = self._native.greedy(cache.k, cache.v, key_mask, part, T, pos0, min_new, eos, pad, done)
+        if made is None:
+            return None
+        if made > 1:
+            self.paths.record(B, "native", self.paths.clock() - t0, steps=made - 1)
+        if part is not seq:
+            seq[:, T + 1:T + made] = part[:, T + 1:T + made]
+        return made
 
-    def _native_ok(self, x: torch.Tensor, cache: KVCache) -> bool:
-        """Single-token steps for ``x`` (B, ...) (its rows and device) run natively."""
+    def native_capable(self, x: torch.Tensor, cache: KVCache) -> bool:
+        """The native kernel can run single-token steps for ``x`` (B, ...) (its rows and device) over
+        ``cache``; whether it does is :attr:`paths`' decision."""
         if not self.native_decode or self.compile_decode or x.device.type != "cpu" or x.shape[0] > self.native_max_batch:
             return False
         if not cache.k or cache.k[0].dtype not in (torch.float32, torch.bfloat16) or not cache.k[0].is_contiguous():

@@ -317,7 +317,8 @@ def _loop(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, seq: to
     eos_t = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
     with torch.inference_mode():
         logits = step(None)
-        for i in range(max_new_tokens):
+        i = 0
+        while i < max_new_tokens:
             nxt = sampler(logits.float(), seq[:, :T + i], i)  # (B,)
             if on_cpu:  # the bookkeeping in Python: a few us, where six small tensor ops cost ~40
                 if pad is not None and eos and any(done):
@@ -337,12 +338,23 @@ def _loop(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, seq: to
                         return seq[:, :T + i + 1]
             if streamer is not None:
                 streamer.put(seq[:, T + i].cpu())
-            if i == 0 and fast is not None and max_new_tokens > 1:
-                made = fast(seq, min_new_tokens, eos, pad, done)
-                if made is not None:
-                    return seq[:, :T + made] if made < max_new_tokens else seq
-            if i + 1 < max_new_tokens:
+            if i + 1 >= max_new_tokens:
+                break
+            made = fast(seq, min_new_tokens, eos, pad, done) if fast is not None else None
+            if made is None:
                 logits = step(nxt)
+                i += 1
+                continue
+            # the runner filled columns T + i + 1 .. T + made - 1 (it may stop early: its path
+            # chooser wants to look again, or every row finished)
+            if made >= max_new_tokens:
+                return seq
+            if eos:
+                done = [d or bool(torch.isin(seq[b, T + i + 1:T + made], eos_t).any()) for b, d in enumerate(done)]
+                if all(done):
+                    return seq[:, :T + made]
+            i = made
+            logits = step(seq[:, T + i - 1])
     return seq
 
 
@@ -361,8 +373,9 @@ def step_function(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_n
     Returns:
         ``step``: ``step(None)`` runs the prompts, then ``step(tokens)`` feeds one new token
         (B,) per row; both return the next-token logits (B, V). ``step.greedy(seq, min_new, eos,
-        pad, done)`` runs the rest of a greedy generation in one call where the runner can
-        (returns how many new columns ``seq`` holds), else returns ``None``.
+        pad, done)`` runs greedy steps after the newest token in one call where the runner can
+        (all the rest, or as many as its path chooser allows; returns how many new columns ``seq``
+        holds), else returns ``None``.
     """
     if runner is None:
         from flexspeed.inference.runners import select_runner
@@ -392,10 +405,17 @@ def step_function(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_n
         return logits[:, -1]  # (B, V)
 
     def greedy(seq: torch.Tensor, min_new: int, eos: list[int], pad: int | None, done: list[bool]) -> int | None:
-        """After the first new token: the rest in one call of the runner, or ``None``."""
-        if state["start"] != T:
+        """After a new token in column ``start`` (not yet fed): greedy tokens after it in one call of
+        the runner; returns how many new columns (counted from ``T``) ``seq`` holds then, or ``None``.
+        The cache then holds every column but the last filled one."""
+        col = state["start"]
+        made = runner.greedy(cache, key_mask, seq, col, state["pos"].reshape(-1) + 1, max(0, min_new - (col - T)),
+                             eos, pad, done)
+        if made is None:
             return None
-        return runner.greedy(cache, key_mask, seq, T, state["pos"].reshape(-1) + 1, min_new, eos, pad, done)
+        state["start"] += made - 1
+        state["pos"] = state["pos"] + (made - 1)
+        return col - T + made
 
     step.greedy = greedy
     step.cache = cache

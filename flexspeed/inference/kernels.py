@@ -533,9 +533,10 @@ def inject_kernels(module: nn.Module, dtype: torch.dtype | None = None, *, compi
             oneDNN-packed copy: the head's product runs 1.6-1.7x faster (bf16, 1 and 16 rows) for one
             more vocab x hidden matrix in memory (77 MB for OPT-125M in bf16), which weight
             quantization gives back by re-tying them. Only when the native kernel is off.
-        native: run single-token steps through the native C kernel when it is available (see
-            :mod:`flexspeed.inference.native`); its weights stay plain. ``False`` keeps decoding on
-            torch's kernels, with oneDNN-packed weights.
+        native: let single-token steps run on the native C kernel when it is available (see
+            :mod:`flexspeed.inference.native`); its weights stay plain, and the runner measures both
+            paths and runs the faster (``decode_path="auto"``). ``False`` pins decoding to torch's
+            kernels, with oneDNN-packed weights.
     Returns:
         ``module``, whose ``forward`` gives the same logits as before and whose
         :func:`get_runner` drives the preallocated KV cache.
@@ -554,7 +555,7 @@ def inject_kernels(module: nn.Module, dtype: torch.dtype | None = None, *, compi
     if dtype is not None and current is not None and current != dtype:
         module.to(dtype)
     blocks = module.get_submodule(arch.layers_path)
-    runner = FusedRunner(module, arch, None, dtype, compile_decode, native_decode=native)
+    runner = FusedRunner(module, arch, None, dtype, compile_decode, decode_path="auto" if native else "torch")
     # the native kernel reads plain weights; oneDNN packing serves the torch path only
     pack = not (native and runner.native_available())
     with torch.no_grad():

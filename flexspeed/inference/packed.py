@@ -48,6 +48,16 @@ def _(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tens
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``F.linear`` through oneDNN on a *plain* weight (it reorders the weight on the fly), or ``None``
+    where that does not apply. For prompt-sized inputs (many rows) on the CPU: torch 2.13's fp32 and
+    bf16 ``F.linear`` of 128 rows over OPT-125M-shaped weights took about 2x oneDNN's time (see
+    ``FusedRunner``'s prompt); for a few rows the reorder costs more than it saves."""
+    if not can_pack(weight) or x.dtype != weight.dtype or x.device.type != "cpu":
+        return None
+    return _packed_linear_op(x, weight, bias)
+
+
 def can_pack(weight: torch.Tensor) -> bool:
     """A CPU fp32/bf16 weight on a build with oneDNN's packed linear."""
     return weight.device.type == "cpu" and weight.dtype in _PACKABLE and _packing_works()

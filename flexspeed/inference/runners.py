@@ -31,15 +31,21 @@ a weak table owned by this module (:func:`remember`), so ``generate(model, ...)`
 from __future__ import annotations
 
 import inspect
+import logging
+import statistics
+import time
 import weakref
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
 
 __all__ = ["DecodeRunner", "RunnerChoice", "select_runner", "remember", "remembered", "HFCacheRunner", "TokenCache",
-           "RecomputeRunner"]
+           "RecomputeRunner", "DecodePathChooser", "DECODE_PATHS"]
+
+log = logging.getLogger("flexspeed.inference.decode_path")
 
 
 @runtime_checkable
@@ -122,8 +128,9 @@ def select_runner(model: nn.Module, config: Any = None, *, use_cache: bool = Tru
     if held is not None and use_cache:
         if isinstance(held, FusedRunner) and tp_group is not None:
             held.tp_group = tp_group
+        pin = _pin(held, config) if isinstance(held, FusedRunner) else ""
         return RunnerChoice(held, "built by " + ("offloading" if not isinstance(held, FusedRunner)
-                                                  else "kernel injection"))
+                                                  else "kernel injection") + pin)
     if not use_cache:
         if _is_hf(model):
             return RunnerChoice(HFCacheRunner(model, use_cache=False), "use_cache=False")
@@ -134,14 +141,175 @@ def select_runner(model: nn.Module, config: Any = None, *, use_cache: bool = Tru
     if runner is not None:  # fused layers in the tree (a copy of an injected model, say)
         runner.tp_group = tp_group
         remember(model, runner)
-        return RunnerChoice(runner, "the model's blocks are fused layers")
+        return RunnerChoice(runner, "the model's blocks are fused layers" + _pin(runner, config))
     runner, why_not = shadow_runner(model)
     if runner is not None:
         runner.tp_group = tp_group
-        return RunnerChoice(runner, "un-injected: fused wrappers over the model's own modules")
+        return RunnerChoice(runner, "un-injected: fused wrappers over the model's own modules" + _pin(runner, config))
     if _is_hf(model):
         return RunnerChoice(HFCacheRunner(model), f"no fused runner: {why_not}")
     return RunnerChoice(RecomputeRunner(model), f"no fused runner ({why_not}) and no cache API")
+
+
+def _pin(runner: Any, config: Any) -> str:
+    """Apply the config's ``decode_path`` pin to a fused runner (``"auto"`` leaves the runner's own)."""
+    path = getattr(config, "decode_path", "auto")
+    if path == "auto":
+        return ""
+    runner.decode_path = path
+    return f"; decode_path={path!r} in the config"
+
+
+DECODE_PATHS = ("auto", "native", "torch")
+"""Where a fused runner's single-token steps run: measured and chosen at run time, or pinned."""
+
+
+@dataclass
+class _PathState:
+    """What :class:`DecodePathChooser` knows about one kind of step (one batch size)."""
+
+    samples: dict[str, list[float]] = field(default_factory=lambda: {"native": [], "torch": []})
+    measured: dict[str, float] = field(default_factory=dict)  # per-step seconds of the last probe
+    choice: str | None = None  # None: probing
+    since: int = 0  # steps on ``choice`` since the probe ended
+    recent: float = 0.0  # moving average of the chosen path's single-step time
+    chunk: float | None = None  # per-step time of the first greedy-loop run after the probe
+    probes: int = 0
+    why: str = "first steps"
+
+
+class DecodePathChooser:
+    """Measures a fused runner's single-token steps on the native kernel and on torch's path, and
+    runs the faster one; the only place that decides between them.
+
+    A probe alternates the two paths (native, torch, native, ...) for ``probe_steps`` steps each (or
+    until, after a pair, one is ``clear`` times slower than the other) on the real generation (same model, same cache: both paths write the same keys and values and give
+    the same logits to fp32 rounding) and keeps the path with the lower median step time. It probes
+    again after ``reprobe_every`` steps on the chosen path, or when that path's step time grows by
+    more than ``jump`` times from what the probe measured (another process started competing for
+    the cores), or torch's shrinks by as much (the load went away: the native kernel, which loses
+    most under load, may win again; a native step that got faster needs no probe): single steps as a moving average against the probe's median,
+    runs of the native greedy loop (no Python between steps, so faster per step than the probe's
+    single steps) against the first such run after the probe. State is kept per batch size (``key``). ``mode`` pins one
+    path (``"native"``/``"torch"``) for benchmarks and tests. Under tensor parallelism (``agree``
+    given) every rank must take the same path in the same step: the probe's times are reduced over
+    the ranks (``agree``) and only the step count triggers a new probe, never a rank's own times.
+
+    Args:
+        mode: ``"auto"``, ``"native"`` or ``"torch"`` (see :data:`DECODE_PATHS`).
+        clock: the time source (seconds); tests pass a fake one.
+        agree: ``values -> values`` reduced over the tensor-parallel ranks (max), or ``None``.
+    """
+
+    def __init__(self, mode: str = "auto", *, probe_steps: int = 3, reprobe_every: int = 256, jump: float = 1.5,
+                 clear: float = 2.0, clock: Callable[[], float] = time.perf_counter,
+                 agree: Callable[[list[float]], list[float]] | None = None) -> None:
+        if mode not in DECODE_PATHS:
+            raise ValueError(f"decode_path={mode!r} is not one of {DECODE_PATHS}; use 'auto' to measure both")
+        if probe_steps < 1 or reprobe_every < 1 or jump <= 1:
+            raise ValueError(f"probe_steps={probe_steps} and reprobe_every={reprobe_every} must be >= 1 and "
+                             f"jump={jump} > 1")
+        self.mode, self.probe_steps, self.reprobe_every, self.jump = mode, probe_steps, reprobe_every, jump
+        self.clock, self.agree, self.clear = clock, agree, clear
+        self.states: dict[Any, _PathState] = {}
+        self.last: dict[str, float] = {}  # the latest step time of each path (pinned modes too)
+
+    def state(self, key: Any) -> _PathState:
+        return self.states.setdefault(key, _PathState())
+
+    def pick(self, key: Any) -> str:
+        """The path of the next single-token step of this ``key``."""
+        if self.mode != "auto":
+            return self.mode
+        st = self.state(key)
+        if st.choice is not None:
+            return st.choice
+        n, t = len(st.samples["native"]), len(st.samples["torch"])
+        return "native" if n <= t else "torch"
+
+    def native_budget(self, key: Any) -> int | None:
+        """Steps the native path may run in one go (the greedy loop in C) before this chooser must
+        look again: 0 when the next step is not native, ``None`` for no limit."""
+        if self.mode != "auto":
+            return None if self.mode == "native" else 0
+        st = self.state(key)
+        if st.choice != "native":
+            return 0
+        return max(1, self.reprobe_every - st.since)
+
+    def run(self, key: Any, native: Callable[[], Any], torch_path: Callable[[], Any]) -> Any:
+        """One step on the path :meth:`pick` names, timed and recorded."""
+        path = self.pick(key)
+        t0 = self.clock()
+        out = native() if path == "native" else torch_path()
+        self.record(key, path, self.clock() - t0)
+        return out
+
+    def record(self, key: Any, path: str, seconds: float, steps: int = 1) -> None:
+        """``steps`` steps of ``path`` took ``seconds`` in all."""
+        per = seconds / max(1, steps)
+        self.last[path] = per
+        if self.mode != "auto":
+            return
+        st = self.state(key)
+        if st.choice is None:
+            st.samples[path].append(per)
+            # under tensor parallelism the probe's length must not depend on a rank's own times
+            if min(len(v) for v in st.samples.values()) >= self.probe_steps or (self.agree is None and self._clear(st)):
+                self._decide(key, st)
+            return
+        if path != st.choice:
+            return
+        st.since += steps
+        if steps > 1:  # a run of the greedy loop in C: no Python between steps, so it has its own baseline
+            st.chunk = st.chunk or per
+            ratio = per / st.chunk
+        else:
+            st.recent = 0.75 * st.recent + 0.25 * per
+            ratio = st.recent / st.measured[path]
+        if st.since >= self.reprobe_every:
+            self._reprobe(key, st, f"{st.since} steps since the last probe")
+        elif self.agree is None and (ratio > self.jump or (ratio < 1 / self.jump and path == "torch")):
+            self._reprobe(key, st, f"{path} step time moved {ratio:.2f}x from the probe's")
+
+    def _clear(self, st: _PathState) -> bool:
+        """Both paths measured equally often and one is ``clear`` times slower: no need to run it
+        again (on a bf16 model, a torch step can cost 10x a native one)."""
+        n, t = st.samples["native"], st.samples["torch"]
+        if not n or len(n) != len(t):
+            return False
+        a, b = statistics.median(n), statistics.median(t)
+        return max(a, b) >= self.clear * min(a, b)
+
+    def _decide(self, key: Any, st: _PathState) -> None:
+        times = [statistics.median(st.samples["native"]), statistics.median(st.samples["torch"])]
+        if self.agree is not None:
+            times = self.agree(times)  # every rank decides on the same numbers
+        st.measured = {"native": times[0], "torch": times[1]}
+        st.choice = "native" if times[0] <= times[1] else "torch"
+        st.since, st.recent, st.chunk, st.probes = 0, st.measured[st.choice], None, st.probes + 1
+        log.debug("decode path for %s: %s (probe %d, %s; native %.3f ms, torch %.3f ms a step)", key, st.choice,
+                  st.probes, st.why, times[0] * 1e3, times[1] * 1e3)
+
+    def _reprobe(self, key: Any, st: _PathState, why: str) -> None:
+        log.debug("decode path for %s: probing again (%s)", key, why)
+        st.choice, st.why = None, why
+        st.samples = {"native": [], "torch": []}
+
+    def describe(self) -> str:
+        """The mode, and per batch size the path in use and the times it was chosen on."""
+        if self.mode != "auto":
+            seen = ", ".join(f"{p} {t * 1e3:.2f} ms a step" for p, t in self.last.items())
+            return f"decode path pinned to {self.mode}" + (f" (last: {seen})" if seen else "")
+        parts = []
+        for key, st in self.states.items():
+            if st.choice is None:
+                parts.append(f"batch {key}: probing ({st.why})")
+                continue
+            m = st.measured
+            parts.append(f"batch {key}: {st.choice} (probe {st.probes} after {st.why}: native "
+                         f"{m['native'] * 1e3:.2f} ms, torch {m['torch'] * 1e3:.2f} ms a step)")
+        return "decode path auto: " + ("; ".join(parts) if parts else "not measured yet")
 
 
 def _logits_of(out: Any) -> torch.Tensor:

@@ -172,16 +172,21 @@ def _grid(rank: int, world: int, ckpt_dir: str) -> dict:
             engine = flexspeed.init_inference(model, tensor_parallel={"tp_size": 2}, replace_with_kernel_inject=True)
             runner = get_runner(engine.module)
             reason = runner.native_reason()
+            paths = runner.paths  # decode_path "auto": a probe every 2 steps, its times agreed over the ranks
+            paths.probe_steps, paths.reprobe_every = 1, 2
             with torch.no_grad():
-                got = engine.generate(ids[:, :8], max_new_tokens=6, min_new_tokens=6)
+                got = engine.generate(ids[:, :8], max_new_tokens=8, min_new_tokens=8)
+            probes = paths.state(ids.shape[0]).probes
+            runner.native_decode = True  # pinned: the native step against the torch step below
+            with torch.no_grad():
                 cache = runner.new_cache(2, 16)
                 pos = torch.arange(8).expand(2, 8)
                 runner(ids[:2, :8], pos, cache, 0)
                 step_native = runner(ids[:2, 8:9], pos[:, -1:] + 1, cache, 8)
                 runner.native_decode = False
-                want = engine.generate(ids[:, :8], max_new_tokens=6, min_new_tokens=6)
+                want = engine.generate(ids[:, :8], max_new_tokens=8, min_new_tokens=8)
                 step_torch = runner(ids[:2, 8:9], pos[:, -1:] + 1, cache, 8)
-            res["native_tp"][n] = {"reason": reason, "equal": bool(torch.equal(got, want)),
+            res["native_tp"][n] = {"reason": reason, "equal": bool(torch.equal(got, want)), "probes": probes,
                                    "diff": (step_native.float() - step_torch.float()).abs().max().item(),
                                    "scale": step_torch.abs().max().item()}
     res["families_tp"] = {}  # the registry's head counts drive the plan; greedy tokens as unsharded
@@ -259,6 +264,7 @@ def test_native_decode_under_tp(grid):
     for res in grid:
         for name, r in res["native_tp"].items():
             assert r["reason"] is None, (name, r)
+            assert r["probes"] >= 2, (name, r)  # decode-path probes ran, their times agreed over the ranks
             assert r["equal"], (name, r)  # greedy tokens as the torch path (gloo all-reduce hooks)
             assert r["diff"] <= 1e-5 * max(1.0, r["scale"]), (name, r)  # fp32
 

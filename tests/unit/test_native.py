@@ -64,7 +64,7 @@ def build(name: str, std: float = 0.2, width: int = 64) -> nn.Module:
 
 
 def engine_for(name: str, dtype: str, bits: int | None, **shape):
-    kw: dict = dict(dtype=dtype, replace_with_kernel_inject=True)
+    kw: dict = dict(dtype=dtype, replace_with_kernel_inject=True, decode_path="native")  # the kernel itself
     if bits:
         kw["quant"] = {"enabled": True, "weight": {"num_bits": bits}}
     return flexspeed.init_inference(build(name, **shape), **kw)
