@@ -189,7 +189,8 @@ def test_gpt_neox_runs_on_the_native_kernel(rotary_pct: float, parallel: bool) -
     model = build("gpt_neox", rotary_pct=rotary_pct, use_parallel_residual=parallel)
     _, dims = family_for_model(model)
     assert (dims.rotary_dim, dims.parallel_residual) == (int(16 * rotary_pct), parallel)
-    engine = flexspeed.init_inference(copy.deepcopy(model), replace_with_kernel_inject=True, dtype="fp32")
+    engine = flexspeed.init_inference(copy.deepcopy(model), replace_with_kernel_inject=True, dtype="fp32",
+                                      decode_path="native")  # the kernel itself, not the run-time choice
     runner = engine.runner
     assert runner.native_reason() is None, runner.native_reason()
     assert "single-token steps: native C kernel" in runner.describe(), runner.describe()
@@ -216,7 +217,8 @@ def test_phi3_partial_rotary_runs_on_the_native_kernel() -> None:
         pytest.skip("the native decode kernel is not built")
     model = build("phi3", partial_rotary_factor=0.5)
     assert family_for_model(model)[1].rotary_dim == 8
-    engine = flexspeed.init_inference(copy.deepcopy(model), replace_with_kernel_inject=True, dtype="fp32")
+    engine = flexspeed.init_inference(copy.deepcopy(model), replace_with_kernel_inject=True, dtype="fp32",
+                                      decode_path="native")  # the kernel itself, not the run-time choice
     assert engine.runner.native_reason() is None, engine.runner.native_reason()
     assert "single-token steps: native C kernel" in engine.runner.describe(), engine.runner.describe()
     ids, mask = padded_batch()
