@@ -183,17 +183,21 @@ class DecodePathChooser:
     runs the faster one; the only place that decides between them.
 
     A probe alternates the two paths (native, torch, native, ...) for ``probe_steps`` steps each (or
-    until, after a pair, one is ``clear`` times slower than the other) on the real generation (same model, same cache: both paths write the same keys and values and give
-    the same logits to fp32 rounding) and keeps the path with the lower median step time. It probes
-    again after ``reprobe_every`` steps on the chosen path, or when that path's step time grows by
-    more than ``jump`` times from what the probe measured (another process started competing for
-    the cores), or torch's shrinks by as much (the load went away: the native kernel, which loses
-    most under load, may win again; a native step that got faster needs no probe): single steps as a moving average against the probe's median,
-    runs of the native greedy loop (no Python between steps, so faster per step than the probe's
-    single steps) against the first such run after the probe. State is kept per batch size (``key``). ``mode`` pins one
-    path (``"native"``/``"torch"``) for benchmarks and tests. Under tensor parallelism (``agree``
-    given) every rank must take the same path in the same step: the probe's times are reduced over
-    the ranks (``agree``) and only the step count triggers a new probe, never a rank's own times.
+    until, after a pair, one is ``clear`` times slower than the other) on the real generation (same
+    model, same cache: both paths write the same keys and values and give the same logits to fp32
+    rounding) and keeps the path with the lower median step time. It probes again after
+    ``reprobe_every`` steps on the chosen path; or when that path's step time grows by more than
+    ``jump`` times from what the probe measured *and* above the other path's probed time (another
+    process took the cores, and the choice could now be wrong: a smaller slowdown is no reason to
+    run the slower path's steps, which under bursty load would be most of the time); or when
+    torch's shrinks by ``jump`` times (the load went away: the native kernel, which loses most under
+    load, may win again; a native step that got faster needs no probe). Single steps are tracked as
+    a moving average against the probe's median, runs of the native greedy loop (no Python between
+    steps, so faster per step than the probe's single steps) against the first such run after the
+    probe. State is kept per batch size (``key``). ``mode`` pins one path (``"native"``/``"torch"``)
+    for benchmarks and tests. Under tensor parallelism (``agree`` given) every rank must take the
+    same path in the same step: the probe's times are reduced over the ranks (``agree``) and only
+    the step count triggers a new probe, never a rank's own times.
 
     Args:
         mode: ``"auto"``, ``"native"`` or ``"torch"`` (see :data:`DECODE_PATHS`).
@@ -267,9 +271,13 @@ class DecodePathChooser:
         else:
             st.recent = 0.75 * st.recent + 0.25 * per
             ratio = st.recent / st.measured[path]
+        # a slower chosen path is worth a probe only once it is slower than the other path was: a probe
+        # runs the other path's (slower) steps, and under bursty load step times move all the time
+        other = "torch" if path == "native" else "native"
+        could_flip = ratio * st.measured[path] > st.measured[other]
         if st.since >= self.reprobe_every:
             self._reprobe(key, st, f"{st.since} steps since the last probe")
-        elif self.agree is None and (ratio > self.jump or (ratio < 1 / self.jump and path == "torch")):
+        elif self.agree is None and ((ratio > self.jump and could_flip) or (ratio < 1 / self.jump and path == "torch")):
             self._reprobe(key, st, f"{path} step time moved {ratio:.2f}x from the probe's")
 
     def _clear(self, st: _PathState) -> bool:

@@ -81,9 +81,10 @@ def test_reprobe_after_n_steps_switches_when_the_race_changed(caplog) -> None:
 def test_step_time_jump_triggers_a_probe_up_and_down() -> None:
     clock = Clock()
     c = DecodePathChooser(probe_steps=1, reprobe_every=1000, jump=1.5, clock=clock)
-    steps(c, clock, {"native": 1.0, "torch": 2.0}, 4)
+    steps(c, clock, {"native": 1.0, "torch": 1.2}, 4)
     assert c.state(1).choice == "native" and c.state(1).probes == 1
-    # native slows 4x (another process took its cores): the moving average passes 1.5x, a probe
+    # native slows 4x (another process took its cores): the moving average passes 1.5x and torch's
+    # probed time, a probe
     assert steps(c, clock, {"native": 4.0, "torch": 2.0}, 4) == ["native", "native", "torch", "torch"]
     assert c.state(1).choice == "torch" and "native step time moved 1.75x" in c.state(1).why  # .75 * 1 + .25 * 4
     # torch gets 3x faster (the load went away): after three steps the average is below 1 / 1.5, a
@@ -100,12 +101,24 @@ def test_native_loop_runs_have_their_own_baseline() -> None:
     between steps): that is no jump; a later run slower than the first by > ``jump`` is."""
     clock = Clock()
     c = DecodePathChooser(probe_steps=1, reprobe_every=1000, jump=1.5, clock=clock)
-    steps(c, clock, {"native": 1.0, "torch": 2.0}, 2)
+    steps(c, clock, {"native": 1.0, "torch": 1.4}, 2)
     c.record(1, "native", 0.3 * 30, steps=30)  # 0.3 a step against the probe's 1.0: the baseline
     c.record(1, "native", 0.4 * 30, steps=30)
     assert c.state(1).choice == "native" and c.state(1).probes == 1
-    c.record(1, "native", 0.5 * 30, steps=30)  # 1.67x the first run
+    c.record(1, "native", 0.5 * 30, steps=30)  # 1.67x the first run: 1.67 a single step, above torch's 1.4
     assert c.state(1).choice is None and "native step time moved 1.67x" in c.state(1).why
+
+
+def test_a_slowdown_that_cannot_change_the_choice_is_no_probe() -> None:
+    """Under bursty load step times move all the time; a probe runs the slower path's steps, so the
+    chosen path probes again on a jump only once it is slower than the other path was measured."""
+    clock = Clock()
+    c = DecodePathChooser(probe_steps=1, reprobe_every=1000, jump=1.5, clock=clock)
+    steps(c, clock, {"native": 1.0, "torch": 3.0}, 2)
+    assert set(steps(c, clock, {"native": 2.5, "torch": 3.0}, 20)) == {"native"}  # 2.5x, still below 3.0
+    assert c.state(1).probes == 1
+    assert steps(c, clock, {"native": 6.0, "torch": 3.0}, 4)[-1] == "torch"  # now above torch's 3.0: probed
+    assert c.state(1).probes == 2
 
 
 def test_chunks_of_steps_count_and_budget_the_native_loop() -> None:
