@@ -253,6 +253,10 @@ def _check_model_keys(model_sd: dict, saved: set[str], excluded: set[str], stric
                     missing[:10])
 
 
+# param-group keys that say how an optimizer computes its step, not what it computes
+IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
+
 def _merge_optim(template: dict, loaded_state: dict, saved_groups: list | None, current_groups: list) -> dict:
     """The optimizer state dict to set: loaded tensors (numbers restored) and the saved hyperparameters.
 
@@ -271,7 +275,10 @@ def _merge_optim(template: dict, loaded_state: dict, saved_groups: list | None, 
         # each current group's parameters among the saved group's (a pipeline rank holds only its stages')
         if len(saved_groups) == len(current_groups) == len(groups) and all(
                 set(cur["params"]) <= set(saved["params"]) for saved, cur in zip(saved_groups, current_groups)):
-            groups = [{**{k: v for k, v in saved.items() if k != "params"}, "params": live["params"]}
+            # the saved hyperparameters; how this run's optimizer computes (foreach, fused, ...) stays
+            # this run's: a stage-3 save runs fused Adam on shards, a stage-1 or TP resume may not
+            groups = [{**{k: v for k, v in saved.items() if k != "params" and k not in IMPLEMENTATION_KEYS},
+                       **{k: live[k] for k in IMPLEMENTATION_KEYS if k in live}, "params": live["params"]}
                       for saved, live in zip(saved_groups, groups)]
         else:
             warnings.warn(f"flexspeed: the optimizer's parameter groups differ from the checkpoint's (saved "

@@ -53,15 +53,17 @@ KINDS = {"mlp": (mlp_specs, mse), "tied": (tied_specs, token_ce)}
 
 
 class TiedReference(nn.Module):
-    """The tied model as one module: one embedding used at both ends."""
+    """A tied pipeline model as one module: one embedding used at both ends, layer i of ``specs``
+    seeded with SEED + i (as the pipeline builds it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, specs: list | None = None) -> None:
         super().__init__()
-        specs = tied_specs()
+        specs = tied_specs() if specs is None else specs
         torch.manual_seed(SEED)
         self.embed = specs[0].build()
+        self.last = len(specs) - 1
         body = []
-        for i in range(1, 5):
+        for i in range(1, self.last):
             torch.manual_seed(SEED + i)
             body.append(specs[i].build())
         self.body = nn.Sequential(*body)
@@ -70,7 +72,7 @@ class TiedReference(nn.Module):
         return lm_head(self.embed, self.body(self.embed(ids)))
 
     def sequential_state(self) -> dict[str, torch.Tensor]:
-        out = {"0.weight": self.embed.weight, "5.weight": self.embed.weight}
+        out = {"0.weight": self.embed.weight, f"{self.last}.weight": self.embed.weight}
         out.update({f"{int(k.split('.')[0]) + 1}.{k.split('.', 1)[1]}": v for k, v in self.body.state_dict().items()})
         return {k: v.detach().clone() for k, v in out.items()}
 

@@ -31,8 +31,8 @@ import torch.nn as nn
 
 from flexspeed.pipe import LayerSpec, TiedLayerSpec
 from flexspeed.testing import run_ranks
-from tests.distributed.test_pipeline import CLIP, GAS, MICRO, SEED, STEPS, SEQ, VOCAB, config, lm_head, \
-    set_deepspeed_lr, token_ce
+from tests.distributed.test_pipeline import CLIP, GAS, MICRO, STEPS, SEQ, VOCAB, TiedReference, config, \
+    lm_head, set_deepspeed_lr, token_ce
 from tests.distributed.test_pipeline_tp import Block
 
 HID = 16
@@ -53,27 +53,9 @@ def specs() -> list:
             LayerSpec(Block, HID), TiedLayerSpec("embed", nn.Embedding, VOCAB, HID, forward_fn=lm_head)]
 
 
-class Reference(nn.Module):
+def Reference() -> TiedReference:  # noqa: N802 - a model class's stand-in
     """The same model in one process: one embedding used at both ends, layer i seeded with SEED + i."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        s = specs()
-        torch.manual_seed(SEED)
-        self.embed = s[0].build()
-        blocks = []
-        for i in range(1, 4):
-            torch.manual_seed(SEED + i)
-            blocks.append(s[i].build())
-        self.body = nn.Sequential(*blocks)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return lm_head(self.embed, self.body(self.embed(ids)))
-
-    def sequential_state(self) -> dict[str, torch.Tensor]:
-        out = {"0.weight": self.embed.weight, "4.weight": self.embed.weight}
-        out.update({f"{int(k.split('.')[0]) + 1}.{k.split('.', 1)[1]}": v for k, v in self.body.state_dict().items()})
-        return {k: v.detach().clone() for k, v in out.items()}
+    return TiedReference(specs())
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:

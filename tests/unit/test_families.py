@@ -152,6 +152,17 @@ def test_sliding_window_generation_past_the_window_equals_hf(name: str, layer_ty
         assert torch.equal(generate(m, ids, mask, **sampled), want)  # one step at a time, eagerly
 
 
+def assert_one_step_equals_hf(runner, model, ids: torch.Tensor) -> None:
+    """A 9-token prompt of row 0 through ``runner``, then one single-token step: its logits equal
+    HF's forward over the 10 tokens (fp32, atol 1e-4)."""
+    cache = runner.new_cache(1, 12)
+    with torch.no_grad():
+        runner.step(ids[:1], torch.arange(9)[None], cache, 0)
+        got = runner.step(ids[:1, :1], torch.tensor([[9]]), cache, 9)
+        want = model(torch.cat([ids[:1], ids[:1, :1]], 1)).logits[:, -1:]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
 def test_gemma_runs_on_the_native_kernel_with_and_without_injection() -> None:
     """Gemma's (1 + w) RMSNorm (an fp32 copy of 1 + w) and scaled embedding on the native step:
     the un-injected model gets a shadow runner; one native step's logits equal HF's (fp32)."""
@@ -165,12 +176,7 @@ def test_gemma_runs_on_the_native_kernel_with_and_without_injection() -> None:
     for m in (model, inject_kernels(copy.deepcopy(model))):
         runner = select_runner(m).runner
         assert "native C kernel" in runner.describe(), runner.describe()
-        cache = runner.new_cache(1, 12)
-        with torch.no_grad():
-            runner.step(ids[:1], torch.arange(9)[None], cache, 0)
-            got = runner.step(ids[:1, :1], torch.tensor([[9]]), cache, 9)
-            want = model(torch.cat([ids[:1], ids[:1, :1]], 1)).logits[:, -1:]
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+        assert_one_step_equals_hf(runner, model, ids)
 
 
 @pytest.mark.parametrize("rotary_pct", [0.25, 1.0])
@@ -195,12 +201,7 @@ def test_gpt_neox_runs_on_the_native_kernel(rotary_pct: float, parallel: bool) -
     assert runner.native_reason() is None, runner.native_reason()
     assert "single-token steps: native C kernel" in runner.describe(), runner.describe()
     ids, mask = padded_batch()
-    cache = runner.new_cache(1, 12)
-    with torch.no_grad():
-        runner.step(ids[:1], torch.arange(9)[None], cache, 0)
-        got = runner.step(ids[:1, :1], torch.tensor([[9]]), cache, 9)
-        want = model(torch.cat([ids[:1], ids[:1, :1]], 1)).logits[:, -1:]
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert_one_step_equals_hf(runner, model, ids)
     kw = dict(max_new_tokens=12, pad_token_id=0, eos_token_id=None)
     ref = model.generate(ids, attention_mask=mask, do_sample=False, **kw)
     assert torch.equal(engine.generate(ids, attention_mask=mask, **kw), ref)
