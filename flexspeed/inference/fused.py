@@ -50,7 +50,8 @@ def project(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if mod.bias is not None:
             y = y + mod.bias
         return y.view(*x.shape[:-1], -1)
-    if type(mod) is nn.Linear and x.numel() >= PROMPT_ROWS * x.shape[-1] and not torch.compiler.is_compiling():
+    if (type(mod) is nn.Linear and x.numel() >= PROMPT_ROWS * x.shape[-1] and not torch.compiler.is_compiling()
+            and not (mod._forward_hooks or mod._forward_pre_hooks)):  # hooks (TP's all-reduce) need mod(x)
         y = onednn_linear(x, mod.weight, mod.bias)  # a prompt over plain weights (the native kernel's)
         if y is not None:
             return y
@@ -59,7 +60,6 @@ def project(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 PROMPT_ROWS = 32
 """Rows from which a plain ``nn.Linear`` of a fused layer runs through oneDNN (:func:`onednn_linear`)."""
-
 
 
 @dataclass
