@@ -51,11 +51,21 @@ def project(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
             y = y + mod.bias
         return y.view(*x.shape[:-1], -1)
     if (type(mod) is nn.Linear and x.numel() >= PROMPT_ROWS * x.shape[-1] and not torch.compiler.is_compiling()
-            and not (mod._forward_hooks or mod._forward_pre_hooks)):  # hooks (TP's all-reduce) need mod(x)
+            and not mod._forward_pre_hooks and not mod._forward_hooks_with_kwargs and not _global_hooks()):
         y = onednn_linear(x, mod.weight, mod.bias)  # a prompt over plain weights (the native kernel's)
         if y is not None:
+            for hook in mod._forward_hooks.values():  # e.g. tensor parallelism's all-reduce, as mod(x) runs it
+                out = hook(mod, (x,), y)
+                y = y if out is None else out
             return y
     return mod(x)
+
+
+def _global_hooks() -> bool:
+    """Hooks registered for every module (``register_module_forward_*hook``): then only ``mod(x)`` runs them."""
+    from torch.nn.modules import module as m
+
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
 
 
 PROMPT_ROWS = 32
