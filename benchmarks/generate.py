@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     before = probe.sample()
                     times["tp2 inject bf16"] = measure_tp(name, shape, batch, prompt, new, reps)
                     # two ranks on one machine share its memory bus: together they read every weight once
-                    sizes["tp2 inject bf16"] = sizes["inject bf16"]
+                    sizes["tp2 inject bf16"] = sizes["HF bf16"]  # the same bf16 weights (HF always runs)
                     bws["tp2 inject bf16"] = (before + probe.sample()) / 2  # sampled beside the ranks' run
                     if load is not None:
                         load.resume()
