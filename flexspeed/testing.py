@@ -29,7 +29,8 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-__all__ = ["run_ranks", "free_port", "RanksFailed", "run_cli", "start_cli", "wait_cli", "kill_tree"]
+__all__ = ["run_ranks", "free_port", "RanksFailed", "run_cli", "start_cli", "wait_cli", "kill_tree",
+           "die_inside_save"]
 
 
 class RanksFailed(RuntimeError):
@@ -201,3 +202,20 @@ def wait_cli(proc: subprocess.Popen, timeout: float = 300.0) -> tuple[int, str]:
 def run_cli(*argv: str, env: dict[str, str] | None = None, timeout: float = 300.0) -> tuple[int, str]:
     """Run ``python -m flexspeed *argv`` to the end: :func:`start_cli` then :func:`wait_cli`."""
     return wait_cli(start_cli(*argv, env=env), timeout)
+
+
+def die_inside_save(step: int) -> None:
+    """Make this process SIGKILL itself inside the save of ``global_step<step>``: after the tensors are
+    written, before the commit (fault-injection for auto-resume tests)."""
+    import signal
+
+    from flexspeed.runtime import checkpoint
+
+    real_hash = checkpoint.hash_state_files
+
+    def hash_then_die(state_dir: str, *args: Any) -> Any:
+        if f"-global_step{step}-" in state_dir:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_hash(state_dir, *args)
+
+    checkpoint.hash_state_files = hash_then_die

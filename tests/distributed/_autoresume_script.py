@@ -14,6 +14,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.utils.data import TensorDataset
 
 import flexspeed
+from flexspeed.testing import die_inside_save
 
 out, steps, kill_step, kill_micro, stage, async_save = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),
                                                          int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1")
@@ -29,16 +30,7 @@ engine, _, loader, _ = flexspeed.initialize(model=model, training_data=data, con
 first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
 if first_attempt and kill_micro == 2 and int(os.environ["RANK"]) == 1:
     # KILL_MICRO 2: die inside the save of global_step<KILL_STEP>, after DCP wrote the tensors, before the commit
-    from flexspeed.runtime import checkpoint
-
-    real_hash = checkpoint.hash_state_files
-
-    def hash_then_die(state_dir, *args):
-        if f"-global_step{kill_step}-" in state_dir:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real_hash(state_dir, *args)
-
-    checkpoint.hash_state_files = hash_then_die
+    die_inside_save(kill_step)
 while engine.global_steps < steps:
     for x, y in loader:
         if (first_attempt and engine.global_rank == 1 and engine.global_steps == kill_step

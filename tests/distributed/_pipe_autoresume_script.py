@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import flexspeed
+from flexspeed.testing import die_inside_save
 from flexspeed.pipe import LayerSpec, PipelineModule
 
 out, steps, kill_step, kill_mode, stage, async_save = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),
@@ -34,16 +35,7 @@ engine, _, _, _ = flexspeed.initialize(model=model, model_parameters=model.param
 first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
 killer = int(os.environ["RANK"]) == int(os.environ["WORLD_SIZE"]) - 1
 if first_attempt and killer and kill_mode == 1:
-    from flexspeed.runtime import checkpoint
-
-    real_hash = checkpoint.hash_state_files
-
-    def hash_then_die(state_dir, *args):
-        if f"-global_step{kill_step}-" in state_dir:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real_hash(state_dir, *args)
-
-    checkpoint.hash_state_files = hash_then_die
+    die_inside_save(kill_step)
 losses = []
 while engine.global_steps < steps:
     if first_attempt and killer and kill_mode == 0 and engine.global_steps == kill_step:

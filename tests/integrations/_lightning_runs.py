@@ -66,18 +66,17 @@ def rank_fabric_grid(rank: int, world: int, out_dir: str) -> dict:
     return {f"z{stage}": rank_fabric_parity(rank, world, out_dir, stage, False) for stage in (2, 3)}
 
 
-def trainer_losses(strategy: Any, stage: int | None = None) -> list[float]:
-    """A Lightning Trainer run: tiny Llama, AdamW, accumulate_grad_batches=2, clip 1.0, 4 optimizer steps."""
+def llama_module(seed: int = 0) -> Any:
+    """A LightningModule around ``tiny_llama(seed)`` that records its training losses (AdamW, lr 1e-2)."""
     import lightning.pytorch as pl
     import torch
-    from torch.utils.data import DataLoader
 
-    from tests.integrations._hf_runs import TokenData, tiny_llama
+    from tests.integrations._hf_runs import tiny_llama
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = tiny_llama()
+            self.net = tiny_llama(seed)
             self.losses: list[float] = []
 
         def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -88,7 +87,17 @@ def trainer_losses(strategy: Any, stage: int | None = None) -> list[float]:
         def configure_optimizers(self) -> Any:
             return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.01)
 
-    module = Module()
+    return Module()
+
+
+def trainer_losses(strategy: Any, stage: int | None = None) -> list[float]:
+    """A Lightning Trainer run: tiny Llama, AdamW, accumulate_grad_batches=2, clip 1.0, 4 optimizer steps."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from tests.integrations._hf_runs import TokenData
+
+    module = llama_module()
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, accumulate_grad_batches=2,
                          gradient_clip_val=1.0, max_steps=4, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=True)
@@ -169,24 +178,10 @@ def rank_trainer_resume(rank: int, world: int, out_dir: str) -> dict:
     from torch.utils.data import DataLoader
 
     from flexspeed.integrations.lightning import FlexspeedTrainerStrategy
-    from tests.integrations._hf_runs import TokenData, tiny_llama
-
-    class Module(pl.LightningModule):
-        def __init__(self, seed: int) -> None:
-            super().__init__()
-            self.net = tiny_llama(seed)
-            self.losses: list[float] = []
-
-        def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-            loss = self.net(**batch).loss
-            self.losses.append(float(loss.detach()))
-            return loss
-
-        def configure_optimizers(self) -> Any:
-            return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.01)
+    from tests.integrations._hf_runs import TokenData
 
     def fit(seed: int, max_epochs: int, ckpt_path: str | None = None, save: str | None = None) -> list[float]:
-        module = Module(seed)
+        module = llama_module(seed)
         trainer = pl.Trainer(accelerator="cpu", devices=2, accumulate_grad_batches=2, gradient_clip_val=1.0,
                              strategy=FlexspeedTrainerStrategy(config={"zero_optimization": {"stage": 3},
                                                                        "steps_per_print": 10 ** 6}),
