@@ -84,6 +84,7 @@ def _pipe_trials(n: int, seed: int, configs: list[tuple[int, bool]]) -> list[tup
     return out
 
 
+@pytest.mark.slow  # the same auto-resume path as the data-parallel kill test above, through a pipeline
 def test_pipeline_sigkill_resumes_bit_identically(tmp_path):
     """dp1 x pp2, ZeRO-1, asynchronous saves: killed before a step, resumed from the autosaver's newest tag."""
     _kill_and_compare(tmp_path, [(5, 0, 1, True)], script=PIPE_SCRIPT, nproc=2)

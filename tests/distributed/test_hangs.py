@@ -74,7 +74,8 @@ def test_sleeping_rank_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("where, activity", [
-    ("p2p", "pipeline step 2: 1f1b schedule, stage 1 of 2 (forward/backward with p2p send/recv between stages)"),
+    pytest.param("p2p", "pipeline step 2: 1f1b schedule, stage 1 of 2 (forward/backward with p2p send/recv between stages)",
+                 marks=pytest.mark.slow),  # the same note mechanism as gradnorm, which stays in the default tier
     ("gradnorm", "step 2: global gradient norm for clipping (all_reduce)")])
 def test_rank_stopped_inside_a_collective_is_named_with_it(tmp_path, where, activity):
     """The notes at collective boundaries (pipeline p2p, the gradient-norm all_reduce) name where rank 1 stopped."""

@@ -247,6 +247,7 @@ SLOW_CASES = [(n, s, 2, p) for n in ("gpt", "llama", "gpt2") for s in range(4) f
     [("gpt", 0, 2, "fp16"), ("llama", 3, 2, "fp16"), ("gpt2", 1, 2, "fp32", "client")]
 
 
+@pytest.mark.slow  # test_dp2_tp2_parity runs the same tp 2 shards inside a dp 2 x tp 2 mesh
 def test_tp2_parity():
     _check(run_ranks(_grid, 2, (TP2_CASES,), timeout=600), world=2, tp=2)
 

@@ -28,7 +28,7 @@ LOSS_TOL = {"fp32": 1e-3, "bf16": 2e-2}
 WEIGHT_TOL = {"fp32": 1e-4, "bf16": 3e-2}
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])  # stage 3 in the default tier
 def test_trainer_deepspeed_matches_ddp(tmp_path, stage):
     results = run_ranks(H.rank_trainer_grid, 2, (str(tmp_path), stage), init_process_group=False, timeout=600)
     for prec, res in results[0].items():
