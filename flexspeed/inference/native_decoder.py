@@ -255,6 +255,27 @@ class NativeDecoder:
             raise RuntimeError(f"native decode kernel rejected the shapes (code {rc})")
         return logits.view(B, 1, -1)  # fp32: the sampler works in fp32 anyway
 
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits (B, 1, V) of the final norm and head for hidden states ``x`` (B, 1, C): under
+        tensor parallelism each rank computes its block of the (replicated) head's rows and the
+        blocks are gathered (the prompt's last row; torch's path reads every row on every rank)."""
+        B, _, C = x.shape
+        nt = torch.get_num_threads()
+        need = self.lib.fs_scratch_floats(None, 0, self.head, B, C, 1, nt)
+        if self._scratch.numel() < need:
+            self._scratch, self._cache_id = torch.empty(need), None
+        h = x.reshape(B, C).to(torch.float32, copy=True)
+        logits = torch.empty(B, self.n_vocab if self.tp_group is not None else self.head.n)
+        step, keep = self._step(B, C, 0, 1, nt, None, None)
+        rc = self.lib.fs_forward(None, 0, self._final_p, self._head_p, h.data_ptr(), logits.data_ptr(),
+                                 ctypes.byref(step))
+        if rc == -4:
+            raise RuntimeError(f"tensor-parallel head: a rank did not answer within {self._shm.timeout:.0f} s")
+        if rc != 0:
+            raise RuntimeError(f"native decode kernel rejected the shapes (code {rc})")
+        del keep
+        return logits.view(B, 1, -1)
+
     def _bind(self, k: list[torch.Tensor], v: list[torch.Tensor], B: int, C: int) -> tuple[int, int]:
         """Point the layer structs at the cache buffers and size the scratch; (T_max, threads)."""
         t_max, nt = k[0].shape[2], torch.get_num_threads()
