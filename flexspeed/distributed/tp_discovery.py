@@ -34,7 +34,7 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -146,6 +146,9 @@ class TensorParallelPlan:
     row: list[str] = field(default_factory=list)
     params: dict[str, Placement] = field(default_factory=dict)
     attention: dict[str, AttentionShard] = field(default_factory=dict)
+    reduce: Callable[[torch.Tensor], None] | None = field(default=None, repr=False)
+    """The row-parallel hooks' in-place sum for CPU outputs (see :func:`all_reduce_hook`); ``None``:
+    ``torch.distributed.all_reduce``. Set before :meth:`attach` (inference sets its shared-memory one)."""
     _handles: list[Any] = field(default_factory=list, repr=False)
 
     def describe(self) -> str:
@@ -165,7 +168,7 @@ class TensorParallelPlan:
         self.detach()
         for name in self.row if all_reduce_rows else ():
             mod = planned_module(model, name, "row-parallel layer")
-            self._handles.append(mod.register_forward_hook(all_reduce_hook(group)))
+            self._handles.append(mod.register_forward_hook(all_reduce_hook(group, self.reduce)))
         rank = dist.get_rank(group) if self.attention else 0
         modules = dict(model.named_modules())
         for name, att in self.attention.items():

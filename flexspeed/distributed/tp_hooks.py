@@ -8,6 +8,7 @@ view of its input while its column-parallel projections still read all of it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,11 +28,18 @@ def planned_module(model: nn.Module, name: str, what: str) -> nn.Module:
                            "a later pass replaced it (kernel injection with tp_size > 1?)") from None
 
 
-def all_reduce_hook(group: dist.ProcessGroup | None):
-    """A forward hook summing a row-parallel layer's partial output over ``group`` in place."""
+def all_reduce_hook(group: dist.ProcessGroup | None, reduce: Callable[[torch.Tensor], None] | None = None):
+    """A forward hook summing a row-parallel layer's partial output over ``group`` in place.
+
+    ``reduce``: an in-place sum over the group's ranks for CPU outputs (inference's shared-memory
+    all-reduce when every rank runs on this host); other outputs, or ``None``, go through
+    ``torch.distributed``."""
     def hook(module: nn.Module, args: tuple, output: Any) -> Any:
         out = output[0] if isinstance(output, tuple) else output
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        if reduce is not None and out.device.type == "cpu":
+            reduce(out)
+        else:
+            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
         return output
     return hook
 

@@ -6,7 +6,8 @@ Order (each step is one function, reading the config and the model, nothing else
 2. tensor-parallel plan and sharding (metadata only on a meta model);
 3. checkpoint loading, each rank reading its own slices;
 4. dtype;
-5. placement on the device (or kept on the host, see ``keep_module_on_host``) and TP hooks;
+5. placement on the device (or kept on the host, see ``keep_module_on_host``) and TP hooks (on the
+   CPU their all-reduce runs through shared memory when the ranks share a host);
 6. kernel injection, then weight quantization (both optional, by the sibling modules
    ``kernels.py`` and ``quant.py``), after which the TP hooks are re-attached to whatever
    modules now hold the planned names.
@@ -185,6 +186,11 @@ class InferenceEngine(nn.Module):
         if not on_host:
             model.to(self.device)  # before quantization, so low-bit layouts are chosen for the device
         if self.plan is not None:
+            if self.device.type == "cpu":  # the ranks of one host sum through shared memory
+                from flexspeed.inference.native_decoder import ShmAllReduce
+
+                shm = ShmAllReduce.for_group(self.tp_group)
+                self.plan.reduce = shm.reduce_ if shm is not None else None
             self.plan.attach(model, self.tp_group)
         model = self._inject_and_quantize(model)
         if self.plan is not None:

@@ -275,7 +275,11 @@ class FusedRunner:
         for i, layer in enumerate(self.layers):
             x = layer.step(x, ctxs[ws[i]] if ws else ctx, cache.k[i], cache.v[i])
         if last_only:
+            prompt = x.shape[1] > 1
             x = x[:, -1:]  # (B, 1, C): the head reads only what generation needs
+            if prompt and self.tp_group is not None and x.device.type == "cpu" and x.shape[0] <= self.native_max_batch \
+                    and self.native_reason() is None:  # each rank its block of the head's rows, gathered
+                return self._native.head_logits(x)
         return self._head(x)
 
     def describe(self) -> str:

@@ -15,14 +15,14 @@ import ctypes
 import re
 from pathlib import Path
 
-__all__ = ["ABI_VERSION", "EXPORTS", "STRUCTS", "Linear", "Norm", "Layer", "Step", "Embed", "Gen", "Attn", "PoolStats",
+__all__ = ["ABI_VERSION", "EXPORTS", "STRUCTS", "Linear", "Norm", "Layer", "Step", "Embed", "Gen", "Attn", "PoolStats", "TP",
            "NativeABIError", "NativeError", "NativeOutOfMemory", "NativeIndexError", "check", "check_abi",
            "declare", "header_exports", "HEADER", "F32", "BF16", "I8", "I4", "RELU", "GELU", "GELU_TANH", "SILU"]
 
 HEADER = Path(__file__).parent / "csrc" / "fs_abi.h"
 
 
-ABI_VERSION = 3  # FS_ABI_VERSION
+ABI_VERSION = 4  # FS_ABI_VERSION
 F32, BF16, I8, I4 = 0, 1, 2, 3  # enum fs_format
 RELU, GELU, GELU_TANH, SILU = 0, 1, 2, 3  # enum fs_activation
 THREADS_ENV, THREADS_OPENMP, THREADS_POOL = -1, 0, 1  # enum fs_threads_mode
@@ -51,9 +51,14 @@ class Layer(ctypes.Structure):
                 ("n_up_parts", _I), ("qkv_parts", Linear * 3), ("up_parts", Linear * 2)]
 
 
+class TP(ctypes.Structure):
+    _fields_ = [("seg", _P), ("rank", _I), ("world", _I), ("cap", _L), ("call", _L), ("timeout_s", ctypes.c_double),
+                ("vocab", _I)]
+
+
 class Step(ctypes.Structure):
     _fields_ = [("B", _I), ("C", _I), ("start", _I), ("t_max", _I), ("nthreads", _I), ("valid_stride", _I),
-                ("valid", _P), ("cos", _P), ("sin", _P), ("scratch", _P)]
+                ("valid", _P), ("cos", _P), ("sin", _P), ("scratch", _P), ("tp", ctypes.POINTER(TP))]
 
 
 class Embed(ctypes.Structure):
@@ -77,7 +82,7 @@ class PoolStats(ctypes.Structure):
                 ("current", _I), ("requested", _I)]
 
 
-STRUCTS = (Linear, Norm, Layer, Step, Embed, Gen, Attn, PoolStats)  # in enum fs_struct_id's order
+STRUCTS = (Linear, Norm, Layer, Step, Embed, Gen, Attn, PoolStats, TP)  # in enum fs_struct_id's order
 
 
 def _ptr(cls) -> type:
@@ -103,7 +108,7 @@ EXPORTS: dict[str, tuple] = {
     "fs_rows": (ctypes.c_int, [_ptr(Linear), _P, _L, _P]),
     "fs_dequant_rows": (ctypes.c_int, [_ptr(Linear), ctypes.c_int, ctypes.c_int, _P, ctypes.c_int, ctypes.c_int]),
     "fs_shm_bytes": (_L, [ctypes.c_int, _L]),
-    "fs_shm_allreduce": (ctypes.c_int, [_P, ctypes.c_int, ctypes.c_int, _L, _P, _L, _L, ctypes.c_double, _P]),
+    "fs_shm_allreduce": (ctypes.c_int, [_ptr(TP), _P, _L, _P]),
 }
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from flexspeed.inference.native import library
-from flexspeed.inference.native_abi import BF16, F32, I4, I8, Gen, Layer, Linear, Step
+from flexspeed.inference.native_abi import BF16, F32, I4, I8, TP, Gen, Layer, Linear, Step
 from flexspeed.inference.native_structs import (Unsupported, activation_code, embed_struct, linear_struct,
                                                 norm_struct, parts_struct)
 
@@ -31,7 +31,9 @@ class ShmAllReduce:
     this takes microseconds. The segment is a file in ``/dev/shm`` (the temp directory where
     there is none) that rank 0 creates, every rank maps, and rank 0 unlinks once all have. A rank
     that stops answering for ``timeout`` seconds makes the others raise instead of hang.
-    Created collectively (every rank of ``group`` at the same point).
+    Created collectively (every rank of ``group`` at the same point). Two uses: the native decode
+    step's exchanges (:attr:`tp`, in C, several per call) and the row-parallel layers' hook on
+    torch's path (:meth:`reduce_`: the prompt's projections), each with its own segment.
     """
 
     def __init__(self, lib: ctypes.CDLL, group, cap: int, timeout: float = 300.0) -> None:
@@ -40,7 +42,7 @@ class ShmAllReduce:
 
         import torch.distributed as dist
 
-        self.lib, self.cap, self.timeout, self.call = lib, int(cap), float(timeout), 0
+        self.lib, self.cap, self.timeout = lib, int(cap), float(timeout)
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         hosts: list = [None] * self.world
         dist.all_gather_object(hosts, socket.gethostname(), group=group)
@@ -58,17 +60,46 @@ class ShmAllReduce:
         dist.barrier(group=group)
         if self.rank == 0:
             os.unlink(name[0])
+        # the kernel's view (its exchange count advances in C, the same on every rank); a decode
+        # step's struct points at it (Step.tp)
+        self.tp = TP(self.segment.data_ptr(), self.rank, self.world, self.cap, 0, self.timeout, 0)
 
     def __call__(self, x: torch.Tensor, accum: torch.Tensor | None = None) -> None:
-        """``x`` (contiguous fp32) <- its sum over the ranks; or ``accum += `` that sum."""
-        self.call += 1
-        rc = self.lib.fs_shm_allreduce(self.segment.data_ptr(), self.rank, self.world, self.cap, x.data_ptr(),
-                                       x.numel(), self.call, self.timeout,
-                                       accum.data_ptr() if accum is not None else None)
-        if rc == -1:
-            raise ValueError(f"{x.numel()} values exceed the shared segment's {self.cap}")
-        if rc != 0:
-            raise RuntimeError(f"tensor-parallel all-reduce: a rank did not answer within {self.timeout:.0f} s")
+        """``x`` (contiguous fp32) <- its sum over the ranks; or ``accum += `` that sum. Vectors
+        longer than the segment's ``cap`` go through it in pieces (every rank cuts them alike)."""
+        n = x.numel()
+        for i in range(0, max(n, 1), self.cap):
+            m = min(self.cap, n - i)
+            rc = self.lib.fs_shm_allreduce(ctypes.byref(self.tp), x.data_ptr() + 4 * i, m,
+                                           accum.data_ptr() + 4 * i if accum is not None else None)
+            if rc != 0:
+                raise RuntimeError(f"tensor-parallel all-reduce: a rank did not answer within {self.timeout:.0f} s")
+
+    def reduce_(self, t: torch.Tensor) -> None:
+        """``t`` (a CPU tensor of any float dtype and layout) <- its sum over the ranks, in place:
+        the row-parallel layers' hook (:attr:`TensorParallelPlan.reduce`). The sum is taken in fp32."""
+        if t.dtype == torch.float32 and t.is_contiguous():
+            self(t)
+            return
+        f = t.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        self(f)
+        t.copy_(f)
+
+    @classmethod
+    def for_group(cls, group, cap: int = 1 << 18) -> ShmAllReduce | None:
+        """One for ``group`` (collective), or ``None`` where its ranks cannot share memory (several
+        hosts, no native library); ``cap`` floats per piece."""
+        lib = library()
+        ok = torch.tensor([1 if lib is not None else 0])
+        import torch.distributed as dist
+
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)  # every rank takes the same branch
+        if not int(ok):
+            return None
+        try:
+            return cls(lib, group, cap)
+        except Unsupported:
+            return None
 
 
 # ------------------------------------------------------------------------------ module -> struct
@@ -224,6 +255,27 @@ class NativeDecoder:
             raise RuntimeError(f"native decode kernel rejected the shapes (code {rc})")
         return logits.view(B, 1, -1)  # fp32: the sampler works in fp32 anyway
 
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits (B, 1, V) of the final norm and head for hidden states ``x`` (B, 1, C): under
+        tensor parallelism each rank computes its block of the (replicated) head's rows and the
+        blocks are gathered (the prompt's last row; torch's path reads every row on every rank)."""
+        B, _, C = x.shape
+        nt = torch.get_num_threads()
+        need = self.lib.fs_scratch_floats(None, 0, self.head, B, C, 1, nt)
+        if self._scratch.numel() < need:
+            self._scratch, self._cache_id = torch.empty(need), None
+        h = x.reshape(B, C).to(torch.float32, copy=True)
+        logits = torch.empty(B, self.n_vocab if self.tp_group is not None else self.head.n)
+        step, keep = self._step(B, C, 0, 1, nt, None, None)
+        rc = self.lib.fs_forward(None, 0, self._final_p, self._head_p, h.data_ptr(), logits.data_ptr(),
+                                 ctypes.byref(step))
+        if rc == -4:
+            raise RuntimeError(f"tensor-parallel head: a rank did not answer within {self._shm.timeout:.0f} s")
+        if rc != 0:
+            raise RuntimeError(f"native decode kernel rejected the shapes (code {rc})")
+        del keep
+        return logits.view(B, 1, -1)
+
     def _bind(self, k: list[torch.Tensor], v: list[torch.Tensor], B: int, C: int) -> tuple[int, int]:
         """Point the layer structs at the cache buffers and size the scratch; (T_max, threads)."""
         t_max, nt = k[0].shape[2], torch.get_num_threads()
@@ -257,7 +309,7 @@ class NativeDecoder:
         model's embeddings are not lookups the kernel can repeat (the caller's loop goes on).
         """
         runner = self.runner
-        if self.tp_group is not None or runner.arch.tables is None or (pad is not None and pad < 0):
+        if runner.arch.tables is None or (pad is not None and pad < 0):
             return None
         keep: list[torch.Tensor] = []
         try:
@@ -283,7 +335,7 @@ class NativeDecoder:
             step.valid, step.valid_stride = valid.data_ptr(), valid.stride(0)
         eos_t = torch.tensor(eos or [0], dtype=torch.long)
         done_t = torch.tensor(done, dtype=torch.uint8)
-        logits, x = torch.empty(B, self.head.n), torch.empty(B, C)
+        logits, x = torch.empty(B, self.n_vocab if self.tp_group is not None else self.head.n), torch.empty(B, C)
         gen = Gen(T, max_new, min_new, len(eos), -1 if pad is None else pad, eos_t.data_ptr(), seq.data_ptr(),
                   done_t.data_ptr(), pos0.data_ptr(), cos.data_ptr() if cos is not None else None,
                   sin.data_ptr() if sin is not None else None, logits.data_ptr(), x.data_ptr())
@@ -291,6 +343,8 @@ class NativeDecoder:
                                     ctypes.byref(step), ctypes.byref(gen))
         if made == -3:
             raise IndexError("a token id or position is outside the model's embedding tables")
+        if made == -4:
+            raise RuntimeError(f"tensor-parallel decoding: a rank did not answer within {self._shm.timeout:.0f} s")
         if made < 0:
             raise RuntimeError(f"native decode kernel rejected the shapes (code {made})")
         del keep, held
@@ -300,6 +354,8 @@ class NativeDecoder:
               rope: tuple | None) -> tuple[Step, list]:
         """The per-call struct, and the tensors it points into (to be held until the call returns)."""
         step, keep = Step(B, C, start, t_max, nt, 0, None, None, None, self._scratch.data_ptr()), []
+        if self.tp_group is not None:
+            step.tp = self._exchange(B, C)
         if key_mask is not None:
             valid = key_mask[:, :start + 1]
             if not valid.is_contiguous():
@@ -322,43 +378,28 @@ class NativeDecoder:
 
     def _forward_tp(self, h: torch.Tensor, start: int, t_max: int, nt: int, key_mask: torch.Tensor | None,
                     rope: tuple | None) -> torch.Tensor:
-        """Tensor parallel: each half layer's partial projection is summed over the ranks through
-        shared memory and added to the residual stream; the head's row blocks are gathered the same
-        way (each rank fills its block of a zeroed full vector)."""
+        """Tensor parallel: one kernel call sums each half layer's partial projection over the ranks
+        through shared memory into the residual stream, and gathers the head's row blocks."""
         B, C = h.shape
-        vocab = self.head_per * dist_world(self.tp_group)
-        need = B * max(C, vocab)
-        if self._shm is None or self._shm.cap < need:
-            self._shm = ShmAllReduce(self.lib, self.tp_group, need)
         step, keep = self._step(B, C, start, t_max, nt, key_mask, rope)
-        part, part2 = torch.empty(B, C), torch.empty(B, C)
-        for layer in self.layers:
-            for half in (0, 1):
-                out = part2 if layer.parallel and half else part
-                rc = self.lib.fs_layer_part(ctypes.byref(layer), half, h.data_ptr(), out.data_ptr(), ctypes.byref(step))
-                if rc != 0:
-                    raise RuntimeError(f"native decode kernel rejected the shapes (code {rc})")
-                if layer.parallel and half == 0:
-                    continue  # parallel residual: both halves read this h; their sum is reduced once
-                if layer.parallel:
-                    part += part2
-                self._shm(part, accum=h)  # h += sum over ranks
-        mine = torch.empty(B, self.head.n)
-        rc = self.lib.fs_forward(None, 0, self._final_p, self._head_p, h.data_ptr(), mine.data_ptr(), ctypes.byref(step))
+        logits = torch.empty(B, self.n_vocab)
+        rc = self.lib.fs_forward(self.layers, len(self.layers), self._final_p, self._head_p, h.data_ptr(),
+                                 logits.data_ptr(), ctypes.byref(step))
+        if rc == -4:
+            raise RuntimeError(f"tensor-parallel decode step: a rank did not answer within {self._shm.timeout:.0f} s")
         if rc != 0:
             raise RuntimeError(f"native decode kernel rejected the shapes (code {rc})")
-        full = torch.zeros(B, vocab)
-        r0, r1 = self.head_rows
-        full[:, r0:r1] = mine
-        self._shm(full)
         del keep
-        return full[:, :self.n_vocab].view(B, 1, -1)
+        return logits.view(B, 1, -1)
 
-
-def dist_world(group) -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size(group)
+    def _exchange(self, B: int, C: int):
+        """The tensor-parallel exchange's struct for ``B`` rows (the segment made, collectively, at
+        the first step that needs one this large)."""
+        need = B * max(C, self.head_per)
+        if self._shm is None or self._shm.cap < need:
+            self._shm = ShmAllReduce(self.lib, self.tp_group, need)
+        self._shm.tp.vocab = self.n_vocab
+        return ctypes.pointer(self._shm.tp)
 
 
 _ESIZE = {F32: 4.0, BF16: 2.0, I8: 1.0, I4: 0.5}

@@ -189,6 +189,15 @@ def _grid(rank: int, world: int, ckpt_dir: str) -> dict:
             res["native_tp"][n] = {"reason": reason, "equal": bool(torch.equal(got, want)), "probes": probes,
                                    "diff": (step_native.float() - step_torch.float()).abs().max().item(),
                                    "scale": step_torch.abs().max().item()}
+        # the row-parallel hooks sum through shared memory; a tensor longer than the segment in pieces
+        from flexspeed.inference.native_decoder import ShmAllReduce
+
+        shm = ShmAllReduce.for_group(dist.group.WORLD, cap=100)
+        t = (torch.randn(3, 7, 50, generator=torch.Generator().manual_seed(rank)) * 10).bfloat16().transpose(1, 2)
+        want = t.contiguous()
+        dist.all_reduce(want)
+        shm.reduce_(t)
+        res["shm_hooks"] = {"equal": bool(torch.equal(t, want)), "hooked": engine.plan.reduce is not None}
     res["families_tp"] = {}  # the registry's head counts drive the plan; greedy tokens as unsharded
     ids, mask = padded_batch()
     for n in ("mistral", "qwen2", "phi3", "gemma", "gpt_neox"):
@@ -265,8 +274,9 @@ def test_native_decode_under_tp(grid):
         for name, r in res["native_tp"].items():
             assert r["reason"] is None, (name, r)
             assert r["probes"] >= 2, (name, r)  # decode-path probes ran, their times agreed over the ranks
-            assert r["equal"], (name, r)  # greedy tokens as the torch path (gloo all-reduce hooks)
+            assert r["equal"], (name, r)  # greedy tokens (whole greedy runs in C) as the torch path (hooks)
             assert r["diff"] <= 1e-5 * max(1.0, r["scale"]), (name, r)  # fp32
+        assert res["shm_hooks"] == {"equal": True, "hooked": True}, res["shm_hooks"]
 
 
 # ------------------------------------------------------------------------------ detection rules

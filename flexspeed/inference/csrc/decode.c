@@ -20,6 +20,7 @@
 #include "fs_ops.h"
 #include "fs_pool.h"
 #include "fs_attention.h"
+#include "fs_tp.h"
 
 /* ------------------------------------------------------------------ entry points */
 
@@ -56,6 +57,7 @@ int64_t fs_scratch_floats(const fs_layer *layers, int n_layers, const fs_linear 
         prep = max_sz(prep, max_sz(max_sz(xs_floats(&l->qkv, B), xs_floats(&l->out, B)),
                                    max_sz(xs_floats(&l->up, B), xs_floats(&l->down, B))));
     }
+    shared += (size_t)B * C; /* tensor parallelism: a half layer's projection before the ranks' sum */
     return (int64_t)(shared + (priv + prep) * (size_t)nthreads + 64);
 }
 
@@ -73,6 +75,7 @@ int64_t fs_struct_size(int id) {
     case FS_STRUCT_GEN: return (int64_t)sizeof(fs_gen);
     case FS_STRUCT_ATTN: return (int64_t)sizeof(fs_attn);
     case FS_STRUCT_POOL_STATS: return (int64_t)sizeof(fs_pool_stats);
+    case FS_STRUCT_TP: return (int64_t)sizeof(fs_tp);
     default: return -1;
     }
 }
@@ -80,6 +83,7 @@ int64_t fs_struct_size(int id) {
 /* one thread's view of a call: its id, the barrier, its private scratch, the shared buffers */
 typedef struct {
     int tid, nth, sense, B, C, mode;
+    int add_out;                   /* TP, parallel residual: the MLP half adds its projection to out */
     fs_barrier *bar;
     const fs_step *st;
     float *x, *out, *h, *xs;       /* residual (B, C); TP output; private normed input; private prep */
@@ -90,7 +94,8 @@ typedef struct {
 static void fs_sync(fs_ctx *c) { barrier_wait(c->bar, c->nth, &c->sense); }
 
 /* a projection that writes the residual stream: into h (private), then added to x (mode 0) or
- * copied to out (tensor-parallel halves), over this thread's share of the outputs */
+ * written to out (tensor-parallel halves; added to it with add_out), over this thread's share of
+ * the outputs */
 static void project_residual(const fs_linear *L, const float *in, int ld, fs_ctx *c) {
     int r0, r1;
     prepare(L, in, c->B, ld, c->xs);
@@ -104,6 +109,7 @@ static void project_residual(const fs_linear *L, const float *in, int ld, fs_ctx
         for (int r = r0; r < r1; r++) {
             const size_t i = (size_t)m * c->C + r;
             if (c->mode == 0) c->x[i] += c->h[i];
+            else if (c->add_out) c->out[i] += c->h[i];
             else c->out[i] = c->h[i];
         }
     fs_sync(c);
@@ -230,19 +236,32 @@ typedef struct {
     fs_barrier *bar;
     size_t shared, prep;
     int blocks;                    /* priv_blocks() */
+    volatile int rc;               /* tensor parallelism: a failed exchange (every thread then stops) */
 } fs_call;
+
+/* tensor parallelism: x += the sum over the ranks of out (thread 0 exchanges, the others wait);
+ * nonzero when the exchange failed */
+static int tp_reduce(fs_call *a, fs_ctx *c) {
+    if (c->tid == 0) {
+        const int rc = fs_shm_allreduce(a->st->tp, c->out, (int64_t)c->B * c->C, c->x);
+        if (rc != FS_OK) a->rc = rc;
+    }
+    fs_sync(c);
+    return a->rc != FS_OK;
+}
 
 /* one thread's share of a call */
 static void forward_job(void *arg, int tid, int nth) {
-    const fs_call *a = (const fs_call *)arg;
+    fs_call *a = (fs_call *)arg;
     const fs_step *st = a->st;
-    const int B = st->B, C = st->C;
+    const int B = st->B, C = st->C, tp = a->mode == 3;
     fs_ctx c = {.tid = tid, .nth = nth, .sense = 0, .B = B, .C = C, .mode = a->mode, .bar = a->bar, .st = st,
                 .x = a->x, .out = a->out};
     float *priv = st->scratch + a->shared + (size_t)tid * ((size_t)a->blocks * B * C + a->prep);
     c.h = priv;
     c.h2 = a->blocks > 1 ? priv + (size_t)B * C : NULL;
     c.xs = priv + (size_t)a->blocks * B * C;
+    if (tp) c.out = st->scratch + a->shared - (size_t)B * C;
     for (int li = 0; li < a->n_layers; li++) {
         const fs_layer *l = &a->layers[li];
         c.qkv = st->scratch;
@@ -251,21 +270,42 @@ static void forward_job(void *arg, int tid, int nth) {
         c.scores = c.up + (size_t)B * l->up.n;
         c.tpart = c.scores + (size_t)B * l->n_heads * st->t_max; /* transposed products' partials */
         const float *normed = NULL;
-        if (a->mode == 0 && l->parallel) { /* both halves read the layer's input: norm2 it before attention
-                                            * adds to x (no thread writes x before the barrier after qkv) */
+        if ((a->mode == 0 || tp) && l->parallel) { /* both halves read the layer's input: norm2 it before
+                                                    * attention adds to x (no thread writes x before the
+                                                    * barrier after qkv) */
             norm_rows(&l->norm2, c.x, c.h2, B, C);
             normed = c.h2;
+        }
+        if (tp) { /* each half's projection summed over the ranks into x; a parallel-residual layer's two
+                   * halves are added first and summed once */
+            layer_attention(l, &c);
+            if (!l->parallel && tp_reduce(a, &c)) return;
+            c.add_out = l->parallel;
+            layer_mlp(l, &c, normed);
+            c.add_out = 0;
+            if (tp_reduce(a, &c)) return;
+            continue;
         }
         if (a->mode != 2) layer_attention(l, &c);
         if (a->mode != 1) layer_mlp(l, &c, normed);
     }
     if (a->head) {
         int r0, r1;
+        const int V = tp ? st->tp->vocab : a->head->n;
+        float *logits = a->logits;
+        if (tp) logits += (size_t)st->tp->rank * ((V + st->tp->world - 1) / st->tp->world);
         if (a->final_norm) norm_rows(a->final_norm, a->x, c.h, B, C);
         else memcpy(c.h, a->x, sizeof(float) * B * C);
         prepare(a->head, c.h, B, C, c.xs);
         split_rows(a->head->n, tid, nth, &r0, &r1);
-        linear_rows(a->head, c.h, B, C, c.xs, a->logits, a->head->n, r0, r1);
+        linear_rows(a->head, c.h, B, C, c.xs, logits, V, r0, r1);
+        if (tp) { /* every rank's block of the logits */
+            fs_sync(&c);
+            if (tid == 0) {
+                const int rc = fs_tp_gather(st->tp, a->logits, B);
+                if (rc != FS_OK) a->rc = rc;
+            }
+        }
     }
 }
 
@@ -282,7 +322,9 @@ static int check_rotary(const fs_layer *layers, int n_layers, const fs_step *st)
 /* x (B, C) fp32 in/out (the residual stream); logits (B, head->n) fp32 when head != NULL.
  * mode 0: whole layers, residual adds into x. mode 1 / 2: one layer's attention / MLP half only,
  * its projection written to out (B, C) and x left alone (tensor parallelism: the caller sums the
- * ranks' outputs, then adds them to x; for a parallel-residual layer both halves read the same x). */
+ * ranks' outputs, then adds them to x; for a parallel-residual layer both halves read the same x).
+ * st->tp (mode 0 only): whole layers of a tensor-parallel model, each half layer's projection summed
+ * over the ranks into x, and logits (B, st->tp->vocab) gathered from the ranks' blocks of the head. */
 static int forward_impl(const fs_layer *layers, int n_layers, const fs_norm *final_norm, const fs_linear *head,
                         float *x, float *logits, const fs_step *st, int mode, float *out) {
     const int B = st->B, C = st->C, nt = st->nthreads > 0 ? st->nthreads : 1;
@@ -296,16 +338,26 @@ static int forward_impl(const fs_layer *layers, int n_layers, const fs_norm *fin
                                    max_sz(xs_floats(&l->up, B), xs_floats(&l->down, B))));
     }
     if ((head && head->k != C) || check_rotary(layers, n_layers, st) != FS_OK) return FS_ERR_SHAPE;
+    shared += (size_t)B * C; /* the tensor-parallel part buffer (fs_scratch_floats) */
+    if (st->tp) {
+        if (mode != 0 || st->tp->world < 1 || st->tp->rank < 0 || st->tp->rank >= st->tp->world
+            || (int64_t)B * C > st->tp->cap)
+            return FS_ERR_SHAPE;
+        if (head && (int64_t)head->n != (st->tp->vocab + st->tp->world - 1) / st->tp->world
+            && st->tp->rank != st->tp->world - 1)
+            return FS_ERR_SHAPE; /* every rank but the last holds ceil(vocab / world) rows of the head */
+        mode = 3;
+    }
     fs_barrier bar = {0, 0, 0};
     fs_call call = {layers, n_layers, final_norm, head, x, logits, st, mode, out, &bar, shared, prep,
-                    priv_blocks(layers, n_layers)};
+                    priv_blocks(layers, n_layers), FS_OK};
     /* a kind of call for the adaptive thread count: its shape, not its pointers (the layers of a
      * tensor-parallel step share one kind) */
     uint64_t key = fs_mix(fs_mix(fs_mix(1, (uint64_t)n_layers), (uint64_t)B), (uint64_t)C);
     key = fs_mix(fs_mix(key, (uint64_t)mode), head ? (uint64_t)head->n : 0);
     if (n_layers > 0) key = fs_mix(fs_mix(key, (uint64_t)layers[0].up.n), (uint64_t)layers[0].qkv.fmt);
     fs_parallel(forward_job, &call, nt, key);
-    return FS_OK;
+    return call.rc;
 }
 
 int fs_forward(const fs_layer *layers, int n_layers, const fs_norm *final_norm, const fs_linear *head, float *x,
@@ -317,81 +369,6 @@ int fs_forward(const fs_layer *layers, int n_layers, const fs_norm *final_norm, 
 int fs_layer_part(const fs_layer *layer, int part, const float *x, float *out, const fs_step *st) {
     if (part != 0 && part != 1) return FS_ERR_ARG;
     return forward_impl(layer, 1, NULL, NULL, (float *)x, NULL, st, part + 1, out);
-}
-
-/* ------------------------------------------------------------------ shared-memory all-reduce
- *
- * For the ranks of one tensor-parallel group on one host: gloo's all-reduce of a few KB costs
- * ~1.4 ms on loopback here (a send/recv round trip 0.16 ms), 24 of them per OPT-125M token.
- * Layout of the segment: a header of per-rank sequence numbers (one cache line each), then two
- * buffers per rank of `cap` floats. A call copies x into this rank's buffer (call parity picks
- * which), publishes its sequence number, waits for every rank's, and sums the buffers in rank
- * order, so every rank gets bit-identical results. Two buffers suffice: a rank can start call
- * s+2 only after every rank has published s+1, i.e. finished reading call s. */
-typedef struct {
-    volatile int64_t seq;
-    volatile int32_t sleepers; /* ranks asleep on this rank's seq (a shared futex on its low word) */
-    char pad[52];
-} fs_seq;
-
-int64_t fs_shm_bytes(int world, int64_t cap) { return (int64_t)world * 64 + (int64_t)world * 2 * cap * 4; }
-
-/* futexes on the shared segment (mapped by every rank: not FUTEX_PRIVATE); the wait gives up
- * after 10 ms so that the caller can check its timeout */
-static void fs_shared_wait(volatile int64_t *addr, int64_t seen) {
-#ifdef __linux__
-    struct timespec ts = {0, 10 * 1000 * 1000};
-    syscall(SYS_futex, (int *)addr, FUTEX_WAIT, (int)seen, &ts, NULL, 0); /* the low word (little-endian) */
-#else
-    (void)addr;
-    (void)seen;
-    sched_yield();
-#endif
-}
-
-static void fs_shared_wake(volatile int64_t *addr) {
-#ifdef __linux__
-    syscall(SYS_futex, (int *)addr, FUTEX_WAKE, 1 << 30, NULL, NULL, 0);
-#else
-    (void)addr;
-#endif
-}
-
-/* x (n) <- the sum over ranks of x; with accum != NULL, accum += that sum instead (x unchanged).
- * Waiting for the other ranks spins briefly (not at all on a contended machine, see
- * fs_wait_change), then sleeps on a shared futex, so that a rank that lost its core gets one. */
-int fs_shm_allreduce(void *seg, int rank, int world, int64_t cap, float *x, int64_t n, int64_t call,
-                     double timeout_s, float *accum) {
-    if (n > cap) return FS_ERR_SHAPE;
-    fs_seq *seqs = (fs_seq *)seg;
-    float *bufs = (float *)((char *)seg + (size_t)world * 64);
-    const int parity = (int)(call & 1);
-    float *mine = bufs + ((size_t)rank * 2 + parity) * cap;
-    memcpy(mine, x, sizeof(float) * n);
-    __atomic_store_n(&seqs[rank].seq, call, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&seqs[rank].sleepers, __ATOMIC_SEQ_CST) > 0) fs_shared_wake(&seqs[rank].seq);
-    for (int j = 0; j < world; j++) {
-        double t0 = 0.;
-        int64_t s;
-        while ((s = __atomic_load_n(&seqs[j].seq, __ATOMIC_ACQUIRE)) < call) {
-            for (int i = 0; i < 64 && __atomic_load_n(&seqs[j].seq, __ATOMIC_ACQUIRE) < call; i++) fs_pause();
-            const double now = fs_now();
-            if (t0 == 0.) t0 = now;
-            if (now - t0 > timeout_s) return FS_ERR_TIMEOUT; /* a rank stopped answering */
-            if (now < fs_contended_until || now - t0 > fs_spin_s()) {
-                __atomic_add_fetch(&seqs[j].sleepers, 1, __ATOMIC_SEQ_CST);
-                fs_shared_wait(&seqs[j].seq, s); /* returns at once if seq has moved */
-                __atomic_sub_fetch(&seqs[j].sleepers, 1, __ATOMIC_SEQ_CST);
-            }
-        }
-    }
-    for (int64_t i = 0; i < n; i++) {
-        float acc = 0.f;
-        for (int j = 0; j < world; j++) acc += bufs[((size_t)j * 2 + parity) * cap + i];
-        if (accum) accum[i] += acc;
-        else x[i] = acc;
-    }
-    return 0;
 }
 
 /* out[r] = the index of the largest of x[r, 0:n] (the first on ties, as torch.argmax; NaN wins) */
@@ -498,7 +475,7 @@ static int embed_rows(const fs_embed *e, const fs_gen *g, int B, int C, int col,
  * after a step that streamed the weights through the caches runs cold). */
 int fs_generate(const fs_layer *layers, int n_layers, const fs_norm *final_norm, const fs_linear *head,
                 const fs_embed *emb, fs_step *st, fs_gen *g) {
-    const int B = st->B, C = st->C, V = head->n, rd = n_layers > 0 ? layers[0].rot_dim : 0;
+    const int B = st->B, C = st->C, V = st->tp ? st->tp->vocab : head->n, rd = n_layers > 0 ? layers[0].rot_dim : 0;
     const int64_t width = (int64_t)g->T + g->max_new;
     int64_t *next = malloc(sizeof(int64_t) * (size_t)B);
     if (!next) return FS_ERR_NOMEM;

@@ -13,7 +13,7 @@
 #define FS_ABI_H
 #include <stdint.h>
 
-#define FS_ABI_VERSION 3
+#define FS_ABI_VERSION 4
 
 /* ------------------------------------------------------------------ enums */
 
@@ -34,7 +34,7 @@ enum fs_adaptive_mode { FS_ADAPT_OFF = 0, FS_ADAPT_ON = 1 };
 /* ids of fs_struct_size(), in this order */
 enum fs_struct_id {
     FS_STRUCT_LINEAR = 0, FS_STRUCT_NORM, FS_STRUCT_LAYER, FS_STRUCT_STEP, FS_STRUCT_EMBED, FS_STRUCT_GEN,
-    FS_STRUCT_ATTN, FS_STRUCT_POOL_STATS, FS_N_STRUCTS
+    FS_STRUCT_ATTN, FS_STRUCT_POOL_STATS, FS_STRUCT_TP, FS_N_STRUCTS
 };
 
 /* ------------------------------------------------------------------ structs */
@@ -72,12 +72,25 @@ typedef struct {
     fs_linear qkv_parts[3], up_parts[2];
 } fs_layer;
 
+typedef struct {                   /* tensor parallelism over the ranks of one host (fs_shm_allreduce) */
+    void *seg;                     /* the shared segment, fs_shm_bytes(world, cap), zeroed before first use */
+    int32_t rank, world;
+    int64_t cap;                   /* floats each rank can post at once */
+    int64_t call;                  /* exchanges so far: the same on every rank; each exchange advances it */
+    double timeout_s;              /* a peer silent this long: FS_ERR_TIMEOUT */
+    int32_t vocab;                 /* the full head's rows: rank r computes rows [r * per, (r + 1) * per) of them,
+                                    * per = ceil(vocab / world) (its head struct holds just those) */
+} fs_tp;
+
 typedef struct {
     int32_t B, C, start, t_max, nthreads;
     int32_t valid_stride;          /* bytes between rows of valid */
     const uint8_t *valid;          /* (B, >= start+1): 1 = attend to that key; NULL = all */
     const float *cos, *sin;        /* rotary tables (B, rot_dim), or NULL */
     float *scratch;                /* fs_scratch_floats() floats */
+    fs_tp *tp;                     /* NULL, or this rank's part of a tensor-parallel model: each half layer's
+                                    * projection is summed over the ranks into the residual stream, and the
+                                    * logits (B, tp->vocab) gathered from the ranks' row blocks of the head */
 } fs_step;
 
 typedef struct {
@@ -155,6 +168,5 @@ int fs_dequant_rows(const fs_linear *L, int r0, int r1, void *out, int out_bf16,
 
 /* tensor parallelism on one host: the shared-memory all-reduce */
 int64_t fs_shm_bytes(int world, int64_t cap);
-int fs_shm_allreduce(void *seg, int rank, int world, int64_t cap, float *x, int64_t n, int64_t call,
-                     double timeout_s, float *accum);
+int fs_shm_allreduce(fs_tp *tp, float *x, int64_t n, float *accum);
 #endif
