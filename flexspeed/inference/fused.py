@@ -142,6 +142,12 @@ class FusedRunner:
             self._paths = DecodePathChooser(self.decode_path, agree=self._agree if self.tp_group is not None else None)
         return self._paths
 
+    @paths.setter
+    def paths(self, chooser) -> None:
+        """Use ``chooser`` (its measurements so far): one that does not fit :attr:`decode_path` or the
+        tensor-parallel group is replaced on the next use."""
+        self._paths = chooser
+
     def _agree(self, times: list[float]) -> list[float]:
         """The probe's step times, the slowest over the tensor-parallel ranks (one decision for all)."""
         import torch.distributed as dist
