@@ -50,15 +50,30 @@ def project(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if mod.bias is not None:
             y = y + mod.bias
         return y.view(*x.shape[:-1], -1)
-    if (type(mod) is nn.Linear and x.numel() >= PROMPT_ROWS * x.shape[-1] and not torch.compiler.is_compiling()
-            and not mod._forward_pre_hooks and not mod._forward_hooks_with_kwargs and not _global_hooks()):
-        y = onednn_linear(x, mod.weight, mod.bias)  # a prompt over plain weights (the native kernel's)
+    weight = _plain_weight(mod, x) if x.numel() >= PROMPT_ROWS * x.shape[-1] else None
+    if (weight is not None and not torch.compiler.is_compiling() and not mod._forward_pre_hooks
+            and not mod._forward_hooks_with_kwargs and not _global_hooks()):
+        y = onednn_linear(x, weight, mod.bias)  # a prompt over plain weights (the native kernel's)
         if y is not None:
             for hook in mod._forward_hooks.values():  # e.g. tensor parallelism's all-reduce, as mod(x) runs it
                 out = hook(mod, (x,), y)
                 y = y if out is None else out
             return y
     return mod(x)
+
+
+def _plain_weight(mod: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The (out, in) weight of a plain ``nn.Linear``, or of HF's ``Conv1D`` (stored (in, out): its
+    transposed view, which oneDNN reads as it is), else ``None``. Conv1D's own ``addmm`` took 1.6x
+    (bf16) and 2.7x (fp32) oneDNN's time over the transposed view for 128 rows of GPT-2's four
+    projections (2 threads, median of 15; see ``FusedRunner``'s prompt)."""
+    if type(mod) is nn.Linear:
+        return mod.weight
+    w = getattr(mod, "weight", None)
+    if (type(mod).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == x.shape[-1]
+            and getattr(mod, "nf", None) == w.shape[1]):
+        return w.t()
+    return None
 
 
 def _global_hooks() -> bool:
@@ -69,7 +84,8 @@ def _global_hooks() -> bool:
 
 
 PROMPT_ROWS = 32
-"""Rows from which a plain ``nn.Linear`` of a fused layer runs through oneDNN (:func:`onednn_linear`)."""
+"""Rows from which a plain ``nn.Linear`` (or HF ``Conv1D``) of a fused layer runs through oneDNN
+(:func:`onednn_linear`)."""
 
 
 @dataclass
@@ -125,6 +141,12 @@ class FusedRunner:
                 or (self._paths.agree is None) != (self.tp_group is None)):
             self._paths = DecodePathChooser(self.decode_path, agree=self._agree if self.tp_group is not None else None)
         return self._paths
+
+    @paths.setter
+    def paths(self, chooser) -> None:
+        """Use ``chooser`` (its measurements so far): one that does not fit :attr:`decode_path` or the
+        tensor-parallel group is replaced on the next use."""
+        self._paths = chooser
 
     def _agree(self, times: list[float]) -> list[float]:
         """The probe's step times, the slowest over the tensor-parallel ranks (one decision for all)."""

@@ -25,7 +25,10 @@ The runner of a model is held by whoever built it (the :class:`InferenceEngine`,
 it to ``generate``); nothing is written onto the user's model. :func:`inject_kernels` and the
 offload builder, which return the model rather than an engine, record the runner they built in
 a weak table owned by this module (:func:`remember`), so ``generate(model, ...)`` and
-``kernels.get_runner(model)`` find it; the entry disappears with the model.
+``kernels.get_runner(model)`` find it; the entry disappears with the model. Bare
+``generate(model, ...)`` calls on an un-injected model build its shadow runner per call but share
+one :class:`DecodePathChooser` per model (another weak table), so a call does not probe again
+what an earlier one measured.
 """
 
 from __future__ import annotations
@@ -145,10 +148,31 @@ def select_runner(model: nn.Module, config: Any = None, *, use_cache: bool = Tru
     runner, why_not = shadow_runner(model)
     if runner is not None:
         runner.tp_group = tp_group
+        if config is None and tp_group is None:  # a bare generate(model, ...): this model's measurements so far
+            runner.paths = _model_paths(model)
         return RunnerChoice(runner, "un-injected: fused wrappers over the model's own modules" + _pin(runner, config))
     if _is_hf(model):
         return RunnerChoice(HFCacheRunner(model), f"no fused runner: {why_not}")
     return RunnerChoice(RecomputeRunner(model), f"no fused runner ({why_not}) and no cache API")
+
+
+_PATHS: weakref.WeakKeyDictionary[nn.Module, tuple[Any, DecodePathChooser]] = weakref.WeakKeyDictionary()
+
+
+def _model_paths(model: nn.Module) -> DecodePathChooser:
+    """The decode-path chooser of an un-injected model's bare ``generate`` calls, kept across calls in
+    a weak table of this module (nothing is written onto the model): each call builds its shadow
+    runner again, and without this each would probe both paths again (on a bf16 model a torch
+    step costs ~3x a native one). A new one when the model's dtype or device changed."""
+    ref = next(iter(model.parameters()), None)
+    key = (ref.dtype, ref.device) if ref is not None else None
+    try:
+        held = _PATHS.get(model)
+        if held is None or held[0] != key:
+            held = _PATHS[model] = (key, DecodePathChooser())
+    except TypeError:  # an unhashable module
+        return DecodePathChooser()
+    return held[1]
 
 
 def _pin(runner: Any, config: Any) -> str:

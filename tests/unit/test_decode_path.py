@@ -267,3 +267,28 @@ def test_chunked_native_loop_stops_at_eos_like_the_whole_loop() -> None:
                                 pad_token_id=0) for m in (0, 6)])
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+@needs_native
+def test_bare_generate_calls_on_an_unfused_model_share_their_measurements() -> None:
+    """generate(model, ...) on an un-injected model builds its shadow runner per call; the decode
+    path chooser is the model's across calls (a weak table, nothing on the model), so only the
+    first call probes; an engine keeps its own."""
+    from flexspeed.inference.generation import generate
+    from flexspeed.inference.runners import select_runner
+
+    model = opt()
+    before = set(vars(model))
+    ids, mask = prompts()
+    first = select_runner(model).runner
+    generate(model, ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12)
+    again = select_runner(model).runner
+    assert again is not first and again.paths is first.paths and set(vars(model)) == before
+    state = again.paths.state(2)
+    assert state.choice is not None and state.probes == 1
+    taken = len(state.samples["native"]) + len(state.samples["torch"])
+    generate(model, ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12)
+    assert state.probes == 1 and len(state.samples["native"]) + len(state.samples["torch"]) == taken
+    engine = flexspeed.init_inference(model, dtype="fp32")
+    assert engine.runner.paths is not first.paths
+    assert select_runner(copy.deepcopy(model)).runner.paths is not first.paths

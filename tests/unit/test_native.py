@@ -277,14 +277,34 @@ def test_unfused_model_decodes_natively_without_being_modified(name: str) -> Non
     got = step_with(runner, True, state)
     want = step_with(runner, False, state)
     assert rel_err(got, want) <= 1e-5
-    ids = torch.randint(3, V, (2, 8), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
-    out = generate(model, ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8)
-    hf = model.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=1)
-    assert torch.equal(out, hf)
+    for width in (8, 40):  # 40: the prompt's projections through oneDNN (GPT-2's Conv1D over its transposed view)
+        ids = torch.randint(3, V, (2, width), generator=torch.Generator().manual_seed(3))
+        mask = torch.ones_like(ids)
+        mask[1, :2] = 0
+        out = generate(model, ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8)
+        hf = model.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                            pad_token_id=1)
+        assert torch.equal(out, hf)
     assert not any(isinstance(m, FusedDecoderLayer) for m in model.modules())
     assert before == {n: p.data_ptr() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [64, 72, 136])  # outputs in whole vector blocks, or not (72: 216, 72, 288)
+def test_transposed_products_of_any_width(width: int, dtype: torch.dtype) -> None:
+    """GPT-2's Conv1D weights (in, out), read transposed by the kernel: its step matches torch's for
+    widths whose outputs fill the vector blocks and for widths that leave some to the scalar tail."""
+    from flexspeed.inference.kernels import build_runner
+
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=width, n_head=4, vocab_size=V, n_positions=64,
+                                             initializer_range=0.2)).eval().to(dtype)
+    runner = build_runner(model)
+    assert runner is not None and runner.native_reason() is None
+    state = prefill_with(runner)
+    got = step_with(runner, True, state)
+    want = step_with(runner, False, state)
+    assert rel_err(got, want) <= (1e-5 if dtype == torch.float32 else 2e-2)
 
 
 def prefill_with(runner) -> tuple:

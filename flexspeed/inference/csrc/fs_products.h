@@ -393,100 +393,105 @@ static void portable_rows(const fs_linear *L, const float *x, int M, int ldx, fl
 
 static void axpy_bf16(float *y, float a, const uint16_t *x, int n);
 
-/* outputs [r0, r1) of y = x W for a weight stored (k, n): four input features at a time, each a
- * contiguous slice of a weight row, accumulated into the (L1-resident) outputs */
+#if FS_FAST
+/* one pass of trans_rows' bf16 product: input features k .. k + 2P of row xm into the outputs
+ * [0, n32) of ym, kept in the order of unpacklo/hi (see trans_rows); w0: weight row k at the
+ * first output. P is a constant at each call (the loop is unrolled). */
+static inline __attribute__((always_inline)) void trans_pass_bf16(const uint16_t *w0, size_t N, const float *xm,
+                                                                   float *ym, int n32, int P) {
+    __m512bh p[4];
+    for (int q = 0; q < P; q++)
+        p[q] = (__m512bh)_mm512_set1_epi32((int)((uint32_t)f32_to_bf16(xm[2 * q]) |
+                                                 ((uint32_t)f32_to_bf16(xm[2 * q + 1]) << 16)));
+    for (int j = 0; j < n32; j += 32) {
+        __m512 lo = _mm512_loadu_ps(ym + j), hi = _mm512_loadu_ps(ym + j + 16);
+        for (int q = 0; q < P; q++) {
+            const __m512i a = _mm512_loadu_si512((const void *)(w0 + 2 * q * N + j));
+            const __m512i b = _mm512_loadu_si512((const void *)(w0 + (2 * q + 1) * N + j));
+            lo = _mm512_dpbf16_ps(lo, (__m512bh)_mm512_unpacklo_epi16(a, b), p[q]);
+            hi = _mm512_dpbf16_ps(hi, (__m512bh)_mm512_unpackhi_epi16(a, b), p[q]);
+        }
+        _mm512_storeu_ps(ym + j, lo);
+        _mm512_storeu_ps(ym + j + 16, hi);
+    }
+}
+
+/* one pass of trans_rows' fp32 product: input features k .. k + R of row xm into outputs [0, n16) */
+static inline __attribute__((always_inline)) void trans_pass_f32(const float *w0, size_t N, const float *xm,
+                                                                  float *ym, int n16, int R) {
+    __m512 a[8];
+    for (int q = 0; q < R; q++) a[q] = _mm512_set1_ps(xm[q]);
+    for (int j = 0; j < n16; j += 16) {
+        __m512 acc = _mm512_loadu_ps(ym + j);
+        for (int q = 0; q < R; q++) acc = _mm512_fmadd_ps(a[q], _mm512_loadu_ps(w0 + q * N + j), acc);
+        _mm512_storeu_ps(ym + j, acc);
+    }
+}
+#endif
+
+/* outputs [r0, r1) of y = x W for a weight stored (k, n), over input features [kb, ke): each pass
+ * reads a few whole weight rows (contiguous slices of them) into the L1-resident outputs. A pass
+ * takes 8 input features for up to 2 rows of x, 4 for more (its weight slices, re-read from L1 for
+ * every row of x, then still fit there): for one row of x the outputs' loads and stores per weight
+ * byte halve against 4 features a pass, which read the weight at about half the rate of the
+ * (n, k) products (GPT-2 shapes, bf16, one thread; 8 a pass: 0.8-0.9 of it). */
 static void trans_rows(const fs_linear *L, const float *x, int M, int ldx, float *y, int ldy, int r0, int r1,
                        int kb, int ke) {
-    const int K = ke, N = L->n, n = r1 - r0;
+    const int N = L->n, n = r1 - r0;
     const int bf = L->fmt == FS_BF16;
+    int body = 0; /* outputs [0, body) by vector passes, the rest one by one */
     for (int m = 0; m < M; m++) memset(y + (size_t)m * ldy + r0, 0, sizeof(float) * n);
     int k = kb;
 #if FS_FAST
-    if (bf && n % 16 == 0 && (K - kb) % 2 == 0) { /* bf16: pairs of input features through vdpbf16ps */
-        /* rows k, k+1 interleaved by unpacklo/hi hold outputs [0-3, 8-11] and [4-7, 12-15] of each
-         * 16-output block: the outputs are kept in that order until the end */
-        const uint16_t *W = (const uint16_t *)L->w;
-        for (; k + 4 <= K; k += 4) { /* two pairs per pass over the outputs: half the output traffic */
+    const int wide = M <= 2; /* 8 input features a pass, else 4 */
+    if (bf) {
+        /* pairs of input features through vdpbf16ps: rows k, k+1 interleaved by unpacklo/hi hold, in
+         * each 128-bit lane L of a 32-output block, outputs 8L..8L+3 (lo) and 8L+4..8L+7 (hi); the
+         * outputs stay in that order until the end */
+        const uint16_t *W = (const uint16_t *)L->w + r0;
+        body = n / 32 * 32;
+        for (; k + (wide ? 8 : 4) <= ke; k += wide ? 8 : 4)
             for (int m = 0; m < M; m++) {
-                const float *xm = x + (size_t)m * ldx + k;
-                const __m256bh p0 = (__m256bh)_mm256_set1_epi32((int)((uint32_t)f32_to_bf16(xm[0]) |
-                                                                       ((uint32_t)f32_to_bf16(xm[1]) << 16)));
-                const __m256bh p1 = (__m256bh)_mm256_set1_epi32((int)((uint32_t)f32_to_bf16(xm[2]) |
-                                                                       ((uint32_t)f32_to_bf16(xm[3]) << 16)));
-                float *ym = y + (size_t)m * ldy + r0;
-                const uint16_t *w0 = W + (size_t)k * N + r0, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
-                for (int j = 0; j < n; j += 16) {
-                    const __m256i a = _mm256_loadu_si256((const __m256i *)(w0 + j));
-                    const __m256i b = _mm256_loadu_si256((const __m256i *)(w1 + j));
-                    const __m256i c = _mm256_loadu_si256((const __m256i *)(w2 + j));
-                    const __m256i d = _mm256_loadu_si256((const __m256i *)(w3 + j));
-                    __m256 lo = _mm256_dpbf16_ps(_mm256_loadu_ps(ym + j), (__m256bh)_mm256_unpacklo_epi16(a, b), p0);
-                    __m256 hi = _mm256_dpbf16_ps(_mm256_loadu_ps(ym + j + 8), (__m256bh)_mm256_unpackhi_epi16(a, b), p0);
-                    lo = _mm256_dpbf16_ps(lo, (__m256bh)_mm256_unpacklo_epi16(c, d), p1);
-                    hi = _mm256_dpbf16_ps(hi, (__m256bh)_mm256_unpackhi_epi16(c, d), p1);
-                    _mm256_storeu_ps(ym + j, lo);
-                    _mm256_storeu_ps(ym + j + 8, hi);
-                }
+                if (wide) trans_pass_bf16(W + (size_t)k * N, N, x + (size_t)m * ldx + k, y + (size_t)m * ldy + r0, body, 4);
+                else trans_pass_bf16(W + (size_t)k * N, N, x + (size_t)m * ldx + k, y + (size_t)m * ldy + r0, body, 2);
             }
-        }
-        for (; k + 2 <= K; k += 2) {
-            for (int m = 0; m < M; m++) {
-                const float *xm = x + (size_t)m * ldx + k;
-                const __m256bh xp = (__m256bh)_mm256_set1_epi32((int)((uint32_t)f32_to_bf16(xm[0]) |
-                                                                       ((uint32_t)f32_to_bf16(xm[1]) << 16)));
-                float *ym = y + (size_t)m * ldy + r0;
-                const uint16_t *w0 = W + (size_t)k * N + r0, *w1 = w0 + N;
-                for (int j = 0; j < n; j += 16) {
-                    const __m256i a = _mm256_loadu_si256((const __m256i *)(w0 + j));
-                    const __m256i b = _mm256_loadu_si256((const __m256i *)(w1 + j));
-                    _mm256_storeu_ps(ym + j, _mm256_dpbf16_ps(_mm256_loadu_ps(ym + j), (__m256bh)_mm256_unpacklo_epi16(a, b), xp));
-                    _mm256_storeu_ps(ym + j + 8, _mm256_dpbf16_ps(_mm256_loadu_ps(ym + j + 8), (__m256bh)_mm256_unpackhi_epi16(a, b), xp));
-                }
-            }
-        }
+        for (; k + 2 <= ke; k += 2)
+            for (int m = 0; m < M; m++)
+                trans_pass_bf16(W + (size_t)k * N, N, x + (size_t)m * ldx + k, y + (size_t)m * ldy + r0, body, 1);
+        const __m512i ilo = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+        const __m512i ihi = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
         for (int m = 0; m < M; m++) { /* back to output order */
             float *ym = y + (size_t)m * ldy + r0;
-            for (int j = 0; j < n; j += 16) {
-                const __m256 lo = _mm256_loadu_ps(ym + j), hi = _mm256_loadu_ps(ym + j + 8);
-                _mm256_storeu_ps(ym + j, _mm256_permute2f128_ps(lo, hi, 0x20));
-                _mm256_storeu_ps(ym + j + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+            for (int j = 0; j < body; j += 32) {
+                const __m512 lo = _mm512_loadu_ps(ym + j), hi = _mm512_loadu_ps(ym + j + 16);
+                _mm512_storeu_ps(ym + j, _mm512_permutex2var_ps(lo, ilo, hi));
+                _mm512_storeu_ps(ym + j + 16, _mm512_permutex2var_ps(lo, ihi, hi));
             }
         }
-        return;
+    } else {
+        const float *W = (const float *)L->w + r0;
+        body = n / 16 * 16;
+        for (; k + (wide ? 8 : 4) <= ke; k += wide ? 8 : 4)
+            for (int m = 0; m < M; m++) {
+                if (wide) trans_pass_f32(W + (size_t)k * N, N, x + (size_t)m * ldx + k, y + (size_t)m * ldy + r0, body, 8);
+                else trans_pass_f32(W + (size_t)k * N, N, x + (size_t)m * ldx + k, y + (size_t)m * ldy + r0, body, 4);
+            }
     }
-#define LDW(kk, j) (bf ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128( \
-                         (const __m128i *)((const uint16_t *)L->w + (size_t)(kk) * N + r0 + (j)))), 16)) \
-                      : _mm256_loadu_ps((const float *)L->w + (size_t)(kk) * N + r0 + (j)))
-    for (; k + 4 <= K; k += 4) {
+    for (int kk = k; kk < ke; kk++) /* the last input features (fewer than a pass) over the vector outputs */
         for (int m = 0; m < M; m++) {
-            const float *xm = x + (size_t)m * ldx + k;
-            const __m256 a0 = _mm256_set1_ps(xm[0]), a1 = _mm256_set1_ps(xm[1]), a2 = _mm256_set1_ps(xm[2]),
-                         a3 = _mm256_set1_ps(xm[3]);
+            const float a = x[(size_t)m * ldx + kk];
             float *ym = y + (size_t)m * ldy + r0;
-            int j = 0;
-            for (; j + 8 <= n; j += 8) {
-                __m256 acc = _mm256_loadu_ps(ym + j);
-                acc = _mm256_fmadd_ps(a0, LDW(k, j), acc);
-                acc = _mm256_fmadd_ps(a1, LDW(k + 1, j), acc);
-                acc = _mm256_fmadd_ps(a2, LDW(k + 2, j), acc);
-                acc = _mm256_fmadd_ps(a3, LDW(k + 3, j), acc);
-                _mm256_storeu_ps(ym + j, acc);
-            }
-            for (; j < n; j++)
-                for (int kk = 0; kk < 4; kk++) {
-                    const size_t at = (size_t)(k + kk) * N + r0 + j;
-                    ym[j] += xm[kk] * (bf ? bf16_to_f32(((const uint16_t *)L->w)[at]) : ((const float *)L->w)[at]);
-                }
+            if (!bf) axpy_f32(ym, a, (const float *)L->w + (size_t)kk * N + r0, body);
+            else axpy_bf16(ym, a, (const uint16_t *)L->w + (size_t)kk * N + r0, body);
         }
-    }
-#undef LDW
+    k = kb; /* the outputs past the vector blocks: every input feature */
 #endif
-    for (; k < K; k++)
+    for (; k < ke; k++)
         for (int m = 0; m < M; m++) {
             const float a = x[(size_t)m * ldx + k];
-            float *ym = y + (size_t)m * ldy + r0;
-            if (!bf) axpy_f32(ym, a, (const float *)L->w + (size_t)k * N + r0, n);
-            else axpy_bf16(ym, a, (const uint16_t *)L->w + (size_t)k * N + r0, n);
+            float *ym = y + (size_t)m * ldy + r0 + body;
+            if (!bf) axpy_f32(ym, a, (const float *)L->w + (size_t)k * N + r0 + body, n - body);
+            else axpy_bf16(ym, a, (const uint16_t *)L->w + (size_t)k * N + r0 + body, n - body);
         }
 }
 
@@ -519,26 +524,20 @@ bias:
             for (int r = r0; r < r1; r++) y[(size_t)m * ldy + r] += param(L->bias, L->bias_fmt, r);
 }
 
-/* y[:, 0:n) = x W (+ bias) for a transposed (k, n) weight, by all threads: each sums its share of
- * the input features over whole weight rows (contiguous memory: splitting the outputs instead
- * made each thread read half of every row, and the prefetchers fetched the other half too),
- * then, after a barrier, each reduces its share of the outputs over the threads' partials.
- * part: nth * M * n floats of shared scratch. Returns this thread's output range in r0, r1. */
+/* y[:, 0:n) = x W (+ bias) for a transposed (k, n) weight, by all threads: each takes a block of
+ * the outputs (whole 32-output vector blocks) over every input feature, i.e. a slice of every weight
+ * row. With trans_rows' 8-feature passes this reads the weight as fast as splitting the input
+ * features did (each thread whole rows, its partial sums reduced over the threads after a barrier;
+ * GPT-2 shapes, 2 threads: both 35-45 GB/s on the busy VM, the (n, k) products the same), without
+ * the barrier and the reduction. part, bar, sense: unused (kept for the callers). Returns this
+ * thread's output range in r0, r1. */
 static void trans_mt(const fs_linear *L, const float *x, int M, int ldx, float *y, int ldy, float *part, int tid,
                      int nth, fs_barrier *bar, int *sense, int *r0, int *r1) {
-    const int n = L->n;
-    int k0, k1;
-    split_rows(L->k, tid, nth, &k0, &k1);
-    float *mine = part + (size_t)tid * M * n;
-    trans_rows(L, x, M, ldx, mine, n, 0, n, k0, k1);
-    barrier_wait(bar, nth, sense);
-    split_rows(n, tid, nth, r0, r1);
-    for (int m = 0; m < M; m++)
-        for (int r = *r0; r < *r1; r++) {
-            float acc = L->bias ? param(L->bias, L->bias_fmt, r) : 0.f;
-            for (int t = 0; t < nth; t++) acc += part[((size_t)t * M + m) * n + r];
-            y[(size_t)m * ldy + r] = acc;
-        }
+    (void)part, (void)bar, (void)sense;
+    const int n = L->n, blocks = n / 32;
+    *r0 = (int)((int64_t)blocks * tid / nth) * 32;
+    *r1 = tid == nth - 1 ? n : (int)((int64_t)blocks * (tid + 1) / nth) * 32;
+    linear_rows(L, x, M, ldx, NULL, y, ldy, *r0, *r1); /* trans_rows, then the bias */
 }
 
 /* rows [r0, r1) of the side-by-side outputs of parts (np > 0), or of whole (np == 0) */
