@@ -116,9 +116,7 @@ static void scores(const float *q, const void *K, int bf, int hd, int n, float s
                 a2 = _mm512_fmadd_ps(qv[j], kv16(K, k0 + 2 * hd + 16 * j, bf), a2);
                 a3 = _mm512_fmadd_ps(qv[j], kv16(K, k0 + 3 * hd + 16 * j, bf), a3);
             }
-#define HALF8(a) _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1))
-            const __m128 s4 = sum4(HALF8(a0), HALF8(a1), HALF8(a2), HALF8(a3));
-#undef HALF8
+            const __m128 s4 = sum4(halves(a0), halves(a1), halves(a2), halves(a3));
             _mm_storeu_ps(sc + t, _mm_mul_ps(s4, _mm_set1_ps(scale)));
         }
     }
