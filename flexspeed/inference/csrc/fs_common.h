@@ -85,7 +85,9 @@ static volatile int64_t fs_sleep_count; /* waits that slept (fs_pool_stats) */
  * process (fs_pool.h counts involuntary context switches per call), and spinning would only take
  * time from whoever holds the core the waited-for thread needs. */
 static volatile double fs_contended_until;
+#ifndef FS_CONTENDED_HOLD_S
 #define FS_CONTENDED_HOLD_S 0.5
+#endif
 
 static void fs_futex_wait(volatile int *addr, int seen) {
 #ifdef __linux__

@@ -45,6 +45,13 @@ static struct {
 } fs_pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
 static volatile int64_t fs_preempted; /* involuntary context switches of threads inside jobs */
+/* Lost time slices in one thread's call that mean another process competes for the cores: on an
+ * idle 2-core VM a call loses 0.1 on average (kernel threads, timers), and sleeping waits, each
+ * costing a futex wake-up, would slow every product by ~60 wake-ups a step; under the benchmark's
+ * contended load a thread loses 2-10 per call. */
+#ifndef FS_CONTENDED_LOST
+#define FS_CONTENDED_LOST 2
+#endif
 
 static inline long fs_thread_nivcsw(void) {
 #if defined(__linux__) && defined(RUSAGE_THREAD)
@@ -61,7 +68,7 @@ static inline void fs_run_counted(fs_job_fn fn, void *arg, int tid, int nth) {
     const long lost = fs_thread_nivcsw() - before;
     if (lost > 0) {
         __atomic_add_fetch(&fs_preempted, lost, __ATOMIC_RELAXED);
-        fs_contended_until = fs_now() + FS_CONTENDED_HOLD_S; /* a racy store of a hint: fine */
+        if (lost >= FS_CONTENDED_LOST) fs_contended_until = fs_now() + FS_CONTENDED_HOLD_S; /* a racy hint: fine */
     }
 }
 
@@ -188,7 +195,7 @@ typedef struct {
     int requested, n_cands, best, gap, since;
     int explore_idx, burst_left, burst_n; /* a re-measurement in progress */
     double burst_sum;
-    int64_t last_use;
+    int64_t last_use, lost_mark; /* fs_preempted when the last re-measurement started */
     int cand[FS_ADAPT_CANDS];
     int samples[FS_ADAPT_CANDS];
     double ema[FS_ADAPT_CANDS]; /* seconds per call */
@@ -237,6 +244,7 @@ static void fs_adapt_start_burst(fs_adapt_slot *s, int idx) {
     s->burst_n = 0;
     s->burst_sum = 0.;
     s->since = 0;
+    s->lost_mark = __atomic_load_n(&fs_preempted, __ATOMIC_RELAXED);
     fs_adapt.explored++;
 }
 
@@ -286,7 +294,10 @@ static int fs_adapt_choose(uint64_t key, int requested, fs_adapt_slot **slot_out
         for (int i = 0; i < s->n_cands && next < 0; i++)
             if (i != s->best && s->ema[i] < FS_ADAPT_MARGIN * s->ema[s->best])
                 next = i; /* the best got slower than another was: measure that one again */
-        if (next < 0 && ++s->since >= s->gap)
+        /* the periodic look at another count: not while all threads run and none lost its core
+         * since the last look (fewer threads cannot then be faster than they were measured) */
+        if (next < 0 && ++s->since >= s->gap &&
+            (s->best != 0 || __atomic_load_n(&fs_preempted, __ATOMIC_RELAXED) != s->lost_mark))
             next = (s->best + 1 + (int)(fs_adapt.clock % (s->n_cands - 1))) % s->n_cands; /* any other */
         if (next >= 0) fs_adapt_start_burst(s, next);
     }
