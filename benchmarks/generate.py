@@ -190,6 +190,14 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
+def _summary(full: list[float], pre: list[float]) -> tuple[float, float, float]:
+    """(median full call, median prompt-only call, median of the per-repetition differences): the
+    decode time is taken from each repetition's own pair of calls, measured back to back, so a
+    drift of the machine between repetitions (this VM's bandwidth moves by 2x within minutes)
+    does not land in it as it would in the difference of the two medians."""
+    return statistics.median(full), statistics.median(pre), statistics.median(f - p for f, p in zip(full, pre))
+
+
 def _unique_bytes(tensors) -> int:
     seen, total = set(), 0
     for t in tensors:
@@ -277,8 +285,8 @@ def decode_paths() -> dict[str, str]:
 
 def measure(configs, batch: int, prompt: int, new: int, reps: int, vocab: int,
             probe: BandwidthProbe | None = None, bandwidth: dict | None = None,
-            load: BackgroundLoad | None = None, contended: dict | None = None) -> dict[str, tuple[float, float]]:
-    """{label: (median full-call seconds, median prompt-only seconds)}, round-robin over configs.
+            load: BackgroundLoad | None = None, contended: dict | None = None) -> dict[str, tuple[float, float, float]]:
+    """{label: :func:`_summary` of its calls (full, prompt-only, paired difference)}, round-robin over configs.
 
     The bandwidth ``probe`` is sampled right before and right after every configuration's calls
     (idle only); ``bandwidth[label]`` gets the median of that configuration's own samples. With
@@ -318,14 +326,13 @@ def measure(configs, batch: int, prompt: int, new: int, reps: int, vocab: int,
     if bandwidth is not None:
         bandwidth.update({k: statistics.median(v) for k, v in own.items()})
     if contended is not None and load is not None:
-        contended.update({k: (statistics.median(full["contended"][k]), statistics.median(pre["contended"][k]))
-                          for k in full["contended"]})
+        contended.update({k: _summary(full["contended"][k], pre["contended"][k]) for k in full["contended"]})
         contended["_native"] = stats
-    return {k: (statistics.median(full["idle"][k]), statistics.median(pre["idle"][k])) for k in full["idle"]}
+    return {k: _summary(full["idle"][k], pre["idle"][k]) for k in full["idle"]}
 
 
 def _tp_worker(rank: int, world: int, name: str, shape: dict, batch: int, prompt: int, new: int,
-               reps: int) -> tuple[float, float]:
+               reps: int) -> tuple[float, float, float]:
     import flexspeed
 
     warnings.filterwarnings("ignore")
@@ -334,13 +341,16 @@ def _tp_worker(rank: int, world: int, name: str, shape: dict, batch: int, prompt
     ids = torch.randint(1, shape["vocab"], (batch, prompt), generator=torch.Generator().manual_seed(batch))
     with torch.inference_mode():
         engine.generate(ids, max_new_tokens=2, min_new_tokens=2)
-        full = [_timed(lambda: engine.generate(ids, max_new_tokens=new, min_new_tokens=new)) for _ in range(reps)]
-        pre = [_timed(lambda: engine.generate(ids, max_new_tokens=1)) for _ in range(reps)]
-    return statistics.median(full), statistics.median(pre)
+        full, pre = [], []
+        for _ in range(reps):
+            full.append(_timed(lambda: engine.generate(ids, max_new_tokens=new, min_new_tokens=new)))
+            pre.append(_timed(lambda: engine.generate(ids, max_new_tokens=1)))
+    return _summary(full, pre)
 
 
-def measure_tp(name: str, shape: dict, batch: int, prompt: int, new: int, reps: int) -> tuple[float, float] | str:
-    """Median (full, prompt-only) seconds at tp 2, or the reason it could not run."""
+def measure_tp(name: str, shape: dict, batch: int, prompt: int, new: int,
+               reps: int) -> tuple[float, float, float] | str:
+    """:func:`_summary` of the calls at tp 2, or the reason it could not run."""
     try:
         from flexspeed.testing import run_ranks
 
@@ -436,7 +446,7 @@ def _rows(cond: str, name: str, batch: int, new: int, times: dict, sizes: dict, 
     if not times:
         return []
     rate = {k: batch * new / v[0] for k, v in times.items() if not isinstance(v, str)}
-    decode_s = {k: (v[0] - v[1]) / max(1, new - 1) for k, v in times.items() if not isinstance(v, str)}
+    decode_s = {k: v[2] / max(1, new - 1) for k, v in times.items() if not isinstance(v, str)}
     hf_rate = {dt: rate[f"HF {dt}"] for dt in ("fp32", "bf16")}
     out = []
     for label, value in times.items():
@@ -447,8 +457,8 @@ def _rows(cond: str, name: str, batch: int, new: int, times: dict, sizes: dict, 
         if isinstance(value, str):
             row.update(note=value)
         else:
-            full, pre = value
-            decode = (full - pre) / max(1, new - 1)
+            full, pre, diff = value
+            decode = diff / max(1, new - 1)
             row.update(tok_s=rate[label], vs_hf=rate[label] / hf_rate[dt], decode_ms=decode * 1e3,
                        x_floor=decode * 1e3 / row["floor_ms"], prefill_s=pre,
                        vs_torch=rate[label] / rate.get(f"inject {dt} torch-only", rate["inject bf16 torch-only"]),

@@ -194,7 +194,8 @@ typedef struct {
     uint64_t key;
     int requested, n_cands, best, gap, since;
     int explore_idx, burst_left, burst_n; /* a re-measurement in progress */
-    double burst_sum;
+    int confirm_for;                      /* a count that beat the best's average, awaiting its check */
+    double burst_sum, confirm_mean;
     int64_t last_use, lost_mark; /* fs_preempted when the last re-measurement started */
     int cand[FS_ADAPT_CANDS];
     int samples[FS_ADAPT_CANDS];
@@ -282,6 +283,7 @@ static int fs_adapt_choose(uint64_t key, int requested, fs_adapt_slot **slot_out
         if (s->cand[s->n_cands - 1] != 1) s->cand[s->n_cands - 1] = 1;
         s->gap = FS_ADAPT_BASE;
         s->explore_idx = -1;
+        s->confirm_for = -1;
     }
     s->last_use = ++fs_adapt.clock;
     /* the requested count first (two calls: the first also warms caches and starts workers), then
@@ -322,13 +324,24 @@ static void fs_adapt_record(fs_adapt_slot *s, int idx, double seconds) {
             const double mean = s->burst_sum / s->burst_n;
             s->ema[idx] = mean;
             s->samples[idx] += s->burst_n;
+            s->explore_idx = -1;
             if (idx != s->best && mean < FS_ADAPT_MARGIN * s->ema[s->best]) {
-                s->best = idx;
+                /* beat the best's average: check against a burst on the best, back to back (the
+                 * average may hold a slow spell that is over, e.g. a core lost for a while) */
+                s->confirm_for = idx;
+                s->confirm_mean = mean;
+                s->explore_idx = s->best;
+                s->burst_left = FS_ADAPT_BURST;
+                s->burst_n = 0;
+                s->burst_sum = 0.;
+            } else if (idx == s->best && s->confirm_for >= 0 && s->confirm_mean < FS_ADAPT_MARGIN * mean) {
+                s->best = s->confirm_for;
                 s->gap = FS_ADAPT_BASE;
+                s->confirm_for = -1;
             } else {
                 s->gap = s->gap * 2 > FS_ADAPT_MAX_GAP ? FS_ADAPT_MAX_GAP : s->gap * 2;
+                s->confirm_for = -1;
             }
-            s->explore_idx = -1;
         }
     } else if (s->samples[idx] == 0 || (idx == 0 && s->samples[0] == 1)) {
         s->ema[idx] = seconds; /* the first call of a kind (cold) is replaced by the second */
