@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from flexspeed.inference.native import library
-from flexspeed.inference.native_abi import BF16, F32, I4, I8, TP, Gen, Layer, Linear, Step
+from flexspeed.inference.native_abi import BF16, F32, I4, I8, TP, Gen, Layer, Linear, Step, check
 from flexspeed.inference.native_structs import (Unsupported, activation_code, embed_struct, linear_struct,
                                                 norm_struct, parts_struct)
 
@@ -70,10 +70,9 @@ class ShmAllReduce:
         n = x.numel()
         for i in range(0, max(n, 1), self.cap):
             m = min(self.cap, n - i)
-            rc = self.lib.fs_shm_allreduce(ctypes.byref(self.tp), x.data_ptr() + 4 * i, m,
-                                           accum.data_ptr() + 4 * i if accum is not None else None)
-            if rc != 0:
-                raise RuntimeError(f"tensor-parallel all-reduce: a rank did not answer within {self.timeout:.0f} s")
+            check(self.lib.fs_shm_allreduce(ctypes.byref(self.tp), x.data_ptr() + 4 * i, m,
+                                            accum.data_ptr() + 4 * i if accum is not None else None),
+                  "fs_shm_allreduce", f"tensor-parallel all-reduce of {n} floats, waiting up to {self.timeout:.0f} s")
 
     def reduce_(self, t: torch.Tensor) -> None:
         """``t`` (a CPU tensor of any float dtype and layout) <- its sum over the ranks, in place:
@@ -249,10 +248,8 @@ class NativeDecoder:
             return self._forward_tp(h, start, t_max, nt, key_mask, rope)
         logits = torch.empty(B, self.head.n)
         step, _held = self._step(B, C, start, t_max, nt, key_mask, rope)  # _held: what step points into
-        rc = self.lib.fs_forward(self.layers, len(self.layers), self._final_p, self._head_p, h.data_ptr(),
-                                 logits.data_ptr(), ctypes.byref(step))
-        if rc != 0:
-            raise RuntimeError(f"native decode kernel rejected the shapes (code {rc})")
+        check(self.lib.fs_forward(self.layers, len(self.layers), self._final_p, self._head_p, h.data_ptr(),
+                                  logits.data_ptr(), ctypes.byref(step)), "fs_forward", f"decode step, {B} rows")
         return logits.view(B, 1, -1)  # fp32: the sampler works in fp32 anyway
 
     def head_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -267,12 +264,8 @@ class NativeDecoder:
         h = x.reshape(B, C).to(torch.float32, copy=True)
         logits = torch.empty(B, self.n_vocab if self.tp_group is not None else self.head.n)
         step, keep = self._step(B, C, 0, 1, nt, None, None)
-        rc = self.lib.fs_forward(None, 0, self._final_p, self._head_p, h.data_ptr(), logits.data_ptr(),
-                                 ctypes.byref(step))
-        if rc == -4:
-            raise RuntimeError(f"tensor-parallel head: a rank did not answer within {self._shm.timeout:.0f} s")
-        if rc != 0:
-            raise RuntimeError(f"native decode kernel rejected the shapes (code {rc})")
+        check(self.lib.fs_forward(None, 0, self._final_p, self._head_p, h.data_ptr(), logits.data_ptr(),
+                                  ctypes.byref(step)), "fs_forward", f"the head over {B} rows{self._tp_what()}")
         del keep
         return logits.view(B, 1, -1)
 
@@ -341,12 +334,7 @@ class NativeDecoder:
                   sin.data_ptr() if sin is not None else None, logits.data_ptr(), x.data_ptr())
         made = self.lib.fs_generate(self.layers, len(self.layers), self._final_p, self._head_p, ctypes.byref(emb),
                                     ctypes.byref(step), ctypes.byref(gen))
-        if made == -3:
-            raise IndexError("a token id or position is outside the model's embedding tables")
-        if made == -4:
-            raise RuntimeError(f"tensor-parallel decoding: a rank did not answer within {self._shm.timeout:.0f} s")
-        if made < 0:
-            raise RuntimeError(f"native decode kernel rejected the shapes (code {made})")
+        check(made, "fs_generate", f"greedy loop, {B} rows from position {T}{self._tp_what()}")
         del keep, held
         return int(made)
 
@@ -383,14 +371,17 @@ class NativeDecoder:
         B, C = h.shape
         step, keep = self._step(B, C, start, t_max, nt, key_mask, rope)
         logits = torch.empty(B, self.n_vocab)
-        rc = self.lib.fs_forward(self.layers, len(self.layers), self._final_p, self._head_p, h.data_ptr(),
-                                 logits.data_ptr(), ctypes.byref(step))
-        if rc == -4:
-            raise RuntimeError(f"tensor-parallel decode step: a rank did not answer within {self._shm.timeout:.0f} s")
-        if rc != 0:
-            raise RuntimeError(f"native decode kernel rejected the shapes (code {rc})")
+        check(self.lib.fs_forward(self.layers, len(self.layers), self._final_p, self._head_p, h.data_ptr(),
+                                  logits.data_ptr(), ctypes.byref(step)), "fs_forward",
+              f"decode step, {B} rows{self._tp_what()}")
         del keep
         return logits.view(B, 1, -1)
+
+    def _tp_what(self) -> str:
+        """How a failed call's message names tensor parallelism's wait, if any."""
+        if self._shm is None:
+            return ""
+        return f", tensor-parallel rank {self._shm.rank} of {self._shm.world} waiting up to {self._shm.timeout:.0f} s"
 
     def _exchange(self, B: int, C: int):
         """The tensor-parallel exchange's struct for ``B`` rows (the segment made, collectively, at
