@@ -100,7 +100,6 @@ EXPORTS: dict[str, tuple] = {
     "fs_scratch_floats": (_L, [_ptr(Layer), ctypes.c_int, _ptr(Linear), ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                ctypes.c_int]),
     "fs_forward": (ctypes.c_int, [_ptr(Layer), ctypes.c_int, _ptr(Norm), _ptr(Linear), _P, _P, _ptr(Step)]),
-    "fs_layer_part": (ctypes.c_int, [_ptr(Layer), ctypes.c_int, _P, _P, _ptr(Step)]),
     "fs_generate": (ctypes.c_int, [_ptr(Layer), ctypes.c_int, _ptr(Norm), _ptr(Linear), _ptr(Embed), _ptr(Step),
                                    _ptr(Gen)]),
     "fs_attention": (ctypes.c_int, [_ptr(Attn)]),

@@ -26,15 +26,6 @@
 
 static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
 
-/* partial sums of the transposed (Conv1D) products of a layer: threads x rows x widest output */
-static size_t trans_floats(const fs_layer *l, int B, int C, int nthreads) {
-    if (!(l->qkv.trans || l->out.trans || l->up.trans || l->down.trans)) return 0;
-    size_t w = (size_t)C;
-    if ((size_t)l->qkv.n > w) w = l->qkv.n;
-    if ((size_t)l->up.n > w) w = l->up.n;
-    return (size_t)(nthreads > 0 ? nthreads : 1) * B * w;
-}
-
 /* (B, C) blocks of private scratch per thread: the normed input, and for parallel-residual layers
  * the MLP's normed input too (norm2 of the layer's input, taken before attention adds to it) */
 static int priv_blocks(const fs_layer *layers, int n_layers) {
@@ -43,21 +34,26 @@ static int priv_blocks(const fs_layer *layers, int n_layers) {
     return 1;
 }
 
+/* the shared scratch (floats: the layers' widest qkv, attention, up and scores for t_max keys, then
+ * tensor parallelism's (B, C) projection before the ranks' sum) and each thread's prep (floats) */
+static void scratch_parts(const fs_layer *layers, int n_layers, const fs_linear *head, int B, int C, int t_max,
+                          size_t *shared, size_t *prep) {
+    *shared = 0;
+    *prep = head ? xs_floats(head, B) : 0;
+    for (int i = 0; i < n_layers; i++) {
+        const fs_layer *l = &layers[i];
+        *shared = max_sz(*shared, (size_t)B * (l->qkv.n + l->n_heads * l->head_dim + l->up.n + l->n_heads * t_max));
+        *prep = max_sz(*prep, max_sz(max_sz(xs_floats(&l->qkv, B), xs_floats(&l->out, B)),
+                                     max_sz(xs_floats(&l->up, B), xs_floats(&l->down, B))));
+    }
+    *shared += (size_t)B * C;
+}
+
 /* floats of scratch fs_forward needs for these layers (+ head), B rows, t_max keys, nthreads */
 int64_t fs_scratch_floats(const fs_layer *layers, int n_layers, const fs_linear *head, int B, int C, int t_max,
                           int nthreads) {
-    /* priv: normed input(s) + int4 prep, per thread */
-    size_t shared = 0, priv = (size_t)priv_blocks(layers, n_layers) * B * C;
-    size_t prep = head ? xs_floats(head, B) : 0;
-    for (int i = 0; i < n_layers; i++) {
-        const fs_layer *l = &layers[i];
-        size_t qkv = (size_t)B * l->qkv.n, att = (size_t)B * l->n_heads * l->head_dim;
-        size_t up = (size_t)B * l->up.n, scores = (size_t)B * l->n_heads * t_max;
-        shared = max_sz(shared, qkv + att + up + scores + trans_floats(l, B, C, nthreads));
-        prep = max_sz(prep, max_sz(max_sz(xs_floats(&l->qkv, B), xs_floats(&l->out, B)),
-                                   max_sz(xs_floats(&l->up, B), xs_floats(&l->down, B))));
-    }
-    shared += (size_t)B * C; /* tensor parallelism: a half layer's projection before the ranks' sum */
+    size_t shared, prep, priv = (size_t)priv_blocks(layers, n_layers) * B * C; /* priv: normed input(s) */
+    scratch_parts(layers, n_layers, head, B, C, t_max, &shared, &prep);
     return (int64_t)(shared + (priv + prep) * (size_t)nthreads + 64);
 }
 
@@ -82,25 +78,25 @@ int64_t fs_struct_size(int id) {
 
 /* one thread's view of a call: its id, the barrier, its private scratch, the shared buffers */
 typedef struct {
-    int tid, nth, sense, B, C, mode;
+    int tid, nth, sense, B, C;
+    int tp;                        /* tensor parallelism: projections go to out, summed over the ranks */
     int add_out;                   /* TP, parallel residual: the MLP half adds its projection to out */
     fs_barrier *bar;
     const fs_step *st;
     float *x, *out, *h, *xs;       /* residual (B, C); TP output; private normed input; private prep */
     float *h2;                     /* private (B, C): norm2 of a parallel-residual layer's input */
-    float *qkv, *att, *up, *scores, *tpart;
+    float *qkv, *att, *up, *scores;
 } fs_ctx;
 
 static void fs_sync(fs_ctx *c) { barrier_wait(c->bar, c->nth, &c->sense); }
 
-/* a projection that writes the residual stream: into h (private), then added to x (mode 0) or
- * written to out (tensor-parallel halves; added to it with add_out), over this thread's share of
- * the outputs */
+/* a projection that writes the residual stream: into h (private), then added to x, or written to
+ * out (tensor parallelism; added to it with add_out), over this thread's share of the outputs */
 static void project_residual(const fs_linear *L, const float *in, int ld, fs_ctx *c) {
     int r0, r1;
     prepare(L, in, c->B, ld, c->xs);
     if (L->trans) {
-        trans_mt(L, in, c->B, ld, c->h, c->C, c->tpart, c->tid, c->nth, c->bar, &c->sense, &r0, &r1);
+        trans_mt(L, in, c->B, ld, c->h, c->C, c->tid, c->nth, &r0, &r1);
     } else {
         split_rows(c->C, c->tid, c->nth, &r0, &r1);
         linear_rows(L, in, c->B, ld, c->xs, c->h, c->C, r0, r1);
@@ -108,7 +104,7 @@ static void project_residual(const fs_linear *L, const float *in, int ld, fs_ctx
     for (int m = 0; m < c->B; m++)
         for (int r = r0; r < r1; r++) {
             const size_t i = (size_t)m * c->C + r;
-            if (c->mode == 0) c->x[i] += c->h[i];
+            if (!c->tp) c->x[i] += c->h[i];
             else if (c->add_out) c->out[i] += c->h[i];
             else c->out[i] = c->h[i];
         }
@@ -187,7 +183,7 @@ static void layer_attention(const fs_layer *l, fs_ctx *c) {
     norm_rows(&l->norm1, c->x, c->h, B, C); /* every thread norms the (few) rows itself: no barrier */
     prepare(&l->qkv, c->h, B, C, c->xs);
     if (l->qkv.trans && !l->n_qkv_parts) {
-        trans_mt(&l->qkv, c->h, B, C, c->qkv, qn, c->tpart, c->tid, c->nth, c->bar, &c->sense, &r0, &r1);
+        trans_mt(&l->qkv, c->h, B, C, c->qkv, qn, c->tid, c->nth, &r0, &r1);
     } else {
         split_rows(qn, c->tid, c->nth, &r0, &r1);
         parts_rows(&l->qkv, l->qkv_parts, l->n_qkv_parts, c->h, B, C, c->xs, c->qkv, qn, r0, r1);
@@ -210,7 +206,7 @@ static void layer_mlp(const fs_layer *l, fs_ctx *c, const float *normed) {
     }
     prepare(&l->up, in, B, C, c->xs);
     if (l->up.trans && !l->n_up_parts && !l->gated) {
-        trans_mt(&l->up, in, B, C, c->up, un, c->tpart, c->tid, c->nth, c->bar, &c->sense, &r0, &r1);
+        trans_mt(&l->up, in, B, C, c->up, un, c->tid, c->nth, &r0, &r1);
     } else {
         split_rows(f, c->tid, c->nth, &r0, &r1);
         parts_rows(&l->up, l->up_parts, l->n_up_parts, in, B, C, c->xs, c->up, un, r0, r1);
@@ -231,8 +227,7 @@ typedef struct {
     const fs_linear *head;
     float *x, *logits;
     const fs_step *st;
-    int mode;
-    float *out;
+    int tp;                        /* st->tp is set and checked */
     fs_barrier *bar;
     size_t shared, prep;
     int blocks;                    /* priv_blocks() */
@@ -254,9 +249,8 @@ static int tp_reduce(fs_call *a, fs_ctx *c) {
 static void forward_job(void *arg, int tid, int nth) {
     fs_call *a = (fs_call *)arg;
     const fs_step *st = a->st;
-    const int B = st->B, C = st->C, tp = a->mode == 3;
-    fs_ctx c = {.tid = tid, .nth = nth, .sense = 0, .B = B, .C = C, .mode = a->mode, .bar = a->bar, .st = st,
-                .x = a->x, .out = a->out};
+    const int B = st->B, C = st->C, tp = a->tp;
+    fs_ctx c = {.tid = tid, .nth = nth, .sense = 0, .B = B, .C = C, .tp = tp, .bar = a->bar, .st = st, .x = a->x};
     float *priv = st->scratch + a->shared + (size_t)tid * ((size_t)a->blocks * B * C + a->prep);
     c.h = priv;
     c.h2 = a->blocks > 1 ? priv + (size_t)B * C : NULL;
@@ -268,11 +262,9 @@ static void forward_job(void *arg, int tid, int nth) {
         c.att = c.qkv + (size_t)B * l->qkv.n;
         c.up = c.att + (size_t)B * l->n_heads * l->head_dim;
         c.scores = c.up + (size_t)B * l->up.n;
-        c.tpart = c.scores + (size_t)B * l->n_heads * st->t_max; /* transposed products' partials */
         const float *normed = NULL;
-        if ((a->mode == 0 || tp) && l->parallel) { /* both halves read the layer's input: norm2 it before
-                                                    * attention adds to x (no thread writes x before the
-                                                    * barrier after qkv) */
+        if (l->parallel) { /* both halves read the layer's input: norm2 it before attention adds to x (no
+                            * thread writes x before the barrier after qkv) */
             norm_rows(&l->norm2, c.x, c.h2, B, C);
             normed = c.h2;
         }
@@ -286,8 +278,8 @@ static void forward_job(void *arg, int tid, int nth) {
             if (tp_reduce(a, &c)) return;
             continue;
         }
-        if (a->mode != 2) layer_attention(l, &c);
-        if (a->mode != 1) layer_mlp(l, &c, normed);
+        layer_attention(l, &c);
+        layer_mlp(l, &c, normed);
     }
     if (a->head) {
         int r0, r1;
@@ -319,56 +311,36 @@ static int check_rotary(const fs_layer *layers, int n_layers, const fs_step *st)
     return FS_OK;
 }
 
-/* x (B, C) fp32 in/out (the residual stream); logits (B, head->n) fp32 when head != NULL.
- * mode 0: whole layers, residual adds into x. mode 1 / 2: one layer's attention / MLP half only,
- * its projection written to out (B, C) and x left alone (tensor parallelism: the caller sums the
- * ranks' outputs, then adds them to x; for a parallel-residual layer both halves read the same x).
- * st->tp (mode 0 only): whole layers of a tensor-parallel model, each half layer's projection summed
- * over the ranks into x, and logits (B, st->tp->vocab) gathered from the ranks' blocks of the head. */
-static int forward_impl(const fs_layer *layers, int n_layers, const fs_norm *final_norm, const fs_linear *head,
-                        float *x, float *logits, const fs_step *st, int mode, float *out) {
+/* x (B, C) fp32 in/out (the residual stream): whole layers, residual adds into x; logits
+ * (B, head->n) fp32 when head != NULL. With st->tp: the layers of a tensor-parallel model, each half
+ * layer's projection summed over the ranks into x, and logits (B, st->tp->vocab) gathered from the
+ * ranks' blocks of the head. */
+int fs_forward(const fs_layer *layers, int n_layers, const fs_norm *final_norm, const fs_linear *head, float *x,
+               float *logits, const fs_step *st) {
     const int B = st->B, C = st->C, nt = st->nthreads > 0 ? st->nthreads : 1;
-    size_t shared = 0, prep = head ? xs_floats(head, B) : 0;
-    for (int i = 0; i < n_layers; i++) {
-        const fs_layer *l = &layers[i];
-        if (l->qkv.k != C || l->out.n != C || l->down.n != C) return FS_ERR_SHAPE;
-        size_t s = (size_t)B * (l->qkv.n + l->n_heads * l->head_dim + l->up.n + l->n_heads * st->t_max);
-        shared = max_sz(shared, s + trans_floats(l, B, C, nt));
-        prep = max_sz(prep, max_sz(max_sz(xs_floats(&l->qkv, B), xs_floats(&l->out, B)),
-                                   max_sz(xs_floats(&l->up, B), xs_floats(&l->down, B))));
-    }
+    for (int i = 0; i < n_layers; i++)
+        if (layers[i].qkv.k != C || layers[i].out.n != C || layers[i].down.n != C) return FS_ERR_SHAPE;
     if ((head && head->k != C) || check_rotary(layers, n_layers, st) != FS_OK) return FS_ERR_SHAPE;
-    shared += (size_t)B * C; /* the tensor-parallel part buffer (fs_scratch_floats) */
+    size_t shared, prep;
+    scratch_parts(layers, n_layers, head, B, C, st->t_max, &shared, &prep);
     if (st->tp) {
-        if (mode != 0 || st->tp->world < 1 || st->tp->rank < 0 || st->tp->rank >= st->tp->world
+        if (st->tp->world < 1 || st->tp->rank < 0 || st->tp->rank >= st->tp->world
             || (int64_t)B * C > st->tp->cap)
             return FS_ERR_SHAPE;
         if (head && (int64_t)head->n != (st->tp->vocab + st->tp->world - 1) / st->tp->world
             && st->tp->rank != st->tp->world - 1)
             return FS_ERR_SHAPE; /* every rank but the last holds ceil(vocab / world) rows of the head */
-        mode = 3;
     }
     fs_barrier bar = {0, 0, 0};
-    fs_call call = {layers, n_layers, final_norm, head, x, logits, st, mode, out, &bar, shared, prep,
+    fs_call call = {layers, n_layers, final_norm, head, x, logits, st, st->tp != NULL, &bar, shared, prep,
                     priv_blocks(layers, n_layers), FS_OK};
     /* a kind of call for the adaptive thread count: its shape, not its pointers (the layers of a
      * tensor-parallel step share one kind) */
     uint64_t key = fs_mix(fs_mix(fs_mix(1, (uint64_t)n_layers), (uint64_t)B), (uint64_t)C);
-    key = fs_mix(fs_mix(key, (uint64_t)mode), head ? (uint64_t)head->n : 0);
+    key = fs_mix(fs_mix(key, (uint64_t)call.tp), head ? (uint64_t)head->n : 0);
     if (n_layers > 0) key = fs_mix(fs_mix(key, (uint64_t)layers[0].up.n), (uint64_t)layers[0].qkv.fmt);
     fs_parallel(forward_job, &call, nt, key);
     return call.rc;
-}
-
-int fs_forward(const fs_layer *layers, int n_layers, const fs_norm *final_norm, const fs_linear *head, float *x,
-               float *logits, const fs_step *st) {
-    return forward_impl(layers, n_layers, final_norm, head, x, logits, st, 0, NULL);
-}
-
-/* one layer's attention (part 0) or MLP (part 1) projection into out (B, C); x is only read */
-int fs_layer_part(const fs_layer *layer, int part, const float *x, float *out, const fs_step *st) {
-    if (part != 0 && part != 1) return FS_ERR_ARG;
-    return forward_impl(layer, 1, NULL, NULL, (float *)x, NULL, st, part + 1, out);
 }
 
 /* out[r] = the index of the largest of x[r, 0:n] (the first on ties, as torch.argmax; NaN wins) */
@@ -488,7 +460,7 @@ int fs_generate(const fs_layer *layers, int n_layers, const fs_norm *final_norm,
                 st->cos = g->cos + (size_t)j * B * rd;
                 st->sin = g->sin + (size_t)j * B * rd;
             }
-            rc = forward_impl(layers, n_layers, final_norm, head, g->x, g->logits, st, 0, NULL);
+            rc = fs_forward(layers, n_layers, final_norm, head, g->x, g->logits, st);
         }
         if (rc != 0) {
             made = rc;

@@ -156,7 +156,6 @@ int64_t fs_scratch_floats(const fs_layer *layers, int n_layers, const fs_linear 
                           int nthreads);
 int fs_forward(const fs_layer *layers, int n_layers, const fs_norm *final_norm, const fs_linear *head, float *x,
                float *logits, const fs_step *st);
-int fs_layer_part(const fs_layer *layer, int part, const float *x, float *out, const fs_step *st);
 int fs_generate(const fs_layer *layers, int n_layers, const fs_norm *final_norm, const fs_linear *head,
                 const fs_embed *emb, fs_step *st, fs_gen *g);
 

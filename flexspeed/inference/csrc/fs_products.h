@@ -568,11 +568,9 @@ bias:
  * row. With trans_rows' 8-feature passes this reads the weight as fast as splitting the input
  * features did (each thread whole rows, its partial sums reduced over the threads after a barrier;
  * GPT-2 shapes, 2 threads: both 35-45 GB/s on the busy VM, the (n, k) products the same), without
- * the barrier and the reduction. part, bar, sense: unused (kept for the callers). Returns this
- * thread's output range in r0, r1. */
-static void trans_mt(const fs_linear *L, const float *x, int M, int ldx, float *y, int ldy, float *part, int tid,
-                     int nth, fs_barrier *bar, int *sense, int *r0, int *r1) {
-    (void)part, (void)bar, (void)sense;
+ * the barrier and the reduction. Returns this thread's output range in r0, r1. */
+static void trans_mt(const fs_linear *L, const float *x, int M, int ldx, float *y, int ldy, int tid, int nth,
+                     int *r0, int *r1) {
     const int n = L->n, blocks = n / 32;
     *r0 = (int)((int64_t)blocks * tid / nth) * 32;
     *r1 = tid == nth - 1 ? n : (int)((int64_t)blocks * (tid + 1) / nth) * 32;
