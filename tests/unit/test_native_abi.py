@@ -197,3 +197,54 @@ def test_adaptive_threads_and_sleeping_waits_give_the_torch_tokens(mode: str, sp
         assert stats["switches"] == 0 and stats["current"] == 2
     if spin_us == "0":
         assert stats["sleeps"] > 0
+
+
+_CONTROLLER_SCRIPT = r"""
+import ctypes, json, time
+from flexspeed.inference import native
+lib = native.library()
+native.set_adaptive(True)
+
+def calls(key, times, lost, n):  # times: seconds of a call on (1, 2) threads
+    arr = (ctypes.c_double * 2)(*times)
+    return [lib.fs_adapt_simulate(key, 2, arr, lost) for _ in range(n)]
+
+out = {}
+out["idle"] = calls(1, (2.0, 1.0), 0, 300)          # 2 threads twice as fast, nothing lost
+out["contended"] = calls(1, (1.6, 3.0), 10, 60)     # then every call loses slices; 2 threads slower
+out["still"] = calls(1, (1.6, 3.0), 10, 100)
+time.sleep(0.05)                                    # the load stops: no lost slice for 50 ms
+out["quiet"] = calls(1, (2.0, 1.0), 0, 20)
+out["small"] = calls(2, (0.5, 1.0), 0, 200)         # a shape on which 1 thread wins with nothing lost
+calls(4, (2.0, 1.0), 0, 20)                          # on 2 threads after its first look at 1
+started = []
+while len(started) < 40 and 1 not in started:       # a load: until a burst on 1 thread begins
+    started += calls(4, (1.6, 3.0), 10, 1)
+out["started"] = started
+time.sleep(0.05)                                    # the load goes in the middle of that burst
+out["dropped"] = calls(4, (2.0, 1.0), 0, 10)
+print(json.dumps(out))
+"""
+
+
+@needs_lib
+def test_adaptive_controller_follows_the_load_and_returns_when_it_stops() -> None:
+    """The adaptive thread count's controller alone (fs_adapt_simulate: chosen count, simulated
+    call times and lost time slices), in a fresh process: idle it looks at 1 thread once and then
+    stays on 2 (no periodic look while no thread loses its core); under contention it moves to 1
+    thread within a few bursts and stays; once no slice is lost for 20 ms it is back on 2 at once;
+    a shape on which 1 thread won with nothing lost stays on 1 (no oscillation); a re-measurement
+    under way when the load goes is dropped."""
+    res = subprocess.run([sys.executable, "-c", _CONTROLLER_SCRIPT], env=dict(os.environ, OMP_NUM_THREADS="2"),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    idle = out["idle"]
+    assert idle[:2] == [2, 2] and idle.count(1) == 4 and set(idle[10:]) == {2}, idle
+    contended = out["contended"]
+    assert contended[:4] == [2] * 4 and contended[-20:].count(1) >= 16, contended  # a burst of 4 to look at 2
+    assert out["still"].count(1) >= 88, out["still"]  # only the periodic looks at 2 threads, backing off
+    assert set(out["quiet"]) == {2}, out["quiet"]
+    small = out["small"]
+    assert small[-100:].count(2) <= 8, small
+    assert out["started"][-1] == 1 and set(out["dropped"]) == {2}, out  # the burst's rest is dropped

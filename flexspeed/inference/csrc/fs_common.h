@@ -55,8 +55,9 @@ static inline void fs_pause(void) {
  *
  * Every wait of the kernel (a barrier between phases, the caller waiting for its workers) spins
  * for at most fs_spin_s() (FLEXSPEED_NATIVE_SPIN_US, default 50 us: longer than the imbalance of
- * a phase, far shorter than a scheduler slice), then sleeps on a futex; it does not spin at all for
- * half a second after one of the kernel's threads lost its core inside a call. A thread that waits on a
+ * a phase, far shorter than a scheduler slice), then sleeps on a futex; it does not spin at all
+ * while the kernel's threads keep losing their cores (fs_pool.h's fs_note_lost: then for 50 ms
+ * after each lost time slice). A thread that waits on a
  * descheduled one therefore gives its core back within microseconds, and the scheduler can run
  * the descheduled thread there; spinning until the other came back cost a whole slice (~3-8 ms)
  * per barrier whenever another process took a core (benchmarks/generate.py's contended row). */
@@ -81,12 +82,12 @@ static inline double fs_spin_s(void) {
 
 static volatile int64_t fs_sleep_count; /* waits that slept (fs_pool_stats) */
 
-/* Until this time (fs_now), waits do not spin: a thread of a recent call lost its core to another
- * process (fs_pool.h counts involuntary context switches per call), and spinning would only take
+/* Until this time (fs_now), waits do not spin: the kernel's threads keep losing their cores to other
+ * processes (fs_pool.h's fs_note_lost counts their involuntary context switches), and spinning would only take
  * time from whoever holds the core the waited-for thread needs. */
 static volatile double fs_contended_until;
 #ifndef FS_CONTENDED_HOLD_S
-#define FS_CONTENDED_HOLD_S 0.5
+#define FS_CONTENDED_HOLD_S 0.05
 #endif
 
 static void fs_futex_wait(volatile int *addr, int seen) {

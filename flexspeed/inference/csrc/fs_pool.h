@@ -13,11 +13,14 @@
  * step sooner than all of them (and when many processes compete, more threads get more of the
  * machine). Each kind of call (its shape: layers, rows, width) keeps a moving average of its wall
  * time on the thread count in use and the last measured mean of each other count (the requested
- * count, then halvings down to 1), and re-measures another count with a burst of 4 calls: every
- * 8th call after a change, backing off to every 128th while the others keep losing, and at once
- * when the count in use has become slower than another was. Another count takes over when its
- * burst was at least 10% faster. Idle, that costs 4 slower calls in 128; contended, the choice
- * follows the load within a few calls.
+ * count, then halvings down to 1), and re-measures another count with a burst of 4 calls: at once
+ * when the count in use has become slower than another was, and every 8th call after a change
+ * (backing off to every 128th while the others keep losing) unless the requested count is in use
+ * and its threads keep their cores. Another count takes over when its burst was at least 10%
+ * faster than the count in use and a burst on that count, right after, confirms it. Fewer threads
+ * go back to the requested count at once when no thread has lost its core for 20 ms (the load has
+ * gone). Idle, that costs the first look at each count (4 calls each); contended, the choice
+ * follows the load within a few calls. fs_adapt_simulate drives this controller alone (tests).
  * FLEXSPEED_NATIVE_ADAPTIVE=0 (or fs_set_adaptive(0)) always uses the requested count.
  *
  * One job at a time (a mutex serialises callers from several Python threads); a forked child
@@ -45,13 +48,22 @@ static struct {
 } fs_pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
 static volatile int64_t fs_preempted; /* involuntary context switches of threads inside jobs */
-/* Lost time slices in one thread's call that mean another process competes for the cores: on an
- * idle 2-core VM a call loses 0.1 on average (kernel threads, timers), and sleeping waits, each
- * costing a futex wake-up, would slow every product by ~60 wake-ups a step; under the benchmark's
- * contended load a thread loses 2-10 per call. */
+/* When the kernel's threads lose their cores often enough to mean that another process competes
+ * for them (then waits sleep at once: fs_contended_until). A leaky bucket of lost time slices,
+ * over all threads: each lost slice adds one, and it drains at FS_IDLE_LOST_PER_S; contended when
+ * it holds FS_CONTENDED_LOST. An idle 2-core VM loses ~10 slices a second (kernel threads,
+ * timers), sometimes two at once; under the benchmark's contended load a thread loses 2-10 per
+ * 5 ms call. The former rule (two lost slices in one call) also fired idle, every few hundred
+ * calls, and each time made every wait of the next half second a futex sleep: ~4,000-8,000
+ * sleeps in 900 calls, int8 steps 8% slower. */
 #ifndef FS_CONTENDED_LOST
-#define FS_CONTENDED_LOST 2
+#define FS_CONTENDED_LOST 4.0
 #endif
+#ifndef FS_IDLE_LOST_PER_S
+#define FS_IDLE_LOST_PER_S 100.0
+#endif
+static double fs_lost_bucket, fs_lost_at; /* updated under fs_lost_lock */
+static pthread_mutex_t fs_lost_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static inline long fs_thread_nivcsw(void) {
 #if defined(__linux__) && defined(RUSAGE_THREAD)
@@ -61,15 +73,24 @@ static inline long fs_thread_nivcsw(void) {
     return 0;
 }
 
+static void fs_note_lost(long lost) {
+    __atomic_add_fetch(&fs_preempted, lost, __ATOMIC_RELAXED);
+    const double now = fs_now();
+    pthread_mutex_lock(&fs_lost_lock);
+    double b = fs_lost_bucket - (now - fs_lost_at) * FS_IDLE_LOST_PER_S;
+    b = (b > 0. ? b : 0.) + (double)lost;
+    fs_lost_bucket = b < 2. * FS_CONTENDED_LOST ? b : 2. * FS_CONTENDED_LOST; /* drained within 80 ms once quiet */
+    fs_lost_at = now;
+    pthread_mutex_unlock(&fs_lost_lock);
+    if (b >= FS_CONTENDED_LOST) fs_contended_until = now + FS_CONTENDED_HOLD_S; /* a racy hint: fine */
+}
+
 /* fn on one thread, counting the time slices it lost meanwhile */
 static inline void fs_run_counted(fs_job_fn fn, void *arg, int tid, int nth) {
     const long before = fs_thread_nivcsw();
     fn(arg, tid, nth);
     const long lost = fs_thread_nivcsw() - before;
-    if (lost > 0) {
-        __atomic_add_fetch(&fs_preempted, lost, __ATOMIC_RELAXED);
-        if (lost >= FS_CONTENDED_LOST) fs_contended_until = fs_now() + FS_CONTENDED_HOLD_S; /* a racy hint: fine */
-    }
+    if (lost > 0) fs_note_lost(lost);
 }
 
 typedef struct {
@@ -112,6 +133,7 @@ static void fs_pool_atfork_child(void) {
     fs_pool.sleepers = 0;
     fs_pool.done_sleepers = 0;
     pthread_mutex_init(&fs_pool.lock, NULL);
+    pthread_mutex_init(&fs_lost_lock, NULL);
 }
 
 /* The pool where OpenMP's workers sleep between regions (OMP_WAIT_POLICY=PASSIVE); OpenMP's own
@@ -189,6 +211,7 @@ static int fs_pool_run(fs_job_fn fn, void *arg, int nth) {
 #define FS_ADAPT_BURST 4    /* calls per re-measurement */
 #define FS_ADAPT_ALPHA 0.2  /* weight of a call in the moving average of the count in use */
 #define FS_ADAPT_MARGIN 0.9 /* another count must be this much faster to take over */
+#define FS_ADAPT_QUIET_S 0.02 /* no lost time slice for this long sends fewer threads back to the requested count */
 
 typedef struct {
     uint64_t key;
@@ -197,6 +220,8 @@ typedef struct {
     int confirm_for;                      /* a count that beat the best's average, awaiting its check */
     double burst_sum, confirm_mean;
     int64_t last_use, lost_mark; /* fs_preempted when the last re-measurement started */
+    int idle_fewer;              /* fewer threads won with no lost time slice (a shape too small to split) */
+    int was_quiet;               /* no lost time slice for FS_ADAPT_QUIET_S at this kind's last call */
     int cand[FS_ADAPT_CANDS];
     int samples[FS_ADAPT_CANDS];
     double ema[FS_ADAPT_CANDS]; /* seconds per call */
@@ -286,6 +311,23 @@ static int fs_adapt_choose(uint64_t key, int requested, fs_adapt_slot **slot_out
         s->confirm_for = -1;
     }
     s->last_use = ++fs_adapt.clock;
+    const int64_t lost = __atomic_load_n(&fs_preempted, __ATOMIC_RELAXED);
+    const int quiet = fs_now() - fs_lost_at > FS_ADAPT_QUIET_S; /* a racy read: fine */
+    if (quiet && !s->was_quiet) {
+        /* the first call of this kind since the load went (no thread lost its core for
+         * FS_ADAPT_QUIET_S): what was measured under the load no longer holds, so a re-measurement
+         * in progress is dropped and the requested count's average restarts (it held the load's
+         * slow calls, which made a count measured under the load look faster) */
+        s->burst_left = 0;
+        s->explore_idx = -1;
+        s->confirm_for = -1;
+        if (s->best == 0 && s->samples[0] >= 2) s->samples[0] = 1;
+    }
+    if (quiet && s->best == 0) { /* all threads run and none is losing its core: the periodic look's window restarts */
+        s->lost_mark = lost;
+        s->since = 0;
+    }
+    s->was_quiet = quiet;
     /* the requested count first (two calls: the first also warms caches and starts workers), then
      * a burst on each other count, then the best, with a burst on another count every gap calls,
      * or at once when the best's average has grown past another's (last measured) one */
@@ -296,10 +338,26 @@ static int fs_adapt_choose(uint64_t key, int requested, fs_adapt_slot **slot_out
         for (int i = 0; i < s->n_cands && next < 0; i++)
             if (i != s->best && s->ema[i] < FS_ADAPT_MARGIN * s->ema[s->best])
                 next = i; /* the best got slower than another was: measure that one again */
-        /* the periodic look at another count: not while all threads run and none lost its core
-         * since the last look (fewer threads cannot then be faster than they were measured) */
-        if (next < 0 && ++s->since >= s->gap &&
-            (s->best != 0 || __atomic_load_n(&fs_preempted, __ATOMIC_RELAXED) != s->lost_mark))
+        /* on fewer threads than requested while no thread has lost its core for FS_ADAPT_QUIET_S:
+         * the load that made fewer threads faster has gone, so back to the requested count at once
+         * (its next call restarts its average). Re-measuring first kept ~12 calls on too few
+         * threads each time a load stopped (benchmarks/generate.py alternates idle and contended
+         * calls: idle steps took 1.2-1.4x as long); under the contended load a single thread loses
+         * its core every few ms. Not for a shape on which fewer threads won while none lost its
+         * core. */
+        if (next < 0 && s->best != 0 && !s->idle_fewer && quiet) {
+            s->best = 0;
+            s->samples[0] = 1;
+            s->gap = FS_ADAPT_BASE;
+            s->since = 0;
+            s->lost_mark = lost;
+            s->confirm_for = -1;
+        }
+        /* the periodic look at another count: on the requested count, only while its threads lose
+         * their cores (one lost time slice per 4 calls since the last look or the last quiet call:
+         * idle, a few a second from kernel threads; contended, several a call). Fewer threads
+         * cannot be faster than they were measured while all threads keep their cores. */
+        if (next < 0 && ++s->since >= s->gap && (s->best != 0 || (lost - s->lost_mark) * 4 >= s->since))
             next = (s->best + 1 + (int)(fs_adapt.clock % (s->n_cands - 1))) % s->n_cands; /* any other */
         if (next >= 0) fs_adapt_start_burst(s, next);
     }
@@ -335,6 +393,7 @@ static void fs_adapt_record(fs_adapt_slot *s, int idx, double seconds) {
                 s->burst_n = 0;
                 s->burst_sum = 0.;
             } else if (idx == s->best && s->confirm_for >= 0 && s->confirm_mean < FS_ADAPT_MARGIN * mean) {
+                s->idle_fewer = s->confirm_for != 0 && __atomic_load_n(&fs_preempted, __ATOMIC_RELAXED) == s->lost_mark;
                 s->best = s->confirm_for;
                 s->gap = FS_ADAPT_BASE;
                 s->confirm_for = -1;
@@ -367,5 +426,14 @@ static void fs_parallel(fs_job_fn fn, void *arg, int requested, uint64_t key) {
         fs_run_counted(fn, arg, omp_get_thread_num(), omp_get_num_threads());
     }
     if (slot) fs_adapt_record(slot, idx, fs_now() - t0);
+}
+
+int fs_adapt_simulate(uint64_t key, int requested, const double *seconds, int64_t lost) {
+    fs_adapt_slot *slot;
+    int idx;
+    const int n = fs_adapt_choose(fs_mix(key, 0x51a7u), requested, &slot, &idx);
+    if (lost > 0) fs_note_lost((long)lost);
+    if (slot) fs_adapt_record(slot, idx, seconds[n - 1]);
+    return n;
 }
 #endif
