@@ -248,3 +248,21 @@ def test_adaptive_controller_follows_the_load_and_returns_when_it_stops() -> Non
     small = out["small"]
     assert small[-100:].count(2) <= 8, small
     assert out["started"][-1] == 1 and set(out["dropped"]) == {2}, out  # the burst's rest is dropped
+
+
+@needs_lib
+@pytest.mark.skipif(native.library() is None or not native.library().fs_fast_path(),
+                    reason="the portable build has no fast products to measure")
+def test_products_benchmark_smoke() -> None:
+    """benchmarks/native_products.py builds its harness over the kernel's own source and measures
+    every format against a plain read (one repetition)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "native_products.py"
+    spec = importlib.util.spec_from_file_location("bench_native_products", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--reps", "1", "--threads", "2"])
+    assert [r["format"] for r in rows] == ["bf16", "int8", "int4 g64", "bf16 Conv1D"]
+    assert all(r["products_ms"] > 0 and r["read_ms"] > 0 and r["mb"] > 60 for r in rows)
