@@ -134,14 +134,16 @@ FORMATS = [("bf16", 1, 0), ("int8", 2, 0), ("int4 g64", 3, 0), ("bf16 Conv1D", 1
 def build(out: Path) -> Path:
     from flexspeed.inference import native
 
-    cc, looked = native._find_compiler()
-    if cc is None:
-        sys.exit(f"benchmarks/native_products.py needs a C compiler ({looked}); install gcc or set $CC")
+    native.library()  # the kernel's own build: which compiler, and whether there is one
+    cc = native.status().get("compiler")
+    if not cc or native.status()["state"] != "ok":
+        sys.exit(f"benchmarks/native_products.py needs the native kernel: {native.status()['detail']}")
     src = out / "native_products.c"
     src.write_text(_SOURCE)
     exe = out / "native_products"
     march = os.environ.get("FLEXSPEED_NATIVE_MARCH", "native")
-    cmd = [cc, f"-march={march}", "-O3", "-fopenmp", "-pthread", "-std=gnu11", f"-I{native._CSRC}", "-o", str(exe),
+    csrc = Path(native.__file__).parent / "csrc"
+    cmd = [cc, f"-march={march}", "-O3", "-fopenmp", "-pthread", "-std=gnu11", f"-I{csrc}", "-o", str(exe),
            str(src), "-lm"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
