@@ -244,13 +244,19 @@ class NativeDecoder:
         B, _, C = x.shape
         t_max, nt = self._bind(k, v, B, C)
         h = x.reshape(B, C).to(torch.float32, copy=True)
-        if self.tp_group is not None:
-            return self._forward_tp(h, start, t_max, nt, key_mask, rope)
-        logits = torch.empty(B, self.head.n)
+        logits = self._logits(B)
+        # under tensor parallelism the same call sums each half layer's partial projection over the
+        # ranks through shared memory into the residual stream, and gathers the head's row blocks
         step, _held = self._step(B, C, start, t_max, nt, key_mask, rope)  # _held: what step points into
         check(self.lib.fs_forward(self.layers, len(self.layers), self._final_p, self._head_p, h.data_ptr(),
-                                  logits.data_ptr(), ctypes.byref(step)), "fs_forward", f"decode step, {B} rows")
+                                  logits.data_ptr(), ctypes.byref(step)), "fs_forward",
+              f"decode step, {B} rows{self._tp_what()}")
         return logits.view(B, 1, -1)  # fp32: the sampler works in fp32 anyway
+
+    def _logits(self, B: int) -> torch.Tensor:
+        """The (B, V) fp32 output of a call: every rank's whole vocabulary under tensor parallelism
+        (gathered in the call), else the head's rows."""
+        return torch.empty(B, self.n_vocab if self.tp_group is not None else self.head.n)
 
     def head_logits(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 logits (B, 1, V) of the final norm and head for hidden states ``x`` (B, 1, C): under
@@ -262,7 +268,7 @@ class NativeDecoder:
         if self._scratch.numel() < need:
             self._scratch, self._cache_id = torch.empty(need), None
         h = x.reshape(B, C).to(torch.float32, copy=True)
-        logits = torch.empty(B, self.n_vocab if self.tp_group is not None else self.head.n)
+        logits = self._logits(B)
         step, keep = self._step(B, C, 0, 1, nt, None, None)
         check(self.lib.fs_forward(None, 0, self._final_p, self._head_p, h.data_ptr(), logits.data_ptr(),
                                   ctypes.byref(step)), "fs_forward", f"the head over {B} rows{self._tp_what()}")
@@ -328,7 +334,7 @@ class NativeDecoder:
             step.valid, step.valid_stride = valid.data_ptr(), valid.stride(0)
         eos_t = torch.tensor(eos or [0], dtype=torch.long)
         done_t = torch.tensor(done, dtype=torch.uint8)
-        logits, x = torch.empty(B, self.n_vocab if self.tp_group is not None else self.head.n), torch.empty(B, C)
+        logits, x = self._logits(B), torch.empty(B, C)
         gen = Gen(T, max_new, min_new, len(eos), -1 if pad is None else pad, eos_t.data_ptr(), seq.data_ptr(),
                   done_t.data_ptr(), pos0.data_ptr(), cos.data_ptr() if cos is not None else None,
                   sin.data_ptr() if sin is not None else None, logits.data_ptr(), x.data_ptr())
@@ -363,19 +369,6 @@ class NativeDecoder:
         if width != want:
             raise ValueError(f"the model's rotary tables are {width} wide, its layers rotate {want} dims per head "
                              "(the family's rotary_dim / partial_rotary_factor disagrees with its rotary module)")
-
-    def _forward_tp(self, h: torch.Tensor, start: int, t_max: int, nt: int, key_mask: torch.Tensor | None,
-                    rope: tuple | None) -> torch.Tensor:
-        """Tensor parallel: one kernel call sums each half layer's partial projection over the ranks
-        through shared memory into the residual stream, and gathers the head's row blocks."""
-        B, C = h.shape
-        step, keep = self._step(B, C, start, t_max, nt, key_mask, rope)
-        logits = torch.empty(B, self.n_vocab)
-        check(self.lib.fs_forward(self.layers, len(self.layers), self._final_p, self._head_p, h.data_ptr(),
-                                  logits.data_ptr(), ctypes.byref(step)), "fs_forward",
-              f"decode step, {B} rows{self._tp_what()}")
-        del keep
-        return logits.view(B, 1, -1)
 
     def _tp_what(self) -> str:
         """How a failed call's message names tensor parallelism's wait, if any."""

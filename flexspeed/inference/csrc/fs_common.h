@@ -90,23 +90,26 @@ static volatile double fs_contended_until;
 #define FS_CONTENDED_HOLD_S 0.05
 #endif
 
-static void fs_futex_wait(volatile int *addr, int seen) {
+/* one futex call on the 32-bit word at addr: a wait (returns at once if the word no longer holds
+ * val; timeout_ns > 0 bounds it) or a wake of up to val sleepers; shared: memory that several
+ * processes map (fs_tp.h's segment), else FUTEX_PRIVATE. Without futexes (not Linux) a wait yields
+ * the core and a wake does nothing. */
+static void fs_futex(volatile void *addr, int wake, int val, int shared, long timeout_ns) {
 #ifdef __linux__
-    syscall(SYS_futex, (int *)addr, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+    const int op = (wake ? FUTEX_WAKE : FUTEX_WAIT) | (shared ? 0 : FUTEX_PRIVATE_FLAG);
+    struct timespec ts = {timeout_ns / 1000000000L, timeout_ns % 1000000000L};
+    syscall(SYS_futex, (int *)addr, op, val, !wake && timeout_ns > 0 ? &ts : NULL, NULL, 0);
 #else
     (void)addr;
-    (void)seen;
-    sched_yield();
+    (void)val;
+    (void)shared;
+    (void)timeout_ns;
+    if (!wake) sched_yield();
 #endif
 }
 
-static void fs_futex_wake(volatile int *addr) {
-#ifdef __linux__
-    syscall(SYS_futex, (int *)addr, FUTEX_WAKE_PRIVATE, 1 << 30, NULL, NULL, 0);
-#else
-    (void)addr;
-#endif
-}
+static void fs_futex_wait(volatile int *addr, int seen) { fs_futex(addr, 0, seen, 0, 0); }
+static void fs_futex_wake(volatile int *addr) { fs_futex(addr, 1, 1 << 30, 0, 0); }
 
 /* return once *addr != seen: spin up to fs_spin_s(), then sleep (counted in *sleepers, which the
  * writer of *addr reads after its store to decide whether to wake anyone) */

@@ -22,27 +22,6 @@ typedef struct {
 
 int64_t fs_shm_bytes(int world, int64_t cap) { return (int64_t)world * 64 + (int64_t)world * 2 * cap * 4; }
 
-/* futexes on the shared segment (mapped by every rank: not FUTEX_PRIVATE); the wait gives up
- * after 10 ms so that the caller can check its timeout */
-static void fs_shared_wait(volatile int64_t *addr, int64_t seen) {
-#ifdef __linux__
-    struct timespec ts = {0, 10 * 1000 * 1000};
-    syscall(SYS_futex, (int *)addr, FUTEX_WAIT, (int)seen, &ts, NULL, 0); /* the low word (little-endian) */
-#else
-    (void)addr;
-    (void)seen;
-    sched_yield();
-#endif
-}
-
-static void fs_shared_wake(volatile int64_t *addr) {
-#ifdef __linux__
-    syscall(SYS_futex, (int *)addr, FUTEX_WAKE, 1 << 30, NULL, NULL, 0);
-#else
-    (void)addr;
-#endif
-}
-
 /* rank j's buffer of exchange `call` */
 static float *fs_tp_buf(const fs_tp *tp, int j, int64_t call) {
     return (float *)((char *)tp->seg + (size_t)tp->world * 64) + ((size_t)j * 2 + (size_t)(call & 1)) * tp->cap;
@@ -54,7 +33,7 @@ static int fs_tp_publish_wait(fs_tp *tp) {
     const int64_t call = tp->call + 1;
     tp->call = call;
     __atomic_store_n(&seqs[tp->rank].seq, call, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&seqs[tp->rank].sleepers, __ATOMIC_SEQ_CST) > 0) fs_shared_wake(&seqs[tp->rank].seq);
+    if (__atomic_load_n(&seqs[tp->rank].sleepers, __ATOMIC_SEQ_CST) > 0) fs_futex(&seqs[tp->rank].seq, 1, 1 << 30, 1, 0);
     for (int j = 0; j < tp->world; j++) {
         double t0 = 0.;
         int64_t s;
@@ -66,7 +45,8 @@ static int fs_tp_publish_wait(fs_tp *tp) {
             if (now < fs_contended_until || now - t0 > fs_spin_s()) {
                 __atomic_add_fetch(&fs_sleep_count, 1, __ATOMIC_RELAXED);
                 __atomic_add_fetch(&seqs[j].sleepers, 1, __ATOMIC_SEQ_CST);
-                fs_shared_wait(&seqs[j].seq, s); /* returns at once if seq has moved */
+                /* a shared futex on seq's low word (little-endian), bounded so that the timeout is checked */
+                fs_futex(&seqs[j].seq, 0, (int)s, 1, 10L * 1000 * 1000);
                 __atomic_sub_fetch(&seqs[j].sleepers, 1, __ATOMIC_SEQ_CST);
             }
         }
