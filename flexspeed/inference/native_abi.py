@@ -22,7 +22,7 @@ __all__ = ["ABI_VERSION", "EXPORTS", "STRUCTS", "Linear", "Norm", "Layer", "Step
 HEADER = Path(__file__).parent / "csrc" / "fs_abi.h"
 
 
-ABI_VERSION = 5  # FS_ABI_VERSION
+ABI_VERSION = 6  # FS_ABI_VERSION
 F32, BF16, I8, I4 = 0, 1, 2, 3  # enum fs_format
 RELU, GELU, GELU_TANH, SILU = 0, 1, 2, 3  # enum fs_activation
 THREADS_ENV, THREADS_OPENMP, THREADS_POOL = -1, 0, 1  # enum fs_threads_mode
@@ -97,7 +97,7 @@ EXPORTS: dict[str, tuple] = {
     "fs_set_threads": (ctypes.c_int, [ctypes.c_int]),
     "fs_set_adaptive": (ctypes.c_int, [ctypes.c_int]),
     "fs_pool_stats_get": (None, [_ptr(PoolStats)]),
-    "fs_adapt_simulate": (ctypes.c_int, [ctypes.c_uint64, ctypes.c_int, _P, _L]),
+    "fs_adapt_simulate": (ctypes.c_int, [ctypes.c_uint64, ctypes.c_int, _P, _L, ctypes.c_double]),
     "fs_scratch_floats": (_L, [_ptr(Layer), ctypes.c_int, _ptr(Linear), ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                ctypes.c_int]),
     "fs_forward": (ctypes.c_int, [_ptr(Layer), ctypes.c_int, _ptr(Norm), _ptr(Linear), _P, _P, _ptr(Step)]),

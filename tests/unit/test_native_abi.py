@@ -200,20 +200,28 @@ def test_adaptive_threads_and_sleeping_waits_give_the_torch_tokens(mode: str, sp
 
 
 _CONTROLLER_SCRIPT = r"""
-import ctypes, json, time
+import ctypes, json
 from flexspeed.inference import native
 lib = native.library()
 native.set_adaptive(True)
+clock = [1000.0]  # the controller's clock, simulated: the test does not depend on how the machine schedules it
 
-def calls(key, times, lost, n):  # times: seconds of a call on (1, 2) threads
-    arr = (ctypes.c_double * 2)(*times)
-    return [lib.fs_adapt_simulate(key, 2, arr, lost) for _ in range(n)]
+def calls(key, ms, lost, n):  # ms: milliseconds of a call on (1, 2) threads, back to back
+    arr = (ctypes.c_double * 2)(*(m * 1e-3 for m in ms))
+    out = []
+    for _ in range(n):
+        out.append(lib.fs_adapt_simulate(key, 2, arr, lost, clock[0]))
+        clock[0] += arr[out[-1] - 1]
+    return out
+
+def pause(seconds):
+    clock[0] += seconds
 
 out = {}
 out["idle"] = calls(1, (2.0, 1.0), 0, 300)          # 2 threads twice as fast, nothing lost
 out["contended"] = calls(1, (1.6, 3.0), 10, 60)     # then every call loses slices; 2 threads slower
 out["still"] = calls(1, (1.6, 3.0), 10, 100)
-time.sleep(0.05)                                    # the load stops: no lost slice for 50 ms
+pause(0.05)                                         # the load stops: no lost slice for 50 ms
 out["quiet"] = calls(1, (2.0, 1.0), 0, 20)
 out["small"] = calls(2, (0.5, 1.0), 0, 200)         # a shape on which 1 thread wins with nothing lost
 calls(4, (2.0, 1.0), 0, 20)                          # on 2 threads after its first look at 1
@@ -221,7 +229,7 @@ started = []
 while len(started) < 40 and 1 not in started:       # a load: until a burst on 1 thread begins
     started += calls(4, (1.6, 3.0), 10, 1)
 out["started"] = started
-time.sleep(0.05)                                    # the load goes in the middle of that burst
+pause(0.05)                                         # the load goes in the middle of that burst
 out["dropped"] = calls(4, (2.0, 1.0), 0, 10)
 print(json.dumps(out))
 """

@@ -13,7 +13,7 @@
 #define FS_ABI_H
 #include <stdint.h>
 
-#define FS_ABI_VERSION 5
+#define FS_ABI_VERSION 6
 
 /* ------------------------------------------------------------------ enums */
 
@@ -151,9 +151,11 @@ int fs_set_threads(int mode);
 int fs_set_adaptive(int mode);
 void fs_pool_stats_get(fs_pool_stats *out);
 /* the adaptive thread count's choice alone, for tests: the count (n) it picks for one call of kind
- * `key` asking for `requested` threads, that call's threads having lost `lost` time slices and
- * taken seconds[n - 1] (seconds holds one time per count 1..requested); returns n */
-int fs_adapt_simulate(uint64_t key, int requested, const double *seconds, int64_t lost);
+ * `key` asking for `requested` threads that starts at time `now` (seconds on the caller's own clock,
+ * so that a test does not depend on how the machine schedules it; for a process that runs no
+ * kernel, whose clock is fs_now()), that call's threads having lost `lost` time slices and taken
+ * seconds[n - 1] (seconds holds one time per count 1..requested); returns n */
+int fs_adapt_simulate(uint64_t key, int requested, const double *seconds, int64_t lost, double now);
 
 /* the decode step */
 int64_t fs_scratch_floats(const fs_layer *layers, int n_layers, const fs_linear *head, int B, int C, int t_max,

@@ -73,9 +73,8 @@ static inline long fs_thread_nivcsw(void) {
     return 0;
 }
 
-static void fs_note_lost(long lost) {
+static void fs_note_lost_at(long lost, double now) {
     __atomic_add_fetch(&fs_preempted, lost, __ATOMIC_RELAXED);
-    const double now = fs_now();
     pthread_mutex_lock(&fs_lost_lock);
     double b = fs_lost_bucket - (now - fs_lost_at) * FS_IDLE_LOST_PER_S;
     b = (b > 0. ? b : 0.) + (double)lost;
@@ -84,6 +83,8 @@ static void fs_note_lost(long lost) {
     pthread_mutex_unlock(&fs_lost_lock);
     if (b >= FS_CONTENDED_LOST) fs_contended_until = now + FS_CONTENDED_HOLD_S; /* a racy hint: fine */
 }
+
+static inline void fs_note_lost(long lost) { fs_note_lost_at(lost, fs_now()); }
 
 /* fn on one thread, counting the time slices it lost meanwhile */
 static inline void fs_run_counted(fs_job_fn fn, void *arg, int tid, int nth) {
@@ -274,9 +275,9 @@ static void fs_adapt_start_burst(fs_adapt_slot *s, int idx) {
     fs_adapt.explored++;
 }
 
-/* the thread count for a call of this kind; *slot_out / *idx_out say what to credit its time to
- * (slot NULL: not adaptive) */
-static int fs_adapt_choose(uint64_t key, int requested, fs_adapt_slot **slot_out, int *idx_out) {
+/* the thread count for a call of this kind at time `now` (fs_now(); fs_adapt_simulate's own clock);
+ * *slot_out / *idx_out say what to credit its time to (slot NULL: not adaptive) */
+static int fs_adapt_choose(uint64_t key, int requested, double now, fs_adapt_slot **slot_out, int *idx_out) {
     *slot_out = NULL;
     *idx_out = 0;
     if (requested > FS_POOL_MAX) requested = FS_POOL_MAX;
@@ -312,7 +313,7 @@ static int fs_adapt_choose(uint64_t key, int requested, fs_adapt_slot **slot_out
     }
     s->last_use = ++fs_adapt.clock;
     const int64_t lost = __atomic_load_n(&fs_preempted, __ATOMIC_RELAXED);
-    const int quiet = fs_now() - fs_lost_at > FS_ADAPT_QUIET_S; /* a racy read: fine */
+    const int quiet = now - fs_lost_at > FS_ADAPT_QUIET_S; /* a racy read: fine */
     if (quiet && !s->was_quiet) {
         /* the first call of this kind since the load went (no thread lost its core for
          * FS_ADAPT_QUIET_S): what was measured under the load no longer holds, so a re-measurement
@@ -417,8 +418,8 @@ static void fs_adapt_record(fs_adapt_slot *s, int idx, double seconds) {
 static void fs_parallel(fs_job_fn fn, void *arg, int requested, uint64_t key) {
     fs_adapt_slot *slot;
     int idx;
-    const int nt = fs_adapt_choose(key, requested, &slot, &idx);
-    const double t0 = slot ? fs_now() : 0.;
+    const double t0 = fs_now();
+    const int nt = fs_adapt_choose(key, requested, t0, &slot, &idx);
     if (fs_use_pool() || nt == 1) {
         fs_pool_run(fn, arg, nt);
     } else {
@@ -428,11 +429,11 @@ static void fs_parallel(fs_job_fn fn, void *arg, int requested, uint64_t key) {
     if (slot) fs_adapt_record(slot, idx, fs_now() - t0);
 }
 
-int fs_adapt_simulate(uint64_t key, int requested, const double *seconds, int64_t lost) {
+int fs_adapt_simulate(uint64_t key, int requested, const double *seconds, int64_t lost, double now) {
     fs_adapt_slot *slot;
     int idx;
-    const int n = fs_adapt_choose(fs_mix(key, 0x51a7u), requested, &slot, &idx);
-    if (lost > 0) fs_note_lost((long)lost);
+    const int n = fs_adapt_choose(fs_mix(key, 0x51a7u), requested, now, &slot, &idx);
+    if (lost > 0) fs_note_lost_at((long)lost, now + seconds[n - 1]);
     if (slot) fs_adapt_record(slot, idx, seconds[n - 1]);
     return n;
 }
