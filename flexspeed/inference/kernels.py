@@ -208,13 +208,20 @@ class FamilyLayer(FusedDecoderLayer):
         return tuple(parent._modules[name] for parent, name in self._slots)
 
 
+def _blank_linear(in_features: int, out_features: int, bias: bool, like: torch.Tensor) -> nn.Linear:
+    """An ``nn.Linear`` whose weights the caller fills: not initialised, so building it neither
+    spends time nor draws from the user's global RNG (a seeded ``generate`` after injection must
+    sample what it would have sampled without it)."""
+    return nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias, dtype=like.dtype, device=like.device)
+
+
 def _as_linear(module: nn.Module) -> nn.Linear:
     """``nn.Linear`` as is; HF ``Conv1D`` (weight ``(in, out)``) converted to one."""
     if isinstance(module, nn.Linear):
         return module
     if type(module).__name__ == "Conv1D":
         w = module.weight.detach()  # (in, out)
-        lin = nn.Linear(w.shape[0], w.shape[1], bias=module.bias is not None, dtype=w.dtype, device=w.device)
+        lin = _blank_linear(w.shape[0], w.shape[1], module.bias is not None, w)
         with torch.no_grad():
             lin.weight.copy_(w.t())
             if module.bias is not None:
@@ -255,8 +262,7 @@ def _cat_linears(*mods: nn.Module) -> nn.Linear:
     lins = [_as_linear(m) for m in mods]
     w0 = lins[0].weight
     has_bias = any(m.bias is not None for m in lins)
-    fused = nn.Linear(w0.shape[1], sum(m.weight.shape[0] for m in lins), bias=has_bias, dtype=w0.dtype,
-                      device=w0.device)
+    fused = _blank_linear(w0.shape[1], sum(m.weight.shape[0] for m in lins), has_bias, w0)
     with torch.no_grad():
         torch.cat([m.weight for m in lins], out=fused.weight)
         if has_bias:
@@ -286,7 +292,7 @@ def _attr_path(obj: Any, path: str) -> Any:
 def _heads_first_qkv(lin: nn.Linear, heads: int) -> nn.Linear:
     """A fused projection whose rows are ``[q_h k_h v_h]`` per head (GPT-NeoX) reordered to ``[q | k | v]``."""
     w = lin.weight.detach()
-    out = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, dtype=w.dtype, device=w.device)
+    out = _blank_linear(w.shape[1], w.shape[0], lin.bias is not None, w)
     with torch.no_grad():
         out.weight.copy_(w.view(heads, 3, -1, w.shape[1]).transpose(0, 1).reshape(w.shape))
         if lin.bias is not None:

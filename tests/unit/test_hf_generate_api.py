@@ -69,6 +69,27 @@ def test_seeded_sampling_with_filters(models) -> None:
     _check(models, seed=4, do_sample=True, num_return_sequences=2)  # top_k=50 by HF's default
 
 
+@pytest.mark.parametrize("name", ["opt", "gpt2", "gpt_neox"])
+def test_nothing_but_sampling_draws_from_the_global_rng(name: str) -> None:
+    """Injection (fused and converted projections), init_inference and the first prompt of the
+    process (it probes oneDNN's packed product once) draw nothing from the user's global RNG, so a
+    seeded ``generate`` samples what HF's does even as the process's first call. Seen: the probe's
+    two ``torch.randn`` calls shifted every sample of the first sampled generate."""
+    from flexspeed.inference import packed
+
+    packed._packing_works.cache_clear()  # as in a fresh process
+    model = build(name)
+    ids, mask = padded_batch()
+    ids, mask = ids.repeat(3, 1), mask.repeat(3, 1)  # 9 rows: the prompt takes the packed product
+    state = torch.get_rng_state()
+    injected = inject_kernels(copy.deepcopy(model))
+    engine = flexspeed.init_inference(copy.deepcopy(model), dtype=torch.float32, replace_with_kernel_inject=True)
+    for fn in (lambda *a, **k: generate(model, *a, **k), lambda *a, **k: generate(injected, *a, **k),
+               engine.generate):
+        fn(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    assert torch.equal(state, torch.get_rng_state())
+
+
 def test_generation_config_defaults_are_honoured(models) -> None:
     model, ours = models
     gc = tf.GenerationConfig(do_sample=True, temperature=0.7, top_k=10, max_new_tokens=6, pad_token_id=0,
