@@ -162,7 +162,7 @@ class Engine:
                                f"{self.model.vocab_size})", param=param)
         self.check(len(prompt_ids), params, param)
         gen = None if params.greedy else new_generator(params.seed, self.device)
-        seq = Sequence(prompt_ids, params, self.tokenizer, sink, gen)
+        seq = Sequence(prompt_ids, params, self.tokenizer, sink, gen, on_finish=self._count)
         with self._cv:
             if self._stop:  # (before start() requests queue up; they run once it is called)
                 raise RequestError(f"the engine is not running ({self.failure or 'stopped'})", status=503,
@@ -278,7 +278,6 @@ class Engine:
                 self._n_waiting -= len(dropped)
             for seq in dropped:
                 seq.finish("abort")
-                self._count(seq)
         for seq in [s for s in self._running if s.cancelled]:
             seq.finish("abort")
             self._retire(seq)
@@ -287,9 +286,9 @@ class Engine:
         self.batcher.release(seq)
         if seq in self._running:
             self._running.remove(seq)
-        self._count(seq)
 
     def _count(self, seq: Sequence) -> None:
+        """A finished request in the metrics (its Sequence's on_finish: before its last output goes out)."""
         now = time.perf_counter()
         decode = None if seq.first_token_at is None else seq.last_token_at - seq.first_token_at
         self.metrics.finish(seq.finish_reason or "abort", len(seq.prompt_ids), len(seq.output_ids), now - seq.arrival,

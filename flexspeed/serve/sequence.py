@@ -49,11 +49,15 @@ class Sequence:
         tokenizer: decodes its text.
         sink: receives its outputs (called on the engine thread; must not block).
         generator: its sampling generator (``None`` for greedy decoding).
+        on_finish: called with the sequence once it has finished, before ``sink`` receives the last
+            output (so whoever holds that output sees the finish counted, e.g. in the metrics).
     """
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer: TextTokenizer,
-                 sink: Callable[[Output], None], generator: torch.Generator | None = None) -> None:
+                 sink: Callable[[Output], None], generator: torch.Generator | None = None,
+                 on_finish: Callable[[Sequence], None] | None = None) -> None:
         self.prompt_ids, self.params, self.sink, self.generator = list(prompt_ids), params, sink, generator
+        self.on_finish = on_finish
         self.output_ids: list[int] = []
         self._text_ids: list[int] = []  # what is decoded: the output without a final stop token
         self.stream = TextStream(tokenizer, params.stop)
@@ -110,6 +114,8 @@ class Sequence:
         self._emit(Output("", [], reason, len(self.prompt_ids), len(self.output_ids), error))
 
     def _emit(self, out: Output) -> None:
+        if out.finish_reason is not None and self.on_finish is not None:
+            self.on_finish(self)
         try:
             self.sink(out)
         except Exception:  # the receiving side is gone (its event loop closed): nobody waits for the rest
