@@ -231,6 +231,11 @@ while len(started) < 40 and 1 not in started:       # a load: until a burst on 1
 out["started"] = started
 pause(0.05)                                         # the load goes in the middle of that burst
 out["dropped"] = calls(4, (2.0, 1.0), 0, 10)
+calls(5, (2.0, 1.0), 0, 20)                          # on 2 threads after its first look at 1
+out["won"] = calls(5, (1.0, 3.0), 0, 40)            # 2 threads slow, nothing lost (waits woken late): 1 wins
+calls(5, (1.0, 3.0), 10, 10)                         # then the load shows: its threads lose slices
+pause(0.05)                                         # the load goes
+out["after_fewer"] = calls(5, (2.0, 1.0), 0, 6)
 print(json.dumps(out))
 """
 
@@ -241,8 +246,8 @@ def test_adaptive_controller_follows_the_load_and_returns_when_it_stops() -> Non
     call times and lost time slices), in a fresh process: idle it looks at 1 thread once and then
     stays on 2 (no periodic look while no thread loses its core); under contention it moves to 1
     thread within a few bursts and stays; once no slice is lost for 20 ms it is back on 2 at once;
-    a shape on which 1 thread won with nothing lost stays on 1 (no oscillation); a re-measurement
-    under way when the load goes is dropped."""
+    a shape on which 1 thread won with nothing lost stays on 1 (no oscillation) until a load comes
+    and goes; a re-measurement under way when the load goes is dropped."""
     res = subprocess.run([sys.executable, "-c", _CONTROLLER_SCRIPT], env=dict(os.environ, OMP_NUM_THREADS="2"),
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -256,6 +261,8 @@ def test_adaptive_controller_follows_the_load_and_returns_when_it_stops() -> Non
     small = out["small"]
     assert small[-100:].count(2) <= 8, small
     assert out["started"][-1] == 1 and set(out["dropped"]) == {2}, out  # the burst's rest is dropped
+    # a win of fewer threads with nothing lost does not outlive a load: back on 2 at once when it goes
+    assert out["won"][-12:].count(1) >= 9 and set(out["after_fewer"]) == {2}, out
 
 
 @needs_lib

@@ -318,7 +318,11 @@ static int fs_adapt_choose(uint64_t key, int requested, double now, fs_adapt_slo
         /* the first call of this kind since the load went (no thread lost its core for
          * FS_ADAPT_QUIET_S): what was measured under the load no longer holds, so a re-measurement
          * in progress is dropped and the requested count's average restarts (it held the load's
-         * slow calls, which made a count measured under the load look faster) */
+         * slow calls, which made a count measured under the load look faster). A win of fewer
+         * threads "with nothing lost" is forgotten too: under a load, sleeping waits are slow to be
+         * woken without any thread losing a time slice, so that win may have been the load's (seen:
+         * whole idle calls of GPT-2 int4 on one thread after a contended round) */
+        s->idle_fewer = 0;
         s->burst_left = 0;
         s->explore_idx = -1;
         s->confirm_for = -1;
